@@ -1,0 +1,3 @@
+"""groupcache-appliance: a distributed read-through cache."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,222 @@
+"""A group: one cache namespace with a loader, as in golang/groupcache.
+
+A node keeps two stores per group. The main cache holds keys this node owns
+(it loaded them from the origin). The hot cache mirrors a few popular keys
+owned by other nodes, so that a hot key does not cost a network hop every
+time. Both share one byte budget; the hot cache gets a bounded share.
+
+I/O comes in from outside as two callables: the loader (the origin) and a
+peer picker (the ring plus clients). Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Awaitable, Callable, Protocol
+
+from .errors import KeyNotFound, PeerError
+from .singleflight import SingleFlight
+from .store import Entry, Store
+
+Loader = Callable[[str], Awaitable[bytes]]
+
+
+class Peer(Protocol):
+    addr: str
+
+    async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        """The owner's value and its remaining TTL in seconds (0 = none).
+
+        Raises PeerError when the owner cannot answer in time; KeyNotFound
+        and OriginError are the owner's authoritative answers."""
+        ...
+
+
+class PeerPicker(Protocol):
+    def pick(self, key: str) -> Peer | None:
+        """The owner of key, or None when this node owns it."""
+        ...
+
+
+@dataclasses.dataclass
+class Stats:
+    gets: int = 0  # every Get, local or forwarded
+    main_hits: int = 0
+    hot_hits: int = 0
+    loads: int = 0  # gets that missed both caches
+    loads_deduped: int = 0  # loads that ran after singleflight
+    peer_loads: int = 0  # values fetched from the owner
+    peer_errors: int = 0  # owner unreachable: loaded locally instead
+    local_loads: int = 0  # origin loads that returned a value
+    local_load_errs: int = 0  # origin loads that failed (not NOT_FOUND)
+    not_found: int = 0  # origin said the key does not exist
+    server_requests: int = 0  # gets forwarded here by peers
+
+    @property
+    def hits(self) -> int:
+        return self.main_hits + self.hot_hits
+
+
+class Group:
+    def __init__(
+        self,
+        name: str,
+        loader: Loader,
+        *,
+        cache_bytes: int,
+        policy: str = "lru",
+        ttl: float = 0.0,
+        picker: PeerPicker | None = None,
+        hot_fraction: float = 0.125,
+        mirror_probability: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if not 0 <= hot_fraction < 1:
+            raise ValueError("hot_fraction must be in [0, 1)")
+        self.name = name
+        self.loader = loader
+        self.picker = picker
+        self.cache_bytes = cache_bytes
+        self.ttl = ttl
+        self.hot_fraction = hot_fraction
+        self.mirror_probability = mirror_probability
+        self.main = Store(policy, cache_bytes, clock)
+        self.hot = Store(policy, int(cache_bytes * hot_fraction), clock)
+        self.stats = Stats()
+        self._clock = clock
+        self._rand = rand
+        # Route flights may forward to a peer; load flights only hit the
+        # origin. Forwarded requests join load flights only, so two nodes
+        # whose rings disagree never wait on each other in a cycle.
+        self._route: SingleFlight[str, Entry] = SingleFlight()
+        self._load: SingleFlight[str, Entry] = SingleFlight()
+        # key -> token of the flight allowed to fill the cache; Remove and
+        # Set revoke it so an in-flight load cannot bring back old data.
+        self._fences: dict[str, object] = {}
+
+    # Public API --------------------------------------------------------------
+
+    async def get(self, key: str, *, forwarded: bool = False, timeout: float | None = None) -> Entry:
+        """Value of key. `forwarded` marks a request a peer sent to us as the
+        owner: serve it here whatever our ring says."""
+        stats = self.stats
+        stats.gets += 1
+        if forwarded:
+            stats.server_requests += 1
+        entry = self.main.get(key)
+        if entry is not None:
+            stats.main_hits += 1
+            return entry
+        entry = self.hot.get(key)
+        if entry is not None:
+            stats.hot_hits += 1
+            return entry
+        stats.loads += 1
+        if forwarded:
+            return await self._load.do(key, lambda: self._load_as_owner(key))
+        return await self._route.do(key, lambda: self._route_load(key, timeout))
+
+    def peek(self, key: str) -> Entry | None:
+        """Cached entry without loading or counting."""
+        return self.main.get(key) or self.hot.get(key)
+
+    def remove(self, key: str) -> bool:
+        """Drop key from both caches and stop in-flight loads from caching it."""
+        self._fences.pop(key, None)
+        self._route.forget(key)
+        self._load.forget(key)
+        removed_main = self.main.remove(key)
+        removed_hot = self.hot.remove(key)
+        return removed_main or removed_hot
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        """Write through as the owner; the hot copy (if any) is dropped."""
+        self.remove(key)
+        return self._populate(self.main, key, value, self._expiry(ttl))
+
+    # Flights -----------------------------------------------------------------
+
+    async def _route_load(self, key: str, timeout: float | None) -> Entry:
+        entry = self.peek(key)  # filled while we waited to become leader
+        if entry is not None:
+            return entry
+        peer = self.picker.pick(key) if self.picker is not None else None
+        if peer is None:
+            return await self._load.do(key, lambda: self._load_as_owner(key))
+        self.stats.loads_deduped += 1
+        fence = self._fence(key)
+        try:
+            value, ttl_left = await peer.get(self.name, key, timeout)
+        except PeerError:
+            # The owner is down or slow: the client still gets its value,
+            # but we are not the owner, so nothing is cached.
+            self.stats.peer_errors += 1
+            self._unfence(key, fence)
+            return Entry(await self._load_origin(key), 0.0, 0)
+        self.stats.peer_loads += 1
+        expires = self._expiry(None)
+        if ttl_left:
+            # The mirror must not outlive the owner's copy.
+            owner_expiry = self._clock() + ttl_left
+            expires = min(expires, owner_expiry) if expires else owner_expiry
+        if self._rand() < self.mirror_probability and self._fences.get(key) is fence:
+            self._populate(self.hot, key, value, expires)
+        self._unfence(key, fence)
+        return Entry(value, expires, 0)
+
+    async def _load_as_owner(self, key: str) -> Entry:
+        entry = self.main.get(key)
+        if entry is not None:
+            return entry
+        self.stats.loads_deduped += 1
+        fence = self._fence(key)
+        try:
+            value = await self._load_origin(key)
+            expires = self._expiry(None)
+            if self._fences.get(key) is fence:
+                self._populate(self.main, key, value, expires)
+            return Entry(value, expires, 0)
+        finally:
+            self._unfence(key, fence)
+
+    async def _load_origin(self, key: str) -> bytes:
+        try:
+            value = await self.loader(key)
+        except KeyNotFound:
+            self.stats.not_found += 1
+            raise
+        except Exception:
+            self.stats.local_load_errs += 1
+            raise
+        self.stats.local_loads += 1
+        return value
+
+    # Cache bookkeeping -------------------------------------------------------
+
+    def _expiry(self, ttl: float | None) -> float:
+        ttl = self.ttl if ttl is None else ttl
+        return self._clock() + ttl if ttl > 0 else 0.0
+
+    def _populate(self, store: Store, key: str, value: bytes, expires: float) -> bool:
+        stored = store.set(key, value, expires)
+        # One budget for both stores: trim the hot cache while it holds
+        # more than its share of what is in use, else the main cache.
+        main, hot = self.main, self.hot
+        share = self.hot_fraction / (1 - self.hot_fraction)
+        while main.bytes + hot.bytes > self.cache_bytes:
+            victim = hot if hot.bytes and hot.bytes > main.bytes * share else main
+            if not victim.evict_one():
+                break
+        return stored
+
+    def _fence(self, key: str) -> object:
+        token = object()
+        self._fences[key] = token
+        return token
+
+    def _unfence(self, key: str, token: object) -> None:
+        if self._fences.get(key) is token:
+            del self._fences[key]

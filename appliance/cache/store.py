@@ -1,0 +1,146 @@
+"""Byte-bounded key/value stores under one eviction policy (lru, lfu, fifo).
+
+The policies come from cachetools; this module adds what a cache node needs
+on top: sizes counted as key + value bytes, per-entry expiry, and eviction
+counters.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from typing import Callable, NamedTuple
+
+import cachetools
+
+POLICIES: dict[str, type[cachetools.Cache]] = {
+    "lru": cachetools.LRUCache,
+    "lfu": cachetools.LFUCache,
+    "fifo": cachetools.FIFOCache,
+}
+
+
+class Entry(NamedTuple):
+    value: bytes
+    expires: float  # monotonic deadline; 0 = never
+    size: int  # key + value bytes, what the budget counts
+
+
+def entry_size(key: str, value: bytes) -> int:
+    return len(key.encode("utf-8", "surrogatepass")) + len(value)
+
+
+def _counting(base: type[cachetools.Cache]) -> type[cachetools.Cache]:
+    class Counting(base):  # type: ignore[misc, valid-type]
+        evictions = 0
+
+        def popitem(self):  # called by cachetools when it needs room
+            item = super().popitem()
+            self.evictions += 1
+            return item
+
+    Counting.__name__ = f"Counting{base.__name__}"
+    return Counting
+
+
+_COUNTING = {name: _counting(cls) for name, cls in POLICIES.items()}
+
+
+class Store:
+    """One cache (main or hot) of a group."""
+
+    def __init__(self, policy: str, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if policy not in _COUNTING:
+            raise ValueError(f"unknown eviction policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.policy = policy
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._data = _COUNTING[policy](maxsize=max(max_bytes, 1), getsizeof=_size)
+        # (expires, key) of entries with a TTL: expired ones are found
+        # from the top of the heap instead of by scanning the cache.
+        self._expiry: list[tuple[float, str]] = []
+        self.expirations = 0
+
+    # Reads -----------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry.expires and entry.expires <= self._clock():
+            self._discard(key, entry)
+            return None
+        return entry
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def bytes(self) -> int:
+        return self._data.currsize
+
+    @property
+    def evictions(self) -> int:
+        return self._data.evictions
+
+    # Writes ----------------------------------------------------------------
+
+    def set(self, key: str, value: bytes, expires: float = 0.0) -> bool:
+        """Store; False when the entry alone exceeds the budget (not stored)."""
+        size = entry_size(key, value)
+        if size > self.max_bytes:
+            self.remove(key)
+            return False
+        self.reclaim_expired()
+        self._data[key] = Entry(value, expires, size)
+        if expires:
+            heapq.heappush(self._expiry, (expires, key))
+            if len(self._expiry) > 2 * len(self._data) + 64:
+                self._rebuild_expiry()
+        return True
+
+    def remove(self, key: str) -> bool:
+        return self._data.pop(key, None) is not None
+
+    def evict_one(self) -> bool:
+        """Evict one entry by policy (used to hold a budget shared by two stores)."""
+        if not self._data:
+            return False
+        self._data.popitem()
+        return True
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._expiry.clear()
+
+    def reclaim_expired(self, limit: int = 64) -> int:
+        """Drop up to `limit` expired entries; cost is O(limit log n)."""
+        now = self._clock()
+        heap = self._expiry
+        done = 0
+        while heap and heap[0][0] <= now and done < limit:
+            expires, key = heapq.heappop(heap)
+            entry = self._data.get(key)
+            if entry is not None and entry.expires == expires:
+                self._discard(key, entry)
+                done += 1
+        return done
+
+    def _discard(self, key: str, entry: Entry) -> None:
+        if self._data.get(key) is entry:
+            del self._data[key]
+            self.expirations += 1
+
+    def _rebuild_expiry(self) -> None:
+        # Overwritten and evicted entries leave stale heap items behind.
+        self._expiry = [(e.expires, k) for k, e in self._data.items() if e.expires]
+        heapq.heapify(self._expiry)
+
+
+def _size(entry: Entry) -> int:
+    return entry.size

@@ -1,0 +1,255 @@
+"""The `appliance` command line.
+
+Errors a user can fix (bad config, bad arguments, a port in use, a node
+that does not exist) print one line and exit 2; a missing key exits 1.
+Tracebacks are shown only with APPLIANCE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_NOT_FOUND, EXIT_USAGE = 1, 2
+
+
+class UsageError(Exception):
+    """A problem the user can fix; exit 2."""
+
+
+def _settings(args):
+    from .config import find_config, load_settings
+
+    path = find_config(getattr(args, "config", None))
+    return load_settings(path), path
+
+
+# Commands ------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from . import logs
+    from .config import load_settings
+    from .supervision.run import Appliance, check_ports
+
+    settings, path = _settings(args)
+    logs.setup(settings.node.log_level, "run")
+    clashes = check_ports(settings)
+    if clashes:
+        raise UsageError("ports already in use: " + "; ".join(clashes))
+    return Appliance(settings, path, lambda: load_settings(path)).run()
+
+
+def cmd_worker(args) -> int:
+    from . import logs
+    from .worker import serve
+
+    settings, _ = _settings(args)
+    logs.setup(settings.node.log_level, f"worker-{args.index}")
+    if not 0 <= args.index < settings.node.workers:
+        raise UsageError(f"--index must be from 0 to {settings.node.workers - 1}")
+    return asyncio.run(serve(settings, args.index))
+
+
+def cmd_controller(args) -> int:
+    import signal
+
+    from . import logs
+    from .cluster import etcd
+    from .cluster.controller import Controller, worker_sockets
+
+    settings, _ = _settings(args)
+    logs.setup(settings.node.log_level, "controller")
+    controller = Controller(
+        lambda: etcd.connect(settings.cluster),
+        settings.cluster.service,
+        worker_sockets(str(settings.runtime_path())),
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
+    controller.run()
+    return 0
+
+
+def _client(args):
+    from .client import Client
+
+    settings, _ = _settings(args)
+    if args.peers:
+        return Client(args.peers.split(","), replicas=settings.node.replicas, scheme=settings.node.ring_hash)
+    return Client.from_settings(settings)
+
+
+def cmd_get(args) -> int:
+    from .cache import errors
+
+    with _client(args) as client:
+        try:
+            value = client.get(args.group, args.key, timeout=args.timeout)
+        except errors.KeyNotFound:
+            print(f"appliance: key {args.key!r} not found in group {args.group!r}", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        except errors.CacheError as exc:
+            raise UsageError(f"{type(exc).__name__}: {exc}") from None
+    sys.stdout.buffer.write(value)
+    if sys.stdout.isatty():
+        sys.stdout.buffer.write(b"\n")
+    return 0
+
+
+def cmd_peers(args) -> int:
+    with _client(args) as client:
+        for peer in client.peers():
+            print(peer)
+    return 0
+
+
+def cmd_locate(args) -> int:
+    with _client(args) as client:
+        for key in args.keys:
+            print(f"{key}\t{client.locate(key) or '-'}")
+    return 0
+
+
+def _local_workers(settings) -> list[tuple[int, str, Path]]:
+    from .worker import admin_socket
+
+    runtime = settings.runtime_path()
+    return [(i, settings.node.address(i), admin_socket(runtime, i)) for i in range(settings.node.workers)]
+
+
+def cmd_stats(args) -> int:
+    import grpc
+
+    from .pb import admin_pb2, admin_pb2_grpc
+
+    settings, _ = _settings(args)
+    report = {}
+    for _, addr, sock in _local_workers(settings):
+        try:
+            with grpc.insecure_channel(f"unix:{sock}") as ch:
+                reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=2)
+            report[addr] = json.loads(reply.json)
+        except grpc.RpcError as err:
+            report[addr] = {"error": err.code().name}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    cols = ("gets", "hits", "loads", "loads_deduped", "peer_loads", "peer_errors", "local_loads", "main_bytes", "hot_bytes", "main_evictions")
+    print("\t".join(("worker", "group", "revision") + cols))
+    for addr, st in report.items():
+        if "error" in st:
+            print(f"{addr}\t-\t-\t{st['error']}")
+            continue
+        for group, g in st["groups"].items():
+            print("\t".join([addr, group, str(st["revision"])] + [str(g[c]) for c in cols]))
+    return 0
+
+
+def cmd_stop_node(args) -> int:
+    import xmlrpc.client
+
+    from . import addr as addrs
+    from .supervision import conf, rpc
+
+    settings, _ = _settings(args)
+    try:
+        addrs.split(args.addr)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    match = [i for i, a, _ in _local_workers(settings) if a == args.addr]
+    if not match:
+        raise UsageError(f"{args.addr} is not a worker of this box ({', '.join(settings.node.addresses)})")
+    name = conf.worker_name(match[0])
+    try:
+        supervisor = rpc.connect(conf.supervisor_socket(settings))
+        left = rpc.stop_all(supervisor, [name], settings.node.drain_timeout + settings.node.peer_timeout + 5)
+    except (OSError, xmlrpc.client.Fault) as exc:
+        raise UsageError(f"cannot reach the supervisor of this box ({exc}); is `appliance run` running?") from None
+    if left:
+        raise UsageError(f"{args.addr} did not stop in time")
+    print(f"{args.addr} stopped ({name}); it stays stopped until `appliance run` restarts or reloads")
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    from .config import check_file
+
+    print(check_file(args.file))
+    return 0
+
+
+def cmd_systemd_install(args) -> int:
+    from .systemd import install
+
+    for line in install(prefix=Path(args.root), user=args.user, config_source=args.config_source):
+        print(line)
+    return 0
+
+
+# Parser --------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML config (default: $APPLIANCE_CONFIG, /etc/appliance/appliance.toml, built-in demo)")
+    p = argparse.ArgumentParser(prog="appliance", description="groupcache appliance: a distributed read-through cache")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help, parents=(common,)):
+        sp = sub.add_parser(name, help=help, parents=list(parents), description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("run", cmd_run, "run the appliance in the foreground (supervisord, etcd, workers, controller)")
+    sp = add("worker", cmd_worker, "run one worker (started by `run`)")
+    sp.add_argument("--index", type=int, required=True)
+    add("controller", cmd_controller, "run the ring controller (started by `run`)")
+    routed = argparse.ArgumentParser(add_help=False)
+    routed.add_argument("--peers", metavar="A,B,C", help="static peer list instead of the live ring from etcd")
+    sp = add("get", cmd_get, "print the value of KEY in GROUP", (common, routed))
+    sp.add_argument("group")
+    sp.add_argument("key")
+    sp.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    add("peers", cmd_peers, "list the live peers", (common, routed))
+    sp = add("locate", cmd_locate, "print KEY<TAB>OWNER for each key", (common, routed))
+    sp.add_argument("keys", nargs="+", metavar="KEY")
+    sp = add("stats", cmd_stats, "per-worker counters of this box")
+    sp.add_argument("--json", action="store_true")
+    sp = add("stop-node", cmd_stop_node, "gracefully stop the local worker serving ADDR")
+    sp.add_argument("addr", metavar="ADDR")
+    sp = add("config", None, "configuration tools")
+    csub = sp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    cp = csub.add_parser("check", help="validate a config file without starting anything")
+    cp.add_argument("file")
+    cp.set_defaults(fn=cmd_config_check)
+    sp = add("systemd", None, "systemd integration", ())
+    ssub = sp.add_subparsers(dest="systemd_command", required=True, metavar="SUBCOMMAND")
+    ip = ssub.add_parser("install", help="create the user, directories, config and unit (idempotent)")
+    ip.add_argument("--root", default="/", help="install under this root (for packaging and tests)")
+    ip.add_argument("--user", default="appliance")
+    ip.add_argument("--config-source", default=None, help="config to install if none exists (default: the annotated example)")
+    ip.set_defaults(fn=cmd_systemd_install)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("APPLIANCE_DEBUG"):
+            raise
+        print(f"appliance: {type(exc).__name__}: {exc} (set APPLIANCE_DEBUG=1 for details)", file=sys.stderr)
+        return 1

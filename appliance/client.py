@@ -1,0 +1,142 @@
+"""The Python client applications import: ring-aware Get over gRPC.
+
+    from appliance.client import Client
+    with Client.from_etcd(["127.0.0.1:2379"]) as c:
+        c.get("scores", "张三")            # b"100"
+
+It sends each key straight to its owner (the same ring the nodes use), so a
+Get costs one hop. When the owner fails, it reloads the ring and retries on
+another node: any node can serve any key.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+import grpc
+
+from . import addr as addrs
+from .cache import errors
+from .cache.ring import HashRing
+from .node.status import from_rpc_error
+from .pb import groupcache_pb2, groupcache_pb2_grpc
+
+
+class Client:
+    def __init__(
+        self,
+        peers: Iterable[str] = (),
+        *,
+        replicas: int = 50,
+        scheme: str = "seed",
+        timeout: float = 5.0,
+        discover=None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024 + 65536,
+    ) -> None:
+        """`peers` is a static list; `discover` (a callable returning the live
+        peer list) replaces it and is called again after a failure."""
+        self.replicas, self.scheme, self.timeout = replicas, scheme, timeout
+        self._discover = discover
+        self._credentials = credentials
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._lock = threading.Lock()
+        self._stubs: dict[str, tuple[grpc.Channel, groupcache_pb2_grpc.GroupCacheStub]] = {}
+        self.ring = HashRing((), replicas, scheme)
+        self._install(list(peers) if not discover else discover())
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> "Client":
+        from .cluster import etcd
+
+        def discover() -> list[str]:
+            client = etcd.connect(settings.cluster)
+            try:
+                return etcd.peers_of(etcd.read_members(client, settings.cluster.service)[0])
+            finally:
+                client.close()
+
+        return cls(replicas=settings.node.replicas, scheme=settings.node.ring_hash, discover=discover, **kwargs)
+
+    # Ring --------------------------------------------------------------------
+
+    def _install(self, peers: list[str]) -> None:
+        for p in peers:
+            addrs.split(p)
+        with self._lock:
+            self.ring = HashRing(sorted(set(peers)), self.replicas, self.scheme)
+
+    def refresh(self) -> None:
+        if self._discover is not None:
+            self._install(self._discover())
+
+    def peers(self) -> list[str]:
+        return list(self.ring.nodes)
+
+    def locate(self, key: str) -> str | None:
+        return self.ring.owner(key)
+
+    # Calls -------------------------------------------------------------------
+
+    def _stub(self, peer: str) -> groupcache_pb2_grpc.GroupCacheStub:
+        with self._lock:
+            entry = self._stubs.get(peer)
+            if entry is None:
+                if self._credentials is not None:
+                    channel = grpc.secure_channel(peer, self._credentials, options=self._options)
+                else:
+                    channel = grpc.insecure_channel(peer, options=self._options)
+                entry = self._stubs[peer] = (channel, groupcache_pb2_grpc.GroupCacheStub(channel))
+            return entry[1]
+
+    def get(self, group: str, key: str, *, timeout: float | None = None) -> bytes:
+        """The value; raises KeyNotFound, GroupNotFound, InvalidRequest,
+        OriginError, or PeerError when no node could answer."""
+        timeout = self.timeout if timeout is None else timeout
+        request = groupcache_pb2.GetRequest(group=group, key=key)
+        last: errors.CacheError | None = None
+        tried: set[str] = set()
+        for attempt in range(3):
+            peer = self._pick(key, tried)
+            if peer is None:
+                break
+            tried.add(peer)
+            try:
+                return self._stub(peer).Get(request, timeout=timeout).value
+            except grpc.RpcError as err:
+                last = from_rpc_error(err)
+                if not isinstance(last, errors.PeerError):
+                    raise last from None
+                if attempt == 0:
+                    self._safe_refresh()  # the ring may have changed under us
+        raise last or errors.PeerError("no peers known")
+
+    def _pick(self, key: str, tried: set[str]) -> str | None:
+        """The owner, else any node not tried yet (every node can serve)."""
+        ring = self.ring
+        owner = ring.owner(key)
+        if owner is not None and owner not in tried:
+            return owner
+        return next((p for p in ring.nodes if p not in tried), None)
+
+    def _safe_refresh(self) -> None:
+        try:
+            self.refresh()
+        except Exception:
+            pass  # keep the ring we have
+
+    def close(self) -> None:
+        with self._lock:
+            for channel, _ in self._stubs.values():
+                channel.close()
+            self._stubs.clear()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

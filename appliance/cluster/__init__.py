@@ -1,0 +1,1 @@
+"""Membership through etcd: registration of workers, the ring controller."""

@@ -1,0 +1,170 @@
+"""The controller: one per box. It turns etcd membership into SetPeers.
+
+It reads the service prefix, then watches from the revision it read (no gap
+between the two), and pushes `SetPeers(peers, revision)` to every local
+worker's admin socket. Workers ignore older revisions, so pushing again is
+always safe; a periodic push reaches workers that restarted.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from ..pb import admin_pb2, admin_pb2_grpc
+from . import etcd
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(
+        self,
+        connect: Callable[[], object],
+        service: str,
+        sockets: Callable[[], list[str]],
+        *,
+        push_interval: float = 1.0,
+    ) -> None:
+        self._connect = connect
+        self.service = service
+        self._sockets = sockets
+        self.push_interval = push_interval
+        self.members: dict[str, tuple[str, dict | None]] = {}
+        self.revision = 0
+        self.peers: list[str] = []
+        self._stubs: dict[str, tuple[grpc.Channel, admin_pb2_grpc.AdminStub]] = {}
+        self._acked: dict[str, int] = {}
+        self.stop_event = threading.Event()
+
+    # Main loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self.stop_event.is_set():
+            client = None
+            try:
+                client = self._connect()
+                self._sync(client)
+                backoff = 0.1
+            except Exception as exc:
+                if self.stop_event.is_set():
+                    break
+                log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
+                # Keep pushing the last ring: workers keep serving on it.
+                self.push()
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+            finally:
+                if client is not None:
+                    try:
+                        client.close()
+                    except Exception:
+                        pass
+        self._close_stubs()
+
+    def _sync(self, client) -> None:
+        members, revision = etcd.read_members(client, self.service)
+        self._apply(members, revision)
+        events: queue.Queue = queue.Queue()
+        watch_id = client.add_watch_prefix_callback(
+            etcd.prefix(self.service), events.put, start_revision=revision + 1
+        )
+        try:
+            last_check = time.monotonic()
+            while not self.stop_event.is_set():
+                try:
+                    item = events.get(timeout=self.push_interval)
+                except queue.Empty:
+                    item = None
+                if isinstance(item, Exception):
+                    raise item
+                if item is not None:
+                    self._on_watch(item)
+                self.push()
+                if time.monotonic() - last_check >= self.push_interval:
+                    # A dead etcd may leave the watch stream silent: probe it.
+                    client.status()
+                    last_check = time.monotonic()
+        finally:
+            try:
+                client.cancel_watch(watch_id)
+            except Exception:
+                pass
+
+    def _on_watch(self, response) -> None:
+        members = dict(self.members)
+        for event in response.events:
+            key = event.key.decode()
+            if type(event).__name__ == "DeleteEvent":
+                members.pop(key, None)
+                continue
+            try:
+                members[key] = etcd.parse_member(event.key, event.value)
+            except ValueError as exc:
+                log.warning("ignoring %s: %s", key, exc)
+                members.pop(key, None)
+        self._apply(members, response.header.revision)
+
+    def _apply(self, members, revision: int) -> None:
+        peers = etcd.peers_of(members)
+        changed = peers != self.peers
+        self.members, self.revision = members, revision
+        if changed:
+            self.peers = peers
+            log.info("ring revision %d: %d peers: %s", revision, len(peers), ", ".join(peers))
+
+    # Pushing -----------------------------------------------------------------
+
+    def push(self) -> None:
+        """SetPeers to every local worker that does not hold our revision."""
+        if not self.revision:
+            return
+        request = admin_pb2.SetPeersRequest(peers=self.peers, revision=self.revision)
+        live = set()
+        for path in self._sockets():
+            live.add(path)
+            if self._acked.get(path, -1) >= self.revision:
+                continue
+            try:
+                reply = self._stub(path).SetPeers(request, timeout=1.0)
+                self._acked[path] = reply.revision
+            except grpc.RpcError as exc:
+                self._acked.pop(path, None)
+                self._drop_stub(path)
+                log.debug("SetPeers to %s failed: %s", path, exc.code())
+        for path in set(self._stubs) - live:
+            self._drop_stub(path)
+
+    def forget_acks(self) -> None:
+        """Push to every worker again at the next round (a worker restarted)."""
+        self._acked.clear()
+
+    def _stub(self, path: str) -> admin_pb2_grpc.AdminStub:
+        entry = self._stubs.get(path)
+        if entry is None:
+            channel = grpc.insecure_channel(f"unix:{path}")
+            entry = self._stubs[path] = (channel, admin_pb2_grpc.AdminStub(channel))
+        return entry[1]
+
+    def _drop_stub(self, path: str) -> None:
+        entry = self._stubs.pop(path, None)
+        self._acked.pop(path, None)
+        if entry is not None:
+            entry[0].close()
+
+    def _close_stubs(self) -> None:
+        for path in list(self._stubs):
+            self._drop_stub(path)
+
+
+def worker_sockets(runtime_dir: str) -> Callable[[], list[str]]:
+    pattern = os.path.join(runtime_dir, "worker-*.sock")
+    return lambda: sorted(glob.glob(pattern))

@@ -1,0 +1,95 @@
+"""etcd access shared by the registry, the controller and the CLI.
+
+Keys follow Go's naming/endpoints layout: `<service>/<host:port>` holding
+`{"Addr": "<host:port>", "Metadata": ...}`; a bare `host:port` value (the
+seed's `clusters` prefix) is accepted on read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import etcd3
+import grpc
+from etcd3.client import Endpoint
+
+from .. import addr as addrs
+
+log = logging.getLogger(__name__)
+
+# Reconnect fast after etcd comes back; grpc's default backoff grows to 2 min.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def prefix(service: str) -> str:
+    return service.rstrip("/") + "/"
+
+
+def member_key(service: str, addr: str) -> str:
+    return prefix(service) + addr
+
+
+def member_value(addr: str, metadata: dict | None = None) -> str:
+    return json.dumps({"Addr": addr, "Metadata": metadata}, separators=(",", ":"))
+
+
+def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None]:
+    """(addr, metadata) of one registration; ValueError if it is not one."""
+    text = value.decode() if isinstance(value, bytes) else value
+    text = text.strip()
+    metadata = None
+    if text.startswith("{"):
+        doc = json.loads(text)
+        addr = doc.get("Addr") or doc.get("addr")
+        metadata = doc.get("Metadata")
+        if not isinstance(addr, str):
+            raise ValueError(f"no Addr in {text[:80]!r}")
+    else:
+        addr = text
+    addrs.split(addr)
+    return addr, metadata if isinstance(metadata, dict) else None
+
+
+def connect(cluster, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:
+    """A client for the configured endpoints, failing over between them."""
+    creds = None
+    if cluster.etcd_ca or cluster.etcd_cert:
+        read = lambda p: open(p, "rb").read() if p else None  # noqa: E731
+        creds = grpc.ssl_channel_credentials(read(cluster.etcd_ca), read(cluster.etcd_key), read(cluster.etcd_cert))
+    endpoints = []
+    for endpoint in cluster.etcd:
+        host, port = addrs.split(endpoint)
+        endpoints.append(
+            Endpoint(host, port, secure=creds is not None, creds=creds, time_retry=1.0, opts=_CHANNEL_OPTIONS)
+        )
+    return etcd3.MultiEndpointEtcd3Client(
+        endpoints=endpoints,
+        timeout=timeout,
+        user=cluster.etcd_user,
+        password=cluster.etcd_password,
+        failover=True,
+    )
+
+
+def read_members(client, service: str) -> tuple[dict[str, tuple[str, dict | None]], int]:
+    """{etcd key: (addr, metadata)} under the service prefix, and the revision read."""
+    response = client.get_prefix_response(prefix(service))
+    members = {}
+    for kv in response.kvs:
+        key = kv.key.decode()
+        try:
+            members[key] = parse_member(kv.key, kv.value)
+        except ValueError as exc:
+            log.warning("ignoring %s: %s", key, exc)
+    return members, response.header.revision
+
+
+def peers_of(members: dict[str, tuple[str, dict | None]]) -> list[str]:
+    # Sorted: every controller must hand its workers the same order, since
+    # ring collisions resolve by order.
+    return sorted({a for a, _ in members.values()})

@@ -1,0 +1,124 @@
+"""The peer picker: the ring names a key's owner, pooled channels reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from .. import addr as addrs
+from ..cache import errors
+from ..cache.ring import HashRing
+from ..pb import groupcache_pb2
+from .status import from_rpc_error
+
+log = logging.getLogger(__name__)
+
+# Marks a call as forwarded: the receiver serves it itself, so rings that
+# disagree during a membership change cannot bounce a request around.
+FORWARDED = ("x-groupcache-forwarded", "1")
+# Remaining TTL of the owner's entry, so a hot copy never outlives it.
+TTL_MS = "x-groupcache-ttl-ms"
+_METADATA = (FORWARDED,)
+
+
+class PeerClient:
+    """A Peer (see appliance.cache.group) over one pooled gRPC channel."""
+
+    def __init__(self, addr: str, channel: grpc.aio.Channel, *, max_wait: float, share: float = 0.5) -> None:
+        self.addr = addr
+        self.channel = channel
+        self._max_wait = max_wait
+        self._share = share
+        self._get = channel.unary_unary(
+            "/groupcachepb.GroupCache/Get",
+            request_serializer=groupcache_pb2.GetRequest.SerializeToString,
+            response_deserializer=groupcache_pb2.GetResponse.FromString,
+        )
+
+    async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        # Leave part of the caller's time for a local load if the owner fails.
+        wait = self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
+        call = self._get(groupcache_pb2.GetRequest(group=group, key=key), timeout=wait, metadata=_METADATA)
+        try:
+            response = await call
+            trailers = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # channel closed under us by a ring change
+            raise errors.PeerError(f"{self.addr}: {err}") from None
+        ttl = 0.0
+        for k, v in trailers or ():
+            if k == TTL_MS:
+                ttl = max(int(v), 1) / 1000.0
+        return response.value, ttl
+
+
+class Peers:
+    """PeerPicker of one node. set_peers swaps ring and clients atomically:
+    a request that already picked its owner keeps the client it picked."""
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 50,
+        scheme: str = "seed",
+        max_wait: float = 5.0,
+        channel_options: list[tuple[str, object]] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.self_addr = ""
+        self.replicas = replicas
+        self.scheme = scheme
+        self.max_wait = max_wait
+        self.revision = -1
+        self.ring = HashRing((), replicas, scheme)
+        self._clients: dict[str, PeerClient] = {}
+        self._options = channel_options or []
+        self._credentials = credentials
+        self._closing: set[asyncio.Task] = set()
+
+    def pick(self, key: str) -> PeerClient | None:
+        owner = self.ring.owner(key)
+        if owner is None or owner == self.self_addr:
+            return None
+        return self._clients.get(owner)
+
+    def owner(self, key: str) -> str | None:
+        return self.ring.owner(key)
+
+    def set_peers(self, peers: list[str], revision: int) -> bool:
+        """Install a ring; False (and no change) for a stale revision."""
+        if revision <= self.revision:
+            return False
+        for peer in peers:
+            addrs.split(peer)  # raises ValueError naming the bad entry
+        ring = HashRing(peers, self.replicas, self.scheme)
+        clients = {}
+        for peer in ring.nodes:
+            if peer == self.self_addr:
+                continue
+            clients[peer] = self._clients.get(peer) or PeerClient(peer, self._channel(peer), max_wait=self.max_wait)
+        dropped = [c for a, c in self._clients.items() if a not in clients]
+        self.ring, self._clients, self.revision = ring, clients, revision
+        for client in dropped:
+            self._close_later(client.channel)
+        return True
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(target, self._credentials, options=self._options)
+        return grpc.aio.insecure_channel(target, options=self._options)
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        # Calls in flight on the old ring get the peer timeout to finish.
+        task = asyncio.ensure_future(channel.close(grace=self.max_wait))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        await asyncio.gather(*(c.channel.close() for c in clients.values()), *self._closing, return_exceptions=True)

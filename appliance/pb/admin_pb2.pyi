@@ -1,0 +1,43 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SetPeersRequest(_message.Message):
+    __slots__ = ("peers", "revision")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    revision: int
+    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class SetPeersResponse(_message.Message):
+    __slots__ = ("applied", "revision")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    revision: int
+    def __init__(self, applied: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class StopRequest(_message.Message):
+    __slots__ = ("drain_timeout",)
+    DRAIN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    drain_timeout: float
+    def __init__(self, drain_timeout: _Optional[float] = ...) -> None: ...
+
+class StopResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,152 @@
+"""`appliance run`: the foreground process systemd starts.
+
+It writes the supervisord config, starts supervisord, and acts on signals:
+SIGTERM/SIGINT stop every worker gracefully (together), then the controller,
+then etcd, and exit 0; SIGHUP re-reads the TOML and applies a new worker
+count without touching the workers that stay.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .. import addr as addrs
+from . import conf, rpc
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    # supervisord runs in its own session (so a terminal's Ctrl-C reaches only
+    # us), yet must not outlive us: ask Linux to SIGTERM it if we die.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def check_ports(settings) -> list[str]:
+    """Ports this box must bind; a list of clashes with running processes."""
+    import socket
+
+    wanted = [(settings.node.host, p) for p in settings.node.ports]
+    if settings.cluster.embedded_etcd:
+        wanted.append(addrs.split(settings.cluster.etcd[0]))
+    clashes = []
+    for host, port in wanted:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                clashes.append(f"{addrs.join(host, port)}: {exc.strerror}")
+    return clashes
+
+
+class Appliance:
+    def __init__(self, settings, config: Path | None, load) -> None:
+        self.settings = settings
+        self.config = config
+        self._load = load  # re-reads the config on SIGHUP
+        self._signals: list[int] = []
+        self._wake = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self.conf_path = settings.runtime_path() / "supervisord.conf"
+        self._etcd_peer_port: int | None = None
+
+    def _record(self, signum, frame) -> None:  # signal handler: record only
+        self._signals.append(signum)
+        self._wake.set()
+
+    def write_conf(self) -> None:
+        if self.settings.cluster.embedded_etcd and self._etcd_peer_port is None:
+            host = addrs.split(self.settings.cluster.etcd[0])[0]
+            self._etcd_peer_port = self.settings.cluster.etcd_peer_port or conf.free_port(host)
+        text = conf.render(self.settings, self.config, etcd_peer_port=self._etcd_peer_port)
+        tmp = self.conf_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.conf_path)
+
+    def run(self) -> int:
+        s = self.settings
+        s.runtime_path().mkdir(parents=True, exist_ok=True)
+        s.state_path().mkdir(parents=True, exist_ok=True)
+        self.write_conf()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._record)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf_path)],
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.info("supervisord %d started: %d workers on %s", self.proc.pid, s.node.workers, s.node.host)
+        self.supervisor = rpc.connect(conf.supervisor_socket(s))
+        while True:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    return self.shutdown()
+            if self.proc.poll() is not None:
+                log.error("supervisord exited with %s", self.proc.returncode)
+                return 1
+
+    def reload(self) -> None:
+        try:
+            new = self._load()
+        except Exception as exc:  # keep running on the old config
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        old_workers = self.settings.node.workers
+        self.settings = new
+        self.write_conf()
+        try:
+            added, changed, removed = self.supervisor.reloadConfig()[0]
+            if removed:
+                left = rpc.stop_all(self.supervisor, removed, new.node.drain_timeout + new.node.peer_timeout + 5)
+                if left:
+                    log.warning("still stopping: %s", ", ".join(left))
+                for name in removed:
+                    self.supervisor.removeProcessGroup(name)
+            for name in added:
+                self.supervisor.addProcessGroup(name)
+            if changed:
+                log.warning("changed programs need `systemctl restart` to apply: %s", ", ".join(changed))
+        except Exception as exc:
+            log.error("reload failed: %s", exc)
+            return
+        log.info("reloaded: workers %d -> %d", old_workers, new.node.workers)
+
+    def shutdown(self) -> int:
+        s = self.settings
+        try:
+            current = rpc.states(self.supervisor)
+            workers = sorted(n for n in current if n.startswith("worker-"))
+            left = rpc.stop_all(self.supervisor, workers, s.node.drain_timeout + s.node.peer_timeout + 5)
+            if left:
+                log.warning("workers still stopping at timeout: %s", ", ".join(left))
+            for name in ("controller", "etcd"):
+                if name in current:
+                    rpc.stop_all(self.supervisor, [name], 10)
+            self.supervisor.shutdown()
+        except Exception as exc:
+            log.error("orderly shutdown failed (%s); terminating supervisord", exc)
+            self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        log.info("stopped")
+        return 0

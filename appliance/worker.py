@@ -1,0 +1,72 @@
+"""One worker process: a cache node registered in etcd under its own lease.
+
+Started by supervisord as `appliance worker --index I`. SIGTERM (or the
+admin Stop call) starts a graceful stop: deregister, wait for the ring
+without us, finish what is in flight, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from .cluster import etcd
+from .cluster.registry import Registration
+from .node.node import Node
+from .origins import build_origin
+
+log = logging.getLogger(__name__)
+
+
+def admin_socket(runtime_dir: Path, index: int) -> Path:
+    return runtime_dir / f"worker-{index}.sock"
+
+
+async def serve(settings, index: int) -> int:
+    ns = settings.node
+    runtime = settings.runtime_path()
+    runtime.mkdir(parents=True, exist_ok=True)
+    sock = admin_socket(runtime, index)
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()  # left by a killed predecessor
+    origins = {
+        name: build_origin(name, spec, state_dir=settings.state_path(), max_value_bytes=ns.max_value_bytes)
+        for name, spec in settings.groups.items()
+    }
+    node = Node(
+        settings,
+        {name: o.load for name, o in origins.items()},
+        port=ns.base_port + index,
+        admin_address=f"unix:{sock}",
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.request_stop)  # records only
+    await node.start()
+    registration = Registration(
+        lambda: etcd.connect(settings.cluster),
+        settings.cluster.service,
+        node.addr,
+        ttl=settings.cluster.lease_ttl,
+        metadata={"admin": f"unix:{sock}", "host": socket.gethostname(), "pid": os.getpid(), "worker": index},
+    )
+    registration.start()
+    try:
+        await node.stop_requested.wait()
+        drain = node.stop_drain_timeout or ns.drain_timeout
+        log.info("stopping %s: deregistering, draining for up to %.1fs", node.addr, drain)
+        await asyncio.to_thread(registration.deregister)
+        left = await node.drain(drain)
+        log.info("%s %s the ring; finishing requests in flight", node.addr, "left" if left else "timed out leaving")
+    finally:
+        await node.stop(grace=ns.peer_timeout)
+        await asyncio.gather(*(o.close() for o in origins.values()), return_exceptions=True)
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+    log.info("%s stopped", node.addr)
+    return 0

@@ -1,0 +1,58 @@
+"""In-process nodes on loopback with real gRPC, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from appliance.config import Settings
+from appliance.node.node import Node
+
+
+class CountingOrigin:
+    """A loader that counts calls and can be held back with a gate."""
+
+    def __init__(self, data=None, delay=0.0):
+        self.data = dict(data or {})
+        self.calls: list[str] = []
+        self.delay = delay
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, key: str) -> bytes:
+        from appliance.cache.errors import KeyNotFound
+
+        self.calls.append(key)
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), 10)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if key not in self.data:
+            raise KeyNotFound(f"{key!r} is not in the test origin")
+        return self.data[key]
+
+
+def settings(groups=("g",), **node) -> Settings:
+    node.setdefault("host", "127.0.0.1")
+    return Settings(
+        node=node,
+        groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},
+        cluster={"embedded_etcd": False},
+    )
+
+
+@contextlib.asynccontextmanager
+async def cluster(n: int, loader, *, groups=("g",), admin_dir=None, **node):
+    """n started nodes sharing one ring (revision 1); yields the nodes."""
+    s = settings(groups, **node)
+    nodes = []
+    try:
+        for i in range(n):
+            admin = f"unix:{admin_dir}/n{i}.sock" if admin_dir else None
+            nodes.append(Node(s, {g: loader for g in groups}, port=0, admin_address=admin))
+            await nodes[-1].start()
+        peers = [x.addr for x in nodes]
+        for x in nodes:
+            x.set_peers(peers, 1)
+        yield nodes
+    finally:
+        await asyncio.gather(*(x.stop(0) for x in nodes), return_exceptions=True)
