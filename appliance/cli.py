@@ -238,6 +238,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # grpc's C core logs connection chatter at INFO; children inherit this.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .config import ConfigError
 
     args = parser().parse_args(argv)

@@ -32,24 +32,24 @@ class Registration(threading.Thread):
         self.ttl = ttl
         self.registered = threading.Event()
         self.registrations = 0  # how many times a lease was granted and the key put
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._client = None
         self._lease = None
 
     def run(self) -> None:
         backoff = 0.1
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 self._register()
                 backoff = 0.1
                 self._keep_alive()
             except Exception as exc:  # etcd down, lease lost, key deleted
-                if self._stop.is_set():
+                if self._stopping.is_set():
                     break
                 self.registered.clear()
                 log.warning("registration %s lost (%s: %s); retrying in %.1fs", self.key, type(exc).__name__, exc, backoff)
                 self._drop_client()
-                self._stop.wait(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
 
     def _register(self) -> None:
@@ -63,7 +63,7 @@ class Registration(threading.Thread):
 
     def _keep_alive(self) -> None:
         interval = max(self.ttl / 3.0, 0.2)
-        while not self._stop.wait(interval):
+        while not self._stopping.wait(interval):
             responses = self._lease.refresh()
             if not responses or responses[0].TTL <= 0:
                 raise LookupError("lease expired")
@@ -81,7 +81,7 @@ class Registration(threading.Thread):
 
     def deregister(self, timeout: float = 2.0) -> bool:
         """Stop keeping alive and revoke the lease (deletes the key now)."""
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout)
         lease, client = self._lease, self._client
         ok = False

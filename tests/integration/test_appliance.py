@@ -1,0 +1,140 @@
+"""`appliance run` for real: supervisord, embedded etcd, workers, controller."""
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from support.appliance import Appliance, pids_mentioning, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def appliance(tmp_path):
+    app = Appliance(tmp_path)
+    try:
+        yield app.start()
+    finally:
+        app.cleanup()
+
+
+def test_workers_register_json_under_leases_and_share_one_ring(appliance):
+    reg = appliance.registered()
+    assert sorted(reg) == [f"groupcache/{a}" for a in appliance.addresses()]
+    leases = {r["lease"] for r in reg.values()}
+    assert len(leases) == 3 and 0 not in leases  # one lease per worker
+    for key, r in reg.items():
+        assert r["value"]["Addr"] == key.split("/", 1)[1]
+        assert r["value"]["Metadata"]["admin"].startswith("unix:")
+    rings = appliance.rings()
+    assert len(set(rings)) == 1
+    # The demo group answers through any node, value from the seed's rows.
+    out = appliance.cli("get", "scores", "张三")
+    assert (out.returncode, out.stdout) == (0, b"100")
+    out = appliance.cli("get", "scores", "nobody")
+    assert out.returncode == 1 and b"not found" in out.stderr and b"Traceback" not in out.stderr
+    out = appliance.cli("locate", "张三", "李四")
+    lines = out.stdout.decode().splitlines()
+    assert [l.split("\t")[0] for l in lines] == ["张三", "李四"]
+    assert all(l.split("\t")[1] in appliance.addresses() for l in lines)
+
+
+def test_kill_9_worker_restarts_registers_and_gets_the_ring(appliance):
+    before = appliance.process_info()["worker-1"]["pid"]
+    os.kill(before, signal.SIGKILL)
+    wait_for(lambda: appliance.process_info()["worker-1"]["pid"] not in (0, before)
+             and appliance.process_info()["worker-1"]["statename"] == "RUNNING", 30, what="worker-1 restart")
+    after = appliance.process_info()["worker-1"]["pid"]
+    assert after != before
+    appliance.wait_ring(3, timeout=appliance.lease_ttl + 10)
+    assert f"groupcache/{appliance.addresses()[1]}" in appliance.registered()
+    stats = appliance.admin_stats(1)
+    assert sorted(stats["peers"]) == appliance.addresses()
+
+
+def test_etcd_killed_and_restarted_workers_register_again(appliance):
+    info = appliance.process_info()["etcd"]
+    os.kill(info["pid"], signal.SIGKILL)
+    # supervisord restarts etcd; measure from the moment it answers again.
+    wait_for(lambda: appliance.registered() is not None, 30, what="etcd back")
+    back = time.monotonic()
+    want = sorted(f"groupcache/{a}" for a in appliance.addresses())
+    wait_for(lambda: sorted(appliance.registered()) == want, appliance.lease_ttl + 2, what="all workers registered")
+    assert time.monotonic() - back <= appliance.lease_ttl + 2
+    appliance.wait_ring(3, timeout=appliance.lease_ttl + 2)
+
+
+def test_stop_node_under_load_fails_no_request(appliance):
+    addrs = appliance.addresses()
+    victim, others = addrs[2], addrs[:2]
+    keys = ["张三", "李四", "王五", "赵六", "孙七"] + [f"missing-{i}" for i in range(20)]
+    failures, done = [], [0]
+    stop = threading.Event()
+
+    def load(addr):
+        with grpc.insecure_channel(addr) as ch:
+            stub = groupcache_pb2_grpc.GroupCacheStub(ch)
+            deadline = time.monotonic() + 60  # bounded in time and count
+            n = 0
+            while not stop.is_set() and time.monotonic() < deadline and n < 200_000:
+                key = keys[n % len(keys)]
+                n += 1
+                try:
+                    stub.Get(groupcache_pb2.GetRequest(group="scores", key=key), timeout=5)
+                    done[0] += 1
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.NOT_FOUND and key.startswith("missing"):
+                        done[0] += 1
+                    else:
+                        failures.append((addr, key, err.code(), err.details()))
+
+    threads = [threading.Thread(target=load, args=(a,)) for a in others for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: done[0] > 200, 30, what="load running")
+        out = appliance.cli("stop-node", victim)
+        assert out.returncode == 0, out.stderr
+        appliance.wait_ring(2, members=others, timeout=appliance.lease_ttl + 1)
+        served = done[0]
+        wait_for(lambda: done[0] > served + 200, 30, what="load after the stop")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert failures == []
+    assert appliance.process_info()["worker-2"]["statename"] == "STOPPED"
+    assert f"groupcache/{victim}" not in appliance.registered()
+
+
+def test_reload_changes_worker_count_and_sigterm_leaves_nothing(tmp_path):
+    app = Appliance(tmp_path)
+    try:
+        app.start()
+        pids = {n: p["pid"] for n, p in app.process_info().items() if n.startswith("worker-")}
+        app.write_config(workers=4)
+        app.proc.send_signal(signal.SIGHUP)
+        app.wait_ring(4, timeout=30)
+        info = app.process_info()
+        assert {n: info[n]["pid"] for n in pids} == pids  # untouched
+        app.write_config(workers=2)
+        app.proc.send_signal(signal.SIGHUP)
+        app.wait_ring(2, timeout=30)
+        wait_for(lambda: "worker-2" not in app.process_info(), 30, what="worker-2 removed")
+        info = app.process_info()
+        assert {n: info[n]["pid"] for n in ("worker-0", "worker-1")} == {n: pids[n] for n in ("worker-0", "worker-1")}
+        assert sorted(app.registered()) == [f"groupcache/{a}" for a in app.addresses(2)]
+        # A broken config on reload keeps the running one.
+        app.config.write_text(app.config.read_text() + "\n[node2]\n")
+        app.proc.send_signal(signal.SIGHUP)
+        time.sleep(0)  # nothing to wait for: the old config stays in force
+        app.wait_ring(2, timeout=10)
+        assert app.sigterm(timeout=60) == 0
+        wait_for(lambda: not pids_mentioning(str(tmp_path)), 10, what="every process gone")
+    finally:
+        assert app.cleanup() == []

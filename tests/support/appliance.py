@@ -1,0 +1,194 @@
+"""A real `appliance run` (supervisord, etcd, workers, controller) for tests.
+
+Every process it starts is found again by its command line, which names
+this test's own config file or state directory, and is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from appliance.pb import admin_pb2, admin_pb2_grpc
+
+from .ports import free_port, free_range
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll until predicate() is truthy; its value, or AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # not ready yet
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+        time.sleep(interval)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+class Appliance:
+    def __init__(self, root: Path, *, workers: int = 3, lease_ttl: int = 2, drain: str = "3s", groups: str | None = None):
+        self.root = root
+        self.workers = workers
+        self.lease_ttl = lease_ttl
+        self.drain = drain
+        self.etcd_port = free_port()
+        self.base_port = free_range(8)
+        self.config = root / "appliance.toml"
+        self.log = root / "appliance.log"
+        self.groups = groups or (
+            "[groups.scores]\n"
+            'origin = "sqlite:///{state_dir}/scores.db"\n'
+            'query = "SELECT score FROM students WHERE name = :key"\n'
+            "demo_seed = true\n"
+        )
+        self.write_config()
+        self.proc: subprocess.Popen | None = None
+
+    # Config and processes ------------------------------------------------------
+
+    def write_config(self, workers: int | None = None) -> None:
+        if workers is not None:
+            self.workers = workers
+        self.config.write_text(
+            f"""
+[cluster]
+etcd = ["127.0.0.1:{self.etcd_port}"]
+embedded_etcd = true
+lease_ttl = {self.lease_ttl}
+
+[node]
+workers = {self.workers}
+host = "127.0.0.1"
+base_port = {self.base_port}
+drain_timeout = "{self.drain}"
+peer_timeout = "2s"
+state_dir = "{self.root / 'state'}"
+runtime_dir = "{self.root / 'run'}"
+
+{self.groups}
+"""
+        )
+
+    def start(self) -> "Appliance":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "appliance"), "run", "--config", str(self.config)],
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+        self.wait_ring(self.workers)
+        return self
+
+    def cli(self, *args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "appliance"), *args, "--config", str(self.config)],
+            capture_output=True,
+            timeout=timeout,
+            input=input,
+        )
+
+    def addresses(self, n: int | None = None) -> list[str]:
+        return [f"127.0.0.1:{self.base_port + i}" for i in range(self.workers if n is None else n)]
+
+    def etcd(self):
+        from appliance.cluster import etcd as etcd_mod
+        from appliance.config import Settings
+
+        return etcd_mod.connect(Settings(cluster={"etcd": [f"127.0.0.1:{self.etcd_port}"]}).cluster)
+
+    def registered(self) -> dict[str, dict]:
+        client = self.etcd()
+        try:
+            return {
+                meta.key.decode(): {"value": json.loads(value), "lease": meta.lease_id}
+                for value, meta in client.get_prefix("groupcache/")
+            }
+        finally:
+            client.close()
+
+    def admin_stats(self, index: int) -> dict:
+        sock = self.root / "run" / f"worker-{index}.sock"
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=2)
+        return json.loads(reply.json)
+
+    def rings(self, n: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
+        out = []
+        for i in range(self.workers if n is None else n):
+            s = self.admin_stats(i)
+            out.append((s["revision"], tuple(s["peers"])))
+        return out
+
+    def wait_ring(self, n: int, timeout: float = 30.0, members: list[str] | None = None):
+        """Until workers 0..n-1 all hold the same ring of exactly `members`."""
+        want = tuple(sorted(members if members is not None else self.addresses(n)))
+
+        def converged():
+            rings = self.rings(n)
+            return len(set(rings)) == 1 and rings[0][1] == want
+
+        return wait_for(converged, timeout, what=f"ring {want}")
+
+    def supervisor(self):
+        from appliance.supervision import rpc
+
+        return rpc.connect(self.root / "run" / "supervisor.sock")
+
+    def process_info(self) -> dict[str, dict]:
+        return {p["name"]: p for p in self.supervisor().getAllProcessInfo()}
+
+    def sigterm(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> list[int]:
+        """Kill whatever is left; the pids that were still alive."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        leftovers = pids_mentioning(str(self.root))
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if getattr(self, "_logf", None):
+            self._logf.close()
+        return leftovers
