@@ -241,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     # grpc's C core logs connection chatter at INFO; children inherit this.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .config import ConfigError
+    from .systemd import InstallError
 
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, InstallError) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

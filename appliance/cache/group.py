@@ -11,12 +11,13 @@ peer picker (the ring plus clients). Nothing here touches the network.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import time
 from typing import Awaitable, Callable, Protocol
 
-from .errors import KeyNotFound, PeerError
+from .errors import CacheError, KeyNotFound, PeerError
 from .singleflight import SingleFlight
 from .store import Entry, Store
 
@@ -31,6 +32,15 @@ class Peer(Protocol):
 
         Raises PeerError when the owner cannot answer in time; KeyNotFound
         and OriginError are the owner's authoritative answers."""
+        ...
+
+
+    async def get_many(
+        self, group: str, keys: list[str], timeout: float | None
+    ) -> dict[str, tuple[bytes, float] | CacheError]:
+        """Many keys in one call: per key, (value, ttl) or the owner's error.
+
+        Raises PeerError when the call as a whole fails."""
         ...
 
 
@@ -119,6 +129,58 @@ class Group:
             return await self._load.do(key, lambda: self._load_as_owner(key))
         return await self._route.do(key, lambda: self._route_load(key, timeout))
 
+    async def get_many(
+        self, keys: list[str], *, forwarded: bool = False, timeout: float | None = None
+    ) -> list[Entry | CacheError]:
+        """Entries (or the error for that key) in the order of keys.
+
+        Misses owned elsewhere go to each owner in one call; every key still
+        has its own singleflight, shared with plain Gets."""
+        stats = self.stats
+        results: list[Entry | CacheError | None] = [None] * len(keys)
+        misses: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            stats.gets += 1
+            if forwarded:
+                stats.server_requests += 1
+            entry = self.main.get(key)
+            if entry is not None:
+                stats.main_hits += 1
+                results[i] = entry
+                continue
+            entry = self.hot.get(key)
+            if entry is not None:
+                stats.hot_hits += 1
+                results[i] = entry
+                continue
+            stats.loads += 1
+            misses.setdefault(key, []).append(i)
+        flights: dict[str, asyncio.Future] = {}
+        batches: dict[str, tuple[Peer, list[str]]] = {}
+        for key in misses:
+            if forwarded:
+                flights[key] = asyncio.ensure_future(self._load.do(key, lambda k=key: self._load_as_owner(k)))
+                continue
+            peer = None
+            if self.picker is not None and not self._route.in_flight(key):
+                peer = self.picker.pick(key)
+            if peer is None:
+                flights[key] = asyncio.ensure_future(self._route.do(key, lambda k=key: self._route_load(k, timeout)))
+            else:
+                batches.setdefault(peer.addr, (peer, []))[1].append(key)
+        for peer, batch in batches.values():
+            fetch = asyncio.ensure_future(peer.get_many(self.name, batch, timeout))
+            fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
+            for key in batch:
+                flights[key] = asyncio.ensure_future(self._route.do(key, lambda k=key, f=fetch: self._from_batch(k, f)))
+        outcomes = await asyncio.gather(*flights.values(), return_exceptions=True)
+        for key, outcome in zip(flights, outcomes):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, CacheError):
+                raise outcome
+            for i in misses[key]:
+                results[i] = outcome
+        return results  # type: ignore[return-value]
+
     def peek(self, key: str) -> Entry | None:
         """Cached entry without loading or counting."""
         return self.main.get(key) or self.hot.get(key)
@@ -151,11 +213,37 @@ class Group:
         try:
             value, ttl_left = await peer.get(self.name, key, timeout)
         except PeerError:
-            # The owner is down or slow: the client still gets its value,
-            # but we are not the owner, so nothing is cached.
-            self.stats.peer_errors += 1
             self._unfence(key, fence)
-            return Entry(await self._load_origin(key), 0.0, 0)
+            return await self._owner_failed(key)
+        try:
+            return self._from_peer(key, value, ttl_left, fence)
+        finally:
+            self._unfence(key, fence)
+
+    async def _from_batch(self, key: str, fetch: asyncio.Future) -> Entry:
+        self.stats.loads_deduped += 1
+        fence = self._fence(key)
+        try:
+            try:
+                outcome = (await asyncio.shield(fetch))[key]
+            except PeerError:
+                outcome = None
+            if outcome is None or isinstance(outcome, PeerError):
+                self._unfence(key, fence)
+                return await self._owner_failed(key)
+            if isinstance(outcome, CacheError):
+                raise outcome
+            return self._from_peer(key, outcome[0], outcome[1], fence)
+        finally:
+            self._unfence(key, fence)
+
+    async def _owner_failed(self, key: str) -> Entry:
+        # The owner is down or slow: the client still gets its value, but
+        # we are not the owner, so nothing is cached.
+        self.stats.peer_errors += 1
+        return Entry(await self._load_origin(key), 0.0, 0)
+
+    def _from_peer(self, key: str, value: bytes, ttl_left: float, fence: object) -> Entry:
         self.stats.peer_loads += 1
         expires = self._expiry(None)
         if ttl_left:
@@ -164,7 +252,6 @@ class Group:
             expires = min(expires, owner_expiry) if expires else owner_expiry
         if self._rand() < self.mirror_probability and self._fences.get(key) is fence:
             self._populate(self.hot, key, value, expires)
-        self._unfence(key, fence)
         return Entry(value, expires, 0)
 
     async def _load_as_owner(self, key: str) -> Entry:

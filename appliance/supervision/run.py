@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -30,6 +31,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _relay(fd: int) -> None:
+    while chunk := os.read(fd, 65536):
+        try:
+            os.write(1, chunk)
+        except OSError:
+            pass  # our stdout is gone; keep draining so children never block
 
 
 def check_ports(settings) -> list[str]:
@@ -82,11 +91,17 @@ class Appliance:
         self.write_conf()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._record)
+        # supervisord and its programs log to /dev/fd/1. Under systemd that is
+        # the journal's socket, which Linux will not reopen by path, so they
+        # get a pipe that a thread copies to our stdout.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+        threading.Thread(target=_relay, args=(self.proc.stdout.fileno(),), name="log-relay", daemon=True).start()
         log.info("supervisord %d started: %d workers on %s", self.proc.pid, s.node.workers, s.node.host)
         self.supervisor = rpc.connect(conf.supervisor_socket(s))
         while True:
