@@ -101,6 +101,37 @@ def cmd_get(args) -> int:
     return 0
 
 
+def _print_change(verb: str, args, response) -> int:
+    unreachable = [p.addr for p in response.peers if not p.confirmed]
+    confirmed = len(response.peers) - len(unreachable)
+    print(f"{verb} {args.group}/{args.key} (owner {response.owner}): {confirmed} peer(s) confirmed", end="")
+    print(f", unreachable: {', '.join(unreachable)}" if unreachable else "")
+    return 0
+
+
+def cmd_set(args) -> int:
+    from .cache import errors
+
+    value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
+    with _client(args) as client:
+        try:
+            response = client.set(args.group, args.key, value, ttl=args.ttl)
+        except errors.CacheError as exc:
+            raise UsageError(f"{type(exc).__name__}: {exc}") from None
+    return _print_change("set", args, response)
+
+
+def cmd_remove(args) -> int:
+    from .cache import errors
+
+    with _client(args) as client:
+        try:
+            response = client.remove(args.group, args.key)
+        except errors.CacheError as exc:
+            raise UsageError(f"{type(exc).__name__}: {exc}") from None
+    return _print_change("removed", args, response)
+
+
 def cmd_peers(args) -> int:
     with _client(args) as client:
         for peer in client.peers():
@@ -215,6 +246,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("group")
     sp.add_argument("key")
     sp.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    sp = add("set", cmd_set, "write VALUE (or stdin with -) to KEY at its owner; drop hot copies", (common, routed))
+    sp.add_argument("group")
+    sp.add_argument("key")
+    sp.add_argument("value", help="the value, or - to read it from stdin")
+    sp.add_argument("--ttl", type=float, default=0.0, help="seconds; 0 = the group's ttl")
+    sp = add("remove", cmd_remove, "remove KEY from its owner and every hot cache", (common, routed))
+    sp.add_argument("group")
+    sp.add_argument("key")
     add("peers", cmd_peers, "list the live peers", (common, routed))
     sp = add("locate", cmd_locate, "print KEY<TAB>OWNER for each key", (common, routed))
     sp.add_argument("keys", nargs="+", metavar="KEY")

@@ -19,8 +19,9 @@ import grpc
 from . import addr as addrs
 from .cache import errors
 from .cache.ring import HashRing
+from .node.peers import error_of
 from .node.status import from_rpc_error
-from .pb import groupcache_pb2, groupcache_pb2_grpc
+from .pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 
 
 class Client:
@@ -45,7 +46,7 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[grpc.Channel, groupcache_pb2_grpc.GroupCacheStub]] = {}
+        self._stubs: dict[str, tuple[grpc.Channel, groupcache_pb2_grpc.GroupCacheStub, cache_pb2_grpc.CacheStub]] = {}
         self.ring = HashRing((), replicas, scheme)
         self._install(list(peers) if not discover else discover())
 
@@ -82,7 +83,7 @@ class Client:
 
     # Calls -------------------------------------------------------------------
 
-    def _stub(self, peer: str) -> groupcache_pb2_grpc.GroupCacheStub:
+    def _stubs_for(self, peer: str):
         with self._lock:
             entry = self._stubs.get(peer)
             if entry is None:
@@ -90,14 +91,56 @@ class Client:
                     channel = grpc.secure_channel(peer, self._credentials, options=self._options)
                 else:
                     channel = grpc.insecure_channel(peer, options=self._options)
-                entry = self._stubs[peer] = (channel, groupcache_pb2_grpc.GroupCacheStub(channel))
-            return entry[1]
+                entry = self._stubs[peer] = (
+                    channel,
+                    groupcache_pb2_grpc.GroupCacheStub(channel),
+                    cache_pb2_grpc.CacheStub(channel),
+                )
+            return entry
+
+    def _stub(self, peer: str) -> groupcache_pb2_grpc.GroupCacheStub:
+        return self._stubs_for(peer)[1]
 
     def get(self, group: str, key: str, *, timeout: float | None = None) -> bytes:
         """The value; raises KeyNotFound, GroupNotFound, InvalidRequest,
         OriginError, or PeerError when no node could answer."""
-        timeout = self.timeout if timeout is None else timeout
         request = groupcache_pb2.GetRequest(group=group, key=key)
+        return self._routed(key, lambda peer, t: self._stub(peer).Get(request, timeout=t).value, timeout)
+
+    def get_many(self, group: str, keys: list[str], *, timeout: float | None = None) -> dict[str, bytes]:
+        """{key: value} of the keys that exist. Keys go to their owners in one
+        call per owner; errors other than NOT_FOUND raise."""
+        by_owner: dict[str, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            by_owner.setdefault(self.ring.owner(key) or "", []).append(key)
+        found: dict[str, bytes] = {}
+        for owner, batch in by_owner.items():
+            request = cache_pb2.GetManyRequest(group=group, keys=batch)
+
+            def call(peer, t, request=request):
+                return self._stubs_for(peer)[2].GetMany(request, timeout=t)
+
+            response = self._routed(batch[0], call, timeout)
+            for r in response.results:
+                if r.code == 0:
+                    found[r.key] = r.value
+                elif r.code != grpc.StatusCode.NOT_FOUND.value[0]:
+                    raise error_of(r.code, r.error)
+        return found
+
+    def set(self, group: str, key: str, value: bytes, *, ttl: float = 0.0, timeout: float | None = None):
+        """Write through to the owner and drop hot copies; the ChangeResponse."""
+        request = cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl)
+        return self._routed(key, lambda peer, t: self._stubs_for(peer)[2].Set(request, timeout=t), timeout)
+
+    def remove(self, group: str, key: str, *, timeout: float | None = None):
+        """Drop key everywhere; the ChangeResponse lists each peer's answer."""
+        request = cache_pb2.RemoveRequest(group=group, key=key)
+        return self._routed(key, lambda peer, t: self._stubs_for(peer)[2].Remove(request, timeout=t), timeout)
+
+    def _routed(self, key: str, call, timeout: float | None):
+        """call(peer, timeout) on the owner, then on other nodes if it fails."""
+        timeout = self.timeout if timeout is None else timeout
         last: errors.CacheError | None = None
         tried: set[str] = set()
         for attempt in range(3):
@@ -106,7 +149,7 @@ class Client:
                 break
             tried.add(peer)
             try:
-                return self._stub(peer).Get(request, timeout=timeout).value
+                return call(peer, timeout)
             except grpc.RpcError as err:
                 last = from_rpc_error(err)
                 if not isinstance(last, errors.PeerError):
@@ -131,7 +174,7 @@ class Client:
 
     def close(self) -> None:
         with self._lock:
-            for channel, _ in self._stubs.values():
+            for channel, *_ in self._stubs.values():
                 channel.close()
             self._stubs.clear()
 

@@ -21,7 +21,7 @@ from ..cache.group import Group
 from ..pb import admin_pb2_grpc
 from .admin import AdminService
 from .peers import Peers
-from .service import SERVICE, GroupCacheService
+from .service import CACHE_SERVICE, SERVICE, CacheService, GroupCacheService
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,12 @@ class Node:
 
     async def start(self) -> None:
         server = grpc.aio.server(options=self.message_options)
-        server.add_generic_rpc_handlers((GroupCacheService(self).handler(),))
+        data = GroupCacheService(self)
+        server.add_generic_rpc_handlers((data.handler(), CacheService(self, data).handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+            (SERVICE, CACHE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
         )
         bound = server.add_insecure_port(addrs.join(self.host, self.port))
         self.port = bound

@@ -10,7 +10,7 @@ import grpc
 from .. import addr as addrs
 from ..cache import errors
 from ..cache.ring import HashRing
-from ..pb import groupcache_pb2
+from ..pb import cache_pb2, groupcache_pb2
 from .status import from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -36,25 +36,76 @@ class PeerClient:
             request_serializer=groupcache_pb2.GetRequest.SerializeToString,
             response_deserializer=groupcache_pb2.GetResponse.FromString,
         )
+        self._get_many = channel.unary_unary(
+            "/appliance.cache.Cache/GetMany",
+            request_serializer=cache_pb2.GetManyRequest.SerializeToString,
+            response_deserializer=cache_pb2.GetManyResponse.FromString,
+        )
+        self._set = channel.unary_unary(
+            "/appliance.cache.Cache/Set",
+            request_serializer=cache_pb2.SetRequest.SerializeToString,
+            response_deserializer=cache_pb2.ChangeResponse.FromString,
+        )
+        self._remove = channel.unary_unary(
+            "/appliance.cache.Cache/Remove",
+            request_serializer=cache_pb2.RemoveRequest.SerializeToString,
+            response_deserializer=cache_pb2.ChangeResponse.FromString,
+        )
 
-    async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+    def _wait(self, timeout: float | None) -> float:
         # Leave part of the caller's time for a local load if the owner fails.
-        wait = self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
-        call = self._get(groupcache_pb2.GetRequest(group=group, key=key), timeout=wait, metadata=_METADATA)
+        return self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
+
+    async def _call(self, method, request, timeout: float):
+        call = method(request, timeout=timeout, metadata=_METADATA)
         try:
-            response = await call
-            trailers = await call.trailing_metadata()
+            return await call, call
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
         except asyncio.CancelledError:
             raise
         except Exception as err:  # channel closed under us by a ring change
             raise errors.PeerError(f"{self.addr}: {err}") from None
+
+    async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        response, call = await self._call(
+            self._get, groupcache_pb2.GetRequest(group=group, key=key), self._wait(timeout)
+        )
         ttl = 0.0
-        for k, v in trailers or ():
+        for k, v in await call.trailing_metadata() or ():
             if k == TTL_MS:
                 ttl = max(int(v), 1) / 1000.0
         return response.value, ttl
+
+    async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
+        response, _ = await self._call(
+            self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), self._wait(timeout)
+        )
+        out: dict[str, tuple[bytes, float] | errors.CacheError] = {}
+        for r in response.results:
+            out[r.key] = (r.value, r.ttl) if r.code == 0 else error_of(r.code, r.error)
+        missing = set(keys) - set(out)
+        for key in missing:
+            out[key] = errors.PeerError(f"{self.addr} did not answer for {key!r}")
+        return out
+
+    async def set(self, group: str, key: str, value: bytes, ttl: float, timeout: float | None) -> None:
+        await self._call(self._set, cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl), self._wait(timeout))
+
+    async def remove(self, group: str, key: str, timeout: float | None) -> None:
+        await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), self._wait(timeout))
+
+
+# A forwarded GetMany answers per key; only the owner's own answers come back.
+_BY_CODE = {
+    grpc.StatusCode.NOT_FOUND.value[0]: errors.KeyNotFound,
+    grpc.StatusCode.UNAVAILABLE.value[0]: errors.OriginError,
+    grpc.StatusCode.INVALID_ARGUMENT.value[0]: errors.InvalidRequest,
+}
+
+
+def error_of(code: int, message: str) -> errors.CacheError:
+    return _BY_CODE.get(code, errors.PeerError)(message)
 
 
 class Peers:
@@ -89,6 +140,12 @@ class Peers:
 
     def owner(self, key: str) -> str | None:
         return self.ring.owner(key)
+
+    def client(self, addr: str) -> PeerClient | None:
+        return self._clients.get(addr)
+
+    def clients(self) -> list[PeerClient]:
+        return list(self._clients.values())
 
     def set_peers(self, peers: list[str], revision: int) -> bool:
         """Install a ring; False (and no change) for a stale revision."""

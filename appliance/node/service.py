@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -10,9 +11,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..cache import errors
-from ..pb import groupcache_pb2
+from ..pb import cache_pb2, groupcache_pb2
 from .peers import FORWARDED, TTL_MS
-from .status import to_status
+from .status import CODES, to_status
 
 if TYPE_CHECKING:
     from .node import Node
@@ -81,3 +82,160 @@ class GroupCacheService:
                 )
             },
         )
+
+
+# The Cache service: GetMany, Set, Remove ----------------------------------
+
+CACHE_SERVICE = "appliance.cache.Cache"
+MAX_BATCH_KEYS = 10_000
+
+
+class CacheService:
+    """Operations beyond the seed's Get, on the same data port."""
+
+    def __init__(self, node: Node, data: GroupCacheService) -> None:
+        self.node = node
+        self.validate = data.validate
+        self.max_value = node.settings.node.max_value_bytes
+
+    def _group(self, name: str):
+        group = self.node.groups.get(name)
+        if group is None:
+            raise errors.GroupNotFound(f"group {name!r} not found")
+        return group
+
+    async def get_many(self, request: cache_pb2.GetManyRequest, context: grpc.aio.ServicerContext):
+        forwarded = FORWARDED in (context.invocation_metadata() or ())
+        try:
+            if not request.group:
+                raise errors.InvalidRequest("group is required")
+            if len(request.keys) > MAX_BATCH_KEYS:
+                raise errors.InvalidRequest(f"at most {MAX_BATCH_KEYS} keys per GetMany")
+            group = self._group(request.group)
+        except errors.CacheError as exc:
+            await context.abort_with_status(to_status(exc, request.group))
+        keys = list(request.keys)
+        results: list = [None] * len(keys)
+        valid: list[int] = []
+        for i, key in enumerate(keys):
+            try:
+                self.validate(request.group, key)
+                valid.append(i)
+            except errors.InvalidRequest as exc:
+                results[i] = exc
+        entries = await group.get_many([keys[i] for i in valid], forwarded=forwarded, timeout=context.time_remaining())
+        for i, entry in zip(valid, entries):
+            results[i] = entry
+        now = time.monotonic()
+        out = cache_pb2.GetManyResponse()
+        for key, r in zip(keys, results):
+            if isinstance(r, errors.CacheError):
+                out.results.add(key=key, code=CODES[type(r)].value[0], error=str(r) or r.reason)
+            else:
+                out.results.add(key=key, value=r.value, ttl=max(r.expires - now, 0.001) if r.expires else 0.0)
+        return out
+
+    async def set(self, request: cache_pb2.SetRequest, context: grpc.aio.ServicerContext):
+        try:
+            self.validate(request.group, request.key)
+            if len(request.value) > self.max_value:
+                raise errors.InvalidRequest(f"value larger than {self.max_value} bytes")
+            if request.ttl < 0:
+                raise errors.InvalidRequest("ttl must be >= 0")
+            group = self._group(request.group)
+            ttl = request.ttl or None
+            if FORWARDED in (context.invocation_metadata() or ()):
+                group.set(request.key, request.value, ttl)
+                return cache_pb2.ChangeResponse(owner=self.node.addr)
+
+            async def at_owner(client):
+                if client is None:
+                    group.set(request.key, request.value, ttl)
+                else:
+                    await client.set(request.group, request.key, request.value, request.ttl, context.time_remaining())
+
+            return await self._change(group, request.key, at_owner, context, owner_required=True)
+        except errors.CacheError as exc:
+            status = to_status(exc, request.group, request.key)
+        await context.abort_with_status(status)
+
+    async def remove(self, request: cache_pb2.RemoveRequest, context: grpc.aio.ServicerContext):
+        try:
+            self.validate(request.group, request.key)
+            group = self._group(request.group)
+            if FORWARDED in (context.invocation_metadata() or ()):
+                group.remove(request.key)
+                return cache_pb2.ChangeResponse(owner=self.node.addr)
+
+            async def at_owner(client):
+                if client is None:
+                    group.remove(request.key)
+                else:
+                    await client.remove(request.group, request.key, context.time_remaining())
+
+            return await self._change(group, request.key, at_owner, context, owner_required=False)
+        except errors.CacheError as exc:
+            status = to_status(exc, request.group, request.key)
+        await context.abort_with_status(status)
+
+    async def _change(self, group, key: str, at_owner, context, *, owner_required: bool) -> cache_pb2.ChangeResponse:
+        """Apply at the owner first, then drop every other copy: on this node
+        and on every live peer. Returns when each confirmed or failed."""
+        peers = self.node.peers
+        owner = peers.owner(key) or self.node.addr
+        response = cache_pb2.ChangeResponse(owner=owner)
+        owner_client = None if owner == self.node.addr else peers.client(owner)
+        try:
+            await at_owner(owner_client)
+            response.peers.add(addr=owner, confirmed=True)
+        except errors.PeerError as exc:
+            if owner_required:
+                raise errors.PeerError(f"owner {owner} unreachable, nothing stored: {exc}") from None
+            response.peers.add(addr=owner, confirmed=False, error=str(exc))
+        if owner != self.node.addr:
+            group.remove(key)
+            response.peers.add(addr=self.node.addr, confirmed=True)
+        others = [c for c in peers.clients() if c.addr != owner]
+        outcomes = await asyncio.gather(
+            *(c.remove(group.name, key, context.time_remaining()) for c in others), return_exceptions=True
+        )
+        for client, outcome in zip(others, outcomes):
+            if isinstance(outcome, BaseException):
+                response.peers.add(addr=client.addr, confirmed=False, error=str(outcome) or type(outcome).__name__)
+            else:
+                response.peers.add(addr=client.addr, confirmed=True)
+        return response
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def method(fn, request_type, response_type):
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=_safe(request_type), response_serializer=response_type.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            CACHE_SERVICE,
+            {
+                "GetMany": method(self._guard(self.get_many), cache_pb2.GetManyRequest, cache_pb2.GetManyResponse),
+                "Set": method(self._guard(self.set), cache_pb2.SetRequest, cache_pb2.ChangeResponse),
+                "Remove": method(self._guard(self.remove), cache_pb2.RemoveRequest, cache_pb2.ChangeResponse),
+            },
+        )
+
+    @staticmethod
+    def _guard(fn):
+        async def guarded(request, context):
+            if request is None:
+                await context.abort_with_status(to_status(errors.InvalidRequest("malformed request")))
+            return await fn(request, context)
+
+        return guarded
+
+
+def _safe(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse

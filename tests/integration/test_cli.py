@@ -1,0 +1,81 @@
+"""The CLI as users run it: exit codes and messages, never a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.cache.ring import HashRing
+
+APPLIANCE = str(Path(sys.executable).parent / "appliance")
+
+
+def run(*args, env=None):
+    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_locate_with_static_peers_matches_the_ring():
+    peers = ["127.0.0.1:9999", "127.0.0.1:10000", "127.0.0.1:10001"]
+    keys = ["张三", "李四", "王五", "a", "b", "🙂"]
+    out = run("locate", "--peers", ",".join(peers), *keys)
+    assert out.returncode == 0, out.stderr
+    ring = HashRing(peers)
+    assert out.stdout.splitlines() == [f"{k}\t{ring.owner(k)}" for k in keys]
+
+
+def test_locate_groupcache_scheme_from_config(tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[node]\nring_hash = "groupcache"\n[cluster]\nembedded_etcd = false\n')
+    peers = ["10.0.0.1:1", "10.0.0.2:1"]
+    out = run("locate", "--config", str(cfg), "--peers", ",".join(peers), "k1", "k2")
+    ring = HashRing(peers, scheme="groupcache")
+    assert out.stdout.splitlines() == [f"k{i}\t{ring.owner(f'k{i}')}" for i in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    "body,key",
+    [
+        ("[node]\nworkers = 'many'\n", "node.workers"),
+        ("[node]\nwokers = 3\n", "node.wokers"),
+        ("[groups.g]\norigin = 'sqlite:////tmp/x.db'\n", "groups.g"),
+        ("[cluster]\netcd = ['127.0.0.1:10000']\n[node]\nbase_port = 9999\n", "node.base_port"),
+        ("[groups.g]\ncache_bytes = 'lots'\norigin = 'http://x/{key}'\n", "groups.g.cache_bytes"),
+        ("[node\n", "line 1"),
+    ],
+)
+def test_bad_config_exits_2_naming_file_and_key(tmp_path, body, key):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body)
+    for args in (("config", "check", str(cfg)), ("run", "--config", str(cfg)), ("peers", "--config", str(cfg))):
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert str(cfg) in out.stderr and key in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_env_override_error_names_the_variable(tmp_path):
+    import os
+
+    env = dict(os.environ, APPLIANCE_NODE__WORKERS="zero")
+    out = run("config", "check", str(Path(__file__).parents[2] / "config" / "appliance.toml"), env=env)
+    assert out.returncode == 2 and "APPLIANCE_NODE__WORKERS" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_check_ok_on_the_example():
+    out = run("config", "check", str(Path(__file__).parents[2] / "config" / "appliance.toml"))
+    assert out.returncode == 0 and out.stdout.startswith("OK")
+
+
+def test_missing_file_and_bad_arguments():
+    out = run("config", "check", "/nonexistent/appliance.toml")
+    assert out.returncode == 2 and "/nonexistent/appliance.toml" in out.stderr
+    out = run("stop-node", "nonsense", "--config", str(Path(__file__).parents[2] / "config" / "appliance.toml"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    out = run("frobnicate")
+    assert out.returncode == 2
+
+
+def test_get_with_no_reachable_node_is_a_clear_error():
+    out = run("get", "--peers", "127.0.0.1:1", "g", "k", "--timeout", "1")
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr and out.stderr.startswith("appliance:")
