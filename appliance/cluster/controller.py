@@ -59,7 +59,7 @@ class Controller:
                     break
                 log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
                 # Keep pushing the last ring: workers keep serving on it.
-                self.push()
+                self.push(everyone=True)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
@@ -73,41 +73,42 @@ class Controller:
     def _sync(self, client) -> None:
         members, revision = etcd.read_members(client, self.service)
         self._apply(members, revision)
+        self.push()
         events: queue.Queue = queue.Queue()
-        watch_id = client.add_watch_prefix_callback(
-            etcd.prefix(self.service), events.put, start_revision=revision + 1
-        )
+        cancel = etcd.watch_prefix(client, etcd.prefix(self.service), revision + 1, events.put)
         try:
             last_check = time.monotonic()
             while not self.stop_event.is_set():
                 try:
-                    item = events.get(timeout=self.push_interval)
+                    # Short waits keep a stop request (an Event set by a
+                    # signal handler) from waiting a whole push interval.
+                    item = events.get(timeout=min(self.push_interval, 0.25))
                 except queue.Empty:
                     item = None
                 if isinstance(item, Exception):
                     raise item
                 if item is not None:
                     self._on_watch(item)
-                self.push()
-                if time.monotonic() - last_check >= self.push_interval:
+                periodic = time.monotonic() - last_check >= self.push_interval
+                # Periodically to every worker, acked or not: one that
+                # restarted holds no ring until told again.
+                self.push(everyone=periodic)
+                if periodic:
                     # A dead etcd may leave the watch stream silent: probe it.
                     client.status()
                     last_check = time.monotonic()
         finally:
-            try:
-                client.cancel_watch(watch_id)
-            except Exception:
-                pass
+            cancel()
 
     def _on_watch(self, response) -> None:
         members = dict(self.members)
         for event in response.events:
-            key = event.key.decode()
-            if type(event).__name__ == "DeleteEvent":
+            key = event.kv.key.decode()
+            if etcd.is_delete(event):
                 members.pop(key, None)
                 continue
             try:
-                members[key] = etcd.parse_member(event.key, event.value)
+                members[key] = etcd.parse_member(event.kv.key, event.kv.value)
             except ValueError as exc:
                 log.warning("ignoring %s: %s", key, exc)
                 members.pop(key, None)
@@ -123,10 +124,13 @@ class Controller:
 
     # Pushing -----------------------------------------------------------------
 
-    def push(self) -> None:
-        """SetPeers to every local worker that does not hold our revision."""
+    def push(self, everyone: bool = False) -> None:
+        """SetPeers to every local worker that has not acked our revision
+        (to all of them with `everyone`; workers ignore what they hold)."""
         if not self.revision:
             return
+        if everyone:
+            self._acked.clear()
         request = admin_pb2.SetPeersRequest(peers=self.peers, revision=self.revision)
         live = set()
         for path in self._sockets():
@@ -142,10 +146,6 @@ class Controller:
                 log.debug("SetPeers to %s failed: %s", path, exc.code())
         for path in set(self._stubs) - live:
             self._drop_stub(path)
-
-    def forget_acks(self) -> None:
-        """Push to every worker again at the next round (a worker restarted)."""
-        self._acked.clear()
 
     def _stub(self, path: str) -> admin_pb2_grpc.AdminStub:
         entry = self._stubs.get(path)

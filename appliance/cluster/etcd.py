@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
+from typing import Callable
 
 import etcd3
 import grpc
@@ -93,3 +96,55 @@ def peers_of(members: dict[str, tuple[str, dict | None]]) -> list[str]:
     # Sorted: every controller must hand its workers the same order, since
     # ring collisions resolve by order.
     return sorted({a for a, _ in members.values()})
+
+
+class WatchEnded(Exception):
+    """The watch stream stopped: etcd restarted, compacted or cancelled it."""
+
+
+def watch_prefix(client, key_prefix: str, start_revision: int, sink: Callable[[object], None]) -> Callable[[], None]:
+    """Stream WatchResponses of a prefix to sink(response) from a thread.
+
+    The stream's end, whatever the cause, reaches sink as a WatchEnded or
+    the error itself. (python3-etcd3's own watcher drops that error: its
+    thread dies on an unimported `six` before telling its callbacks.)
+    Returns a function that cancels the watch."""
+    from etcd3 import etcdrpc, utils
+
+    raw = key_prefix.encode()
+    requests: queue.Queue = queue.Queue()
+    create = etcdrpc.WatchCreateRequest(key=raw, range_end=utils.prefix_range_end(raw), start_revision=start_revision)
+    requests.put(etcdrpc.WatchRequest(create_request=create))
+
+    def outgoing():
+        while (request := requests.get()) is not None:
+            yield request
+
+    stream = etcdrpc.WatchStub(client.channel).Watch(
+        outgoing(), metadata=client.metadata, credentials=client.call_credentials
+    )
+
+    def pump() -> None:
+        try:
+            for response in stream:
+                if response.compact_revision:
+                    raise WatchEnded(f"revision {start_revision} compacted (now {response.compact_revision})")
+                if response.canceled:
+                    raise WatchEnded(f"cancelled by etcd: {response.cancel_reason or 'no reason given'}")
+                if response.events:
+                    sink(response)
+            raise WatchEnded("stream closed by etcd")
+        except Exception as exc:
+            sink(exc)
+
+    threading.Thread(target=pump, name=f"watch-{key_prefix}", daemon=True).start()
+
+    def cancel() -> None:
+        requests.put(None)
+        stream.cancel()
+
+    return cancel
+
+
+def is_delete(event) -> bool:
+    return event.type == event.DELETE
