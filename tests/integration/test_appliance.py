@@ -1,5 +1,6 @@
 """`appliance run` for real: supervisord, embedded etcd, workers, controller."""
 
+import json
 import os
 import signal
 import threading
@@ -42,6 +43,46 @@ def test_workers_register_json_under_leases_and_share_one_ring(appliance):
     lines = out.stdout.decode().splitlines()
     assert [l.split("\t")[0] for l in lines] == ["张三", "李四"]
     assert all(l.split("\t")[1] in appliance.addresses() for l in lines)
+    # Set and Remove through the CLI, seen by every node.
+    out = appliance.cli("set", "scores", "张三", "-", input=b"101")
+    assert out.returncode == 0 and b"3 peer(s) confirmed" in out.stdout, out.stderr
+    assert appliance.cli("get", "scores", "张三").stdout == b"101"
+    out = appliance.cli("remove", "scores", "张三")
+    assert out.returncode == 0 and b"3 peer(s) confirmed" in out.stdout
+    assert appliance.cli("get", "scores", "张三").stdout == b"100"
+    stats = json.loads(appliance.cli("stats", "--json").stdout)
+    assert sorted(stats) == appliance.addresses()
+    assert sum(w["groups"]["scores"]["gets"] for w in stats.values()) >= 4
+
+
+def test_registration_comes_back_after_its_lease_is_revoked(appliance):
+    reg = appliance.registered()
+    key = f"groupcache/{appliance.addresses()[0]}"
+    client = appliance.etcd()
+    try:
+        client.revoke_lease(reg[key]["lease"])
+    finally:
+        client.close()
+    wait_for(lambda: appliance.registered().get(key, {}).get("lease") not in (None, reg[key]["lease"]),
+             appliance.lease_ttl + 2, what="re-registration under a new lease")
+    appliance.wait_ring(3, timeout=appliance.lease_ttl + 1)
+
+
+def test_python_client_retries_on_a_ring_change(appliance):
+    from appliance.client import Client
+    from appliance.config import load_settings
+
+    settings = load_settings(appliance.config)
+    with Client.from_settings(settings, timeout=5) as client:
+        names = ["张三", "李四", "王五", "赵六", "孙七"]
+        assert client.get("scores", "张三") == b"100"
+        victim = client.locate(names[0])
+        out = appliance.cli("stop-node", victim)
+        assert out.returncode == 0, out.stderr
+        # The client's ring still names the stopped node: it must refresh and retry.
+        assert victim in client.peers()
+        assert client.get("scores", names[0]) == b"100"
+        assert victim not in client.peers()
 
 
 def test_kill_9_worker_restarts_registers_and_gets_the_ring(appliance):
