@@ -41,7 +41,9 @@ class Controller:
         self.revision = 0
         self.peers: list[str] = []
         self._stubs: dict[str, tuple[grpc.Channel, admin_pb2_grpc.AdminStub]] = {}
-        self._acked: dict[str, int] = {}
+        self._acked: dict[str, int] = {}  # written by grpc callbacks too
+        self._pending: dict[str, tuple[int, grpc.Future]] = {}  # socket -> (revision, call in flight)
+        self._failed: queue.SimpleQueue = queue.SimpleQueue()  # (socket, channel, error) of failed calls
         self.stop_event = threading.Event()
 
     # Main loop ---------------------------------------------------------------
@@ -126,37 +128,64 @@ class Controller:
 
     def push(self, everyone: bool = False) -> None:
         """SetPeers to every local worker that has not acked our revision
-        (to all of them with `everyone`; workers ignore what they hold)."""
+        (to all of them with `everyone`; workers ignore what they hold).
+
+        The calls go out together and are not waited for: a hung worker
+        (its socket accepts, it never answers) must not hold up the ring of
+        the others. Its call times out by itself; a later round retries."""
         if not self.revision:
             return
         if everyone:
             self._acked.clear()
+        self._reap()
         request = admin_pb2.SetPeersRequest(peers=self.peers, revision=self.revision)
         live = set()
         for path in self._sockets():
             live.add(path)
             if self._acked.get(path, -1) >= self.revision:
                 continue
-            try:
-                reply = self._stub(path).SetPeers(request, timeout=1.0)
-                self._acked[path] = reply.revision
-            except grpc.RpcError as exc:
-                self._acked.pop(path, None)
-                self._drop_stub(path)
-                log.debug("SetPeers to %s failed: %s", path, exc.code())
+            pending = self._pending.get(path)
+            if pending is not None and pending[0] >= self.revision and not pending[1].done():
+                continue  # this revision is on its way already
+            channel, stub = self._entry(path)
+            call = stub.SetPeers.future(request, timeout=1.0)
+            self._pending[path] = (self.revision, call)
+            call.add_done_callback(lambda f, path=path, channel=channel: self._pushed(path, channel, f))
         for path in set(self._stubs) - live:
             self._drop_stub(path)
 
-    def _stub(self, path: str) -> admin_pb2_grpc.AdminStub:
+    def _pushed(self, path: str, channel: grpc.Channel, call) -> None:
+        # On a grpc thread: record the outcome; the controller's thread acts on it.
+        try:
+            revision = call.result().revision
+        except Exception as exc:  # RpcError, or cancelled with its channel
+            self._failed.put((path, channel, exc))
+            return
+        if self._acked.get(path, -1) < revision:
+            self._acked[path] = revision
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                path, channel, exc = self._failed.get_nowait()
+            except queue.Empty:
+                return
+            entry = self._stubs.get(path)
+            if entry is not None and entry[0] is channel:
+                self._drop_stub(path)
+                log.debug("SetPeers to %s failed: %s", path, getattr(exc, "code", lambda: exc)())
+
+    def _entry(self, path: str) -> tuple[grpc.Channel, admin_pb2_grpc.AdminStub]:
         entry = self._stubs.get(path)
         if entry is None:
             channel = grpc.insecure_channel(f"unix:{path}")
             entry = self._stubs[path] = (channel, admin_pb2_grpc.AdminStub(channel))
-        return entry[1]
+        return entry
 
     def _drop_stub(self, path: str) -> None:
         entry = self._stubs.pop(path, None)
         self._acked.pop(path, None)
+        self._pending.pop(path, None)
         if entry is not None:
             entry[0].close()
 

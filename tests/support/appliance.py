@@ -54,8 +54,18 @@ def pids_mentioning(text: str) -> list[int]:
 
 
 class Appliance:
-    def __init__(self, root: Path, *, workers: int = 3, lease_ttl: int = 2, drain: str = "3s", groups: str | None = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        workers: int = 3,
+        lease_ttl: int = 2,
+        drain: str = "3s",
+        groups: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.root = root
+        self.extra_env = dict(env or {})  # added to the environment of `appliance run`
         self.workers = workers
         self.lease_ttl = lease_ttl
         self.drain = drain
@@ -99,6 +109,7 @@ runtime_dir = "{self.root / 'run'}"
 
     def start(self) -> "Appliance":
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        env.update(self.extra_env)
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [str(BIN / "appliance"), "run", "--config", str(self.config)],
