@@ -71,16 +71,25 @@ def cmd_controller(args) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
-    controller.run()
+    from .ops.metrics import serve_box_metrics
+
+    stop_metrics = serve_box_metrics(settings, controller)
+    try:
+        controller.run()
+    finally:
+        stop_metrics()
     return 0
 
 
 def _client(args):
-    from .client import Client
+    from .client import Client, settings_kwargs
 
     settings, _ = _settings(args)
     if args.peers:
-        return Client(args.peers.split(","), replicas=settings.node.replicas, scheme=settings.node.ring_hash)
+        return Client(
+            args.peers.split(","), replicas=settings.node.replicas, scheme=settings.node.ring_hash,
+            **settings_kwargs(settings),
+        )  # fmt: skip
     return Client.from_settings(settings)
 
 

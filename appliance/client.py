@@ -24,6 +24,18 @@ from .node.status import from_rpc_error
 from .pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 
 
+def settings_kwargs(settings) -> dict:
+    """Client keyword arguments that must match the nodes' config: TLS
+    credentials (the box's certificate) and the message size limit."""
+    from . import tls
+
+    return {
+        "credentials": tls.channel_credentials(settings.tls),
+        "channel_options": tls.channel_options(settings.tls),
+        "max_message_bytes": settings.node.max_value_bytes + 64 * 1024,
+    }
+
+
 class Client:
     def __init__(
         self,
@@ -35,15 +47,20 @@ class Client:
         discover=None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 4 * 1024 * 1024 + 65536,
+        channel_options: list[tuple[str, object]] | None = None,
     ) -> None:
         """`peers` is a static list; `discover` (a callable returning the live
-        peer list) replaces it and is called again after a failure."""
+        peer list) replaces it and is called again after a failure.
+        `credentials` (see appliance.tls.credentials_from_files) dials the
+        nodes over TLS; `max_message_bytes` should match the nodes'
+        max_value_bytes + 64 KiB (from_settings does that)."""
         self.replicas, self.scheme, self.timeout = replicas, scheme, timeout
         self._discover = discover
         self._credentials = credentials
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *(channel_options or ()),
         ]
         self._lock = threading.Lock()
         self._stubs: dict[str, tuple[grpc.Channel, groupcache_pb2_grpc.GroupCacheStub, cache_pb2_grpc.CacheStub]] = {}
@@ -61,7 +78,8 @@ class Client:
             finally:
                 client.close()
 
-        return cls(replicas=settings.node.replicas, scheme=settings.node.ring_hash, discover=discover, **kwargs)
+        return cls(replicas=settings.node.replicas, scheme=settings.node.ring_hash, discover=discover,
+                   **{**settings_kwargs(settings), **kwargs})
 
     # Ring --------------------------------------------------------------------
 

@@ -81,7 +81,9 @@ __all__ = [
     "ConfigError",
     "GroupSettings",
     "NodeSettings",
+    "OpsSettings",
     "Settings",
+    "TlsSettings",
     "builtin_config_path",
     "check_file",
     "default_runtime_dir",
@@ -451,6 +453,81 @@ class NodeSettings(_Model):
         return [self.address(i) for i in range(self.workers)]
 
 
+class OpsSettings(_Model):
+    """Operations: metrics, the HTTP read API, slow-load logging, rate limiting."""
+
+    metrics_addr: str = Field(
+        "127.0.0.1:9101",
+        json_schema_extra={"expected": '"host:port" for the box\'s Prometheus endpoint, like "127.0.0.1:9101", or "" to disable it'},
+    )
+    metrics_tls: bool = False
+    http_base_port: int = Field(0, ge=0, le=65535)
+    slow_load: Duration = Field(parse_duration("1s"), ge=0)
+    rate_limit: float = Field(0.0, ge=0)
+    rate_burst: int = Field(0, ge=0)
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _metrics_addr(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return ""
+        try:
+            host, port = split_hostport(v)
+        except ValueError as e:
+            raise FieldError((), f'{e}, or "" to disable the metrics endpoint') from None
+        return join_hostport(host, port)
+
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the metrics endpoint, or None when disabled."""
+        return split_hostport(self.metrics_addr) if self.metrics_addr else None
+
+    def burst(self) -> int:
+        """Tokens a client address may spend at once (rate_burst, or one second's worth)."""
+        return self.rate_burst or max(1, int(self.rate_limit + 0.999999))
+
+
+class TlsSettings(_Model):
+    """TLS (and mTLS) on the data port, between peers, for clients and the HTTP API."""
+
+    cert: AbsPath | None = None
+    key: AbsPath | None = None
+    ca: AbsPath | None = None
+    client_auth: bool = False
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.cert is None) != (self.key is None):
+            missing = "key" if self.key is None else "cert"
+            raise FieldError((missing,), "expected tls.cert and tls.key together (set both or neither)")
+        if self.cert is None:
+            for name in ("ca", "server_name"):
+                if getattr(self, name):
+                    raise FieldError((name,), f"tls.{name} applies only with tls.cert and tls.key (TLS is off without them)")
+            if self.client_auth:
+                raise FieldError(("client_auth",), "client_auth = true needs tls.cert, tls.key and tls.ca")
+            return self
+        if self.client_auth and self.ca is None:
+            raise FieldError(("ca",), "client_auth = true needs tls.ca, the CA that signs client certificates")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(4096)
+            except OSError as e:
+                raise FieldError((name,), f"cannot read {str(path)!r}: {e.strerror or e}") from None
+            if b"-----BEGIN " not in head:
+                raise FieldError((name,), f"expected a PEM file, {str(path)!r} has no \"-----BEGIN\" line")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
 _HEADER_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _ENVVAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -557,6 +634,8 @@ class Settings(BaseSettings):
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     node: NodeSettings = Field(default_factory=NodeSettings)
     groups: Annotated[dict[str, GroupSettings], BeforeValidator(_group_names)] = Field(default_factory=dict)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -605,7 +684,47 @@ class Settings(BaseSettings):
                         f"etcd_peer_port {peer} is the etcd client port (cluster.etcd[0] = {c.etcd[0]}); "
                         "pick another port, or 0 for a free one",
                     )
+        self._ops_port_checks()
         return self
+
+    def _ops_port_checks(self) -> None:
+        """The HTTP API and metrics ports against each other, the workers and etcd."""
+        n, o, c = self.node, self.ops, self.cluster
+        http = self.http_ports()
+        if http is not None and http[-1] > 65535:
+            raise FieldError(
+                ("ops", "http_base_port"),
+                f"expected HTTP ports within 1..65535, but {n.workers} workers from http_base_port "
+                f"{o.http_base_port} need ports up to {http[-1]}; lower http_base_port",
+            )
+        # (key, description, host, ports), checked pairwise.
+        used: list[tuple[tuple[str, ...], str, str, range]] = [
+            (("node", "base_port"), f"worker ports {_span(n.ports)}", n.host, n.ports)
+        ]
+        if c.embedded_etcd:
+            ehost, eport = split_hostport(c.etcd[0])
+            used.append((("cluster", "etcd"), f"the embedded etcd's client port {eport}", ehost, range(eport, eport + 1)))
+            if c.etcd_peer_port:
+                p = c.etcd_peer_port
+                used.append((("cluster", "etcd_peer_port"), f"etcd_peer_port {p}", ehost, range(p, p + 1)))
+        if http is not None:
+            used.append((("ops", "http_base_port"), f"HTTP ports {_span(http)}", n.host, http))
+        metrics = o.metrics_endpoint()
+        if metrics is not None:
+            mhost, mport = metrics
+            used.append((("ops", "metrics_addr"), f"the metrics port {mport}", mhost, range(mport, mport + 1)))
+        for i, (_, what_a, host_a, ports_a) in enumerate(used):
+            for key, what_b, host_b, ports_b in used[i + 1:]:
+                if key[0] != "ops":
+                    continue  # worker/etcd clashes are reported above
+                if set(ports_a) & set(ports_b) and _may_share_ports(host_a, host_b):
+                    verb = "clash" if what_b.startswith("HTTP ports") else "clashes"
+                    raise FieldError(key, f"{what_b} {verb} with {what_a}; pick ports that do not overlap")
+
+    def http_ports(self) -> range | None:
+        """Worker i serves the HTTP read API on ``http_ports()[i]``; None when off."""
+        base = self.ops.http_base_port
+        return range(base, base + self.node.workers) if base else None
 
     # ---- derived values -------------------------------------------------
 
@@ -643,11 +762,26 @@ class Settings(BaseSettings):
             groups = ", ".join(parts)
         else:
             groups = "none"
-        return f"{workers}, {etcd}, groups: {groups}"
+        ops = []
+        if self.ops.metrics_addr:
+            ops.append(f"metrics on {self.ops.metrics_addr}")
+        http = self.http_ports()
+        if http is not None:
+            ops.append(f"HTTP API on {join_hostport(n.host, _span(http))}")
+        if self.tls.enabled:
+            ops.append("mTLS" if self.tls.client_auth else "TLS")
+        if self.ops.rate_limit:
+            ops.append(f"rate limit {self.ops.rate_limit:g}/s (burst {self.ops.burst()}) per client")
+        extra = "; " + ", ".join(ops) if ops else ""
+        return f"{workers}, {etcd}, groups: {groups}{extra}"
 
 
 # --------------------------------------------------------------------------
 # directories
+
+
+def _span(ports: range) -> str:
+    return f"{ports[0]}" if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"
 
 
 def _first_dir(value: str | None) -> Path | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from .cluster import etcd
 from .cluster.registry import Registration
 from .node.node import Node
+from .ops.metrics import LogThrottle, NodeMetrics, instrument_loader
 from .origins import build_origin
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,22 @@ async def serve(settings, index: int) -> int:
         name: build_origin(name, spec, state_dir=settings.state_path(), max_value_bytes=ns.max_value_bytes)
         for name, spec in settings.groups.items()
     }
+    # Origin latency, origin errors and slow loads are observed here, around
+    # the loaders, so that appliance.cache stays free of metrics and logs.
+    metrics = NodeMetrics()
+    throttle = LogThrottle()
+    loaders = {
+        name: instrument_loader(name, o.load, metrics, slow_load=settings.ops.slow_load, throttle=throttle)
+        for name, o in origins.items()
+    }
+    http_ports = settings.http_ports()
     node = Node(
         settings,
-        {name: o.load for name, o in origins.items()},
+        loaders,
         port=ns.base_port + index,
         admin_address=f"unix:{sock}",
+        http_port=http_ports[index] if http_ports else None,
+        metrics=metrics,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

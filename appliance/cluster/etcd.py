@@ -70,13 +70,19 @@ def connect(cluster, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:
         endpoints.append(
             Endpoint(host, port, secure=creds is not None, creds=creds, time_retry=1.0, opts=_CHANNEL_OPTIONS)
         )
-    return etcd3.MultiEndpointEtcd3Client(
+    client = etcd3.MultiEndpointEtcd3Client(
         endpoints=endpoints,
         timeout=timeout,
         user=cluster.etcd_user,
         password=cluster.etcd_password,
         failover=True,
     )
+    if creds is None and client.call_credentials is not None:
+        # grpc refuses call credentials on a plain-text channel ("does not
+        # have a sufficient security level"); every call also sends the
+        # auth token as plain metadata, which is what etcd reads.
+        client.call_credentials = None
+    return client
 
 
 def read_members(client, service: str) -> tuple[dict[str, tuple[str, dict | None]], int]:

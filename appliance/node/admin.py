@@ -1,4 +1,4 @@
-"""The admin service (SetPeers, Stop, Stats): unix socket or loopback only."""
+"""The admin service (SetPeers, Stop, Stats, Metrics): unix socket or loopback only."""
 
 from __future__ import annotations
 
@@ -30,3 +30,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def Stats(self, request, context):
         return admin_pb2.StatsResponse(json=json.dumps(self.node.stats()))
+
+    async def Metrics(self, request, context):
+        # Prometheus text of this worker's own registry; the controller
+        # adds the `worker` label (see appliance.ops.metrics).
+        return admin_pb2.MetricsResponse(text=self.node.metrics.exposition(), addr=self.node.addr)

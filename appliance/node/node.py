@@ -17,7 +17,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from .. import addr as addrs
+from .. import tls as tlsmod
 from ..cache.group import Group
+from ..logs import event
+from ..ops.metrics import NodeMetrics
 from ..pb import admin_pb2_grpc
 from .admin import AdminService
 from .peers import Peers
@@ -40,7 +43,12 @@ class Node:
         *,
         port: int | None = None,
         admin_address: str | None = None,
+        http_port: int | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
+        """`http_port` serves the HTTP read API (None: off, 0: a free port);
+        `metrics` is the registry the loaders already report to (worker.py
+        wraps them), else a new one."""
         ns = settings.node
         self.settings = settings
         self.host = ns.host
@@ -54,12 +62,16 @@ class Node:
             ("grpc.max_receive_message_length", message_limit),
             ("grpc.max_send_message_length", message_limit),
         ]
+        tls = getattr(settings, "tls", None)
         self.peers = Peers(
             replicas=ns.replicas,
             scheme=ns.ring_hash,
             max_wait=ns.peer_timeout,
-            channel_options=self.message_options,
+            channel_options=self.message_options + tlsmod.channel_options(tls),
+            credentials=tlsmod.channel_credentials(tls),
         )
+        self.http_port = http_port
+        self.http_api = None
         missing = set(settings.groups) - set(loaders)
         if missing:
             raise ValueError(f"no loader for group(s): {', '.join(sorted(missing))}")
@@ -83,19 +95,28 @@ class Node:
         self._ring_changed = asyncio.Condition()
         self._server: grpc.aio.Server | None = None
         self._admin: grpc.aio.Server | None = None
+        self.metrics = NodeMetrics() if metrics is None else metrics
+        self.metrics.attach(self)
+        self.buckets = None
+        self._data = GroupCacheService(self)
+        self.validate = self._data.validate
 
     # Lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=self.message_options)
-        data = GroupCacheService(self)
+        server = grpc.aio.server(options=self.message_options, interceptors=self._interceptors() or None)
+        data = self._data
         server.add_generic_rpc_handlers((data.handler(), CacheService(self, data).handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, CACHE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        bound = server.add_insecure_port(addrs.join(self.host, self.port))
+        credentials = tlsmod.server_credentials(getattr(self.settings, "tls", None))
+        if credentials is not None:
+            bound = server.add_secure_port(addrs.join(self.host, self.port), credentials)
+        else:
+            bound = server.add_insecure_port(addrs.join(self.host, self.port))
         self.port = bound
         self.addr = addrs.join(self.host, bound)
         self.peers.self_addr = self.addr
@@ -109,10 +130,48 @@ class Node:
             admin.add_insecure_port(self.admin_address)
             await admin.start()
             self._admin = admin
-        log.info("node %s serving groups %s", self.addr, ", ".join(self.groups) or "(none)")
+        if self.http_port is not None:
+            await self._start_http()
+        event(
+            log, logging.INFO, "node serving", addr=self.addr, groups=",".join(self.groups) or "-",
+            tls=_tls_mode(getattr(self.settings, "tls", None)),
+            http=addrs.join(self.host, self.http_api.port) if self.http_api else "off",
+        )  # fmt: skip
+
+    def _interceptors(self) -> list:
+        ops = getattr(self.settings, "ops", None)
+        if ops is None or not ops.rate_limit:
+            return []
+        from ..ops.ratelimit import RateLimitInterceptor, TokenBuckets, TrustedPeers
+
+        self.buckets = TokenBuckets(ops.rate_limit, ops.burst())
+        limited = self.metrics.rate_limited.labels("grpc")
+        trusted = TrustedPeers(lambda: (self.peers.revision, list(self.peers.ring.nodes)))
+        return [RateLimitInterceptor(self.buckets, trusted, limited.inc)]
+
+    async def _start_http(self) -> None:
+        from ..ops.http_api import HttpApi
+
+        api = HttpApi(
+            self,
+            self.host,
+            self.http_port,
+            ssl_context=tlsmod.server_ssl_context(getattr(self.settings, "tls", None)),
+            buckets=self.buckets,
+        )
+        try:
+            await api.start()
+        except OSError as exc:
+            # The HTTP API is optional: a taken port must not take the
+            # gRPC node (and its share of the ring) down with it.
+            event(log, logging.ERROR, "HTTP API not started", addr=addrs.join(self.host, self.http_port), cause=str(exc))
+            return
+        self.http_api = api
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving; calls in flight get `grace` seconds to finish."""
+        if self.http_api is not None:
+            await self.http_api.stop()
         if self._server is not None:
             await self._server.stop(grace)
         if self._admin is not None:
@@ -124,12 +183,10 @@ class Node:
     def set_peers(self, peers: list[str], revision: int) -> bool:
         if not self.peers.set_peers(peers, revision):
             return False
-        log.info(
-            "ring revision %d: %d peers%s",
-            revision,
-            len(self.peers.ring),
-            "" if self.addr in self.peers.ring else " (self not in ring)",
-        )
+        event(
+            log, logging.INFO, "ring changed", revision=revision, peers=len(self.peers.ring),
+            member=str(self.addr in self.peers.ring).lower(),
+        )  # fmt: skip
         if not self.draining:
             asyncio.ensure_future(self._set_health(_SERVING))
         asyncio.ensure_future(self._notify_ring())
@@ -167,6 +224,11 @@ class Node:
 
     # Introspection -------------------------------------------------------------
 
+    @property
+    def serving(self) -> bool:
+        """What health reports: holds a ring and is not draining."""
+        return self.peers.revision >= 0 and not self.draining
+
     def stats(self) -> dict:
         groups = {}
         for name, g in self.groups.items():
@@ -189,6 +251,12 @@ class Node:
             "draining": self.draining,
             "groups": groups,
         }
+
+
+def _tls_mode(tls) -> str:
+    if tls is None or not tls.enabled:
+        return "off"
+    return "mtls" if tls.client_auth else "tls"
 
 
 def _check_admin_address(address: str) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/admin.proto\x12\x0f\x61ppliance.admin\"2\n\x0fSetPeersRequest\x12\r\n\x05peers\x18\x01 \x03(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"5\n\x10SetPeersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\"$\n\x0bStopRequest\x12\x15\n\rdrain_timeout\x18\x01 \x01(\x01\"\x0e\n\x0cStopResponse\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xe5\x01\n\x05\x41\x64min\x12O\n\x08SetPeers\x12 .appliance.admin.SetPeersRequest\x1a!.appliance.admin.SetPeersResponse\x12\x43\n\x04Stop\x12\x1c.appliance.admin.StopRequest\x1a\x1d.appliance.admin.StopResponse\x12\x46\n\x05Stats\x12\x1d.appliance.admin.StatsRequest\x1a\x1e.appliance.admin.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/admin.proto\x12\x0f\x61ppliance.admin\"2\n\x0fSetPeersRequest\x12\r\n\x05peers\x18\x01 \x03(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"5\n\x10SetPeersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\"$\n\x0bStopRequest\x12\x15\n\rdrain_timeout\x18\x01 \x01(\x01\"\x0e\n\x0cStopResponse\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x10\n\x0eMetricsRequest\"-\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t2\xb3\x02\n\x05\x41\x64min\x12O\n\x08SetPeers\x12 .appliance.admin.SetPeersRequest\x1a!.appliance.admin.SetPeersResponse\x12\x43\n\x04Stop\x12\x1c.appliance.admin.StopRequest\x1a\x1d.appliance.admin.StopResponse\x12\x46\n\x05Stats\x12\x1d.appliance.admin.StatsRequest\x1a\x1e.appliance.admin.StatsResponse\x12L\n\x07Metrics\x12\x1f.appliance.admin.MetricsRequest\x1a .appliance.admin.MetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_end=220
   _globals['_STATSRESPONSE']._serialized_start=222
   _globals['_STATSRESPONSE']._serialized_end=251
-  _globals['_ADMIN']._serialized_start=254
-  _globals['_ADMIN']._serialized_end=483
+  _globals['_METRICSREQUEST']._serialized_start=253
+  _globals['_METRICSREQUEST']._serialized_end=269
+  _globals['_METRICSRESPONSE']._serialized_start=271
+  _globals['_METRICSRESPONSE']._serialized_end=316
+  _globals['_ADMIN']._serialized_start=319
+  _globals['_ADMIN']._serialized_end=626
 # @@protoc_insertion_point(module_scope)

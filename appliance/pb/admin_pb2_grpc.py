@@ -49,6 +49,11 @@ class AdminStub:
                 request_serializer=appliance_dot_pb_dot_admin__pb2.StatsRequest.SerializeToString,
                 response_deserializer=appliance_dot_pb_dot_admin__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/appliance.admin.Admin/Metrics',
+                request_serializer=appliance_dot_pb_dot_admin__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=appliance_dot_pb_dot_admin__pb2.MetricsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -72,6 +77,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """The controller calls this at scrape time and re-labels it per worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=appliance_dot_pb_dot_admin__pb2.StatsRequest.FromString,
                     response_serializer=appliance_dot_pb_dot_admin__pb2.StatsResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=appliance_dot_pb_dot_admin__pb2.MetricsRequest.FromString,
+                    response_serializer=appliance_dot_pb_dot_admin__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class Admin:
             '/appliance.admin.Admin/Stats',
             appliance_dot_pb_dot_admin__pb2.StatsRequest.SerializeToString,
             appliance_dot_pb_dot_admin__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.admin.Admin/Metrics',
+            appliance_dot_pb_dot_admin__pb2.MetricsRequest.SerializeToString,
+            appliance_dot_pb_dot_admin__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

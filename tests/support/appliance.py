@@ -104,6 +104,7 @@ state_dir = "{self.root / 'state'}"
 runtime_dir = "{self.root / 'run'}"
 
 {self.groups}
+{"" if "[ops]" in self.groups else '[ops]' + chr(10) + 'metrics_addr = ""  # tests run in parallel: no fixed port'}
 """
         )
 

@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, the HTTP read API, rate limiting."""

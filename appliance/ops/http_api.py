@@ -1,0 +1,134 @@
+"""HTTP read API of one worker: `GET /groups/{group}/keys/{key}`.
+
+Each worker serves it on `ops.http_base_port + i` (its own event loop, next
+to its gRPC server) and calls `node.groups[group].get(key)` itself: the same
+validation, singleflight, ring routing and counters as a gRPC Get, with no
+extra hop. A per-box endpoint in the controller was the alternative; the
+controller is synchronous and owns no groups, so every request would cost a
+thread and a gRPC call to a worker, and one process would carry all of the
+box's HTTP traffic. Per worker, HTTP scales with the workers, and a load
+balancer can spread requests over the same set of nodes it uses for gRPC.
+
+Answers:
+
+    200  the value (application/octet-stream, exact Content-Length)
+    400  bad key or group name (empty, too long)           plain-text reason
+    404  unknown group, or the origin has no such key      plain-text reason
+    429  rate limited (shares the gRPC port's buckets)     Retry-After header
+    503  the origin failed or timed out                    plain-text reason
+
+`GET /healthz` answers 200 SERVING once the worker holds a ring and 503
+NOT_SERVING before that and while it drains (the gRPC health status).
+With `[tls]` the API speaks HTTPS with the node's certificate (and requires
+client certificates with client_auth), so it is never a clear-text way
+around the data port's TLS. Requests are not logged (no access log).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ..cache import errors
+
+if TYPE_CHECKING:
+    import ssl
+
+    from ..node.node import Node
+    from .ratelimit import TokenBuckets
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    errors.InvalidRequest: 400,
+    errors.GroupNotFound: 404,
+    errors.KeyNotFound: 404,
+    errors.OriginError: 503,
+    errors.PeerError: 503,
+}
+
+
+def _text(status: int, reason: str, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=headers)
+
+
+class HttpApi:
+    def __init__(
+        self,
+        node: Node,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        buckets: TokenBuckets | None = None,
+    ) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.buckets = buckets
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/groups/{group}/keys/{key:.*}", self.get_value)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def start(self) -> int:
+        """Bind and serve; the port bound (useful with port 0)."""
+        # No access log (a line per request); a stop gives requests in
+        # flight the same grace as gRPC calls (the peer timeout).
+        grace = float(self.node.settings.node.peer_timeout)
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=grace)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def get_value(self, request: web.Request) -> web.Response:
+        if self.buckets is not None:
+            wait = self.buckets.take(request.remote or "")
+            if wait:
+                metrics = getattr(self.node, "metrics", None)
+                if metrics is not None:
+                    metrics.rate_limited.labels("http").inc()
+                return _text(429, f"rate limit exceeded; retry in {wait:.3f}s", {"Retry-After": str(math.ceil(wait))})
+        group_name = request.match_info["group"]
+        key = request.match_info["key"]
+        try:
+            self.node.validate(group_name, key)
+            group = self.node.groups.get(group_name)
+            if group is None:
+                raise errors.GroupNotFound(f"group {group_name!r} not found")
+            entry = await group.get(key)
+        except errors.CacheError as exc:
+            status = _STATUS.get(type(exc), 500)
+            if isinstance(exc, errors.KeyNotFound):
+                reason = f"key {key!r} not found in group {group_name!r}"
+            else:
+                reason = str(exc) or exc.reason
+            return _text(status, reason)
+        except Exception as exc:  # a bug: answer 500 and keep serving
+            log.exception("HTTP get %s/%r failed", group_name, key[:64])
+            return _text(500, f"internal error: {type(exc).__name__}")
+        return web.Response(body=entry.value, content_type="application/octet-stream")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.node.serving:
+            return _text(200, "SERVING")
+        return _text(503, "NOT_SERVING")

@@ -1,0 +1,208 @@
+"""Per-client-address token buckets on the data port (`[ops] rate_limit`).
+
+Each client IP address gets a bucket of `burst` tokens refilled at `rate`
+tokens per second; a request takes one token or is refused with
+RESOURCE_EXHAUSTED, whose details carry a google.rpc.RetryInfo (when a token
+will be there) and an ErrorInfo with reason RATE_LIMITED. The HTTP read API
+shares the buckets and answers 429 with Retry-After.
+
+Only the data services (groupcachepb.GroupCache, appliance.cache.Cache) are
+limited: health checks and reflection are not, so a busy client cannot make
+a load balancer think the node is down. When rate_limit = 0 nothing is
+installed and the Get path is untouched.
+
+Forwarded calls (a peer asking the owner, marked `x-groupcache-forwarded`)
+are exempt, but only when they come from the address of a node in the
+current ring. Trade-off: the header is set by the caller, so trusting it
+from anyone would let any client skip the limit by setting it. Checking the
+source address against the ring closes that for remote clients; a client
+that shares an address with a node (on the same box, or behind the same
+NAT) can still claim to be a peer. With mTLS (`[tls] client_auth`) only
+holders of a CA-signed certificate reach the port at all. Ring members
+named by host name are resolved in the background; until then their
+forwarded calls are limited like any client's, which at worst makes the
+forwarding node load the value itself (a peer error, never a failed Get).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from typing import Callable
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ..node.peers import FORWARDED
+from ..node.status import DOMAIN
+
+LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/")
+
+
+class TokenBuckets:
+    """One bucket per key (a client address). Not thread-safe: one event loop."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 100_000,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._clock = clock
+        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, last refill]
+
+    def take(self, key: str) -> float:
+        """0.0 when a token was taken; else the seconds until one is there."""
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_clients:
+                self._sweep(now)
+            self._buckets[key] = [self.burst - 1.0, now]
+            return 0.0
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return 0.0
+        bucket[0] = tokens
+        return (1.0 - tokens) / self.rate
+
+    def _sweep(self, now: float) -> None:
+        # A full bucket is the same as no bucket: drop those. If every
+        # client is active, forget them all rather than grow without bound.
+        full = [k for k, (t, last) in self._buckets.items() if t + (now - last) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.max_clients:
+            self._buckets.clear()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def client_address(peer: str) -> str:
+    """The IP address in a grpc peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678")."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host = rest.rpartition(":")[0]
+        return host.strip("[]")
+    return peer
+
+
+def exhausted_status(retry_after: float, client: str, rate: float, burst: float) -> grpc.Status:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(retry_after * 1e9) + 1)
+    details = []
+    for message in (
+        error_details_pb2.ErrorInfo(
+            reason="RATE_LIMITED", domain=DOMAIN, metadata={"client": client, "rate": f"{rate:g}", "burst": f"{burst:g}"}
+        ),
+        error_details_pb2.RetryInfo(retry_delay=delay),
+    ):
+        packed = any_pb2.Any()
+        packed.Pack(message)
+        details.append(packed)
+    text = f"rate limit of {rate:g} requests/s (burst {burst:g}) per client address exceeded; retry in {retry_after:.3f}s"
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=text, details=details))
+
+
+class TrustedPeers:
+    """IP addresses of the ring's nodes, recomputed when the ring changes."""
+
+    def __init__(self, ring_nodes: Callable[[], tuple[int, list[str]]]) -> None:
+        self._ring_nodes = ring_nodes  # () -> (revision, ["host:port", ...])
+        self._revision: int | None = None
+        self._ips: set[str] = set()
+        self._resolving: set[str] = set()
+
+    def __call__(self) -> set[str]:
+        revision, nodes = self._ring_nodes()
+        if revision != self._revision:
+            self._revision = revision
+            ips, names = set(), set()
+            for node in nodes:
+                host = node.rpartition(":")[0].strip("[]")
+                try:
+                    ips.add(str(ipaddress.ip_address(host)))
+                except ValueError:
+                    names.add(host)
+            self._ips = ips
+            for name in names - self._resolving:
+                self._resolve(name, revision)
+        return self._ips
+
+    def _resolve(self, name: str, revision: int) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._resolving.add(name)
+
+        async def resolve() -> None:
+            try:
+                infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+                if self._revision == revision:
+                    self._ips |= {info[4][0] for info in infos}
+            except OSError:
+                pass
+            finally:
+                self._resolving.discard(name)
+
+        loop.create_task(resolve())
+
+
+class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        buckets: TokenBuckets,
+        trusted: Callable[[], set[str]] = set,
+        on_limited: Callable[[], None] | None = None,
+    ) -> None:
+        self.buckets = buckets
+        self.trusted = trusted
+        self.on_limited = on_limited
+        self._wrapped: dict[tuple[str, bool], grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_SERVICES):
+            return handler
+        forwarded = FORWARDED in (handler_call_details.invocation_metadata or ())
+        key = (method, forwarded)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None or wrapped.request_deserializer is not handler.request_deserializer:
+            wrapped = self._wrapped[key] = self._wrap(handler, forwarded)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, forwarded: bool) -> grpc.RpcMethodHandler:
+        inner = handler.unary_unary
+        buckets, trusted = self.buckets, self.trusted
+
+        async def limited(request, context):
+            client = client_address(context.peer() or "")
+            if not (forwarded and client in trusted()):
+                wait = buckets.take(client)
+                if wait:
+                    if self.on_limited is not None:
+                        self.on_limited()
+                    await context.abort_with_status(exhausted_status(wait, client, buckets.rate, buckets.burst))
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            limited,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

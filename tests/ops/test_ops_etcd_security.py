@@ -1,0 +1,155 @@
+"""etcd security from the config: user/password (`cluster.etcd_user`,
+`etcd_password`, also from the environment) against an etcd with auth
+enabled, and TLS with a client certificate (`etcd_ca`, `etcd_cert`,
+`etcd_key`). Registration, reading members and watching work with the right
+credentials and are refused without them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.cluster import etcd
+from appliance.cluster.registry import Registration
+from appliance.config import Settings
+from appliance.supervision.conf import etcd_binary
+from support.appliance import wait_for
+from support.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def etcdctl() -> str:
+    found = shutil.which("etcdctl") or shutil.which("etcdctl", path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.skip("no etcdctl")
+    return found
+
+
+@contextlib.contextmanager
+def etcd_process(data_dir: Path, *, tls=None):
+    """A private etcd; with `tls` (the test PKI) it serves https and wants client certs."""
+    port, peer = free_port(), free_port()
+    scheme = "https" if tls else "http"
+    client_url, peer_url = f"{scheme}://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
+    extra = []
+    if tls:
+        extra = ["--cert-file", str(tls.cert), "--key-file", str(tls.key), "--trusted-ca-file", str(tls.ca), "--client-cert-auth"]
+    proc = subprocess.Popen(
+        [
+            etcd_binary(), "--name", "ops", "--data-dir", str(data_dir),
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"ops={peer_url}", "--log-level", "error", *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield f"127.0.0.1:{port}", client_url
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def auth_etcd(tmp_path):
+    with etcd_process(tmp_path / "etcd") as (endpoint, client_url):
+
+        def ctl(*args):
+            return subprocess.run([etcdctl(), f"--endpoints={client_url}", *args], capture_output=True, timeout=20, text=True)
+
+        wait_for(lambda: ctl("endpoint", "health").returncode == 0, 20, what="etcd up")
+        for args in (
+            ("user", "add", "root", "--new-user-password=rootpw"),
+            ("user", "grant-role", "root", "root"),
+            ("role", "add", "groupcache"),
+            ("role", "grant-permission", "groupcache", "readwrite", "groupcache/", "--prefix=true"),
+            ("user", "add", "appliance", "--new-user-password=s3cret"),
+            ("user", "grant-role", "appliance", "groupcache"),
+            ("auth", "enable"),
+        ):
+            out = ctl(*args)
+            assert out.returncode == 0, (args, out.stderr)
+        yield endpoint
+
+
+def cluster(endpoint: str, **creds):
+    return Settings(cluster={"etcd": [endpoint], "embedded_etcd": False, **creds}).cluster
+
+
+def test_user_password_register_read_and_watch(auth_etcd, monkeypatch):
+    settings = cluster(auth_etcd, etcd_user="appliance", etcd_password="s3cret")
+    # Without credentials, or with a wrong password: refused.
+    anonymous = etcd.connect(cluster(auth_etcd))
+    try:
+        with pytest.raises(Exception, match="(?i)token|auth|permission|user name is empty"):
+            anonymous.put("groupcache/127.0.0.1:1", "x")
+    finally:
+        anonymous.close()
+    with pytest.raises(Exception, match="(?i)auth|password|credential"):
+        etcd.connect(cluster(auth_etcd, etcd_user="appliance", etcd_password="wrong"))
+
+    client = etcd.connect(settings)
+    events: queue.Queue = queue.Queue()
+    registration = Registration(lambda: etcd.connect(settings), "groupcache", "127.0.0.1:7001", ttl=2)
+    cancel = None
+    try:
+        members, revision = etcd.read_members(client, "groupcache")
+        assert members == {}
+        cancel = etcd.watch_prefix(client, etcd.prefix("groupcache"), revision + 1, events.put)
+        registration.start()
+        assert registration.registered.wait(10)
+        response = events.get(timeout=10)
+        assert not isinstance(response, Exception), response
+        assert [e.kv.key.decode() for e in response.events] == ["groupcache/127.0.0.1:7001"]
+        assert etcd.peers_of(etcd.read_members(client, "groupcache")[0]) == ["127.0.0.1:7001"]
+        # Env overrides work for the credentials too (they stay out of the file).
+        monkeypatch.setenv("APPLIANCE_CLUSTER__ETCD_USER", "appliance")
+        monkeypatch.setenv("APPLIANCE_CLUSTER__ETCD_PASSWORD", "s3cret")
+        from_env = etcd.connect(Settings(cluster={"etcd": [auth_etcd], "embedded_etcd": False}).cluster)
+        try:
+            assert etcd.peers_of(etcd.read_members(from_env, "groupcache")[0]) == ["127.0.0.1:7001"]
+        finally:
+            from_env.close()
+        # The role covers groupcache/ only.
+        with pytest.raises(Exception, match="(?i)permission"):
+            client.put("elsewhere/x", "y")
+    finally:
+        if cancel is not None:
+            cancel()
+        if registration.is_alive():
+            assert registration.deregister()  # revoking a lease works with credentials too
+        client.close()
+
+
+def test_etcd_tls_with_a_client_certificate(tmp_path, pki):
+    with etcd_process(tmp_path / "etcd", tls=pki) as (endpoint, _):
+        good = cluster(endpoint, etcd_ca=str(pki.ca), etcd_cert=str(pki.cert), etcd_key=str(pki.key))
+
+        def works():
+            c = etcd.connect(good)
+            try:
+                c.put("groupcache/127.0.0.1:7002", etcd.member_value("127.0.0.1:7002"))
+                return etcd.peers_of(etcd.read_members(c, "groupcache")[0])
+            finally:
+                c.close()
+
+        assert wait_for(works, 20, what="etcd over TLS") == ["127.0.0.1:7002"]
+        # Without a client certificate, or without TLS at all: refused.
+        for bad in (cluster(endpoint, etcd_ca=str(pki.ca)), cluster(endpoint)):
+            c = etcd.connect(bad, timeout=2)
+            try:
+                with pytest.raises(Exception):
+                    etcd.read_members(c, "groupcache")
+            finally:
+                c.close()

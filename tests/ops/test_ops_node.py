@@ -1,0 +1,412 @@
+"""Ops surfaces of in-process nodes with real gRPC and HTTP on loopback:
+metrics, health, reflection, the HTTP read API, TLS/mTLS, rate limiting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import urllib.request
+
+import aiohttp
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance import tls as tlsmod
+from appliance.cache.errors import OriginError
+from appliance.config import Settings
+from appliance.node.node import Node
+from appliance.ops.metrics import BoxCollector, box_registry, serve_metrics
+from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from support.nodes import CountingOrigin
+from support.ports import free_port
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def make_settings(groups=("g",), *, ops=None, tls=None, **node) -> Settings:
+    node.setdefault("host", "127.0.0.1")
+    return Settings(
+        node=node,
+        groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},
+        cluster={"embedded_etcd": False},
+        ops={"metrics_addr": "", **(ops or {})},
+        tls=tls or {},
+    )
+
+
+@contextlib.asynccontextmanager
+async def nodes(n, loader, *, groups=("g",), admin_dir=None, http=False, ring=True, settings=None, **kw):
+    s = settings or make_settings(groups, **kw)
+    started = []
+    try:
+        for i in range(n):
+            admin = f"unix:{admin_dir}/n{i}.sock" if admin_dir else None
+            started.append(Node(s, {g: loader for g in groups}, port=0, admin_address=admin, http_port=0 if http else None))
+            await started[-1].start()
+        if ring:
+            peers = [x.addr for x in started]
+            for x in started:
+                x.set_peers(peers, 1)
+        yield started
+    finally:
+        await asyncio.gather(*(x.stop(0) for x in started), return_exceptions=True)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(parsed, name, **labels) -> float:
+    return parsed[(name, frozenset(labels.items()))]
+
+
+async def get(addr, group, key, *, credentials=None, metadata=None, timeout=5.0, options=None):
+    channel = (
+        grpc.aio.secure_channel(addr, credentials, options=options)
+        if credentials is not None
+        else grpc.aio.insecure_channel(addr, options=options)
+    )
+    async with channel:
+        stub = groupcache_pb2_grpc.GroupCacheStub(channel)
+        reply = await stub.Get(groupcache_pb2.GetRequest(group=group, key=key), timeout=timeout, metadata=metadata)
+        return reply.value
+
+
+# Metrics -----------------------------------------------------------------------
+
+
+async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_path):
+    origin = CountingOrigin({"k": b"value", **{f"x{i}": b"x" for i in range(20)}})
+    async with nodes(3, origin, admin_dir=tmp_path) as ns:
+        owner = next(n for n in ns if n.addr == ns[0].peers.owner("k"))
+        for _ in range(100):
+            assert await get(owner.addr, "g", "k") == b"value"
+        missing = next(f"missing{i}" for i in range(1000) if owner.peers.owner(f"missing{i}") == owner.addr)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await get(owner.addr, "g", missing)
+        # The worker's own registry over its admin socket.
+        async with grpc.aio.insecure_channel(f"unix:{tmp_path}/n{ns.index(owner)}.sock") as ch:
+            reply = await admin_pb2_grpc.AdminStub(ch).Metrics(admin_pb2.MetricsRequest(), timeout=5)
+        assert reply.addr == owner.addr
+        m = samples(reply.text)
+        assert value(m, "groupcache_gets_total", group="g") == 101
+        assert value(m, "groupcache_loads_total", group="g") == 2
+        assert value(m, "groupcache_hits_total", group="g", cache="main") == 99
+        assert value(m, "groupcache_hits_total", group="g", cache="hot") == 0
+        assert value(m, "groupcache_origin_loads_total", group="g", result="ok") == 1
+        assert value(m, "groupcache_origin_loads_total", group="g", result="not_found") == 1
+        assert value(m, "groupcache_cache_items", group="g", cache="main") == 1
+        assert value(m, "groupcache_cache_bytes", group="g", cache="main") == len("k") + len("value")
+        assert value(m, "groupcache_ring_revision") == 1 and value(m, "groupcache_ring_peers") == 3
+        assert value(m, "groupcache_hit_ratio", group="g") == pytest.approx(99 / 101)
+
+        # The box endpoint: every worker, re-labelled, over real HTTP.
+        collector = BoxCollector(lambda: sorted(str(p) for p in tmp_path.glob("n*.sock")))
+        port = free_port()
+        stop = await asyncio.to_thread(serve_metrics, f"127.0.0.1:{port}", box_registry(collector))
+        try:
+            def scrape():
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return r.read().decode()
+
+            box = samples(await asyncio.to_thread(scrape))
+        finally:
+            await asyncio.to_thread(stop)
+            collector.close()
+        for n in ns:
+            assert value(box, "groupcache_worker_up", worker=n.addr) == 1
+            assert value(box, "groupcache_ring_peers", worker=n.addr) == 3
+        assert value(box, "groupcache_gets_total", worker=owner.addr, group="g") == 101
+        assert value(box, "groupcache_hits_total", worker=owner.addr, group="g", cache="main") == 99
+        others = [n for n in ns if n is not owner]
+        assert all(value(box, "groupcache_gets_total", worker=n.addr, group="g") == 0 for n in others)
+
+
+async def test_box_collector_reports_a_dead_worker_as_down(tmp_path):
+    (tmp_path / "worker-7.sock").touch()  # a socket nobody listens on
+    collector = BoxCollector(lambda: [str(tmp_path / "worker-7.sock")], fallback_label=lambda p: "127.0.0.1:7", timeout=1)
+    families = {f.name: f for f in await asyncio.to_thread(lambda: list(collector.collect()))}
+    assert [(s.labels, s.value) for s in families["groupcache_worker_up"].samples] == [({"worker": "127.0.0.1:7"}, 0)]
+    collector.close()
+
+
+# Health and reflection ---------------------------------------------------------
+
+
+async def test_health_not_serving_until_ring_then_serving_then_not_serving_while_draining():
+    async with nodes(1, CountingOrigin({"k": b"v"}), ring=False) as (node,):
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            check = lambda service="": health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)  # noqa: E731
+            assert (await check()).status == NOT_SERVING
+            node.set_peers([node.addr], 1)
+            for service in ("", "groupcachepb.GroupCache"):
+                deadline = time.monotonic() + 5
+                while (await check(service)).status != SERVING:
+                    assert time.monotonic() < deadline, "never SERVING"
+                    await asyncio.sleep(0.01)
+            drain = asyncio.ensure_future(node.drain(10))
+            deadline = time.monotonic() + 5
+            while (await check()).status != NOT_SERVING:
+                assert time.monotonic() < deadline, "never NOT_SERVING"
+                await asyncio.sleep(0.01)
+            assert (await check("groupcachepb.GroupCache")).status == NOT_SERVING
+            node.set_peers([], 2)  # the ring without us ends the drain
+            assert await asyncio.wait_for(drain, 5) is True
+
+
+async def test_reflection_lists_the_services():
+    async with nodes(1, CountingOrigin({"k": b"v"})) as (node,):
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            names = []
+            async for response in call:
+                names = [s.name for s in response.list_services_response.service]
+            assert "groupcachepb.GroupCache" in names
+            assert {"appliance.cache.Cache", "grpc.health.v1.Health"} <= set(names)
+            assert not any("admin" in n.lower() for n in names)
+
+
+# HTTP read API -----------------------------------------------------------------
+
+
+async def test_http_get_hit_miss_unknown_group_bad_key_origin_down():
+    class Origin(CountingOrigin):
+        async def __call__(self, key):
+            if key == "boom":
+                raise OriginError("database is down")
+            return await super().__call__(key)
+
+    big = bytes(range(256)) * 1000
+    origin = Origin({"k": b"value", "big": big, "a/b c": "张三".encode(), "键": b"x"})
+    async with nodes(3, origin, http=True) as ns:
+        base = f"http://127.0.0.1:{ns[1].http_api.port}"
+        async with aiohttp.ClientSession() as http:
+            async def fetch(path):
+                async with http.get(base + path) as r:
+                    return r.status, r.headers, await r.read()
+
+            status, headers, body = await fetch("/groups/g/keys/k")
+            assert (status, body) == (200, b"value")
+            assert headers["Content-Length"] == "5" and headers["Content-Type"] == "application/octet-stream"
+            status, headers, body = await fetch("/groups/g/keys/big")
+            assert status == 200 and body == big and int(headers["Content-Length"]) == len(big)
+            assert (await fetch("/groups/g/keys/a%2Fb%20c"))[::2] == (200, "张三".encode())
+            assert (await fetch("/groups/g/keys/%E9%94%AE"))[::2] == (200, b"x")
+            status, headers, body = await fetch("/groups/g/keys/nope")
+            assert status == 404 and headers["Content-Type"].startswith("text/plain") and b"not found" in body
+            assert int(headers["Content-Length"]) == len(body)
+            status, _, body = await fetch("/groups/nogroup/keys/k")
+            assert status == 404 and b"group 'nogroup' not found" in body
+            status, _, body = await fetch("/groups/g/keys/" + "x" * 251)
+            assert status == 400 and b"longer than 250" in body
+            assert (await fetch("/groups/g/keys/"))[0] == 400
+            status, _, body = await fetch("/groups/g/keys/boom")
+            assert status == 503 and b"database is down" in body
+            status, _, body = await fetch("/healthz")
+            assert (status, body) == (200, b"SERVING\n")
+        # Same group logic as gRPC: one origin load for k, counted as gets.
+        assert origin.calls.count("k") == 1
+        assert sum(n.groups["g"].stats.gets for n in ns) >= 6
+
+
+# TLS ---------------------------------------------------------------------------
+
+
+def tls_settings(pki, **extra):
+    return make_settings(tls={"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), **extra})
+
+
+async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port(pki, tmp_path):
+    data = {f"k{i}": f"v{i}".encode() for i in range(30)}
+    async with nodes(3, CountingOrigin(data), settings=tls_settings(pki), admin_dir=tmp_path) as ns:
+        good = tlsmod.credentials_from_files(ca=pki.ca)
+        # Every key through node 0: the owners answer node 0 over TLS too.
+        for k, v in data.items():
+            assert await get(ns[0].addr, "g", k, credentials=good) == v
+        assert ns[0].groups["g"].stats.peer_loads > 0 and ns[0].groups["g"].stats.peer_errors == 0
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await get(ns[0].addr, "g", "k1", timeout=2)  # plain text to a TLS port
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await get(ns[0].addr, "g", "k1", credentials=tlsmod.credentials_from_files(ca=pki.other_ca), timeout=2)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The admin service does not exist on the data port.
+        async with grpc.aio.secure_channel(ns[0].addr, good) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await admin_pb2_grpc.AdminStub(ch).SetPeers(admin_pb2.SetPeersRequest(peers=[], revision=99), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await admin_pb2_grpc.AdminStub(ch).Metrics(admin_pb2.MetricsRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert ns[0].peers.revision == 1
+
+
+async def test_mtls_requires_a_client_certificate_from_the_ca(pki):
+    data = {f"k{i}": b"v" for i in range(20)}
+    async with nodes(2, CountingOrigin(data), settings=tls_settings(pki, client_auth=True), http=True) as ns:
+        with_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+        for k in data:  # peers present the node certificate to each other
+            assert await get(ns[0].addr, "g", k, credentials=with_cert) == b"v"
+        assert ns[0].groups["g"].stats.peer_errors == 0
+        for creds in (
+            tlsmod.credentials_from_files(ca=pki.ca),  # no client certificate
+            tlsmod.credentials_from_files(ca=pki.ca, cert=pki.other_cert, key=pki.other_key),  # wrong CA
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await get(ns[0].addr, "g", "k1", credentials=creds, timeout=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The HTTP API speaks HTTPS with the same rules.
+        import ssl
+
+        url = f"https://127.0.0.1:{ns[0].http_api.port}/groups/g/keys/k1"
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, ssl=ctx) as r:
+                assert (r.status, await r.read()) == (200, b"v")
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(url, ssl=ssl.create_default_context(cafile=str(pki.ca))) as r:
+                    await r.read()
+
+
+# Rate limiting -----------------------------------------------------------------
+
+
+def details_of(err: grpc.aio.AioRpcError):
+    for k, v in err.trailing_metadata() or ():
+        if k == "grpc-status-details-bin":
+            st = status_pb2.Status.FromString(v)
+            out = {}
+            for d in st.details:
+                for cls in (error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+                    msg = cls()
+                    if d.Unpack(msg):
+                        out[cls.__name__] = msg
+            return out
+    return {}
+
+
+async def test_rate_limit_past_the_burst_then_recovers():
+    ops = {"rate_limit": 4, "rate_burst": 5}  # slow refill: robust on a loaded machine
+    async with nodes(1, CountingOrigin({"k": b"v"}), ops=ops, http=True) as (node,):
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            stub = groupcache_pb2_grpc.GroupCacheStub(ch)
+            req = groupcache_pb2.GetRequest(group="g", key="k")
+            outcomes = []
+            for _ in range(8):
+                try:
+                    await stub.Get(req, timeout=5)
+                    outcomes.append("ok")
+                except grpc.aio.AioRpcError as err:
+                    outcomes.append(err)
+            assert outcomes[:5] == ["ok"] * 5  # the burst
+            limited = [o for o in outcomes if not isinstance(o, str)]
+            assert limited, outcomes
+            err = limited[0]
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "rate limit" in err.details()
+            d = details_of(err)
+            assert d["ErrorInfo"].reason == "RATE_LIMITED"
+            delay = d["RetryInfo"].retry_delay.ToTimedelta().total_seconds()
+            assert 0 < delay <= 1 / 4 + 0.001
+            # Health is not limited.
+            health = health_pb2_grpc.HealthStub(ch)
+            assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == SERVING
+            # After the advertised delay a token is there again.
+            await asyncio.sleep(delay)
+            assert (await stub.Get(req, timeout=5)).value == b"v"
+            # The HTTP API shares the buckets: 429 with Retry-After.
+            async with aiohttp.ClientSession() as http:
+                codes = []
+                for _ in range(8):
+                    async with http.get(f"http://127.0.0.1:{node.http_api.port}/groups/g/keys/k") as r:
+                        codes.append(r.status)
+                        if r.status == 429:
+                            assert r.headers["Retry-After"] == "1"
+                assert 429 in codes
+        m = samples(node.metrics.exposition())
+        assert value(m, "groupcache_rate_limited_total", protocol="grpc") == len(limited)
+        assert value(m, "groupcache_rate_limited_total", protocol="http") == codes.count(429)
+
+
+async def test_forwarded_calls_are_exempt_only_from_ring_members():
+    ops = {"rate_limit": 1, "rate_burst": 1}
+    forwarded = (("x-groupcache-forwarded", "1"),)
+    async with nodes(2, CountingOrigin({f"k{i}": b"v" for i in range(40)}), ops=ops) as (a, b):
+        # Peers forward to each other from 127.0.0.1, a ring member: never limited.
+        for i in range(40):
+            await b.groups["g"].get(f"k{i}")
+        assert b.groups["g"].stats.peer_errors == 0 and b.groups["g"].stats.peer_loads > 0
+        for _ in range(5):
+            assert await get(a.addr, "g", "k1", metadata=forwarded) == b"v"
+        # A ring of other hosts: the same header from 127.0.0.1 buys nothing.
+        a.set_peers(["192.0.2.1:9999", "192.0.2.2:9999"], 2)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            for _ in range(3):
+                await get(a.addr, "g", "k1", metadata=forwarded)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# Logs --------------------------------------------------------------------------
+
+
+async def test_no_log_line_per_request_at_info(caplog):
+    origin = CountingOrigin({"k": b"v"})
+    async with nodes(2, origin, http=True) as ns:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            for n in ns:
+                for _ in range(50):
+                    assert await get(n.addr, "g", "k") == b"v"
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await get(n.addr, "g", "nope")
+            async with aiohttp.ClientSession() as http:
+                for _ in range(20):
+                    async with http.get(f"http://127.0.0.1:{ns[0].http_api.port}/groups/g/keys/k") as r:
+                        assert r.status == 200
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
+
+
+def test_stats_json_still_matches_metrics_names():
+    # `appliance stats` and /metrics read the same Stats fields.
+    from appliance.cache.group import Stats
+
+    assert {"gets", "loads", "loads_deduped", "peer_loads", "peer_errors"} <= set(vars(Stats()))
+    json.dumps(vars(Stats()))
+
+
+# Message sizes -----------------------------------------------------------------
+
+
+async def test_message_limits_follow_max_value_bytes_on_both_sides():
+    from appliance.cache.errors import PeerError
+    from appliance.client import Client, settings_kwargs
+
+    s = make_settings(max_value_bytes="6MiB")
+    five = b"5" * (5 * 1024 * 1024)
+    async with nodes(2, CountingOrigin({f"k{i}": five for i in range(10)}), settings=s) as ns:
+        peers = [n.addr for n in ns]
+        # A client configured from the same settings takes 5 MiB values,
+        # forwarded between the peers (whose channels allow them too).
+        with Client(peers, **settings_kwargs(s)) as c:
+            for i in range(10):
+                assert await asyncio.to_thread(c.get, "g", f"k{i}") == five
+        assert sum(n.groups["g"].stats.peer_errors for n in ns) == 0
+        # grpc's default 4 MiB limit on a client refuses them.
+        with Client(peers, max_message_bytes=4 * 1024 * 1024) as c:
+            with pytest.raises(PeerError, match="RESOURCE_EXHAUSTED"):
+                await asyncio.to_thread(c.get, "g", "k1")

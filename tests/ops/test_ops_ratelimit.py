@@ -1,0 +1,37 @@
+"""Token buckets per client address (pure, with a fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.ops.ratelimit import TokenBuckets, client_address
+
+
+def test_burst_then_refill_at_the_rate():
+    now = [0.0]
+    b = TokenBuckets(10, 3, clock=lambda: now[0])
+    assert [b.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert b.take("a") == pytest.approx(0.1)  # empty: one token in 1/rate s
+    assert b.take("b") == 0.0  # another address has its own bucket
+    now[0] = 0.05
+    assert b.take("a") == pytest.approx(0.05)
+    now[0] = 0.1
+    assert b.take("a") == 0.0 and b.take("a") > 0
+    now[0] = 100.0  # refills up to the burst, not beyond
+    assert [b.take("a") for _ in range(4)].count(0.0) == 3
+
+
+def test_table_of_clients_stays_bounded():
+    now = [0.0]
+    b = TokenBuckets(1, 2, clock=lambda: now[0], max_clients=100)
+    for i in range(1000):
+        b.take(f"10.0.{i // 256}.{i % 256}")
+        now[0] += 0.01
+    assert len(b) <= 100
+
+
+def test_client_address_of_grpc_peers():
+    assert client_address("ipv4:127.0.0.1:5555") == "127.0.0.1"
+    assert client_address("ipv6:[::1]:5555") == "::1"
+    assert client_address("ipv6:[2001:db8::1]:443") == "2001:db8::1"
+    assert client_address("unix:/run/x.sock") == "unix:/run/x.sock"
