@@ -59,6 +59,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .addr import HOSTNAME
+from .addr import is_loopback as _is_loopback
+from .addr import join as join_hostport
+from .addr import split as split_hostport
 from .units import (
     ByteSize,
     Duration,
@@ -143,52 +147,6 @@ class FieldError(ValueError):
 # --------------------------------------------------------------------------
 # host:port helpers
 
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
-HOSTPORT_EXPECTED = 'expected "host:port" like "127.0.0.1:2379" (IPv6 as "[::1]:2379")'
-
-
-def split_hostport(s: str) -> tuple[str, int]:
-    """``"127.0.0.1:2379"`` -> ``("127.0.0.1", 2379)``; ``"[::1]:2379"`` -> ``("::1", 2379)``."""
-    if not isinstance(s, str):
-        raise ValueError(f"{HOSTPORT_EXPECTED}, got {_show(s)}")
-    text = s.strip()
-    if "://" in text:
-        raise ValueError(f"{HOSTPORT_EXPECTED} without a scheme, got {_show(s)}")
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})", text)
-    if m:
-        host, port_s = m.group(1), m.group(2)
-        try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
-        except ValueError:
-            raise ValueError(f"{HOSTPORT_EXPECTED}, got {_show(s)} ({host!r} is not an IPv6 address)") from None
-    else:
-        host, sep, port_s = text.rpartition(":")
-        if not sep or not host or not port_s.isdigit() or len(port_s) > 5:
-            raise ValueError(f"{HOSTPORT_EXPECTED}, got {_show(s)}")
-        if ":" in host:
-            raise ValueError(f"{HOSTPORT_EXPECTED}, got {_show(s)} (put an IPv6 address in brackets)")
-        if not _HOSTNAME_RE.match(host):
-            raise ValueError(f"{HOSTPORT_EXPECTED}, got {_show(s)} ({host!r} is not a host name or address)")
-    port = int(port_s)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{HOSTPORT_EXPECTED}, got {_show(s)} (the port must be from 1 to 65535)")
-    return host, port
-
-
-def join_hostport(host: str, port: int) -> str:
-    """``("::1", 9999)`` -> ``"[::1]:9999"``; ``("127.0.0.1", 9999)`` -> ``"127.0.0.1:9999"``."""
-    if ":" in host and not host.startswith("["):
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _is_wildcard(host: str) -> bool:
@@ -422,7 +380,7 @@ class NodeSettings(_Model):
             return h
         except ValueError:
             pass
-        if not h or not _HOSTNAME_RE.match(h):
+        if not h or not HOSTNAME.match(h):
             extra = " (the port is base_port + i)" if ":" in h else ""
             raise FieldError((), f"expected a host name or IP address without a port, got {_show(v)}{extra}")
         return h
