@@ -46,6 +46,9 @@ def check_ports(settings) -> list[str]:
     import socket
 
     wanted = [(settings.node.host, p) for p in settings.node.ports]
+    wanted += [(settings.node.host, p) for p in settings.http_ports() or ()]
+    if settings.ops.metrics_endpoint():
+        wanted.append(settings.ops.metrics_endpoint())
     if settings.cluster.embedded_etcd:
         wanted.append(addrs.split(settings.cluster.etcd[0]))
     clashes = []

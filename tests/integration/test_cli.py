@@ -79,3 +79,20 @@ def test_missing_file_and_bad_arguments():
 def test_get_with_no_reachable_node_is_a_clear_error():
     out = run("get", "--peers", "127.0.0.1:1", "g", "k", "--timeout", "1")
     assert out.returncode in (1, 2) and "Traceback" not in out.stderr and out.stderr.startswith("appliance:")
+
+
+def test_run_refuses_ports_in_use(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "a.toml"
+        cfg.write_text(
+            f'[cluster]\nembedded_etcd = false\n[node]\nworkers = 1\nbase_port = {port}\n'
+            f'state_dir = "{tmp_path}/s"\nruntime_dir = "{tmp_path}/r"\n[ops]\nmetrics_addr = ""\n'
+        )
+        out = run("run", "--config", str(cfg))
+    assert out.returncode == 2 and f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr
+    assert "Traceback" not in out.stderr
