@@ -24,11 +24,30 @@ from .store import Entry, Store
 Loader = Callable[[str], Awaitable[bytes]]
 
 
+class Framing(Protocol):
+    """How a value is kept: behind a prefix that turns it into the wire form
+    a server can send as is (a hit then copies nothing of the value's size)."""
+
+    def prefix(self, value: bytes) -> bytes: ...
+
+    def offset(self, data: bytes) -> int:
+        """Where the value starts in framed data."""
+        ...
+
+
+class NoFraming:
+    def prefix(self, value: bytes) -> bytes:
+        return b""
+
+    def offset(self, data: bytes) -> int:
+        return 0
+
+
 class Peer(Protocol):
     addr: str
 
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        """The owner's value and its remaining TTL in seconds (0 = none).
+        """The owner's value, framed, and its remaining TTL in seconds (0 = none).
 
         Raises PeerError when the owner cannot answer in time; KeyNotFound
         and OriginError are the owner's authoritative answers."""
@@ -83,6 +102,7 @@ class Group:
         mirror_probability: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        framing: Framing | None = None,
     ) -> None:
         if not 0 <= hot_fraction < 1:
             raise ValueError("hot_fraction must be in [0, 1)")
@@ -96,6 +116,7 @@ class Group:
         self.main = Store(policy, cache_bytes, clock)
         self.hot = Store(policy, int(cache_bytes * hot_fraction), clock)
         self.stats = Stats()
+        self.framing = framing or NoFraming()
         self._clock = clock
         self._rand = rand
         # Route flights may forward to a peer; load flights only hit the
@@ -197,7 +218,8 @@ class Group:
     def set(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         """Write through as the owner; the hot copy (if any) is dropped."""
         self.remove(key)
-        return self._populate(self.main, key, value, self._expiry(ttl))
+        data, offset = self._frame(value)
+        return self._populate(self.main, key, data, self._expiry(ttl), offset)
 
     # Flights -----------------------------------------------------------------
 
@@ -233,7 +255,8 @@ class Group:
                 return await self._owner_failed(key)
             if isinstance(outcome, CacheError):
                 raise outcome
-            return self._from_peer(key, outcome[0], outcome[1], fence)
+            value, ttl_left = outcome
+            return self._from_peer(key, self._frame(value)[0], ttl_left, fence)
         finally:
             self._unfence(key, fence)
 
@@ -241,18 +264,21 @@ class Group:
         # The owner is down or slow: the client still gets its value, but
         # we are not the owner, so nothing is cached.
         self.stats.peer_errors += 1
-        return Entry(await self._load_origin(key), 0.0, 0)
+        data, offset = self._frame(await self._load_origin(key))
+        return Entry(data, 0.0, 0, offset)
 
-    def _from_peer(self, key: str, value: bytes, ttl_left: float, fence: object) -> Entry:
+    def _from_peer(self, key: str, data: bytes, ttl_left: float, fence: object) -> Entry:
+        """An owner's framed value."""
         self.stats.peer_loads += 1
         expires = self._expiry(None)
         if ttl_left:
             # The mirror must not outlive the owner's copy.
             owner_expiry = self._clock() + ttl_left
             expires = min(expires, owner_expiry) if expires else owner_expiry
+        offset = self.framing.offset(data)
         if self._rand() < self.mirror_probability and self._fences.get(key) is fence:
-            self._populate(self.hot, key, value, expires)
-        return Entry(value, expires, 0)
+            self._populate(self.hot, key, data, expires, offset)
+        return Entry(data, expires, 0, offset)
 
     async def _load_as_owner(self, key: str) -> Entry:
         entry = self.main.get(key)
@@ -261,11 +287,11 @@ class Group:
         self.stats.loads_deduped += 1
         fence = self._fence(key)
         try:
-            value = await self._load_origin(key)
+            data, offset = self._frame(await self._load_origin(key))
             expires = self._expiry(None)
             if self._fences.get(key) is fence:
-                self._populate(self.main, key, value, expires)
-            return Entry(value, expires, 0)
+                self._populate(self.main, key, data, expires, offset)
+            return Entry(data, expires, 0, offset)
         finally:
             self._unfence(key, fence)
 
@@ -283,12 +309,16 @@ class Group:
 
     # Cache bookkeeping -------------------------------------------------------
 
+    def _frame(self, value: bytes) -> tuple[bytes, int]:
+        prefix = self.framing.prefix(value)
+        return (prefix + value if prefix else value), len(prefix)
+
     def _expiry(self, ttl: float | None) -> float:
         ttl = self.ttl if ttl is None else ttl
         return self._clock() + ttl if ttl > 0 else 0.0
 
-    def _populate(self, store: Store, key: str, value: bytes, expires: float) -> bool:
-        stored = store.set(key, value, expires)
+    def _populate(self, store: Store, key: str, data: bytes, expires: float, offset: int = 0) -> bool:
+        stored = store.set(key, data, expires, offset)
         # One budget for both stores: trim the hot cache while it holds
         # more than its share of what is in use, else the main cache.
         main, hot = self.main, self.hot

@@ -21,9 +21,14 @@ POLICIES: dict[str, type[cachetools.Cache]] = {
 
 
 class Entry(NamedTuple):
-    value: bytes
+    data: bytes  # the value, behind `offset` bytes of framing (see Group)
     expires: float  # monotonic deadline; 0 = never
     size: int  # key + value bytes, what the budget counts
+    offset: int = 0
+
+    @property
+    def value(self) -> bytes:
+        return self.data[self.offset :] if self.offset else self.data
 
 
 def entry_size(key: str, value: bytes) -> int:
@@ -90,14 +95,16 @@ class Store:
 
     # Writes ----------------------------------------------------------------
 
-    def set(self, key: str, value: bytes, expires: float = 0.0) -> bool:
-        """Store; False when the entry alone exceeds the budget (not stored)."""
-        size = entry_size(key, value)
+    def set(self, key: str, data: bytes, expires: float = 0.0, offset: int = 0) -> bool:
+        """Store; False when the entry alone exceeds the budget (not stored).
+
+        The value is data[offset:]; only its bytes count against the budget."""
+        size = entry_size(key, data) - offset
         if size > self.max_bytes:
             self.remove(key)
             return False
         self.reclaim_expired()
-        self._data[key] = Entry(value, expires, size)
+        self._data[key] = Entry(data, expires, size, offset)
         if expires:
             heapq.heappush(self._expiry, (expires, key))
             if len(self._expiry) > 2 * len(self._data) + 64:

@@ -22,6 +22,7 @@ from ..cache.group import Group
 from ..logs import event
 from ..ops.metrics import NodeMetrics
 from ..pb import admin_pb2_grpc
+from . import wire
 from .admin import AdminService
 from .peers import Peers
 from .service import CACHE_SERVICE, SERVICE, CacheService, GroupCacheService
@@ -85,6 +86,7 @@ class Node:
                 picker=self.peers,
                 hot_fraction=ns.hot_cache_fraction,
                 mirror_probability=ns.hot_cache_mirror,
+                framing=wire.FRAMING,
             )
             for name, spec in settings.groups.items()
         }

@@ -11,6 +11,7 @@ from .. import addr as addrs
 from ..cache import errors
 from ..cache.ring import HashRing
 from ..pb import cache_pb2, groupcache_pb2
+from . import wire
 from .status import from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,10 @@ class PeerClient:
         self.channel = channel
         self._max_wait = max_wait
         self._share = share
+        # The reply stays encoded: it is what we cache and send on (wire.py).
         self._get = channel.unary_unary(
             "/groupcachepb.GroupCache/Get",
             request_serializer=groupcache_pb2.GetRequest.SerializeToString,
-            response_deserializer=groupcache_pb2.GetResponse.FromString,
         )
         self._get_many = channel.unary_unary(
             "/appliance.cache.Cache/GetMany",
@@ -68,14 +69,17 @@ class PeerClient:
             raise errors.PeerError(f"{self.addr}: {err}") from None
 
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        response, call = await self._call(
+        encoded, call = await self._call(
             self._get, groupcache_pb2.GetRequest(group=group, key=key), self._wait(timeout)
         )
         ttl = 0.0
         for k, v in await call.trailing_metadata() or ():
             if k == TTL_MS:
                 ttl = max(int(v), 1) / 1000.0
-        return response.value, ttl
+        try:
+            return wire.normalize(encoded), ttl
+        except Exception as exc:  # undecodable: treat the owner as failed
+            raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
     async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
         response, _ = await self._call(

@@ -68,18 +68,14 @@ class GroupCacheService:
             if forwarded and entry.expires:
                 ttl_ms = int((entry.expires - time.monotonic()) * 1000)
                 context.set_trailing_metadata(((TTL_MS, str(max(ttl_ms, 1))),))
-            return groupcache_pb2.GetResponse(value=entry.value)
+            return entry.data  # already an encoded GetResponse (wire.py)
         await context.abort_with_status(status)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
-                "Get": grpc.unary_unary_rpc_method_handler(
-                    self.get,
-                    request_deserializer=_parse_get,
-                    response_serializer=groupcache_pb2.GetResponse.SerializeToString,
-                )
+                "Get": grpc.unary_unary_rpc_method_handler(self.get, request_deserializer=_parse_get)
             },
         )
 
