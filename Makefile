@@ -31,7 +31,7 @@ proto-check: $(STAMP)
 	$(PY) -m appliance.pb.generate --check appliance/pb
 
 bench: $(STAMP)
-	$(MAKE) -C bench
+	$(MAKE) -C bench PY=$(abspath $(PY))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

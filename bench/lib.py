@@ -1,0 +1,432 @@
+"""Shared helpers for the benchmarks: processes, ports, h2load, /proc CPU.
+
+Every process a benchmark starts goes through `spawn` and is killed by its
+pid (`Proc.kill`, and `kill_all` at exit). Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+OUT = BENCH / "out"
+PY = sys.executable
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# Processes -------------------------------------------------------------------
+
+_LIVE: dict[int, "Proc"] = {}
+
+
+class Proc:
+    """A child process we started; killed by its pid, never by name."""
+
+    def __init__(self, cmd: list[str], name: str, *, env: dict | None = None, cwd: Path | None = None) -> None:
+        OUT.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log_path = OUT / f"{name}.log"
+        self._logf = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(
+            cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=cwd or ROOT, stdin=subprocess.DEVNULL
+        )
+        self.pid = self.popen.pid
+        _LIVE[self.pid] = self
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout)
+        _LIVE.pop(self.pid, None)
+        self._logf.close()
+
+    def stop(self, timeout: float = 5) -> None:
+        """SIGTERM, then SIGKILL after `timeout`."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@atexit.register
+def kill_all() -> None:
+    for proc in list(_LIVE.values()):
+        proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def box_busy_s() -> float:
+    """CPU seconds the whole box has spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+# Ports -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20, proc: Proc | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
+        try:
+            with socket.create_connection((HOST, port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} not open after {timeout}s" + (f":\n{proc.tail()}" if proc else ""))
+
+
+def wait_file(path: Path, timeout: float = 20, proc: Proc | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear within {timeout}s" + (f":\n{proc.tail()}" if proc else ""))
+        time.sleep(0.05)
+
+
+# Bench servers -----------------------------------------------------------------
+
+
+def start_worker(name: str, *, port: int | None = None, peers: list[str] | None = None, mirror: float = 0.1,
+                 delay_ms: float = 0, cache_bytes: str = "256MiB", extra: list[str] = (),
+                 prefix: list[str] = ()) -> tuple[Proc, int, Path]:
+    """A real cache node (appliance.node.node.Node) in its own process."""
+    port = port or free_port()
+    admin = OUT / f"{name}.sock"
+    ready = OUT / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    cmd = [*prefix, PY, str(BENCH / "servers.py"), "worker", "--port", str(port), "--admin", str(admin),
+           "--ready", str(ready), "--mirror", str(mirror), "--delay-ms", str(delay_ms),
+           "--cache-bytes", cache_bytes, *extra]
+    if peers:
+        cmd += ["--peers", ",".join(peers)]
+    proc = Proc(cmd, name)
+    wait_file(ready, 30, proc)
+    return proc, port, admin
+
+
+def start_echo(name: str = "echo") -> tuple[Proc, int]:
+    port = free_port()
+    ready = OUT / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    proc = Proc([PY, str(BENCH / "servers.py"), "echo", "--port", str(port), "--ready", str(ready)], name)
+    wait_file(ready, 30, proc)
+    return proc, port
+
+
+def admin_stats(sock: Path) -> dict:
+    import grpc
+
+    from appliance.pb import admin_pb2, admin_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=5)
+    return json.loads(reply.json)
+
+
+def group_stats(sock: Path, group: str = "bench") -> dict:
+    return admin_stats(sock)["groups"][group]
+
+
+def value_key(size: int, tag: str = "hot") -> str:
+    """Bench loaders return `size` bytes for a key named like this."""
+    return f"v{size}-{tag}"
+
+
+def get_once(port: int, key: str, group: str = "bench") -> bytes:
+    import grpc
+
+    from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+
+    opts = [("grpc.max_receive_message_length", 8 << 20)]
+    with grpc.insecure_channel(f"{HOST}:{port}", options=opts) as ch:
+        return groupcache_pb2_grpc.GroupCacheStub(ch).Get(
+            groupcache_pb2.GetRequest(group=group, key=key), timeout=10).value
+
+
+# h2load ----------------------------------------------------------------------
+
+GET_PATH = "/groupcachepb.GroupCache/Get"
+GET_MANY_PATH = "/appliance.cache.Cache/GetMany"
+
+
+def grpc_body(message, name: str) -> Path:
+    """The 5-byte gRPC frame (uncompressed flag + length) around a message, in a file."""
+    data = message.SerializeToString()
+    path = OUT / f"body-{name}.bin"
+    path.write_bytes(b"\x00" + len(data).to_bytes(4, "big") + data)
+    return path
+
+
+def get_body(key: str, group: str = "bench") -> Path:
+    from appliance.pb import groupcache_pb2
+
+    return grpc_body(groupcache_pb2.GetRequest(group=group, key=key), f"get-{group}-{key}")
+
+
+def split_streams(streams: int) -> tuple[int, int]:
+    """(connections, streams per connection) for a total concurrency."""
+    conns = 1 if streams <= 4 else 4
+    return conns, max(1, streams // conns)
+
+
+def _pct(sorted_vals: list[float], p: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    i = min(len(sorted_vals) - 1, max(0, int(round(p / 100 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[i]
+
+
+def get_response_bytes(size: int) -> int:
+    """DATA bytes of one gRPC reply carrying a GetResponse with `size` bytes."""
+    if not size:
+        return 5
+    n, varint = size, 1
+    while n >= 0x80:
+        n >>= 7
+        varint += 1
+    return 5 + 1 + varint + size
+
+
+def h2load(port: int, path: str, body: Path, *, n: int, streams: int = 8, name: str = "h2load",
+           timeout: float = 60, watch: list[int] = (), conns: int | None = None, prefix: list[str] = (),
+           expect_data: int | None = None) -> dict:
+    """One bounded h2load run (n requests, killed after `timeout` s).
+
+    Returns rate, latency percentiles (from h2load's per-request log), the
+    client's CPU seconds (its rusage) and the CPU seconds of `watch` pids.
+    h2load counts HTTP 200 as success, and a gRPC error is an HTTP 200 with
+    the status in trailers and no message: `expect_data` (DATA bytes of one
+    good reply) turns short replies into an error."""
+    c, m = split_streams(streams) if conns is None else (conns, max(1, streams // conns))
+    logfile = OUT / f"{name}.reqlog"
+    logfile.unlink(missing_ok=True)  # h2load appends
+    cmd = [
+        *prefix, "h2load", "-n", str(n), "-c", str(c), "-m", str(m), "-t", "1",
+        "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "--log-file", str(logfile), f"http://{HOST}:{port}{path}",
+    ]
+    before = {pid: cpu_seconds(pid) for pid in watch}
+    busy0 = box_busy_s()
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = t0 + timeout
+    status, usage = 0, None
+    while True:
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(p.pid, signal.SIGKILL)
+            pid, status, usage = os.wait4(p.pid, 0)
+            break
+        time.sleep(0.01)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - t0
+    after = {pid: cpu_seconds(pid) for pid in watch}
+    busy = box_busy_s() - busy0
+    out = p.stdout.read().decode(errors="replace")
+    p.stdout.close()
+    (OUT / f"{name}.out").write_text(out)
+    res = parse_h2load(out)
+    lat = []
+    try:
+        with open(logfile) as f:
+            for line in f:
+                parts = line.split("\t")
+                if len(parts) >= 3 and parts[1] == "200":
+                    lat.append(int(parts[2]) / 1000.0)
+    except OSError:
+        pass
+    lat.sort()
+    res.update(
+        streams=c * m, conns=c, n=n, wall_s=wall, exit=p.returncode,
+        p50_ms=_pct(lat, 50), p90_ms=_pct(lat, 90), p99_ms=_pct(lat, 99), max_ms=lat[-1] if lat else float("nan"),
+        client_cpu_s=usage.ru_utime + usage.ru_stime if usage else float("nan"),
+        server_cpu_s=sum(after[pid] - before[pid] for pid in watch),
+    )
+    # CPU the rest of the box used meanwhile (other people's work on a shared
+    # box); only meaningful when `watch` holds every server of this run.
+    res["other_cpu_cores"] = max(0.0, busy - res["client_cpu_s"] - res["server_cpu_s"]) / max(wall, 1e-9)
+    if res.get("elapsed_s"):
+        res["client_cpu_share"] = res["client_cpu_s"] / max(1e-9, res["client_cpu_s"] + res["server_cpu_s"])
+    if p.returncode != 0 or res.get("succeeded", 0) == 0:
+        raise RuntimeError(f"h2load failed (exit {p.returncode}):\n{out[-2000:]}")
+    if expect_data is not None and "data_bytes" in res:
+        per = res["data_bytes"] / res["succeeded"]
+        res["data_bytes_per_reply"] = per
+        if per < expect_data * 0.999:
+            raise RuntimeError(f"{name}: replies carry {per:.1f} DATA bytes, expected {expect_data}: the server "
+                               f"answered with gRPC errors (see {OUT / (name + '.out')} and the server's log)")
+    return res
+
+
+def parse_h2load(out: str) -> dict:
+    res: dict = {}
+    m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    if m:
+        secs = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+        res["elapsed_s"] = secs
+        res["rps"] = float(m.group(3))
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if m:
+        keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
+        res.update({k: int(v) for k, v in zip(keys, m.groups())})
+    m = re.search(r"traffic: .*?\((\d+)\) total", out)
+    if m:
+        res["traffic_bytes"] = int(m.group(1))
+    m = re.search(r"traffic: .*\((\d+)\) data", out)
+    if m:
+        res["data_bytes"] = int(m.group(1))
+    return res
+
+
+def need(binary: str, package: str) -> str:
+    found = shutil.which(binary)
+    if not found:
+        raise SystemExit(f"{binary} not found: install the Debian package {package} (make -C bench deps)")
+    return found
+
+
+def median(vals):
+    vals = sorted(vals)
+    n = len(vals)
+    if not n:
+        return float("nan")
+    return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2
+
+
+def interleave(arms: dict, rounds: int) -> dict[str, list[dict]]:
+    """Run each arm (name -> callable returning a result dict) `rounds` times,
+    alternating the order (ABBA…) so drift on a shared box hits both alike."""
+    names = list(arms)
+    out: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out[name].append(arms[name]())
+    return out
+
+
+def summarize(runs: list[dict], keys=("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "client_cpu_share",
+                                      "other_cpu_cores")) -> dict:
+    s = {k: median([r[k] for r in runs if k in r]) for k in keys}
+    s["runs"] = len(runs)
+    s["rps_all"] = [round(r["rps"], 1) for r in runs]
+    return s
+
+
+def per_request_cpu(res: dict) -> dict:
+    res["cpu_us_per_req"] = res["server_cpu_s"] / max(1, res.get("succeeded", 0)) * 1e6
+    return res
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def owned_key(owner: str, peers: list[str], size: int = 100, tag: str = "k", start: int = 0) -> str:
+    """The first key "v<size>-<tag><i>" that the seed ring places on `owner`."""
+    from appliance.cache.ring import HashRing
+
+    ring = HashRing(peers, 50, "seed")
+    for i in range(start, start + 100_000):
+        key = value_key(size, f"{tag}{i}")
+        if ring.owner(key) == owner:
+            return key
+    raise RuntimeError(f"no key for {owner}")
+
+
+def start_ring(names: list[str], **kw) -> list[tuple[Proc, int, Path, str]]:
+    """Worker processes that share one ring (revision 1); (proc, port, admin sock, addr) each."""
+    ports = [free_port() for _ in names]
+    peers = [f"{HOST}:{p}" for p in ports]
+    out = []
+    for name, port, addr in zip(names, ports, peers):
+        proc, port, sock = start_worker(name, port=port, peers=peers, **kw)
+        out.append((proc, port, sock, addr))
+    return out
+
+
+def wait_for_state(supervisor, name: str, states: tuple[str, ...], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = supervisor.getProcessInfo(name)["statename"]
+        if state in states or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
+
+
+def quiet_box(max_wait: float = 45.0, threshold: float = 0.5, window: float = 1.0) -> float:
+    """Wait (up to max_wait s) until the rest of the box uses under `threshold`
+    cores over `window` s; the last reading. The box is shared with other
+    people's test runs, which otherwise land in our figures."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = box_busy_s(), time.monotonic()
+        time.sleep(window)
+        used = (box_busy_s() - b0) / (time.monotonic() - t0)
+        if used < threshold or time.monotonic() > deadline:
+            return used

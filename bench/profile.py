@@ -1,0 +1,267 @@
+"""Profile: where a worker's time goes while h2load drives hot Gets.
+
+py-spy samples the worker process (all threads, native frames included)
+while h2load runs; the raw stacks are classified:
+
+- waiting: the thread is parked (epoll_wait, futex): not CPU;
+- system calls: the leaf is a socket or wakeup system call (sendmsg, the
+  write to the eventfd grpc uses to wake the loop, recv, getpid, ...);
+- grpc core: the leaf is inside grpc's Cython/C core (cygrpc);
+- protobuf: the leaf is in the upb message module;
+- else by the innermost Python frame: product code (appliance/), grpc's
+  Python layer (grpc/aio), the asyncio event loop, or other.
+"Product inclusive" counts every sample with an appliance/ frame anywhere
+on the stack, including the grpc and protobuf work the product calls.
+
+Two targets: the hot-Get worker (100 B main-cache hits, 32 streams), and
+the forwarding node of the forwarded-Get bench (a non-owner with the hot
+cache off, 1 stream, so every Get costs it one call to the owner). A
+flame graph of the worker goes to bench/out/profile-worker.svg.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import lib
+from lib import GET_PATH, get_body, get_once, h2load
+
+SECONDS = 4
+RATE = 200
+WAIT = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_wait", "pthread_cond_timedwait",
+        "futex", "sem_wait", "sem_timedwait", "nanosleep", "clock_nanosleep", "__GI___poll", "pthread_cond_clockwait")
+SYSCALLS = ("sendmsg", "recvmsg", "write (", "read (", "eventfd_write", "eventfd_read", "syscall (", "recv (",
+            "send (", "writev", "readv", "getpid", "__libc_sendmsg", "__libc_recvmsg", "__libc_write", "madvise",
+            "munmap", "mmap")
+PRODUCT = re.compile(r"\((?:[^()]*/)?appliance/[^()]*\)")
+
+
+def py_spy() -> str:
+    return str(Path(lib.PY).parent / "py-spy")
+
+
+def record(pid: int, out: Path, fmt: str, native: bool, seconds: float) -> subprocess.Popen:
+    cmd = [py_spy(), "record", "--pid", str(pid), "-d", str(seconds), "-r", str(RATE), "-o", str(out),
+           "--format", fmt]
+    # --native needs the process paused for each sample (py-spy's default);
+    # the Python-only flame graph can sample without pausing.
+    cmd.append("--native" if native else "--nonblocking")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+PY_FRAME = re.compile(r"\(([^()]*\.py):\d+\)$")
+
+
+def _python_file(frame: str) -> str | None:
+    m = PY_FRAME.search(frame)
+    return m.group(1) if m else None
+
+
+def classify(raw: Path) -> dict:
+    """Shares of the busy samples: by leaf for native code and system calls,
+    else by the innermost Python frame's file."""
+    cats, leaves, product_frames, threads = Counter(), Counter(), Counter(), Counter()
+    total = product_incl = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if any(w in leaf for w in WAIT):
+            cats["waiting (parked)"] += n
+            continue
+        threads["grpc poller thread" if any("Thread._bootstrap" in f for f in frames) else "event loop thread"] += n
+        prod = [f for f in frames if PRODUCT.search(f)]
+        if prod:
+            product_incl += n
+        py = [f for f in frames if _python_file(f)]
+        inner = _python_file(py[-1]) if py else ""
+        if any(x in leaf for x in SYSCALLS):
+            cat = "system calls (socket I/O, wakeups)"
+        elif "cygrpc" in leaf:
+            cat = "grpc core (Cython/C, native)"
+        elif "_message" in leaf or "upb" in leaf.lower():
+            cat = "protobuf (upb)"
+        elif "gc_collect" in leaf:
+            cat = "garbage collector"
+        elif PRODUCT.search(py[-1] if py else ""):
+            cat = "product code (appliance/, own frames)"
+            product_frames[_short(py[-1])] += n
+        elif "grpc/" in inner:
+            cat = "grpc Python layer (grpc/aio)"
+        elif "asyncio/" in inner:
+            cat = "asyncio event loop"
+        else:
+            cat = "interpreter / other"
+        cats[cat] += n
+        leaves[_short(leaf)] += n
+    busy = total - cats["waiting (parked)"]
+    share = (lambda v: v / busy) if busy else (lambda v: None)  # noqa: E731
+    return {
+        "samples": total,
+        "busy_samples": busy,
+        "categories": {k: {"samples": v, "share_of_busy": None if k.startswith("waiting") else share(v)}
+                       for k, v in cats.most_common()},
+        "product_inclusive_share": share(product_incl),
+        "threads": {k: share(v) for k, v in threads.most_common()},
+        "top_leaves": [(k, share(v)) for k, v in leaves.most_common(12)],
+        "top_product_frames": [(k, share(v)) for k, v in product_frames.most_common(10)],
+    }
+
+
+def _short(frame: str) -> str:
+    frame = re.sub(r"0x[0-9a-f]+ \(([^)]*/)?([^/)]+)\)", r"<native> (\2)", frame)
+    return re.sub(r"\(/[^)]*/(site-packages|lib/python3\.\d+)/", "(", frame)
+
+
+def profile_target(name: str, pid: int, port: int, body: Path, streams: int, rate_guess: float,
+                   svg: Path | None = None) -> dict:
+    raw = lib.OUT / f"profile-{name}.txt"
+    n = int(rate_guess * (SECONDS + 3))
+    load: dict = {}
+
+    def drive():
+        load.update(h2load(port, GET_PATH, body, n=n, streams=streams, name=f"profile-{name}", watch=[pid],
+                           timeout=SECONDS * 6 + 30, expect_data=lib.get_response_bytes(100)))
+
+    t = threading.Thread(target=drive)
+    t.start()
+    time.sleep(0.5)
+    spy = record(pid, raw, "raw", True, SECONDS)
+    out, _ = spy.communicate(timeout=SECONDS * 5 + 30)
+    if svg is not None and t.is_alive():
+        spy2 = record(pid, svg, "flamegraph", False, 2)
+        spy2.communicate(timeout=60)
+    t.join()
+    if spy.returncode != 0:
+        raise RuntimeError(f"py-spy failed: {out.decode(errors='replace')[-1000:]}")
+    res = classify(raw)
+    res["load"] = {k: load.get(k) for k in ("rps", "p50_ms", "succeeded")}
+    return res
+
+
+def syscalls_per_get(pid: int, port: int, body: Path, name: str, requests: int = 3000) -> dict | None:
+    """strace -c -f on the server while h2load sends `requests` Gets: system
+    calls per Get, by name (the counts, not the times, which strace skews)."""
+    import os
+    import shutil
+    import signal
+
+    if not shutil.which("strace"):
+        return None
+    out = lib.OUT / f"strace-{name}.txt"
+    st = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(out)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # attached to every thread
+        r = h2load(port, GET_PATH, body, n=requests, streams=32, name=f"strace-{name}", timeout=120,
+                   expect_data=lib.get_response_bytes(100))
+        time.sleep(0.2)
+    finally:
+        os.kill(st.pid, signal.SIGINT)
+        try:
+            st.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(st.pid, signal.SIGKILL)
+            st.wait()
+    calls: dict[str, float] = {}
+    for line in out.read_text().splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+            calls[f[-1]] = int(f[3]) / max(1, r["succeeded"])
+    return {"per_get": dict(sorted(calls.items(), key=lambda kv: -kv[1])), "total_per_get": sum(calls.values())}
+
+
+def handler_time(sizes=(100, 1 << 20)) -> dict:
+    """Wall time inside the product's Get handler per Get (servers.py
+    --timing; a hit never suspends, so this is CPU), next to the worker's
+    whole CPU per Get."""
+    import json
+    import os
+    import signal
+
+    timing = lib.OUT / "profile-timing.json"
+    worker, port, _ = lib.start_worker("profile-timed", extra=["--timing", str(timing)])
+
+    def snapshot() -> dict:
+        timing.unlink(missing_ok=True)
+        os.kill(worker.pid, signal.SIGUSR1)
+        lib.wait_file(timing, 10, worker)
+        time.sleep(0.05)
+        return json.loads(timing.read_text())
+
+    out = {}
+    try:
+        for size in sizes:
+            key = lib.value_key(size)
+            get_once(port, key)
+            body = get_body(key)
+            h2load(port, GET_PATH, body, n=200, streams=8, name="profile-timed-warm")
+            a = snapshot()
+            r = lib.per_request_cpu(h2load(port, GET_PATH, body, n=4000 if size < 65536 else 400, streams=8,
+                                           name=f"profile-timed-{size}", watch=[worker.pid], timeout=120,
+                                           expect_data=lib.get_response_bytes(size)))
+            b = snapshot()
+            calls = max(1, b["handler_calls"] - a["handler_calls"])
+            out[str(size)] = {
+                "handler_us": (b["handler_ns"] - a["handler_ns"]) / calls / 1000,
+                "cpu_us_per_get": r["cpu_us_per_req"],
+                "gets": calls,
+            }
+    finally:
+        worker.kill()
+    return out
+
+
+def run(cfg) -> dict:
+    results = {}
+    results["handler_time"] = handler_time()
+    echo, eport = lib.start_echo("profile-echo")
+    try:
+        get_once(eport, lib.value_key(100))
+        results["syscalls_echo"] = syscalls_per_get(echo.pid, eport, get_body(lib.value_key(100)), "echo")
+    finally:
+        echo.kill()
+    worker, wport, sock = lib.start_worker("profile-worker")
+    try:
+        key = lib.value_key(100)
+        get_once(wport, key)
+        body = get_body(key)
+        results["syscalls_worker"] = syscalls_per_get(worker.pid, wport, body, "worker")
+        probe = h2load(wport, GET_PATH, body, n=3000, streams=32, name="profile-probe")
+        lib.log("profile: hot Get worker (100 B hits, 32 streams)")
+        results["hot_get_worker"] = profile_target("worker", worker.pid, wport, body, 32, probe["rps"],
+                                                   svg=lib.OUT / "profile-worker.svg")
+    finally:
+        worker.kill()
+    (a, aport, asock, aaddr), (b, bport, bsock, baddr) = lib.start_ring(["profile-fwd-a", "profile-fwd-b"], mirror=0.0)
+    try:
+        key = lib.owned_key(baddr, [aaddr, baddr], 100, "prof")
+        get_once(aport, key)
+        body = get_body(key)
+        probe = h2load(aport, GET_PATH, body, n=1000, streams=1, name="profile-probe")
+        lib.log("profile: forwarding node (non-owner, hot cache off, 1 stream)")
+        results["forwarding_node"] = profile_target("forwarder", a.pid, aport, body, 1, probe["rps"])
+    finally:
+        a.kill()
+        b.kill()
+    for size, h in results["handler_time"].items():
+        lib.log(f"  {size} B hit: product handler {h['handler_us']:.1f} µs of {h['cpu_us_per_get']:.0f} µs "
+                "worker CPU per Get")
+    for name in ("syscalls_echo", "syscalls_worker"):
+        if results.get(name):
+            lib.log(f"  {name}: {results[name]['total_per_get']:.1f} system calls per Get")
+    for name, r in results.items():
+        if "categories" not in (r or {}):
+            continue
+        cats = ", ".join(f"{k} {v['share_of_busy']:.0%}" for k, v in r["categories"].items() if v["share_of_busy"])
+        lib.log(f"  {name}: {cats}")
+    return results
