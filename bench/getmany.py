@@ -77,7 +77,6 @@ def memcaslap(port: int, seconds: float, watch: list[int], division: int = 1) ->
     except subprocess.TimeoutExpired:
         os.kill(p.pid, 9)
         out, _ = p.communicate()
-    _, _, usage = 0, 0, None
     text = out.decode(errors="replace")
     (lib.OUT / "memcaslap.out").write_text(text)
     server_cpu = sum(lib.cpu_seconds(pid) - before[pid] for pid in watch)

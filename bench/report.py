@@ -410,8 +410,8 @@ def section_getmany(res) -> list[str]:
                      num(r["p50_ms"], 2), num(r["p99_ms"], 2), num(r["cpu_us_per_key"], 2), pct(r["client_cpu_share"])])
     out += [table(["keys per call", "calls/s (abs.)", "keys/s (abs.)", "vs memcached gets/s", "p50 ms (abs.)",
                    "p99 ms (abs.)", "worker CPU µs per key (abs.)", "h2load CPU share"], rows), "",
-            f"The ratio in bold is measured in alternating rounds with memcached; the other rows are compared with "
-            f"the median memcached figure. ![GetMany](getmany.png)", ""]
+            "The ratio in bold is measured in alternating rounds with memcached; the other rows are compared with "
+            "the median memcached figure. ![GetMany](getmany.png)", ""]
     c = res.get("check", {})
     out += [f"Check: {num(c.get('keys_sent'))} keys requested, {num(c.get('main_hits'))} main-cache hits, "
             f"{c.get('loads')} loads.", ""]

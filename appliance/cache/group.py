@@ -133,19 +133,9 @@ class Group:
     async def get(self, key: str, *, forwarded: bool = False, timeout: float | None = None) -> Entry:
         """Value of key. `forwarded` marks a request a peer sent to us as the
         owner: serve it here whatever our ring says."""
-        stats = self.stats
-        stats.gets += 1
-        if forwarded:
-            stats.server_requests += 1
-        entry = self.main.get(key)
+        entry = self._lookup(key, forwarded)
         if entry is not None:
-            stats.main_hits += 1
             return entry
-        entry = self.hot.get(key)
-        if entry is not None:
-            stats.hot_hits += 1
-            return entry
-        stats.loads += 1
         if forwarded:
             return await self._load.do(key, lambda: self._load_as_owner(key))
         return await self._route.do(key, lambda: self._route_load(key, timeout))
@@ -157,25 +147,12 @@ class Group:
 
         Misses owned elsewhere go to each owner in one call; every key still
         has its own singleflight, shared with plain Gets."""
-        stats = self.stats
         results: list[Entry | CacheError | None] = [None] * len(keys)
         misses: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
-            stats.gets += 1
-            if forwarded:
-                stats.server_requests += 1
-            entry = self.main.get(key)
-            if entry is not None:
-                stats.main_hits += 1
-                results[i] = entry
-                continue
-            entry = self.hot.get(key)
-            if entry is not None:
-                stats.hot_hits += 1
-                results[i] = entry
-                continue
-            stats.loads += 1
-            misses.setdefault(key, []).append(i)
+            results[i] = self._lookup(key, forwarded)
+            if results[i] is None:
+                misses.setdefault(key, []).append(i)
         flights: dict[str, asyncio.Future] = {}
         batches: dict[str, tuple[Peer, list[str]]] = {}
         for key in misses:
@@ -201,6 +178,23 @@ class Group:
             for i in misses[key]:
                 results[i] = outcome
         return results  # type: ignore[return-value]
+
+    def _lookup(self, key: str, forwarded: bool) -> Entry | None:
+        """Count one Get and answer it from the caches when they can."""
+        stats = self.stats
+        stats.gets += 1
+        if forwarded:
+            stats.server_requests += 1
+        entry = self.main.get(key)
+        if entry is not None:
+            stats.main_hits += 1
+            return entry
+        entry = self.hot.get(key)
+        if entry is not None:
+            stats.hot_hits += 1
+            return entry
+        stats.loads += 1
+        return None
 
     def peek(self, key: str) -> Entry | None:
         """Cached entry without loading or counting."""

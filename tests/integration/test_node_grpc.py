@@ -7,7 +7,6 @@ import sys
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from appliance.cache.errors import OriginError
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
@@ -21,7 +20,6 @@ async def get(addr, group, key, timeout=5.0, metadata=None):
 
 
 def reason(err: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.to_status  # noqa: F841  (keeps the import honest)
     for k, v in err.trailing_metadata():
         if k == "grpc-status-details-bin":
             from google.rpc import status_pb2

@@ -126,7 +126,7 @@ def test_kill_9_worker_under_load(whole):
     restart by supervisord) is measured the same way."""
     app = whole
     addrs = app.addresses()
-    victim, others = addrs[2], addrs[:2]
+    others = addrs[:2]
     sup = app.supervisor()
     supervisord = sup.getPID()
     load = Load(others, app.truth, threads_per_target=2, max_seconds=90)

@@ -63,16 +63,23 @@ class Appliance:
         drain: str = "3s",
         groups: str | None = None,
         env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        base_port: int | None = None,
+        etcd_endpoint: str | None = None,
+        embedded_etcd: bool = True,
     ):
         self.root = root
         self.extra_env = dict(env or {})  # added to the environment of `appliance run`
         self.workers = workers
         self.lease_ttl = lease_ttl
         self.drain = drain
-        self.etcd_port = free_port()
-        self.base_port = free_range(8)
+        self.host = host
+        self.etcd_endpoint = etcd_endpoint or f"127.0.0.1:{free_port()}"
+        self.embedded_etcd = embedded_etcd
+        self.base_port = base_port or free_range(8)
         self.config = root / "appliance.toml"
         self.log = root / "appliance.log"
+        self.launcher: list[str] = []  # e.g. `ip netns exec NS`, to run it elsewhere
         self.groups = groups or (
             "[groups.scores]\n"
             'origin = "sqlite:///{state_dir}/scores.db"\n'
@@ -82,6 +89,10 @@ class Appliance:
         self.write_config()
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def etcd_port(self) -> int:
+        return int(self.etcd_endpoint.rpartition(":")[2])
+
     # Config and processes ------------------------------------------------------
 
     def write_config(self, workers: int | None = None) -> None:
@@ -90,13 +101,13 @@ class Appliance:
         self.config.write_text(
             f"""
 [cluster]
-etcd = ["127.0.0.1:{self.etcd_port}"]
-embedded_etcd = true
+etcd = ["{self.etcd_endpoint}"]
+embedded_etcd = {"true" if self.embedded_etcd else "false"}
 lease_ttl = {self.lease_ttl}
 
 [node]
 workers = {self.workers}
-host = "127.0.0.1"
+host = "{self.host}"
 base_port = {self.base_port}
 drain_timeout = "{self.drain}"
 peer_timeout = "2s"
@@ -108,18 +119,19 @@ runtime_dir = "{self.root / 'run'}"
 """
         )
 
-    def start(self) -> "Appliance":
+    def start(self, wait: bool = True) -> "Appliance":
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
         env.update(self.extra_env)
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "appliance"), "run", "--config", str(self.config)],
+            [*self.launcher, str(BIN / "appliance"), "run", "--config", str(self.config)],
             stdout=self._logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
         )
-        self.wait_ring(self.workers)
+        if wait:
+            self.wait_ring(self.workers)
         return self
 
     def cli(self, *args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
@@ -131,13 +143,13 @@ runtime_dir = "{self.root / 'run'}"
         )
 
     def addresses(self, n: int | None = None) -> list[str]:
-        return [f"127.0.0.1:{self.base_port + i}" for i in range(self.workers if n is None else n)]
+        return [f"{self.host}:{self.base_port + i}" for i in range(self.workers if n is None else n)]
 
     def etcd(self):
         from appliance.cluster import etcd as etcd_mod
         from appliance.config import Settings
 
-        return etcd_mod.connect(Settings(cluster={"etcd": [f"127.0.0.1:{self.etcd_port}"]}).cluster)
+        return etcd_mod.connect(Settings(cluster={"etcd": [self.etcd_endpoint]}).cluster)
 
     def registered(self) -> dict[str, dict]:
         client = self.etcd()

@@ -14,7 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .appliance import BIN, Appliance
+from .appliance import Appliance
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -106,57 +106,13 @@ class HostAppliance(Appliance):
     Host 0 runs the embedded etcd on the bridge address; the others use it."""
 
     def __init__(self, root: Path, net: Network, index: int, etcd: str, *, base_port: int, **kwargs) -> None:
-        self.net, self.index, self.etcd_endpoint, self._base = net, index, etcd, base_port
-        self.host = net.address(index)
+        self.net, self.index = net, index
         root.mkdir(parents=True, exist_ok=True)
-        super().__init__(root, **kwargs)
-        self.base_port = base_port
-        self.write_config()
-
-    def write_config(self, workers: int | None = None) -> None:
-        if workers is not None:
-            self.workers = workers
-        self.config.write_text(
-            f"""
-[cluster]
-etcd = ["{self.etcd_endpoint}"]
-embedded_etcd = {"true" if self.index == 0 else "false"}
-lease_ttl = {self.lease_ttl}
-
-[node]
-workers = {self.workers}
-host = "{self.host}"
-base_port = {self.base_port}
-drain_timeout = "{self.drain}"
-peer_timeout = "2s"
-state_dir = "{self.root / 'state'}"
-runtime_dir = "{self.root / 'run'}"
-
-{self.groups}
-"""
+        super().__init__(
+            root, host=net.address(index), base_port=base_port, etcd_endpoint=etcd, embedded_etcd=index == 0, **kwargs
         )
-
-    def addresses(self, n: int | None = None) -> list[str]:
-        return [f"{self.host}:{self.base_port + i}" for i in range(self.workers if n is None else n)]
-
-    def etcd(self):
-        from appliance.cluster import etcd as etcd_mod
-        from appliance.config import Settings
-
-        return etcd_mod.connect(Settings(cluster={"etcd": [self.etcd_endpoint]}).cluster)
+        self.launcher = list(net.prefix(index))
 
     def start(self) -> "HostAppliance":
         """Start without waiting: the ring spans every host."""
-        import subprocess as sp
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-        env.update(self.extra_env)
-        self._logf = open(self.log, "ab")
-        self.proc = sp.Popen(
-            [*self.net.prefix(self.index), str(BIN / "appliance"), "run", "--config", str(self.config)],
-            stdout=self._logf,
-            stderr=sp.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-        return self
+        return super().start(wait=False)

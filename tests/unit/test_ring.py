@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from appliance.cache.ring import SCHEMES, HashRing
