@@ -18,7 +18,7 @@ from pathlib import Path
 from .cluster import etcd
 from .cluster.registry import Registration
 from .node.node import Node
-from .ops.metrics import LogThrottle, NodeMetrics, instrument_loader
+from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
 from .origins import build_origin
 
 log = logging.getLogger(__name__)

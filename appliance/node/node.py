@@ -20,7 +20,7 @@ from .. import addr as addrs
 from .. import tls as tlsmod
 from ..cache.group import Group
 from ..logs import event
-from ..ops.metrics import NodeMetrics
+from .metrics import NodeMetrics
 from ..pb import admin_pb2_grpc
 from . import wire
 from .admin import AdminService
@@ -144,7 +144,7 @@ class Node:
         ops = getattr(self.settings, "ops", None)
         if ops is None or not ops.rate_limit:
             return []
-        from ..ops.ratelimit import RateLimitInterceptor, TokenBuckets, TrustedPeers
+        from .ratelimit import RateLimitInterceptor, TokenBuckets, TrustedPeers
 
         self.buckets = TokenBuckets(ops.rate_limit, ops.burst())
         limited = self.metrics.rate_limited.labels("grpc")
@@ -152,7 +152,7 @@ class Node:
         return [RateLimitInterceptor(self.buckets, trusted, limited.inc)]
 
     async def _start_http(self) -> None:
-        from ..ops.http_api import HttpApi
+        from .http_api import HttpApi
 
         api = HttpApi(
             self,

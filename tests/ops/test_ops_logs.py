@@ -9,7 +9,7 @@ import pytest
 
 from appliance.cache.errors import KeyNotFound, OriginError
 from appliance.logs import LogfmtFormatter, event, quote
-from appliance.ops.metrics import LogThrottle, NodeMetrics, instrument_loader
+from appliance.node.metrics import LogThrottle, NodeMetrics, instrument_loader
 
 
 def test_logfmt_line_quotes_and_never_spans_lines():

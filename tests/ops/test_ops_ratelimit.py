@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.ops.ratelimit import TokenBuckets, client_address
+from appliance.node.ratelimit import TokenBuckets, client_address
 
 
 def test_burst_then_refill_at_the_rate():

@@ -37,8 +37,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..node.peers import FORWARDED
-from ..node.status import DOMAIN
+from .peers import FORWARDED
+from .status import DOMAIN
 
 LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/")
 

@@ -37,7 +37,7 @@ from ..cache import errors
 if TYPE_CHECKING:
     import ssl
 
-    from ..node.node import Node
+    from .node import Node
     from .ratelimit import TokenBuckets
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,219 @@
+"""Prometheus metrics of one worker (the box endpoint is appliance.ops.metrics).
+
+`NodeMetrics` is a `CollectorRegistry` per node. Its collector reads the
+group counters (`appliance.cache.group.Stats`), the stores and the ring when
+scraped, so the numbers are exact and cost nothing on the Get path. The
+origin load latency histogram is observed by `instrument_loader`, the
+wrapper worker.py puts around each group's loader (the cache core stays free
+of metrics). The admin RPC `Admin.Metrics` returns the registry in the
+Prometheus text format; the controller re-labels and serves it per box.
+
+Families (counters since the worker started; labels `group`, `cache` =
+main|hot, `result` = ok|not_found|error):
+
+    groupcache_gets_total, groupcache_hits_total{cache}, groupcache_hit_ratio,
+    groupcache_loads_total, groupcache_loads_deduped_total,
+    groupcache_peer_loads_total, groupcache_peer_errors_total,
+    groupcache_server_requests_total, groupcache_origin_loads_total{result},
+    groupcache_origin_load_seconds{result} (histogram),
+    groupcache_cache_bytes{cache}, groupcache_cache_items{cache},
+    groupcache_cache_evictions_total{cache}, groupcache_cache_limit_bytes,
+    groupcache_ring_revision, groupcache_ring_peers, groupcache_ring_member,
+    groupcache_draining, groupcache_rate_limited_total{protocol}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..cache.errors import InvalidRequest, KeyNotFound
+from ..logs import event
+from ..pb import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str], Awaitable[bytes]]
+# Origin loads span a cached-file read (~100 us) to a timed-out database (5 s+).
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
+
+
+class NodeMetrics:
+    """The registry of one node (one worker process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.origin_seconds = Histogram(
+            "groupcache_origin_load_seconds",
+            "Time of each origin load on this worker, by outcome.",
+            ["group", "result"],
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "groupcache_rate_limited",
+            "Requests refused by the per-client-address rate limit.",
+            ["protocol"],
+            registry=self.registry,
+        )
+        for protocol in ("grpc", "http"):
+            self.rate_limited.labels(protocol)  # 0, not absent, while nothing is limited
+        self._node: Node | None = None
+
+    def attach(self, node: Node) -> None:
+        """Report this node's groups and ring (once; Node does it)."""
+        if self._node is None:
+            self._node = node
+            self.registry.register(_NodeCollector(node))
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class _NodeCollector:
+    """Reads a live node at scrape time: exact counters, current sizes."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no registration-time check: families depend on the groups
+
+    def collect(self) -> Iterable[Metric]:
+        g = ["group"]
+        gc = ["group", "cache"]
+        counters = {
+            "gets": CounterMetricFamily("groupcache_gets", "Gets served by this worker (local or forwarded).", labels=g),
+            "hits": CounterMetricFamily("groupcache_hits", "Gets answered from the main or the hot cache.", labels=gc),
+            "loads": CounterMetricFamily("groupcache_loads", "Gets that missed both caches.", labels=g),
+            "loads_deduped": CounterMetricFamily(
+                "groupcache_loads_deduped", "Loads that ran after singleflight (one per key and flight).", labels=g
+            ),
+            "peer_loads": CounterMetricFamily("groupcache_peer_loads", "Values fetched from the owning peer.", labels=g),
+            "peer_errors": CounterMetricFamily(
+                "groupcache_peer_errors", "Owner unreachable in time: loaded locally instead.", labels=g
+            ),
+            "server_requests": CounterMetricFamily(
+                "groupcache_server_requests", "Gets forwarded to this worker by peers.", labels=g
+            ),
+            "origin": CounterMetricFamily(
+                "groupcache_origin_loads", "Origin loads by outcome.", labels=["group", "result"]
+            ),
+            "evictions": CounterMetricFamily("groupcache_cache_evictions", "Entries evicted to stay in budget.", labels=gc),
+        }
+        ratio = GaugeMetricFamily("groupcache_hit_ratio", "hits / gets since the worker started (NaN before any get).", labels=g)
+        size = GaugeMetricFamily("groupcache_cache_bytes", "Key + value bytes held.", labels=gc)
+        items = GaugeMetricFamily("groupcache_cache_items", "Entries held.", labels=gc)
+        limit = GaugeMetricFamily("groupcache_cache_limit_bytes", "The group's cache_bytes budget.", labels=g)
+        for name, group in self.node.groups.items():
+            s = group.stats
+            counters["gets"].add_metric([name], s.gets)
+            counters["hits"].add_metric([name, "main"], s.main_hits)
+            counters["hits"].add_metric([name, "hot"], s.hot_hits)
+            counters["loads"].add_metric([name], s.loads)
+            counters["loads_deduped"].add_metric([name], s.loads_deduped)
+            counters["peer_loads"].add_metric([name], s.peer_loads)
+            counters["peer_errors"].add_metric([name], s.peer_errors)
+            counters["server_requests"].add_metric([name], s.server_requests)
+            counters["origin"].add_metric([name, "ok"], s.local_loads)
+            counters["origin"].add_metric([name, "not_found"], s.not_found)
+            counters["origin"].add_metric([name, "error"], s.local_load_errs)
+            ratio.add_metric([name], s.hits / s.gets if s.gets else math.nan)
+            limit.add_metric([name], group.cache_bytes)
+            for label, store in (("main", group.main), ("hot", group.hot)):
+                counters["evictions"].add_metric([name, label], store.evictions)
+                size.add_metric([name, label], store.bytes)
+                items.add_metric([name, label], len(store))
+        yield from counters.values()
+        yield from (ratio, size, items, limit)
+        peers = self.node.peers
+        yield GaugeMetricFamily("groupcache_ring_revision", "etcd revision of the ring this worker holds.", value=peers.revision)
+        yield GaugeMetricFamily("groupcache_ring_peers", "Nodes in the ring this worker holds.", value=len(peers.ring))
+        yield GaugeMetricFamily(
+            "groupcache_ring_member", "1 when this worker is in its own ring.", value=int(self.node.addr in peers.ring)
+        )
+        yield GaugeMetricFamily("groupcache_draining", "1 while the worker drains before a stop.", value=int(self.node.draining))
+
+
+# The loader wrapper ------------------------------------------------------------
+
+
+class LogThrottle:
+    """At most one line per (group, kind) per `interval` seconds; the next
+    line says how many were left out, so an origin outage under load
+    costs a few lines, not one per request."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._skipped: dict[tuple[str, str], int] = {}
+
+    def allow(self, group: str, kind: str) -> int | None:
+        """None to stay quiet, else the number of lines left out before this one."""
+        key = (group, kind)
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._skipped.pop(key, 0)
+
+
+def instrument_loader(
+    group: str,
+    loader: Loader,
+    metrics: NodeMetrics,
+    *,
+    slow_load: float = 1.0,
+    throttle: LogThrottle | None = None,
+) -> Loader:
+    """The loader with its latency observed, origin errors logged at WARNING
+    and loads slower than `slow_load` seconds (0: never) logged at INFO."""
+    throttle = throttle or LogThrottle()
+    ok = metrics.origin_seconds.labels(group, "ok")
+    missing = metrics.origin_seconds.labels(group, "not_found")
+    failed = metrics.origin_seconds.labels(group, "error")
+    clock = time.perf_counter
+
+    async def load(key: str) -> bytes:
+        start = clock()
+        try:
+            value = await loader(key)
+        except KeyNotFound:
+            missing.observe(clock() - start)
+            raise
+        except InvalidRequest:
+            failed.observe(clock() - start)  # as Stats counts it; the client's fault, not logged
+            raise
+        except Exception as exc:
+            elapsed = clock() - start
+            failed.observe(elapsed)
+            skipped = throttle.allow(group, "error")
+            if skipped is not None:
+                event(
+                    log, logging.WARNING, "origin load failed", group=group, key=key[:120],
+                    cause=f"{type(exc).__name__}: {exc}", seconds=f"{elapsed:.3f}", suppressed=skipped,
+                )  # fmt: skip
+            raise
+        elapsed = clock() - start
+        ok.observe(elapsed)
+        if slow_load and elapsed >= slow_load:
+            skipped = throttle.allow(group, "slow")
+            if skipped is not None:
+                event(
+                    log, logging.INFO, "slow origin load", group=group, key=key[:120],
+                    seconds=f"{elapsed:.3f}", threshold=f"{slow_load:g}", bytes=len(value), suppressed=skipped,
+                )  # fmt: skip
+        return value
+
+    return load
