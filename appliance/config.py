@@ -30,7 +30,7 @@ import ipaddress
 import json
 import os
 import re
-import sys
+import tomllib
 import types
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -71,11 +71,6 @@ from .units import (
     parse_bytes,
     parse_duration,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - pydantic-settings needs tomli on 3.10 too
-    import tomli as tomllib
 
 __all__ = [
     "DEFAULT_CONFIG_RESOURCE",

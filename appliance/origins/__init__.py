@@ -38,7 +38,6 @@ __all__ = [
     "SQL_SCHEMES",
 ]
 
-_HAS_TIMEOUT_CM = hasattr(asyncio, "timeout")
 
 # URL schemes (the part before "+driver") handled by the SQL origin.
 SQL_SCHEMES = frozenset({"sqlite", "postgresql", "postgres", "mysql", "mariadb"})
@@ -126,11 +125,8 @@ class LimitedOrigin:
                     self._in_flight -= 1
 
         try:
-            if _HAS_TIMEOUT_CM:  # 3.11+: no extra task per load
-                async with asyncio.timeout(self.timeout):
-                    value = await run()
-            else:  # pragma: no cover - Python 3.10
-                value = await asyncio.wait_for(run(), self.timeout)
+            async with asyncio.timeout(self.timeout):  # no extra task per load
+                value = await run()
         except (asyncio.TimeoutError, TimeoutError):
             msg = f"group {self.group_name}: origin timed out after {self.timeout}s"
             if not got_slot:
@@ -181,7 +177,7 @@ def build_origin(group_name: str, spec: Any, *, state_dir: Path, max_value_bytes
         raise ValueError(f"group {group_name}: origin is empty; expected one of {SUPPORTED_FORMS}")
     origin = raw.strip().replace("{state_dir}", str(state_dir))
     timeout = float(_get(spec, "timeout", 5.0))
-    max_loads = int(_get(spec, "max_concurrent_loads", 8))
+    max_loads = int(_get(spec, "max_concurrent_loads", 64))
     demo_seed = bool(_get(spec, "demo_seed", False))
     if max_loads < 1:
         raise ValueError(f"group {group_name}: max_concurrent_loads must be >= 1, got {max_loads}")
