@@ -95,6 +95,7 @@ class Node:
         self.stop_requested = asyncio.Event()
         self.stop_drain_timeout: float | None = None
         self._ring_changed = asyncio.Condition()
+        self._background: set[asyncio.Task] = set()
         self._server: grpc.aio.Server | None = None
         self._admin: grpc.aio.Server | None = None
         self.metrics = NodeMetrics() if metrics is None else metrics
@@ -189,12 +190,16 @@ class Node:
             log, logging.INFO, "ring changed", revision=revision, peers=len(self.peers.ring),
             member=str(self.addr in self.peers.ring).lower(),
         )  # fmt: skip
-        if not self.draining:
-            asyncio.ensure_future(self._set_health(_SERVING))
-        asyncio.ensure_future(self._notify_ring())
+        # Called from sync code: the follow-up runs as a task we keep a
+        # reference to (the loop holds tasks only weakly).
+        task = asyncio.ensure_future(self._after_ring_change())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return True
 
-    async def _notify_ring(self) -> None:
+    async def _after_ring_change(self) -> None:
+        if not self.draining:
+            await self._set_health(_SERVING)
         async with self._ring_changed:
             self._ring_changed.notify_all()
 

@@ -126,6 +126,7 @@ class TrustedPeers:
         self._revision: int | None = None
         self._ips: set[str] = set()
         self._resolving: set[str] = set()
+        self._tasks: set = set()
 
     def __call__(self) -> set[str]:
         revision, nodes = self._ring_nodes()
@@ -160,7 +161,9 @@ class TrustedPeers:
             finally:
                 self._resolving.discard(name)
 
-        loop.create_task(resolve())
+        task = loop.create_task(resolve())
+        self._tasks.add(task)  # the loop holds tasks only weakly
+        task.add_done_callback(self._tasks.discard)
 
 
 class RateLimitInterceptor(grpc.aio.ServerInterceptor):
