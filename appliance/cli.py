@@ -156,10 +156,7 @@ def cmd_locate(args) -> int:
 
 
 def _local_workers(settings) -> list[tuple[int, str, Path]]:
-    from .worker import admin_socket
-
-    runtime = settings.runtime_path()
-    return [(i, settings.node.address(i), admin_socket(runtime, i)) for i in range(settings.node.workers)]
+    return [(i, settings.node.address(i), settings.admin_socket(i)) for i in range(settings.node.workers)]
 
 
 def cmd_stats(args) -> int:

@@ -689,6 +689,11 @@ class Settings(BaseSettings):
         """node.runtime_dir, or the default (see ``default_runtime_dir``)."""
         return self.node.runtime_dir or default_runtime_dir()
 
+    def admin_socket(self, index: int) -> Path:
+        """Unix socket of worker ``index``'s admin service (the controller
+        finds every ``worker-*.sock`` in the runtime dir)."""
+        return self.runtime_path() / f"worker-{index}.sock"
+
     def expand_origin(self, group: str | GroupSettings) -> str:
         """The group's origin with ``{state_dir}`` replaced by the state directory.
 

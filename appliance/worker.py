@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-from pathlib import Path
 
 from .cluster import etcd
 from .cluster.registry import Registration
@@ -24,15 +23,11 @@ from .origins import build_origin
 log = logging.getLogger(__name__)
 
 
-def admin_socket(runtime_dir: Path, index: int) -> Path:
-    return runtime_dir / f"worker-{index}.sock"
-
-
 async def serve(settings, index: int) -> int:
     ns = settings.node
     runtime = settings.runtime_path()
     runtime.mkdir(parents=True, exist_ok=True)
-    sock = admin_socket(runtime, index)
+    sock = settings.admin_socket(index)
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()  # left by a killed predecessor
     origins = {

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .. import addr as addrs
@@ -60,6 +61,42 @@ def check_ports(settings) -> list[str]:
             except OSError as exc:
                 clashes.append(f"{addrs.join(host, port)}: {exc.strerror}")
     return clashes
+
+
+def _section_changes(old, new) -> set[str]:
+    """Dotted names of the top-level settings (`node.workers`, `groups.x`, ...)
+    whose values differ."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    changed = set()
+    for section in a.keys() | b.keys():
+        sa, sb = a.get(section) or {}, b.get(section) or {}
+        for key in sa.keys() | sb.keys():
+            if sa.get(key) != sb.get(key):
+                changed.add(f"{section}.{key}")
+    return changed
+
+
+def _wait_in_ring(settings, index: int, timeout: float) -> bool:
+    """Until worker `index` answers on its admin socket and is in its ring."""
+    import json
+
+    import grpc
+
+    from ..pb import admin_pb2, admin_pb2_grpc
+
+    sock = settings.admin_socket(index)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(f"unix:{sock}") as channel:
+                reply = admin_pb2_grpc.AdminStub(channel).Stats(admin_pb2.StatsRequest(), timeout=1)
+            stats = json.loads(reply.json)
+            if stats["addr"] in stats["peers"]:
+                return True
+        except (grpc.RpcError, KeyError, ValueError):
+            pass
+        time.sleep(0.1)
+    return False
 
 
 class Appliance:
@@ -125,7 +162,7 @@ class Appliance:
         except Exception as exc:  # keep running on the old config
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        old_workers = self.settings.node.workers
+        old, old_workers = self.settings, self.settings.node.workers
         self.settings = new
         self.write_conf()
         try:
@@ -140,10 +177,30 @@ class Appliance:
                 self.supervisor.addProcessGroup(name)
             if changed:
                 log.warning("changed programs need `systemctl restart` to apply: %s", ", ".join(changed))
+            if _section_changes(old, new) - {"node.workers"}:
+                self._rolling_restart(old, new, kept=min(old_workers, new.node.workers))
         except Exception as exc:
             log.error("reload failed: %s", exc)
             return
         log.info("reloaded: workers %d -> %d", old_workers, new.node.workers)
+
+    def _rolling_restart(self, old, new, kept: int) -> None:
+        """Apply changed settings to running workers one at a time, each
+        stopped gracefully and back in the ring before the next goes."""
+        changes = sorted(_section_changes(old, new) - {"node.workers"})
+        if any(c.startswith("cluster.") for c in changes):
+            log.warning("cluster settings changed (%s): they need `systemctl restart`", ", ".join(changes))
+            return
+        log.info("settings changed (%s): restarting workers one at a time", ", ".join(changes))
+        grace = new.node.drain_timeout + new.node.peer_timeout + 5
+        rpc.stop_all(self.supervisor, ["controller"], 10)
+        self.supervisor.startProcess("controller", True)
+        for index in range(kept):
+            name = conf.worker_name(index)
+            rpc.stop_all(self.supervisor, [name], grace)
+            self.supervisor.startProcess(name, True)
+            if not _wait_in_ring(new, index, timeout=new.cluster.lease_ttl + 10):
+                log.warning("%s did not rejoin the ring in time; continuing", name)
 
     def shutdown(self) -> int:
         s = self.settings

@@ -170,6 +170,17 @@ def test_reload_changes_worker_count_and_sigterm_leaves_nothing(tmp_path):
         info = app.process_info()
         assert {n: info[n]["pid"] for n in ("worker-0", "worker-1")} == {n: pids[n] for n in ("worker-0", "worker-1")}
         assert sorted(app.registered()) == [f"groupcache/{a}" for a in app.addresses(2)]
+        # Any other change (here a group's budget) restarts the kept workers
+        # one at a time, each back in the ring before the next goes.
+        app.groups += 'cache_bytes = "32MiB"\n'
+        app.write_config(workers=2)
+        before = {n: info[n]["pid"] for n in ("worker-0", "worker-1")}
+        app.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: all(app.admin_stats(i)["groups"]["scores"]["cache_bytes"] == 32 * 2**20 for i in range(2)),
+                 60, what="new cache_bytes on both workers")
+        info = app.process_info()
+        assert all(info[n]["pid"] != before[n] for n in before)
+        app.wait_ring(2, timeout=10)
         # A broken config on reload keeps the running one.
         app.config.write_text(app.config.read_text() + "\n[node2]\n")
         app.proc.send_signal(signal.SIGHUP)
