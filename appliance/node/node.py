@@ -25,7 +25,7 @@ from ..pb import admin_pb2_grpc
 from . import wire
 from .admin import AdminService
 from .peers import Peers
-from .service import CACHE_SERVICE, SERVICE, CacheService, GroupCacheService
+from .service import CACHE_SERVICE, PEER_SERVICE, SERVICE, CacheService, GroupCacheService, PeerService
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,11 @@ class Node:
     async def start(self) -> None:
         server = grpc.aio.server(options=self.message_options, interceptors=self._interceptors() or None)
         data = self._data
-        server.add_generic_rpc_handlers((data.handler(), CacheService(self, data).handler()))
+        self._peer_service = PeerService(self, data)
+        server.add_generic_rpc_handlers((data.handler(), CacheService(self, data).handler(), self._peer_service.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE, CACHE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE, CACHE_SERVICE, PEER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
         credentials = tlsmod.server_credentials(getattr(self.settings, "tls", None))
@@ -176,6 +177,7 @@ class Node:
         if self.http_api is not None:
             await self.http_api.stop()
         if self._server is not None:
+            await self._peer_service.close()
             await self._server.stop(grace)
         if self._admin is not None:
             await self._admin.stop(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 import grpc
@@ -12,7 +13,7 @@ from ..cache import errors
 from ..cache.ring import HashRing
 from ..pb import cache_pb2, groupcache_pb2
 from . import wire
-from .status import from_rpc_error
+from .status import BY_REASON, from_rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,73 @@ TTL_MS = "x-groupcache-ttl-ms"
 _METADATA = (FORWARDED,)
 
 
+class ForwardStream:
+    """One long-lived Peer.Forward stream to an owner, shared by every Get
+    this node forwards there: in grpc.aio a message on an open stream costs
+    a fraction of a unary call. Answers are matched to requests by id."""
+
+    def __init__(self, method) -> None:
+        self._call = method(metadata=_METADATA)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self.broken: BaseException | None = None
+        self._tasks = (asyncio.ensure_future(self._write()), asyncio.ensure_future(self._read()))
+
+    async def request(self, group: str, key: str, wait: float) -> cache_pb2.ForwardResponse:
+        if self.broken is not None:
+            raise errors.PeerError(f"stream broken: {self.broken}")
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        self._outbox.put_nowait(cache_pb2.ForwardRequest(id=rid, group=group, key=key, timeout=wait))
+        try:
+            async with asyncio.timeout(wait):
+                return await future
+        except TimeoutError:
+            raise errors.PeerError(f"no answer within {wait:.3f}s") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._call.write(await self._outbox.get())
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    raise EOFError("stream ended by the peer")
+                future = self._pending.get(response.id)
+                if future is not None and not future.done():
+                    future.set_result(response)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = exc
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(errors.PeerError(f"stream broken: {exc}"))
+        self.close()
+
+    def unimplemented(self) -> bool:
+        return isinstance(self.broken, grpc.aio.AioRpcError) and self.broken.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    def close(self) -> None:
+        if self.broken is None:
+            self.broken = EOFError("closed")
+        self._call.cancel()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+
 class PeerClient:
     """A Peer (see appliance.cache.group) over one pooled gRPC channel."""
 
@@ -32,6 +100,13 @@ class PeerClient:
         self.channel = channel
         self._max_wait = max_wait
         self._share = share
+        self._forward = channel.stream_stream(
+            "/appliance.cache.Peer/Forward",
+            request_serializer=cache_pb2.ForwardRequest.SerializeToString,
+            response_deserializer=cache_pb2.ForwardResponse.FromString,
+        )
+        self._stream: ForwardStream | None = None
+        self._streaming = True  # False for a peer without the Peer service
         # The reply stays encoded: it is what we cache and send on (wire.py).
         self._get = channel.unary_unary(
             "/groupcachepb.GroupCache/Get",
@@ -69,6 +144,34 @@ class PeerClient:
             raise errors.PeerError(f"{self.addr}: {err}") from None
 
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        if not self._streaming:
+            return await self._get_unary(group, key, timeout)
+        stream = self._stream
+        if stream is None or stream.broken is not None:
+            stream = self._stream = ForwardStream(self._forward)
+        try:
+            response = await stream.request(group, key, self._wait(timeout))
+        except errors.PeerError:
+            if not stream.unimplemented():
+                raise
+            # A Go node, or an older one: plain Gets from now on.
+            self._streaming = False
+            return await self._get_unary(group, key, timeout)
+        if response.code:
+            cls = BY_REASON.get(response.reason)
+            if cls is None or cls is errors.GroupNotFound:
+                cls = errors.PeerError  # not the owner's answer about the key
+            raise cls(response.error or response.reason)
+        try:
+            return wire.normalize(response.response), response.ttl
+        except Exception as exc:  # undecodable: treat the owner as failed
+            raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+    async def _get_unary(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
         encoded, call = await self._call(
             self._get, groupcache_pb2.GetRequest(group=group, key=key), self._wait(timeout)
         )
@@ -166,6 +269,7 @@ class Peers:
         dropped = [c for a, c in self._clients.items() if a not in clients]
         self.ring, self._clients, self.revision = ring, clients, revision
         for client in dropped:
+            client.close()
             self._close_later(client.channel)
         return True
 
@@ -182,4 +286,6 @@ class Peers:
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
+        for client in clients.values():
+            client.close()
         await asyncio.gather(*(c.channel.close() for c in clients.values()), *self._closing, return_exceptions=True)

@@ -235,3 +235,101 @@ def _safe(message_type):
             return None
 
     return parse
+
+
+# The Peer service: forwarded Gets on one long-lived stream per peer -------
+
+PEER_SERVICE = "appliance.cache.Peer"
+
+
+class _ServerStream:
+    """One peer's open Forward stream: requests are answered concurrently,
+    answers go back in the order they are ready."""
+
+    def __init__(self) -> None:
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.tasks: set[asyncio.Task] = set()
+        self.reader: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        # Stop taking requests, answer those already taken, then end.
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.out.put_nowait(None)
+
+
+class PeerService:
+    def __init__(self, node: Node, data: GroupCacheService) -> None:
+        self.node = node
+        self.validate = data.validate
+        self._streams: set[_ServerStream] = set()
+
+    async def forward(self, requests, context):
+        stream = _ServerStream()
+        self._streams.add(stream)
+
+        async def answer(request: cache_pb2.ForwardRequest) -> None:
+            stream.out.put_nowait(await self._answer(request))
+
+        async def take() -> None:
+            try:
+                async for request in requests:
+                    if request is None:
+                        continue  # undecodable: without an id it cannot be answered
+                    task = asyncio.ensure_future(answer(request))
+                    stream.tasks.add(task)
+                    task.add_done_callback(stream.tasks.discard)
+            finally:  # the peer is done sending: end once all are answered
+                if stream.tasks:
+                    done = asyncio.gather(*stream.tasks, return_exceptions=True)
+                    done.add_done_callback(lambda _: stream.out.put_nowait(None))
+                else:
+                    stream.out.put_nowait(None)
+
+        stream.reader = asyncio.ensure_future(take())
+        try:
+            while (response := await stream.out.get()) is not None:
+                yield response
+        finally:
+            self._streams.discard(stream)
+            stream.reader.cancel()
+            for task in stream.tasks:
+                task.cancel()
+
+    async def _answer(self, request: cache_pb2.ForwardRequest) -> cache_pb2.ForwardResponse:
+        try:
+            self.validate(request.group, request.key)
+            group = self.node.groups.get(request.group)
+            if group is None:
+                raise errors.GroupNotFound(f"group {request.group!r} not found")
+            entry = await group.get(request.key, forwarded=True, timeout=request.timeout or None)
+        except errors.CacheError as exc:
+            return cache_pb2.ForwardResponse(
+                id=request.id, code=CODES[type(exc)].value[0], reason=exc.reason, error=str(exc) or exc.reason
+            )
+        except Exception as exc:  # a bug: answer and keep serving
+            log.exception("Forward %s/%r failed", request.group, request.key[:64])
+            return cache_pb2.ForwardResponse(
+                id=request.id, code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL", error=type(exc).__name__
+            )
+        ttl = max(entry.expires - time.monotonic(), 0.001) if entry.expires else 0.0
+        return cache_pb2.ForwardResponse(id=request.id, response=entry.data, ttl=ttl)
+
+    async def close(self) -> None:
+        """End every open stream once its requests are answered (a graceful
+        server stop would otherwise wait its whole grace on idle streams)."""
+        await asyncio.gather(*(s.close() for s in list(self._streams)), return_exceptions=True)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            PEER_SERVICE,
+            {
+                "Forward": grpc.stream_stream_rpc_method_handler(
+                    self.forward,
+                    request_deserializer=_safe(cache_pb2.ForwardRequest),
+                    response_serializer=cache_pb2.ForwardResponse.SerializeToString,
+                )
+            },
+        )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/cache.proto\x12\x0f\x61ppliance.cache\"-\n\x0eGetManyRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"Q\n\tKeyResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0b\n\x03ttl\x18\x05 \x01(\x01\">\n\x0fGetManyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.appliance.cache.KeyResult\"D\n\nSetRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0b\n\x03ttl\x18\x04 \x01(\x01\"+\n\rRemoveRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x07PeerAck\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\t\x12\x11\n\tconfirmed\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"H\n\x0e\x43hangeResponse\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x05peers\x18\x02 \x03(\x0b\x32\x18.appliance.cache.PeerAck2\xe5\x01\n\x05\x43\x61\x63he\x12L\n\x07GetMany\x12\x1f.appliance.cache.GetManyRequest\x1a .appliance.cache.GetManyResponse\x12\x43\n\x03Set\x12\x1b.appliance.cache.SetRequest\x1a\x1f.appliance.cache.ChangeResponse\x12I\n\x06Remove\x12\x1e.appliance.cache.RemoveRequest\x1a\x1f.appliance.cache.ChangeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/cache.proto\x12\x0f\x61ppliance.cache\"-\n\x0eGetManyRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"Q\n\tKeyResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0b\n\x03ttl\x18\x05 \x01(\x01\">\n\x0fGetManyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.appliance.cache.KeyResult\"D\n\nSetRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0b\n\x03ttl\x18\x04 \x01(\x01\"+\n\rRemoveRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x07PeerAck\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\t\x12\x11\n\tconfirmed\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"H\n\x0e\x43hangeResponse\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x05peers\x18\x02 \x03(\x0b\x32\x18.appliance.cache.PeerAck\"I\n\x0e\x46orwardRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"i\n\x0f\x46orwardResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0b\n\x03ttl\x18\x06 \x01(\x01\x32\xe5\x01\n\x05\x43\x61\x63he\x12L\n\x07GetMany\x12\x1f.appliance.cache.GetManyRequest\x1a .appliance.cache.GetManyResponse\x12\x43\n\x03Set\x12\x1b.appliance.cache.SetRequest\x1a\x1f.appliance.cache.ChangeResponse\x12I\n\x06Remove\x12\x1e.appliance.cache.RemoveRequest\x1a\x1f.appliance.cache.ChangeResponse2X\n\x04Peer\x12P\n\x07\x46orward\x12\x1f.appliance.cache.ForwardRequest\x1a .appliance.cache.ForwardResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERACK']._serialized_end=411
   _globals['_CHANGERESPONSE']._serialized_start=413
   _globals['_CHANGERESPONSE']._serialized_end=485
-  _globals['_CACHE']._serialized_start=488
-  _globals['_CACHE']._serialized_end=717
+  _globals['_FORWARDREQUEST']._serialized_start=487
+  _globals['_FORWARDREQUEST']._serialized_end=560
+  _globals['_FORWARDRESPONSE']._serialized_start=562
+  _globals['_FORWARDRESPONSE']._serialized_end=667
+  _globals['_CACHE']._serialized_start=670
+  _globals['_CACHE']._serialized_end=899
+  _globals['_PEER']._serialized_start=901
+  _globals['_PEER']._serialized_end=989
 # @@protoc_insertion_point(module_scope)

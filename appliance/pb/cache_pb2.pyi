@@ -71,3 +71,31 @@ class ChangeResponse(_message.Message):
     owner: str
     peers: _containers.RepeatedCompositeFieldContainer[PeerAck]
     def __init__(self, owner: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerAck, _Mapping]]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("id", "group", "key", "timeout")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    group: str
+    key: str
+    timeout: float
+    def __init__(self, id: _Optional[int] = ..., group: _Optional[str] = ..., key: _Optional[str] = ..., timeout: _Optional[float] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("id", "response", "code", "reason", "error", "ttl")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: bytes
+    code: int
+    reason: str
+    error: str
+    ttl: float
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[bytes] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., ttl: _Optional[float] = ...) -> None: ...

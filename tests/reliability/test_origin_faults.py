@@ -21,7 +21,7 @@ from appliance.config import Settings
 from appliance.node.status import reason_of
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import cluster
+from support.nodes import cluster, open_peer_streams
 from support.origin_server import SwitchableOrigin, http_value
 
 pytestmark = pytest.mark.integration
@@ -110,6 +110,7 @@ async def test_service_recovers_by_itself_and_caches_nothing_wrong(setup):
     (the origin is asked again), and no task is left behind."""
     origin, nodes = setup
     keys = [f"r{i}" for i in range(12)]
+    await open_peer_streams(nodes, "web")  # per-peer tasks, not leaks
     baseline = len(asyncio.all_tasks())
     for mode in ("error", "slow"):
         origin.mode = mode

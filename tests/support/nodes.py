@@ -56,3 +56,20 @@ async def cluster(n: int, loader, *, groups=("g",), admin_dir=None, **node):
         yield nodes
     finally:
         await asyncio.gather(*(x.stop(0) for x in nodes), return_exceptions=True)
+
+
+async def open_peer_streams(nodes, group: str) -> None:
+    """Forward once from every node to every other, so that each holds its
+    one long-lived Peer.Forward stream (a few tasks per peer, by design)
+    before a test starts counting tasks."""
+    from appliance.cache.errors import CacheError
+
+    for node in nodes:
+        for other in nodes:
+            if other is node:
+                continue
+            key = next(k for k in (f"__stream-{i}" for i in range(10_000)) if node.peers.owner(k) == other.addr)
+            try:
+                await node.groups[group].get(key)
+            except CacheError:
+                pass
