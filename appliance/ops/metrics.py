@@ -21,18 +21,8 @@ does not answer shows up as `groupcache_worker_up 0` instead of stale
 numbers, and the worker keeps no metrics files. The price is one unix-socket
 call per worker and scrape (about a millisecond each).
 
-Families (counters since the worker started; labels `group`, `cache` =
-main|hot, `result` = ok|not_found|error):
-
-    groupcache_gets_total, groupcache_hits_total{cache}, groupcache_hit_ratio,
-    groupcache_loads_total, groupcache_loads_deduped_total,
-    groupcache_peer_loads_total, groupcache_peer_errors_total,
-    groupcache_server_requests_total, groupcache_origin_loads_total{result},
-    groupcache_origin_load_seconds{result} (histogram),
-    groupcache_cache_bytes{cache}, groupcache_cache_items{cache},
-    groupcache_cache_evictions_total{cache}, groupcache_cache_limit_bytes,
-    groupcache_ring_revision, groupcache_ring_peers, groupcache_ring_member,
-    groupcache_draining, groupcache_rate_limited_total{protocol}
+The families are listed in appliance.node.metrics; each gets a `worker`
+label here.
 """
 
 from __future__ import annotations
