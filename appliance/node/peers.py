@@ -13,13 +13,18 @@ from ..cache import errors
 from ..cache.ring import HashRing
 from ..pb import cache_pb2, groupcache_pb2
 from . import wire
-from .status import BY_REASON, from_rpc_error
+from .status import from_rpc_error, owner_error
 
 log = logging.getLogger(__name__)
 
 # Marks a call as forwarded: the receiver serves it itself, so rings that
 # disagree during a membership change cannot bounce a request around.
 FORWARDED = ("x-groupcache-forwarded", "1")
+
+
+def is_forwarded(context) -> bool:
+    """Whether a server-side call came from a peer (see FORWARDED)."""
+    return FORWARDED in (context.invocation_metadata() or ())
 # Remaining TTL of the owner's entry, so a hot copy never outlives it.
 TTL_MS = "x-groupcache-ttl-ms"
 _METADATA = (FORWARDED,)
@@ -158,10 +163,7 @@ class PeerClient:
             self._streaming = False
             return await self._get_unary(group, key, timeout)
         if response.code:
-            cls = BY_REASON.get(response.reason)
-            if cls is None or cls is errors.GroupNotFound:
-                cls = errors.PeerError  # not the owner's answer about the key
-            raise cls(response.error or response.reason)
+            raise owner_error(response.reason, response.code, response.error or response.reason)
         try:
             return wire.normalize(response.response), response.ttl
         except Exception as exc:  # undecodable: treat the owner as failed

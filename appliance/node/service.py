@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 
 from ..cache import errors
 from ..pb import cache_pb2, groupcache_pb2
-from .peers import FORWARDED, TTL_MS
+from .peers import TTL_MS, is_forwarded
 from .status import CODES, to_status
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class GroupCacheService:
         if request is None:
             await context.abort_with_status(to_status(errors.InvalidRequest("malformed GetRequest")))
         group_name, key = request.group, request.key
-        forwarded = FORWARDED in (context.invocation_metadata() or ())
+        forwarded = is_forwarded(context)
         try:
             self.validate(group_name, key)
             group = self.node.groups.get(group_name)
@@ -101,7 +101,7 @@ class CacheService:
         return group
 
     async def get_many(self, request: cache_pb2.GetManyRequest, context: grpc.aio.ServicerContext):
-        forwarded = FORWARDED in (context.invocation_metadata() or ())
+        forwarded = is_forwarded(context)
         try:
             if not request.group:
                 raise errors.InvalidRequest("group is required")
@@ -140,7 +140,7 @@ class CacheService:
                 raise errors.InvalidRequest("ttl must be >= 0")
             group = self._group(request.group)
             ttl = request.ttl or None
-            if FORWARDED in (context.invocation_metadata() or ()):
+            if is_forwarded(context):
                 group.set(request.key, request.value, ttl)
                 return cache_pb2.ChangeResponse(owner=self.node.addr)
 
@@ -159,7 +159,7 @@ class CacheService:
         try:
             self.validate(request.group, request.key)
             group = self._group(request.group)
-            if FORWARDED in (context.invocation_metadata() or ()):
+            if is_forwarded(context):
                 group.remove(request.key)
                 return cache_pb2.ChangeResponse(owner=self.node.addr)
 

@@ -24,6 +24,7 @@ CODES: dict[type[errors.CacheError], grpc.StatusCode] = {
     errors.PeerError: grpc.StatusCode.UNAVAILABLE,
 }
 BY_REASON = {cls.reason: cls for cls in CODES}
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -64,7 +65,13 @@ def from_rpc_error(err: grpc.RpcError) -> errors.CacheError:
     else (refused, timed out, reset) is a PeerError."""
     code = err.code()
     message = err.details() or code.name
-    cls = BY_REASON.get(reason_of(err.trailing_metadata()) or "")
-    if cls is not None and cls is not errors.GroupNotFound and CODES[cls] == code:
+    return owner_error(reason_of(err.trailing_metadata()) or "", code.value[0], message)
+
+
+def owner_error(reason: str, code: int, message: str) -> errors.CacheError:
+    """The error an owner's (reason, status code) stands for. A missing group
+    on the owner is not an answer about the key: PeerError, load locally."""
+    cls = BY_REASON.get(reason)
+    if cls is not None and cls is not errors.GroupNotFound and CODES[cls].value[0] == code:
         return cls(message)
-    return errors.PeerError(f"{code.name}: {message}")
+    return errors.PeerError(f"{_CODE_NAMES.get(code, code)}: {message}")
