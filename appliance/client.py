@@ -19,8 +19,7 @@ import grpc
 from . import addr as addrs
 from .cache import errors
 from .cache.ring import HashRing
-from .node.peers import error_of
-from .node.status import from_rpc_error
+from .transport.status import error_of, from_rpc_error
 from .pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 
 

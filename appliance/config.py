@@ -363,6 +363,8 @@ class NodeSettings(_Model):
     state_dir: AbsPath | None = None
     runtime_dir: AbsPath | None = None
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    # Which gRPC server library serves the data port (appliance.transport).
+    server: Annotated[Literal["auto", "native", "grpcio"], BeforeValidator(_lower)] = "auto"
 
     @field_validator("host")
     @classmethod
@@ -637,6 +639,11 @@ class Settings(BaseSettings):
                         f"etcd_peer_port {peer} is the etcd client port (cluster.etcd[0] = {c.etcd[0]}); "
                         "pick another port, or 0 for a free one",
                     )
+        if self.node.server == "native" and self.tls.enabled:
+            raise FieldError(
+                ("node", "server"),
+                'server = "native" cannot serve TLS (pygrpc-native has no TLS); use "grpcio" or "auto" with [tls]',
+            )
         self._ops_port_checks()
         return self
 
@@ -731,7 +738,17 @@ class Settings(BaseSettings):
         if self.ops.rate_limit:
             ops.append(f"rate limit {self.ops.rate_limit:g}/s (burst {self.ops.burst()}) per client")
         extra = "; " + ", ".join(ops) if ops else ""
-        return f"{workers}, {etcd}, groups: {groups}{extra}"
+        return f"{workers}, {etcd}, groups: {groups}{extra}; server: {self.server_choice()}"
+
+    def server_choice(self) -> str:
+        """Which server backend the workers will run, and why."""
+        from .transport import choose
+
+        try:
+            backend, why = choose(self)
+        except (RuntimeError, ValueError) as exc:
+            return f"none ({exc})"
+        return f"{backend} ({why})"
 
 
 # --------------------------------------------------------------------------

@@ -7,3 +7,28 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+import pytest  # noqa: E402
+
+# Both server backends of appliance.transport. A module that runs its tests
+# on each one says `pytestmark = pytest.mark.usefixtures("backend")`.
+BACKENDS = ("native", "grpcio")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    from support import nodes
+
+    if request.param == "native":
+        from appliance.transport import native_available
+
+        missing = native_available()
+        if missing:
+            pytest.fail(f"the native backend cannot run here: {missing}")
+    saved = nodes.BACKEND["server"]
+    nodes.BACKEND["server"] = request.param
+    try:
+        yield request.param
+    finally:
+        nodes.BACKEND["server"] = saved

@@ -37,3 +37,15 @@ class PeerError(CacheError):
     """The owner could not be reached in time; the caller loads locally."""
 
     reason = "PEER_ERROR"
+
+
+class Unauthenticated(CacheError):
+    """A write (or a read where reads need a credential) without a valid one."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(CacheError):
+    """A valid credential without the scope the call needs."""
+
+    reason = "PERMISSION_DENIED"

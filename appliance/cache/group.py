@@ -133,9 +133,15 @@ class Group:
     async def get(self, key: str, *, forwarded: bool = False, timeout: float | None = None) -> Entry:
         """Value of key. `forwarded` marks a request a peer sent to us as the
         owner: serve it here whatever our ring says."""
-        entry = self._lookup(key, forwarded)
+        entry = self.lookup(key, forwarded)
         if entry is not None:
             return entry
+        return await self.fill(key, forwarded=forwarded, timeout=timeout)
+
+    async def fill(self, key: str, *, forwarded: bool = False, timeout: float | None = None) -> Entry:
+        """The miss path of get(), after lookup() counted the Get and missed:
+        from the owner, or loaded here. A server's fast path answers hits
+        with lookup() alone and awaits this only for misses."""
         if forwarded:
             return await self._load.do(key, lambda: self._load_as_owner(key))
         return await self._route.do(key, lambda: self._route_load(key, timeout))
@@ -150,7 +156,7 @@ class Group:
         results: list[Entry | CacheError | None] = [None] * len(keys)
         misses: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
-            results[i] = self._lookup(key, forwarded)
+            results[i] = self.lookup(key, forwarded)
             if results[i] is None:
                 misses.setdefault(key, []).append(i)
         flights: dict[str, asyncio.Future] = {}
@@ -179,8 +185,9 @@ class Group:
                 results[i] = outcome
         return results  # type: ignore[return-value]
 
-    def _lookup(self, key: str, forwarded: bool) -> Entry | None:
-        """Count one Get and answer it from the caches when they can."""
+    def lookup(self, key: str, forwarded: bool = False) -> Entry | None:
+        """Count one Get and answer it from the caches when they can (None:
+        a miss, counted as a load; fill() serves it). Never suspends."""
         stats = self.stats
         stats.gets += 1
         if forwarded:

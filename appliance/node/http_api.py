@@ -1,7 +1,7 @@
 """HTTP read API of one worker: `GET /groups/{group}/keys/{key}`.
 
 Each worker serves it on `ops.http_base_port + i` (its own event loop, next
-to its gRPC server) and calls `node.groups[group].get(key)` itself: the same
+to its gRPC server) and calls the node's `instance.get(group, key)` itself: the same
 validation, singleflight, ring routing and counters as a gRPC Get, with no
 extra hop. A per-box endpoint in the controller was the alternative; the
 controller is synchronous and owns no groups, so every request would cost a
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .node import Node
-    from .ratelimit import TokenBuckets
+    from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,13 @@ class HttpApi:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
-        buckets: TokenBuckets | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.node = node
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
-        self.buckets = buckets
+        self.limiter = limiter
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -101,21 +101,14 @@ class HttpApi:
             await runner.cleanup()
 
     async def get_value(self, request: web.Request) -> web.Response:
-        if self.buckets is not None:
-            wait = self.buckets.take(request.remote or "")
+        if self.limiter is not None:
+            wait = self.limiter.admit(request.remote or "", protocol="http")
             if wait:
-                metrics = getattr(self.node, "metrics", None)
-                if metrics is not None:
-                    metrics.rate_limited.labels("http").inc()
                 return _text(429, f"rate limit exceeded; retry in {wait:.3f}s", {"Retry-After": str(math.ceil(wait))})
         group_name = request.match_info["group"]
         key = request.match_info["key"]
         try:
-            self.node.validate(group_name, key)
-            group = self.node.groups.get(group_name)
-            if group is None:
-                raise errors.GroupNotFound(f"group {group_name!r} not found")
-            entry = await group.get(key)
+            entry = await self.node.instance.get(group_name, key)
         except errors.CacheError as exc:
             status = _STATUS.get(type(exc), 500)
             if isinstance(exc, errors.KeyNotFound):

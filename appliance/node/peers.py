@@ -1,220 +1,33 @@
-"""The peer picker: the ring names a key's owner, pooled channels reach it."""
+"""The peer picker: the ring names a key's owner, a client per peer reaches it.
+
+Clients come from the transport (`new_client(addr)`), so this module knows
+no RPC library. A peer that re-registers under a new etcd lease is a new
+process: its client is replaced, so nothing learned about the old one
+(say, that it lacked our services) outlives it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
-
-import grpc
+from typing import Callable, Mapping, Protocol
 
 from .. import addr as addrs
-from ..cache import errors
+from ..cache.group import Peer
 from ..cache.ring import HashRing
-from ..pb import cache_pb2, groupcache_pb2
-from . import wire
-from .status import from_rpc_error, owner_error
-
-log = logging.getLogger(__name__)
-
-# Marks a call as forwarded: the receiver serves it itself, so rings that
-# disagree during a membership change cannot bounce a request around.
-FORWARDED = ("x-groupcache-forwarded", "1")
 
 
-def is_forwarded(context) -> bool:
-    """Whether a server-side call came from a peer (see FORWARDED)."""
-    return FORWARDED in (context.invocation_metadata() or ())
-# Remaining TTL of the owner's entry, so a hot copy never outlives it.
-TTL_MS = "x-groupcache-ttl-ms"
-_METADATA = (FORWARDED,)
+class PeerClient(Peer, Protocol):
+    """What a node needs of one peer: the Group's Peer calls plus writes."""
 
+    addr: str
 
-class ForwardStream:
-    """One long-lived Peer.Forward stream to an owner, shared by every Get
-    this node forwards there: in grpc.aio a message on an open stream costs
-    a fraction of a unary call. Answers are matched to requests by id."""
+    async def set(self, group: str, key: str, value: bytes, ttl: float, timeout: float | None) -> None: ...
 
-    def __init__(self, method) -> None:
-        self._call = method(metadata=_METADATA)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._outbox: asyncio.Queue = asyncio.Queue()
-        self.broken: BaseException | None = None
-        self._tasks = (asyncio.ensure_future(self._write()), asyncio.ensure_future(self._read()))
+    async def remove(self, group: str, key: str, timeout: float | None) -> None: ...
 
-    async def request(self, group: str, key: str, wait: float) -> cache_pb2.ForwardResponse:
-        if self.broken is not None:
-            raise errors.PeerError(f"stream broken: {self.broken}")
-        rid = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
-        self._outbox.put_nowait(cache_pb2.ForwardRequest(id=rid, group=group, key=key, timeout=wait))
-        try:
-            async with asyncio.timeout(wait):
-                return await future
-        except TimeoutError:
-            raise errors.PeerError(f"no answer within {wait:.3f}s") from None
-        finally:
-            self._pending.pop(rid, None)
-
-    async def _write(self) -> None:
-        try:
-            while True:
-                await self._call.write(await self._outbox.get())
-        except Exception as exc:
-            self._fail(exc)
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                response = await self._call.read()
-                if response is grpc.aio.EOF:
-                    raise EOFError("stream ended by the peer")
-                future = self._pending.get(response.id)
-                if future is not None and not future.done():
-                    future.set_result(response)
-        except Exception as exc:
-            self._fail(exc)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.broken is None:
-            self.broken = exc
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(errors.PeerError(f"stream broken: {exc}"))
-        self.close()
-
-    def unimplemented(self) -> bool:
-        return isinstance(self.broken, grpc.aio.AioRpcError) and self.broken.code() == grpc.StatusCode.UNIMPLEMENTED
-
-    def close(self) -> None:
-        if self.broken is None:
-            self.broken = EOFError("closed")
-        self._call.cancel()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-
-
-class PeerClient:
-    """A Peer (see appliance.cache.group) over one pooled gRPC channel."""
-
-    def __init__(self, addr: str, channel: grpc.aio.Channel, *, max_wait: float, share: float = 0.5) -> None:
-        self.addr = addr
-        self.channel = channel
-        self._max_wait = max_wait
-        self._share = share
-        self._forward = channel.stream_stream(
-            "/appliance.cache.Peer/Forward",
-            request_serializer=cache_pb2.ForwardRequest.SerializeToString,
-            response_deserializer=cache_pb2.ForwardResponse.FromString,
-        )
-        self._stream: ForwardStream | None = None
-        self._streaming = True  # False for a peer without the Peer service
-        # The reply stays encoded: it is what we cache and send on (wire.py).
-        self._get = channel.unary_unary(
-            "/groupcachepb.GroupCache/Get",
-            request_serializer=groupcache_pb2.GetRequest.SerializeToString,
-        )
-        self._get_many = channel.unary_unary(
-            "/appliance.cache.Cache/GetMany",
-            request_serializer=cache_pb2.GetManyRequest.SerializeToString,
-            response_deserializer=cache_pb2.GetManyResponse.FromString,
-        )
-        self._set = channel.unary_unary(
-            "/appliance.cache.Cache/Set",
-            request_serializer=cache_pb2.SetRequest.SerializeToString,
-            response_deserializer=cache_pb2.ChangeResponse.FromString,
-        )
-        self._remove = channel.unary_unary(
-            "/appliance.cache.Cache/Remove",
-            request_serializer=cache_pb2.RemoveRequest.SerializeToString,
-            response_deserializer=cache_pb2.ChangeResponse.FromString,
-        )
-
-    def _wait(self, timeout: float | None) -> float:
-        # Leave part of the caller's time for a local load if the owner fails.
-        return self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
-
-    async def _call(self, method, request, timeout: float):
-        call = method(request, timeout=timeout, metadata=_METADATA)
-        try:
-            return await call, call
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err) from None
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # channel closed under us by a ring change
-            raise errors.PeerError(f"{self.addr}: {err}") from None
-
-    async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        if not self._streaming:
-            return await self._get_unary(group, key, timeout)
-        stream = self._stream
-        if stream is None or stream.broken is not None:
-            stream = self._stream = ForwardStream(self._forward)
-        try:
-            response = await stream.request(group, key, self._wait(timeout))
-        except errors.PeerError:
-            if not stream.unimplemented():
-                raise
-            # A Go node, or an older one: plain Gets from now on.
-            self._streaming = False
-            return await self._get_unary(group, key, timeout)
-        if response.code:
-            raise owner_error(response.reason, response.code, response.error or response.reason)
-        try:
-            return wire.normalize(response.response), response.ttl
-        except Exception as exc:  # undecodable: treat the owner as failed
-            raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-
-    async def _get_unary(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        encoded, call = await self._call(
-            self._get, groupcache_pb2.GetRequest(group=group, key=key), self._wait(timeout)
-        )
-        ttl = 0.0
-        for k, v in await call.trailing_metadata() or ():
-            if k == TTL_MS:
-                ttl = max(int(v), 1) / 1000.0
-        try:
-            return wire.normalize(encoded), ttl
-        except Exception as exc:  # undecodable: treat the owner as failed
-            raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
-
-    async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
-        response, _ = await self._call(
-            self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), self._wait(timeout)
-        )
-        out: dict[str, tuple[bytes, float] | errors.CacheError] = {}
-        for r in response.results:
-            out[r.key] = (r.value, r.ttl) if r.code == 0 else error_of(r.code, r.error)
-        missing = set(keys) - set(out)
-        for key in missing:
-            out[key] = errors.PeerError(f"{self.addr} did not answer for {key!r}")
-        return out
-
-    async def set(self, group: str, key: str, value: bytes, ttl: float, timeout: float | None) -> None:
-        await self._call(self._set, cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl), self._wait(timeout))
-
-    async def remove(self, group: str, key: str, timeout: float | None) -> None:
-        await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), self._wait(timeout))
-
-
-# A forwarded GetMany answers per key; only the owner's own answers come back.
-_BY_CODE = {
-    grpc.StatusCode.NOT_FOUND.value[0]: errors.KeyNotFound,
-    grpc.StatusCode.UNAVAILABLE.value[0]: errors.OriginError,
-    grpc.StatusCode.INVALID_ARGUMENT.value[0]: errors.InvalidRequest,
-}
-
-
-def error_of(code: int, message: str) -> errors.CacheError:
-    return _BY_CODE.get(code, errors.PeerError)(message)
+    async def close(self, grace: float | None = None) -> None:
+        """Let calls in flight finish for `grace` seconds, then release it."""
+        ...
 
 
 class Peers:
@@ -223,22 +36,21 @@ class Peers:
 
     def __init__(
         self,
+        new_client: Callable[[str], PeerClient],
         *,
         replicas: int = 50,
         scheme: str = "seed",
-        max_wait: float = 5.0,
-        channel_options: list[tuple[str, object]] | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
+        close_grace: float = 5.0,
     ) -> None:
         self.self_addr = ""
         self.replicas = replicas
         self.scheme = scheme
-        self.max_wait = max_wait
+        self.close_grace = close_grace
         self.revision = -1
         self.ring = HashRing((), replicas, scheme)
+        self._new_client = new_client
         self._clients: dict[str, PeerClient] = {}
-        self._options = channel_options or []
-        self._credentials = credentials
+        self._leases: dict[str, int] = {}
         self._closing: set[asyncio.Task] = set()
 
     def pick(self, key: str) -> PeerClient | None:
@@ -256,38 +68,40 @@ class Peers:
     def clients(self) -> list[PeerClient]:
         return list(self._clients.values())
 
-    def set_peers(self, peers: list[str], revision: int) -> bool:
-        """Install a ring; False (and no change) for a stale revision."""
+    def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
+        """Install a ring; False (and no change) for a stale revision.
+
+        `leases` ({addr: etcd lease id}, where known) tells a restarted peer
+        from one that stayed: a changed lease gets a fresh client."""
         if revision <= self.revision:
             return False
         for peer in peers:
             addrs.split(peer)  # raises ValueError naming the bad entry
+        leases = dict(leases or {})
         ring = HashRing(peers, self.replicas, self.scheme)
         clients = {}
         for peer in ring.nodes:
             if peer == self.self_addr:
                 continue
-            clients[peer] = self._clients.get(peer) or PeerClient(peer, self._channel(peer), max_wait=self.max_wait)
-        dropped = [c for a, c in self._clients.items() if a not in clients]
+            client = self._clients.get(peer)
+            known = self._leases.get(peer)
+            if client is not None and peer in leases and known is not None and known != leases[peer]:
+                client = None  # a new process at the same address
+            clients[peer] = client or self._new_client(peer)
+        kept = set(map(id, clients.values()))
+        dropped = [c for c in self._clients.values() if id(c) not in kept]
         self.ring, self._clients, self.revision = ring, clients, revision
+        self._leases = {a: lease for a in clients if (lease := leases.get(a, self._leases.get(a))) is not None}
         for client in dropped:
-            client.close()
-            self._close_later(client.channel)
+            self._close_later(client)
         return True
 
-    def _channel(self, target: str) -> grpc.aio.Channel:
-        if self._credentials is not None:
-            return grpc.aio.secure_channel(target, self._credentials, options=self._options)
-        return grpc.aio.insecure_channel(target, options=self._options)
-
-    def _close_later(self, channel: grpc.aio.Channel) -> None:
+    def _close_later(self, client: PeerClient) -> None:
         # Calls in flight on the old ring get the peer timeout to finish.
-        task = asyncio.ensure_future(channel.close(grace=self.max_wait))
+        task = asyncio.ensure_future(client.close(self.close_grace))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
-        for client in clients.values():
-            client.close()
-        await asyncio.gather(*(c.channel.close() for c in clients.values()), *self._closing, return_exceptions=True)
+        await asyncio.gather(*(c.close(0) for c in clients.values()), *self._closing, return_exceptions=True)

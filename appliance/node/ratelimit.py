@@ -32,16 +32,6 @@ import socket
 import time
 from typing import Callable
 
-import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
-
-from .peers import FORWARDED
-from .status import DOMAIN
-
-LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/")
-
 
 class TokenBuckets:
     """One bucket per key (a client address). Not thread-safe: one event loop."""
@@ -101,23 +91,6 @@ def client_address(peer: str) -> str:
     return peer
 
 
-def exhausted_status(retry_after: float, client: str, rate: float, burst: float) -> grpc.Status:
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(retry_after * 1e9) + 1)
-    details = []
-    for message in (
-        error_details_pb2.ErrorInfo(
-            reason="RATE_LIMITED", domain=DOMAIN, metadata={"client": client, "rate": f"{rate:g}", "burst": f"{burst:g}"}
-        ),
-        error_details_pb2.RetryInfo(retry_delay=delay),
-    ):
-        packed = any_pb2.Any()
-        packed.Pack(message)
-        details.append(packed)
-    text = f"rate limit of {rate:g} requests/s (burst {burst:g}) per client address exceeded; retry in {retry_after:.3f}s"
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=text, details=details))
-
-
 class TrustedPeers:
     """IP addresses of the ring's nodes, recomputed when the ring changes."""
 
@@ -166,46 +139,22 @@ class TrustedPeers:
         task.add_done_callback(self._tasks.discard)
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(
-        self,
-        buckets: TokenBuckets,
-        trusted: Callable[[], set[str]] = set,
-        on_limited: Callable[[], None] | None = None,
-    ) -> None:
+class RateLimiter:
+    """The data port's limit, shared by every backend and the HTTP API:
+    forwarded calls from ring members pass, everyone else takes a token."""
+
+    def __init__(self, buckets: TokenBuckets, trusted: Callable[[], set[str]] = set) -> None:
         self.buckets = buckets
         self.trusted = trusted
-        self.on_limited = on_limited
-        self._wrapped: dict[tuple[str, bool], grpc.RpcMethodHandler] = {}
+        self.on_limited: dict[str, Callable[[], None]] = {}  # protocol -> counter
 
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_SERVICES):
-            return handler
-        forwarded = FORWARDED in (handler_call_details.invocation_metadata or ())
-        key = (method, forwarded)
-        wrapped = self._wrapped.get(key)
-        if wrapped is None or wrapped.request_deserializer is not handler.request_deserializer:
-            wrapped = self._wrapped[key] = self._wrap(handler, forwarded)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, forwarded: bool) -> grpc.RpcMethodHandler:
-        inner = handler.unary_unary
-        buckets, trusted = self.buckets, self.trusted
-
-        async def limited(request, context):
-            client = client_address(context.peer() or "")
-            if not (forwarded and client in trusted()):
-                wait = buckets.take(client)
-                if wait:
-                    if self.on_limited is not None:
-                        self.on_limited()
-                    await context.abort_with_status(exhausted_status(wait, client, buckets.rate, buckets.burst))
-            return await inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            limited,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    def admit(self, client: str, *, forwarded: bool = False, protocol: str = "grpc") -> float:
+        """0.0 to serve the call; else the seconds until the client may retry."""
+        if forwarded and client in self.trusted():
+            return 0.0
+        wait = self.buckets.take(client)
+        if wait:
+            counted = self.on_limited.get(protocol)
+            if counted is not None:
+                counted()
+        return wait

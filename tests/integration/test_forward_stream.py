@@ -6,6 +6,9 @@ import grpc
 
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import CountingOrigin, cluster
+import pytest
+
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
 
 async def get(addr, key):
@@ -22,7 +25,7 @@ async def test_forwarded_gets_share_one_stream_and_keep_statuses():
         assert values == [origin.data[k] for k in remote]
         client = a.peers.client(b.addr)
         stream = client._stream
-        assert stream is not None and stream.broken is None and client._streaming
+        assert stream is not None and stream.broken is None and client.streaming
         assert a.groups["g"].stats.peer_loads == len(remote)
         assert b.groups["g"].stats.server_requests == len(remote)
         # The owner's NOT_FOUND comes back through the stream as such.
@@ -76,7 +79,7 @@ async def test_peer_without_the_stream_service_gets_plain_gets():
             for k in keys:
                 assert await get(a.addr, k) == b"from-go:" + k.encode()
             assert served == keys
-            assert a.peers.client(go)._streaming is False
+            assert a.peers.client(go).streaming is False
             assert a.groups["g"].stats.peer_errors == 0
     finally:
         await server.stop(0)

@@ -6,9 +6,11 @@ import time
 import grpc
 import pytest
 
-from appliance.node.peers import PeerClient
+from appliance.transport.grpc_aio.client import GrpcPeerClient as PeerClient
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import CountingOrigin, cluster
+
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
 
 class Stubs:

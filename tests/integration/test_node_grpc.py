@@ -12,6 +12,8 @@ from appliance.cache.errors import OriginError
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import CountingOrigin, cluster
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
+
 
 async def get(addr, group, key, timeout=5.0, metadata=None):
     async with grpc.aio.insecure_channel(addr) as ch:

@@ -9,6 +9,9 @@ from appliance.config import GroupSettings
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import cluster
+import pytest
+
+pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
 
 async def test_200_concurrent_cluster_wide_gets_make_one_http_request(tmp_path):

@@ -24,7 +24,7 @@ from appliance.config import Settings
 from appliance.node.node import Node
 from appliance.ops.metrics import BoxCollector, box_registry, serve_metrics
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import CountingOrigin
+from support.nodes import BACKEND, CountingOrigin
 from support.ports import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -33,6 +33,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def make_settings(groups=("g",), *, ops=None, tls=None, **node) -> Settings:
     node.setdefault("host", "127.0.0.1")
+    node.setdefault("server", "auto" if tls else BACKEND["server"])
     return Settings(
         node=node,
         groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},
@@ -87,6 +88,7 @@ async def get(addr, group, key, *, credentials=None, metadata=None, timeout=5.0,
 # Metrics -----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("backend")
 async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_path):
     origin = CountingOrigin({"k": b"value", **{f"x{i}": b"x" for i in range(20)}})
     async with nodes(3, origin, admin_dir=tmp_path) as ns:
@@ -134,6 +136,7 @@ async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_
         assert all(value(box, "groupcache_gets_total", worker=n.addr, group="g") == 0 for n in others)
 
 
+@pytest.mark.usefixtures("backend")
 async def test_box_collector_reports_a_dead_worker_as_down(tmp_path):
     (tmp_path / "worker-7.sock").touch()  # a socket nobody listens on
     collector = BoxCollector(lambda: [str(tmp_path / "worker-7.sock")], fallback_label=lambda p: "127.0.0.1:7", timeout=1)
@@ -145,6 +148,7 @@ async def test_box_collector_reports_a_dead_worker_as_down(tmp_path):
 # Health and reflection ---------------------------------------------------------
 
 
+@pytest.mark.usefixtures("backend")
 async def test_health_not_serving_until_ring_then_serving_then_not_serving_while_draining():
     async with nodes(1, CountingOrigin({"k": b"v"}), ring=False) as (node,):
         async with grpc.aio.insecure_channel(node.addr) as ch:
@@ -167,6 +171,31 @@ async def test_health_not_serving_until_ring_then_serving_then_not_serving_while
             assert await asyncio.wait_for(drain, 5) is True
 
 
+@pytest.mark.usefixtures("backend")
+async def test_health_watch_follows_the_status_and_ends_when_the_node_stops():
+    async with nodes(1, CountingOrigin({"k": b"v"}), ring=False) as (node,):
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="groupcachepb.GroupCache"), timeout=30)
+            seen = [(await watch.read()).status]
+            node.set_peers([node.addr], 1)
+            seen.append((await asyncio.wait_for(watch.read(), 5)).status)
+            unknown = health.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
+            assert (await asyncio.wait_for(unknown.read(), 5)).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            # A stop ends open watches at once instead of waiting out its grace.
+            started = time.monotonic()
+            await asyncio.wait_for(node.stop(grace=30), 10)
+            assert time.monotonic() - started < 5
+            last = await asyncio.wait_for(watch.read(), 5)
+            assert seen == [NOT_SERVING, SERVING] and last.status == NOT_SERVING
+            assert await asyncio.wait_for(watch.read(), 5) is grpc.aio.EOF
+            assert await watch.code() == grpc.StatusCode.OK
+
+
+@pytest.mark.usefixtures("backend")
 async def test_reflection_lists_the_services():
     async with nodes(1, CountingOrigin({"k": b"v"})) as (node,):
         async with grpc.aio.insecure_channel(node.addr) as ch:
@@ -183,6 +212,7 @@ async def test_reflection_lists_the_services():
 # HTTP read API -----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("backend")
 async def test_http_get_hit_miss_unknown_group_bad_key_origin_down():
     class Origin(CountingOrigin):
         async def __call__(self, key):
@@ -238,6 +268,7 @@ async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port
         for k, v in data.items():
             assert await get(ns[0].addr, "g", k, credentials=good) == v
         assert ns[0].groups["g"].stats.peer_loads > 0 and ns[0].groups["g"].stats.peer_errors == 0
+        assert {n.backend for n in ns} == {"grpcio"}  # auto: TLS is served by grpcio
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await get(ns[0].addr, "g", "k1", timeout=2)  # plain text to a TLS port
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -300,6 +331,7 @@ def details_of(err: grpc.aio.AioRpcError):
     return {}
 
 
+@pytest.mark.usefixtures("backend")
 async def test_rate_limit_past_the_burst_then_recovers():
     ops = {"rate_limit": 4, "rate_burst": 5}  # slow refill: robust on a loaded machine
     async with nodes(1, CountingOrigin({"k": b"v"}), ops=ops, http=True) as (node,):
@@ -343,6 +375,7 @@ async def test_rate_limit_past_the_burst_then_recovers():
         assert value(m, "groupcache_rate_limited_total", protocol="http") == codes.count(429)
 
 
+@pytest.mark.usefixtures("backend")
 async def test_forwarded_calls_are_exempt_only_from_ring_members():
     ops = {"rate_limit": 1, "rate_burst": 1}
     forwarded = (("x-groupcache-forwarded", "1"),)
@@ -364,6 +397,7 @@ async def test_forwarded_calls_are_exempt_only_from_ring_members():
 # Logs --------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("backend")
 async def test_no_log_line_per_request_at_info(caplog):
     origin = CountingOrigin({"k": b"v"})
     async with nodes(2, origin, http=True) as ns:
@@ -392,6 +426,7 @@ def test_stats_json_still_matches_metrics_names():
 # Message sizes -----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("backend")
 async def test_message_limits_follow_max_value_bytes_on_both_sides():
     from appliance.cache.errors import PeerError
     from appliance.client import Client, settings_kwargs

@@ -37,29 +37,61 @@ cache_bytes = "8MiB"
 """
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
+def _appliance(tmp_path_factory, server: str):
+    root = tmp_path_factory.mktemp(f"faults-{server}")
     truth = write_origin_files(root / "origin", 300)
     truth.update({("files", f"absent-{i}"): None for i in range(20)})
     truth.update({("scores", name): str(score).encode() for name, score in DEMO_ROWS})
     truth.update({("scores", f"nobody-{i}"): None for i in range(5)})
-    app = Appliance(root, workers=3, lease_ttl=LEASE_TTL, drain="3s", groups=GROUPS.format(origin=root / "origin"))
+    app = Appliance(
+        root, workers=3, lease_ttl=LEASE_TTL, drain="3s", groups=GROUPS.format(origin=root / "origin"), server=server
+    )
     app.truth = truth
+    return app
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The appliance on the default server backend (native where it imports)."""
+    app = _appliance(tmp_path_factory, "auto")
     try:
         yield app.start()
     finally:
         app.cleanup()
 
 
-@pytest.fixture
-def whole(app):
+@pytest.fixture(scope="module")
+def grpcio_app(tmp_path_factory):
+    """A second appliance on the grpcio backend, for the data-plane tests
+    that must hold on both (started only when such a test asks for it)."""
+    app = _appliance(tmp_path_factory, "grpcio")
+    try:
+        yield app.start()
+    finally:
+        app.cleanup()
+
+
+def _whole(app: Appliance) -> Appliance:
     """Every program running and all workers on the full ring."""
     sup = app.supervisor()
     for name, info in app.process_info().items():
         if info["statename"] not in ("RUNNING", "STARTING"):
             sup.startProcess(name, True)
     app.wait_ring(3, timeout=30)
+    return app
+
+
+@pytest.fixture
+def whole(app):
+    return _whole(app)
+
+
+@pytest.fixture(params=["native", "grpcio"])
+def whole_each_backend(request):
+    """`whole`, once per server backend (planned stop and kill -9 are data-plane figures)."""
+    app = _whole(request.getfixturevalue("app" if request.param == "native" else "grpcio_app"))
+    backends = {app.admin_stats(i)["server"] for i in range(3)}
+    assert backends == {request.param}, backends
     return app
 
 
@@ -81,10 +113,10 @@ def report(name: str, **figures) -> None:
 # 1 --------------------------------------------------------------------------
 
 
-def test_planned_stop_under_load_loses_nothing(whole):
+def test_planned_stop_under_load_loses_nothing(whole_each_backend):
     """Figure held: 0 failed and 0 wrong requests from clients on the other
     nodes while `appliance stop-node` stops a worker (and after it)."""
-    app = whole
+    app = whole_each_backend
     addrs = app.addresses()
     victim, others = addrs[2], addrs[:2]
     load = Load(others, app.truth, threads_per_target=2, max_seconds=60)
@@ -100,7 +132,7 @@ def test_planned_stop_under_load_loses_nothing(whole):
         load.wait_requests(300)
         after = load.mark()
     report(
-        "planned stop",
+        f"planned stop, {app.admin_stats(0)['server']}",
         before=before,
         during_stop=during,
         after=after,
@@ -117,14 +149,14 @@ def test_planned_stop_under_load_loses_nothing(whole):
 # 2 --------------------------------------------------------------------------
 
 
-def test_kill_9_worker_under_load(whole):
+def test_kill_9_worker_under_load(whole_each_backend):
     """Figures held: on the surviving nodes at most 1% of requests fail and
     none is wrong; the ring without the killed worker converges within
     lease_ttl + 1 s of the kill (measured with supervisord held, so that
     the worker is not restarted before its lease expires); the restarted
     worker is back in every ring afterwards. A second, plain kill -9 (fast
     restart by supervisord) is measured the same way."""
-    app = whole
+    app = whole_each_backend
     addrs = app.addresses()
     others = addrs[:2]
     sup = app.supervisor()
@@ -166,7 +198,7 @@ def test_kill_9_worker_under_load(whole):
         plain = load.mark()
     total = load.all
     report(
-        "kill -9",
+        f"kill -9, {app.admin_stats(0)['server']}",
         held_supervisord=held,
         ring_without_it_s=f"{converge_s:.2f} (bound {LEASE_TTL + 1})",
         back_in_ring_after_restart_s=f"{back_s:.2f}",

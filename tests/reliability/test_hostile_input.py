@@ -244,6 +244,7 @@ FUZZ_SEED = 20240607
 FUZZ_REQUESTS = 3000
 
 
+@pytest.mark.usefixtures("backend")
 async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
     """Figures held: 3000 random and malformed Get requests (random bytes,
     bad wire format, non-UTF-8 and huge fields, random metadata) to two
@@ -299,7 +300,7 @@ async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
     by_code = collections.Counter()
     for (_, code), n in counts.items():
         by_code[code] += n
-    print(f"\n[fuzz] seed {FUZZ_SEED}: {sum(counts.values())} requests -> {dict(by_code)}; "
+    print(f"\n[fuzz, {nodes[0].backend}] seed {FUZZ_SEED}: {sum(counts.values())} requests -> {dict(by_code)}; "
           f"tasks left over: {leftover}; by kind: {dict(sorted(counts.items()))}")
     assert leftover <= 0
     assert set(by_code) <= {c.name for c in DOCUMENTED}

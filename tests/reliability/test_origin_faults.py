@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from appliance.config import Settings
-from appliance.node.status import reason_of
+from appliance.transport.status import reason_of
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import cluster, open_peer_streams

@@ -67,6 +67,7 @@ class Appliance:
         base_port: int | None = None,
         etcd_endpoint: str | None = None,
         embedded_etcd: bool = True,
+        server: str = "auto",
     ):
         self.root = root
         self.extra_env = dict(env or {})  # added to the environment of `appliance run`
@@ -76,6 +77,7 @@ class Appliance:
         self.host = host
         self.etcd_endpoint = etcd_endpoint or f"127.0.0.1:{free_port()}"
         self.embedded_etcd = embedded_etcd
+        self.server = server  # node.server: auto | native | grpcio
         self.base_port = base_port or free_range(8)
         self.config = root / "appliance.toml"
         self.log = root / "appliance.log"
@@ -113,6 +115,7 @@ drain_timeout = "{self.drain}"
 peer_timeout = "2s"
 state_dir = "{self.root / 'state'}"
 runtime_dir = "{self.root / 'run'}"
+server = "{self.server}"
 
 {self.groups}
 {"" if "[ops]" in self.groups else '[ops]' + chr(10) + 'metrics_addr = ""  # tests run in parallel: no fixed port'}

@@ -31,8 +31,14 @@ class CountingOrigin:
         return self.data[key]
 
 
+# The server backend in-process nodes use; the `backend` fixture
+# (tests/conftest.py) sets it per test, so one test body runs on both.
+BACKEND = {"server": "auto"}
+
+
 def settings(groups=("g",), **node) -> Settings:
     node.setdefault("host", "127.0.0.1")
+    node.setdefault("server", BACKEND["server"])
     return Settings(
         node=node,
         groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from appliance.cache.group import Group
-from appliance.node import wire
+from appliance.transport import wire
 from appliance.pb import groupcache_pb2
 
 

@@ -1,0 +1,70 @@
+"""How a node is served and how it reaches its peers, behind one seam.
+
+The cache logic (appliance.node.instance) does not know which gRPC server
+library serves it. A backend implements `Transport` (base.py): start,
+stop(grace), new_client(addr) and the value framing. Two backends:
+
+- `native` (transport/native): pygrpc-native's NativeGrpcFront; HTTP/2 in
+  Rust outside the GIL, hits answered without a coroutine. No TLS.
+- `grpcio` (transport/grpc_aio): a grpc.aio server; TLS and mTLS.
+
+`[node] server = "auto" | "native" | "grpcio"` chooses; `auto` takes native
+when TLS is off and pygrpc-native imports, grpcio otherwise (`choose`).
+Peer clients are grpc.aio on both (pygrpc-native has no client).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Transport
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["BACKENDS", "Transport", "choose", "create", "native_available"]
+
+BACKENDS = ("native", "grpcio")
+
+
+def native_available() -> str | None:
+    """None when the native backend can run here, else why not."""
+    try:
+        import pygrpc_native  # noqa: F401
+        from pygrpc_native import NativeGrpcFront  # noqa: F401
+    except Exception as exc:  # ImportError, or a wheel built for another platform
+        return f"pygrpc-native does not import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
+    """(backend, why) for these settings; `requested` overrides node.server."""
+    want = requested or settings.node.server
+    tls = settings.tls.enabled
+    if want == "grpcio":
+        return "grpcio", "node.server = grpcio"
+    if want == "native":
+        if tls:  # config validation refuses this; code that builds Settings may not
+            raise ValueError("node.server = native cannot serve TLS; use grpcio or auto")
+        missing = native_available()
+        if missing:
+            raise RuntimeError(f"node.server = native, but {missing}")
+        return "native", "node.server = native"
+    if tls:
+        return "grpcio", "auto: TLS is on and pygrpc-native has no TLS"
+    missing = native_available()
+    if missing:
+        return "grpcio", f"auto: {missing}"
+    return "native", "auto: TLS is off and pygrpc-native imports"
+
+
+def create(settings: Settings, backend: str) -> Transport:
+    if backend == "native":
+        from .native.server import NativeTransport
+
+        return NativeTransport(settings)
+    if backend == "grpcio":
+        from .grpc_aio.server import GrpcAioTransport
+
+        return GrpcAioTransport(settings)
+    raise ValueError(f"unknown server backend {backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -1,0 +1,81 @@
+"""What both backends share: limits, peer clients, health, the rate limit."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from .. import tls as tlsmod
+from ..cache.group import Framing
+from ..node.peers import PeerClient
+from ..node.ratelimit import RateLimiter, TokenBuckets, TrustedPeers
+from . import wire
+from .grpc_aio.client import GrpcPeerClient, channel
+from .grpc_aio.services import GET_SERVICE
+from .health import Health
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..node.instance import NodeInstance
+
+log = logging.getLogger(__name__)
+
+# Room for the fixed fields around a key or value in one message.
+MESSAGE_SLACK = 64 * 1024
+
+
+class Transport(Protocol):
+    """How one node is served and how it reaches its peers."""
+
+    name: str
+    framing: Framing
+    health: Health
+    limiter: RateLimiter | None
+
+    def new_client(self, addr: str) -> PeerClient: ...
+
+    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
+        """Serve `instance` on host:port (0: a free port); the port bound."""
+        ...
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new calls, give those in flight `grace` seconds, end streams."""
+        ...
+
+
+class BaseTransport:
+    name = "?"
+    framing: Framing = wire.FRAMING
+    # How a forwarded Get reaches an owner (GrpcPeerClient's `forward`).
+    forward = "stream"
+
+    def __init__(self, settings: Settings) -> None:
+        ns = settings.node
+        self.settings = settings
+        self.message_limit = ns.max_value_bytes + MESSAGE_SLACK
+        self.message_options = [
+            ("grpc.max_receive_message_length", self.message_limit),
+            ("grpc.max_send_message_length", self.message_limit),
+        ]
+        self._channel_options = self.message_options + tlsmod.channel_options(settings.tls)
+        self._credentials = tlsmod.channel_credentials(settings.tls)
+        self.health = Health((GET_SERVICE,))
+        self.limiter: RateLimiter | None = None
+        self.instance: NodeInstance | None = None
+
+    def new_client(self, addr: str) -> PeerClient:
+        return GrpcPeerClient(
+            addr,
+            channel(addr, options=self._channel_options, credentials=self._credentials),
+            max_wait=self.settings.node.peer_timeout,
+            forward=self.forward,
+        )
+
+    def _bind(self, instance: NodeInstance) -> None:
+        self.instance = instance
+        instance.on_serving_change = self.health.set
+        ops = self.settings.ops
+        if ops.rate_limit:
+            peers = instance.peers
+            trusted = TrustedPeers(lambda: (peers.revision, list(peers.ring.nodes)))
+            self.limiter = RateLimiter(TokenBuckets(ops.rate_limit, ops.burst()), trusted)

@@ -1,0 +1,1 @@
+"""The grpcio backend (grpc.aio server), and the peer client both backends use."""

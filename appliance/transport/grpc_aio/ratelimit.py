@@ -1,0 +1,47 @@
+"""The rate limit (appliance.node.ratelimit) as a grpc.aio interceptor."""
+
+from __future__ import annotations
+
+import grpc
+
+from ...node.ratelimit import RateLimiter, client_address
+from ..metadata import is_forwarded
+from ..status import rate_limited_failure
+
+LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/")
+
+
+class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self._wrapped: dict[tuple[str, bool], grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_SERVICES):
+            return handler
+        forwarded = is_forwarded(handler_call_details.invocation_metadata)
+        key = (method, forwarded)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None or wrapped.request_deserializer is not handler.request_deserializer:
+            wrapped = self._wrapped[key] = self._wrap(handler, forwarded)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, forwarded: bool) -> grpc.RpcMethodHandler:
+        inner = handler.unary_unary
+        limiter = self.limiter
+
+        async def limited(request, context):
+            client = client_address(context.peer() or "")
+            wait = limiter.admit(client, forwarded=forwarded)
+            if wait:
+                buckets = limiter.buckets
+                await context.abort_with_status(rate_limited_failure(wait, client, buckets.rate, buckets.burst))
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            limited,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

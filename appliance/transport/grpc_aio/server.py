@@ -1,0 +1,62 @@
+"""The grpcio backend: a grpc.aio server with every service (TLS capable)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from ... import addr as addrs
+from ... import tls as tlsmod
+from ..base import BaseTransport
+from ..health import SERVICE as HEALTH_SERVICE
+from ..health import grpc_handlers as health_handlers
+from .ratelimit import RateLimitInterceptor
+from .services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, DataServices, PeerService
+
+if TYPE_CHECKING:
+    from ...node.instance import NodeInstance
+
+REFLECTED = (GET_SERVICE, CACHE_SERVICE, PEER_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
+
+
+def add_services(server: grpc.aio.Server, services: dict[str, dict[str, grpc.RpcMethodHandler]]) -> None:
+    # Registered (matched in grpc's core), not generic handlers looked up per call.
+    for name, methods in services.items():
+        server.add_registered_method_handlers(name, methods)
+
+
+class GrpcAioTransport(BaseTransport):
+    name = "grpcio"
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self._server: grpc.aio.Server | None = None
+        self._peer_service: PeerService | None = None
+
+    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
+        self._bind(instance)
+        interceptors = [RateLimitInterceptor(self.limiter)] if self.limiter is not None else None
+        server = grpc.aio.server(options=self.message_options, interceptors=interceptors)
+        self._peer_service = PeerService(instance)
+        add_services(server, DataServices(instance).handlers())
+        add_services(server, self._peer_service.handlers())
+        add_services(server, {HEALTH_SERVICE: health_handlers(self.health)})
+        reflection.enable_server_reflection(REFLECTED, server)
+        credentials = tlsmod.server_credentials(self.settings.tls)
+        target = addrs.join(host, port)
+        if credentials is not None:
+            bound = server.add_secure_port(target, credentials)
+        else:
+            bound = server.add_insecure_port(target)
+        await server.start()
+        self._server = server
+        return bound
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.close()
+        if self._server is not None:
+            if self._peer_service is not None:
+                await self._peer_service.close()
+            await self._server.stop(grace)

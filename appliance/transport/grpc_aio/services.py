@@ -1,0 +1,217 @@
+"""Our gRPC services as grpc.aio method handlers around a NodeInstance:
+groupcachepb.GroupCache/Get (the seed's), appliance.cache.Cache (GetMany,
+Set, Remove) and appliance.cache.Peer/Forward (node to node).
+
+The grpcio backend serves all of them; the native backend serves Peer/Forward
+(a bidirectional stream) through these on its fallback server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from ...cache import errors
+from ...pb import cache_pb2, groupcache_pb2
+from .. import messages
+from ..metadata import is_forwarded, ttl_trailer
+from ..status import failure, internal_failure
+
+if TYPE_CHECKING:
+    from ...node.instance import NodeInstance
+
+log = logging.getLogger(__name__)
+
+GET_SERVICE = "groupcachepb.GroupCache"
+CACHE_SERVICE = "appliance.cache.Cache"
+PEER_SERVICE = "appliance.cache.Peer"
+_MALFORMED = errors.InvalidRequest("malformed request")
+
+
+def _remaining(context) -> float | None:
+    return context.time_remaining()
+
+
+class DataServices:
+    """GroupCache/Get and the Cache service."""
+
+    def __init__(self, instance: NodeInstance) -> None:
+        self.instance = instance
+
+    async def get(self, request: groupcache_pb2.GetRequest | None, context: grpc.aio.ServicerContext):
+        if request is None:
+            await context.abort_with_status(failure(errors.InvalidRequest("malformed GetRequest")))
+        group, key = request.group, request.key
+        forwarded = is_forwarded(context.invocation_metadata())
+        instance = self.instance
+        try:
+            entry = instance.hit(group, key, forwarded)
+            if entry is None:
+                entry = await instance.fill(group, key, forwarded=forwarded, timeout=_remaining(context))
+        except errors.CacheError as exc:
+            status = failure(exc, group, key)
+        except Exception as exc:  # a bug: answer INTERNAL and keep serving
+            log.exception("Get %s/%r failed", group, key[:64])
+            status = internal_failure(exc)
+        else:
+            if forwarded and entry.expires:
+                context.set_trailing_metadata(ttl_trailer(instance.ttl_left(entry)))
+            return entry.data  # already an encoded GetResponse (wire.py)
+        await context.abort_with_status(status)
+
+    async def get_many(self, request: cache_pb2.GetManyRequest | None, context):
+        if request is None:
+            await context.abort_with_status(failure(_MALFORMED))
+        keys = list(request.keys)
+        try:
+            results = await self.instance.get_many(
+                request.group, keys, forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context)
+            )
+        except errors.CacheError as exc:
+            status = failure(exc, request.group)
+        except Exception as exc:
+            log.exception("GetMany %s failed", request.group)
+            status = internal_failure(exc)
+        else:
+            return messages.get_many_response(keys, results)
+        await context.abort_with_status(status)
+
+    async def set(self, request: cache_pb2.SetRequest | None, context):
+        if request is None:
+            await context.abort_with_status(failure(_MALFORMED))
+        try:
+            change = await self.instance.set(
+                request.group, request.key, request.value, request.ttl,
+                forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context),
+            )  # fmt: skip
+        except errors.CacheError as exc:
+            status = failure(exc, request.group, request.key)
+        except Exception as exc:
+            log.exception("Set %s/%r failed", request.group, request.key[:64])
+            status = internal_failure(exc)
+        else:
+            return messages.change_response(change)
+        await context.abort_with_status(status)
+
+    async def remove(self, request: cache_pb2.RemoveRequest | None, context):
+        if request is None:
+            await context.abort_with_status(failure(_MALFORMED))
+        try:
+            change = await self.instance.remove(
+                request.group, request.key, forwarded=is_forwarded(context.invocation_metadata()),
+                timeout=_remaining(context),
+            )  # fmt: skip
+        except errors.CacheError as exc:
+            status = failure(exc, request.group, request.key)
+        except Exception as exc:
+            log.exception("Remove %s/%r failed", request.group, request.key[:64])
+            status = internal_failure(exc)
+        else:
+            return messages.change_response(change)
+        await context.abort_with_status(status)
+
+    def handlers(self) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
+        def unary(fn, request_type, response_type=None):
+            return grpc.unary_unary_rpc_method_handler(
+                fn,
+                request_deserializer=messages.parser(request_type),
+                response_serializer=response_type.SerializeToString if response_type else None,
+            )
+
+        return {
+            GET_SERVICE: {"Get": unary(self.get, groupcache_pb2.GetRequest)},
+            CACHE_SERVICE: {
+                "GetMany": unary(self.get_many, cache_pb2.GetManyRequest, cache_pb2.GetManyResponse),
+                "Set": unary(self.set, cache_pb2.SetRequest, cache_pb2.ChangeResponse),
+                "Remove": unary(self.remove, cache_pb2.RemoveRequest, cache_pb2.ChangeResponse),
+            },
+        }
+
+
+class _ServerStream:
+    """One peer's open Forward stream: requests are answered concurrently,
+    answers go back in the order they are ready."""
+
+    def __init__(self) -> None:
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.tasks: set[asyncio.Task] = set()
+        self.reader: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        # Stop taking requests, answer those already taken, then end.
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.out.put_nowait(None)
+
+
+class PeerService:
+    """appliance.cache.Peer/Forward: a peer's Gets on one long-lived stream."""
+
+    def __init__(self, instance: NodeInstance) -> None:
+        self.instance = instance
+        self._streams: set[_ServerStream] = set()
+
+    async def forward(self, requests, context):
+        stream = _ServerStream()
+        self._streams.add(stream)
+
+        async def answer(request: cache_pb2.ForwardRequest) -> None:
+            stream.out.put_nowait(await self._answer(request))
+
+        async def take() -> None:
+            try:
+                async for request in requests:
+                    if request is None:
+                        continue  # undecodable: without an id it cannot be answered
+                    task = asyncio.ensure_future(answer(request))
+                    stream.tasks.add(task)
+                    task.add_done_callback(stream.tasks.discard)
+            finally:  # the peer is done sending: end once all are answered
+                if stream.tasks:
+                    done = asyncio.gather(*stream.tasks, return_exceptions=True)
+                    done.add_done_callback(lambda _: stream.out.put_nowait(None))
+                else:
+                    stream.out.put_nowait(None)
+
+        stream.reader = asyncio.ensure_future(take())
+        try:
+            while (response := await stream.out.get()) is not None:
+                yield response
+        finally:
+            self._streams.discard(stream)
+            stream.reader.cancel()
+            for task in stream.tasks:
+                task.cancel()
+
+    async def _answer(self, request: cache_pb2.ForwardRequest) -> cache_pb2.ForwardResponse:
+        try:
+            entry = await self.instance.get(request.group, request.key, forwarded=True, timeout=request.timeout or None)
+        except errors.CacheError as exc:
+            return messages.forward_error(request.id, exc)
+        except Exception as exc:  # a bug: answer and keep serving
+            log.exception("Forward %s/%r failed", request.group, request.key[:64])
+            return cache_pb2.ForwardResponse(
+                id=request.id, code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL", error=type(exc).__name__
+            )
+        return messages.forward_response(request.id, entry)
+
+    async def close(self) -> None:
+        """End every open stream once its requests are answered (a graceful
+        server stop would otherwise wait its whole grace on idle streams)."""
+        await asyncio.gather(*(s.close() for s in list(self._streams)), return_exceptions=True)
+
+    def handlers(self) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
+        return {
+            PEER_SERVICE: {
+                "Forward": grpc.stream_stream_rpc_method_handler(
+                    self.forward,
+                    request_deserializer=messages.parser(cache_pb2.ForwardRequest),
+                    response_serializer=cache_pb2.ForwardResponse.SerializeToString,
+                )
+            }
+        }

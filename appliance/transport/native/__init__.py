@@ -1,0 +1,1 @@
+"""The pygrpc-native backend (see server.py)."""

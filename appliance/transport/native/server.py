@@ -1,0 +1,324 @@
+"""The native backend: pygrpc-native's low-level API (NativeGrpcFront).
+
+HTTP/2 and gRPC framing run in Rust threads outside the GIL and hand each
+call to Python as an event (id, method, request bytes, metadata, peer,
+deadline), in batches. One thread waits for batches and passes each to the
+event loop in one hop. There a hit is answered inside the batch loop:
+parse, look up, respond, with no coroutine and no context object per call.
+Misses, writes and health watches become tasks.
+
+Served natively: GroupCache/Get, Cache/{GetMany,Set,Remove}, Health/Check
+and Health/Watch. The rest (Peer/Forward, a bidirectional stream, and
+reflection) goes to a grpc.aio server on a unix socket in a private
+directory, which the front proxies to.
+
+No TLS here: with [tls] the grpcio backend serves (appliance.transport.choose).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
+from pygrpc_native import EVENT_CANCEL, STREAM_CLOSED, STREAM_FULL, NativeGrpcFront
+
+from ... import addr as addrs
+from ...cache import errors
+from ...node.ratelimit import client_address
+from ...pb import cache_pb2, groupcache_pb2
+from .. import health, messages
+from ..base import BaseTransport
+from ..grpc_aio.server import REFLECTED, add_services
+from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PeerService
+from ..metadata import FORWARDED, ttl_trailer
+from ..status import Failure, failure, internal_failure, rate_limited_failure
+
+if TYPE_CHECKING:
+    from ...node.instance import NodeInstance
+
+log = logging.getLogger(__name__)
+
+# Method ids are indexes into this list (the front numbers them in order).
+METHODS = (
+    (f"/{GET_SERVICE}/Get", False),
+    (f"/{CACHE_SERVICE}/GetMany", False),
+    (f"/{CACHE_SERVICE}/Set", False),
+    (f"/{CACHE_SERVICE}/Remove", False),
+    (f"/{health.SERVICE}/Check", False),
+    (f"/{health.SERVICE}/Watch", True),
+)
+GET, GET_MANY, SET, REMOVE, HEALTH_CHECK, HEALTH_WATCH = range(len(METHODS))
+LIMITED = frozenset((GET, GET_MANY, SET, REMOVE))
+BATCH = 256
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+_parse_get = groupcache_pb2.GetRequest.FromString
+
+
+class NativeTransport(BaseTransport):
+    name = "native"
+
+    def __init__(self, settings, *, io_threads: int = 1) -> None:
+        super().__init__(settings)
+        self.io_threads = io_threads
+        self._front: NativeGrpcFront | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: dict[int, asyncio.Task] = {}  # call id -> task of a call not answered inline
+        self._stopping = False
+        self._fallback: grpc.aio.Server | None = None
+        self._fallback_dir: str | None = None
+        self._peer_service: PeerService | None = None
+        self._pump: threading.Thread | None = None
+
+    # Lifecycle -----------------------------------------------------------------
+
+    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
+        self._bind(instance)
+        self._loop = asyncio.get_running_loop()
+        try:
+            front = NativeGrpcFront(addrs.join(host, port), list(METHODS), io_threads=self.io_threads, call_details=True)
+        except OSError as exc:
+            raise RuntimeError(f"Failed to bind to address {addrs.join(host, port)}: {exc}") from exc
+        try:
+            await self._start_fallback(instance, front)
+            front.start()
+        except BaseException:
+            front.close()
+            await self._stop_fallback(0)
+            raise
+        self._front = front
+        self._pump = threading.Thread(target=self._receive, name="native-grpc-recv", daemon=True)
+        self._pump.start()
+        return front.bound_port
+
+    async def _start_fallback(self, instance: NodeInstance, front: NativeGrpcFront) -> None:
+        # mkdtemp makes the directory 0700: only this user reaches the socket.
+        self._fallback_dir = tempfile.mkdtemp(prefix="appliance-native-")
+        path = os.path.join(self._fallback_dir, "fallback.sock")
+        server = grpc.aio.server(options=self.message_options)
+        self._peer_service = PeerService(instance)
+        add_services(server, self._peer_service.handlers())
+        reflection.enable_server_reflection(REFLECTED, server)
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        self._fallback = server
+        front.set_fallback(path)
+
+    async def stop(self, grace: float | None) -> None:
+        """As grpc.aio's stop: refuse new calls, give those in flight `grace`
+        seconds, then cancel the rest; open streams end at once."""
+        self._stopping = True
+        await self.health.close()  # ends every Health/Watch
+        fallback = asyncio.ensure_future(self._stop_fallback(grace))
+        tasks = list(self._tasks.values())
+        if tasks and grace:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await fallback
+        front, self._front = self._front, None
+        if front is not None:
+            await asyncio.get_running_loop().run_in_executor(None, front.close)
+        if self._pump is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._pump.join, 5)
+
+    async def _stop_fallback(self, grace: float | None) -> None:
+        if self._peer_service is not None:
+            await self._peer_service.close()
+        if self._fallback is not None:
+            await self._fallback.stop(grace)
+            self._fallback = None
+        if self._fallback_dir is not None:
+            shutil.rmtree(self._fallback_dir, ignore_errors=True)
+            self._fallback_dir = None
+
+    # Calls ---------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        """The pump thread: batches from Rust, one loop hop per batch."""
+        front, loop = self._front, self._loop
+        assert front is not None and loop is not None
+        while (events := front.recv_batch_details(BATCH)) is not None:
+            try:
+                loop.call_soon_threadsafe(self._on_events, events)
+            except RuntimeError:  # the loop is closed: nobody to serve
+                return
+
+    def _on_events(self, events: list) -> None:
+        front = self._front
+        if front is None:
+            return
+        instance = self.instance
+        limiter = self.limiter
+        limit = self.message_limit
+        for kind, call_id, method, payload, _, details in events:
+            if kind == EVENT_CANCEL:
+                task = self._tasks.pop(call_id, None)
+                if task is not None:
+                    task.cancel()
+                continue
+            if self._stopping:
+                front.fail(call_id, _UNAVAILABLE, "server is stopping")
+                continue
+            if len(payload) > limit:
+                self._fail(call_id, Failure(_EXHAUSTED, f"Received message larger than max ({len(payload)} vs. {limit})", ()))
+                continue
+            metadata, peer, remaining = details
+            forwarded = FORWARDED in metadata
+            if limiter is not None and method in LIMITED:
+                client = client_address(peer or "")
+                wait = limiter.admit(client, forwarded=forwarded)
+                if wait:
+                    buckets = limiter.buckets
+                    self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
+                    continue
+            if method == GET:
+                # The fast path: a hit costs no task, no context, no copy.
+                try:
+                    request = _parse_get(payload)
+                except DecodeError:
+                    self._fail(call_id, failure(errors.InvalidRequest("malformed GetRequest")))
+                    continue
+                group, key = request.group, request.key
+                try:
+                    entry = instance.hit(group, key, forwarded)
+                except errors.CacheError as exc:
+                    self._fail(call_id, failure(exc, group, key))
+                    continue
+                except Exception as exc:  # a bug: answer INTERNAL and keep serving
+                    log.exception("Get %s/%r failed", group, key[:64])
+                    self._fail(call_id, internal_failure(exc))
+                    continue
+                if entry is None:
+                    self._spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
+                elif forwarded and entry.expires:
+                    front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
+                else:
+                    front.respond(call_id, entry.data)
+            elif method == HEALTH_CHECK:
+                self._health_check(call_id, payload)
+            elif method == HEALTH_WATCH:
+                request = messages.parser(health_pb2.HealthCheckRequest)(payload)
+                if request is None:
+                    self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
+                else:
+                    self._spawn(call_id, self._health_watch(call_id, request.service))
+            else:
+                handle = self._unary_handlers[method]
+                self._spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
+
+    def _spawn(self, call_id: int, coro: Awaitable[None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks[call_id] = task
+        task.add_done_callback(functools.partial(self._finished, call_id))
+
+    def _finished(self, call_id: int, task: asyncio.Task) -> None:
+        if self._tasks.get(call_id) is task:
+            del self._tasks[call_id]
+
+    def _fail(self, call_id: int, status: Failure) -> None:
+        if self._front is not None:
+            self._front.fail(call_id, status.code.value[0], status.details, list(status.trailing_metadata))
+
+    def _respond(self, call_id: int, data: bytes, trailers=None) -> None:
+        if len(data) > self.message_limit:
+            self._fail(call_id, Failure(_EXHAUSTED, f"Sent message larger than max ({len(data)} vs. {self.message_limit})", ()))
+        elif self._front is not None:
+            self._front.respond(call_id, data, None, trailers)
+
+    async def _fill(self, call_id: int, group: str, key: str, forwarded: bool, remaining: float | None) -> None:
+        instance = self.instance
+        try:
+            entry = await instance.fill(group, key, forwarded=forwarded, timeout=remaining)
+        except errors.CacheError as exc:
+            self._fail(call_id, failure(exc, group, key))
+            return
+        except Exception as exc:
+            log.exception("Get %s/%r failed", group, key[:64])
+            self._fail(call_id, internal_failure(exc))
+            return
+        trailers = list(ttl_trailer(instance.ttl_left(entry))) if forwarded and entry.expires else None
+        self._respond(call_id, entry.data, trailers)
+
+    # The Cache service: parse, run against the instance, encode ---------------
+
+    @functools.cached_property
+    def _unary_handlers(self) -> dict[int, Callable]:
+        instance = self.instance
+
+        async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout):
+            keys = list(request.keys)
+            results = await instance.get_many(request.group, keys, forwarded=forwarded, timeout=timeout)
+            return messages.get_many_response(keys, results)
+
+        async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout):
+            change = await instance.set(
+                request.group, request.key, request.value, request.ttl, forwarded=forwarded, timeout=timeout
+            )
+            return messages.change_response(change)
+
+        async def remove(request: cache_pb2.RemoveRequest, forwarded: bool, timeout):
+            change = await instance.remove(request.group, request.key, forwarded=forwarded, timeout=timeout)
+            return messages.change_response(change)
+
+        return {
+            GET_MANY: ("GetMany", messages.parser(cache_pb2.GetManyRequest), get_many),
+            SET: ("Set", messages.parser(cache_pb2.SetRequest), set_),
+            REMOVE: ("Remove", messages.parser(cache_pb2.RemoveRequest), remove),
+        }
+
+    async def _unary(self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None) -> None:
+        name, parse, run = handle
+        request = parse(payload)
+        if request is None:
+            self._fail(call_id, failure(errors.InvalidRequest("malformed request")))
+            return
+        group, key = request.group, getattr(request, "key", "")
+        try:
+            reply = await run(request, forwarded, remaining)
+        except errors.CacheError as exc:
+            self._fail(call_id, failure(exc, group, key))
+            return
+        except Exception as exc:
+            log.exception("%s %s/%r failed", name, group, key[:64])
+            self._fail(call_id, internal_failure(exc))
+            return
+        self._respond(call_id, reply.SerializeToString())
+
+    # Health ----------------------------------------------------------------------
+
+    def _health_check(self, call_id: int, payload: bytes) -> None:
+        request = messages.parser(health_pb2.HealthCheckRequest)(payload)
+        if request is None:
+            self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
+            return
+        status = self.health.check(request.service)
+        if status is None:
+            self._front.fail(call_id, grpc.StatusCode.NOT_FOUND.value[0], f"unknown service {request.service!r}")
+        else:
+            self._front.respond(call_id, health.response(status))
+
+    async def _health_watch(self, call_id: int, service: str) -> None:
+        front = self._front
+        loop = asyncio.get_running_loop()
+        async for status in self.health.watch(service):
+            data = health.response(status)
+            sent = front.stream_try_send(call_id, data)
+            if sent == STREAM_FULL:  # the client is behind: wait off the loop
+                if not await loop.run_in_executor(None, front.stream_send, call_id, data):
+                    return
+            elif sent == STREAM_CLOSED:
+                return
+        front.stream_end(call_id)  # closed by a stop: end the stream with OK
