@@ -40,6 +40,7 @@ class Controller:
         self.members: dict[str, tuple[str, dict | None]] = {}
         self.revision = 0
         self.peers: list[str] = []
+        self.etcd_ok = False  # the last read or probe of etcd worked (box metric groupcache_controller_etcd_up)
         self._stubs: dict[str, tuple[grpc.Channel, admin_pb2_grpc.AdminStub]] = {}
         self._acked: dict[str, int] = {}  # written by grpc callbacks too
         self._pending: dict[str, tuple[int, grpc.Future]] = {}  # socket -> (revision, call in flight)
@@ -59,6 +60,7 @@ class Controller:
             except Exception as exc:
                 if self.stop_event.is_set():
                     break
+                self.etcd_ok = False
                 log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
                 # Keep pushing the last ring: workers keep serving on it.
                 self.push(everyone=True)
@@ -74,6 +76,7 @@ class Controller:
 
     def _sync(self, client) -> None:
         members, revision = etcd.read_members(client, self.service)
+        self.etcd_ok = True
         self._apply(members, revision)
         self.push()
         events: queue.Queue = queue.Queue()
@@ -98,6 +101,7 @@ class Controller:
                 if periodic:
                     # A dead etcd may leave the watch stream silent: probe it.
                     client.status()
+                    self.etcd_ok = True
                     last_check = time.monotonic()
         finally:
             cancel()

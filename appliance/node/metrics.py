@@ -11,7 +11,7 @@ Prometheus text format; the controller re-labels and serves it per box.
 Families (counters since the worker started; labels `group`, `cache` =
 main|hot, `result` = ok|not_found|error):
 
-    groupcache_gets_total, groupcache_hits_total{cache}, groupcache_hit_ratio,
+    groupcache_gets_total, groupcache_hits_total{cache},
     groupcache_loads_total, groupcache_loads_deduped_total,
     groupcache_peer_loads_total, groupcache_peer_errors_total,
     groupcache_server_requests_total, groupcache_origin_loads_total{result},
@@ -20,6 +20,10 @@ main|hot, `result` = ok|not_found|error):
     groupcache_cache_evictions_total{cache}, groupcache_cache_limit_bytes,
     groupcache_ring_revision, groupcache_ring_peers, groupcache_ring_member,
     groupcache_draining, groupcache_rate_limited_total{protocol}
+
+Ratios (hit ratio, origin error ratio) are not exported: they belong in
+PromQL, over rate() of the counters (ops/prometheus/groupcache.rules.yml
+records them), where they are defined over any window and never NaN.
 """
 
 from __future__ import annotations
@@ -109,7 +113,6 @@ class _NodeCollector:
             ),
             "evictions": CounterMetricFamily("groupcache_cache_evictions", "Entries evicted to stay in budget.", labels=gc),
         }
-        ratio = GaugeMetricFamily("groupcache_hit_ratio", "hits / gets since the worker started (NaN before any get).", labels=g)
         size = GaugeMetricFamily("groupcache_cache_bytes", "Key + value bytes held.", labels=gc)
         items = GaugeMetricFamily("groupcache_cache_items", "Entries held.", labels=gc)
         limit = GaugeMetricFamily("groupcache_cache_limit_bytes", "The group's cache_bytes budget.", labels=g)
@@ -126,14 +129,13 @@ class _NodeCollector:
             counters["origin"].add_metric([name, "ok"], s.local_loads)
             counters["origin"].add_metric([name, "not_found"], s.not_found)
             counters["origin"].add_metric([name, "error"], s.local_load_errs)
-            ratio.add_metric([name], s.hits / s.gets if s.gets else math.nan)
             limit.add_metric([name], group.cache_bytes)
             for label, store in (("main", group.main), ("hot", group.hot)):
                 counters["evictions"].add_metric([name, label], store.evictions)
                 size.add_metric([name, label], store.bytes)
                 items.add_metric([name, label], len(store))
         yield from counters.values()
-        yield from (ratio, size, items, limit)
+        yield from (size, items, limit)
         peers = self.node.peers
         yield GaugeMetricFamily("groupcache_ring_revision", "etcd revision of the ring this worker holds.", value=peers.revision)
         yield GaugeMetricFamily("groupcache_ring_peers", "Nodes in the ring this worker holds.", value=len(peers.ring))

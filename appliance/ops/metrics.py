@@ -8,7 +8,8 @@ Box side (`BoxCollector`): a custom collector in the controller. At each
 scrape it calls `Admin.Metrics` on every local worker's unix socket (in
 parallel, with a deadline), parses the text with prometheus_client's own
 parser and re-emits every family with a `worker="host:port"` label, plus
-`groupcache_worker_up` per worker and the controller's ring view.
+`groupcache_worker_up` per worker, the controller's ring view and whether
+it reaches etcd (`groupcache_controller_etcd_up`).
 
 Why not prometheus_client's multiprocess mode: it needs a shared directory
 of mmap files that must be wiped at every start, it cannot express gauges
@@ -125,6 +126,9 @@ class BoxCollector:
             )
             yield GaugeMetricFamily(
                 "groupcache_controller_ring_peers", "Live nodes the controller sees in etcd.", value=len(c.peers)
+            )
+            yield GaugeMetricFamily(
+                "groupcache_controller_etcd_up", "1 while the controller's etcd watch and probe work, else 0.", value=int(c.etcd_ok)
             )
         yield from families.values()
 

@@ -51,16 +51,19 @@ async def test_controller_pushes_membership_and_survives_etcd_restart(tmp_path, 
             # A bare host:port value (the seed's layout) is accepted too.
             admin.put(etcd.member_key("groupcache", nodes[2].addr), nodes[2].addr, lease=lease)
             await until(lambda: all(len(n.peers.ring) == 3 for n in nodes), 5)
+            assert ctl.etcd_ok
 
             # etcd restarts (same data): the old watch stream dies. A change
             # made afterwards must still reach every node.
             etcd_server.kill()
             admin.close()
+            await until(lambda: not ctl.etcd_ok, 10)  # the box's groupcache_controller_etcd_up 0
             etcd_server.start()
             admin = etcd_server.client()
             admin.delete(etcd.member_key("groupcache", nodes[1].addr))
             want = sorted([nodes[0].addr, nodes[2].addr])
             await until(lambda: all(sorted(n.peers.ring.nodes) == want for n in nodes), 5)
+            assert ctl.etcd_ok
             # Revisions only move forward.
             assert all(n.peers.revision > revision for n in nodes)
         finally:

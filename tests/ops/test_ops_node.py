@@ -112,7 +112,6 @@ async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_
         assert value(m, "groupcache_cache_items", group="g", cache="main") == 1
         assert value(m, "groupcache_cache_bytes", group="g", cache="main") == len("k") + len("value")
         assert value(m, "groupcache_ring_revision") == 1 and value(m, "groupcache_ring_peers") == 3
-        assert value(m, "groupcache_hit_ratio", group="g") == pytest.approx(99 / 101)
 
         # The box endpoint: every worker, re-labelled, over real HTTP.
         collector = BoxCollector(lambda: sorted(str(p) for p in tmp_path.glob("n*.sock")))
