@@ -41,6 +41,7 @@ class ForwardStream:
         self._pending: dict[int, asyncio.Future] = {}
         self._outbox: asyncio.Queue = asyncio.Queue()
         self.broken: BaseException | None = None
+        self.answered = False  # a response came: the peer serves Peer.Forward
         self._tasks = (asyncio.ensure_future(self._write()), asyncio.ensure_future(self._read()))
 
     async def request(self, group: str, key: str, wait: float) -> cache_pb2.ForwardResponse:
@@ -71,6 +72,7 @@ class ForwardStream:
                 response = await self._call.read()
                 if response is grpc.aio.EOF:
                     raise EOFError("stream ended by the peer")
+                self.answered = True
                 future = self._pending.get(response.id)
                 if future is not None and not future.done():
                     future.set_result(response)
@@ -85,8 +87,29 @@ class ForwardStream:
                 future.set_exception(errors.PeerError(f"stream broken: {exc}"))
         self.close()
 
-    def unimplemented(self) -> bool:
-        return isinstance(self.broken, grpc.aio.AioRpcError) and self.broken.code() == grpc.StatusCode.UNIMPLEMENTED
+    async def unanswered_code(self) -> grpc.StatusCode | None:
+        """For a stream that broke before any response: the status it ended
+        with (None if it answered, or has not failed).
+
+        A peer without Peer.Forward (a Go node) ends the stream at once with
+        UNIMPLEMENTED: trailers-only, then RST_STREAM, since we have not
+        half-closed. Which error each side of the call then sees is a race.
+        If the reset lands while a write is in flight, grpc.aio's write
+        catches the failed SEND_MESSAGE batch and calls set_internal_error,
+        which overwrites the call's status, UNIMPLEMENTED already included:
+        the writer, a reader that wakes later, and `await call.code()` all
+        see INTERNAL ("Internal error from Core"). If the status lands first,
+        the reader sees UNIMPLEMENTED, and a write that starts later fails
+        with InvalidStateError. So neither the first error nor the final
+        code says UNIMPLEMENTED reliably; callers ask with a plain Get."""
+        if self.answered or self.broken is None:
+            return None
+        if isinstance(self.broken, grpc.aio.AioRpcError) and self.broken.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return grpc.StatusCode.UNIMPLEMENTED
+        try:
+            return await asyncio.wait_for(self._call.code(), 1.0)
+        except Exception:  # TimeoutError included
+            return None
 
     def close(self) -> None:
         if self.broken is None:
@@ -97,21 +120,38 @@ class ForwardStream:
                 task.cancel()
 
 
-class PeerClient:
-    """A Peer (see appliance.cache.group) over one pooled gRPC channel."""
+# A stream that ends with one of these before any answer may be a peer
+# without Peer.Forward (INTERNAL: see ForwardStream.unanswered_code).
+_NO_STREAM_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
 
-    def __init__(self, addr: str, channel: grpc.aio.Channel, *, max_wait: float, share: float = 0.5) -> None:
+
+class PeerClient:
+    """A Peer (see appliance.cache.group) over one pooled gRPC channel.
+
+    `unary_only` holds the addresses known to serve only the seed's plain
+    GroupCache/Get (Go nodes). It is shared by every client of one Peers, so
+    the answer outlives a client that a ring change drops and recreates."""
+
+    def __init__(
+        self,
+        addr: str,
+        channel: grpc.aio.Channel,
+        *,
+        max_wait: float,
+        share: float = 0.5,
+        unary_only: set[str] | None = None,
+    ) -> None:
         self.addr = addr
         self.channel = channel
         self._max_wait = max_wait
         self._share = share
+        self._unary_only = unary_only if unary_only is not None else set()
         self._forward = channel.stream_stream(
             "/appliance.cache.Peer/Forward",
             request_serializer=cache_pb2.ForwardRequest.SerializeToString,
             response_deserializer=cache_pb2.ForwardResponse.FromString,
         )
         self._stream: ForwardStream | None = None
-        self._streaming = True  # False for a peer without the Peer service
         # The reply stays encoded: it is what we cache and send on (wire.py).
         self._get = channel.unary_unary(
             "/groupcachepb.GroupCache/Get",
@@ -148,20 +188,40 @@ class PeerClient:
         except Exception as err:  # channel closed under us by a ring change
             raise errors.PeerError(f"{self.addr}: {err}") from None
 
+    @property
+    def _streaming(self) -> bool:
+        """False for a peer known to lack the Peer service."""
+        return self.addr not in self._unary_only
+
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        wait = self._wait(timeout)
         if not self._streaming:
-            return await self._get_unary(group, key, timeout)
+            return await self._get_unary(group, key, wait)
         stream = self._stream
         if stream is None or stream.broken is not None:
             stream = self._stream = ForwardStream(self._forward)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            response = await stream.request(group, key, self._wait(timeout))
+            response = await stream.request(group, key, wait)
         except errors.PeerError:
-            if not stream.unimplemented():
+            code = await stream.unanswered_code()
+            left = wait - (loop.time() - started)
+            if code is None or left <= 0:
                 raise
-            # A Go node, or an older one: plain Gets from now on.
-            self._streaming = False
-            return await self._get_unary(group, key, timeout)
+            # The stream broke before any answer: ask once with a plain Get
+            # (raises PeerError if the peer is down). If the peer answers,
+            # and the stream's end is what a server without Peer.Forward
+            # gives (see ForwardStream.unanswered_code), it is a Go node or
+            # an older one: plain Gets from now on, for this address.
+            try:
+                result = await self._get_unary(group, key, left)
+            except errors.CacheError as exc:
+                if not isinstance(exc, errors.PeerError):  # the owner's own answer (NOT_FOUND, …)
+                    self._no_stream(code)
+                raise
+            self._no_stream(code)
+            return result
         if response.code:
             raise owner_error(response.reason, response.code, response.error or response.reason)
         try:
@@ -169,14 +229,17 @@ class PeerClient:
         except Exception as exc:  # undecodable: treat the owner as failed
             raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
+    def _no_stream(self, code: grpc.StatusCode) -> None:
+        if code in _NO_STREAM_CODES and self.addr not in self._unary_only:
+            self._unary_only.add(self.addr)
+            log.info("%s has no Peer.Forward stream (%s): plain Gets from now on", self.addr, code.name)
+
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
 
-    async def _get_unary(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        encoded, call = await self._call(
-            self._get, groupcache_pb2.GetRequest(group=group, key=key), self._wait(timeout)
-        )
+    async def _get_unary(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
+        encoded, call = await self._call(self._get, groupcache_pb2.GetRequest(group=group, key=key), wait)
         ttl = 0.0
         for k, v in await call.trailing_metadata() or ():
             if k == TTL_MS:
@@ -240,6 +303,7 @@ class Peers:
         self._options = channel_options or []
         self._credentials = credentials
         self._closing: set[asyncio.Task] = set()
+        self._unary_only: set[str] = set()  # peers without Peer.Forward (see PeerClient)
 
     def pick(self, key: str) -> PeerClient | None:
         owner = self.ring.owner(key)
@@ -267,7 +331,9 @@ class Peers:
         for peer in ring.nodes:
             if peer == self.self_addr:
                 continue
-            clients[peer] = self._clients.get(peer) or PeerClient(peer, self._channel(peer), max_wait=self.max_wait)
+            clients[peer] = self._clients.get(peer) or PeerClient(
+                peer, self._channel(peer), max_wait=self.max_wait, unary_only=self._unary_only
+            )
         dropped = [c for a, c in self._clients.items() if a not in clients]
         self.ring, self._clients, self.revision = ring, clients, revision
         for client in dropped:
