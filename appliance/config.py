@@ -298,6 +298,9 @@ class ClusterSettings(_Model):
     embedded_etcd: bool = True
     etcd_peer_port: int = Field(0, ge=0, le=65535)
     lease_ttl: int = Field(5, ge=1, le=3600)
+    # Also put "clusters/<host:port>" = "host:port" under each worker's lease:
+    # the peer list the seed's Go nodes read (once, at start).
+    seed_clusters_prefix: bool = False
     etcd_user: str | None = None
     etcd_password: str | None = None
     etcd_ca: AbsPath | None = None

@@ -21,6 +21,10 @@ from .. import addr as addrs
 
 log = logging.getLogger(__name__)
 
+# The prefix the seed's Go nodes read their peer list from (bare host:port
+# values), once, at start: main.go's services.GetPeers("clusters").
+SEED_CLUSTERS = "clusters"
+
 # Reconnect fast after etcd comes back; grpc's default backoff grows to 2 min.
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
