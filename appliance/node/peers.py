@@ -280,6 +280,20 @@ def error_of(code: int, message: str) -> errors.CacheError:
     return _BY_CODE.get(code, errors.PeerError)(message)
 
 
+# A peer that comes back must be reachable at once. grpc shares subchannels
+# between channels to one address, so without a local pool the channel made
+# for a peer that rejoins the ring inherits the old one's reconnect backoff
+# (it grows to 2 min) and fails fast meanwhile: each Get then loads locally.
+# Seen with the seed's Go nodes: a Get that found one down, and for ~4 s
+# after it restarted, every forward to it from that worker was a peer error.
+_PEER_CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 class Peers:
     """PeerPicker of one node. set_peers swaps ring and clients atomically:
     a request that already picked its owner keeps the client it picked."""
@@ -342,9 +356,10 @@ class Peers:
         return True
 
     def _channel(self, target: str) -> grpc.aio.Channel:
+        options = [*_PEER_CHANNEL_OPTIONS, *self._options]
         if self._credentials is not None:
-            return grpc.aio.secure_channel(target, self._credentials, options=self._options)
-        return grpc.aio.insecure_channel(target, options=self._options)
+            return grpc.aio.secure_channel(target, self._credentials, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         # Calls in flight on the old ring get the peer timeout to finish.

@@ -52,7 +52,7 @@ async def test_graceful_stop_is_not_held_by_open_peer_streams():
         assert a.groups["g"].stats.peer_errors == 1
 
 
-async def go_like_server(served):
+async def go_like_server(served, port=0):
     """A server with only the seed's GroupCache/Get, as a Go node has."""
 
     async def seed_get(request, context):
@@ -67,7 +67,7 @@ async def go_like_server(served):
             response_serializer=groupcache_pb2.GetResponse.SerializeToString,
         )
     }),))  # fmt: skip
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -209,3 +209,30 @@ async def test_peer_that_is_down_is_not_taken_for_one_without_the_stream():
         assert a.peers.client(dead)._streaming is True
         assert a.groups["g"].stats.peer_errors == 2
         assert origin.calls == keys
+
+
+async def test_owner_that_comes_back_is_reached_at_once():
+    """A Get finds the owner down (refused: a peer error, loaded locally).
+    The owner comes back at the same address and rejoins the ring: the very
+    next forward reaches it. (grpc shares subchannels between channels, so
+    the client made for the rejoined peer used to inherit the refused
+    subchannel's reconnect backoff and fail fast for a second or more.)"""
+    port = free_port()
+    owner = f"127.0.0.1:{port}"
+    origin = CountingOrigin({f"k{i}": b"local" for i in range(400)})
+    async with cluster(1, origin) as (a,):
+        a.set_peers([a.addr, owner], 2)
+        keys = [k for k in origin.data if a.peers.owner(k) == owner][:3]
+        assert await get(a.addr, keys[0]) == b"local"
+        assert a.groups["g"].stats.peer_errors == 1
+        served = []
+        server, _ = await go_like_server(served, port=port)
+        try:
+            a.set_peers([a.addr], 3)
+            a.set_peers([a.addr, owner], 4)
+            for k in keys[1:]:
+                assert await get(a.addr, k) == b"from-go:" + k.encode()
+            assert served == keys[1:]
+            assert a.groups["g"].stats.peer_errors == 1
+        finally:
+            await server.stop(0)
