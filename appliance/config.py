@@ -298,6 +298,11 @@ class ClusterSettings(_Model):
     embedded_etcd: bool = True
     etcd_peer_port: int = Field(0, ge=0, le=65535)
     lease_ttl: int = Field(5, ge=1, le=3600)
+    # This etcd also serves the seed's Go nodes (a mixed cluster): each worker
+    # also keeps "clusters/<host:port>" (the peer list a Go node reads once,
+    # at start), and server = "auto" picks grpcio, since the Go clients'
+    # :authority ("groupcache/<addr>") is refused by pygrpc-native.
+    seed_interop: bool = False
     etcd_user: str | None = None
     etcd_password: str | None = None
     etcd_ca: AbsPath | None = None
@@ -643,6 +648,12 @@ class Settings(BaseSettings):
             raise FieldError(
                 ("node", "server"),
                 'server = "native" cannot serve TLS (pygrpc-native has no TLS); use "grpcio" or "auto" with [tls]',
+            )
+        if self.node.server == "native" and self.cluster.seed_interop:
+            raise FieldError(
+                ("node", "server"),
+                'server = "native" cannot serve the seed\'s Go nodes (pygrpc-native refuses their :authority '
+                '"groupcache/<addr>"); use "grpcio" or "auto" with cluster.seed_interop',
             )
         self._ops_port_checks()
         return self

@@ -61,6 +61,7 @@ async def serve(settings, index: int) -> int:
         node.addr,
         ttl=settings.cluster.lease_ttl,
         metadata={"admin": f"unix:{sock}", "host": socket.gethostname(), "pid": os.getpid(), "worker": index},
+        seed_clusters=settings.cluster.seed_interop,
     )
     registration.start()
     try:

@@ -3,6 +3,13 @@
 Keys follow Go's naming/endpoints layout: `<service>/<host:port>` holding
 `{"Addr": "<host:port>", "Metadata": ...}`; a bare `host:port` value (the
 seed's `clusters` prefix) is accepted on read.
+
+Our Metadata is a JSON object carried as a string. Go's resolver hands it
+to grpc-go as resolver.Address.Metadata, and a JSON object would decode to
+a map, which grpc-go hashes or compares with ==: the seed's round-robin
+client (grpc/serviceRegisterCall) panics with "hash of unhashable type
+map[string]interface {}" (etcd-io/etcd#19700, grpc/grpc-go#8225). A string,
+like the seed's own "groupcache services", is safe.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from .. import addr as addrs
 
 log = logging.getLogger(__name__)
 
+# The prefix the seed's Go nodes read their peer list from (bare host:port
+# values), once, at start: main.go's services.GetPeers("clusters").
+SEED_CLUSTERS = "clusters"
+
 # Reconnect fast after etcd comes back; grpc's default backoff grows to 2 min.
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -38,7 +49,8 @@ def member_key(service: str, addr: str) -> str:
 
 
 def member_value(addr: str, metadata: dict | None = None) -> str:
-    return json.dumps({"Addr": addr, "Metadata": metadata}, separators=(",", ":"))
+    text = None if metadata is None else json.dumps(metadata, separators=(",", ":"))
+    return json.dumps({"Addr": addr, "Metadata": text}, separators=(",", ":"))
 
 
 def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None]:
@@ -55,6 +67,11 @@ def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None
     else:
         addr = text
     addrs.split(addr)
+    if isinstance(metadata, str) and metadata.startswith("{"):
+        try:
+            metadata = json.loads(metadata)
+        except ValueError:
+            metadata = None
     return addr, metadata if isinstance(metadata, dict) else None
 
 

@@ -24,11 +24,15 @@ class Registration(threading.Thread):
         *,
         ttl: int,
         metadata: dict | None = None,
+        seed_clusters: bool = False,
     ) -> None:
         super().__init__(name=f"registry-{addr}", daemon=True)
         self._connect = connect
         self.key = etcd.member_key(service, addr)
         self.value = etcd.member_value(addr, metadata)
+        # With seed_clusters, also the seed's peer-list entry, under the same
+        # lease: it lives exactly as long as the registration.
+        self.extra = {etcd.member_key(etcd.SEED_CLUSTERS, addr): addr} if seed_clusters else {}
         self.ttl = ttl
         self.registered = threading.Event()
         self.registrations = 0  # how many times a lease was granted and the key put
@@ -57,6 +61,8 @@ class Registration(threading.Thread):
             self._client = self._connect()
         self._lease = self._client.lease(self.ttl)
         self._client.put(self.key, self.value, lease=self._lease)
+        for key, value in self.extra.items():
+            self._client.put(key, value, lease=self._lease)
         self.registrations += 1
         self.registered.set()
         log.info("registered %s (lease %x, ttl %ds)", self.key, self._lease.id, self.ttl)

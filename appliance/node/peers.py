@@ -9,11 +9,20 @@ process: its client is replaced, so nothing learned about the old one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Callable, Mapping, Protocol
 
 from .. import addr as addrs
 from ..cache.group import Peer
 from ..cache.ring import HashRing
+
+
+@dataclasses.dataclass
+class PeerFacts:
+    """What a node learned about one peer process; it outlives the clients
+    made for it while the peer keeps its etcd lease."""
+
+    plain_get_only: bool = False  # no Peer/Forward: a seed Go node, or an older node
 
 
 class PeerClient(Peer, Protocol):
@@ -36,7 +45,7 @@ class Peers:
 
     def __init__(
         self,
-        new_client: Callable[[str], PeerClient],
+        new_client: Callable[[str, PeerFacts], PeerClient],
         *,
         replicas: int = 50,
         scheme: str = "seed",
@@ -51,6 +60,7 @@ class Peers:
         self._new_client = new_client
         self._clients: dict[str, PeerClient] = {}
         self._leases: dict[str, int] = {}
+        self._facts: dict[str, PeerFacts] = {}
         self._closing: set[asyncio.Task] = set()
 
     def pick(self, key: str) -> PeerClient | None:
@@ -84,14 +94,17 @@ class Peers:
             if peer == self.self_addr:
                 continue
             client = self._clients.get(peer)
-            known = self._leases.get(peer)
-            if client is not None and peer in leases and known is not None and known != leases[peer]:
-                client = None  # a new process at the same address
-            clients[peer] = client or self._new_client(peer)
+            known, lease = self._leases.get(peer), leases.get(peer)
+            if lease is not None and known is not None and known != lease:
+                client = None  # a new process at the same address: learn it anew
+                self._facts.pop(peer, None)
+            facts = self._facts.setdefault(peer, PeerFacts())
+            clients[peer] = client or self._new_client(peer, facts)
         kept = set(map(id, clients.values()))
         dropped = [c for c in self._clients.values() if id(c) not in kept]
         self.ring, self._clients, self.revision = ring, clients, revision
-        self._leases = {a: lease for a in clients if (lease := leases.get(a, self._leases.get(a))) is not None}
+        # Kept after a peer leaves, to tell its next process (a new lease) apart.
+        self._leases.update(leases)
         for client in dropped:
             self._close_later(client)
         return True

@@ -9,7 +9,8 @@ stop(grace), new_client(addr) and the value framing. Two backends:
 - `grpcio` (transport/grpc_aio): a grpc.aio server; TLS and mTLS.
 
 `[node] server = "auto" | "native" | "grpcio"` chooses; `auto` takes native
-when TLS is off and pygrpc-native imports, grpcio otherwise (`choose`).
+when TLS is off, the cluster has no seed Go nodes (`cluster.seed_interop`)
+and pygrpc-native imports, grpcio otherwise (`choose`).
 Peer clients are grpc.aio on both (pygrpc-native has no client).
 """
 
@@ -41,17 +42,25 @@ def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
     """(backend, why) for these settings; `requested` overrides node.server."""
     want = requested or settings.node.server
     tls = settings.tls.enabled
+    seed = settings.cluster.seed_interop
     if want == "grpcio":
         return "grpcio", "node.server = grpcio"
     if want == "native":
-        if tls:  # config validation refuses this; code that builds Settings may not
+        # Config validation refuses these; code that builds Settings may not.
+        if tls:
             raise ValueError("node.server = native cannot serve TLS; use grpcio or auto")
+        if seed:
+            raise ValueError("node.server = native cannot serve the seed's Go clients; use grpcio or auto")
         missing = native_available()
         if missing:
             raise RuntimeError(f"node.server = native, but {missing}")
         return "native", "node.server = native"
     if tls:
         return "grpcio", "auto: TLS is on and pygrpc-native has no TLS"
+    if seed:
+        # grpc-go sends :authority "groupcache/<addr>" (the etcd:/// target's
+        # endpoint); the Rust http crate under pygrpc-native resets such a stream.
+        return "grpcio", "auto: cluster.seed_interop (pygrpc-native refuses the Go clients' :authority)"
     missing = native_available()
     if missing:
         return "grpcio", f"auto: {missing}"

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import tls as tlsmod
 from ..cache.group import Framing
-from ..node.peers import PeerClient
+from ..node.peers import PeerClient, PeerFacts
 from ..node.ratelimit import RateLimiter, TokenBuckets, TrustedPeers
 from . import wire
-from .grpc_aio.client import GrpcPeerClient, channel
+from .grpc_aio.client import PEER_CHANNEL_OPTIONS, GrpcPeerClient, channel
 from .grpc_aio.services import GET_SERVICE
 from .health import Health
 
@@ -32,7 +32,7 @@ class Transport(Protocol):
     health: Health
     limiter: RateLimiter | None
 
-    def new_client(self, addr: str) -> PeerClient: ...
+    def new_client(self, addr: str, facts: PeerFacts) -> PeerClient: ...
 
     async def start(self, instance: NodeInstance, host: str, port: int) -> int:
         """Serve `instance` on host:port (0: a free port); the port bound."""
@@ -57,18 +57,19 @@ class BaseTransport:
             ("grpc.max_receive_message_length", self.message_limit),
             ("grpc.max_send_message_length", self.message_limit),
         ]
-        self._channel_options = self.message_options + tlsmod.channel_options(settings.tls)
+        self._channel_options = PEER_CHANNEL_OPTIONS + self.message_options + tlsmod.channel_options(settings.tls)
         self._credentials = tlsmod.channel_credentials(settings.tls)
         self.health = Health((GET_SERVICE,))
         self.limiter: RateLimiter | None = None
         self.instance: NodeInstance | None = None
 
-    def new_client(self, addr: str) -> PeerClient:
+    def new_client(self, addr: str, facts: PeerFacts) -> PeerClient:
         return GrpcPeerClient(
             addr,
             channel(addr, options=self._channel_options, credentials=self._credentials),
             max_wait=self.settings.node.peer_timeout,
             forward=self.forward,
+            facts=facts,
         )
 
     def _bind(self, instance: NodeInstance) -> None:

@@ -116,3 +116,49 @@ class HostAppliance(Appliance):
     def start(self) -> "HostAppliance":
         """Start without waiting: the ring spans every host."""
         return super().start(wait=False)
+
+
+class LoopbackNamespace:
+    """A private network namespace with only `lo` up: programs that bind
+    every interface (the seed's Go nodes listen on ":port") are reachable
+    from nowhere else. Run a program in it with `launcher + argv`."""
+
+    def __init__(self, prefix: str = "gcns") -> None:
+        self.name = f"{prefix}{os.getpid() % 100000}x{random.randrange(16**4):04x}"
+        self.created = False
+
+    @property
+    def launcher(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def create(self) -> "LoopbackNamespace":
+        ip("netns", "add", self.name)
+        self.created = True
+        ip("-n", self.name, "link", "set", "lo", "up")
+        return self
+
+    def close(self) -> None:
+        if self.created:
+            ip("netns", "del", self.name, check=False)
+            self.created = False
+
+
+def loopback_namespace_unavailable() -> str | None:
+    """Why this machine cannot run programs in a private loopback-only
+    network namespace, or None."""
+    ns = LoopbackNamespace("gcprobe")
+    try:
+        r = ip("netns", "add", ns.name, check=False)
+        if r.returncode != 0:
+            return f"`ip netns add` failed: {r.stderr.strip() or r.returncode} (needs root / CAP_SYS_ADMIN)"
+        ns.created = True
+        r = subprocess.run([*ns.launcher, "ip", "link", "set", "lo", "up"], capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            return f"`ip netns exec` failed: {r.stderr.strip()}"
+    except FileNotFoundError:
+        return "the `ip` command (iproute2) is not installed"
+    except subprocess.SubprocessError as exc:
+        return f"`ip` did not work: {exc}"
+    finally:
+        ns.close()
+    return None

@@ -16,6 +16,7 @@ import logging
 import grpc
 
 from ...cache import errors
+from ...node.peers import PeerFacts
 from ...pb import cache_pb2, groupcache_pb2
 from .. import wire
 from ..metadata import FORWARDED, ttl_from_trailers
@@ -24,9 +25,19 @@ from ..status import error_of, from_rpc_error, owner_error
 log = logging.getLogger(__name__)
 
 _METADATA = (FORWARDED,)
-# How long to wait for a failed stream's final status: the answer decides
-# between "a peer without our services" and "a broken connection".
-_STATUS_WAIT = 1.0
+# A stream that ends with one of these before any answer may be a peer
+# without Peer/Forward (INTERNAL: see ForwardStream.unanswered_code).
+_NO_STREAM_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
+# A peer that comes back must be reachable at once. grpc shares subchannels
+# between channels to one address, so without a local pool the channel made
+# for a peer that rejoins the ring inherits the old one's reconnect backoff
+# (it grows to 2 min) and fails fast meanwhile: each Get then loads locally.
+PEER_CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class ForwardStream:
@@ -39,6 +50,7 @@ class ForwardStream:
         self._pending: dict[int, asyncio.Future] = {}
         self._outbox: asyncio.Queue = asyncio.Queue()
         self.broken: BaseException | None = None
+        self.answered = False  # a response came: the peer serves Peer/Forward
         self._tasks = (asyncio.ensure_future(self._write()), asyncio.ensure_future(self._read()))
 
     async def request(self, group: str, key: str, wait: float) -> cache_pb2.ForwardResponse:
@@ -69,6 +81,7 @@ class ForwardStream:
                 response = await self._call.read()
                 if response is grpc.aio.EOF:
                     raise EOFError("stream ended by the peer")
+                self.answered = True
                 future = self._pending.get(response.id)
                 if future is not None and not future.done():
                     future.set_result(response)
@@ -85,19 +98,29 @@ class ForwardStream:
             if task is not asyncio.current_task():
                 task.cancel()
 
-    async def unimplemented(self) -> bool:
-        """Whether the peer ended the stream with UNIMPLEMENTED: it lacks the
-        service. Decided by the call's own final status, not by whichever of
-        the writer or reader failed first: a Go server's UNIMPLEMENTED often
-        reaches the writer as INTERNAL ("Failed execute_batch") before the
-        reader sees the status."""
-        if self.broken is None:
-            return False
+    async def unanswered_code(self) -> grpc.StatusCode | None:
+        """For a stream that broke before any response: the status it ended
+        with (None if it answered, or has not failed).
+
+        A peer without Peer/Forward (a Go node) ends the stream at once with
+        UNIMPLEMENTED: trailers-only, then RST_STREAM, since we have not
+        half-closed. Which error each side of the call then sees is a race.
+        If the reset lands while a write is in flight, grpc.aio's write
+        catches the failed SEND_MESSAGE batch and calls set_internal_error,
+        which overwrites the call's status, UNIMPLEMENTED already included:
+        the writer, a reader that wakes later, and `await call.code()` all
+        see INTERNAL ("Internal error from Core"). If the status lands first,
+        the reader sees UNIMPLEMENTED, and a write that starts later fails
+        with InvalidStateError. So neither the first error nor the final
+        code says UNIMPLEMENTED reliably; callers ask with a plain Get."""
+        if self.answered or self.broken is None:
+            return None
+        if isinstance(self.broken, grpc.aio.AioRpcError) and self.broken.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return grpc.StatusCode.UNIMPLEMENTED
         try:
-            code = await asyncio.wait_for(self._call.code(), _STATUS_WAIT)
-        except (asyncio.TimeoutError, asyncio.CancelledError, grpc.RpcError):
-            return False
-        return code == grpc.StatusCode.UNIMPLEMENTED
+            return await asyncio.wait_for(self._call.code(), 1.0)
+        except Exception:  # TimeoutError included
+            return None
 
     def close(self) -> None:
         if self.broken is None:
@@ -116,9 +139,11 @@ class GrpcPeerClient:
 
     def __init__(
         self, addr: str, channel: grpc.aio.Channel, *, max_wait: float, share: float = 0.5, forward: str = "stream",
-        metadata: tuple = (),
+        metadata: tuple = (), facts: PeerFacts | None = None,
     ) -> None:
         self.addr = addr
+        self.facts = facts if facts is not None else PeerFacts()
+        self._use_stream = forward == "stream"
         self.channel = channel
         self._max_wait = max_wait
         self._share = share
@@ -129,8 +154,6 @@ class GrpcPeerClient:
             response_deserializer=cache_pb2.ForwardResponse.FromString,
         )
         self._stream: ForwardStream | None = None
-        self.streaming = forward == "stream"  # False: unary Gets (also for a peer without Peer/Forward)
-        self.seed_only = False  # True once the peer proved to lack our services
         # The reply stays encoded: it is what we cache and send on (wire.py).
         self._get = channel.unary_unary(
             "/groupcachepb.GroupCache/Get",
@@ -167,23 +190,41 @@ class GrpcPeerClient:
         except Exception as err:  # channel closed under us by a ring change
             raise errors.PeerError(f"{self.addr}: {err}") from None
 
+    @property
+    def streaming(self) -> bool:
+        """Whether Gets go over Peer/Forward (not to a peer known to lack it)."""
+        return self._use_stream and not self.facts.plain_get_only
+
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        wait = self._wait(timeout)
         if not self.streaming:
-            return await self._get_unary(group, key, timeout)
+            return await self._get_unary(group, key, wait)
         stream = self._stream
         if stream is None or stream.broken is not None:
             if stream is not None:
                 stream.close()
             stream = self._stream = ForwardStream(self._forward, self._metadata)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            response = await stream.request(group, key, self._wait(timeout))
+            response = await stream.request(group, key, wait)
         except errors.PeerError:
-            if not await stream.unimplemented():
+            code = await stream.unanswered_code()
+            left = wait - (loop.time() - started)
+            if code is None or left <= 0:
                 raise
-            # A seed Go node, or an older one: plain Gets from now on.
-            log.info("peer %s has no Peer/Forward service: forwarding with plain GroupCache/Get", self.addr)
-            self.streaming, self.seed_only = False, True
-            return await self._get_unary(group, key, timeout)
+            # The stream broke before any answer: ask once with a plain Get
+            # (PeerError if the peer is down). If the peer answers and the
+            # stream ended as a server without Peer/Forward ends it, it is a
+            # Go node or an older one: plain Gets from now on.
+            try:
+                result = await self._get_unary(group, key, left)
+            except errors.CacheError as exc:
+                if not isinstance(exc, errors.PeerError):  # the owner's own answer (NOT_FOUND, ...)
+                    self._no_stream(code)
+                raise
+            self._no_stream(code)
+            return result
         if response.code:
             raise owner_error(response.reason, response.code, response.error or response.reason)
         try:
@@ -191,8 +232,13 @@ class GrpcPeerClient:
         except Exception as exc:  # undecodable: treat the owner as failed
             raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
-    async def _get_unary(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        encoded, call = await self._call(self._get, groupcache_pb2.GetRequest(group=group, key=key), self._wait(timeout))
+    def _no_stream(self, code: grpc.StatusCode) -> None:
+        if code in _NO_STREAM_CODES and not self.facts.plain_get_only:
+            self.facts.plain_get_only = True
+            log.info("%s has no Peer/Forward stream (%s): plain Gets from now on", self.addr, code.name)
+
+    async def _get_unary(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
+        encoded, call = await self._call(self._get, groupcache_pb2.GetRequest(group=group, key=key), wait)
         ttl = ttl_from_trailers(await call.trailing_metadata())
         try:
             return wire.normalize(encoded), ttl

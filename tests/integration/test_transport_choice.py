@@ -1,0 +1,75 @@
+"""Which server backend serves (appliance.transport.choose), and the one
+client that only grpcio serves: a `:authority` with a "/" in it, which is
+what the seed's Go clients send."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from appliance.config import Settings
+from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from appliance.transport import choose
+from support.nodes import CountingOrigin, cluster
+
+
+def test_auto_takes_native_unless_tls_or_seed_interop():
+    assert choose(Settings())[0] == "native"
+    assert choose(Settings(cluster={"seed_interop": True}))[0] == "grpcio"
+    assert choose(Settings(node={"server": "grpcio"}))[0] == "grpcio"
+    backend, why = choose(Settings(node={"server": "native"}))
+    assert (backend, why) == ("native", "node.server = native")
+
+
+@pytest.mark.parametrize(
+    "toml, complaint",
+    [
+        ('[node]\nserver = "native"\n[cluster]\nseed_interop = true\n', "cannot serve the seed's Go nodes"),
+        ('[node]\nserver = "fast"\n', 'one of "auto", "native", "grpcio"'),
+    ],
+)
+def test_config_check_refuses_what_native_cannot_serve(tmp_path, toml, complaint):
+    path = tmp_path / "a.toml"
+    path.write_text(toml)
+    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2, out
+    assert "node.server" in out.stderr and complaint in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_config_check_says_which_server_runs(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('[cluster]\nseed_interop = true\n[node]\nhost = "localhost"\n')
+    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "server: grpcio (auto: cluster.seed_interop" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("server", ["native", "grpcio"])
+async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
+    """The reason for the seed_interop rule, as a reproducer: grpc-go dials
+    etcd:///groupcache/<addr> and sends `:authority: groupcache/<addr>`.
+    grpcio serves it; pygrpc-native 0.5 resets the stream (PROTOCOL_ERROR,
+    seen by the client as INTERNAL). If this starts passing on native, the
+    rule in appliance.transport.choose can go."""
+    from support import nodes
+
+    nodes.BACKEND["server"] = server
+    try:
+        async with cluster(1, CountingOrigin({"k": b"v"})) as (node,):
+            assert node.backend == server
+            options = [("grpc.default_authority", f"groupcache/{node.addr}")]
+            async with grpc.aio.insecure_channel(node.addr, options=options) as ch:
+                call = groupcache_pb2_grpc.GroupCacheStub(ch).Get(groupcache_pb2.GetRequest(group="g", key="k"), timeout=5)
+                if server == "grpcio":
+                    assert (await call).value == b"v"
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call
+                    assert info.value.code() == grpc.StatusCode.INTERNAL
+                    assert "RST_STREAM" in info.value.details()
+    finally:
+        nodes.BACKEND["server"] = "auto"
