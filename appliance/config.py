@@ -63,6 +63,8 @@ from .addr import HOSTNAME
 from .addr import is_loopback as _is_loopback
 from .addr import join as join_hostport
 from .addr import split as split_hostport
+from .messages import show as _show
+from .origins import grammar
 from .units import (
     ByteSize,
     Duration,
@@ -90,7 +92,6 @@ __all__ = [
     "find_config",
     "join_hostport",
     "load_settings",
-    "origin_kind",
     "resolve_dirs",
     "split_hostport",
 ]
@@ -101,14 +102,6 @@ CONFIG_ENV = "APPLIANCE_CONFIG"
 SYSTEM_CONFIG = Path("/etc/appliance/appliance.toml")
 DEFAULT_CONFIG_RESOURCE = "defaults/appliance.toml"
 
-# The part before "+driver"; the same set appliance.origins accepts
-# (postgres and mariadb are aliases it rewrites for SQLAlchemy).
-SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
-ORIGIN_EXPECTED = (
-    "an origin URL: sqlite:///path.db, postgresql://…, mysql://…, "
-    "http(s)://host/…{key}…, file:///dir or python:package.module:function"
-)
-_PLACEHOLDERS = ("state_dir", "key")
 
 
 class ConfigError(Exception):
@@ -156,83 +149,6 @@ def _may_share_ports(a: str, b: str) -> bool:
     if a.lower() == b.lower() or _is_wildcard(a) or _is_wildcard(b):
         return True
     return _is_loopback(a) and _is_loopback(b)
-
-
-# --------------------------------------------------------------------------
-# origins
-
-
-def origin_kind(origin: str) -> str:
-    """``"sql"``, ``"http"``, ``"file"`` or ``"python"`` for a (valid) origin string."""
-    if origin.startswith("python:"):
-        return "python"
-    scheme = origin.split(":", 1)[0].lower()
-    base = scheme.split("+", 1)[0]
-    if base in SQL_SCHEMES:
-        return "sql"
-    if scheme in ("http", "https"):
-        return "http"
-    if scheme == "file":
-        return "file"
-    raise ValueError(f"expected {ORIGIN_EXPECTED}, got {_show(origin)}")
-
-
-def _validate_origin(origin: str) -> str:
-    origin = origin.strip()
-    if not origin:
-        raise ValueError(f"expected {ORIGIN_EXPECTED}, got an empty string")
-    for name in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", origin):
-        if name not in _PLACEHOLDERS:
-            raise ValueError(
-                f"unknown placeholder {{{name}}} in {_show(origin)} (expected {{state_dir}}, or {{key}} in an http(s) origin)"
-            )
-    if origin.startswith("python:"):
-        if not re.fullmatch(r"python:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", origin):
-            raise ValueError(f'expected "python:package.module:function", got {_show(origin)}')
-        return origin
-    m = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*)://", origin)
-    if m is None:
-        raise ValueError(f"expected {ORIGIN_EXPECTED}, got {_show(origin)}")
-    scheme = m.group(1).lower()
-    base = scheme.split("+", 1)[0]
-    rest = origin[m.end():]
-    if base in SQL_SCHEMES:
-        if base == "sqlite":
-            if not rest.startswith("/") or rest == "/":
-                raise ValueError(
-                    f'expected "sqlite:///relative/file.db" or "sqlite:////absolute/file.db" '
-                    f'(or "sqlite:///{{state_dir}}/file.db"), got {_show(origin)}'
-                )
-        elif not rest or rest.startswith("/"):
-            raise ValueError(f'expected "{scheme}://user:password@host/database", got {_show(origin)}')
-        return origin
-    if scheme in ("http", "https"):
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(origin.replace("{key}", "KEY").replace("{state_dir}", "state"))
-        if not parts.hostname:
-            raise ValueError(f'expected "{scheme}://host[:port]/path/{{key}}", got {_show(origin)} (no host)')
-        if parts.username or parts.password:
-            raise ValueError(
-                f"expected an {scheme} URL without credentials, got {_show(origin)} "
-                "(put them in headers or headers_from_env)"
-            )
-        if "{key}" not in origin:
-            raise ValueError(
-                f'expected an {scheme} URL containing {{key}} where the key goes, like '
-                f'"{scheme}://api.example.com/items/{{key}}", got {_show(origin)}'
-            )
-        return origin
-    if scheme == "file":
-        if not (rest.startswith("/") or rest.startswith("{state_dir}")) or rest.strip("/") == "":
-            raise ValueError(f'expected "file:///absolute/dir" or "file://{{state_dir}}/dir", got {_show(origin)}')
-        return origin
-    hint = ""
-    if scheme in ("pg", "psql", "pgsql"):
-        hint = " (did you mean postgresql://?)"
-    elif scheme in ("sqlite3",):
-        hint = " (did you mean sqlite:///?)"
-    raise ValueError(f"expected {ORIGIN_EXPECTED}, got scheme {scheme!r}{hint}")
 
 
 # --------------------------------------------------------------------------
@@ -491,7 +407,7 @@ class GroupSettings(_Model):
     cache_bytes: ByteSize = Field(parse_bytes("64MiB"), gt=0)
     policy: Annotated[Literal["lru", "lfu", "fifo"], BeforeValidator(_lower)] = "lru"
     ttl: Duration = Field(0.0, ge=0)
-    origin: str = Field(json_schema_extra={"expected": ORIGIN_EXPECTED})
+    origin: str = Field(json_schema_extra={"expected": grammar.EXPECTED})
     query: str | None = None
     timeout: Duration = Field(parse_duration("5s"), gt=0)
     max_concurrent_loads: int = Field(64, ge=1)
@@ -503,7 +419,7 @@ class GroupSettings(_Model):
     @classmethod
     def _origin(cls, v: str) -> str:
         try:
-            return _validate_origin(v)
+            return grammar.validate(v)
         except ValueError as e:
             raise FieldError((), str(e)) from None
 
@@ -550,9 +466,9 @@ class GroupSettings(_Model):
         return self
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> grammar.Kind:
         """``"sql"``, ``"http"``, ``"file"`` or ``"python"``."""
-        return origin_kind(self.origin)
+        return grammar.kind(self.origin)
 
 
 def _a(kind: str) -> str:
@@ -695,15 +611,11 @@ class Settings(BaseSettings):
         return self.runtime_path() / f"worker-{index}.sock"
 
     def expand_origin(self, group: str | GroupSettings) -> str:
-        """The group's origin with ``{state_dir}`` replaced by the state directory.
-
-        ``{key}`` is left for the origin to fill per request.
-        """
+        """The group's origin with ``{state_dir}`` replaced by the state
+        directory (what ``build_origin`` loads from); ``{key}`` is left for
+        each load."""
         g = self.groups[group] if isinstance(group, str) else group
-        origin = g.origin.replace("{state_dir}", str(self.state_path()))
-        if g.kind == "file":
-            origin = re.sub(r"^file:/{3,}", "file:///", origin, flags=re.IGNORECASE)
-        return origin
+        return grammar.expand(g.origin, self.state_path())
 
     def summary(self) -> str:
         """One line for humans (used by ``check_file``)."""
@@ -900,20 +812,6 @@ def _toml_error(label: str, text: str, e: Exception) -> str:
     if line is not None:
         return f"{label}: line {line}, column {col}: invalid TOML: {msg}"
     return f"{label}: invalid TOML: {msg}"
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, bool):
-        text = "true" if v else "false"
-    elif v is None:
-        text = "nothing"
-    elif isinstance(v, Mapping):
-        text = "a table"
-    elif isinstance(v, Path):
-        text = repr(str(v))
-    else:
-        text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
