@@ -60,14 +60,14 @@ def cmd_controller(args) -> int:
 
     from . import logs
     from .cluster import etcd
-    from .cluster.controller import Controller, worker_sockets
+    from .cluster.controller import Controller
 
     settings, _ = _settings(args)
     logs.setup(settings.node.log_level, "controller")
     controller = Controller(
         lambda: etcd.connect(settings.cluster),
         settings.cluster.service,
-        worker_sockets(str(settings.runtime_path())),
+        settings.admin_sockets,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
@@ -162,15 +162,14 @@ def _local_workers(settings) -> list[tuple[int, str, Path]]:
 def cmd_stats(args) -> int:
     import grpc
 
-    from .pb import admin_pb2, admin_pb2_grpc
+    from .admin_client import AdminClient
 
     settings, _ = _settings(args)
     report = {}
     for _, addr, sock in _local_workers(settings):
         try:
-            with grpc.insecure_channel(f"unix:{sock}") as ch:
-                reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=2)
-            report[addr] = json.loads(reply.json)
+            with AdminClient(sock) as admin:
+                report[addr] = admin.stats()
         except grpc.RpcError as err:
             report[addr] = {"error": err.code().name}
     if args.json:

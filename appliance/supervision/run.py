@@ -78,19 +78,18 @@ def _section_changes(old, new) -> set[str]:
 
 def _wait_in_ring(settings, index: int, timeout: float) -> bool:
     """Until worker `index` answers on its admin socket and is in its ring."""
-    import json
-
     import grpc
 
-    from ..pb import admin_pb2, admin_pb2_grpc
+    from ..admin_client import AdminClient
 
     sock = settings.admin_socket(index)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with grpc.insecure_channel(f"unix:{sock}") as channel:
-                reply = admin_pb2_grpc.AdminStub(channel).Stats(admin_pb2.StatsRequest(), timeout=1)
-            stats = json.loads(reply.json)
+            # A new channel each try: the worker is restarting, and a channel
+            # that failed to connect would wait out grpc's reconnect backoff.
+            with AdminClient(sock, timeout=1) as admin:
+                stats = admin.stats()
             if stats["addr"] in stats["peers"]:
                 return True
         except (grpc.RpcError, KeyError, ValueError):
