@@ -56,29 +56,12 @@ def cmd_worker(args) -> int:
 
 
 def cmd_controller(args) -> int:
-    import signal
-
     from . import logs
-    from .cluster import etcd
-    from .cluster.controller import Controller
+    from .cluster.run import run_controller
 
     settings, _ = _settings(args)
     logs.setup(settings.node.log_level, "controller")
-    controller = Controller(
-        lambda: etcd.connect(settings.cluster),
-        settings.cluster.service,
-        settings.admin_sockets,
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
-    from .ops.metrics import serve_box_metrics
-
-    stop_metrics = serve_box_metrics(settings, controller)
-    try:
-        controller.run()
-    finally:
-        stop_metrics()
-    return 0
+    return run_controller(settings)
 
 
 def _client(args):
