@@ -182,11 +182,11 @@ def cmd_stop_node(args) -> int:
         raise UsageError(str(exc)) from None
     match = [i for i, a, _ in _local_workers(settings) if a == args.addr]
     if not match:
-        raise UsageError(f"{args.addr} is not a worker of this box ({', '.join(settings.node.addresses)})")
+        raise UsageError(f"{args.addr} is not a worker of this box ({', '.join(settings.node.addresses())})")
     name = conf.worker_name(match[0])
     try:
         supervisor = rpc.connect(conf.supervisor_socket(settings))
-        left = rpc.stop_all(supervisor, [name], settings.node.drain_timeout + settings.node.peer_timeout + 5)
+        left = rpc.stop_all(supervisor, [name], settings.node.stop_grace)
     except (OSError, xmlrpc.client.Fault) as exc:
         raise UsageError(f"cannot reach the supervisor of this box ({exc}); is `appliance run` running?") from None
     if left:
