@@ -96,3 +96,41 @@ def test_run_refuses_ports_in_use(tmp_path):
         out = run("run", "--config", str(cfg))
     assert out.returncode == 2 and f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# Global options: before the command (kubectl, etcdctl, git) or after it ----------
+
+
+def test_global_options_before_or_after_the_command(tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[node]\nring_hash = "groupcache"\n[cluster]\nembedded_etcd = false\n')
+    peers = ",".join(["10.0.0.1:1", "10.0.0.2:1"])
+    ring = HashRing(peers.split(","), scheme="groupcache")
+    want = [f"k{i}\t{ring.owner(f'k{i}')}" for i in (1, 2)]
+    for args in (
+        ("--config", str(cfg), "locate", "--peers", peers, "k1", "k2"),
+        ("--config", str(cfg), "--peers", peers, "locate", "k1", "k2"),
+        ("locate", "k1", "k2", "--config", str(cfg), "--peers", peers),
+        # after the command wins
+        ("--config", "/nonexistent.toml", "--peers", "10.9.9.9:1", "locate", "--config", str(cfg), "--peers", peers,
+         "k1", "k2"),
+    ):
+        out = run(*args)
+        assert (out.returncode, out.stdout.splitlines()) == (0, want), (args, out.stderr)
+
+
+def test_global_option_where_it_does_not_apply_exits_2():
+    for args in (("--peers", "127.0.0.1:1", "stats"), ("--config", "/x.toml", "systemd", "install")):
+        out = run(*args)
+        assert out.returncode == 2, out.stderr
+        assert "does not apply" in out.stderr or "applies only" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_stop_node_of_another_box_names_this_boxs_workers():
+    example = str(Path(__file__).parents[2] / "config" / "appliance.toml")
+    out = run("--config", example, "stop-node", "127.0.0.1:1")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (
+        "appliance: 127.0.0.1:1 is not a worker of this box (127.0.0.1:9999, 127.0.0.1:10000, 127.0.0.1:10001)\n"
+    )
