@@ -134,3 +134,56 @@ def test_stop_node_of_another_box_names_this_boxs_workers():
     assert out.stderr == (
         "appliance: 127.0.0.1:1 is not a worker of this box (127.0.0.1:9999, 127.0.0.1:10000, 127.0.0.1:10001)\n"
     )
+
+
+# `get` on a terminal ------------------------------------------------------------
+
+
+def _read_all(fd: int) -> bytes:
+    import os
+
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _get_under_pty(*args: str) -> tuple[int, bytes]:
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([APPLIANCE, *args], stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(slave)
+    try:
+        out = _read_all(master)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, err
+    return proc.returncode, out
+
+
+async def test_get_adds_a_newline_on_a_tty_and_keeps_exact_bytes_in_a_pipe(tmp_path):
+    import asyncio
+
+    from support.nodes import CountingOrigin, cluster
+
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[cluster]\nembedded_etcd = false\n")
+    async with cluster(1, CountingOrigin({"k": b"v\x00v", "nl": b"line\n"})) as nodes:
+        peers = nodes[0].addr
+        piped = await asyncio.to_thread(run, "--config", str(cfg), "get", "--peers", peers, "g", "k")
+        assert (piped.returncode, piped.stdout) == (0, "v\x00v")
+        piped = await asyncio.to_thread(run, "--config", str(cfg), "get", "--peers", peers, "g", "nl")
+        assert piped.stdout == "line\n"  # no second newline in a pipe
+        _, tty = await asyncio.to_thread(_get_under_pty, "--config", str(cfg), "get", "--peers", peers, "g", "k")
+        assert tty == b"v\x00v\r\n"  # the terminal's ONLCR turns the added "\n" into "\r\n"
