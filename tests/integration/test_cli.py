@@ -9,6 +9,7 @@ import pytest
 from appliance.cache.ring import HashRing
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
+EXAMPLE = str(Path(__file__).parents[2] / "appliance" / "defaults" / "appliance.example.toml")
 
 
 def run(*args, env=None):
@@ -58,19 +59,19 @@ def test_env_override_error_names_the_variable(tmp_path):
     import os
 
     env = dict(os.environ, APPLIANCE_NODE__WORKERS="zero")
-    out = run("config", "check", str(Path(__file__).parents[2] / "config" / "appliance.toml"), env=env)
+    out = run("config", "check", EXAMPLE, env=env)
     assert out.returncode == 2 and "APPLIANCE_NODE__WORKERS" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_config_check_ok_on_the_example():
-    out = run("config", "check", str(Path(__file__).parents[2] / "config" / "appliance.toml"))
+    out = run("config", "check", EXAMPLE)
     assert out.returncode == 0 and out.stdout.startswith("OK")
 
 
 def test_missing_file_and_bad_arguments():
     out = run("config", "check", "/nonexistent/appliance.toml")
     assert out.returncode == 2 and "/nonexistent/appliance.toml" in out.stderr
-    out = run("stop-node", "nonsense", "--config", str(Path(__file__).parents[2] / "config" / "appliance.toml"))
+    out = run("stop-node", "nonsense", "--config", EXAMPLE)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     out = run("frobnicate")
     assert out.returncode == 2
@@ -128,8 +129,7 @@ def test_global_option_where_it_does_not_apply_exits_2():
 
 
 def test_stop_node_of_another_box_names_this_boxs_workers():
-    example = str(Path(__file__).parents[2] / "config" / "appliance.toml")
-    out = run("--config", example, "stop-node", "127.0.0.1:1")
+    out = run("--config", EXAMPLE, "stop-node", "127.0.0.1:1")
     assert out.returncode == 2, out.stderr
     assert out.stderr == (
         "appliance: 127.0.0.1:1 is not a worker of this box (127.0.0.1:9999, 127.0.0.1:10000, 127.0.0.1:10001)\n"

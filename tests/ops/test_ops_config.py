@@ -13,7 +13,7 @@ from appliance import host
 from appliance.config import ConfigError, OpsSettings, TlsSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "config" / "appliance.toml"
+EXAMPLE = REPO / "appliance" / "defaults" / "appliance.example.toml"
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from appliance.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "config" / "appliance.toml"
+EXAMPLE = REPO / "appliance" / "defaults" / "appliance.example.toml"
 BUILTIN = REPO / "appliance" / "defaults" / "appliance.toml"
 
 SQLITE_GROUP = """
