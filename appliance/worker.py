@@ -17,8 +17,8 @@ import socket
 from .cluster import etcd
 from .cluster.registry import Registration
 from .config import Settings
-from .node.node import Node
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
+from .node.node import Node
 from .origins import build_origin
 
 log = logging.getLogger(__name__)

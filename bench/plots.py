@@ -26,8 +26,15 @@ def _sides(a, b, xs, rows) -> None:
             continue
         a.plot(xs, [r[name]["rps"] for r in rows], marker=marker, color=color, label=_label(name))
         b.plot(xs, [r[name]["p50_ms"] for r in rows], marker=marker, color=color, label=f"{_label(name)} p50")
-        b.plot(xs, [r[name]["p99_ms"] for r in rows], marker=marker, color=color, ls="--", alpha=0.5,
-               label=f"{_label(name)} p99")
+        b.plot(
+            xs,
+            [r[name]["p99_ms"] for r in rows],
+            marker=marker,
+            color=color,
+            ls="--",
+            alpha=0.5,
+            label=f"{_label(name)} p99",
+        )
 
 
 def hot_get_concurrency(results: dict, plt):
@@ -38,12 +45,21 @@ def hot_get_concurrency(results: dict, plt):
     xs = [r["streams"] for r in conc]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     _sides(a, b, xs, conc)
-    a.set(xscale="log", xlabel="concurrent streams", ylabel="Gets/s (absolute, this box)",
-          title="Hot Get, 100 B values: throughput")
+    a.set(
+        xscale="log",
+        xlabel="concurrent streams",
+        ylabel="Gets/s (absolute, this box)",
+        title="Hot Get, 100 B values: throughput",
+    )
     a.set_xticks(xs, [str(x) for x in xs])
     a.set_ylim(bottom=0)
-    b.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="latency, ms",
-          title="Hot Get, 100 B values: latency")
+    b.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent streams",
+        ylabel="latency, ms",
+        title="Hot Get, 100 B values: latency",
+    )
     b.set_xticks(xs, [str(x) for x in xs])
     a.legend()
     b.legend(fontsize=8)
@@ -80,10 +96,19 @@ def getmany(results: dict, plt):
     a.plot(xs, [r["keys_per_s"] for r in gm["rows"]], "s-", label="worker GetMany (keys/s)")
     a.axhline(gm["memcached"]["gets_per_s"], color="C1", ls="--", label="memcached single-key gets/s")
     if gm["memcached"].get("multiget_keys_per_s"):
-        a.axhline(gm["memcached"]["multiget_keys_per_s"], color="C2", ls=":",
-                  label=f"memcached multi-get of {gm['headline_batch']} (keys/s)")
-    a.set(xscale="log", yscale="log", xlabel="keys per GetMany call", ylabel="keys/s (absolute, this box)",
-          title="GetMany on one worker vs memcached (1 thread)")
+        a.axhline(
+            gm["memcached"]["multiget_keys_per_s"],
+            color="C2",
+            ls=":",
+            label=f"memcached multi-get of {gm['headline_batch']} (keys/s)",
+        )
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="keys per GetMany call",
+        ylabel="keys/s (absolute, this box)",
+        title="GetMany on one worker vs memcached (1 thread)",
+    )
     a.set_xticks(xs, [str(x) for x in xs])
     a.legend(fontsize=8)
     return fig
@@ -99,8 +124,12 @@ def storm(results: dict, plt):
     a.plot(d, [r["miss_p50_ms"] for r in st["rows"]], "o-", alpha=0.6, label="miss storm p50")
     a.plot(d, [r["hit_p99_ms"] for r in st["rows"]], "^:", label="hit storm p99 (same 1,000 Gets, warm)")
     a.plot(d, d, "k--", alpha=0.5, label="origin delay")
-    a.set(xscale="log", xlabel="origin delay, ms", ylabel="latency, ms",
-          title=f"Miss storm: {st['gets']} Gets of {st['keys']} cold keys, {st['workers']} workers")
+    a.set(
+        xscale="log",
+        xlabel="origin delay, ms",
+        ylabel="latency, ms",
+        title=f"Miss storm: {st['gets']} Gets of {st['keys']} cold keys, {st['workers']} workers",
+    )
     a.set_xticks(d, [str(x) for x in d])
     a.set_ylim(bottom=0)
     a.legend(fontsize=8)
@@ -156,11 +185,19 @@ def scaling(results: dict, plt):
     ns = [r["workers"] for r in sc["rows"]]
     a.bar(range(len(ns)), [r["rps"] for r in sc["rows"]], color="C0")
     for i, r in enumerate(sc["rows"]):
-        a.text(i, r["rps"], f"{r['speedup']:.2f}×\nclient {r['client_cpu_share']:.0%} of CPU", ha="center",
-               va="bottom", fontsize=8)
+        a.text(
+            i,
+            r["rps"],
+            f"{r['speedup']:.2f}×\nclient {r['client_cpu_share']:.0%} of CPU",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     a.set_xticks(range(len(ns)), [f"N = {n}" for n in ns])
-    a.set(ylabel="aggregate Gets/s (absolute, this box)",
-          title=f"Scaling on {sc.get('cpus', '?')} cores (hot Gets, 100 B)")
+    a.set(
+        ylabel="aggregate Gets/s (absolute, this box)",
+        title=f"Scaling on {sc.get('cpus', '?')} cores (hot Gets, 100 B)",
+    )
     a.set_ylim(top=max(r["rps"] for r in sc["rows"]) * 1.3)
     return fig
 

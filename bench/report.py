@@ -1,8 +1,8 @@
 """Render bench/results.md and the PNG plots from bench/out/results.json.
 
-    goals.py       the thresholds, the Goals table and its verdicts
-    plots.py       one function per figure
-    results_md.py  the markdown: this run's numbers only (prose: README.md)
+goals.py       the thresholds, the Goals table and its verdicts
+plots.py       one function per figure
+results_md.py  the markdown: this run's numbers only (prose: README.md)
 """
 
 from __future__ import annotations

@@ -47,64 +47,138 @@ def markdown(results: dict) -> str:
 
 
 def _conditions(res: dict) -> str:
-    return (f"_Run {res.get('when', '?')}, {res.get('elapsed_s', '?')} s; load average before "
-            f"{res.get('loadavg_before', '?')}, other processes on {res.get('other_cores_before', '?')} cores._")
+    return (
+        f"_Run {res.get('when', '?')}, {res.get('elapsed_s', '?')} s; load average before "
+        f"{res.get('loadavg_before', '?')}, other processes on {res.get('other_cores_before', '?')} cores._"
+    )
 
 
 def section_hot(res) -> list[str]:
     out = ["## 1. Hot Get: one worker vs a bare grpc.aio echo server", ""]
-    if (msg := missing(res, "hot_get")):
+    if msg := missing(res, "hot_get"):
         return out + [msg, ""]
     out += [_conditions(res), ""]
     rows = []
     for r in res["rows"]:
-        rows.append([size_label(r["size"]), r["streams"], num(r["echo"]["rps"]), num(r["worker"]["rps"]),
-                     f"**{ratio(r['rps_ratio'])}**", f"{num(r['echo']['p50_ms'], 2)} / {num(r['worker']['p50_ms'], 2)}",
-                     ratio(r["p50_ratio"]), f"{num(r['echo']['p99_ms'], 2)} / {num(r['worker']['p99_ms'], 2)}",
-                     ratio(r["p99_ratio"]), f"{num(r['echo']['cpu_us_per_req'])} / {num(r['worker']['cpu_us_per_req'])}",
-                     ratio(r["cpu_ratio"]), pct(r["worker"]["client_cpu_share"]), num(r["worker"].get("other_cpu_cores"), 2)])
-    out += [table(["value", "streams", "echo Gets/s (abs.)", "worker Gets/s (abs.)", "worker/echo",
-                   "p50 ms echo / worker (abs.)", "p50 ratio", "p99 ms echo / worker (abs.)", "p99 ratio",
-                   "server CPU µs per Get echo / worker (abs.)", "CPU ratio", "h2load CPU share", "others"], rows), ""]
-    out += ["![hot Get against concurrency](hot_get_concurrency.png)", "",
-            "![hot Get against value size](hot_get_value_size.png)", ""]
+        rows.append(
+            [
+                size_label(r["size"]),
+                r["streams"],
+                num(r["echo"]["rps"]),
+                num(r["worker"]["rps"]),
+                f"**{ratio(r['rps_ratio'])}**",
+                f"{num(r['echo']['p50_ms'], 2)} / {num(r['worker']['p50_ms'], 2)}",
+                ratio(r["p50_ratio"]),
+                f"{num(r['echo']['p99_ms'], 2)} / {num(r['worker']['p99_ms'], 2)}",
+                ratio(r["p99_ratio"]),
+                f"{num(r['echo']['cpu_us_per_req'])} / {num(r['worker']['cpu_us_per_req'])}",
+                ratio(r["cpu_ratio"]),
+                pct(r["worker"]["client_cpu_share"]),
+                num(r["worker"].get("other_cpu_cores"), 2),
+            ]
+        )
+    out += [
+        table(
+            [
+                "value",
+                "streams",
+                "echo Gets/s (abs.)",
+                "worker Gets/s (abs.)",
+                "worker/echo",
+                "p50 ms echo / worker (abs.)",
+                "p50 ratio",
+                "p99 ms echo / worker (abs.)",
+                "p99 ratio",
+                "server CPU µs per Get echo / worker (abs.)",
+                "CPU ratio",
+                "h2load CPU share",
+                "others",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    out += [
+        "![hot Get against concurrency](hot_get_concurrency.png)",
+        "",
+        "![hot Get against value size](hot_get_value_size.png)",
+        "",
+    ]
     c = res.get("check", {})
-    out += [f"Check: the worker counted {num(c.get('worker_main_hits'))} main-cache hits for "
-            f"{num(c.get('worker_requests'))} Gets that h2load completed, and {c.get('loads_during_runs')} loads "
-            "during the runs (every measured Get was a hit).", ""]
+    out += [
+        f"Check: the worker counted {num(c.get('worker_main_hits'))} main-cache hits for "
+        f"{num(c.get('worker_requests'))} Gets that h2load completed, and {c.get('loads_during_runs')} loads "
+        "during the runs (every measured Get was a hit).",
+        "",
+    ]
     return out
 
 
 def section_forwarded(res) -> list[str]:
     out = ["## 2. Forwarded Get vs local hit", ""]
-    if (msg := missing(res, "forwarded")):
+    if msg := missing(res, "forwarded"):
         return out + [msg, ""]
-    out += [_conditions(res), "",
-            "Two workers, `hot_cache_mirror = 0`. Local: the key sent to its owner. Forwarded: the same key sent to "
-            "the other worker, which calls the owner. Cost = forwarded / local.", ""]
+    out += [
+        _conditions(res),
+        "",
+        "Two workers, `hot_cache_mirror = 0`. Local: the key sent to its owner. Forwarded: the same key sent to "
+        "the other worker, which calls the owner. Cost = forwarded / local.",
+        "",
+    ]
     rows = []
     for r in res["rows"]:
-        rows.append([r["streams"], num(r["local"]["rps"]), num(r["forwarded"]["rps"]), f"**{ratio(r['throughput_cost'])}**",
-                     f"{num(r['local']['p50_ms'], 3)} / {num(r['forwarded']['p50_ms'], 3)}", f"**{ratio(r['p50_cost'])}**",
-                     ratio(r["p99_cost"]),
-                     f"{num(r['local']['cpu_us_per_req'])} / {num(r.get('forwarder_cpu_us_per_req'))} + "
-                     f"{num(r.get('owner_cpu_us_per_req'))}", ratio(r["cpu_cost"]), f"{r['forwards_per_get']:.2f}",
-                     num(r["forwarded"].get("other_cpu_cores"), 2)])
-    out += [table(["streams", "local Gets/s (abs.)", "forwarded Gets/s (abs.)", "throughput cost",
-                   "p50 ms local / fwd (abs.)", "p50 cost", "p99 cost",
-                   "CPU µs per Get: local / forwarder + owner (abs.)", "CPU cost", "owner calls per Get", "others"],
-                  rows), ""]
+        rows.append(
+            [
+                r["streams"],
+                num(r["local"]["rps"]),
+                num(r["forwarded"]["rps"]),
+                f"**{ratio(r['throughput_cost'])}**",
+                f"{num(r['local']['p50_ms'], 3)} / {num(r['forwarded']['p50_ms'], 3)}",
+                f"**{ratio(r['p50_cost'])}**",
+                ratio(r["p99_cost"]),
+                f"{num(r['local']['cpu_us_per_req'])} / {num(r.get('forwarder_cpu_us_per_req'))} + "
+                f"{num(r.get('owner_cpu_us_per_req'))}",
+                ratio(r["cpu_cost"]),
+                f"{r['forwards_per_get']:.2f}",
+                num(r["forwarded"].get("other_cpu_cores"), 2),
+            ]
+        )
+    out += [
+        table(
+            [
+                "streams",
+                "local Gets/s (abs.)",
+                "forwarded Gets/s (abs.)",
+                "throughput cost",
+                "p50 ms local / fwd (abs.)",
+                "p50 cost",
+                "p99 cost",
+                "CPU µs per Get: local / forwarder + owner (abs.)",
+                "CPU cost",
+                "owner calls per Get",
+                "others",
+            ],
+            rows,
+        ),
+        "",
+    ]
     pc = res.get("peer_call")
     if pc:
         local1 = res["rows"][0]["local"]["p50_ms"]
         fwd1 = res["rows"][0]["forwarded"]["p50_ms"]
         rows = [
-            ["grpc.aio client → owner (the forwarder's call)", num(pc["pyclient_p50_ms"], 3),
-             f"{ratio(pc['pyclient_vs_h2load'])} h2load's on the same owner ({num(pc['h2load_p50_ms'], 3)} ms)"],
+            [
+                "grpc.aio client → owner (the forwarder's call)",
+                num(pc["pyclient_p50_ms"], 3),
+                f"{ratio(pc['pyclient_vs_h2load'])} h2load's on the same owner ({num(pc['h2load_p50_ms'], 3)} ms)",
+            ],
             ["local hit + that call", num(local1 + pc["pyclient_p50_ms"], 3), f"measured forwarded: {num(fwd1, 3)} ms"],
-            ["forwarded, seen from a grpc.aio client", num(pc["pyclient_forwarded_p50_ms"], 3),
-             f"**{ratio(pc['python_client_p50_cost'])}** the local hit seen from it "
-             f"({num(pc.get('pyclient_local_p50_ms'), 3)} ms)"],
+            [
+                "forwarded, seen from a grpc.aio client",
+                num(pc["pyclient_forwarded_p50_ms"], 3),
+                f"**{ratio(pc['python_client_p50_cost'])}** the local hit seen from it "
+                f"({num(pc.get('pyclient_local_p50_ms'), 3)} ms)",
+            ],
         ]
         out += ["Where the forwarded time goes, 1 stream:", "", table(["call", "p50 ms (abs.)", "against"], rows), ""]
     return out
@@ -112,62 +186,151 @@ def section_forwarded(res) -> list[str]:
 
 def section_getmany(res) -> list[str]:
     out = ["## 3. GetMany batching vs memcached", ""]
-    if (msg := missing(res, "getmany")):
+    if msg := missing(res, "getmany"):
         return out + [msg, ""]
     mc = res["memcached"]
-    out += [_conditions(res), "",
-            f"memcached (1 thread) under memcaslap (1 thread, 16 connections, gets only, 100 B values, all hits): "
-            f"**{num(mc['gets_per_s'])} gets/s** (absolute; rounds {mc['gets_per_s_all']}, {mc['get_misses']} misses), "
-            f"{num(mc['cpu_us_per_key'], 2)} µs of memcached CPU per get. Its own multi-get of "
-            f"{res['headline_batch']} keys: {num(mc.get('multiget_keys_per_s'))} keys/s.", ""]
+    out += [
+        _conditions(res),
+        "",
+        f"memcached (1 thread) under memcaslap (1 thread, 16 connections, gets only, 100 B values, all hits): "
+        f"**{num(mc['gets_per_s'])} gets/s** (absolute; rounds {mc['gets_per_s_all']}, {mc['get_misses']} misses), "
+        f"{num(mc['cpu_us_per_key'], 2)} µs of memcached CPU per get. Its own multi-get of "
+        f"{res['headline_batch']} keys: {num(mc.get('multiget_keys_per_s'))} keys/s.",
+        "",
+    ]
     rows = []
     for r in res["rows"]:
-        rows.append([r["batch"], num(r["rps"]), num(r["keys_per_s"]),
-                     f"**{ratio(r['ratio_vs_memcached'])}**" if "ratio_vs_memcached" in r else
-                     ratio(r["keys_per_s"] / mc["gets_per_s"]),
-                     num(r["p50_ms"], 2), num(r["p99_ms"], 2), num(r["cpu_us_per_key"], 2), pct(r["client_cpu_share"])])
-    out += [table(["keys per call", "calls/s (abs.)", "keys/s (abs.)", "vs memcached gets/s", "p50 ms (abs.)",
-                   "p99 ms (abs.)", "worker CPU µs per key (abs.)", "h2load CPU share"], rows), "",
-            "![GetMany](getmany.png)", ""]
+        rows.append(
+            [
+                r["batch"],
+                num(r["rps"]),
+                num(r["keys_per_s"]),
+                f"**{ratio(r['ratio_vs_memcached'])}**"
+                if "ratio_vs_memcached" in r
+                else ratio(r["keys_per_s"] / mc["gets_per_s"]),
+                num(r["p50_ms"], 2),
+                num(r["p99_ms"], 2),
+                num(r["cpu_us_per_key"], 2),
+                pct(r["client_cpu_share"]),
+            ]
+        )
+    out += [
+        table(
+            [
+                "keys per call",
+                "calls/s (abs.)",
+                "keys/s (abs.)",
+                "vs memcached gets/s",
+                "p50 ms (abs.)",
+                "p99 ms (abs.)",
+                "worker CPU µs per key (abs.)",
+                "h2load CPU share",
+            ],
+            rows,
+        ),
+        "",
+        "![GetMany](getmany.png)",
+        "",
+    ]
     c = res.get("check", {})
-    out += [f"Check: {num(c.get('keys_sent'))} keys requested, {num(c.get('main_hits'))} main-cache hits, "
-            f"{c.get('loads')} loads.", ""]
+    out += [
+        f"Check: {num(c.get('keys_sent'))} keys requested, {num(c.get('main_hits'))} main-cache hits, "
+        f"{c.get('loads')} loads.",
+        "",
+    ]
     return out
 
 
 def section_storm(res) -> list[str]:
     out = ["## 4. Miss storm", ""]
-    if (msg := missing(res, "storm")):
+    if msg := missing(res, "storm"):
         return out + [msg, ""]
-    out += [_conditions(res), "",
-            f"{res['gets']} concurrent Gets of {res['keys']} cold keys over {res['workers']} workers, then the "
-            "same Gets on the warm keys. Medians of the storms.", ""]
+    out += [
+        _conditions(res),
+        "",
+        f"{res['gets']} concurrent Gets of {res['keys']} cold keys over {res['workers']} workers, then the "
+        "same Gets on the warm keys. Medians of the storms.",
+        "",
+    ]
     rows = []
     for r in res["rows"]:
-        rows.append([r["delay_ms"], r["origin_loads"], r["failed"], num(r["miss_p50_ms"], 1), f"**{num(r['miss_p99_ms'], 1)}**",
-                     ratio(r["p99_over_delay"]), num(r["p99_minus_delay_ms"], 1), num(r["hit_p99_ms"], 1),
-                     num(r["start_spread_ms"], 1)])
-    out += [table(["origin delay ms", "origin loads per storm", "failed Gets", "miss p50 ms (abs.)",
-                   "miss p99 ms (abs.)", "p99 / delay", "p99 − delay ms", "warm-storm p99 ms (abs.)",
-                   "start spread ms"], rows), "", "![miss storm](storm.png)", ""]
+        rows.append(
+            [
+                r["delay_ms"],
+                r["origin_loads"],
+                r["failed"],
+                num(r["miss_p50_ms"], 1),
+                f"**{num(r['miss_p99_ms'], 1)}**",
+                ratio(r["p99_over_delay"]),
+                num(r["p99_minus_delay_ms"], 1),
+                num(r["hit_p99_ms"], 1),
+                num(r["start_spread_ms"], 1),
+            ]
+        )
+    out += [
+        table(
+            [
+                "origin delay ms",
+                "origin loads per storm",
+                "failed Gets",
+                "miss p50 ms (abs.)",
+                "miss p99 ms (abs.)",
+                "p99 / delay",
+                "p99 − delay ms",
+                "warm-storm p99 ms (abs.)",
+                "start spread ms",
+            ],
+            rows,
+        ),
+        "",
+        "![miss storm](storm.png)",
+        "",
+    ]
     return out
 
 
 def section_memory(res) -> list[str]:
     out = ["## 5. Memory", ""]
-    if (msg := missing(res, "memory")):
+    if msg := missing(res, "memory"):
         return out + [msg, ""]
-    out += [_conditions(res), "",
-            f"A fresh process per row fills a group to cache_bytes = {size_label(res['cache_bytes'])} with 11-byte "
-            "keys. `product` is the product's Group/Store; `plain dict` keeps the same keys and values in one "
-            "dict (the floor for one Python bytes object per value).", ""]
+    out += [
+        _conditions(res),
+        "",
+        f"A fresh process per row fills a group to cache_bytes = {size_label(res['cache_bytes'])} with 11-byte "
+        "keys. `product` is the product's Group/Store; `plain dict` keeps the same keys and values in one "
+        "dict (the floor for one Python bytes object per value).",
+        "",
+    ]
     rows = []
     for r in res["rows"]:
-        rows.append(["product" if r["store"] == "product" else "plain dict", size_label(r["value_size"]), num(r["items"]),
-                     num(r["counted_bytes"] / 2**20, 1), num(r["rss_growth_bytes"] / 2**20, 1),
-                     f"**{ratio(r['rss_over_counted'])}**", num(r["overhead_per_entry"])])
-    out += [table(["store", "value", "entries", "counted MiB", "RSS growth MiB", "RSS / counted",
-                   "bytes per entry beyond key + value"], rows), "", "![memory](memory.png)", ""]
+        rows.append(
+            [
+                "product" if r["store"] == "product" else "plain dict",
+                size_label(r["value_size"]),
+                num(r["items"]),
+                num(r["counted_bytes"] / 2**20, 1),
+                num(r["rss_growth_bytes"] / 2**20, 1),
+                f"**{ratio(r['rss_over_counted'])}**",
+                num(r["overhead_per_entry"]),
+            ]
+        )
+    out += [
+        table(
+            [
+                "store",
+                "value",
+                "entries",
+                "counted MiB",
+                "RSS growth MiB",
+                "RSS / counted",
+                "bytes per entry beyond key + value",
+            ],
+            rows,
+        ),
+        "",
+        "![memory](memory.png)",
+        "",
+    ]
     prod = {r["value_size"]: r for r in res["rows"] if r["store"] == "product"}
     if 100 in prod and prod[100].get("sizeof"):
         sz = prod[100]["sizeof"]
@@ -179,53 +342,125 @@ def section_memory(res) -> list[str]:
             [f"an `Entry` namedtuple ({fields})", sz["entry_namedtuple"]],
             ["the size, an `int` (only over 256, e.g. at 1 KiB)", size_int],
         ]
-        out += [f"Objects per entry at 100 B (sys.getsizeof, bytes; the entry costs {num(prod[100]['overhead_per_entry'])} "
-                "beyond key + value in all):", "", table(["object", "bytes"], rows), ""]
+        out += [
+            f"Objects per entry at 100 B (sys.getsizeof, bytes; the entry costs {num(prod[100]['overhead_per_entry'])} "
+            "beyond key + value in all):",
+            "",
+            table(["object", "bytes"], rows),
+            "",
+        ]
     return out
 
 
 def section_convergence(res) -> list[str]:
     out = ["## 6. Convergence", ""]
-    if (msg := missing(res, "convergence")):
+    if msg := missing(res, "convergence"):
         return out + [msg, ""]
-    out += [_conditions(res), "",
-            f"The real appliance (supervisord, embedded etcd, controller, N workers), lease_ttl = {res['lease_ttl']} s. "
-            "Seconds until every live worker holds the same new ring (absolute; polled every 10 ms):", ""]
+    out += [
+        _conditions(res),
+        "",
+        f"The real appliance (supervisord, embedded etcd, controller, N workers), lease_ttl = {res['lease_ttl']} s. "
+        "Seconds until every live worker holds the same new ring (absolute; polled every 10 ms):",
+        "",
+    ]
     rows = []
     for r in res["rows"]:
-        rows.append([r["workers"], num(r["start_s"], 2), f"**{num(r['death_s'], 2)}**", num(r["death_minus_ttl_s"], 2),
-                     f"**{num(r['join_s'], 2)}**", num(r.get("join_process_up_s"), 2), f"**{num(r['stop_s'], 2)}**",
-                     r.get("stop_cli_exit")])
-    out += [table(["N workers", "appliance start s", "death s", "death − lease_ttl s", "join s",
-                   "(new worker answering after s)", "planned stop s (from running stop-node)", "stop-node exit"],
-                  rows), "", "![convergence](convergence.png)", ""]
+        rows.append(
+            [
+                r["workers"],
+                num(r["start_s"], 2),
+                f"**{num(r['death_s'], 2)}**",
+                num(r["death_minus_ttl_s"], 2),
+                f"**{num(r['join_s'], 2)}**",
+                num(r.get("join_process_up_s"), 2),
+                f"**{num(r['stop_s'], 2)}**",
+                r.get("stop_cli_exit"),
+            ]
+        )
+    out += [
+        table(
+            [
+                "N workers",
+                "appliance start s",
+                "death s",
+                "death − lease_ttl s",
+                "join s",
+                "(new worker answering after s)",
+                "planned stop s (from running stop-node)",
+                "stop-node exit",
+            ],
+            rows,
+        ),
+        "",
+        "![convergence](convergence.png)",
+        "",
+    ]
     return out
 
 
 def section_scaling(res) -> list[str]:
     out = ["## 7. Scaling", ""]
-    if (msg := missing(res, "scaling")):
+    if msg := missing(res, "scaling"):
         return out + [msg, ""]
-    out += [_conditions(res), "",
-            f"One h2load process (1 thread, {res['streams_per_worker']} streams) per worker, each worker sent a key it "
-            "owns; runs for the different N alternate.", ""]
+    out += [
+        _conditions(res),
+        "",
+        f"One h2load process (1 thread, {res['streams_per_worker']} streams) per worker, each worker sent a key it "
+        "owns; runs for the different N alternate.",
+        "",
+    ]
     rows = []
     for r in res["rows"]:
-        rows.append([r["workers"], num(r["rps"]), f"**{ratio(r['speedup'])}**", str(r["rps_all"]), num(r["rps_best"]),
-                     num(r["p50_ms"], 2), num(r["p99_ms"], 2), pct(r["client_cpu_share"]), num(r["box_cpu_used"], 2),
-                     num(r["worker_cpu_us_per_req"]), num(r["other_cpu_cores"], 2)])
-    out += [table(["N", "aggregate Gets/s (abs.)", "vs N=1", "rounds", "best round", "p50 ms", "p99 ms (worst worker)",
-                   "client CPU share", "cores used by bench", "worker CPU µs per Get", "others"], rows), "",
-            "![scaling](scaling.png)", "",
-            f"One worker alone used {num(res['rows'][0].get('worker_cores'), 2)} cores of the {res.get('cpus')}"
-            + (f"; workers pinned to CPUs {res['worker_cpus']}, clients to {res['client_cpus']}"
-               if res.get("worker_cpus") else "") + ".", ""]
+        rows.append(
+            [
+                r["workers"],
+                num(r["rps"]),
+                f"**{ratio(r['speedup'])}**",
+                str(r["rps_all"]),
+                num(r["rps_best"]),
+                num(r["p50_ms"], 2),
+                num(r["p99_ms"], 2),
+                pct(r["client_cpu_share"]),
+                num(r["box_cpu_used"], 2),
+                num(r["worker_cpu_us_per_req"]),
+                num(r["other_cpu_cores"], 2),
+            ]
+        )
+    out += [
+        table(
+            [
+                "N",
+                "aggregate Gets/s (abs.)",
+                "vs N=1",
+                "rounds",
+                "best round",
+                "p50 ms",
+                "p99 ms (worst worker)",
+                "client CPU share",
+                "cores used by bench",
+                "worker CPU µs per Get",
+                "others",
+            ],
+            rows,
+        ),
+        "",
+        "![scaling](scaling.png)",
+        "",
+        f"One worker alone used {num(res['rows'][0].get('worker_cores'), 2)} cores of the {res.get('cpus')}"
+        + (
+            f"; workers pinned to CPUs {res['worker_cpus']}, clients to {res['client_cpus']}"
+            if res.get("worker_cpus")
+            else ""
+        )
+        + ".",
+        "",
+    ]
     return out
 
 
 def section_profile(res) -> list[str]:
     out = ["## Profile of the hot path", ""]
-    if (msg := missing(res, "profile")):
+    if msg := missing(res, "profile"):
         return out + [msg, ""]
     out += [_conditions(res), "", "py-spy samples by what the innermost frame is, parked threads left out:", ""]
     targets = [(k, res.get(k)) for k in ("hot_get_worker", "forwarding_node") if res.get(k)]
@@ -238,32 +473,62 @@ def section_profile(res) -> list[str]:
         rows = []
         for c in cats:
             rows.append([c] + [pct((t["categories"].get(c) or {}).get("share_of_busy") or 0) for _, t in targets])
-        rows.append(["*under a product frame (inclusive)*"] + [pct(t.get("product_inclusive_share")) for _, t in targets])
+        rows.append(
+            ["*under a product frame (inclusive)*"] + [pct(t.get("product_inclusive_share")) for _, t in targets]
+        )
         rows.append(["*busy samples*"] + [num(t["busy_samples"]) for _, t in targets])
         out += [table(["share of busy samples", *(_target_label(k) for k, _ in targets)], rows), ""]
     ht = res.get("handler_time")
     if ht:
-        out += ["Time inside the product's Get handler per hit (`servers.py --timing`), against the worker's whole "
-                "CPU per Get (8 streams):", "",
-                table(["value", "handler µs", "worker CPU µs per Get (abs.)", "handler share"],
-                      [[size_label(int(z)), num(h["handler_us"], 1), num(h["cpu_us_per_get"]),
-                        pct(h["handler_us"] / h["cpu_us_per_get"])] for z, h in ht.items()]), ""]
+        out += [
+            "Time inside the product's Get handler per hit (`servers.py --timing`), against the worker's whole "
+            "CPU per Get (8 streams):",
+            "",
+            table(
+                ["value", "handler µs", "worker CPU µs per Get (abs.)", "handler share"],
+                [
+                    [
+                        size_label(int(z)),
+                        num(h["handler_us"], 1),
+                        num(h["cpu_us_per_get"]),
+                        pct(h["handler_us"] / h["cpu_us_per_get"]),
+                    ]
+                    for z, h in ht.items()
+                ],
+            ),
+            "",
+        ]
     se, sw = res.get("syscalls_echo"), res.get("syscalls_worker")
     if se and sw:
         names = [n for n in sw["per_get"] if sw["per_get"][n] >= 0.05 or se["per_get"].get(n, 0) >= 0.05]
-        out += ["System calls per Get (strace -c over 3,000 Gets at 32 streams; counts only):", "",
-                table(["", *names, "total"],
-                      [["echo", *(num(se["per_get"].get(n, 0), 1) for n in names), f"**{num(se['total_per_get'], 1)}**"],
-                       ["worker", *(num(sw["per_get"].get(n, 0), 1) for n in names), f"**{num(sw['total_per_get'], 1)}**"]]),
-                ""]
+        out += [
+            "System calls per Get (strace -c over 3,000 Gets at 32 streams; counts only):",
+            "",
+            table(
+                ["", *names, "total"],
+                [
+                    ["echo", *(num(se["per_get"].get(n, 0), 1) for n in names), f"**{num(se['total_per_get'], 1)}**"],
+                    ["worker", *(num(sw["per_get"].get(n, 0), 1) for n in names), f"**{num(sw['total_per_get'], 1)}**"],
+                ],
+            ),
+            "",
+        ]
     for k, t in targets:
-        out += [f"Top leaves, {_target_label(k)}: "
-                + "; ".join(f"`{name}` {share:.1%}" for name, share in t["top_leaves"][:8]), ""]
+        out += [
+            f"Top leaves, {_target_label(k)}: "
+            + "; ".join(f"`{name}` {share:.1%}" for name, share in t["top_leaves"][:8]),
+            "",
+        ]
         if t["top_product_frames"]:
-            out += [f"Top product frames, {_target_label(k)}: "
-                    + "; ".join(f"`{name}` {share:.1%}" for name, share in t["top_product_frames"][:6]), ""]
+            out += [
+                f"Top product frames, {_target_label(k)}: "
+                + "; ".join(f"`{name}` {share:.1%}" for name, share in t["top_product_frames"][:6]),
+                "",
+            ]
     return out
 
 
 def _target_label(key: str) -> str:
-    return {"hot_get_worker": "hot-Get worker (100 B hits)", "forwarding_node": "forwarding node (1 stream)"}.get(key, key)
+    return {"hot_get_worker": "hot-Get worker (100 B hits)", "forwarding_node": "forwarding node (1 stream)"}.get(
+        key, key
+    )

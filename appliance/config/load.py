@@ -28,10 +28,20 @@ from pydantic_settings import (
 from .errors import CONFIG_ENV, ConfigError, SchemaView, env_decode_errors, toml_error, validation_errors
 from .models import Settings, resolve_dirs
 
-__all__ = ["DEFAULT_CONFIG_RESOURCE", "SYSTEM_CONFIG", "builtin_config_path", "check_file", "find_config", "load_settings"]
+__all__ = [
+    "DEFAULT_CONFIG_RESOURCE",
+    "SYSTEM_CONFIG",
+    "builtin_config_path",
+    "check_file",
+    "find_config",
+    "load_settings",
+]
 
 SYSTEM_CONFIG = Path("/etc/appliance/appliance.toml")
 DEFAULT_CONFIG_RESOURCE = "defaults/appliance.toml"
+
+
+_TABLES = "file_tables"
 
 
 class _FromFile(Settings):
@@ -49,7 +59,7 @@ class _FromFile(Settings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         assert isinstance(init_settings, InitSettingsSource)
-        tables = init_settings.init_kwargs["file_tables"]
+        tables = init_settings.init_kwargs[_TABLES]
         return env_settings, InitSettingsSource(settings_cls, init_kwargs=tables)
 
 
@@ -120,7 +130,8 @@ def _load_file(path: Path) -> Settings:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(toml_error(label, text, e), path) from None
     try:
-        loaded = _FromFile(file_tables=data)
+        kwargs: dict[str, Any] = {_TABLES: data}
+        loaded = _FromFile(**kwargs)
     except ValidationError as e:
         env = _env_values()
         lines = validation_errors(e, _schema(), label, file_data=data, env_data=env, environ=os.environ)

@@ -63,6 +63,7 @@ STOP_MARGIN = 5.0
 # --------------------------------------------------------------------------
 # host:port helpers
 
+
 def _is_wildcard(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_unspecified
@@ -151,8 +152,11 @@ class ClusterSettings(_Model):
     def _service(cls, v: str) -> str:
         v = v.strip()
         if not v or v.startswith("/") or v.endswith("/") or any(c.isspace() for c in v):
-            raise FieldError((), f'expected a non-empty etcd key prefix without a leading or trailing "/" '
-                                 f"or spaces, like \"groupcache\", got {show(v)}")
+            raise FieldError(
+                (),
+                f'expected a non-empty etcd key prefix without a leading or trailing "/" '
+                f'or spaces, like "groupcache", got {show(v)}',
+            )
         return v
 
     @field_validator("etcd")
@@ -305,7 +309,9 @@ class TlsSettings(_Model):
         if self.cert is None:
             for name in ("ca", "server_name"):
                 if getattr(self, name):
-                    raise FieldError((name,), f"tls.{name} applies only with tls.cert and tls.key (TLS is off without them)")
+                    raise FieldError(
+                        (name,), f"tls.{name} applies only with tls.cert and tls.key (TLS is off without them)"
+                    )
             if self.client_auth:
                 raise FieldError(("client_auth",), "client_auth = true needs tls.cert, tls.key and tls.ca")
             return self
@@ -321,7 +327,7 @@ class TlsSettings(_Model):
             except OSError as e:
                 raise FieldError((name,), f"cannot read {str(path)!r}: {e.strerror or e}") from None
             if b"-----BEGIN " not in head:
-                raise FieldError((name,), f"expected a PEM file, {str(path)!r} has no \"-----BEGIN\" line")
+                raise FieldError((name,), f'expected a PEM file, {str(path)!r} has no "-----BEGIN" line')
         return self
 
     @property
@@ -384,15 +390,15 @@ class GroupSettings(_Model):
                     'like "SELECT value FROM items WHERE id = :key"',
                 )
             if not re.search(r":key\b", self.query):
-                raise FieldError(
-                    ("query",), f'expected a query with the bind parameter ":key", got {show(self.query)}'
-                )
+                raise FieldError(("query",), f'expected a query with the bind parameter ":key", got {show(self.query)}')
         elif self.query is not None:
             raise FieldError(("query",), f"query applies only to SQL origins; remove it for {_a(kind)} origin")
         if kind != "http":
             for name in ("headers", "headers_from_env"):
                 if getattr(self, name):
-                    raise FieldError((name,), f"{name} applies only to http(s) origins; remove it for {_a(kind)} origin")
+                    raise FieldError(
+                        (name,), f"{name} applies only to http(s) origins; remove it for {_a(kind)} origin"
+                    )
         if self.demo_seed and not self.origin.lower().startswith("sqlite"):
             raise FieldError(("demo_seed",), "demo_seed applies only to sqlite origins; remove it or set it to false")
         return self
@@ -411,9 +417,7 @@ def _group_names(v: Any) -> Any:
     if isinstance(v, Mapping):
         for name in v:
             if not isinstance(name, str) or not name or any(c.isspace() for c in name) or "/" in name:
-                raise FieldError(
-                    (str(name),), f'expected a group name without "/" or whitespace, got {show(name)}'
-                )
+                raise FieldError((str(name),), f'expected a group name without "/" or whitespace, got {show(name)}')
     return v
 
 
@@ -456,7 +460,10 @@ class Settings(BaseSettings):
         for name in self.groups:
             n = len(name.encode())
             if n > limit:
-                raise FieldError(("groups", name), f"expected a group name of at most node.max_group_bytes = {limit} bytes, got {n} bytes")
+                raise FieldError(
+                    ("groups", name),
+                    f"expected a group name of at most node.max_group_bytes = {limit} bytes, got {n} bytes",
+                )
         ports = self.node.ports
         c = self.cluster
         if c.embedded_etcd:
@@ -500,7 +507,9 @@ class Settings(BaseSettings):
         ]
         if c.embedded_etcd:
             ehost, eport = split_hostport(c.etcd[0])
-            used.append((("cluster", "etcd"), f"the embedded etcd's client port {eport}", ehost, range(eport, eport + 1)))
+            used.append(
+                (("cluster", "etcd"), f"the embedded etcd's client port {eport}", ehost, range(eport, eport + 1))
+            )
             if c.etcd_peer_port:
                 p = c.etcd_peer_port
                 used.append((("cluster", "etcd_peer_port"), f"etcd_peer_port {p}", ehost, range(p, p + 1)))
@@ -511,7 +520,7 @@ class Settings(BaseSettings):
             mhost, mport = metrics
             used.append((("ops", "metrics_addr"), f"the metrics port {mport}", mhost, range(mport, mport + 1)))
         for i, (_, what_a, host_a, ports_a) in enumerate(used):
-            for key, what_b, host_b, ports_b in used[i + 1:]:
+            for key, what_b, host_b, ports_b in used[i + 1 :]:
                 if key[0] != "ops":
                     continue  # worker/etcd clashes are reported above
                 if set(ports_a) & set(ports_b) and _may_share_ports(host_a, host_b):
@@ -583,8 +592,5 @@ def _span(ports: range) -> str:
 
 def resolve_dirs(settings: Settings) -> Settings:
     """A copy with node.state_dir and node.runtime_dir filled in. Creates nothing."""
-    node = settings.node.model_copy(
-        update={"state_dir": settings.state_path(), "runtime_dir": settings.runtime_path()}
-    )
+    node = settings.node.model_copy(update={"state_dir": settings.state_path(), "runtime_dir": settings.runtime_path()})
     return settings.model_copy(update={"node": node})
-

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -132,7 +132,9 @@ class BoxCollector:
         c = self._controller
         if c is not None:
             yield GaugeMetricFamily(
-                "groupcache_controller_ring_revision", "etcd revision of the ring the controller pushes.", value=c.revision
+                "groupcache_controller_ring_revision",
+                "etcd revision of the ring the controller pushes.",
+                value=c.revision,
             )
             yield GaugeMetricFamily(
                 "groupcache_controller_ring_peers", "Live nodes the controller sees in etcd.", value=len(c.peers)
@@ -159,7 +161,7 @@ def serve_metrics(addr: str, registry: CollectorRegistry, tls: TlsSettings | Non
     from prometheus_client import start_http_server
 
     host, port = addrs.split(addr)
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if tls is not None and tls.enabled:
         kwargs = {
             "certfile": str(tls.cert),
@@ -198,7 +200,9 @@ def serve_box_metrics(settings: Settings, controller: RingView | None = None) ->
         event(log, logging.ERROR, "metrics endpoint not started", addr=ops.metrics_addr, cause=str(exc))
         collector.close()
         return lambda: None
-    event(log, logging.INFO, "metrics endpoint serving", url=f"{'https' if tls else 'http'}://{ops.metrics_addr}/metrics")
+    event(
+        log, logging.INFO, "metrics endpoint serving", url=f"{'https' if tls else 'http'}://{ops.metrics_addr}/metrics"
+    )
 
     def stop_all() -> None:
         stop()

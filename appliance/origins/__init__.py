@@ -77,9 +77,7 @@ class LimitedOrigin:
         max_value_bytes: int,
     ) -> None:
         if max_concurrent_loads < 1:
-            raise ValueError(
-                f"group {group_name}: max_concurrent_loads must be >= 1, got {max_concurrent_loads}"
-            )
+            raise ValueError(f"group {group_name}: max_concurrent_loads must be >= 1, got {max_concurrent_loads}")
         if not timeout > 0:
             raise ValueError(f"group {group_name}: timeout must be > 0 seconds, got {timeout}")
         self.inner = inner
@@ -96,7 +94,9 @@ class LimitedOrigin:
         return self._in_flight
 
     def __repr__(self) -> str:
-        return f"LimitedOrigin({self.inner!r}, max_concurrent_loads={self.max_concurrent_loads}, timeout={self.timeout})"
+        return (
+            f"LimitedOrigin({self.inner!r}, max_concurrent_loads={self.max_concurrent_loads}, timeout={self.timeout})"
+        )
 
     async def load(self, key: str) -> bytes:
         started = time.monotonic()
@@ -109,7 +109,7 @@ class LimitedOrigin:
                 self._in_flight += 1
                 try:
                     return await self.inner.load(key)
-                except (asyncio.TimeoutError, TimeoutError) as exc:
+                except TimeoutError as exc:
                     # A timeout of the inner origin's own (a socket, a driver):
                     # not ours, so say what it was.
                     raise OriginError(
@@ -122,7 +122,7 @@ class LimitedOrigin:
         try:
             async with asyncio.timeout(self.timeout):  # no extra task per load
                 value = await run()
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             msg = f"group {self.group_name}: origin timed out after {self.timeout}s"
             if not got_slot:
                 msg += f" (all {self.max_concurrent_loads} load slots were busy)"
@@ -137,9 +137,7 @@ class LimitedOrigin:
         if isinstance(value, (bytearray, memoryview)):
             value = bytes(value)
         if not isinstance(value, bytes):
-            raise OriginError(
-                f"group {self.group_name}: origin returned {type(value).__name__}, expected bytes"
-            )
+            raise OriginError(f"group {self.group_name}: origin returned {type(value).__name__}, expected bytes")
         if len(value) > self.max_value_bytes:
             raise OriginError(
                 f"group {self.group_name}: value of {len(value)} bytes is larger than "

@@ -150,15 +150,16 @@ class Appliance:
         # supervisord and its programs log to /dev/fd/1. Under systemd that is
         # the journal's socket, which Linux will not reopen by path, so they
         # get a pipe that a thread copies to our stdout.
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        threading.Thread(target=_relay, args=(self.proc.stdout.fileno(),), name="log-relay", daemon=True).start()
-        log.info("supervisord %d started: %d workers on %s", self.proc.pid, s.node.workers, s.node.host)
+        assert proc.stdout is not None  # stdout=PIPE
+        threading.Thread(target=_relay, args=(proc.stdout.fileno(),), name="log-relay", daemon=True).start()
+        log.info("supervisord %d started: %d workers on %s", proc.pid, s.node.workers, s.node.host)
         self.supervisor = rpc.connect(conf.supervisor_socket(s))
         while True:
             self._wake.wait(0.5)
@@ -169,8 +170,8 @@ class Appliance:
                     self.reload()
                 else:
                     return self.shutdown()
-            if self.proc.poll() is not None:
-                log.error("supervisord exited with %s", self.proc.returncode)
+            if proc.poll() is not None:
+                log.error("supervisord exited with %s", proc.returncode)
                 return 1
 
     def reload(self) -> None:
@@ -219,7 +220,8 @@ class Appliance:
                 log.warning("%s did not rejoin the ring in time; continuing", name)
 
     def shutdown(self) -> int:
-        s = self.settings
+        s, proc = self.settings, self.proc
+        assert proc is not None, "shutdown() before run()"
         try:
             current = rpc.states(self.supervisor)
             workers = sorted(n for n in current if n.startswith("worker-"))
@@ -232,11 +234,11 @@ class Appliance:
             self.supervisor.shutdown()
         except Exception as exc:
             log.error("orderly shutdown failed (%s); terminating supervisord", exc)
-            self.proc.terminate()
+            proc.terminate()
         try:
-            self.proc.wait(SUPERVISORD_EXIT)
+            proc.wait(SUPERVISORD_EXIT)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            proc.kill()
+            proc.wait()
         log.info("stopped")
         return 0
