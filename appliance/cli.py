@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config.load import SYSTEM_CONFIG
+from .config import SYSTEM_CONFIG
 from .systemd import DEFAULT_USER
 
 if TYPE_CHECKING:
