@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/*.proto)
 
-.PHONY: run test unit integration proto proto-check bench clean
+.PHONY: run test unit integration lint proto proto-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(STAMP) proto-check
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+# Lint and format check (ruff), types (mypy); settings in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy appliance/
 
 # Regenerate appliance/pb from proto/ (the generated code is committed).
 proto: $(STAMP)

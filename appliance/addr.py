@@ -10,7 +10,7 @@ HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 
 def split(addr: str) -> tuple[str, int]:
-    """"127.0.0.1:2379" -> ("127.0.0.1", 2379); "[::1]:2379" -> ("::1", 2379).
+    """ "127.0.0.1:2379" -> ("127.0.0.1", 2379); "[::1]:2379" -> ("::1", 2379).
 
     ValueError with what was expected and why this is not it."""
     if not isinstance(addr, str):

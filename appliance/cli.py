@@ -13,6 +13,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import SYSTEM_CONFIG
+from .systemd import DEFAULT_USER
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .config import Settings
 
 EXIT_NOT_FOUND, EXIT_USAGE = 1, 2
 
@@ -21,17 +29,17 @@ class UsageError(Exception):
     """A problem the user can fix; exit 2."""
 
 
-def _settings(args):
+def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
     from .config import find_config, load_settings
 
-    path = find_config(getattr(args, "config", None))
+    path = find_config(args.config)
     return load_settings(path), path
 
 
 # Commands ------------------------------------------------------------------
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
     from .config import load_settings
     from .supervision.run import Appliance, check_ports
@@ -44,56 +52,39 @@ def cmd_run(args) -> int:
     return Appliance(settings, path, lambda: load_settings(path)).run()
 
 
-def cmd_worker(args) -> int:
+def cmd_worker(args: argparse.Namespace) -> int:
     from . import logs
+    from .supervision.conf import worker_name
     from .worker import serve
 
     settings, _ = _settings(args)
-    logs.setup(settings.node.log_level, f"worker-{args.index}")
+    logs.setup(settings.node.log_level, worker_name(args.index))
     if not 0 <= args.index < settings.node.workers:
         raise UsageError(f"--index must be from 0 to {settings.node.workers - 1}")
     return asyncio.run(serve(settings, args.index))
 
 
-def cmd_controller(args) -> int:
-    import signal
-
+def cmd_controller(args: argparse.Namespace) -> int:
     from . import logs
-    from .cluster import etcd
-    from .cluster.controller import Controller, worker_sockets
+    from .cluster.run import run_controller
 
     settings, _ = _settings(args)
     logs.setup(settings.node.log_level, "controller")
-    controller = Controller(
-        lambda: etcd.connect(settings.cluster),
-        settings.cluster.service,
-        worker_sockets(str(settings.runtime_path())),
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
-    from .ops.metrics import serve_box_metrics
-
-    stop_metrics = serve_box_metrics(settings, controller)
-    try:
-        controller.run()
-    finally:
-        stop_metrics()
-    return 0
+    return run_controller(settings)
 
 
-def _client(args):
+def _client(args: argparse.Namespace) -> Client:
     from .client import Client, settings_kwargs
 
     settings, _ = _settings(args)
     if args.peers:
-        return Client(
-            args.peers.split(","), replicas=settings.node.replicas, scheme=settings.node.ring_hash,
-            **settings_kwargs(settings),
-        )  # fmt: skip
+        peers = args.peers.split(",")
+        node = settings.node
+        return Client(peers, replicas=node.replicas, scheme=node.ring_hash, **settings_kwargs(settings))
     return Client.from_settings(settings)
 
 
-def cmd_get(args) -> int:
+def cmd_get(args: argparse.Namespace) -> int:
     from .cache import errors
 
     with _client(args) as client:
@@ -110,7 +101,7 @@ def cmd_get(args) -> int:
     return 0
 
 
-def _print_change(verb: str, args, response) -> int:
+def _print_change(verb: str, args: argparse.Namespace, response: Any) -> int:
     unreachable = [p.addr for p in response.peers if not p.confirmed]
     confirmed = len(response.peers) - len(unreachable)
     print(f"{verb} {args.group}/{args.key} (owner {response.owner}): {confirmed} peer(s) confirmed", end="")
@@ -118,7 +109,7 @@ def _print_change(verb: str, args, response) -> int:
     return 0
 
 
-def cmd_set(args) -> int:
+def cmd_set(args: argparse.Namespace) -> int:
     from .cache import errors
 
     value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
@@ -130,7 +121,7 @@ def cmd_set(args) -> int:
     return _print_change("set", args, response)
 
 
-def cmd_remove(args) -> int:
+def cmd_remove(args: argparse.Namespace) -> int:
     from .cache import errors
 
     with _client(args) as client:
@@ -141,42 +132,52 @@ def cmd_remove(args) -> int:
     return _print_change("removed", args, response)
 
 
-def cmd_peers(args) -> int:
+def cmd_peers(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for peer in client.peers():
             print(peer)
     return 0
 
 
-def cmd_locate(args) -> int:
+def cmd_locate(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for key in args.keys:
             print(f"{key}\t{client.locate(key) or '-'}")
     return 0
 
 
-def _local_workers(settings) -> list[tuple[int, str, Path]]:
+def _local_workers(settings: Settings) -> list[tuple[int, str, Path]]:
     return [(i, settings.node.address(i), settings.admin_socket(i)) for i in range(settings.node.workers)]
 
 
-def cmd_stats(args) -> int:
+def cmd_stats(args: argparse.Namespace) -> int:
     import grpc
 
-    from .pb import admin_pb2, admin_pb2_grpc
+    from .admin_client import AdminClient
 
     settings, _ = _settings(args)
-    report = {}
+    report: dict[str, dict[str, Any]] = {}
     for _, addr, sock in _local_workers(settings):
         try:
-            with grpc.insecure_channel(f"unix:{sock}") as ch:
-                reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=2)
-            report[addr] = json.loads(reply.json)
+            with AdminClient(sock) as admin:
+                report[addr] = admin.stats()
         except grpc.RpcError as err:
             report[addr] = {"error": err.code().name}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    cols = ("gets", "hits", "loads", "loads_deduped", "peer_loads", "peer_errors", "local_loads", "main_bytes", "hot_bytes", "main_evictions")
+    cols = (
+        "gets",
+        "hits",
+        "loads",
+        "loads_deduped",
+        "peer_loads",
+        "peer_errors",
+        "local_loads",
+        "main_bytes",
+        "hot_bytes",
+        "main_evictions",
+    )
     print("\t".join(("worker", "group", "revision") + cols))
     for addr, st in report.items():
         if "error" in st:
@@ -187,7 +188,7 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def cmd_stop_node(args) -> int:
+def cmd_stop_node(args: argparse.Namespace) -> int:
     import xmlrpc.client
 
     from . import addr as addrs
@@ -200,11 +201,11 @@ def cmd_stop_node(args) -> int:
         raise UsageError(str(exc)) from None
     match = [i for i, a, _ in _local_workers(settings) if a == args.addr]
     if not match:
-        raise UsageError(f"{args.addr} is not a worker of this box ({', '.join(settings.node.addresses)})")
+        raise UsageError(f"{args.addr} is not a worker of this box ({', '.join(settings.node.addresses())})")
     name = conf.worker_name(match[0])
     try:
         supervisor = rpc.connect(conf.supervisor_socket(settings))
-        left = rpc.stop_all(supervisor, [name], settings.node.drain_timeout + settings.node.peer_timeout + 5)
+        left = rpc.stop_all(supervisor, [name], settings.node.stop_grace)
     except (OSError, xmlrpc.client.Fault) as exc:
         raise UsageError(f"cannot reach the supervisor of this box ({exc}); is `appliance run` running?") from None
     if left:
@@ -213,14 +214,14 @@ def cmd_stop_node(args) -> int:
     return 0
 
 
-def cmd_config_check(args) -> int:
+def cmd_config_check(args: argparse.Namespace) -> int:
     from .config import check_file
 
     print(check_file(args.file))
     return 0
 
 
-def cmd_systemd_install(args) -> int:
+def cmd_systemd_install(args: argparse.Namespace) -> int:
     from .systemd import install
 
     for line in install(prefix=Path(args.root), user=args.user, config_source=args.config_source):
@@ -231,37 +232,50 @@ def cmd_systemd_install(args) -> int:
 # Parser --------------------------------------------------------------------
 
 
+# The commands that route keys to owners, and so take --peers.
+ROUTED = ("get", "set", "remove", "peers", "locate")
+CONFIG_HELP = f"TOML config (default: $APPLIANCE_CONFIG, {SYSTEM_CONFIG}, built-in demo)"
+PEERS_HELP = "static peer list instead of the live ring from etcd"
+
+
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="TOML config (default: $APPLIANCE_CONFIG, /etc/appliance/appliance.toml, built-in demo)")
+    """The CLI's parser. --config (and --peers for the commands that route
+    keys) are accepted before the command and after it; after wins."""
     p = argparse.ArgumentParser(prog="appliance", description="groupcache appliance: a distributed read-through cache")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--peers", metavar="A,B,C", help=PEERS_HELP + f" ({', '.join(ROUTED)})")
+    # On a command, SUPPRESS leaves the value given before the command unless repeated after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    routed = argparse.ArgumentParser(add_help=False)
+    routed.add_argument("--peers", metavar="A,B,C", default=argparse.SUPPRESS, help=PEERS_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, fn, help, parents=(common,)):
+    def add(name: str, fn: Any, help: str, parents: tuple[argparse.ArgumentParser, ...] = (common,)) -> Any:
+        if name in ROUTED:
+            parents = (*parents, routed)
         sp = sub.add_parser(name, help=help, parents=list(parents), description=help)
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=fn, takes_config=common in parents)
         return sp
 
     add("run", cmd_run, "run the appliance in the foreground (supervisord, etcd, workers, controller)")
     sp = add("worker", cmd_worker, "run one worker (started by `run`)")
     sp.add_argument("--index", type=int, required=True)
     add("controller", cmd_controller, "run the ring controller (started by `run`)")
-    routed = argparse.ArgumentParser(add_help=False)
-    routed.add_argument("--peers", metavar="A,B,C", help="static peer list instead of the live ring from etcd")
-    sp = add("get", cmd_get, "print the value of KEY in GROUP", (common, routed))
+    sp = add("get", cmd_get, "print the value of KEY in GROUP")
     sp.add_argument("group")
     sp.add_argument("key")
     sp.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
-    sp = add("set", cmd_set, "write VALUE (or stdin with -) to KEY at its owner; drop hot copies", (common, routed))
+    sp = add("set", cmd_set, "write VALUE (or stdin with -) to KEY at its owner; drop hot copies")
     sp.add_argument("group")
     sp.add_argument("key")
     sp.add_argument("value", help="the value, or - to read it from stdin")
     sp.add_argument("--ttl", type=float, default=0.0, help="seconds; 0 = the group's ttl")
-    sp = add("remove", cmd_remove, "remove KEY from its owner and every hot cache", (common, routed))
+    sp = add("remove", cmd_remove, "remove KEY from its owner and every hot cache")
     sp.add_argument("group")
     sp.add_argument("key")
-    add("peers", cmd_peers, "list the live peers", (common, routed))
-    sp = add("locate", cmd_locate, "print KEY<TAB>OWNER for each key", (common, routed))
+    add("peers", cmd_peers, "list the live peers")
+    sp = add("locate", cmd_locate, "print KEY<TAB>OWNER for each key")
     sp.add_argument("keys", nargs="+", metavar="KEY")
     sp = add("stats", cmd_stats, "per-worker counters of this box")
     sp.add_argument("--json", action="store_true")
@@ -276,10 +290,23 @@ def parser() -> argparse.ArgumentParser:
     ssub = sp.add_subparsers(dest="systemd_command", required=True, metavar="SUBCOMMAND")
     ip = ssub.add_parser("install", help="create the user, directories, config and unit (idempotent)")
     ip.add_argument("--root", default="/", help="install under this root (for packaging and tests)")
-    ip.add_argument("--user", default="appliance")
-    ip.add_argument("--config-source", default=None, help="config to install if none exists (default: the annotated example)")
+    ip.add_argument("--user", default=DEFAULT_USER)
+    ip.add_argument(
+        "--config-source", default=None, help="config to install if none exists (default: the annotated example)"
+    )
     ip.set_defaults(fn=cmd_systemd_install)
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, and refuse a global option given to a command it does not apply to."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.peers is not None and args.command not in ROUTED:
+        p.error(f"--peers applies only to {', '.join(ROUTED)}, not to {args.command}")
+    if args.config is not None and not args.takes_config:
+        p.error(f"--config does not apply to {args.command}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .systemd import InstallError
 
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.fn(args)
     except (ConfigError, UsageError, InstallError) as exc:

@@ -1,8 +1,15 @@
 """The Python client applications import: ring-aware Get over gRPC.
 
     from appliance.client import Client
-    with Client.from_etcd(["127.0.0.1:2379"]) as c:
+    from appliance.config import find_config, load_settings
+
+    # The live ring from the etcd the config names (TLS and limits from it too):
+    with Client.from_settings(load_settings(find_config())) as c:
         c.get("scores", "张三")            # b"100"
+
+    # Or a static peer list:
+    with Client(["127.0.0.1:9999", "127.0.0.1:10000", "127.0.0.1:10001"]) as c:
+        c.get("scores", "张三")
 
 It sends each key straight to its owner (the same ring the nodes use), so a
 Get costs one hop. When the owner fails, it reloads the ring and retries on

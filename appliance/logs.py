@@ -1,7 +1,8 @@
 """One line per event on stderr, as logfmt key=value pairs that supervisord
 and journald keep and that log tools (Loki, Vector, `grep key=value`) parse.
 
-    time=2025-01-02T03:04:05.678+00:00 level=WARNING role=worker-0 logger=appliance.worker msg="origin load failed" group=scores key=k1 cause="OriginError: ..."
+    time=2025-01-02T03:04:05.678+00:00 level=WARNING role=worker-0 logger=appliance.worker
+      msg="origin load failed" group=scores key=k1 cause="OriginError: ..."   (one line, wrapped here)
 
 Values with spaces, quotes or `=` are quoted; newlines are escaped, so an
 event (a traceback included) never spans lines: journald would otherwise
@@ -29,7 +30,9 @@ def quote(value: object) -> str:
     text = value if isinstance(value, str) else str(value)
     if text and all(c in _PLAIN for c in text):
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    escaped = (
+        text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    )
     return f'"{escaped}"'
 
 

@@ -21,15 +21,21 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from .config import TlsSettings
+
+# Each function takes the [tls] table, or None (some callers have no settings).
 
 
 def _read(path: Path | None) -> bytes | None:
     return Path(path).read_bytes() if path is not None else None
 
 
-def server_credentials(tls) -> grpc.ServerCredentials | None:
+def server_credentials(tls: TlsSettings | None) -> grpc.ServerCredentials | None:
     """Credentials for the data port; None when TLS is off."""
     if tls is None or not tls.enabled:
         return None
@@ -40,7 +46,7 @@ def server_credentials(tls) -> grpc.ServerCredentials | None:
     )
 
 
-def channel_credentials(tls) -> grpc.ChannelCredentials | None:
+def channel_credentials(tls: TlsSettings | None) -> grpc.ChannelCredentials | None:
     """Credentials to dial nodes (peers, the CLI, Client.from_settings);
     None when TLS is off. The node's own certificate doubles as the client
     certificate, which mTLS needs and plain TLS ignores."""
@@ -51,14 +57,14 @@ def channel_credentials(tls) -> grpc.ChannelCredentials | None:
     )
 
 
-def channel_options(tls) -> list[tuple[str, object]]:
+def channel_options(tls: TlsSettings | None) -> list[tuple[str, object]]:
     """Extra channel options: the name to expect in the nodes' certificates."""
     if tls is not None and tls.enabled and tls.server_name:
         return [("grpc.ssl_target_name_override", tls.server_name)]
     return []
 
 
-def server_ssl_context(tls) -> ssl.SSLContext | None:
+def server_ssl_context(tls: TlsSettings | None) -> ssl.SSLContext | None:
     """An SSL context for an HTTP server (the read API, metrics); None when TLS is off."""
     if tls is None or not tls.enabled:
         return None

@@ -12,7 +12,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, Field, PlainSerializer
 
 __all__ = [
     "ByteSize",
@@ -171,6 +171,17 @@ def format_duration(seconds: float) -> str:
     return out
 
 
-# Field types. The serializer writes the plain number back (JSON, model_dump).
-ByteSize = Annotated[int, BeforeValidator(parse_bytes), PlainSerializer(int, return_type=int)]
-Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(float, return_type=float)]
+# Field types. The serializer writes the plain number back (JSON, model_dump);
+# the JSON schema's "format" tells the config's error messages what they are.
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_bytes),
+    PlainSerializer(int, return_type=int),
+    Field(json_schema_extra={"format": "byte-size"}),
+]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(float, return_type=float),
+    Field(json_schema_extra={"format": "human-duration"}),
+]

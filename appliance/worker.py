@@ -16,14 +16,15 @@ import socket
 
 from .cluster import etcd
 from .cluster.registry import Registration
-from .node.node import Node
+from .config import Settings
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
+from .node.node import Node
 from .origins import build_origin
 
 log = logging.getLogger(__name__)
 
 
-async def serve(settings, index: int) -> int:
+async def serve(settings: Settings, index: int) -> int:
     ns = settings.node
     runtime = settings.runtime_path()
     runtime.mkdir(parents=True, exist_ok=True)
@@ -31,8 +32,8 @@ async def serve(settings, index: int) -> int:
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()  # left by a killed predecessor
     origins = {
-        name: build_origin(name, spec, state_dir=settings.state_path(), max_value_bytes=ns.max_value_bytes)
-        for name, spec in settings.groups.items()
+        name: build_origin(name, group, state_dir=settings.state_path(), max_value_bytes=ns.max_value_bytes)
+        for name, group in settings.groups.items()
     }
     # Origin latency, origin errors and slow loads are observed here, around
     # the loaders, so that appliance.cache stays free of metrics and logs.

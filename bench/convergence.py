@@ -134,8 +134,10 @@ def one_size(n: int) -> dict:
         r = poller.wait(all_idx, addrs, t0, extra=up)
         res["join_s"] = r["seconds"]
         res["join_process_up_s"] = r["marks"].get("up")
-        lib.log(f"  N={n}: join -> full ring in {r['seconds']:.2f}s (process answering after "
-                f"{r['marks'].get('up', float('nan')):.2f}s)")
+        lib.log(
+            f"  N={n}: join -> full ring in {r['seconds']:.2f}s (process answering after "
+            f"{r['marks'].get('up', float('nan')):.2f}s)"
+        )
 
         # Planned stop -----------------------------------------------------
         def draining(i, s, now, marks):
@@ -143,9 +145,12 @@ def one_size(n: int) -> dict:
                 marks["drain"] = now
 
         t0 = time.monotonic()
-        cli = subprocess.Popen([str(lib.Path(lib.PY).parent / "appliance"), "stop-node", addrs[victim],
-                                "--config", str(app.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")})
+        cli = subprocess.Popen(
+            [str(lib.Path(lib.PY).parent / "appliance"), "stop-node", addrs[victim], "--config", str(app.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
+        )
         try:
             r = _wait_stop(poller, others_idx, victim, others, t0, draining)
             out, _ = cli.communicate(timeout=60)
@@ -158,8 +163,10 @@ def one_size(n: int) -> dict:
         res["stop_from_drain_s"] = None if drain is None else r["seconds"] - drain
         res["stop_cli_exit"] = cli.returncode
         res["stop_cli_output"] = out.decode(errors="replace").strip()[-300:]
-        lib.log(f"  N={n}: planned stop -> ring without it in {r['seconds']:.2f}s from the command"
-                + ("" if drain is None else f", {r['seconds'] - drain:.2f}s from the worker draining"))
+        lib.log(
+            f"  N={n}: planned stop -> ring without it in {r['seconds']:.2f}s from the command"
+            + ("" if drain is None else f", {r['seconds'] - drain:.2f}s from the worker draining")
+        )
     finally:
         poller.close()
         app.cleanup()

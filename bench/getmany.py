@@ -27,8 +27,8 @@ MEMCASLAP_CONCURRENCY = 16
 
 def _available() -> bool:
     try:
-        from appliance.pb import cache_pb2  # noqa: F401
         from appliance.node import service
+        from appliance.pb import cache_pb2  # noqa: F401
     except ImportError:
         return False
     return hasattr(service, "CacheService")
@@ -46,8 +46,21 @@ def memcaslap_binary() -> str:
 
 def start_memcached() -> tuple[lib.Proc, int]:
     port = lib.free_port()
-    cmd = [lib.need("memcached", "memcached"), "-l", lib.HOST, "-p", str(port), "-U", "0", "-t", "1", "-m", "64",
-           "-c", "1024"]
+    cmd = [
+        lib.need("memcached", "memcached"),
+        "-l",
+        lib.HOST,
+        "-p",
+        str(port),
+        "-U",
+        "0",
+        "-t",
+        "1",
+        "-m",
+        "64",
+        "-c",
+        "1024",
+    ]
     import os
 
     if os.geteuid() == 0:
@@ -63,8 +76,21 @@ def memcaslap(port: int, seconds: float, watch: list[int], division: int = 1) ->
     # of keys (concurrency x 1k), then every get is a hit.
     cfg.write_text("key\n16 16 1\nvalue\n100 100 1\ncmd\n0 0.0\n1 1.0\n")
     secs = max(1, int(round(seconds)))
-    cmd = [memcaslap_binary(), "-s", f"{lib.HOST}:{port}", "-T", "1", "-c", str(MEMCASLAP_CONCURRENCY), "-w", "1k",
-           "-t", f"{secs}s", "-F", str(cfg)]
+    cmd = [
+        memcaslap_binary(),
+        "-s",
+        f"{lib.HOST}:{port}",
+        "-T",
+        "1",
+        "-c",
+        str(MEMCASLAP_CONCURRENCY),
+        "-w",
+        "1k",
+        "-t",
+        f"{secs}s",
+        "-F",
+        str(cfg),
+    ]
     if division > 1:
         cmd += ["-d", str(division)]  # multi-get of `division` keys per request
     before = {pid: lib.cpu_seconds(pid) for pid in watch}
@@ -106,8 +132,11 @@ def run(cfg) -> dict:
     try:
         keysets = {n: [lib.value_key(100, f"gm{n}-{i}") for i in range(n)] for n in BATCHES}
         with grpc.insecure_channel(f"{lib.HOST}:{wport}") as ch:
-            call = ch.unary_unary(GET_MANY_PATH, request_serializer=cache_pb2.GetManyRequest.SerializeToString,
-                                  response_deserializer=cache_pb2.GetManyResponse.FromString)
+            call = ch.unary_unary(
+                GET_MANY_PATH,
+                request_serializer=cache_pb2.GetManyRequest.SerializeToString,
+                response_deserializer=cache_pb2.GetManyResponse.FromString,
+            )
             reply_bytes = {}
             for n, keys in keysets.items():
                 for _ in range(2):  # load, then check the hits
@@ -115,8 +144,10 @@ def run(cfg) -> dict:
                     assert [r.key for r in reply.results] == keys
                     assert all(r.code == 0 and len(r.value) == 100 for r in reply.results), reply.results[:3]
                 reply_bytes[n] = 5 + reply.ByteSize()  # a good reply's DATA bytes
-        bodies = {n: lib.grpc_body(cache_pb2.GetManyRequest(group="bench", keys=k), f"getmany-{n}")
-                  for n, k in keysets.items()}
+        bodies = {
+            n: lib.grpc_body(cache_pb2.GetManyRequest(group="bench", keys=k), f"getmany-{n}")
+            for n, k in keysets.items()
+        }
         before = lib.group_stats(sock)
         guess = {}
         sent_keys = [0]
@@ -125,13 +156,30 @@ def run(cfg) -> dict:
             def go():
                 rate = guess.get(n)
                 if rate is None:
-                    rate = h2load(wport, GET_MANY_PATH, bodies[n], n=max(20, 2000 // n), streams=STREAMS,
-                                  name=f"getmany-probe-{n}", expect_data=reply_bytes[n])["rps"]
+                    rate = h2load(
+                        wport,
+                        GET_MANY_PATH,
+                        bodies[n],
+                        n=max(20, 2000 // n),
+                        streams=STREAMS,
+                        name=f"getmany-probe-{n}",
+                        expect_data=reply_bytes[n],
+                    )["rps"]
                     sent_keys[0] += max(20, 2000 // n) * n
                 reqs = int(min(300_000, max(20, rate * cfg.seconds)))
-                r = lib.per_request_cpu(h2load(wport, GET_MANY_PATH, bodies[n], n=reqs, streams=STREAMS,
-                                               name=f"getmany-{n}", watch=[worker.pid], timeout=cfg.seconds * 8 + 30,
-                                               expect_data=reply_bytes[n]))
+                r = lib.per_request_cpu(
+                    h2load(
+                        wport,
+                        GET_MANY_PATH,
+                        bodies[n],
+                        n=reqs,
+                        streams=STREAMS,
+                        name=f"getmany-{n}",
+                        watch=[worker.pid],
+                        timeout=cfg.seconds * 8 + 30,
+                        expect_data=reply_bytes[n],
+                    )
+                )
                 guess[n] = r["rps"]
                 sent_keys[0] += r["succeeded"] * n
                 r["keys_per_s"] = r["rps"] * n
@@ -152,8 +200,10 @@ def run(cfg) -> dict:
         for n in BATCHES:
             lib.log(f"GetMany: batches of {n}" + (" vs memcached" if n == HEADLINE_BATCH else ""))
             if n == HEADLINE_BATCH:
-                runs = lib.interleave({"memcached": memcached, "getmany": getmany(n),
-                                       "memcached_multiget": memcached_multiget}, cfg.rounds)
+                runs = lib.interleave(
+                    {"memcached": memcached, "getmany": getmany(n), "memcached_multiget": memcached_multiget},
+                    cfg.rounds,
+                )
                 mc_runs = runs["memcached"]
                 multi_runs = runs["memcached_multiget"]
                 gm = runs["getmany"]
@@ -169,9 +219,12 @@ def run(cfg) -> dict:
                 "client_cpu_share": lib.median([r["client_cpu_share"] for r in gm]),
             }
             if n == HEADLINE_BATCH:
-                row["ratio_vs_memcached"] = lib.median([g["keys_per_s"] / m["rps"] for g, m in zip(gm, mc_runs)])
+                row["ratio_vs_memcached"] = lib.median(
+                    [g["keys_per_s"] / m["rps"] for g, m in zip(gm, mc_runs, strict=True)]
+                )
                 row["ratio_vs_memcached_multiget"] = lib.median(
-                    [g["keys_per_s"] / m["rps"] for g, m in zip(gm, multi_runs)])
+                    [g["keys_per_s"] / m["rps"] for g, m in zip(gm, multi_runs, strict=True)]
+                )
             lib.log(f"  {row['keys_per_s']:.0f} keys/s ({row['rps']:.0f} calls/s, p50 {row['p50_ms']:.2f} ms)")
             rows.append(row)
         after = lib.group_stats(sock)
@@ -185,15 +238,20 @@ def run(cfg) -> dict:
             "multiget_misses": sum(m["get_misses"] for m in multi_runs),
         }
         head = next(r for r in rows if r["batch"] == HEADLINE_BATCH)
-        lib.log(f"  memcached {memc['gets_per_s']:.0f} gets/s; GetMany({HEADLINE_BATCH}) / memcached = "
-                f"{head['ratio_vs_memcached']:.2f}")
+        lib.log(
+            f"  memcached {memc['gets_per_s']:.0f} gets/s; GetMany({HEADLINE_BATCH}) / memcached = "
+            f"{head['ratio_vs_memcached']:.2f}"
+        )
         return {
             "rows": rows,
             "memcached": memc,
             "headline_batch": HEADLINE_BATCH,
             "ratio": head["ratio_vs_memcached"],
-            "check": {"keys_sent": sent_keys[0], "main_hits": after["main_hits"] - before["main_hits"],
-                      "loads": after["loads"] - before["loads"]},
+            "check": {
+                "keys_sent": sent_keys[0],
+                "main_hits": after["main_hits"] - before["main_hits"],
+                "loads": after["loads"] - before["loads"],
+            },
         }
     finally:
         worker.kill()

@@ -175,13 +175,10 @@ def start_echo(name: str = "echo") -> tuple[Proc, int]:
 
 
 def admin_stats(sock: Path) -> dict:
-    import grpc
+    from appliance.admin_client import AdminClient
 
-    from appliance.pb import admin_pb2, admin_pb2_grpc
-
-    with grpc.insecure_channel(f"unix:{sock}") as ch:
-        reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=5)
-    return json.loads(reply.json)
+    with AdminClient(sock, timeout=5) as admin:
+        return admin.stats()
 
 
 def group_stats(sock: Path, group: str = "bench") -> dict:

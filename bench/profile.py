@@ -33,11 +33,41 @@ from lib import GET_PATH, get_body, get_once, h2load
 
 SECONDS = 4
 RATE = 200
-WAIT = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_wait", "pthread_cond_timedwait",
-        "futex", "sem_wait", "sem_timedwait", "nanosleep", "clock_nanosleep", "__GI___poll", "pthread_cond_clockwait")
-SYSCALLS = ("sendmsg", "recvmsg", "write (", "read (", "eventfd_write", "eventfd_read", "syscall (", "recv (",
-            "send (", "writev", "readv", "getpid", "__libc_sendmsg", "__libc_recvmsg", "__libc_write", "madvise",
-            "munmap", "mmap")
+WAIT = (
+    "epoll_wait",
+    "epoll_pwait",
+    "poll (",
+    "select (",
+    "pthread_cond_wait",
+    "pthread_cond_timedwait",
+    "futex",
+    "sem_wait",
+    "sem_timedwait",
+    "nanosleep",
+    "clock_nanosleep",
+    "__GI___poll",
+    "pthread_cond_clockwait",
+)
+SYSCALLS = (
+    "sendmsg",
+    "recvmsg",
+    "write (",
+    "read (",
+    "eventfd_write",
+    "eventfd_read",
+    "syscall (",
+    "recv (",
+    "send (",
+    "writev",
+    "readv",
+    "getpid",
+    "__libc_sendmsg",
+    "__libc_recvmsg",
+    "__libc_write",
+    "madvise",
+    "munmap",
+    "mmap",
+)
 PRODUCT = re.compile(r"\((?:[^()]*/)?appliance/[^()]*\)")
 
 
@@ -46,8 +76,7 @@ def py_spy() -> str:
 
 
 def record(pid: int, out: Path, fmt: str, native: bool, seconds: float) -> subprocess.Popen:
-    cmd = [py_spy(), "record", "--pid", str(pid), "-d", str(seconds), "-r", str(RATE), "-o", str(out),
-           "--format", fmt]
+    cmd = [py_spy(), "record", "--pid", str(pid), "-d", str(seconds), "-r", str(RATE), "-o", str(out), "--format", fmt]
     # --native needs the process paused for each sample (py-spy's default);
     # the Python-only flame graph can sample without pausing.
     cmd.append("--native" if native else "--nonblocking")
@@ -108,8 +137,10 @@ def classify(raw: Path) -> dict:
     return {
         "samples": total,
         "busy_samples": busy,
-        "categories": {k: {"samples": v, "share_of_busy": None if k.startswith("waiting") else share(v)}
-                       for k, v in cats.most_common()},
+        "categories": {
+            k: {"samples": v, "share_of_busy": None if k.startswith("waiting") else share(v)}
+            for k, v in cats.most_common()
+        },
         "product_inclusive_share": share(product_incl),
         "threads": {k: share(v) for k, v in threads.most_common()},
         "top_leaves": [(k, share(v)) for k, v in leaves.most_common(12)],
@@ -122,15 +153,27 @@ def _short(frame: str) -> str:
     return re.sub(r"\(/[^)]*/(site-packages|lib/python3\.\d+)/", "(", frame)
 
 
-def profile_target(name: str, pid: int, port: int, body: Path, streams: int, rate_guess: float,
-                   svg: Path | None = None) -> dict:
+def profile_target(
+    name: str, pid: int, port: int, body: Path, streams: int, rate_guess: float, svg: Path | None = None
+) -> dict:
     raw = lib.OUT / f"profile-{name}.txt"
     n = int(rate_guess * (SECONDS + 3))
     load: dict = {}
 
     def drive():
-        load.update(h2load(port, GET_PATH, body, n=n, streams=streams, name=f"profile-{name}", watch=[pid],
-                           timeout=SECONDS * 6 + 30, expect_data=lib.get_response_bytes(100)))
+        load.update(
+            h2load(
+                port,
+                GET_PATH,
+                body,
+                n=n,
+                streams=streams,
+                name=f"profile-{name}",
+                watch=[pid],
+                timeout=SECONDS * 6 + 30,
+                expect_data=lib.get_response_bytes(100),
+            )
+        )
 
     t = threading.Thread(target=drive)
     t.start()
@@ -158,12 +201,21 @@ def syscalls_per_get(pid: int, port: int, body: Path, name: str, requests: int =
     if not shutil.which("strace"):
         return None
     out = lib.OUT / f"strace-{name}.txt"
-    st = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(out)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    st = subprocess.Popen(
+        ["strace", "-c", "-f", "-p", str(pid), "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         time.sleep(1.0)  # attached to every thread
-        r = h2load(port, GET_PATH, body, n=requests, streams=32, name=f"strace-{name}", timeout=120,
-                   expect_data=lib.get_response_bytes(100))
+        r = h2load(
+            port,
+            GET_PATH,
+            body,
+            n=requests,
+            streams=32,
+            name=f"strace-{name}",
+            timeout=120,
+            expect_data=lib.get_response_bytes(100),
+        )
         time.sleep(0.2)
     finally:
         os.kill(st.pid, signal.SIGINT)
@@ -206,9 +258,19 @@ def handler_time(sizes=(100, 1 << 20)) -> dict:
             body = get_body(key)
             h2load(port, GET_PATH, body, n=200, streams=8, name="profile-timed-warm")
             a = snapshot()
-            r = lib.per_request_cpu(h2load(port, GET_PATH, body, n=4000 if size < 65536 else 400, streams=8,
-                                           name=f"profile-timed-{size}", watch=[worker.pid], timeout=120,
-                                           expect_data=lib.get_response_bytes(size)))
+            r = lib.per_request_cpu(
+                h2load(
+                    port,
+                    GET_PATH,
+                    body,
+                    n=4000 if size < 65536 else 400,
+                    streams=8,
+                    name=f"profile-timed-{size}",
+                    watch=[worker.pid],
+                    timeout=120,
+                    expect_data=lib.get_response_bytes(size),
+                )
+            )
             b = snapshot()
             calls = max(1, b["handler_calls"] - a["handler_calls"])
             out[str(size)] = {
@@ -238,8 +300,9 @@ def run(cfg) -> dict:
         results["syscalls_worker"] = syscalls_per_get(worker.pid, wport, body, "worker")
         probe = h2load(wport, GET_PATH, body, n=3000, streams=32, name="profile-probe")
         lib.log("profile: hot Get worker (100 B hits, 32 streams)")
-        results["hot_get_worker"] = profile_target("worker", worker.pid, wport, body, 32, probe["rps"],
-                                                   svg=lib.OUT / "profile-worker.svg")
+        results["hot_get_worker"] = profile_target(
+            "worker", worker.pid, wport, body, 32, probe["rps"], svg=lib.OUT / "profile-worker.svg"
+        )
     finally:
         worker.kill()
     (a, aport, asock, aaddr), (b, bport, bsock, baddr) = lib.start_ring(["profile-fwd-a", "profile-fwd-b"], mirror=0.0)
@@ -254,8 +317,10 @@ def run(cfg) -> dict:
         a.kill()
         b.kill()
     for size, h in results["handler_time"].items():
-        lib.log(f"  {size} B hit: product handler {h['handler_us']:.1f} µs of {h['cpu_us_per_get']:.0f} µs "
-                "worker CPU per Get")
+        lib.log(
+            f"  {size} B hit: product handler {h['handler_us']:.1f} µs of {h['cpu_us_per_get']:.0f} µs "
+            "worker CPU per Get"
+        )
     for name in ("syscalls_echo", "syscalls_worker"):
         if results.get(name):
             lib.log(f"  {name}: {results[name]['total_per_get']:.1f} system calls per Get")

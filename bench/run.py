@@ -34,8 +34,12 @@ def main() -> int:
     p.add_argument("--worker-cpus", default=None, help="scaling: taskset CPU list for the workers (e.g. 0-7)")
     p.add_argument("--client-cpus", default=None, help="scaling: taskset CPU list for the h2load clients (e.g. 8-11)")
     p.add_argument("--convergence-workers", default="2,4,8", help="worker counts for the convergence bench")
-    p.add_argument("--quiet-wait", type=float, default=20.0,
-                   help="seconds to wait, before each bench, for the rest of the box to go under 0.5 cores")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="seconds to wait, before each bench, for the rest of the box to go under 0.5 cores",
+    )
     p.add_argument("--report", action="store_true", help="only render results.md and plots")
     cfg = p.parse_args()
     unknown = [b for b in cfg.benches if b not in BENCHES]
@@ -83,8 +87,8 @@ def machine() -> dict:
         except Exception:
             return "?"
 
-    import grpc
     import google.protobuf
+    import grpc
 
     cpu = "?"
     try:

@@ -33,7 +33,7 @@ def run(cfg) -> dict:
     addrs = [addr for *_, addr in nodes]
     try:
         bodies = []
-        for i, (proc, port, sock, addr) in enumerate(nodes):
+        for i, (_proc, port, _sock, addr) in enumerate(nodes):
             key = lib.owned_key(addr, addrs, 100, f"scale{i}-")
             assert len(get_once(port, key)) == 100
             bodies.append(get_body(key))
@@ -49,9 +49,17 @@ def run(cfg) -> dict:
 
                 def one(i):
                     proc, port, *_ = nodes[i]
-                    results[i] = h2load(port, GET_PATH, bodies[i], n=per, streams=STREAMS, name=f"scale-{n}-{i}",
-                                        timeout=cfg.seconds * 10 + 30, prefix=cpin,
-                                        expect_data=lib.get_response_bytes(100))
+                    results[i] = h2load(
+                        port,
+                        GET_PATH,
+                        bodies[i],
+                        n=per,
+                        streams=STREAMS,
+                        name=f"scale-{n}-{i}",
+                        timeout=cfg.seconds * 10 + 30,
+                        prefix=cpin,
+                        expect_data=lib.get_response_bytes(100),
+                    )
 
                 threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
                 for t in threads:
@@ -105,13 +113,20 @@ def run(cfg) -> dict:
             }
             if base is None:
                 base = runs[n]
-            row["speedup"] = lib.median([r["rps"] / b["rps"] for r, b in zip(rs, base)])
-            lib.log(f"scaling: N={n}: {row['rps']:.0f} Gets/s (x{row['speedup']:.2f} N={sizes[0]}), client CPU share "
-                    f"{row['client_cpu_share']:.0%}, bench CPU {row['box_cpu_used']:.2f} cores, others "
-                    f"{row['other_cpu_cores']:.2f} cores; rounds {row['rps_all']}")
+            row["speedup"] = lib.median([r["rps"] / b["rps"] for r, b in zip(rs, base, strict=True)])
+            lib.log(
+                f"scaling: N={n}: {row['rps']:.0f} Gets/s (x{row['speedup']:.2f} N={sizes[0]}), client CPU share "
+                f"{row['client_cpu_share']:.0%}, bench CPU {row['box_cpu_used']:.2f} cores, others "
+                f"{row['other_cpu_cores']:.2f} cores; rounds {row['rps_all']}"
+            )
             rows.append(row)
-        return {"rows": rows, "streams_per_worker": STREAMS, "cpus": lib.os.cpu_count(),
-                "worker_cpus": getattr(cfg, "worker_cpus", None), "client_cpus": getattr(cfg, "client_cpus", None)}
+        return {
+            "rows": rows,
+            "streams_per_worker": STREAMS,
+            "cpus": lib.os.cpu_count(),
+            "worker_cpus": getattr(cfg, "worker_cpus", None),
+            "client_cpus": getattr(cfg, "client_cpus", None),
+        }
     finally:
         for proc, *_ in nodes:
             proc.kill()

@@ -43,14 +43,34 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
             log = lib.OUT / f"{name}-{i}.reqlog"
             log.unlink(missing_ok=True)
             logs.append(log)
-            cmd = ["h2load", "-n", str(per_key), "-c", "2", "-m", str(per_key // 2), "-t", "1", "-d", str(body),
-                   "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
-                   f"http://{lib.HOST}:{ports[i % len(ports)]}{lib.GET_PATH}"]
+            cmd = [
+                "h2load",
+                "-n",
+                str(per_key),
+                "-c",
+                "2",
+                "-m",
+                str(per_key // 2),
+                "-t",
+                "1",
+                "-d",
+                str(body),
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "--log-file",
+                str(log),
+                f"http://{lib.HOST}:{ports[i % len(ports)]}{lib.GET_PATH}",
+            ]
             outs.append(lib.OUT / f"{name}-{i}.out")
             # Each waits for its line on the FIFO (sh reads a pipe one byte at a time).
             shell = f"read go < {shlex.quote(str(fifo))}; exec {shlex.join(cmd)} > {shlex.quote(str(outs[-1]))}"
-            procs.append(subprocess.Popen(["sh", "-c", shell], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    ["sh", "-c", shell], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            )
         time.sleep(0.3)  # let the shells start and block in read
         os.write(gate, b"go\n" * len(keys))
         deadline = time.monotonic() + 60
@@ -85,7 +105,7 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
     # h2load counts a gRPC error (HTTP 200, status in trailers) as a success:
     # count the replies that carried no value from the DATA bytes.
     short = 0
-    for out, log in zip(outs, logs):
+    for out, _log in zip(outs, logs, strict=True):
         try:
             res = lib.parse_h2load(out.read_text())
         except OSError:
@@ -97,8 +117,12 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
     n = len(lat)
     pick = lambda p: lat[min(n - 1, int(p / 100 * n))] if n else float("nan")  # noqa: E731
     return {
-        "ok": n, "failed": failed + (GETS - n - failed if n + failed < GETS else 0),
-        "p50_ms": pick(50), "p90_ms": pick(90), "p99_ms": pick(99), "max_ms": lat[-1] if lat else float("nan"),
+        "ok": n,
+        "failed": failed + (GETS - n - failed if n + failed < GETS else 0),
+        "p50_ms": pick(50),
+        "p90_ms": pick(90),
+        "p99_ms": pick(99),
+        "max_ms": lat[-1] if lat else float("nan"),
         "start_spread_ms": (max(starts) - min(starts)) / 1000 if starts else float("nan"),
     }
 
@@ -114,8 +138,10 @@ def run(cfg) -> dict:
             lib.get_once(port, "v100-warm")
         rows = []
         for delay in DELAYS_MS:
-            lib.log(f"miss storm: {GETS} Gets of {KEYS} cold keys over 3 workers, origin delay {delay} ms "
-                    f"({cfg.rounds} storms)")
+            lib.log(
+                f"miss storm: {GETS} Gets of {KEYS} cold keys over 3 workers, origin delay {delay} ms "
+                f"({cfg.rounds} storms)"
+            )
             rounds = []
             for r in range(cfg.rounds):
                 keys = [f"v100-d{delay}-storm{r}k{i}" for i in range(KEYS)]
@@ -123,15 +149,23 @@ def run(cfg) -> dict:
                 miss = storm(ports, keys, f"storm-miss-{delay}")
                 after = [lib.group_stats(s) for s in socks]
                 hit = storm(ports, keys, f"storm-hit-{delay}")
-                rounds.append({
-                    "origin_loads": sum(a["local_loads"] - b["local_loads"] for a, b in zip(after, before)),
-                    "gets_counted": sum(a["gets"] - b["gets"] for a, b in zip(after, before)),
-                    "peer_loads": sum(a["peer_loads"] - b["peer_loads"] for a, b in zip(after, before)),
-                    "peer_errors": sum(a["peer_errors"] - b["peer_errors"] for a, b in zip(after, before)),
-                    "miss": miss,
-                    "hit": hit,
-                })
-            med = lambda f: lib.median([f(x) for x in rounds])  # noqa: E731
+                rounds.append(
+                    {
+                        "origin_loads": sum(
+                            a["local_loads"] - b["local_loads"] for a, b in zip(after, before, strict=True)
+                        ),
+                        "gets_counted": sum(a["gets"] - b["gets"] for a, b in zip(after, before, strict=True)),
+                        "peer_loads": sum(
+                            a["peer_loads"] - b["peer_loads"] for a, b in zip(after, before, strict=True)
+                        ),
+                        "peer_errors": sum(
+                            a["peer_errors"] - b["peer_errors"] for a, b in zip(after, before, strict=True)
+                        ),
+                        "miss": miss,
+                        "hit": hit,
+                    }
+                )
+            med = lambda f, rounds=rounds: lib.median([f(x) for x in rounds])  # noqa: E731
             row = {
                 "delay_ms": delay,
                 "origin_loads": [x["origin_loads"] for x in rounds],
@@ -145,9 +179,11 @@ def run(cfg) -> dict:
             }
             row["p99_over_delay"] = row["miss_p99_ms"] / delay
             row["p99_minus_delay_ms"] = row["miss_p99_ms"] - delay
-            lib.log(f"  origin loads {row['origin_loads']}; miss p50 {row['miss_p50_ms']:.1f} p99 "
-                    f"{row['miss_p99_ms']:.1f} ms (x{row['p99_over_delay']:.2f} the delay, start spread "
-                    f"{row['start_spread_ms']:.1f} ms); hit storm p99 {row['hit_p99_ms']:.1f} ms; failed {row['failed']}")
+            lib.log(
+                f"  origin loads {row['origin_loads']}; miss p50 {row['miss_p50_ms']:.1f} p99 "
+                f"{row['miss_p99_ms']:.1f} ms (x{row['p99_over_delay']:.2f} the delay, start spread "
+                f"{row['start_spread_ms']:.1f} ms); hit storm p99 {row['hit_p99_ms']:.1f} ms; failed {row['failed']}"
+            )
             rows.append(row)
         return {"rows": rows, "gets": GETS, "keys": KEYS, "workers": 3}
     finally:

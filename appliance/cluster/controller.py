@@ -8,17 +8,16 @@ always safe; a periodic push reaches workers that restarted.
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
-from ..pb import admin_pb2, admin_pb2_grpc
+from ..admin_client import AdminClient
 from . import etcd
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 class Controller:
     def __init__(
         self,
-        connect: Callable[[], object],
+        connect: Callable[[], Any],
         service: str,
         sockets: Callable[[], list[str]],
         *,
@@ -41,10 +40,11 @@ class Controller:
         self.revision = 0
         self.peers: list[str] = []
         self.etcd_ok = False  # the last read or probe of etcd worked (box metric groupcache_controller_etcd_up)
-        self._stubs: dict[str, tuple[grpc.Channel, admin_pb2_grpc.AdminStub]] = {}
+        self._clients: dict[str, AdminClient] = {}
         self._acked: dict[str, int] = {}  # written by grpc callbacks too
         self._pending: dict[str, tuple[int, grpc.Future]] = {}  # socket -> (revision, call in flight)
-        self._failed: queue.SimpleQueue = queue.SimpleQueue()  # (socket, channel, error) of failed calls
+        # (socket, client, error) of failed calls
+        self._failed: queue.SimpleQueue[tuple[str, AdminClient, BaseException]] = queue.SimpleQueue()
         self.stop_event = threading.Event()
 
     # Main loop ---------------------------------------------------------------
@@ -72,7 +72,7 @@ class Controller:
                         client.close()
                     except Exception:
                         pass
-        self._close_stubs()
+        self._close_clients()
 
     def _sync(self, client) -> None:
         members, revision = etcd.read_members(client, self.service)
@@ -142,7 +142,6 @@ class Controller:
         if everyone:
             self._acked.clear()
         self._reap()
-        request = admin_pb2.SetPeersRequest(peers=self.peers, revision=self.revision)
         live = set()
         for path in self._sockets():
             live.add(path)
@@ -151,19 +150,19 @@ class Controller:
             pending = self._pending.get(path)
             if pending is not None and pending[0] >= self.revision and not pending[1].done():
                 continue  # this revision is on its way already
-            channel, stub = self._entry(path)
-            call = stub.SetPeers.future(request, timeout=1.0)
+            client = self._client(path)
+            call = client.set_peers_future(self.peers, self.revision, timeout=1.0)
             self._pending[path] = (self.revision, call)
-            call.add_done_callback(lambda f, path=path, channel=channel: self._pushed(path, channel, f))
-        for path in set(self._stubs) - live:
-            self._drop_stub(path)
+            call.add_done_callback(lambda f, path=path, client=client: self._pushed(path, client, f))
+        for path in set(self._clients) - live:
+            self._drop_client(path)
 
-    def _pushed(self, path: str, channel: grpc.Channel, call) -> None:
+    def _pushed(self, path: str, client: AdminClient, call: grpc.Future) -> None:
         # On a grpc thread: record the outcome; the controller's thread acts on it.
         try:
             revision = call.result().revision
         except Exception as exc:  # RpcError, or cancelled with its channel
-            self._failed.put((path, channel, exc))
+            self._failed.put((path, client, exc))
             return
         if self._acked.get(path, -1) < revision:
             self._acked[path] = revision
@@ -171,33 +170,28 @@ class Controller:
     def _reap(self) -> None:
         while True:
             try:
-                path, channel, exc = self._failed.get_nowait()
+                path, client, exc = self._failed.get_nowait()
             except queue.Empty:
                 return
-            entry = self._stubs.get(path)
-            if entry is not None and entry[0] is channel:
-                self._drop_stub(path)
-                log.debug("SetPeers to %s failed: %s", path, getattr(exc, "code", lambda: exc)())
+            if self._clients.get(path) is client:
+                # A new channel next time: a failed one waits out grpc's reconnect backoff.
+                self._drop_client(path)
+                code = exc.code() if isinstance(exc, grpc.RpcError) else exc
+                log.debug("SetPeers to %s failed: %s", path, code)
 
-    def _entry(self, path: str) -> tuple[grpc.Channel, admin_pb2_grpc.AdminStub]:
-        entry = self._stubs.get(path)
-        if entry is None:
-            channel = grpc.insecure_channel(f"unix:{path}")
-            entry = self._stubs[path] = (channel, admin_pb2_grpc.AdminStub(channel))
-        return entry
+    def _client(self, path: str) -> AdminClient:
+        client = self._clients.get(path)
+        if client is None:
+            client = self._clients[path] = AdminClient(path)
+        return client
 
-    def _drop_stub(self, path: str) -> None:
-        entry = self._stubs.pop(path, None)
+    def _drop_client(self, path: str) -> None:
+        client = self._clients.pop(path, None)
         self._acked.pop(path, None)
         self._pending.pop(path, None)
-        if entry is not None:
-            entry[0].close()
+        if client is not None:
+            client.close()
 
-    def _close_stubs(self) -> None:
-        for path in list(self._stubs):
-            self._drop_stub(path)
-
-
-def worker_sockets(runtime_dir: str) -> Callable[[], list[str]]:
-    pattern = os.path.join(runtime_dir, "worker-*.sock")
-    return lambda: sorted(glob.glob(pattern))
+    def _close_clients(self) -> None:
+        for path in list(self._clients):
+            self._drop_client(path)

@@ -18,13 +18,18 @@ import json
 import logging
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import etcd3
 import grpc
 from etcd3.client import Endpoint
 
 from .. import addr as addrs
+
+if TYPE_CHECKING:
+    from ..config import ClusterSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None
 
 
 def prefix(service: str) -> str:
@@ -75,12 +84,11 @@ def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None
     return addr, metadata if isinstance(metadata, dict) else None
 
 
-def connect(cluster, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:
+def connect(cluster: ClusterSettings, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:
     """A client for the configured endpoints, failing over between them."""
     creds = None
     if cluster.etcd_ca or cluster.etcd_cert:
-        read = lambda p: open(p, "rb").read() if p else None  # noqa: E731
-        creds = grpc.ssl_channel_credentials(read(cluster.etcd_ca), read(cluster.etcd_key), read(cluster.etcd_cert))
+        creds = grpc.ssl_channel_credentials(_read(cluster.etcd_ca), _read(cluster.etcd_key), _read(cluster.etcd_cert))
     endpoints = []
     for endpoint in cluster.etcd:
         host, port = addrs.split(endpoint)

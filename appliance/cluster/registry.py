@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import etcd
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 class Registration(threading.Thread):
     def __init__(
         self,
-        connect: Callable[[], object],
+        connect: Callable[[], Any],  # an etcd3 client
         service: str,
         addr: str,
         *,
@@ -37,8 +38,8 @@ class Registration(threading.Thread):
         self.registered = threading.Event()
         self.registrations = 0  # how many times a lease was granted and the key put
         self._stopping = threading.Event()
-        self._client = None
-        self._lease = None
+        self._client: Any = None
+        self._lease: Any = None
 
     def run(self) -> None:
         backoff = 0.1
@@ -51,7 +52,9 @@ class Registration(threading.Thread):
                 if self._stopping.is_set():
                     break
                 self.registered.clear()
-                log.warning("registration %s lost (%s: %s); retrying in %.1fs", self.key, type(exc).__name__, exc, backoff)
+                log.warning(
+                    "registration %s lost (%s: %s); retrying in %.1fs", self.key, type(exc).__name__, exc, backoff
+                )
                 self._drop_client()
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 1.0)

@@ -30,17 +30,30 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from .. import addr as addrs
+from ..admin_client import AdminClient
+from ..config import dirs
 from ..logs import event
-from ..pb import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from ..config import Settings, TlsSettings
 
 log = logging.getLogger(__name__)
+
+
+class RingView(Protocol):
+    """What the endpoint reports of the controller's ring."""
+
+    revision: int
+    peers: list[str]
 
 
 # The box endpoint (controller) -------------------------------------------------
@@ -54,7 +67,7 @@ class BoxCollector:
         sockets: Callable[[], list[str]],
         *,
         fallback_label: Callable[[str], str] = lambda path: path,
-        controller=None,
+        controller: RingView | None = None,
         timeout: float = 2.0,
     ) -> None:
         self._sockets = sockets
@@ -62,33 +75,31 @@ class BoxCollector:
         self._controller = controller
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._channels: dict[str, tuple[grpc.Channel, admin_pb2_grpc.AdminStub]] = {}
+        self._clients: dict[str, AdminClient] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []
 
-    def _stub(self, path: str) -> admin_pb2_grpc.AdminStub:
+    def _client(self, path: str) -> AdminClient:
         with self._lock:
-            entry = self._channels.get(path)
-            if entry is None:
-                channel = grpc.insecure_channel(f"unix:{path}")
-                entry = self._channels[path] = (channel, admin_pb2_grpc.AdminStub(channel))
-            return entry[1]
+            client = self._clients.get(path)
+            if client is None:
+                client = self._clients[path] = AdminClient(path, timeout=self.timeout)
+            return client
 
     def _drop(self, path: str) -> None:
         with self._lock:
-            entry = self._channels.pop(path, None)
-        if entry is not None:
-            entry[0].close()
+            client = self._clients.pop(path, None)
+        if client is not None:
+            client.close()
 
     def collect(self) -> Iterable[Metric]:
         paths = self._sockets()
         with self._lock:
-            gone = set(self._channels) - set(paths)
+            gone = set(self._clients) - set(paths)
         for path in gone:
             self._drop(path)
-        request = admin_pb2.MetricsRequest()
-        calls = [(path, self._stub(path).Metrics.future(request, timeout=self.timeout)) for path in paths]
+        calls = [(path, self._client(path).metrics_future(timeout=self.timeout)) for path in paths]
         up = GaugeMetricFamily(
             "groupcache_worker_up", "1 when the worker answered this scrape, else 0.", labels=["worker"]
         )
@@ -122,7 +133,9 @@ class BoxCollector:
         c = self._controller
         if c is not None:
             yield GaugeMetricFamily(
-                "groupcache_controller_ring_revision", "etcd revision of the ring the controller pushes.", value=c.revision
+                "groupcache_controller_ring_revision",
+                "etcd revision of the ring the controller pushes.",
+                value=c.revision,
             )
             yield GaugeMetricFamily(
                 "groupcache_controller_ring_peers", "Live nodes the controller sees in etcd.", value=len(c.peers)
@@ -134,7 +147,7 @@ class BoxCollector:
 
     def close(self) -> None:
         with self._lock:
-            paths = list(self._channels)
+            paths = list(self._clients)
         for path in paths:
             self._drop(path)
 
@@ -145,16 +158,14 @@ def box_registry(collector: BoxCollector) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry, tls=None) -> Callable[[], None]:
+def serve_metrics(addr: str, registry: CollectorRegistry, tls: TlsSettings | None = None) -> Callable[[], None]:
     """Serve `registry` on http(s)://addr/metrics from a daemon thread;
     returns a function that stops it. With `tls` (enabled TlsSettings) the
     endpoint speaks HTTPS, and with client_auth it requires a client cert."""
     from prometheus_client import start_http_server
 
-    from .. import addr as addrs
-
     host, port = addrs.split(addr)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if tls is not None and tls.enabled:
         kwargs = {
             "certfile": str(tls.cert),
@@ -172,23 +183,20 @@ def serve_metrics(addr: str, registry: CollectorRegistry, tls=None) -> Callable[
     return stop
 
 
-def serve_box_metrics(settings, controller=None) -> Callable[[], None]:
+def serve_box_metrics(settings: Settings, controller: RingView | None = None) -> Callable[[], None]:
     """The box's endpoint at ops.metrics_addr, run by the controller; a
     function that stops it. A port that cannot be bound is logged, not
     fatal: the controller's real job is the ring."""
-    from .. import addr as addrs
-    from ..cluster.controller import worker_sockets
-
     ops, ns = settings.ops, settings.node
     if not ops.metrics_addr:
         return lambda: None
 
     def fallback(path: str) -> str:
         # worker-3.sock -> the address worker 3 serves, for a worker that does not answer
-        stem = path.rsplit("/", 1)[-1].removeprefix("worker-").removesuffix(".sock")
-        return addrs.join(ns.host, ns.base_port + int(stem)) if stem.isdigit() else path
+        index = dirs.admin_socket_index(path)
+        return addrs.join(ns.host, ns.base_port + index) if index is not None else path
 
-    collector = BoxCollector(worker_sockets(str(settings.runtime_path())), fallback_label=fallback, controller=controller)
+    collector = BoxCollector(settings.admin_sockets, fallback_label=fallback, controller=controller)
     tls = settings.tls if ops.metrics_tls and settings.tls.enabled else None
     try:
         stop = serve_metrics(ops.metrics_addr, box_registry(collector), tls)
@@ -196,7 +204,9 @@ def serve_box_metrics(settings, controller=None) -> Callable[[], None]:
         event(log, logging.ERROR, "metrics endpoint not started", addr=ops.metrics_addr, cause=str(exc))
         collector.close()
         return lambda: None
-    event(log, logging.INFO, "metrics endpoint serving", url=f"{'https' if tls else 'http'}://{ops.metrics_addr}/metrics")
+    event(
+        log, logging.INFO, "metrics endpoint serving", url=f"{'https' if tls else 'http'}://{ops.metrics_addr}/metrics"
+    )
 
     def stop_all() -> None:
         stop()

@@ -11,7 +11,8 @@ the origin again. :func:`build_origin` turns a group's settings into an origin
 wrapped in :class:`LimitedOrigin`, which bounds concurrency and time per load
 and guarantees that no raw exception escapes.
 
-Supported ``origin`` forms (``{state_dir}`` is expanded in all of them)::
+Supported ``origin`` forms (the grammar is ``appliance.origins.grammar``;
+``{state_dir}`` is expanded in all of them)::
 
     sqlite:///path/to.db              + query with :key   (SQLAlchemy)
     postgresql://user:pw@host/db      + query             (extra: [postgresql])
@@ -26,26 +27,20 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from appliance.cache.errors import CacheError, OriginError
 
+from . import grammar
+
+if TYPE_CHECKING:
+    from appliance.config import GroupSettings
+
 __all__ = [
-    "Origin",
     "LimitedOrigin",
+    "Origin",
     "build_origin",
-    "SQL_SCHEMES",
 ]
-
-
-# URL schemes (the part before "+driver") handled by the SQL origin.
-SQL_SCHEMES = frozenset({"sqlite", "postgresql", "postgres", "mysql", "mariadb"})
-
-SUPPORTED_FORMS = (
-    "sqlite:///path.db, postgresql://…, mysql://…, http(s)://…/{key}, "
-    "file:///dir, python:package.module:function"
-)
 
 
 @runtime_checkable
@@ -82,9 +77,7 @@ class LimitedOrigin:
         max_value_bytes: int,
     ) -> None:
         if max_concurrent_loads < 1:
-            raise ValueError(
-                f"group {group_name}: max_concurrent_loads must be >= 1, got {max_concurrent_loads}"
-            )
+            raise ValueError(f"group {group_name}: max_concurrent_loads must be >= 1, got {max_concurrent_loads}")
         if not timeout > 0:
             raise ValueError(f"group {group_name}: timeout must be > 0 seconds, got {timeout}")
         self.inner = inner
@@ -101,7 +94,9 @@ class LimitedOrigin:
         return self._in_flight
 
     def __repr__(self) -> str:
-        return f"LimitedOrigin({self.inner!r}, max_concurrent_loads={self.max_concurrent_loads}, timeout={self.timeout})"
+        return (
+            f"LimitedOrigin({self.inner!r}, max_concurrent_loads={self.max_concurrent_loads}, timeout={self.timeout})"
+        )
 
     async def load(self, key: str) -> bytes:
         started = time.monotonic()
@@ -114,7 +109,7 @@ class LimitedOrigin:
                 self._in_flight += 1
                 try:
                     return await self.inner.load(key)
-                except (asyncio.TimeoutError, TimeoutError) as exc:
+                except TimeoutError as exc:
                     # A timeout of the inner origin's own (a socket, a driver):
                     # not ours, so say what it was.
                     raise OriginError(
@@ -127,7 +122,7 @@ class LimitedOrigin:
         try:
             async with asyncio.timeout(self.timeout):  # no extra task per load
                 value = await run()
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             msg = f"group {self.group_name}: origin timed out after {self.timeout}s"
             if not got_slot:
                 msg += f" (all {self.max_concurrent_loads} load slots were busy)"
@@ -142,9 +137,7 @@ class LimitedOrigin:
         if isinstance(value, (bytearray, memoryview)):
             value = bytes(value)
         if not isinstance(value, bytes):
-            raise OriginError(
-                f"group {self.group_name}: origin returned {type(value).__name__}, expected bytes"
-            )
+            raise OriginError(f"group {self.group_name}: origin returned {type(value).__name__}, expected bytes")
         if len(value) > self.max_value_bytes:
             raise OriginError(
                 f"group {self.group_name}: value of {len(value)} bytes is larger than "
@@ -161,80 +154,52 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _get(spec: Any, name: str, default: Any = None) -> Any:
-    return getattr(spec, name, default)
+def build_origin(group_name: str, group: GroupSettings, *, state_dir: Path, max_value_bytes: int) -> LimitedOrigin:
+    """Build the origin of one group from its (validated) ``GroupSettings``.
 
-
-def build_origin(group_name: str, spec: Any, *, state_dir: Path, max_value_bytes: int) -> Origin:
-    """Build the origin of one group from its ``GroupSettings``.
-
-    Raises ``ValueError`` (with a message naming the group) for every problem
-    detectable now: unknown scheme, missing driver, unimportable callable,
-    missing env var for a header, a query without ``:key``.
+    The config has checked the origin's form and the group's limits. This
+    raises ``ValueError`` (naming the group) for what only building can
+    tell: a missing driver, an unimportable callable, a missing directory or
+    environment variable, a query that binds more than ``:key``.
     """
-    raw = _get(spec, "origin")
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"group {group_name}: origin is empty; expected one of {SUPPORTED_FORMS}")
-    origin = raw.strip().replace("{state_dir}", str(state_dir))
-    timeout = float(_get(spec, "timeout", 5.0))
-    max_loads = int(_get(spec, "max_concurrent_loads", 64))
-    demo_seed = bool(_get(spec, "demo_seed", False))
-    if max_loads < 1:
-        raise ValueError(f"group {group_name}: max_concurrent_loads must be >= 1, got {max_loads}")
-    if not timeout > 0:
-        raise ValueError(f"group {group_name}: timeout must be > 0 seconds, got {timeout}")
-
-    if demo_seed and not origin.lower().startswith("sqlite:"):
-        raise ValueError(f"group {group_name}: demo_seed = true works only with a sqlite:/// origin")
-
+    origin = grammar.expand(group.origin, state_dir)
+    loads = group.max_concurrent_loads
     inner: Origin
-    if origin.startswith("python:"):
+    kind = grammar.kind(origin)
+    if kind == "python":
         from appliance.origins.python import PythonOrigin
 
-        inner = PythonOrigin(group_name, origin, max_concurrent_loads=max_loads)
+        inner = PythonOrigin(group_name, origin, max_concurrent_loads=loads)
+    elif kind == "sql":
+        from appliance.origins.sql import SqlOrigin
+
+        inner = SqlOrigin(
+            group_name,
+            origin,
+            group.query,
+            timeout=group.timeout,
+            max_concurrent_loads=loads,
+            demo_seed=group.demo_seed,
+        )
+    elif kind == "http":
+        from appliance.origins.http import HttpOrigin
+
+        inner = HttpOrigin(
+            group_name,
+            origin,
+            timeout=group.timeout,
+            headers=dict(group.headers),
+            headers_from_env=dict(group.headers_from_env),
+            max_value_bytes=max_value_bytes,
+        )
     else:
-        scheme = urlsplit(origin).scheme.lower()
-        base = scheme.split("+", 1)[0]
-        if base in SQL_SCHEMES:
-            from appliance.origins.sql import SqlOrigin
+        from appliance.origins.files import FileOrigin
 
-            inner = SqlOrigin(
-                group_name,
-                origin,
-                _get(spec, "query"),
-                timeout=timeout,
-                max_concurrent_loads=max_loads,
-                demo_seed=demo_seed,
-            )
-        elif scheme in ("http", "https"):
-            from appliance.origins.http import HttpOrigin
-
-            inner = HttpOrigin(
-                group_name,
-                origin,
-                timeout=timeout,
-                headers=dict(_get(spec, "headers", None) or {}),
-                headers_from_env=dict(_get(spec, "headers_from_env", None) or {}),
-                max_value_bytes=max_value_bytes,
-            )
-        elif scheme == "file":
-            from appliance.origins.files import FileOrigin
-
-            inner = FileOrigin(
-                group_name,
-                origin,
-                max_value_bytes=max_value_bytes,
-                max_concurrent_loads=max_loads,
-            )
-        else:
-            shown = f"{scheme}://" if scheme else repr(raw)
-            raise ValueError(
-                f"group {group_name}: unsupported origin {shown}; expected one of {SUPPORTED_FORMS}"
-            )
+        inner = FileOrigin(group_name, origin, max_value_bytes=max_value_bytes, max_concurrent_loads=loads)
     return LimitedOrigin(
         inner,
         group_name=group_name,
-        timeout=timeout,
-        max_concurrent_loads=max_loads,
+        timeout=group.timeout,
+        max_concurrent_loads=loads,
         max_value_bytes=max_value_bytes,
     )

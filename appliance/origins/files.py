@@ -61,7 +61,9 @@ class FileOrigin:
         if "\x00" in key:
             raise InvalidRequest(f"group {g}: key contains a NUL byte")
         if key.startswith("/") or os.path.isabs(key):
-            raise InvalidRequest(f"group {g}: key {key!r} is an absolute path; expected a path relative to the origin directory")
+            raise InvalidRequest(
+                f"group {g}: key {key!r} is an absolute path; expected a path relative to the origin directory"
+            )
         if ".." in key.replace("\\", "/").split("/"):
             raise InvalidRequest(f"group {g}: key {key!r} contains a '..' component")
         real = os.path.realpath(os.path.join(self.real_root, key))

@@ -43,9 +43,7 @@ class HttpOrigin:
                 f"e.g. https://api.example.com/items/{{key}}"
             )
         if parts.username or parts.password:
-            raise ValueError(
-                f"group {g}: put credentials in headers / headers_from_env, not in the http origin URL"
-            )
+            raise ValueError(f"group {g}: put credentials in headers / headers_from_env, not in the http origin URL")
         merged = {str(k): str(v) for k, v in (headers or {}).items()}
         for header, var in (headers_from_env or {}).items():
             value = os.environ.get(var)
@@ -108,12 +106,10 @@ class HttpOrigin:
                 raise OriginError(f"group {g}: origin answered HTTP {resp.status}: {detail}")
         except (KeyNotFound, OriginError):
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise OriginError(f"group {g}: origin {self.host} timed out after {self.timeout}s") from None
         except aiohttp.ClientError as exc:
-            raise OriginError(
-                f"group {g}: cannot reach origin {self.host}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise OriginError(f"group {g}: cannot reach origin {self.host}: {type(exc).__name__}: {exc}") from exc
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         limit = self.max_value_bytes
@@ -138,7 +134,7 @@ class HttpOrigin:
             return b""
         try:
             data = await resp.content.read(_ERROR_BODY_CAP + 1)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             resp.close()
             return b""
         if len(data) > _ERROR_BODY_CAP or not resp.content.at_eof():

@@ -18,8 +18,9 @@ import functools
 import importlib
 import inspect
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from appliance.cache.errors import CacheError, KeyNotFound, OriginError
 
@@ -31,8 +32,8 @@ def _is_async(func: Any) -> bool:
         func = func.func
     if inspect.iscoroutinefunction(func):
         return True
-    call = getattr(func, "__call__", None)  # an object with `async def __call__`
-    return call is not None and not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
+    # an object with `async def __call__`
+    return callable(func) and not inspect.isfunction(func) and inspect.iscoroutinefunction(func.__call__)
 
 
 def import_callable(group_name: str, spec: str) -> Callable[[str], Any]:
@@ -40,15 +41,12 @@ def import_callable(group_name: str, spec: str) -> Callable[[str], Any]:
     g = group_name
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not _DOTTED.match(module_name) or not _DOTTED.match(attr_path):
-        raise ValueError(
-            f"group {g}: bad python origin 'python:{spec}'; expected python:package.module:function"
-        )
+        raise ValueError(f"group {g}: bad python origin 'python:{spec}'; expected python:package.module:function")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises at import
         raise ValueError(
-            f"group {g}: cannot import module {module_name!r} for its python origin: "
-            f"{type(exc).__name__}: {exc}"
+            f"group {g}: cannot import module {module_name!r} for its python origin: {type(exc).__name__}: {exc}"
         ) from exc
     obj: Any = module
     for part in attr_path.split("."):
@@ -68,7 +66,7 @@ class PythonOrigin:
         if not origin.startswith("python:"):
             raise ValueError(f"group {group_name}: not a python origin: {origin!r}")
         self.group_name = group_name
-        self.target = origin[len("python:"):].strip()
+        self.target = origin[len("python:") :].strip()
         self.func = import_callable(group_name, self.target)
         self.is_async = _is_async(self.func)
         self._executor: ThreadPoolExecutor | None = None
@@ -106,9 +104,7 @@ class PythonOrigin:
             return bytes(result)
         if isinstance(result, str):
             return result.encode("utf-8")
-        raise OriginError(
-            f"group {g}: {self.target} returned {type(result).__name__}; expected bytes, str or None"
-        )
+        raise OriginError(f"group {g}: {self.target} returned {type(result).__name__}; expected bytes, str or None")
 
     async def close(self) -> None:
         if not self._closed:

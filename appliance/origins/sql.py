@@ -115,8 +115,7 @@ class SqlOrigin:
         others = sorted(params - {"key"})
         if others:
             raise ValueError(
-                f"group {g}: query may bind only :key, but it also uses "
-                + ", ".join(":" + p for p in others)
+                f"group {g}: query may bind only :key, but it also uses " + ", ".join(":" + p for p in others)
             )
         self.query = query
         self._stmt = stmt
@@ -155,14 +154,10 @@ class SqlOrigin:
                 f"{parsed.render_as_string(hide_password=True)!r}: {_first_line(exc)}"
             ) from None
 
-        self._executor = ThreadPoolExecutor(
-            max_workers=n, thread_name_prefix=f"origin-sql-{group_name}"
-        )
+        self._executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"origin-sql-{group_name}")
         self._closed = False
 
-    def _sqlite_engine(
-        self, parsed: URL, timeout: float, demo_seed: bool, pool_kw: dict[str, Any]
-    ) -> Engine:
+    def _sqlite_engine(self, parsed: URL, timeout: float, demo_seed: bool, pool_kw: dict[str, Any]) -> Engine:
         g = self.group_name
         database = parsed.database or ""
         if database in ("", ":memory:") or database.startswith("file:") or parsed.query.get("uri"):
@@ -174,9 +169,7 @@ class SqlOrigin:
                     "(an in-memory database would always be empty)"
                 )
             # A URI form chosen by the user: let SQLAlchemy handle it as written.
-            return create_engine(
-                parsed, connect_args={"check_same_thread": False, "timeout": timeout}, **pool_kw
-            )
+            return create_engine(parsed, connect_args={"check_same_thread": False, "timeout": timeout}, **pool_kw)
         path = Path(database).expanduser().absolute()
         self.sqlite_path = path
         if demo_seed:
@@ -244,8 +237,7 @@ class SqlOrigin:
             raise KeyNotFound(f"group {g}: key {key!r} not found")
         if len(rows) > 1:
             raise OriginError(
-                f"group {g}: query returned more than one row for key {key!r}; "
-                "expected exactly one row with one column"
+                f"group {g}: query returned more than one row for key {key!r}; expected exactly one row with one column"
             )
         value = rows[0][0]
         if value is None:

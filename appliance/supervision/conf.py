@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 import socket
@@ -9,15 +10,19 @@ import sys
 from pathlib import Path
 
 from .. import addr as addrs
+from ..config import Settings
 
 WORKER_PRIORITY, CONTROLLER_PRIORITY, ETCD_PRIORITY = 300, 200, 100
+# Seconds the controller and etcd get to exit on SIGTERM (a worker gets
+# node.stop_grace); supervisord kills them after.
+CONTROLLER_STOP_GRACE, ETCD_STOP_GRACE = 5.0, 10.0
 
 
 def worker_name(index: int) -> str:
     return f"worker-{index}"
 
 
-def supervisor_socket(settings) -> Path:
+def supervisor_socket(settings: Settings) -> Path:
     return settings.runtime_path() / "supervisor.sock"
 
 
@@ -42,7 +47,7 @@ def _appliance(*args: str, config: Path | None) -> str:
     return shlex.join(cmd)
 
 
-def _program(name: str, command: str, *, priority: int, stopwait: float, extra: str = "") -> str:
+def _program(name: str, command: str, *, priority: int, stop_grace: float, extra: str = "") -> str:
     # Output goes to supervisord's stdout, i.e. to journald under systemd.
     return f"""
 [program:{name}]
@@ -52,7 +57,7 @@ autostart=true
 startsecs=1
 startretries=20
 stopsignal=TERM
-stopwaitsecs={int(stopwait) + 1}
+stopwaitsecs={math.ceil(stop_grace)}
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
@@ -61,7 +66,7 @@ stdout_logfile_maxbytes=0
 {extra}"""
 
 
-def render(settings, config: Path | None, *, etcd_peer_port: int | None = None) -> str:
+def render(settings: Settings, config: Path | None, *, etcd_peer_port: int | None = None) -> str:
     runtime, state = settings.runtime_path(), settings.state_path()
     ns, cluster = settings.node, settings.cluster
     sock = supervisor_socket(settings)
@@ -90,26 +95,26 @@ serverurl=unix://{sock}
         peer = etcd_peer_port or cluster.etcd_peer_port or free_port(host)
         client_url = f"http://{addrs.join(host, port)}"
         peer_url = f"http://{addrs.join(host, peer)}"
-        cmd = shlex.join(
-            [
-                etcd_binary(),
-                "--name", "appliance",
-                "--data-dir", str(state / "etcd"),
-                "--listen-client-urls", client_url,
-                "--advertise-client-urls", client_url,
-                "--listen-peer-urls", peer_url,
-                "--initial-advertise-peer-urls", peer_url,
-                "--initial-cluster", f"appliance={peer_url}",
-                "--log-level", "warn",
-            ]
-        )  # fmt: skip
-        parts.append(_program("etcd", cmd, priority=ETCD_PRIORITY, stopwait=10, extra="autorestart=true\n"))
+        flags = {
+            "--name": "appliance",
+            "--data-dir": str(state / "etcd"),
+            "--listen-client-urls": client_url,
+            "--advertise-client-urls": client_url,
+            "--listen-peer-urls": peer_url,
+            "--initial-advertise-peer-urls": peer_url,
+            "--initial-cluster": f"appliance={peer_url}",
+            "--log-level": "warn",
+        }
+        cmd = shlex.join([etcd_binary(), *(word for pair in flags.items() for word in pair)])
+        parts.append(
+            _program("etcd", cmd, priority=ETCD_PRIORITY, stop_grace=ETCD_STOP_GRACE, extra="autorestart=true\n")
+        )
     parts.append(
         _program(
             "controller",
             _appliance("controller", config=config),
             priority=CONTROLLER_PRIORITY,
-            stopwait=5,
+            stop_grace=CONTROLLER_STOP_GRACE,
             extra="autorestart=true\n",
         )
     )
@@ -118,14 +123,12 @@ serverurl=unix://{sock}
     return "".join(parts)
 
 
-def worker_program(settings, config: Path | None, index: int) -> str:
-    ns = settings.node
+def worker_program(settings: Settings, config: Path | None, index: int) -> str:
     return _program(
         worker_name(index),
         _appliance("worker", "--index", str(index), config=config),
         priority=WORKER_PRIORITY,
-        # The drain, then the grace given to calls in flight.
-        stopwait=ns.drain_timeout + ns.peer_timeout + 2,
+        stop_grace=settings.node.stop_grace,
         # Exit 0 is a planned stop (stop-node): it stays stopped.
         extra="autorestart=unexpected\nexitcodes=0\n",
     )

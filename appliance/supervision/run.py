@@ -16,12 +16,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from .. import addr as addrs
+from ..config import NodeSettings, Settings
 from . import conf, rpc
 
 log = logging.getLogger(__name__)
+
+# After supervisord is told to shut down (every program already stopped),
+# how long `run` waits for it to exit before killing it.
+SUPERVISORD_EXIT = 30.0
+
+
+def shutdown_time(node: NodeSettings) -> float:
+    """The longest `appliance run` takes from SIGTERM to exit: the workers,
+    then the controller, then etcd, each stopped and waited for in turn,
+    then supervisord's own exit. systemd's TimeoutStopSec must exceed it."""
+    programs = (node.stop_grace, conf.CONTROLLER_STOP_GRACE, conf.ETCD_STOP_GRACE)
+    return sum(rpc.stop_wait(grace) for grace in programs) + SUPERVISORD_EXIT
 
 
 def _die_with_parent() -> None:
@@ -41,14 +57,15 @@ def _relay(fd: int) -> None:
             pass  # our stdout is gone; keep draining so children never block
 
 
-def check_ports(settings) -> list[str]:
+def check_ports(settings: Settings) -> list[str]:
     """Ports this box must bind; a list of clashes with running processes."""
     import socket
 
     wanted = [(settings.node.host, p) for p in settings.node.ports]
     wanted += [(settings.node.host, p) for p in settings.http_ports() or ()]
-    if settings.ops.metrics_endpoint():
-        wanted.append(settings.ops.metrics_endpoint())
+    metrics = settings.ops.metrics_endpoint()
+    if metrics is not None:
+        wanted.append(metrics)
     if settings.cluster.embedded_etcd:
         wanted.append(addrs.split(settings.cluster.etcd[0]))
     clashes = []
@@ -63,7 +80,7 @@ def check_ports(settings) -> list[str]:
     return clashes
 
 
-def _section_changes(old, new) -> set[str]:
+def _section_changes(old: Settings, new: Settings) -> set[str]:
     """Dotted names of the top-level settings (`node.workers`, `groups.x`, ...)
     whose values differ."""
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
@@ -76,21 +93,20 @@ def _section_changes(old, new) -> set[str]:
     return changed
 
 
-def _wait_in_ring(settings, index: int, timeout: float) -> bool:
+def _wait_in_ring(settings: Settings, index: int, timeout: float) -> bool:
     """Until worker `index` answers on its admin socket and is in its ring."""
-    import json
-
     import grpc
 
-    from ..pb import admin_pb2, admin_pb2_grpc
+    from ..admin_client import AdminClient
 
     sock = settings.admin_socket(index)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with grpc.insecure_channel(f"unix:{sock}") as channel:
-                reply = admin_pb2_grpc.AdminStub(channel).Stats(admin_pb2.StatsRequest(), timeout=1)
-            stats = json.loads(reply.json)
+            # A new channel each try: the worker is restarting, and a channel
+            # that failed to connect would wait out grpc's reconnect backoff.
+            with AdminClient(sock, timeout=1) as admin:
+                stats = admin.stats()
             if stats["addr"] in stats["peers"]:
                 return True
         except (grpc.RpcError, KeyError, ValueError):
@@ -100,17 +116,18 @@ def _wait_in_ring(settings, index: int, timeout: float) -> bool:
 
 
 class Appliance:
-    def __init__(self, settings, config: Path | None, load) -> None:
+    def __init__(self, settings: Settings, config: Path | None, load: Callable[[], Settings]) -> None:
         self.settings = settings
         self.config = config
         self._load = load  # re-reads the config on SIGHUP
         self._signals: list[int] = []
         self._wake = threading.Event()
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.supervisor: Any = None
         self.conf_path = settings.runtime_path() / "supervisord.conf"
         self._etcd_peer_port: int | None = None
 
-    def _record(self, signum, frame) -> None:  # signal handler: record only
+    def _record(self, signum: int, frame: FrameType | None) -> None:  # signal handler: record only
         self._signals.append(signum)
         self._wake.set()
 
@@ -133,15 +150,16 @@ class Appliance:
         # supervisord and its programs log to /dev/fd/1. Under systemd that is
         # the journal's socket, which Linux will not reopen by path, so they
         # get a pipe that a thread copies to our stdout.
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        threading.Thread(target=_relay, args=(self.proc.stdout.fileno(),), name="log-relay", daemon=True).start()
-        log.info("supervisord %d started: %d workers on %s", self.proc.pid, s.node.workers, s.node.host)
+        assert proc.stdout is not None  # stdout=PIPE
+        threading.Thread(target=_relay, args=(proc.stdout.fileno(),), name="log-relay", daemon=True).start()
+        log.info("supervisord %d started: %d workers on %s", proc.pid, s.node.workers, s.node.host)
         self.supervisor = rpc.connect(conf.supervisor_socket(s))
         while True:
             self._wake.wait(0.5)
@@ -152,8 +170,8 @@ class Appliance:
                     self.reload()
                 else:
                     return self.shutdown()
-            if self.proc.poll() is not None:
-                log.error("supervisord exited with %s", self.proc.returncode)
+            if proc.poll() is not None:
+                log.error("supervisord exited with %s", proc.returncode)
                 return 1
 
     def reload(self) -> None:
@@ -168,7 +186,7 @@ class Appliance:
         try:
             added, changed, removed = self.supervisor.reloadConfig()[0]
             if removed:
-                left = rpc.stop_all(self.supervisor, removed, new.node.drain_timeout + new.node.peer_timeout + 5)
+                left = rpc.stop_all(self.supervisor, removed, new.node.stop_grace)
                 if left:
                     log.warning("still stopping: %s", ", ".join(left))
                 for name in removed:
@@ -184,7 +202,7 @@ class Appliance:
             return
         log.info("reloaded: workers %d -> %d", old_workers, new.node.workers)
 
-    def _rolling_restart(self, old, new, kept: int) -> None:
+    def _rolling_restart(self, old: Settings, new: Settings, kept: int) -> None:
         """Apply changed settings to running workers one at a time, each
         stopped gracefully and back in the ring before the next goes."""
         changes = sorted(_section_changes(old, new) - {"node.workers"})
@@ -192,35 +210,35 @@ class Appliance:
             log.warning("cluster settings changed (%s): they need `systemctl restart`", ", ".join(changes))
             return
         log.info("settings changed (%s): restarting workers one at a time", ", ".join(changes))
-        grace = new.node.drain_timeout + new.node.peer_timeout + 5
-        rpc.stop_all(self.supervisor, ["controller"], 10)
+        rpc.stop_all(self.supervisor, ["controller"], conf.CONTROLLER_STOP_GRACE)
         self.supervisor.startProcess("controller", True)
         for index in range(kept):
             name = conf.worker_name(index)
-            rpc.stop_all(self.supervisor, [name], grace)
+            rpc.stop_all(self.supervisor, [name], new.node.stop_grace)
             self.supervisor.startProcess(name, True)
             if not _wait_in_ring(new, index, timeout=new.cluster.lease_ttl + 10):
                 log.warning("%s did not rejoin the ring in time; continuing", name)
 
     def shutdown(self) -> int:
-        s = self.settings
+        s, proc = self.settings, self.proc
+        assert proc is not None, "shutdown() before run()"
         try:
             current = rpc.states(self.supervisor)
             workers = sorted(n for n in current if n.startswith("worker-"))
-            left = rpc.stop_all(self.supervisor, workers, s.node.drain_timeout + s.node.peer_timeout + 5)
+            left = rpc.stop_all(self.supervisor, workers, s.node.stop_grace)
             if left:
                 log.warning("workers still stopping at timeout: %s", ", ".join(left))
-            for name in ("controller", "etcd"):
+            for name, grace in (("controller", conf.CONTROLLER_STOP_GRACE), ("etcd", conf.ETCD_STOP_GRACE)):
                 if name in current:
-                    rpc.stop_all(self.supervisor, [name], 10)
+                    rpc.stop_all(self.supervisor, [name], grace)
             self.supervisor.shutdown()
         except Exception as exc:
             log.error("orderly shutdown failed (%s); terminating supervisord", exc)
-            self.proc.terminate()
+            proc.terminate()
         try:
-            self.proc.wait(30)
+            proc.wait(SUPERVISORD_EXIT)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            proc.kill()
+            proc.wait()
         log.info("stopped")
         return 0

@@ -9,6 +9,7 @@ import pytest
 from appliance.cache.ring import HashRing
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
+EXAMPLE = str(Path(__file__).parents[2] / "appliance" / "defaults" / "appliance.example.toml")
 
 
 def run(*args, env=None):
@@ -58,19 +59,19 @@ def test_env_override_error_names_the_variable(tmp_path):
     import os
 
     env = dict(os.environ, APPLIANCE_NODE__WORKERS="zero")
-    out = run("config", "check", str(Path(__file__).parents[2] / "config" / "appliance.toml"), env=env)
+    out = run("config", "check", EXAMPLE, env=env)
     assert out.returncode == 2 and "APPLIANCE_NODE__WORKERS" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_config_check_ok_on_the_example():
-    out = run("config", "check", str(Path(__file__).parents[2] / "config" / "appliance.toml"))
+    out = run("config", "check", EXAMPLE)
     assert out.returncode == 0 and out.stdout.startswith("OK")
 
 
 def test_missing_file_and_bad_arguments():
     out = run("config", "check", "/nonexistent/appliance.toml")
     assert out.returncode == 2 and "/nonexistent/appliance.toml" in out.stderr
-    out = run("stop-node", "nonsense", "--config", str(Path(__file__).parents[2] / "config" / "appliance.toml"))
+    out = run("stop-node", "nonsense", "--config", EXAMPLE)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     out = run("frobnicate")
     assert out.returncode == 2
@@ -96,3 +97,93 @@ def test_run_refuses_ports_in_use(tmp_path):
         out = run("run", "--config", str(cfg))
     assert out.returncode == 2 and f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# Global options: before the command (kubectl, etcdctl, git) or after it ----------
+
+
+def test_global_options_before_or_after_the_command(tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[node]\nring_hash = "groupcache"\n[cluster]\nembedded_etcd = false\n')
+    peers = ",".join(["10.0.0.1:1", "10.0.0.2:1"])
+    ring = HashRing(peers.split(","), scheme="groupcache")
+    want = [f"k{i}\t{ring.owner(f'k{i}')}" for i in (1, 2)]
+    for args in (
+        ("--config", str(cfg), "locate", "--peers", peers, "k1", "k2"),
+        ("--config", str(cfg), "--peers", peers, "locate", "k1", "k2"),
+        ("locate", "k1", "k2", "--config", str(cfg), "--peers", peers),
+        # after the command wins
+        ("--config", "/nonexistent.toml", "--peers", "10.9.9.9:1", "locate", "--config", str(cfg), "--peers", peers,
+         "k1", "k2"),
+    ):
+        out = run(*args)
+        assert (out.returncode, out.stdout.splitlines()) == (0, want), (args, out.stderr)
+
+
+def test_global_option_where_it_does_not_apply_exits_2():
+    for args in (("--peers", "127.0.0.1:1", "stats"), ("--config", "/x.toml", "systemd", "install")):
+        out = run(*args)
+        assert out.returncode == 2, out.stderr
+        assert "does not apply" in out.stderr or "applies only" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_stop_node_of_another_box_names_this_boxs_workers():
+    out = run("--config", EXAMPLE, "stop-node", "127.0.0.1:1")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (
+        "appliance: 127.0.0.1:1 is not a worker of this box (127.0.0.1:9999, 127.0.0.1:10000, 127.0.0.1:10001)\n"
+    )
+
+
+# `get` on a terminal ------------------------------------------------------------
+
+
+def _read_all(fd: int) -> bytes:
+    import os
+
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _get_under_pty(*args: str) -> tuple[int, bytes]:
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([APPLIANCE, *args], stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(slave)
+    try:
+        out = _read_all(master)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, err
+    return proc.returncode, out
+
+
+async def test_get_adds_a_newline_on_a_tty_and_keeps_exact_bytes_in_a_pipe(tmp_path):
+    import asyncio
+
+    from support.nodes import CountingOrigin, cluster
+
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[cluster]\nembedded_etcd = false\n")
+    async with cluster(1, CountingOrigin({"k": b"v\x00v", "nl": b"line\n"})) as nodes:
+        peers = nodes[0].addr
+        piped = await asyncio.to_thread(run, "--config", str(cfg), "get", "--peers", peers, "g", "k")
+        assert (piped.returncode, piped.stdout) == (0, "v\x00v")
+        piped = await asyncio.to_thread(run, "--config", str(cfg), "get", "--peers", peers, "g", "nl")
+        assert piped.stdout == "line\n"  # no second newline in a pipe
+        _, tty = await asyncio.to_thread(_get_under_pty, "--config", str(cfg), "get", "--peers", peers, "g", "k")
+        assert tty == b"v\x00v\r\n"  # the terminal's ONLCR turns the added "\n" into "\r\n"

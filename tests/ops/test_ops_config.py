@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config as cfg
+from appliance import host
 from appliance.config import ConfigError, OpsSettings, TlsSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "config" / "appliance.toml"
+EXAMPLE = REPO / "appliance" / "defaults" / "appliance.example.toml"
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def clean_env(monkeypatch, tmp_path):
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg-run"))
-    monkeypatch.setattr(cfg, "_is_root", lambda: False)
+    monkeypatch.setattr(host, "is_root", lambda: False)
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
-from appliance.pb import admin_pb2, admin_pb2_grpc
+from appliance.admin_client import AdminClient
+from appliance.config import dirs
 
 from .ports import free_port, free_range
 
@@ -165,10 +164,8 @@ server = "{self.server}"
             client.close()
 
     def admin_stats(self, index: int) -> dict:
-        sock = self.root / "run" / f"worker-{index}.sock"
-        with grpc.insecure_channel(f"unix:{sock}") as ch:
-            reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=2)
-        return json.loads(reply.json)
+        with AdminClient(self.root / "run" / dirs.admin_socket_name(index)) as admin:
+            return admin.stats()
 
     def rings(self, n: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
         out = []

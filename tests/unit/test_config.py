@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from appliance import config as cfg
+from appliance import host
 from appliance.config import (
     ClusterSettings,
     ConfigError,
@@ -28,7 +29,7 @@ from appliance.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "config" / "appliance.toml"
+EXAMPLE = REPO / "appliance" / "defaults" / "appliance.example.toml"
 BUILTIN = REPO / "appliance" / "defaults" / "appliance.toml"
 
 SQLITE_GROUP = """
@@ -46,7 +47,7 @@ def clean_env(monkeypatch, tmp_path):
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg-run"))
-    monkeypatch.setattr(cfg, "_is_root", lambda: False)  # same defaults whoever runs the tests
+    monkeypatch.setattr(host, "is_root", lambda: False)  # same defaults whoever runs the tests
 
 
 def write(tmp_path: Path, text: str, name: str = "appliance.toml") -> Path:
@@ -264,6 +265,15 @@ def test_settings_from_kwargs_without_file(monkeypatch):
     assert Settings(node={"workers": 2}).node.workers == 2  # kwargs beat env
     with pytest.raises(ValidationError):
         Settings(node={"wokers": 2})
+
+
+def test_file_keys_never_become_loader_options(tmp_path):
+    # The file's tables reach pydantic-settings as data: a top-level key
+    # named like one of its _options is an unknown key like any other.
+    p = write(tmp_path, "_env_prefix = 'X_'\n_cli_parse_args = true\nfile_tables = 1\n")
+    lines = sorted(config_error(p).splitlines())
+    assert [line.split(": ")[1] for line in lines] == ["_cli_parse_args", "_env_prefix", "file_tables"]
+    assert all("unknown key (expected one of: cluster, node, groups, ops, tls)" in line for line in lines)
 
 
 def test_no_file_leaks_between_loads(tmp_path):
@@ -501,7 +511,7 @@ def test_directory_instead_of_file(tmp_path):
 
 
 def test_find_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(cfg, "SYSTEM_CONFIG", tmp_path / "etc" / "appliance.toml")
+    monkeypatch.setattr(cfg.load, "SYSTEM_CONFIG", tmp_path / "etc" / "appliance.toml")
     assert find_config(None) is None
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "appliance.toml").write_text("")

@@ -3,70 +3,96 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
+from pydantic import ValidationError
 
 from appliance.cache.errors import InvalidRequest, KeyNotFound, OriginError
+from appliance.config import GroupSettings
 from appliance.origins import LimitedOrigin, build_origin
 from appliance.origins.files import FileOrigin
 from appliance.origins.http import HttpOrigin
+from appliance.origins.python import PythonOrigin
 from appliance.origins.sql import SqlOrigin
 
 
-def raw_spec(**kw):
-    """A spec that skips the config's own validation: build_origin must still refuse bad input."""
-    base = dict(
-        origin="", query=None, timeout=1.0, max_concurrent_loads=2,
-        headers={}, headers_from_env={}, demo_seed=False,
-    )
-    base.update(kw)
-    return SimpleNamespace(**base)
+def group(**kw) -> GroupSettings:
+    return GroupSettings(**{"timeout": 1.0, "max_concurrent_loads": 2, **kw})
 
 
 async def test_dispatch(tmp_path):
     (tmp_path / "d").mkdir()
     cases = [
-        (raw_spec(origin="sqlite:///{state_dir}/x.db", query="SELECT 1 WHERE :key = 'a'"), SqlOrigin),
-        (raw_spec(origin="http://127.0.0.1:9/{key}"), HttpOrigin),
-        (raw_spec(origin="file://{state_dir}/d"), FileOrigin),
+        (group(origin="sqlite:///{state_dir}/x.db", query="SELECT 1 WHERE :key = 'a'"), SqlOrigin),
+        (group(origin="http://127.0.0.1:9/{key}"), HttpOrigin),
+        (group(origin="file://{state_dir}/d"), FileOrigin),
+        (group(origin="file:///{state_dir}/d"), FileOrigin),
+        (group(origin="python:json:dumps"), PythonOrigin),
     ]
     for spec, cls in cases:
         o = build_origin("g", spec, state_dir=tmp_path, max_value_bytes=10)
         try:
             assert isinstance(o, LimitedOrigin)
             assert isinstance(o.inner, cls)
+            assert (o.timeout, o.max_concurrent_loads) == (1.0, 2)
         finally:
             await o.close()
     # {state_dir} expanded, and no empty database file was created by building
     assert not (tmp_path / "x.db").exists()
 
 
+async def test_build_uses_the_expansion_settings_report(tmp_path):
+    # Production (build_origin) and Settings.expand_origin expand {state_dir} alike.
+    from appliance.config import Settings
+
+    (tmp_path / "files").mkdir()
+    s = Settings(node={"state_dir": str(tmp_path)}, groups={"f": {"origin": "file:///{state_dir}/files"}})
+    assert s.expand_origin("f") == f"file://{tmp_path}/files"
+    o = build_origin("f", s.groups["f"], state_dir=s.state_path(), max_value_bytes=10)
+    try:
+        assert o.inner.root == tmp_path / "files"
+    finally:
+        await o.close()
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(origin="ftp://host/x"), "unsupported origin ftp://"),
-        (dict(origin="nonsense"), "unsupported origin"),
-        (dict(origin=""), "origin is empty"),
-        (dict(origin="sqlite:///x.db"), "needs a query with :key"),
-        (dict(origin="sqlite:///x.db", query="SELECT 1"), "must contain the bound parameter :key"),
-        (dict(origin="sqlite:///x.db", query="SELECT v FROM t WHERE k = :key AND j = :other"), "also uses :other"),
-        (dict(origin="sqlite://", query="SELECT :key"), "needs a database file"),
-        (dict(origin="http://127.0.0.1/items"), "must contain {key}"),
-        (dict(origin="http://u:p@127.0.0.1/{key}"), "credentials"),
-        (dict(origin="file:///definitely/not/here"), "does not exist"),
-        (dict(origin="file://relative/dir"), "bad file origin"),
-        (dict(origin="http://127.0.0.1/{key}", demo_seed=True), "demo_seed"),
-        (dict(origin="python:origin_funcs"), "bad python origin"),
+        (dict(origin="ftp://host/x"), "got scheme 'ftp'"),
+        (dict(origin="nonsense"), "expected an origin URL"),
+        (dict(origin=""), "empty"),
+        (dict(origin="sqlite:///x.db"), "expected a SQL query"),
+        (dict(origin="sqlite:///x.db", query="SELECT 1"), 'bind parameter ":key"'),
+        (dict(origin="sqlite://", query="SELECT :key"), "sqlite:///relative/file.db"),
+        (dict(origin="http://127.0.0.1/items"), "containing {key}"),
+        (dict(origin="http://u:p@127.0.0.1/{key}"), "without credentials"),
+        (dict(origin="file://relative/dir"), "file:///absolute/dir"),
+        (dict(origin="http://127.0.0.1/{key}", demo_seed=True), "demo_seed applies only to sqlite origins"),
+        (dict(origin="python:origin_funcs"), "python:package.module:function"),
         (dict(origin="http://127.0.0.1/{key}", max_concurrent_loads=0), "max_concurrent_loads"),
-        (dict(origin="http://127.0.0.1/{key}", timeout=0), "timeout must be > 0"),
-        (dict(origin="oracle://u@h/db", query="SELECT :key"), "unsupported origin oracle://"),
+        (dict(origin="http://127.0.0.1/{key}", timeout=0), "timeout"),
+        (dict(origin="oracle://u@h/db", query="SELECT :key"), "got scheme 'oracle'"),
+    ],
+)
+def test_settings_refuse_what_build_origin_need_not_check(kw, match):
+    # build_origin takes validated GroupSettings: these never reach it.
+    with pytest.raises(ValidationError, match=match):
+        GroupSettings(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(origin="sqlite:///x.db", query="SELECT v FROM t WHERE k = :key AND j = :other"), "also uses :other"),
+        (dict(origin="file:///definitely/not/here"), "does not exist"),
         (dict(origin="postgresql+nosuchdriver://u@h/db", query="SELECT :key"), "unsupported database URL"),
+        (dict(origin="python:no_such_module_here:f"), "cannot import module"),
+        (dict(origin="http://127.0.0.1/{key}", headers_from_env={"A": "NO_SUCH_VAR_FOR_TESTS"}), "is not set"),
     ],
 )
 def test_build_errors_are_value_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match) as ei:
-        build_origin("grp", raw_spec(**kw), state_dir=tmp_path, max_value_bytes=10)
+        build_origin("grp", group(**kw), state_dir=tmp_path, max_value_bytes=10)
     assert "group grp" in str(ei.value)
 
 

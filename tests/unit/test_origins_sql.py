@@ -7,7 +7,6 @@ import importlib.util
 import sqlite3
 import sys
 import threading
-from types import SimpleNamespace
 
 import pytest
 
@@ -178,21 +177,18 @@ def test_ensure_demo_db_never_touches_an_existing_file(tmp_path):
     assert path.read_bytes() == b"not a database"
 
 
-def raw_spec(**kw):
-    base = dict(query="SELECT v FROM kv WHERE k = :key", timeout=1.0, max_concurrent_loads=2,
-                headers={}, headers_from_env={}, demo_seed=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def sql_group(origin: str) -> GroupSettings:
+    return GroupSettings(origin=origin, query="SELECT v FROM kv WHERE k = :key", timeout=1.0, max_concurrent_loads=2)
 
 
 def test_missing_postgres_driver_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
     with pytest.raises(ValueError, match=r"groupcache-appliance\[postgresql\]") as ei:
-        build_origin("scores", raw_spec(origin="postgresql://u:pw@127.0.0.1/db"), state_dir=tmp_path, max_value_bytes=10)
+        build_origin("scores", sql_group("postgresql://u:pw@127.0.0.1/db"), state_dir=tmp_path, max_value_bytes=10)
     assert "pw" not in str(ei.value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pymysql") is not None, reason="pymysql is installed")
 def test_missing_mysql_driver_names_the_extra(tmp_path):
     with pytest.raises(ValueError, match=r"groupcache-appliance\[mysql\]"):
-        build_origin("scores", raw_spec(origin="mysql://u:pw@127.0.0.1/db"), state_dir=tmp_path, max_value_bytes=10)
+        build_origin("scores", sql_group("mysql://u:pw@127.0.0.1/db"), state_dir=tmp_path, max_value_bytes=10)

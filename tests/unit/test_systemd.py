@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import systemd
+from appliance.config import NodeSettings
+from appliance.supervision.run import shutdown_time
 from appliance.systemd import (
     DEFAULT_USER,
     REPO_EXEC_PATH,
@@ -20,6 +21,7 @@ from appliance.systemd import (
     InstallError,
     install,
     render_unit,
+    timeout_stop,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,15 +42,63 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+class FakeHost:
+    """A machine whose "/" is ``root``: it records what install asks of it.
+
+    No test may create users, run commands or talk to systemd on the real
+    host: every install here gets one of these (by default one whose root
+    is not the prefix, i.e. a staging install that must ask nothing).
+    """
+
+    def __init__(self, root: Path = Path("/nonexistent-host-root"), *, user_exists: bool = True,
+                 root_user: bool = True, systemd_running: bool = True, run_status: int = 0, run_stderr: str = ""):
+        self.root = root
+        self.commands: list[list[str]] = []
+        self.chowns: list[tuple[str, int, int]] = []
+        self.user = pwd.struct_passwd(("appliance", "x", 990, 991, "", "/var/lib/appliance", "/usr/sbin/nologin"))
+        self.exists = user_exists
+        self.root_user = root_user
+        self.running = systemd_running
+        self.run_status, self.run_stderr = run_status, run_stderr
+
+    def is_root(self) -> bool:
+        return self.root_user
+
+    def lookup_user(self, name):
+        return self.user if self.exists else None
+
+    def group_exists(self, name) -> bool:
+        return False
+
+    def find_program(self, name):
+        return f"/usr/sbin/{name}"
+
+    def run(self, cmd):
+        self.commands.append(cmd)
+        if os.path.basename(cmd[0]) == "useradd" and self.run_status == 0:
+            self.exists = True
+        return subprocess.CompletedProcess(cmd, self.run_status, "", self.run_stderr)
+
+    def systemd_running(self) -> bool:
+        return self.running
+
+    def chown(self, target, uid, gid) -> None:
+        self.chowns.append(("<fd>" if isinstance(target, int) else str(target), uid, gid))
+
+
+def staged(prefix: Path, **kw) -> list[str]:
+    """install() into a staging root on a host that must not be touched."""
+    host = FakeHost()
+    lines = install(prefix, host=host, **kw)
+    assert host.commands == [] and host.chowns == []
+    return lines
+
+
 @pytest.fixture(autouse=True)
-def no_host_effects(monkeypatch):
-    """No test may create users, run commands or talk to systemd on the host."""
-
-    def refuse(cmd):
-        raise AssertionError(f"unexpected command {cmd}")
-
-    monkeypatch.setattr(systemd, "_run", refuse)
-    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+def no_config_from_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
 
 
 # render_unit ---------------------------------------------------------------
@@ -83,7 +133,7 @@ def test_unit_has_the_required_settings():
         "Group": "cache",
         "KillMode": "mixed",
         "KillSignal": "SIGTERM",
-        "TimeoutStopSec": "90s",
+        "TimeoutStopSec": f"{timeout_stop(NodeSettings())}s",
         "StateDirectory": "appliance",
         "RuntimeDirectory": "appliance",
         "RuntimeDirectoryPreserve": "no",
@@ -117,6 +167,16 @@ def test_unit_has_the_required_settings():
     for key, value in expected.items():
         assert s.get(key) == [value], key
     assert "MemoryDenyWriteExecute" not in s
+
+
+def test_timeout_stop_exceeds_the_whole_ordered_stop():
+    # run stops the workers (stop_grace each, together), then the controller,
+    # then etcd, then waits for supervisord: systemd must not kill it first.
+    for node in (NodeSettings(), NodeSettings(drain_timeout="2m", peer_timeout="30s")):
+        assert timeout_stop(node) > shutdown_time(node) > node.stop_grace
+    assert timeout_stop(NodeSettings()) == 81
+    text = render_unit("/opt/x/bin/appliance", node=NodeSettings(drain_timeout="2m"))
+    assert unit_settings(text)["TimeoutStopSec"] == [f"{timeout_stop(NodeSettings(drain_timeout=120))}s"]
 
 
 def test_render_quotes_and_escapes_paths():
@@ -183,7 +243,7 @@ def test_systemd_analyze_verify_catches_mistakes(tmp_path):
 
 
 def test_install_creates_files_with_modes(tmp_path):
-    lines = install(tmp_path)
+    lines = staged(tmp_path)
     etc = tmp_path / "etc/appliance"
     config = etc / "appliance.toml"
     state = tmp_path / "var/lib/appliance"
@@ -192,9 +252,7 @@ def test_install_creates_files_with_modes(tmp_path):
     assert mode(config) == 0o640
     assert mode(state) == 0o750
     assert mode(unit) == 0o644
-    assert config.read_bytes() == (ROOT / "appliance/defaults/appliance.toml").read_bytes() or (
-        config.read_bytes() == (ROOT / "appliance/defaults/appliance.example.toml").read_bytes()
-    )
+    assert config.read_bytes() == (ROOT / "appliance/defaults/appliance.example.toml").read_bytes()
     assert unit.read_text() == render_unit(str(APPLIANCE_BIN), SYSTEM_CONFIG_PATH, DEFAULT_USER)
     assert any(ln.startswith("skipped user creation (prefix is not /)") for ln in lines)
     assert "4 change(s) made" in lines
@@ -203,9 +261,9 @@ def test_install_creates_files_with_modes(tmp_path):
 
 
 def test_second_install_changes_nothing(tmp_path):
-    install(tmp_path)
+    staged(tmp_path)
     before = snapshot(tmp_path)
-    lines = install(tmp_path)
+    lines = staged(tmp_path)
     assert snapshot(tmp_path) == before
     assert "nothing changed: already installed" in lines
     actions = lines[: lines.index("nothing changed: already installed")]
@@ -218,7 +276,7 @@ def test_existing_config_is_kept(tmp_path):
     config.write_text("# mine\n")
     src = tmp_path / "other.toml"
     src.write_text("[node]\nworkers = 2\n")
-    lines = install(tmp_path, config_source=str(src))
+    lines = staged(tmp_path, config_source=str(src))
     assert config.read_text() == "# mine\n"
     assert f"kept existing {config} (--config-source {src} not used)" in lines
 
@@ -228,7 +286,7 @@ def test_config_source_is_used_and_validated(tmp_path):
     src.write_text("[node]\nworkers = 2\n")
     root = tmp_path / "root"
     root.mkdir()
-    install(root, config_source=src)
+    staged(root, config_source=src)
     assert (root / "etc/appliance/appliance.toml").read_text() == src.read_text()
 
     bad = tmp_path / "bad.toml"
@@ -236,96 +294,93 @@ def test_config_source_is_used_and_validated(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(InstallError, match="workerz"):
-        install(other, config_source=bad)
+        staged(other, config_source=bad)
     assert not (other / "etc/appliance/appliance.toml").exists()
     with pytest.raises(InstallError, match="cannot read --config-source"):
-        install(other, config_source=tmp_path / "missing.toml")
+        staged(other, config_source=tmp_path / "missing.toml")
 
 
 def test_changed_unit_is_rewritten(tmp_path):
-    install(tmp_path)
+    staged(tmp_path)
     unit = tmp_path / "etc/systemd/system/appliance.service"
     unit.write_text("[Service]\nExecStart=/bin/false\n")
-    lines = install(tmp_path)
+    lines = staged(tmp_path)
     assert unit.read_text() == render_unit(str(APPLIANCE_BIN))
     assert any(ln.startswith(f"updated {unit}") for ln in lines)
     assert "1 change(s) made" in lines
 
 
+def test_unit_follows_the_installed_configs_drain(tmp_path):
+    src = tmp_path / "slow.toml"
+    src.write_text('[node]\ndrain_timeout = "2m"\n')
+    root = tmp_path / "root"
+    root.mkdir()
+    staged(root, config_source=src)
+    unit = (root / "etc/systemd/system/appliance.service").read_text()
+    assert unit_settings(unit)["TimeoutStopSec"] == [f"{timeout_stop(NodeSettings(drain_timeout=120))}s"]
+
+
+def test_a_config_that_does_not_load_gets_the_default_timeout_and_a_warning(tmp_path):
+    config = tmp_path / "etc/appliance/appliance.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[node]\nworkerz = 3\n")
+    lines = staged(tmp_path)
+    unit = (tmp_path / "etc/systemd/system/appliance.service").read_text()
+    assert unit_settings(unit)["TimeoutStopSec"] == [f"{timeout_stop(NodeSettings())}s"]
+    assert any(ln.startswith(f"warning: {config} does not load (") and "workerz" in ln for ln in lines), lines
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(InstallError, match="user name"):
-        install(tmp_path, user="Bad User")
+        staged(tmp_path, user="Bad User")
     with pytest.raises(InstallError, match="not a directory"):
-        install(tmp_path / "missing")
+        staged(tmp_path / "missing")
 
 
-def test_host_install_needs_root(monkeypatch):
-    monkeypatch.setattr(systemd, "_is_root", lambda: False)
+def test_host_install_needs_root():
+    host = FakeHost(Path("/"), root_user=False)
     with pytest.raises(InstallError, match="run it as root"):
-        install(Path("/"))
+        install(Path("/"), host=host)
+    assert host.commands == [] and host.chowns == []
 
 
 # install on "the host" (a tmp dir standing in for /) ------------------------
 
 
-class FakeHost:
-    def __init__(self, monkeypatch, root: Path, *, user_exists: bool, systemd_running: bool = True):
-        self.commands: list[list[str]] = []
-        self.chowns: list[tuple[str, int, int]] = []
-        self.user = pwd.struct_passwd(("appliance", "x", 990, 991, "", "/var/lib/appliance", "/usr/sbin/nologin"))
-        self.exists = user_exists
-        monkeypatch.setattr(systemd, "_is_host_root", lambda prefix: Path(prefix) == root)
-        monkeypatch.setattr(systemd, "_is_root", lambda: True)
-        monkeypatch.setattr(systemd, "_lookup_user", lambda name: self.user if self.exists else None)
-        monkeypatch.setattr(systemd, "_group_exists", lambda name: False)
-        monkeypatch.setattr(systemd, "_systemd_running", lambda: systemd_running)
-        monkeypatch.setattr(systemd, "_run", self.run)
-        monkeypatch.setattr(systemd, "_chown", lambda p, u, g: self.chowns.append((str(p), u, g)))
-        monkeypatch.setattr(os, "fchown", lambda fd, u, g: self.chowns.append(("<config>", u, g)))
-
-    def run(self, cmd):
-        self.commands.append(cmd)
-        if os.path.basename(cmd[0]) == "useradd":
-            self.exists = True
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-
-def test_host_install_creates_user_and_reloads_once(monkeypatch, tmp_path):
-    host = FakeHost(monkeypatch, tmp_path, user_exists=False)
-    lines = install(tmp_path)
+def test_host_install_creates_user_and_reloads_once(tmp_path):
+    host = FakeHost(tmp_path, user_exists=False)
+    lines = install(tmp_path, host=host)
     useradd = host.commands[0]
-    assert os.path.basename(useradd[0]) == "useradd"
-    assert useradd[1:] == [
-        "--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/appliance",
-        "--shell", useradd[-2], "appliance",
-    ]  # fmt: skip
-    assert useradd[-2].endswith("/nologin")
+    assert useradd == [
+        "/usr/sbin/useradd",
+        *("--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/appliance"),
+        *("--shell", "/usr/sbin/nologin", "appliance"),
+    ]
     assert host.commands[1:] == [["systemctl", "daemon-reload"]]
-    assert ("<config>", 0, 991) in host.chowns  # root:appliance, 0640
+    assert ("<fd>", 0, 991) in host.chowns  # the config: root:appliance, 0640
     assert (str(tmp_path / "var/lib/appliance"), 990, 991) in host.chowns
     assert "created system user and group appliance (uid 990)" in lines
     assert "ran systemctl daemon-reload" in lines
     assert lines[-1] == "start it with: systemctl enable --now appliance"
 
     host.commands.clear()
-    lines = install(tmp_path)
+    lines = install(tmp_path, host=host)
     assert host.commands == []  # no useradd, no daemon-reload: nothing changed
     assert "nothing changed: already installed" in lines
     assert "unchanged: user appliance exists (uid 990)" in lines
 
 
-def test_host_install_without_systemd(monkeypatch, tmp_path):
-    host = FakeHost(monkeypatch, tmp_path, user_exists=True, systemd_running=False)
-    lines = install(tmp_path)
+def test_host_install_without_systemd(tmp_path):
+    host = FakeHost(tmp_path, user_exists=True, systemd_running=False)
+    lines = install(tmp_path, host=host)
     assert host.commands == []
     assert "systemd is not running here: skipped systemctl daemon-reload" in lines
 
 
-def test_useradd_failure_is_an_install_error(monkeypatch, tmp_path):
-    FakeHost(monkeypatch, tmp_path, user_exists=False)
-    monkeypatch.setattr(systemd, "_run", lambda cmd: subprocess.CompletedProcess(cmd, 9, "", "useradd: boom"))
+def test_useradd_failure_is_an_install_error(tmp_path):
+    host = FakeHost(tmp_path, user_exists=False, run_status=9, run_stderr="useradd: boom")
     with pytest.raises(InstallError, match="cannot create user appliance: .*useradd: boom"):
-        install(tmp_path)
+        install(tmp_path, host=host)
 
 
 # the CLI -------------------------------------------------------------------

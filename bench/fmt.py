@@ -1,0 +1,35 @@
+"""How numbers appear in the report: one place for every table and label."""
+
+from __future__ import annotations
+
+import math
+
+
+def num(x, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if digits == 0:
+        return f"{x:,.0f}"
+    return f"{x:,.{digits}f}"
+
+
+def ratio(x, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}×"
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
+def size_label(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n >> 20} MiB"
+    if n >= 1024:
+        return f"{n >> 10} KiB"
+    return f"{n} B"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

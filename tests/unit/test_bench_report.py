@@ -1,0 +1,133 @@
+"""bench/report.py renders results.md from a results dict (no benchmark is run)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import goals  # noqa: E402
+import report  # noqa: E402
+
+
+def cond(**kw):
+    return {"when": "2026-11-25 18:17:11", "elapsed_s": 63.9, "loadavg_before": "1.03 1.57 1.51",
+            "other_cores_before": 0.02, **kw}
+
+
+def sample_results() -> dict:
+    """Every field the report reads, with values near a real run."""
+    def side(rps, p50, p99, cpu, share=0.12, others=0.0):
+        return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "cpu_us_per_req": cpu, "client_cpu_share": share,
+                "other_cpu_cores": others}
+
+    hot_rows = []
+    for size, streams, ratio in ((100, 1, 0.97), (100, 8, 0.87), (100, 32, 0.93), (100, 128, 0.90),
+                                 (1024, 8, 0.89), (65536, 8, 0.98), (1 << 20, 8, 1.67)):
+        hot_rows.append({"size": size, "streams": streams, "echo": side(2374, 0.42, 0.56, 377),
+                         "worker": side(2255, 0.45, 0.61, 396), "rps_ratio": ratio, "p50_ratio": 1.02,
+                         "p99_ratio": 0.97, "cpu_ratio": 1.04})
+    prof_target = {
+        "categories": {"system calls (socket I/O, wakeups)": {"share_of_busy": 0.46},
+                       "product code (appliance/, own frames)": {"share_of_busy": 0.03},
+                       "waiting (parked)": {"share_of_busy": 0.5}},
+        "product_inclusive_share": 0.04, "busy_samples": 343,
+        "top_leaves": [["sendmsg (libc.so.6)", 0.152], ["getpid (libc.so.6)", 0.12]],
+        "top_product_frames": [["Group.get (appliance/cache/group.py:133)", 0.003]],
+    }
+    return {
+        "machine": {"cpus": 2, "cpu": "Intel(R) Xeon(R) Processor", "kernel": "6.18", "python": "3.11.7",
+                    "grpcio": "1.85.3", "protobuf": "7.36.2", "h2load": "h2load nghttp2/1.52.0",
+                    "memcached": "memcached 1.6.18", "date": "2026-11-25"},
+        "hot_get": cond(rows=hot_rows, check={"worker_main_hits": 167618, "worker_requests": 167618,
+                                              "loads_during_runs": 0}),
+        "forwarded": cond(
+            rows=[{"streams": 1, "local": side(2377, 0.422, 0.6, 377), "forwarded": side(1113, 0.860, 1.2, 912),
+                   "throughput_cost": 2.14, "p50_cost": 2.05, "p99_cost": 2.03, "forwarder_cpu_us_per_req": 666,
+                   "owner_cpu_us_per_req": 246, "cpu_cost": 2.44, "forwards_per_get": 1.0},
+                  {"streams": 16, "local": side(6620, 2.364, 3.0, 190), "forwarded": side(4859, 3.223, 4.0, 292),
+                   "throughput_cost": 1.33, "p50_cost": 1.34, "p99_cost": 1.25, "forwarder_cpu_us_per_req": 236,
+                   "owner_cpu_us_per_req": 56, "cpu_cost": 1.51, "forwards_per_get": 0.31}],
+            peer_call={"pyclient_p50_ms": 0.576, "pyclient_vs_h2load": 1.42, "h2load_p50_ms": 0.409,
+                       "python_client_p50_cost": 2.05, "pyclient_forwarded_p50_ms": 1.128,
+                       "pyclient_local_p50_ms": 0.520}),
+        "getmany": cond(
+            memcached={"gets_per_s": 243054, "gets_per_s_all": [228390, 243054, 247614], "get_misses": 0,
+                       "cpu_us_per_key": 4.2, "multiget_keys_per_s": 2879450},
+            headline_batch=100, ratio=1.17,
+            rows=[{"batch": b, "rps": 5956 / b * b, "keys_per_s": 5956.0 * b, "p50_ms": 1.27, "p99_ms": 3.04,
+                   "cpu_us_per_key": 3.81, "client_cpu_share": 0.09, "ratio_vs_memcached_multiget": 0.10,
+                   **({"ratio_vs_memcached": 1.17} if b == 100 else {})} for b in (1, 10, 100, 1000)],
+            check={"keys_sent": 2540904, "main_hits": 2540904, "loads": 0}),
+        "storm": cond(gets=1000, keys=10, workers=3,
+                      rows=[{"delay_ms": d, "origin_loads": [10, 10, 10], "failed": 0, "miss_p50_ms": 79.2,
+                             "miss_p99_ms": 136.4, "p99_over_delay": 13.64, "p99_minus_delay_ms": 126.4,
+                             "hit_p99_ms": 126.5, "start_spread_ms": 24.2} for d in (10, 50, 200)]),
+        "memory": cond(cache_bytes=64 << 20, goal_1k=1.5, rows=[
+            {"store": store, "value_size": size, "items": 604584, "counted_bytes": 64 << 20,
+             "rss_growth_bytes": 238 << 20, "rss_over_counted": r, "overhead_per_entry": over,
+             "sizeof": {"key_str": 60, "value_bytes_object": 133, "entry_fields": ["data", "expires", "size", "offset"],
+                        "entry_namedtuple": 72, "size_int": 28}}
+            for store, size, r, over in (("product", 100, 3.72, 302), ("product", 1024, 1.34, 351),
+                                         ("dict", 100, 2.12, 124), ("dict", 1024, 1.13, 131))]),
+        "convergence": cond(lease_ttl=2, rows=[
+            {"workers": n, "start_s": 2.67, "death_s": 1.67, "death_minus_ttl_s": -0.33, "join_s": 0.38,
+             "join_process_up_s": 0.36, "stop_s": 0.19, "stop_cli_exit": 0} for n in (2, 4, 8)]),
+        "scaling": cond(streams_per_worker=32, cpus=2, rows=[
+            {"workers": n, "rps": 6979 * s, "speedup": s, "rps_all": [7293, 6937, 6979], "rps_best": 7293,
+             "p50_ms": 4.49, "p99_ms": 6.63, "client_cpu_share": 0.10, "box_cpu_used": 1.40,
+             "worker_cpu_us_per_req": 181, "other_cpu_cores": 0.0, "worker_cores": 1.27}
+            for n, s in ((1, 1.0), (2, 1.16))]),
+        "profile": cond(hot_get_worker=prof_target, forwarding_node=prof_target,
+                        handler_time={"100": {"handler_us": 6.0, "cpu_us_per_get": 185},
+                                      str(1 << 20): {"handler_us": 12.2, "cpu_us_per_get": 575}},
+                        syscalls_echo={"per_get": {"futex": 8.9, "write": 7.2}, "total_per_get": 36.7},
+                        syscalls_worker={"per_get": {"futex": 8.6, "write": 7.2}, "total_per_get": 36.3}),
+    }
+
+
+def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
+    report.render(sample_results(), tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# Benchmark results\n")
+    for section in ("## Goals", "## 1. Hot Get", "## 2. Forwarded", "## 3. GetMany", "## 4. Miss storm",
+                    "## 5. Memory", "## 6. Convergence", "## 7. Scaling", "## Profile of the hot path"):
+        assert section in text
+    # Fixed prose and the historical experiments live in bench/README.md.
+    assert "### Reading" not in text and "--experiment" not in text and "0ad5341" not in text
+    assert "| Forwarded Get vs local hit (cost) | ≤ 2.2× |" in text
+    assert "| Convergence (death / join / planned stop) | ≤ lease_ttl + 1 s = 3 s |" in text
+    assert "**not met**" not in text
+    assert "| verdict |" in capsys.readouterr().out  # the Goals table is printed too
+    assert (BENCH / "README.md").read_text().count("### Hot-path changes, measured with local experiments") == 1
+
+
+def test_verdicts_come_from_the_goals_table():
+    results = sample_results()
+    results["forwarded"]["rows"][0]["p50_cost"] = goals.GOALS["forwarded"].threshold + 0.01
+    results["memory"]["rows"][1]["rss_over_counted"] = goals.GOALS["memory_1k"].threshold
+    results["storm"]["rows"][1]["origin_loads"] = [10, 11, 10]
+    rows = {r[0]: r for r in goals.headline(results)}
+    assert rows["Forwarded Get vs local hit (cost)"][1:4:2] == ("≤ 2.2×", "**not met**")
+    assert rows["Memory: RSS growth / counted bytes at 1 KiB"][1:4:2] == ("≤ 1.5×", "met")  # at the bound
+    assert rows["Miss storm: origin loads for 1000 Gets of 10 cold keys"][1:4:2] == ("exactly 10", "**not met**")
+    assert rows["Hot Get vs bare grpc.aio echo (100 B)"][3] == "met"
+
+
+@pytest.mark.parametrize("state, words", [(None, "has not been run yet"), ({"error": "boom"}, "failed in this run"),
+                                          ({"skipped": "no h2load"}, "skipped: no h2load")])
+def test_a_missing_benchmark_is_said_so(tmp_path, state, words):
+    results = copy.deepcopy(sample_results())
+    if state is None:
+        del results["getmany"]
+    else:
+        results["getmany"] = state
+    report.render(results, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert words in text.split("## 3. GetMany")[1].split("## 4.")[0]
+    assert "GetMany keys/s" not in text.split("## Goals")[1].split("## 1.")[0]
