@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -43,9 +43,16 @@ class AdminClient:
         """``metrics()`` without waiting: a future of the MetricsResponse."""
         return self._stub.Metrics.future(admin_pb2.MetricsRequest(), timeout=timeout or self.timeout)
 
-    def set_peers_future(self, peers: Sequence[str], revision: int, *, timeout: float | None = None) -> grpc.Future:
+    def set_peers_future(
+        self,
+        peers: Sequence[str],
+        revision: int,
+        *,
+        leases: Mapping[str, int] | None = None,
+        timeout: float | None = None,
+    ) -> grpc.Future:
         """Push a ring without waiting: a future of the SetPeersResponse."""
-        request = admin_pb2.SetPeersRequest(peers=list(peers), revision=revision)
+        request = admin_pb2.SetPeersRequest(peers=list(peers), revision=revision, leases=dict(leases or {}))
         return self._stub.SetPeers.future(request, timeout=timeout or self.timeout)
 
     def stop(self, drain_timeout: float = 0.0, *, timeout: float | None = None) -> None:

@@ -36,7 +36,7 @@ class Controller:
         self.service = service
         self._sockets = sockets
         self.push_interval = push_interval
-        self.members: dict[str, tuple[str, dict | None]] = {}
+        self.members: dict[str, etcd.Member] = {}
         self.revision = 0
         self.peers: list[str] = []
         self.etcd_ok = False  # the last read or probe of etcd worked (box metric groupcache_controller_etcd_up)
@@ -114,7 +114,7 @@ class Controller:
                 members.pop(key, None)
                 continue
             try:
-                members[key] = etcd.parse_member(event.kv.key, event.kv.value)
+                members[key] = etcd.member_of(event.kv)
             except ValueError as exc:
                 log.warning("ignoring %s: %s", key, exc)
                 members.pop(key, None)
@@ -151,7 +151,7 @@ class Controller:
             if pending is not None and pending[0] >= self.revision and not pending[1].done():
                 continue  # this revision is on its way already
             client = self._client(path)
-            call = client.set_peers_future(self.peers, self.revision, timeout=1.0)
+            call = client.set_peers_future(self.peers, self.revision, leases=etcd.leases_of(self.members), timeout=1.0)
             self._pending[path] = (self.revision, call)
             call.add_done_callback(lambda f, path=path, client=client: self._pushed(path, client, f))
         for path in set(self._clients) - live:

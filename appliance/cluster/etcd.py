@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import etcd3
 import grpc
@@ -110,23 +110,40 @@ def connect(cluster: ClusterSettings, *, timeout: float = 2.0) -> etcd3.MultiEnd
     return client
 
 
-def read_members(client, service: str) -> tuple[dict[str, tuple[str, dict | None]], int]:
-    """{etcd key: (addr, metadata)} under the service prefix, and the revision read."""
+class Member(NamedTuple):
+    """One registration: its address, metadata and etcd lease (0: none)."""
+
+    addr: str
+    metadata: dict | None
+    lease: int = 0
+
+
+def member_of(kv) -> Member:
+    """The Member of one etcd KeyValue; ValueError if it is not one."""
+    return Member(*parse_member(kv.key, kv.value), kv.lease)
+
+
+def read_members(client, service: str) -> tuple[dict[str, Member], int]:
+    """{etcd key: Member} under the service prefix, and the revision read."""
     response = client.get_prefix_response(prefix(service))
     members = {}
     for kv in response.kvs:
         key = kv.key.decode()
         try:
-            members[key] = parse_member(kv.key, kv.value)
+            members[key] = member_of(kv)
         except ValueError as exc:
             log.warning("ignoring %s: %s", key, exc)
     return members, response.header.revision
 
 
-def peers_of(members: dict[str, tuple[str, dict | None]]) -> list[str]:
+def peers_of(members: dict[str, Member]) -> list[str]:
     # Sorted: every controller must hand its workers the same order, since
     # ring collisions resolve by order.
-    return sorted({a for a, _ in members.values()})
+    return sorted({m.addr for m in members.values()})
+
+
+def leases_of(members: dict[str, Member]) -> dict[str, int]:
+    return {m.addr: m.lease for m in members.values() if m.lease}
 
 
 class WatchEnded(Exception):

@@ -19,7 +19,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def SetPeers(self, request, context):
         try:
-            applied = self.node.set_peers(list(request.peers), request.revision)
+            applied = self.node.set_peers(list(request.peers), request.revision, dict(request.leases))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad peer list: {exc}")
         return admin_pb2.SetPeersResponse(applied=applied, revision=self.node.peers.revision)

@@ -78,6 +78,10 @@ class Peers:
     def clients(self) -> list[PeerClient]:
         return list(self._clients.values())
 
+    def lease(self, addr: str) -> int | None:
+        """The etcd lease of addr's registration, where the ring said."""
+        return self._leases.get(addr)
+
     def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
         """Install a ring; False (and no change) for a stale revision.
 

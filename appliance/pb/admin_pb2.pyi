@@ -1,18 +1,27 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SetPeersRequest(_message.Message):
-    __slots__ = ("peers", "revision")
+    __slots__ = ("peers", "revision", "leases")
+    class LeasesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     PEERS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     peers: _containers.RepeatedScalarFieldContainer[str]
     revision: int
-    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
+    leases: _containers.ScalarMap[str, int]
+    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., leases: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SetPeersResponse(_message.Message):
     __slots__ = ("applied", "revision")

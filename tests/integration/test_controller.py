@@ -52,6 +52,12 @@ async def test_controller_pushes_membership_and_survives_etcd_restart(tmp_path, 
             admin.put(etcd.member_key("groupcache", nodes[2].addr), nodes[2].addr, lease=lease)
             await until(lambda: all(len(n.peers.ring) == 3 for n in nodes), 5)
             assert ctl.etcd_ok
+            # Each node learns every peer's lease; a re-registration under a
+            # new lease (a restarted process) reaches them as such.
+            assert all(n.peers.lease(nodes[2].addr) == lease.id for n in nodes[:2])
+            other = admin.lease(30)
+            admin.put(etcd.member_key("groupcache", nodes[2].addr), nodes[2].addr, lease=other)
+            await until(lambda: all(n.peers.lease(nodes[2].addr) == other.id for n in nodes[:2]), 5)
 
             # etcd restarts (same data): the old watch stream dies. A change
             # made afterwards must still reach every node.

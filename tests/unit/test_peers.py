@@ -1,0 +1,75 @@
+"""The peer picker: ring swaps, client reuse, and what is learned per peer
+process (appliance.node.peers). Pure: clients are fakes."""
+
+import asyncio
+
+from appliance.node.peers import Peers
+
+
+class FakeClient:
+    def __init__(self, addr, facts):
+        self.addr, self.facts = addr, facts
+        self.closed = None
+
+    async def close(self, grace=None):
+        self.closed = grace
+
+
+def made():
+    clients = []
+
+    def new_client(addr, facts):
+        clients.append(FakeClient(addr, facts))
+        return clients[-1]
+
+    return clients, new_client
+
+
+async def test_a_new_lease_is_a_new_process_and_forgets_what_was_learned():
+    clients, new_client = made()
+    peers = Peers(new_client, close_grace=3.0)
+    peers.self_addr = "a:1"
+    assert peers.set_peers(["a:1", "b:1"], 1, {"b:1": 10})
+    first = peers.client("b:1")
+    first.facts.plain_get_only = True  # learned: b lacks Peer/Forward
+    assert peers.set_peers(["a:1", "b:1", "c:1"], 2, {"b:1": 10, "c:1": 11})
+    assert peers.client("b:1") is first and first.facts.plain_get_only
+    # b leaves and comes back under the same lease (its key was deleted by
+    # hand, say): the same process, so what we know of it still holds.
+    assert peers.set_peers(["a:1", "c:1"], 3, {"c:1": 11})
+    assert peers.set_peers(["a:1", "b:1", "c:1"], 4, {"b:1": 10, "c:1": 11})
+    assert peers.client("b:1").facts.plain_get_only
+    # b re-registers under a new lease: a new process, learned anew.
+    second = peers.client("b:1")
+    assert peers.set_peers(["a:1", "b:1", "c:1"], 5, {"b:1": 12, "c:1": 11})
+    third = peers.client("b:1")
+    assert third is not second and not third.facts.plain_get_only
+    await asyncio.sleep(0)
+    assert second.closed == 3.0  # the old client gets the grace to finish its calls
+    assert peers.client("c:1") is clients[1]
+
+
+async def test_stale_revisions_change_nothing_and_bad_peers_are_refused():
+    _, new_client = made()
+    peers = Peers(new_client)
+    assert peers.set_peers(["a:1"], 5)
+    assert not peers.set_peers(["a:1", "b:1"], 5)
+    assert not peers.set_peers(["a:1", "b:1"], 4)
+    assert list(peers.ring.nodes) == ["a:1"]
+    try:
+        peers.set_peers(["a:1", "no port"], 6)
+    except ValueError as exc:
+        assert "no port" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
+    assert peers.revision == 5
+
+
+async def test_without_lease_information_clients_are_kept():
+    clients, new_client = made()
+    peers = Peers(new_client)
+    peers.set_peers(["a:1", "b:1"], 1)
+    peers.set_peers(["a:1", "b:1"], 2, {"b:1": 7})  # first lease seen: same client
+    assert len(clients) == 2 and peers.client("b:1") is clients[1]
+    await peers.close()
+    assert all(c.closed == 0 for c in clients)
