@@ -106,8 +106,10 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 
 
 def check_file(path: str | os.PathLike[str] | None) -> str:
-    """Validate a config file; return ``"OK: <summary>"`` or raise ``ConfigError``."""
-    return f"OK: {load_settings(path).summary()}"
+    """Validate a config file; return ``"OK: <summary>"`` (and a line per
+    note) or raise ``ConfigError``."""
+    settings = load_settings(path)
+    return "\n".join([f"OK: {settings.summary()}", *(f"note: {n}" for n in settings.notes())])
 
 
 @functools.cache

@@ -114,6 +114,13 @@ def _etcd_list(v: Any) -> Any:
     return v
 
 
+def seed_accepts(host: str) -> bool:
+    """Whether the seed's Go nodes accept host:port as a node address: its
+    utils.ValidPerrAddr wants "localhost" or a first label of 4 characters."""
+    first = host.split(".", 1)[0]
+    return ":" not in host and (first == "localhost" or len(first) == 4)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
@@ -500,6 +507,12 @@ class Settings(BaseSettings):
                 ("node", "server"),
                 'server = "native" cannot serve TLS (pygrpc-native has no TLS); use "grpcio" or "auto" with [tls]',
             )
+        if self.cluster.seed_interop and not seed_accepts(self.node.host):
+            raise FieldError(
+                ("node", "host"),
+                f"cluster.seed_interop needs a host the seed's Go nodes accept (utils.ValidPerrAddr): "
+                f'"localhost" or a name whose first label has 4 characters, like "box1"; got {self.node.host!r}',
+            )
         if self.node.server == "native" and self.cluster.seed_interop:
             raise FieldError(
                 ("node", "server"),
@@ -574,6 +587,20 @@ class Settings(BaseSettings):
         each load."""
         g = self.groups[group] if isinstance(group, str) else group
         return grammar.expand(g.origin, self.state_path())
+
+    def notes(self) -> list[str]:
+        """Lines for `appliance config check` beyond the summary: what the
+        settings do not show by themselves."""
+        out = []
+        if self.cluster.seed_interop or (self.node.host == "localhost"):
+            out.append(
+                "mixed cluster with the seed's Go nodes: every member named localhost:P or with a 4-character "
+                "first label, ring_hash = \"seed\" and replicas = 50 on both sides, etcd without auth or TLS, "
+                "cluster.seed_interop = true, and Go nodes restarted after each membership change "
+                "(they read clusters/ once, at start)"
+                + ("" if self.cluster.seed_interop else "; seed_interop is off here")
+            )
+        return out
 
     def summary(self) -> str:
         """One line for humans (used by ``check_file``)."""

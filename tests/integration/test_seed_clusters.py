@@ -32,7 +32,9 @@ def entries(client, prefix: str) -> dict[str, tuple[str, int]]:
 
 
 def test_entry_shares_the_registration_lease(server):
-    settings = Settings(cluster={"etcd": [server.endpoint], "embedded_etcd": False, "seed_interop": True})
+    settings = Settings(
+        cluster={"etcd": [server.endpoint], "embedded_etcd": False, "seed_interop": True}, node={"host": "localhost"}
+    )
     assert settings.cluster.seed_interop is True
     client = server.client()
     reg = Registration(lambda: etcd.connect(settings.cluster), "groupcache", "localhost:7001", ttl=2,

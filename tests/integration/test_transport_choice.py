@@ -18,7 +18,7 @@ from support.nodes import CountingOrigin, cluster
 
 def test_auto_takes_native_unless_tls_or_seed_interop():
     assert choose(Settings())[0] == "native"
-    assert choose(Settings(cluster={"seed_interop": True}))[0] == "grpcio"
+    assert choose(Settings(cluster={"seed_interop": True}, node={"host": "localhost"}))[0] == "grpcio"
     assert choose(Settings(node={"server": "grpcio"}))[0] == "grpcio"
     backend, why = choose(Settings(node={"server": "native"}))
     assert (backend, why) == ("native", "node.server = native")
@@ -27,7 +27,7 @@ def test_auto_takes_native_unless_tls_or_seed_interop():
 @pytest.mark.parametrize(
     "toml, complaint",
     [
-        ('[node]\nserver = "native"\n[cluster]\nseed_interop = true\n', "cannot serve the seed's Go nodes"),
+        ('[node]\nserver = "native"\nhost = "localhost"\n[cluster]\nseed_interop = true\n', "cannot serve the seed's Go nodes"),
         ('[node]\nserver = "fast"\n', 'one of "auto", "native", "grpcio"'),
     ],
 )
@@ -73,3 +73,15 @@ async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
                     assert "RST_STREAM" in info.value.details()
     finally:
         nodes.BACKEND["server"] = "auto"
+
+
+def test_config_check_accepts_localhost_and_says_what_a_mixed_cluster_needs(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('[node]\nhost = "localhost"\n')
+    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    notes = [line for line in out.stdout.splitlines() if line.startswith("note: mixed cluster")]
+    assert len(notes) == 1 and "4-character" in notes[0] and "seed_interop is off" in notes[0], out.stdout
+    path.write_text('[cluster]\nseed_interop = true\n[node]\nhost = "127.0.0.1"\n')
+    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "node.host" in out.stderr and "localhost" in out.stderr, out.stderr
