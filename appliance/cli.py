@@ -55,13 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from . import logs
     from .supervision.conf import worker_name
-    from .worker import serve
+    from .worker import run
 
     settings, _ = _settings(args)
     logs.setup(settings.node.log_level, worker_name(args.index))
     if not 0 <= args.index < settings.node.workers:
         raise UsageError(f"--index must be from 0 to {settings.node.workers - 1}")
-    return asyncio.run(serve(settings, args.index))
+    return run(settings, args.index)
 
 
 def cmd_controller(args: argparse.Namespace) -> int:

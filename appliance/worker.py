@@ -79,3 +79,11 @@ async def serve(settings: Settings, index: int) -> int:
             sock.unlink()
     log.info("%s stopped", node.addr)
     return 0
+
+
+def run(settings: Settings, index: int) -> int:
+    """serve() on a SharedLoop: the native backend's receiving thread answers
+    hits under the loop's lock instead of waking the loop for each batch."""
+    from .transport.native.loop import run as run_shared
+
+    return run_shared(serve(settings, index))

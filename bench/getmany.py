@@ -27,11 +27,11 @@ MEMCASLAP_CONCURRENCY = 16
 
 def _available() -> bool:
     try:
-        from appliance.node import service
         from appliance.pb import cache_pb2  # noqa: F401
+        from appliance.transport.grpc_aio import services
     except ImportError:
         return False
-    return hasattr(service, "CacheService")
+    return hasattr(services, "CACHE_SERVICE")
 
 
 def memcaslap_binary() -> str:

@@ -72,6 +72,8 @@ class Proc:
                 self.popen.wait(timeout)
         _LIVE.pop(self.pid, None)
         self._logf.close()
+        for companion in getattr(self, "companions", ()):
+            companion.kill(sig, timeout)
 
     def stop(self, timeout: float = 5) -> None:
         """SIGTERM, then SIGKILL after `timeout`."""
@@ -98,7 +100,12 @@ def kill_all() -> None:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a live process, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
+    return cpu_seconds_of(f"/proc/{pid}/stat")
+
+
+def cpu_seconds_of(stat_path: str) -> float:
+    """utime + stime from a /proc .../stat file (a process or one thread)."""
+    with open(stat_path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is state (field 3); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
@@ -149,15 +156,18 @@ def wait_file(path: Path, timeout: float = 20, proc: Proc | None = None) -> None
 
 def start_worker(name: str, *, port: int | None = None, peers: list[str] | None = None, mirror: float = 0.1,
                  delay_ms: float = 0, cache_bytes: str = "256MiB", extra: list[str] = (),
-                 prefix: list[str] = ()) -> tuple[Proc, int, Path]:
-    """A real cache node (appliance.node.node.Node) in its own process."""
+                 prefix: list[str] = (), server: str = "native", forward: str = "") -> tuple[Proc, int, Path]:
+    """A real cache node (appliance.node.node.Node) in its own process, on
+    the given server backend (native | grpcio)."""
     port = port or free_port()
     admin = OUT / f"{name}.sock"
     ready = OUT / f"{name}.ready"
     ready.unlink(missing_ok=True)
     cmd = [*prefix, PY, str(BENCH / "servers.py"), "worker", "--port", str(port), "--admin", str(admin),
            "--ready", str(ready), "--mirror", str(mirror), "--delay-ms", str(delay_ms),
-           "--cache-bytes", cache_bytes, *extra]
+           "--cache-bytes", cache_bytes, "--server", server, *extra]
+    if forward:
+        cmd += ["--forward", forward]
     if peers:
         cmd += ["--peers", ",".join(peers)]
     proc = Proc(cmd, name)
@@ -165,13 +175,88 @@ def start_worker(name: str, *, port: int | None = None, peers: list[str] | None 
     return proc, port, admin
 
 
-def start_echo(name: str = "echo") -> tuple[Proc, int]:
+def start_echo(name: str = "echo", *, kind: str = "echo", prefix: list[str] = ()) -> tuple[Proc, int]:
+    """A baseline echo server: `echo` (bare grpc.aio) or `native-echo`
+    (pygrpc-native's low-level NativeGrpcFront)."""
     port = free_port()
     ready = OUT / f"{name}.ready"
     ready.unlink(missing_ok=True)
-    proc = Proc([PY, str(BENCH / "servers.py"), "echo", "--port", str(port), "--ready", str(ready)], name)
+    proc = Proc([*prefix, PY, str(BENCH / "servers.py"), kind, "--port", str(port), "--ready", str(ready)], name)
     wait_file(ready, 30, proc)
     return proc, port
+
+
+# The seed's own Go server, in a network namespace ------------------------------
+
+
+class Netns:
+    """A private network namespace with only loopback up: the seed's Go
+    server listens on every interface, so it (and, for a like-for-like
+    run, everything it is compared with, h2load included) runs in one."""
+
+    def __init__(self, name: str) -> None:
+        self.name = f"{name}-{os.getpid()}"
+        self.prefix = ["ip", "netns", "exec", self.name]
+
+    def __enter__(self) -> "Netns":
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True, capture_output=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def netns_unavailable() -> str | None:
+    """None when this process can make network namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "not root: no network namespace for the seed's Go server"
+    if not shutil.which("ip"):
+        return "no `ip` (iproute2)"
+    return None
+
+
+def seed_binaries() -> Path:
+    """Build (or find cached) the seed's Go system: ../shared/seedgo/build.sh."""
+    build = Path(os.environ.get("SEEDGO_DIR", ROOT.parent / "shared" / "seedgo")) / "build.sh"
+    if not build.exists():
+        raise RuntimeError(f"{build} not found (set SEEDGO_DIR to the seedgo directory)")
+    out = subprocess.run(["bash", str(build)], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"seedgo build failed:\n{out.stderr[-2000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def start_seed(name: str, ns: Netns, port: int, group: str = "bench") -> Proc:
+    """The seed's own Go server (seednode, GOMAXPROCS=1) on localhost:port
+    inside `ns`, with a private etcd there for its registration. It logs a
+    line per Get, as the seed does; that goes to a file (bench/out)."""
+    from appliance.supervision.conf import etcd_binary
+
+    bins = seed_binaries()
+    data = OUT / f"{name}-etcd"
+    shutil.rmtree(data, ignore_errors=True)
+    etcd = Proc([*ns.prefix, etcd_binary(), "--name", "bench", "--data-dir", str(data),
+                 "--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379",
+                 "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                 "--initial-cluster", "bench=http://127.0.0.1:2380", "--log-level", "error"], f"{name}-etcd")
+    addr = f"localhost:{port}"
+    env = {**os.environ, "GOMAXPROCS": "1"}
+    seed = Proc([*ns.prefix, str(bins / "seednode"), "-addr", addr, "-etcd", "127.0.0.1:2379", "-group", group,
+                 "-peers", addr], name, env=env)
+    seed.companions = [etcd]
+    deadline = time.monotonic() + 20
+    while not seed_answers(ns, port):
+        if not seed.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"seednode did not serve:\n{seed.tail()}")
+        time.sleep(0.1)
+    return seed
+
+
+def seed_answers(ns: Netns, port: int) -> bool:
+    out = subprocess.run([*ns.prefix, PY, "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 0.5)"],
+                         capture_output=True)
+    return out.returncode == 0
 
 
 def admin_stats(sock: Path) -> dict:

@@ -10,8 +10,14 @@ from fmt import size_label
 from goals import CONVERGENCE_SLACK_S, GOALS
 
 
-def _label(name: str) -> str:
-    return {"echo": "bare grpc.aio echo", "worker": "worker (product)"}.get(name, name)
+LABELS = {
+    "seed": "seed's Go server",
+    "echo": "bare grpc.aio echo",
+    "native-echo": "NativeGrpcFront echo",
+    "native": "worker, native backend",
+    "grpcio": "worker, grpcio backend",
+}
+STYLE = {"seed": ("D", "C2"), "echo": ("o", "C0"), "native-echo": ("^", "C4"), "native": ("s", "C1"), "grpcio": ("v", "C3")}
 
 
 def _size_streams(hot: dict) -> int:
@@ -20,21 +26,12 @@ def _size_streams(hot: dict) -> int:
 
 
 def _sides(a, b, xs, rows) -> None:
-    """Throughput on ``a``, p50 and p99 on ``b``, for the echo and the worker."""
-    for name, marker, color in (("echo", "o", "C0"), ("worker", "s", "C1")):
-        if not all(name in r for r in rows):
+    """Throughput on ``a``, Gets per server CPU-second on ``b``, per server."""
+    for name, (marker, color) in STYLE.items():
+        if not all(name in r["servers"] for r in rows):
             continue
-        a.plot(xs, [r[name]["rps"] for r in rows], marker=marker, color=color, label=_label(name))
-        b.plot(xs, [r[name]["p50_ms"] for r in rows], marker=marker, color=color, label=f"{_label(name)} p50")
-        b.plot(
-            xs,
-            [r[name]["p99_ms"] for r in rows],
-            marker=marker,
-            color=color,
-            ls="--",
-            alpha=0.5,
-            label=f"{_label(name)} p99",
-        )
+        a.plot(xs, [r["servers"][name]["rps"] for r in rows], marker=marker, color=color, label=LABELS[name])
+        b.plot(xs, [r["servers"][name]["gets_per_cpu_s"] for r in rows], marker=marker, color=color, label=LABELS[name])
 
 
 def hot_get_concurrency(results: dict, plt):
@@ -45,24 +42,12 @@ def hot_get_concurrency(results: dict, plt):
     xs = [r["streams"] for r in conc]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     _sides(a, b, xs, conc)
-    a.set(
-        xscale="log",
-        xlabel="concurrent streams",
-        ylabel="Gets/s (absolute, this box)",
-        title="Hot Get, 100 B values: throughput",
-    )
-    a.set_xticks(xs, [str(x) for x in xs])
-    a.set_ylim(bottom=0)
-    b.set(
-        xscale="log",
-        yscale="log",
-        xlabel="concurrent streams",
-        ylabel="latency, ms",
-        title="Hot Get, 100 B values: latency",
-    )
-    b.set_xticks(xs, [str(x) for x in xs])
-    a.legend()
-    b.legend(fontsize=8)
+    for ax, what in ((a, "Gets/s"), (b, "Gets per server CPU-second")):
+        ax.set(xscale="log", xlabel="concurrent streams", ylabel=f"{what} (absolute, this box)",
+               title=f"Hot Get, 100 B values: {what}")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(bottom=0)
+    a.legend(fontsize=8)
     return fig
 
 
@@ -75,15 +60,12 @@ def hot_get_value_size(results: dict, plt):
     rows = [next(r for r in hot["rows"] if r["size"] == z and r["streams"] == streams) for z in sizes]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     _sides(a, b, sizes, rows)
-    for ax in (a, b):
+    for ax, what in ((a, "Gets/s"), (b, "Gets per server CPU-second")):
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xticks(sizes, [size_label(z) for z in sizes])
-        ax.set_xlabel("value size")
-    a.set(ylabel="Gets/s (absolute, this box)", title=f"Hot Get, {streams} streams: throughput")
-    a.set_ylim(bottom=0)
-    b.set(yscale="log", ylabel="latency, ms", title=f"Hot Get, {streams} streams: latency")
+        ax.set(xlabel="value size", ylabel=f"{what} (absolute, this box)", title=f"Hot Get, {streams} streams: {what}")
     a.legend(fontsize=8)
-    b.legend(fontsize=7)
     return fig
 
 

@@ -47,6 +47,7 @@ WAIT = (
     "clock_nanosleep",
     "__GI___poll",
     "pthread_cond_clockwait",
+    "syscall (",  # futex(2) through syscall(3): a parked Rust or grpc thread
 )
 SYSCALLS = (
     "sendmsg",
@@ -55,7 +56,6 @@ SYSCALLS = (
     "read (",
     "eventfd_write",
     "eventfd_read",
-    "syscall (",
     "recv (",
     "send (",
     "writev",
@@ -107,13 +107,17 @@ def classify(raw: Path) -> dict:
         if any(w in leaf for w in WAIT):
             cats["waiting (parked)"] += n
             continue
-        threads["grpc poller thread" if any("Thread._bootstrap" in f for f in frames) else "event loop thread"] += n
+        threads[_thread_of(frames)] += n
         prod = [f for f in frames if PRODUCT.search(f)]
         if prod:
             product_incl += n
         py = [f for f in frames if _python_file(f)]
         inner = _python_file(py[-1]) if py else ""
-        if any(x in leaf for x in SYSCALLS):
+        if "sched_yield" in leaf:
+            cat = "spin-wait for events (sched_yield, in pygrpc-native's receive)"
+        elif "pygrpc_native" in leaf:
+            cat = "pygrpc-native (Rust, on a Python thread)"
+        elif any(x in leaf for x in SYSCALLS):
             cat = "system calls (socket I/O, wakeups)"
         elif "cygrpc" in leaf:
             cat = "grpc core (Cython/C, native)"
@@ -146,6 +150,40 @@ def classify(raw: Path) -> dict:
         "top_leaves": [(k, share(v)) for k, v in leaves.most_common(12)],
         "top_product_frames": [(k, share(v)) for k, v in product_frames.most_common(10)],
     }
+
+
+def _thread_of(frames: list[str]) -> str:
+    if any("_receive" in f and "native" in f for f in frames):
+        return "native receiving thread"
+    if any("Thread._bootstrap" in f for f in frames):
+        return "other Python thread (grpc poller, executor)"
+    return "event loop thread"
+
+
+def thread_cpu(pid: int, run) -> dict:
+    """CPU seconds of each thread of `pid` while run() runs, by thread name
+    (py-spy sees only Python threads; the Rust I/O threads show here)."""
+    import os
+
+    def snap() -> dict:
+        out = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+                out[(tid, name)] = lib.cpu_seconds_of(f"/proc/{pid}/task/{tid}/stat")
+            except OSError:
+                pass
+        return out
+
+    a = snap()
+    t0 = time.monotonic()
+    run()
+    wall = time.monotonic() - t0
+    b = snap()
+    by_name: dict = {}
+    for (tid, name), v in b.items():
+        by_name[name] = by_name.get(name, 0.0) + v - a.get((tid, name), 0.0)
+    return {"wall_s": wall, "cores_by_thread": {k: v / wall for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v > 0}}
 
 
 def _short(frame: str) -> str:
@@ -303,6 +341,10 @@ def run(cfg) -> dict:
         results["hot_get_worker"] = profile_target(
             "worker", worker.pid, wport, body, 32, probe["rps"], svg=lib.OUT / "profile-worker.svg"
         )
+        n = int(probe["rps"] * 3)
+        results["hot_get_threads"] = thread_cpu(worker.pid, lambda: h2load(
+            wport, GET_PATH, body, n=n, streams=32, name="profile-threads", timeout=60,
+            expect_data=lib.get_response_bytes(100)))
     finally:
         worker.kill()
     (a, aport, asock, aaddr), (b, bport, bsock, baddr) = lib.start_ring(["profile-fwd-a", "profile-fwd-b"], mirror=0.0)

@@ -53,44 +53,54 @@ def _conditions(res: dict) -> str:
     )
 
 
+SERVER_LABELS = {
+    "seed": "seed (Go)",
+    "echo": "grpc.aio echo",
+    "native-echo": "native echo",
+    "native": "worker, native",
+    "grpcio": "worker, grpcio",
+}
+
+
 def section_hot(res) -> list[str]:
-    out = ["## 1. Hot Get: one worker vs a bare grpc.aio echo server", ""]
+    out = ["## 1. Hot Get: one worker vs the seed's Go server and the echo servers", ""]
     if msg := missing(res, "hot_get"):
         return out + [msg, ""]
     out += [_conditions(res), ""]
+    if res.get("seed"):
+        out += [f"_The seed's Go server was not measured: {res['seed']}._", ""]
+    names = [n for n in SERVER_LABELS if any(n in r["servers"] for r in res["rows"])]
     rows = []
     for r in res["rows"]:
-        rows.append(
-            [
-                size_label(r["size"]),
-                r["streams"],
-                num(r["echo"]["rps"]),
-                num(r["worker"]["rps"]),
-                f"**{ratio(r['rps_ratio'])}**",
-                f"{num(r['echo']['p50_ms'], 2)} / {num(r['worker']['p50_ms'], 2)}",
-                ratio(r["p50_ratio"]),
-                f"{num(r['echo']['p99_ms'], 2)} / {num(r['worker']['p99_ms'], 2)}",
-                ratio(r["p99_ratio"]),
-                f"{num(r['echo']['cpu_us_per_req'])} / {num(r['worker']['cpu_us_per_req'])}",
-                ratio(r["cpu_ratio"]),
-                pct(r["worker"]["client_cpu_share"]),
-                num(r["worker"].get("other_cpu_cores"), 2),
-            ]
-        )
+        for n in names:
+            s = r["servers"].get(n)
+            if s is None:
+                continue
+            rows.append(
+                [
+                    size_label(r["size"]),
+                    f"{r['conns']} × {r['streams'] // r['conns']}",
+                    SERVER_LABELS[n],
+                    num(s["rps"]),
+                    num(s["gets_per_cpu_s"]),
+                    num(s["server_cores"], 2),
+                    num(s["p50_ms"], 3),
+                    num(s["p99_ms"], 3),
+                    pct(s["client_cpu_share"]),
+                    num(s.get("other_cpu_cores"), 2),
+                ]
+            )
     out += [
         table(
             [
                 "value",
-                "streams",
-                "echo Gets/s (abs.)",
-                "worker Gets/s (abs.)",
-                "worker/echo",
-                "p50 ms echo / worker (abs.)",
-                "p50 ratio",
-                "p99 ms echo / worker (abs.)",
-                "p99 ratio",
-                "server CPU µs per Get echo / worker (abs.)",
-                "CPU ratio",
+                "conns × streams",
+                "server",
+                "Gets/s (abs.)",
+                "Gets per server CPU-s (abs.)",
+                "server cores",
+                "p50 ms",
+                "p99 ms",
                 "h2load CPU share",
                 "others",
             ],
@@ -98,19 +108,38 @@ def section_hot(res) -> list[str]:
         ),
         "",
     ]
+    pairs = [
+        ("native_vs_seed", "native / seed"),
+        ("native_echo_vs_seed", "native echo / seed"),
+        ("native_vs_grpcio", "native / grpcio worker"),
+        ("native_vs_native_echo", "native / native echo"),
+        ("grpcio_vs_echo", "grpcio / grpc.aio echo"),
+    ]
+    rows = []
+    for r in res["rows"]:
+        for key, label in pairs:
+            if key in r:
+                v = r[key]
+                rows.append(
+                    [size_label(r["size"]), r["streams"], label, f"**{ratio(v['rps'])}**", f"**{ratio(v['per_cpu'])}**",
+                     ratio(v["p50"])]
+                )
     out += [
+        "Ratios (median of per-round ratios, same run):",
+        "",
+        table(["value", "streams", "pair", "Gets/s", "Gets per CPU-s", "p50"], rows),
+        "",
         "![hot Get against concurrency](hot_get_concurrency.png)",
         "",
         "![hot Get against value size](hot_get_value_size.png)",
         "",
     ]
-    c = res.get("check", {})
-    out += [
-        f"Check: the worker counted {num(c.get('worker_main_hits'))} main-cache hits for "
-        f"{num(c.get('worker_requests'))} Gets that h2load completed, and {c.get('loads_during_runs')} loads "
-        "during the runs (every measured Get was a hit).",
-        "",
-    ]
+    for backend, c in (res.get("check") or {}).items():
+        out += [
+            f"Check ({backend}): {num(c.get('main_hits'))} main-cache hits for {num(c.get('requests'))} Gets h2load "
+            f"completed, {c.get('loads_during_runs')} loads during the runs (the first Get of each key).",
+            "",
+        ]
     return out
 
 
@@ -121,66 +150,50 @@ def section_forwarded(res) -> list[str]:
     out += [
         _conditions(res),
         "",
-        "Two workers, `hot_cache_mirror = 0`. Local: the key sent to its owner. Forwarded: the same key sent to "
-        "the other worker, which calls the owner. Cost = forwarded / local.",
+        "Two workers on one backend, `hot_cache_mirror = 0`. Local: the key sent to its owner. Forwarded: the same "
+        "key sent to the other worker, which calls the owner. Cost = forwarded / local. The client call is the "
+        "forwarder's grpc.aio call to the owner: its CPU per forwarded Get beyond what serving a local hit costs it.",
         "",
     ]
     rows = []
-    for r in res["rows"]:
-        rows.append(
-            [
-                r["streams"],
-                num(r["local"]["rps"]),
-                num(r["forwarded"]["rps"]),
-                f"**{ratio(r['throughput_cost'])}**",
-                f"{num(r['local']['p50_ms'], 3)} / {num(r['forwarded']['p50_ms'], 3)}",
-                f"**{ratio(r['p50_cost'])}**",
-                ratio(r["p99_cost"]),
-                f"{num(r['local']['cpu_us_per_req'])} / {num(r.get('forwarder_cpu_us_per_req'))} + "
-                f"{num(r.get('owner_cpu_us_per_req'))}",
-                ratio(r["cpu_cost"]),
-                f"{r['forwards_per_get']:.2f}",
-                num(r["forwarded"].get("other_cpu_cores"), 2),
-            ]
-        )
+    for label, setup in res["setups"].items():
+        for r in setup["rows"]:
+            rows.append(
+                [
+                    label,
+                    r["streams"],
+                    num(r["local"]["rps"]),
+                    num(r["forwarded"]["rps"]),
+                    f"**{ratio(r['throughput_cost'])}**",
+                    f"{num(r['local']['p50_ms'], 3)} / {num(r['forwarded']['p50_ms'], 3)}",
+                    f"**{ratio(r['p50_cost'])}**",
+                    f"{num(r['local']['cpu_us_per_req'])} / {num(r.get('forwarder_cpu_us_per_req'))} + "
+                    f"{num(r.get('owner_cpu_us_per_req'))}",
+                    f"{num(r['client_call_cpu_us'])} ({pct(r['client_call_share'])})",
+                    f"{r['forwards_per_get']:.2f}",
+                ]
+            )
     out += [
         table(
             [
+                "setup",
                 "streams",
                 "local Gets/s (abs.)",
                 "forwarded Gets/s (abs.)",
                 "throughput cost",
                 "p50 ms local / fwd (abs.)",
                 "p50 cost",
-                "p99 cost",
                 "CPU µs per Get: local / forwarder + owner (abs.)",
-                "CPU cost",
+                "client call µs (share)",
                 "owner calls per Get",
-                "others",
             ],
             rows,
         ),
         "",
+        "Forwarded Gets/s, native default vs grpcio before: "
+        + "; ".join(f"{r['streams']} stream(s) {ratio(r['rps'])}" for r in res["native_vs_grpcio_forwarded"]),
+        "",
     ]
-    pc = res.get("peer_call")
-    if pc:
-        local1 = res["rows"][0]["local"]["p50_ms"]
-        fwd1 = res["rows"][0]["forwarded"]["p50_ms"]
-        rows = [
-            [
-                "grpc.aio client → owner (the forwarder's call)",
-                num(pc["pyclient_p50_ms"], 3),
-                f"{ratio(pc['pyclient_vs_h2load'])} h2load's on the same owner ({num(pc['h2load_p50_ms'], 3)} ms)",
-            ],
-            ["local hit + that call", num(local1 + pc["pyclient_p50_ms"], 3), f"measured forwarded: {num(fwd1, 3)} ms"],
-            [
-                "forwarded, seen from a grpc.aio client",
-                num(pc["pyclient_forwarded_p50_ms"], 3),
-                f"**{ratio(pc['python_client_p50_cost'])}** the local hit seen from it "
-                f"({num(pc.get('pyclient_local_p50_ms'), 3)} ms)",
-            ],
-        ]
-        out += ["Where the forwarded time goes, 1 stream:", "", table(["call", "p50 ms (abs.)", "against"], rows), ""]
     return out
 
 
@@ -481,8 +494,8 @@ def section_profile(res) -> list[str]:
     ht = res.get("handler_time")
     if ht:
         out += [
-            "Time inside the product's Get handler per hit (`servers.py --timing`), against the worker's whole "
-            "CPU per Get (8 streams):",
+            "Time inside the product's cache rules per hit (`NodeInstance.hit`, `servers.py --timing`), against "
+            "the worker's whole CPU per Get (native backend, 8 streams):",
             "",
             table(
                 ["value", "handler µs", "worker CPU µs per Get (abs.)", "handler share"],
@@ -496,6 +509,13 @@ def section_profile(res) -> list[str]:
                     for z, h in ht.items()
                 ],
             ),
+            "",
+        ]
+    th = res.get("hot_get_threads")
+    if th:
+        out += [
+            "CPU by thread of the hot-Get worker (cores, /proc/PID/task; 100 B hits, 32 streams): "
+            + "; ".join(f"`{name}` {num(c, 2)}" for name, c in th["cores_by_thread"].items()),
             "",
         ]
     se, sw = res.get("syscalls_echo"), res.get("syscalls_worker")

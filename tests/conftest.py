@@ -32,3 +32,12 @@ def backend(request):
         yield request.param
     finally:
         nodes.BACKEND["server"] = saved
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Async tests run on the loop `appliance worker` runs (SharedLoop), so
+    the native backend serves hits from its receiving thread as it does in
+    production."""
+    from appliance.transport.native.loop import SharedLoop
+
+    return {"shared": SharedLoop}

@@ -94,8 +94,13 @@ def client_address(peer: str) -> str:
 class TrustedPeers:
     """IP addresses of the ring's nodes, recomputed when the ring changes."""
 
-    def __init__(self, ring_nodes: Callable[[], tuple[int, list[str]]]) -> None:
+    def __init__(
+        self, ring_nodes: Callable[[], tuple[int, list[str]]], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        """`loop` resolves host names; a caller on another thread (the native
+        backend's receiving thread) may ask, the lookups still run there."""
         self._ring_nodes = ring_nodes  # () -> (revision, ["host:port", ...])
+        self._loop = loop
         self._revision: int | None = None
         self._ips: set[str] = set()
         self._resolving: set[str] = set()
@@ -118,11 +123,16 @@ class TrustedPeers:
         return self._ips
 
     def _resolve(self, name: str, revision: int) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
         self._resolving.add(name)
+        loop.call_soon_threadsafe(self._start_resolving, loop, name, revision)
+
+    def _start_resolving(self, loop: asyncio.AbstractEventLoop, name: str, revision: int) -> None:
 
         async def resolve() -> None:
             try:

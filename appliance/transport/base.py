@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
@@ -78,5 +79,5 @@ class BaseTransport:
         ops = self.settings.ops
         if ops.rate_limit:
             peers = instance.peers
-            trusted = TrustedPeers(lambda: (peers.revision, list(peers.ring.nodes)))
+            trusted = TrustedPeers(lambda: (peers.revision, list(peers.ring.nodes)), asyncio.get_running_loop())
             self.limiter = RateLimiter(TokenBuckets(ops.rate_limit, ops.burst()), trusted)

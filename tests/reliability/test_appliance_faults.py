@@ -207,6 +207,8 @@ def test_kill_9_worker_under_load(whole_each_backend):
         plain_back_in_ring_s=f"{plain_back_s:.2f}",
         total=total,
     )
+    if total.samples:
+        print("[kill -9 samples]", total.samples)
     assert total.wrong == 0, total.samples
     assert total.failed <= 0.01 * total.total, total.samples
     assert converge_s <= LEASE_TTL + 1

@@ -18,6 +18,7 @@ No TLS here: with [tls] the grpcio backend serves (appliance.transport.choose).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -37,6 +38,7 @@ from ...cache import errors
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
 from .. import health, messages
+from .loop import lock_of
 from ..base import BaseTransport
 from ..grpc_aio.server import REFLECTED, add_services
 from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PeerService
@@ -65,8 +67,22 @@ _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 _parse_get = groupcache_pb2.GetRequest.FromString
 
 
+def _name_os_thread(name: bytes) -> None:
+    """The name `top -H` and /proc/PID/task/*/comm show (Python 3.11 sets none)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 class NativeTransport(BaseTransport):
     name = "native"
+    # Peers run the same config, so an owner is native too: a unary Get is
+    # served natively there, while a Peer/Forward stream would go to its
+    # grpc.aio fallback (bench/forwarded.py measures both).
+    forward = "unary"
 
     def __init__(self, settings, *, io_threads: int = 1) -> None:
         super().__init__(settings)
@@ -79,12 +95,16 @@ class NativeTransport(BaseTransport):
         self._fallback_dir: str | None = None
         self._peer_service: PeerService | None = None
         self._pump: threading.Thread | None = None
+        self._unary_handlers: dict[int, tuple] = {}
+        self._batches: collections.deque = collections.deque()  # received, not yet handled
+        self._scheduled = False  # a _drain is queued on the loop
 
     # Lifecycle -----------------------------------------------------------------
 
     async def start(self, instance: NodeInstance, host: str, port: int) -> int:
         self._bind(instance)
         self._loop = asyncio.get_running_loop()
+        self._unary_handlers = self._make_unary_handlers()
         try:
             front = NativeGrpcFront(addrs.join(host, port), list(METHODS), io_threads=self.io_threads, call_details=True)
         except OSError as exc:
@@ -146,27 +166,75 @@ class NativeTransport(BaseTransport):
     # Calls ---------------------------------------------------------------------
 
     def _receive(self) -> None:
-        """The pump thread: batches from Rust, one loop hop per batch."""
+        """The pump thread: batches from Rust.
+
+        On a SharedLoop (what `appliance worker` runs) it serves each batch
+        itself, under the loop's lock: hits are answered here, and only the
+        rest (misses, writes, watches, cancels) goes to the loop, in one hop
+        per batch that has any. On another loop every batch goes to the loop.
+        While a drain is already queued (the loop is behind), a batch only
+        joins the queue: no wakeup write per batch."""
         front, loop = self._front, self._loop
         assert front is not None and loop is not None
+        _name_os_thread(b"native-recv")
+        lock = lock_of(loop)
+        batches = self._batches
         while (events := front.recv_batch_details(BATCH)) is not None:
-            try:
-                loop.call_soon_threadsafe(self._on_events, events)
-            except RuntimeError:  # the loop is closed: nobody to serve
-                return
+            if lock is not None:
+                later: list = []
+                with lock:
+                    self._on_events(events, later)
+                if not later:
+                    continue
+                batches.append((True, later))
+            else:
+                batches.append((False, events))
+            if not self._scheduled:
+                self._scheduled = True
+                try:
+                    loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:  # the loop is closed: nobody to serve
+                    return
 
-    def _on_events(self, events: list) -> None:
+    def _drain(self) -> None:
+        # Clear the flag before taking batches: one appended after this
+        # point queues a new drain (under the GIL, deque ops are atomic).
+        self._scheduled = False
+        batches = self._batches
+        while batches:
+            served, batch = batches.popleft()
+            if not served:
+                self._on_events(batch, None)
+                continue
+            for call_id, coro in batch:  # what the pump thread left for the loop
+                if coro is None:
+                    self._cancel(call_id)
+                else:
+                    self._spawn(call_id, coro)
+
+    def _cancel(self, call_id: int) -> None:
+        task = self._tasks.pop(call_id, None)
+        if task is not None:
+            task.cancel()
+
+    def _on_events(self, events: list, later: list | None) -> None:
+        """Serve a batch. `later` None: on the loop, tasks start here. Else
+        (the pump thread, under the loop's lock) what needs the loop is
+        appended to `later` as (call id, coroutine), a cancel as (call id,
+        None), and nothing here touches asyncio."""
         front = self._front
         if front is None:
             return
         instance = self.instance
         limiter = self.limiter
         limit = self.message_limit
+        spawn = self._spawn if later is None else (lambda call_id, coro: later.append((call_id, coro)))
         for kind, call_id, method, payload, _, details in events:
             if kind == EVENT_CANCEL:
-                task = self._tasks.pop(call_id, None)
-                if task is not None:
-                    task.cancel()
+                if later is None:
+                    self._cancel(call_id)
+                else:
+                    later.append((call_id, None))
                 continue
             if self._stopping:
                 front.fail(call_id, _UNAVAILABLE, "server is stopping")
@@ -201,7 +269,7 @@ class NativeTransport(BaseTransport):
                     self._fail(call_id, internal_failure(exc))
                     continue
                 if entry is None:
-                    self._spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
+                    spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
                 elif forwarded and entry.expires:
                     front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
                 else:
@@ -213,10 +281,10 @@ class NativeTransport(BaseTransport):
                 if request is None:
                     self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
                 else:
-                    self._spawn(call_id, self._health_watch(call_id, request.service))
+                    spawn(call_id, self._health_watch(call_id, request.service))
             else:
                 handle = self._unary_handlers[method]
-                self._spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
+                spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
 
     def _spawn(self, call_id: int, coro: Awaitable[None]) -> None:
         assert self._loop is not None
@@ -254,8 +322,7 @@ class NativeTransport(BaseTransport):
 
     # The Cache service: parse, run against the instance, encode ---------------
 
-    @functools.cached_property
-    def _unary_handlers(self) -> dict[int, Callable]:
+    def _make_unary_handlers(self) -> dict[int, tuple]:
         instance = self.instance
 
         async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout):
