@@ -12,7 +12,7 @@ from ..pb import groupcache_pb2
 _TAG = 0x0A  # field 1, length-delimited
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         low, n = n & 0x7F, n >> 7
@@ -27,7 +27,7 @@ class GetResponseFraming:
 
     def prefix(self, value: bytes) -> bytes:
         # proto3 leaves an empty bytes field out: an empty value is b"".
-        return b"\x0a" + _varint(len(value)) if value else b""
+        return b"\x0a" + varint(len(value)) if value else b""
 
     def offset(self, data: bytes) -> int:
         """Start of the value in an encoded GetResponse; ValueError when data

@@ -42,3 +42,38 @@ async def test_group_with_framing_counts_only_value_bytes():
     assert g.main.bytes == 1 + 300  # key + value; the 3 framing bytes are not counted
     g.set("k2", b"")
     assert g.peek("k2").value == b"" and g.peek("k2").data == b""
+
+
+def test_encoded_get_many_reply_is_what_protobuf_writes():
+    """messages.encode_get_many_response builds the GetManyResponse bytes by
+    hand from the stored wire-form values; protobuf must read them back the
+    same, and without TTLs (which move with the clock) the bytes are equal."""
+    import random
+
+    from appliance.cache import errors
+    from appliance.cache.store import Entry
+    from appliance.pb import cache_pb2
+    from appliance.transport import messages, wire
+
+    rng = random.Random(7)
+    keys, results = [], []
+    for i in range(300):
+        key = rng.choice(["", "k", "ключ", "😀" * rng.randint(1, 3), f"key-{i}" * rng.randint(1, 40)])
+        if rng.random() < 0.3:
+            results.append(rng.choice([errors.KeyNotFound(f"{key!r} missing"), errors.OriginError(""),
+                                       errors.InvalidRequest("key longer than 250 bytes")]))
+        else:
+            value = rng.randbytes(rng.choice([0, 1, 127, 128, 300, 70_000]))
+            prefix = wire.FRAMING.prefix(value)
+            results.append(Entry(prefix + value, 0.0, len(value), len(prefix)))
+        keys.append(key)
+    ours = messages.encode_get_many_response(keys, results)
+    assert ours == messages.get_many_response(keys, results).SerializeToString()
+    # With TTLs: the same message, the TTLs within a moment of each other.
+    import time
+
+    expiring = [Entry(r.data, time.monotonic() + 30, r.size, r.offset) if isinstance(r, Entry) else r for r in results]
+    a = cache_pb2.GetManyResponse.FromString(messages.encode_get_many_response(keys, expiring))
+    b = messages.get_many_response(keys, expiring)
+    assert [(r.key, r.value, r.code, r.error) for r in a.results] == [(r.key, r.value, r.code, r.error) for r in b.results]
+    assert all(abs(x.ttl - y.ttl) < 1 and x.ttl > 29 for x, y in zip(a.results, b.results) if x.code == 0)

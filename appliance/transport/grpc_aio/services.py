@@ -76,7 +76,7 @@ class DataServices:
             log.exception("GetMany %s failed", request.group)
             status = internal_failure(exc)
         else:
-            return messages.get_many_response(keys, results)
+            return messages.encode_get_many_response(keys, results)
         await context.abort_with_status(status)
 
     async def set(self, request: cache_pb2.SetRequest | None, context):
@@ -124,7 +124,7 @@ class DataServices:
         return {
             GET_SERVICE: {"Get": unary(self.get, groupcache_pb2.GetRequest)},
             CACHE_SERVICE: {
-                "GetMany": unary(self.get_many, cache_pb2.GetManyRequest, cache_pb2.GetManyResponse),
+                "GetMany": unary(self.get_many, cache_pb2.GetManyRequest),  # encoded by messages
                 "Set": unary(self.set, cache_pb2.SetRequest, cache_pb2.ChangeResponse),
                 "Remove": unary(self.remove, cache_pb2.RemoveRequest, cache_pb2.ChangeResponse),
             },

@@ -328,7 +328,7 @@ class NativeTransport(BaseTransport):
         async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout):
             keys = list(request.keys)
             results = await instance.get_many(request.group, keys, forwarded=forwarded, timeout=timeout)
-            return messages.get_many_response(keys, results)
+            return messages.encode_get_many_response(keys, results)
 
         async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout):
             change = await instance.set(
@@ -362,7 +362,7 @@ class NativeTransport(BaseTransport):
             log.exception("%s %s/%r failed", name, group, key[:64])
             self._fail(call_id, internal_failure(exc))
             return
-        self._respond(call_id, reply.SerializeToString())
+        self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
 
     # Health ----------------------------------------------------------------------
 
