@@ -163,60 +163,66 @@ class NativeTransport(BaseTransport):
         limiter = self.limiter
         limit = self.message_limit
         for kind, call_id, method, payload, _, details in events:
-            if kind == EVENT_CANCEL:
-                task = self._tasks.pop(call_id, None)
-                if task is not None:
-                    task.cancel()
-                continue
-            if self._stopping:
-                front.fail(call_id, _UNAVAILABLE, "server is stopping")
-                continue
-            if len(payload) > limit:
-                self._fail(call_id, Failure(_EXHAUSTED, f"Received message larger than max ({len(payload)} vs. {limit})", ()))
-                continue
-            metadata, peer, remaining = details
-            forwarded = FORWARDED in metadata
-            if limiter is not None and method in LIMITED:
-                client = client_address(peer or "")
-                wait = limiter.admit(client, forwarded=forwarded)
-                if wait:
-                    buckets = limiter.buckets
-                    self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
+            # One call's bug must not cost the rest of the batch its answers.
+            try:
+                if kind == EVENT_CANCEL:
+                    task = self._tasks.pop(call_id, None)
+                    if task is not None:
+                        task.cancel()
                     continue
-            if method == GET:
-                # The fast path: a hit costs no task, no context, no copy.
-                try:
-                    request = _parse_get(payload)
-                except DecodeError:
-                    self._fail(call_id, failure(errors.InvalidRequest("malformed GetRequest")))
+                if self._stopping:
+                    front.fail(call_id, _UNAVAILABLE, "server is stopping")
                     continue
-                group, key = request.group, request.key
-                try:
-                    entry = instance.hit(group, key, forwarded)
-                except errors.CacheError as exc:
-                    self._fail(call_id, failure(exc, group, key))
+                if len(payload) > limit:
+                    too_big = f"Received message larger than max ({len(payload)} vs. {limit})"
+                    self._fail(call_id, Failure(_EXHAUSTED, too_big, ()))
                     continue
-                except Exception as exc:  # a bug: answer INTERNAL and keep serving
-                    log.exception("Get %s/%r failed", group, key[:64])
-                    self._fail(call_id, internal_failure(exc))
-                    continue
-                if entry is None:
-                    self._spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
-                elif forwarded and entry.expires:
-                    front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
+                metadata, peer, remaining = details
+                forwarded = FORWARDED in metadata
+                if limiter is not None and method in LIMITED:
+                    client = client_address(peer or "")
+                    wait = limiter.admit(client, forwarded=forwarded)
+                    if wait:
+                        buckets = limiter.buckets
+                        self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
+                        continue
+                if method == GET:
+                    # The fast path: a hit costs no task, no context, no copy.
+                    try:
+                        request = _parse_get(payload)
+                    except DecodeError:
+                        self._fail(call_id, failure(errors.InvalidRequest("malformed GetRequest")))
+                        continue
+                    group, key = request.group, request.key
+                    try:
+                        entry = instance.hit(group, key, forwarded)
+                    except errors.CacheError as exc:
+                        self._fail(call_id, failure(exc, group, key))
+                        continue
+                    except Exception as exc:  # a bug: answer INTERNAL and keep serving
+                        log.exception("Get %s/%r failed", group, key[:64])
+                        self._fail(call_id, internal_failure(exc))
+                        continue
+                    if entry is None:
+                        self._spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
+                    elif forwarded and entry.expires:
+                        front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
+                    else:
+                        front.respond(call_id, entry.data)
+                elif method == HEALTH_CHECK:
+                    self._health_check(call_id, payload)
+                elif method == HEALTH_WATCH:
+                    request = messages.parser(health_pb2.HealthCheckRequest)(payload)
+                    if request is None:
+                        self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
+                    else:
+                        self._spawn(call_id, self._health_watch(call_id, request.service))
                 else:
-                    front.respond(call_id, entry.data)
-            elif method == HEALTH_CHECK:
-                self._health_check(call_id, payload)
-            elif method == HEALTH_WATCH:
-                request = messages.parser(health_pb2.HealthCheckRequest)(payload)
-                if request is None:
-                    self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
-                else:
-                    self._spawn(call_id, self._health_watch(call_id, request.service))
-            else:
-                handle = self._unary_handlers[method]
-                self._spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
+                    handle = self._unary_handlers[method]
+                    self._spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
+            except Exception as exc:  # a bug: answer INTERNAL and keep serving
+                log.exception("call to %s failed", METHODS[method][0] if 0 <= method < len(METHODS) else method)
+                self._fail(call_id, internal_failure(exc))
 
     def _spawn(self, call_id: int, coro: Awaitable[None]) -> None:
         assert self._loop is not None
@@ -242,15 +248,13 @@ class NativeTransport(BaseTransport):
         instance = self.instance
         try:
             entry = await instance.fill(group, key, forwarded=forwarded, timeout=remaining)
+            trailers = list(ttl_trailer(instance.ttl_left(entry))) if forwarded and entry.expires else None
+            self._respond(call_id, entry.data, trailers)
         except errors.CacheError as exc:
             self._fail(call_id, failure(exc, group, key))
-            return
         except Exception as exc:
             log.exception("Get %s/%r failed", group, key[:64])
             self._fail(call_id, internal_failure(exc))
-            return
-        trailers = list(ttl_trailer(instance.ttl_left(entry))) if forwarded and entry.expires else None
-        self._respond(call_id, entry.data, trailers)
 
     # The Cache service: parse, run against the instance, encode ---------------
 
@@ -287,15 +291,12 @@ class NativeTransport(BaseTransport):
             return
         group, key = request.group, getattr(request, "key", "")
         try:
-            reply = await run(request, forwarded, remaining)
+            self._respond(call_id, (await run(request, forwarded, remaining)).SerializeToString())
         except errors.CacheError as exc:
             self._fail(call_id, failure(exc, group, key))
-            return
         except Exception as exc:
             log.exception("%s %s/%r failed", name, group, key[:64])
             self._fail(call_id, internal_failure(exc))
-            return
-        self._respond(call_id, reply.SerializeToString())
 
     # Health ----------------------------------------------------------------------
 
