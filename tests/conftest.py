@@ -32,3 +32,15 @@ def backend(request):
         yield request.param
     finally:
         nodes.BACKEND["server"] = saved
+
+
+@pytest.fixture
+def etcd_server(tmp_path):
+    """A private etcd on free loopback ports, for this test only."""
+    from support.etcd_server import EtcdServer
+
+    server = EtcdServer(tmp_path / "etcd").start()
+    try:
+        yield server
+    finally:
+        server.stop()
