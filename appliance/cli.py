@@ -81,7 +81,8 @@ def _client(args: argparse.Namespace) -> Client:
         peers = args.peers.split(",")
         node = settings.node
         return Client(peers, replicas=node.replicas, scheme=node.ring_hash, **settings_kwargs(settings))
-    return Client.from_settings(settings)
+    # One command, a few calls: the ring read once is enough, no watch.
+    return Client.from_settings(settings, follow=False)
 
 
 def cmd_get(args: argparse.Namespace) -> int:

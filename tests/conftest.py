@@ -41,3 +41,15 @@ def pytest_asyncio_loop_factories(config, item):
     from appliance.transport.native.loop import SharedLoop
 
     return {"shared": SharedLoop}
+
+
+@pytest.fixture
+def etcd_server(tmp_path):
+    """A private etcd on free loopback ports, for this test only."""
+    from support.etcd_server import EtcdServer
+
+    server = EtcdServer(tmp_path / "etcd").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -107,18 +107,7 @@ class Controller:
             cancel()
 
     def _on_watch(self, response) -> None:
-        members = dict(self.members)
-        for event in response.events:
-            key = event.kv.key.decode()
-            if etcd.is_delete(event):
-                members.pop(key, None)
-                continue
-            try:
-                members[key] = etcd.member_of(event.kv)
-            except ValueError as exc:
-                log.warning("ignoring %s: %s", key, exc)
-                members.pop(key, None)
-        self._apply(members, response.header.revision)
+        self._apply(*etcd.apply_events(self.members, self.revision, response))
 
     def _apply(self, members, revision: int) -> None:
         peers = etcd.peers_of(members)

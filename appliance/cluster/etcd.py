@@ -136,6 +136,27 @@ def read_members(client, service: str) -> tuple[dict[str, Member], int]:
     return members, response.header.revision
 
 
+def apply_events(members: dict[str, Member], revision: int, response) -> tuple[dict[str, Member], int]:
+    """The members after a WatchResponse, and the revision they are at.
+
+    Events at or before `revision` are skipped: a read at that revision
+    already holds them (a watch may start before a re-read of the prefix)."""
+    members = dict(members)
+    for event in response.events:
+        if event.kv.mod_revision <= revision:
+            continue
+        key = event.kv.key.decode()
+        if is_delete(event):
+            members.pop(key, None)
+            continue
+        try:
+            members[key] = member_of(event.kv)
+        except ValueError as exc:
+            log.warning("ignoring %s: %s", key, exc)
+            members.pop(key, None)
+    return members, max(revision, response.header.revision)
+
+
 def peers_of(members: dict[str, Member]) -> list[str]:
     # Sorted: every controller must hand its workers the same order, since
     # ring collisions resolve by order.

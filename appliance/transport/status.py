@@ -117,6 +117,15 @@ def from_rpc_error(err: grpc.RpcError) -> errors.CacheError:
     return owner_error(reason_of(err.trailing_metadata()) or "", code.value[0], message)
 
 
+def client_error(err: grpc.RpcError) -> errors.CacheError:
+    """from_rpc_error for applications' clients, which keep a node's
+    GroupNotFound: they try other nodes (one may lag behind a config
+    change), then raise it."""
+    if err.code() == grpc.StatusCode.NOT_FOUND and reason_of(err.trailing_metadata()) == errors.GroupNotFound.reason:
+        return errors.GroupNotFound(err.details() or "group not found")
+    return from_rpc_error(err)
+
+
 def owner_error(reason: str, code: int, message: str) -> errors.CacheError:
     """The error an owner's (reason, status code) stands for. A missing group
     on the owner is not an answer about the key: PeerError, load locally."""

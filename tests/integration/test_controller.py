@@ -7,19 +7,9 @@ import pytest
 
 from appliance.cluster import etcd
 from appliance.cluster.controller import Controller
-from support.etcd_server import EtcdServer
 from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def etcd_server(tmp_path):
-    server = EtcdServer(tmp_path / "etcd").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def until(predicate, timeout):

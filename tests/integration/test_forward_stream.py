@@ -18,9 +18,22 @@ async def get(addr, key):
         return (await stub.Get(groupcache_pb2.GetRequest(group="g", key=key), timeout=5)).value
 
 
-async def test_forwarded_gets_share_one_stream_and_keep_statuses():
+async def test_each_backend_forwards_its_own_way_by_default():
+    """grpcio forwards over the Peer/Forward stream; native with unary Gets,
+    which a native owner serves natively (bench/forwarded.py measures why)."""
     origin = CountingOrigin({f"k{i}": f"v{i}".encode() for i in range(100)})
     async with cluster(2, origin, hot_cache_mirror=0.0) as (a, b):
+        remote = [k for k in origin.data if a.peers.owner(k) == b.addr][:5]
+        assert await asyncio.gather(*(get(a.addr, k) for k in remote)) == [origin.data[k] for k in remote]
+        client = a.peers.client(b.addr)
+        assert client.streaming is (a.backend == "grpcio")
+        assert (client._stream is not None) is (a.backend == "grpcio")
+        assert b.groups["g"].stats.server_requests == len(remote) and a.groups["g"].stats.peer_errors == 0
+
+
+async def test_forwarded_gets_share_one_stream_and_keep_statuses():
+    origin = CountingOrigin({f"k{i}": f"v{i}".encode() for i in range(100)})
+    async with cluster(2, origin, hot_cache_mirror=0.0, forward="stream") as (a, b):
         remote = [k for k in origin.data if a.peers.owner(k) == b.addr]
         values = await asyncio.gather(*(get(a.addr, k) for k in remote))
         assert values == [origin.data[k] for k in remote]
@@ -43,7 +56,7 @@ async def test_forwarded_gets_share_one_stream_and_keep_statuses():
 
 async def test_graceful_stop_is_not_held_by_open_peer_streams():
     origin = CountingOrigin({f"k{i}": b"v" for i in range(50)})
-    async with cluster(2, origin) as (a, b):
+    async with cluster(2, origin, forward="stream") as (a, b):
         remote = next(k for k in origin.data if a.peers.owner(k) == b.addr)
         await get(a.addr, remote)
         assert a.peers.client(b.addr)._stream.broken is None
@@ -79,7 +92,7 @@ async def test_peer_without_the_stream_service_gets_plain_gets():
     served = []
     server, go = await go_like_server(served)
     try:
-        async with cluster(1, CountingOrigin({})) as (a,):
+        async with cluster(1, CountingOrigin({}), forward="stream") as (a,):
             a.set_peers([a.addr, go], 2)
             keys = [k for k in (f"k{i}" for i in range(200)) if a.peers.owner(k) == go][:5]
             for k in keys:
@@ -172,7 +185,7 @@ async def test_peer_without_the_stream_service_is_recognised_whatever_the_error_
     server, go = await go_like_server(served)
     origin = CountingOrigin({})
     try:
-        async with cluster(1, origin) as (a,):
+        async with cluster(1, origin, forward="stream") as (a,):
             a.set_peers([a.addr, go], 2)
             forward = a.peers.client(go)._forward = GoLikeForward(ORDERS[order])
             keys = [k for k in (f"k{i}" for i in range(400)) if a.peers.owner(k) == go][:6]
@@ -203,7 +216,7 @@ async def test_peer_that_is_down_is_not_taken_for_one_without_the_stream():
     stream again."""
     dead = f"127.0.0.1:{free_port()}"
     origin = CountingOrigin({f"k{i}": b"local" for i in range(400)})
-    async with cluster(1, origin) as (a,):
+    async with cluster(1, origin, forward="stream") as (a,):
         a.set_peers([a.addr, dead], 2)
         keys = [k for k in origin.data if a.peers.owner(k) == dead][:2]
         for k in keys:

@@ -13,18 +13,13 @@ from appliance.cluster import etcd
 from appliance.cluster.registry import Registration
 from appliance.config import Settings
 from support.appliance import wait_for
-from support.etcd_server import EtcdServer
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = EtcdServer(tmp_path / "etcd").start()
-    try:
-        yield s
-    finally:
-        s.stop()
+def server(etcd_server):
+    return etcd_server
 
 
 def entries(client, prefix: str) -> dict[str, tuple[str, int]]:

@@ -47,14 +47,17 @@ def settings(groups=("g",), **node) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def cluster(n: int, loader, *, groups=("g",), admin_dir=None, **node):
-    """n started nodes sharing one ring (revision 1); yields the nodes."""
+async def cluster(n: int, loader, *, groups=("g",), admin_dir=None, forward=None, **node):
+    """n started nodes sharing one ring (revision 1); yields the nodes.
+    `forward` ("stream" | "unary") overrides how their forwards reach an owner."""
     s = settings(groups, **node)
     nodes = []
     try:
         for i in range(n):
             admin = f"unix:{admin_dir}/n{i}.sock" if admin_dir else None
             nodes.append(Node(s, {g: loader for g in groups}, port=0, admin_address=admin))
+            if forward is not None:
+                nodes[-1].transport.forward = forward  # before any peer client exists
             await nodes[-1].start()
         peers = [x.addr for x in nodes]
         for x in nodes:

@@ -26,12 +26,33 @@ def sample_results() -> dict:
         return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "cpu_us_per_req": cpu, "client_cpu_share": share,
                 "other_cpu_cores": others}
 
+    def server(rps, per_cpu, cores=1.2):
+        return {"rps": rps, "p50_ms": 0.2, "p99_ms": 0.6, "cpu_us_per_req": 1e6 / per_cpu, "gets_per_cpu_s": per_cpu,
+                "server_cores": cores, "client_cpu_share": 0.2, "other_cpu_cores": 0.0}
+
+    def pair(rps, per_cpu):
+        return {"rps": rps, "per_cpu": per_cpu, "p50": 1.0}
+
     hot_rows = []
-    for size, streams, ratio in ((100, 1, 0.97), (100, 8, 0.87), (100, 32, 0.93), (100, 128, 0.90),
-                                 (1024, 8, 0.89), (65536, 8, 0.98), (1 << 20, 8, 1.67)):
-        hot_rows.append({"size": size, "streams": streams, "echo": side(2374, 0.42, 0.56, 377),
-                         "worker": side(2255, 0.45, 0.61, 396), "rps_ratio": ratio, "p50_ratio": 1.02,
-                         "p99_ratio": 0.97, "cpu_ratio": 1.04})
+    for size, conns, streams in ((100, 1, 1), (100, 4, 8), (100, 8, 128), (1024, 4, 8), (65536, 4, 8), (1 << 20, 4, 8)):
+        row = {"size": size, "conns": conns, "streams": streams, "servers": {
+            "echo": server(8000, 6500), "native-echo": server(90000, 68000), "native": server(80000, 61000),
+            "grpcio": server(7600, 6100)}}
+        if size == 100:
+            row["servers"]["seed"] = server(60000, 60000, 1.0)
+            row["native_vs_seed"] = pair(1.6, 1.02)
+            row["native_echo_vs_seed"] = pair(1.5, 1.13)
+        row["native_vs_grpcio"] = pair(10.5, 10.0)
+        row["native_vs_native_echo"] = pair(0.89, 0.9)
+        row["grpcio_vs_echo"] = pair(0.92, 0.93)
+        hot_rows.append(row)
+
+    def fwd_row(streams, cost):
+        return {"streams": streams, "local": side(9000, 0.1, 0.2, 50), "forwarded": side(9000 / cost, 0.19, 0.4, 90),
+                "throughput_cost": cost, "p50_cost": cost, "p99_cost": cost, "cpu_cost": 1.8,
+                "forwarder_cpu_us_per_req": 60, "owner_cpu_us_per_req": 30, "forwarder_local_hit_cpu_us": 20,
+                "client_call_cpu_us": 40, "client_call_share": 0.44, "forwards_per_get": 1.0}
+
     prof_target = {
         "categories": {"system calls (socket I/O, wakeups)": {"share_of_busy": 0.46},
                        "product code (appliance/, own frames)": {"share_of_busy": 0.03},
@@ -44,22 +65,16 @@ def sample_results() -> dict:
         "machine": {"cpus": 2, "cpu": "Intel(R) Xeon(R) Processor", "kernel": "6.18", "python": "3.11.7",
                     "grpcio": "1.85.3", "protobuf": "7.36.2", "h2load": "h2load nghttp2/1.52.0",
                     "memcached": "memcached 1.6.18", "date": "2026-11-25"},
-        "hot_get": cond(rows=hot_rows, check={"worker_main_hits": 167618, "worker_requests": 167618,
-                                              "loads_during_runs": 0}),
+        "hot_get": cond(rows=hot_rows, seed=None, namespace=True,
+                        check={"native": {"main_hits": 167618, "requests": 167619, "loads_during_runs": 1}}),
         "forwarded": cond(
-            rows=[{"streams": 1, "local": side(2377, 0.422, 0.6, 377), "forwarded": side(1113, 0.860, 1.2, 912),
-                   "throughput_cost": 2.14, "p50_cost": 2.05, "p99_cost": 2.03, "forwarder_cpu_us_per_req": 666,
-                   "owner_cpu_us_per_req": 246, "cpu_cost": 2.44, "forwards_per_get": 1.0},
-                  {"streams": 16, "local": side(6620, 2.364, 3.0, 190), "forwarded": side(4859, 3.223, 4.0, 292),
-                   "throughput_cost": 1.33, "p50_cost": 1.34, "p99_cost": 1.25, "forwarder_cpu_us_per_req": 236,
-                   "owner_cpu_us_per_req": 56, "cpu_cost": 1.51, "forwards_per_get": 0.31}],
-            peer_call={"pyclient_p50_ms": 0.576, "pyclient_vs_h2load": 1.42, "h2load_p50_ms": 0.409,
-                       "python_client_p50_cost": 2.05, "pyclient_forwarded_p50_ms": 1.128,
-                       "pyclient_local_p50_ms": 0.520}),
+            setups={label: {"rows": [fwd_row(1, 1.9), fwd_row(16, 1.5)]}
+                    for label in ("native/unary", "native/stream", "grpcio/stream")},
+            native_vs_grpcio_forwarded=[{"streams": 1, "rps": 3.2}, {"streams": 16, "rps": 3.6}]),
         "getmany": cond(
             memcached={"gets_per_s": 243054, "gets_per_s_all": [228390, 243054, 247614], "get_misses": 0,
                        "cpu_us_per_key": 4.2, "multiget_keys_per_s": 2879450},
-            headline_batch=100, ratio=1.17,
+            headline_batch=100, ratio=3.17,
             rows=[{"batch": b, "rps": 5956 / b * b, "keys_per_s": 5956.0 * b, "p50_ms": 1.27, "p99_ms": 3.04,
                    "cpu_us_per_key": 3.81, "client_cpu_share": 0.09, "ratio_vs_memcached_multiget": 0.10,
                    **({"ratio_vs_memcached": 1.17} if b == 100 else {})} for b in (1, 10, 100, 1000)],
@@ -84,6 +99,7 @@ def sample_results() -> dict:
              "worker_cpu_us_per_req": 181, "other_cpu_cores": 0.0, "worker_cores": 1.27}
             for n, s in ((1, 1.0), (2, 1.16))]),
         "profile": cond(hot_get_worker=prof_target, forwarding_node=prof_target,
+                        hot_get_threads={"wall_s": 3.0, "cores_by_thread": {"grpc-native-io": 0.66, "native-recv": 0.27}},
                         handler_time={"100": {"handler_us": 6.0, "cpu_us_per_get": 185},
                                       str(1 << 20): {"handler_us": 12.2, "cpu_us_per_get": 575}},
                         syscalls_echo={"per_get": {"futex": 8.9, "write": 7.2}, "total_per_get": 36.7},
@@ -100,7 +116,9 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
         assert section in text
     # Fixed prose and the historical experiments live in bench/README.md.
     assert "### Reading" not in text and "--experiment" not in text and "0ad5341" not in text
-    assert "| Forwarded Get vs local hit (cost) | ≤ 2.2× |" in text
+    assert "| Forwarded vs local hit, native/unary | ≤ 2× |" in text
+    assert "| Hot Get vs the seed's Go server (GOMAXPROCS=1), Gets per server CPU-second | ≥ 1× |" in text
+    assert "`grpc-native-io` 0.66" in text
     assert "| Convergence (death / join / planned stop) | ≤ lease_ttl + 1 s = 3 s |" in text
     assert "**not met**" not in text
     assert "| verdict |" in capsys.readouterr().out  # the Goals table is printed too
@@ -109,14 +127,16 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
 
 def test_verdicts_come_from_the_goals_table():
     results = sample_results()
-    results["forwarded"]["rows"][0]["p50_cost"] = goals.GOALS["forwarded"].threshold + 0.01
+    results["forwarded"]["setups"]["native/unary"]["rows"][0]["p50_cost"] = goals.GOALS["forwarded"].threshold + 0.01
     results["memory"]["rows"][1]["rss_over_counted"] = goals.GOALS["memory_1k"].threshold
     results["storm"]["rows"][1]["origin_loads"] = [10, 11, 10]
     rows = {r[0]: r for r in goals.headline(results)}
-    assert rows["Forwarded Get vs local hit (cost)"][1:4:2] == ("≤ 2.2×", "**not met**")
+    assert rows["Forwarded vs local hit, native/unary"][1:4:2] == ("≤ 2×", "**not met**")
+    assert rows["Forwarded vs local hit, grpcio/stream"][3] == "met"
     assert rows["Memory: RSS growth / counted bytes at 1 KiB"][1:4:2] == ("≤ 1.5×", "met")  # at the bound
     assert rows["Miss storm: origin loads for 1000 Gets of 10 cold keys"][1:4:2] == ("exactly 10", "**not met**")
-    assert rows["Hot Get vs bare grpc.aio echo (100 B)"][3] == "met"
+    assert rows["Hot Get vs the seed's Go server (GOMAXPROCS=1), Gets/s"][3] == "met"
+    assert rows["Hot Get, native vs grpcio backend (same worker)"][1:4:2] == ("≥ 6×", "met")
 
 
 @pytest.mark.parametrize("state, words", [(None, "has not been run yet"), ({"error": "boom"}, "failed in this run"),

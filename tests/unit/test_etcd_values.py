@@ -1,6 +1,7 @@
 """Registration values in etcd (contract 2): what Go's naming/endpoints reads."""
 
 import json
+from types import SimpleNamespace
 
 from appliance.cluster import etcd
 
@@ -24,3 +25,24 @@ def test_foreign_values_parse():
     old = '{"Addr":"127.0.0.1:7","Metadata":{"pid":1}}'
     assert etcd.parse_member("groupcache/127.0.0.1:7", old) == ("127.0.0.1:7", {"pid": 1})
     assert etcd.parse_member("clusters/localhost:1", "localhost:1") == ("localhost:1", None)
+
+
+def test_watch_events_at_or_before_the_read_revision_are_skipped():
+    def kv(key, addr, revision):
+        return SimpleNamespace(key=key.encode(), value=etcd.member_value(addr).encode(), lease=0, mod_revision=revision)
+
+    def event(kind, kv):
+        return SimpleNamespace(type=kind, kv=kv, DELETE="DELETE")
+
+    members = {"groupcache/a:1": etcd.Member("a:1", None)}
+    response = SimpleNamespace(
+        header=SimpleNamespace(revision=12),
+        events=[
+            event("PUT", kv("groupcache/b:1", "b:1", 9)),  # already in the read at 10
+            event("DELETE", kv("groupcache/a:1", "", 11)),
+            event("PUT", kv("groupcache/c:1", "c:1", 12)),
+        ],
+    )
+    after, revision = etcd.apply_events(members, 10, response)
+    assert (sorted(m.addr for m in after.values()), revision) == (["c:1"], 12)
+    assert members == {"groupcache/a:1": etcd.Member("a:1", None)}  # not changed in place

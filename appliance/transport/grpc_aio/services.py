@@ -47,19 +47,20 @@ class DataServices:
         group, key = request.group, request.key
         forwarded = is_forwarded(context.invocation_metadata())
         instance = self.instance
+        # The reply is built inside the try too: a bug there would reach
+        # grpc's own catch-all, UNKNOWN with the exception's message.
         try:
             entry = instance.hit(group, key, forwarded)
             if entry is None:
                 entry = await instance.fill(group, key, forwarded=forwarded, timeout=_remaining(context))
+            if forwarded and entry.expires:
+                context.set_trailing_metadata(ttl_trailer(instance.ttl_left(entry)))
+            return entry.data  # already an encoded GetResponse (wire.py)
         except errors.CacheError as exc:
             status = failure(exc, group, key)
         except Exception as exc:  # a bug: answer INTERNAL and keep serving
             log.exception("Get %s/%r failed", group, key[:64])
             status = internal_failure(exc)
-        else:
-            if forwarded and entry.expires:
-                context.set_trailing_metadata(ttl_trailer(instance.ttl_left(entry)))
-            return entry.data  # already an encoded GetResponse (wire.py)
         await context.abort_with_status(status)
 
     async def get_many(self, request: cache_pb2.GetManyRequest | None, context):
@@ -70,13 +71,12 @@ class DataServices:
             results = await self.instance.get_many(
                 request.group, keys, forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context)
             )
+            return messages.encode_get_many_response(keys, results)
         except errors.CacheError as exc:
             status = failure(exc, request.group)
         except Exception as exc:
             log.exception("GetMany %s failed", request.group)
             status = internal_failure(exc)
-        else:
-            return messages.encode_get_many_response(keys, results)
         await context.abort_with_status(status)
 
     async def set(self, request: cache_pb2.SetRequest | None, context):
@@ -87,13 +87,12 @@ class DataServices:
                 request.group, request.key, request.value, request.ttl,
                 forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context),
             )  # fmt: skip
+            return messages.change_response(change)
         except errors.CacheError as exc:
             status = failure(exc, request.group, request.key)
         except Exception as exc:
             log.exception("Set %s/%r failed", request.group, request.key[:64])
             status = internal_failure(exc)
-        else:
-            return messages.change_response(change)
         await context.abort_with_status(status)
 
     async def remove(self, request: cache_pb2.RemoveRequest | None, context):
@@ -104,13 +103,12 @@ class DataServices:
                 request.group, request.key, forwarded=is_forwarded(context.invocation_metadata()),
                 timeout=_remaining(context),
             )  # fmt: skip
+            return messages.change_response(change)
         except errors.CacheError as exc:
             status = failure(exc, request.group, request.key)
         except Exception as exc:
             log.exception("Remove %s/%r failed", request.group, request.key[:64])
             status = internal_failure(exc)
-        else:
-            return messages.change_response(change)
         await context.abort_with_status(status)
 
     def handlers(self) -> dict[str, dict[str, grpc.RpcMethodHandler]]:

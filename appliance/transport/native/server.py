@@ -230,61 +230,66 @@ class NativeTransport(BaseTransport):
         limit = self.message_limit
         spawn = self._spawn if later is None else (lambda call_id, coro: later.append((call_id, coro)))
         for kind, call_id, method, payload, _, details in events:
-            if kind == EVENT_CANCEL:
-                if later is None:
-                    self._cancel(call_id)
+            # One call's bug must not cost the rest of the batch its answers.
+            try:
+                if kind == EVENT_CANCEL:
+                    if later is None:
+                        self._cancel(call_id)
+                    else:
+                        later.append((call_id, None))
+                    continue
+                if self._stopping:
+                    front.fail(call_id, _UNAVAILABLE, "server is stopping")
+                    continue
+                if len(payload) > limit:
+                    self._fail(call_id, Failure(_EXHAUSTED, f"Received message larger than max ({len(payload)} vs. {limit})", ()))
+                    continue
+                metadata, peer, remaining = details
+                forwarded = FORWARDED in metadata
+                if limiter is not None and method in LIMITED:
+                    client = client_address(peer or "")
+                    wait = limiter.admit(client, forwarded=forwarded)
+                    if wait:
+                        buckets = limiter.buckets
+                        self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
+                        continue
+                if method == GET:
+                    # The fast path: a hit costs no task, no context, no copy.
+                    try:
+                        request = _parse_get(payload)
+                    except DecodeError:
+                        self._fail(call_id, failure(errors.InvalidRequest("malformed GetRequest")))
+                        continue
+                    group, key = request.group, request.key
+                    try:
+                        entry = instance.hit(group, key, forwarded)
+                    except errors.CacheError as exc:
+                        self._fail(call_id, failure(exc, group, key))
+                        continue
+                    except Exception as exc:  # a bug: answer INTERNAL and keep serving
+                        log.exception("Get %s/%r failed", group, key[:64])
+                        self._fail(call_id, internal_failure(exc))
+                        continue
+                    if entry is None:
+                        spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
+                    elif forwarded and entry.expires:
+                        front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
+                    else:
+                        front.respond(call_id, entry.data)
+                elif method == HEALTH_CHECK:
+                    self._health_check(call_id, payload)
+                elif method == HEALTH_WATCH:
+                    request = messages.parser(health_pb2.HealthCheckRequest)(payload)
+                    if request is None:
+                        self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
+                    else:
+                        spawn(call_id, self._health_watch(call_id, request.service))
                 else:
-                    later.append((call_id, None))
-                continue
-            if self._stopping:
-                front.fail(call_id, _UNAVAILABLE, "server is stopping")
-                continue
-            if len(payload) > limit:
-                self._fail(call_id, Failure(_EXHAUSTED, f"Received message larger than max ({len(payload)} vs. {limit})", ()))
-                continue
-            metadata, peer, remaining = details
-            forwarded = FORWARDED in metadata
-            if limiter is not None and method in LIMITED:
-                client = client_address(peer or "")
-                wait = limiter.admit(client, forwarded=forwarded)
-                if wait:
-                    buckets = limiter.buckets
-                    self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
-                    continue
-            if method == GET:
-                # The fast path: a hit costs no task, no context, no copy.
-                try:
-                    request = _parse_get(payload)
-                except DecodeError:
-                    self._fail(call_id, failure(errors.InvalidRequest("malformed GetRequest")))
-                    continue
-                group, key = request.group, request.key
-                try:
-                    entry = instance.hit(group, key, forwarded)
-                except errors.CacheError as exc:
-                    self._fail(call_id, failure(exc, group, key))
-                    continue
-                except Exception as exc:  # a bug: answer INTERNAL and keep serving
-                    log.exception("Get %s/%r failed", group, key[:64])
-                    self._fail(call_id, internal_failure(exc))
-                    continue
-                if entry is None:
-                    spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
-                elif forwarded and entry.expires:
-                    front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
-                else:
-                    front.respond(call_id, entry.data)
-            elif method == HEALTH_CHECK:
-                self._health_check(call_id, payload)
-            elif method == HEALTH_WATCH:
-                request = messages.parser(health_pb2.HealthCheckRequest)(payload)
-                if request is None:
-                    self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
-                else:
-                    spawn(call_id, self._health_watch(call_id, request.service))
-            else:
-                handle = self._unary_handlers[method]
-                spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
+                    handle = self._unary_handlers[method]
+                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
+            except Exception as exc:  # a bug: answer INTERNAL and keep serving
+                log.exception("call to %s failed", METHODS[method][0] if 0 <= method < len(METHODS) else method)
+                self._fail(call_id, internal_failure(exc))
 
     def _spawn(self, call_id: int, coro: Awaitable[None]) -> None:
         assert self._loop is not None
@@ -355,14 +360,12 @@ class NativeTransport(BaseTransport):
         group, key = request.group, getattr(request, "key", "")
         try:
             reply = await run(request, forwarded, remaining)
+            self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
         except errors.CacheError as exc:
             self._fail(call_id, failure(exc, group, key))
-            return
         except Exception as exc:
             log.exception("%s %s/%r failed", name, group, key[:64])
             self._fail(call_id, internal_failure(exc))
-            return
-        self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
 
     # Health ----------------------------------------------------------------------
 

@@ -1,0 +1,155 @@
+"""What Client and AsyncClient share beyond routing: their arguments, the
+ring and its updates, and dialling a peer (grpc or grpc.aio channels have
+one API)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..transport.grpc_aio.client import PEER_CHANNEL_OPTIONS
+from .follow import EtcdMembers, Follower
+from .routing import METHODS, Pool, Router, checked_str, deadline_of, peer_list
+
+if TYPE_CHECKING:
+    import grpc
+
+    from ..config import Settings
+
+log = logging.getLogger("appliance.client")
+
+DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024 + 65536
+
+
+def settings_kwargs(settings: Settings) -> dict:
+    """Client keyword arguments that must match the nodes' config: TLS
+    credentials (the box's certificate) and the message size limit."""
+    from .. import tls
+
+    return {
+        "credentials": tls.channel_credentials(settings.tls),
+        "channel_options": tls.channel_options(settings.tls),
+        "max_message_bytes": settings.node.max_value_bytes + 64 * 1024,
+    }
+
+
+class ClientBase:
+    _grpc: Any  # the module channels come from: grpc or grpc.aio
+
+    def __init__(
+        self,
+        peers: Iterable[str] = (),
+        *,
+        replicas: int = 50,
+        scheme: str = "seed",
+        timeout: float = 5.0,
+        discover: EtcdMembers | Callable[[], list[str]] | None = None,
+        follow: bool = True,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        channel_options: list[tuple[str, object]] | None = None,
+    ) -> None:
+        """`peers` is a static list, used as it is. Or `discover` finds the
+        peers: an EtcdMembers (what from_settings passes), whose ring is
+        followed while the client is open (unless `follow` is False), or
+        any callable returning the peer list. Either is read again after a
+        call fails. `timeout` (seconds) bounds each call, its retries
+        included. `credentials` (appliance.tls.credentials_from_files) dials
+        the nodes over TLS; `max_message_bytes` should be the nodes'
+        max_value_bytes + 64 KiB (from_settings does that)."""
+        deadline_of(timeout)  # checks it
+        static = peer_list(peers)
+        if discover is not None:
+            if not callable(discover):
+                raise TypeError(f"discover must be an EtcdMembers or a callable, got {type(discover).__name__}")
+            if static:
+                raise ValueError("give either peers or discover, not both")
+        self.timeout = float(timeout)
+        self._router = Router(replicas, scheme)
+        self._pool: Pool = Pool(self._dial, linger=self.timeout)
+        self._discover = discover
+        self._follower = Follower(discover, self._followed) if follow and isinstance(discover, EtcdMembers) else None
+        self._credentials = credentials
+        self._options = [
+            *PEER_CHANNEL_OPTIONS,  # reach a node that restarted at once
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *(channel_options or ()),
+        ]
+        self._closed = False
+        if discover is None:
+            self._install(static)
+        self._open()
+
+    def _open(self) -> None:
+        """The I/O layer's own setup, last in __init__."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, follow: bool = True, poll_interval: float = 5.0, **kwargs):
+        """A client of the cluster `settings` describe: its ring from etcd
+        (followed unless `follow` is False; `poll_interval` seconds between
+        checks of a quiet watch), its TLS and limits from the config."""
+        defaults = {"replicas": settings.node.replicas, "scheme": settings.node.ring_hash, **settings_kwargs(settings)}
+        discover = EtcdMembers(settings.cluster, poll_interval=poll_interval)
+        return cls(discover=discover, follow=follow, **{**defaults, **kwargs})
+
+    @property
+    def ring(self):
+        """The HashRing in use now (replaced whole on each change)."""
+        return self._router.ring
+
+    def _peers(self) -> list[str]:
+        return list(self._router.ring.nodes)
+
+    def _locate(self, key: str) -> str | None:
+        return self._router.ring.owner(checked_str("key", key))
+
+    def _deadline(self, timeout: float | None) -> float:
+        return deadline_of(self.timeout if timeout is None else timeout)
+
+    # Ring updates ----------------------------------------------------------------
+
+    def _install(self, peers: Iterable[str], revision: int | None = None, *, force: bool = False) -> None:
+        departed = self._router.install(peers, revision, force=force)
+        if departed is None:
+            return
+        ring = self._router.ring
+        log.info(
+            "ring: %d peers%s%s", len(ring), f" at etcd revision {revision}" if revision is not None else "",
+            f"; left: {', '.join(departed)}" if departed else "",
+        )  # fmt: skip
+        self._pool.retire(departed)
+        expired = self._pool.expired()
+        if expired:
+            self._discard(expired)
+
+    def _followed(self, peers: list[str], revision: int) -> None:
+        self._install(peers, revision, force=True)
+
+    def _read_ring(self) -> tuple[list[str], int | None]:
+        """(peers, etcd revision or None) from `discover` (blocking)."""
+        if isinstance(self._discover, EtcdMembers):
+            return self._discover.read()
+        assert self._discover is not None
+        return self._discover(), None
+
+    def _discard(self, channels: list) -> None:
+        """Close channels of peers that left the ring."""
+        raise NotImplementedError
+
+    # Channels --------------------------------------------------------------------
+
+    def _dial(self, peer: str) -> tuple[Any, dict[str, Callable]]:
+        if self._credentials is not None:
+            channel = self._grpc.secure_channel(peer, self._credentials, options=self._options)
+        else:
+            channel = self._grpc.insecure_channel(peer, options=self._options)
+        methods = {
+            m.path: channel.unary_unary(
+                m.path, request_serializer=m.request.SerializeToString, response_deserializer=m.response.FromString
+            )
+            for m in METHODS
+        }
+        return channel, methods

@@ -1,0 +1,262 @@
+"""What Client and AsyncClient share, with no I/O and no gRPC: the calls'
+requests and replies, the ring, which node each try goes to within one
+deadline, and the bookkeeping of one channel per peer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from google.protobuf.message import Message
+
+from .. import addr as addrs
+from ..cache import errors
+from ..cache.ring import HashRing
+from ..pb import cache_pb2, groupcache_pb2
+from ..transport.status import error_of
+
+# The owner, then up to two other nodes: any node can serve any key.
+MAX_TRIES = 3
+
+
+@dataclass(frozen=True)
+class Method:
+    path: str
+    request: type[Message]
+    response: type[Message]
+
+
+GET = Method("/groupcachepb.GroupCache/Get", groupcache_pb2.GetRequest, groupcache_pb2.GetResponse)
+GET_MANY = Method("/appliance.cache.Cache/GetMany", cache_pb2.GetManyRequest, cache_pb2.GetManyResponse)
+SET = Method("/appliance.cache.Cache/Set", cache_pb2.SetRequest, cache_pb2.ChangeResponse)
+REMOVE = Method("/appliance.cache.Cache/Remove", cache_pb2.RemoveRequest, cache_pb2.ChangeResponse)
+METHODS = (GET, GET_MANY, SET, REMOVE)
+
+
+def _same(reply: Any) -> Any:
+    return reply
+
+
+@dataclass(frozen=True)
+class Op:
+    """One call: the method, the key that picks its node, the request, and
+    what the caller gets from the reply."""
+
+    method: Method
+    key: str
+    request: Message
+    reply: Callable[[Any], Any] = _same
+
+
+# Requests --------------------------------------------------------------------
+
+
+def checked_str(what: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    return value
+
+
+def get_op(group: str, key: str) -> Op:
+    request = groupcache_pb2.GetRequest(group=checked_str("group", group), key=checked_str("key", key))
+    return Op(GET, key, request, lambda reply: reply.value)
+
+
+def set_op(group: str, key: str, value: bytes, ttl: float) -> Op:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"value must be bytes, got {type(value).__name__} (encode text first)")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
+        raise ValueError(f"ttl must be a number of seconds >= 0 (0: the group's ttl), got {ttl!r}")
+    request = cache_pb2.SetRequest(
+        group=checked_str("group", group), key=checked_str("key", key), value=bytes(value), ttl=ttl
+    )
+    return Op(SET, key, request)
+
+
+def remove_op(group: str, key: str) -> Op:
+    return Op(REMOVE, key, cache_pb2.RemoveRequest(group=checked_str("group", group), key=checked_str("key", key)))
+
+
+def get_many_ops(ring: HashRing, group: str, keys: Iterable[str]) -> list[Op]:
+    """One GetMany per owner, each routed by its first key."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError("keys must be a list of str, not a single " + type(keys).__name__)
+    checked_str("group", group)
+    by_owner: dict[str | None, list[str]] = {}
+    for key in dict.fromkeys(keys):
+        by_owner.setdefault(ring.owner(checked_str("each key", key)), []).append(key)
+    return [
+        Op(GET_MANY, batch[0], cache_pb2.GetManyRequest(group=group, keys=batch), _found) for batch in by_owner.values()
+    ]
+
+
+def _found(reply: cache_pb2.GetManyResponse) -> dict[str, bytes]:
+    """{key: value} of the keys that exist; any other per-key error raises."""
+    found = {}
+    for r in reply.results:
+        if r.code == 0:
+            found[r.key] = r.value
+            continue
+        error = error_of(r.code, r.error)
+        if not isinstance(error, errors.KeyNotFound):
+            raise error
+    return found
+
+
+def merge(replies: Iterable[dict[str, bytes]]) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for reply in replies:
+        found.update(reply)
+    return found
+
+
+# The ring ----------------------------------------------------------------------
+
+
+def peer_list(peers: Iterable[str]) -> list[str]:
+    """Checked "host:port" names, sorted and without repeats."""
+    if isinstance(peers, (str, bytes)):
+        raise TypeError(f"peers must be a list of 'host:port' names, not a single {type(peers).__name__}")
+    peers = list(peers)
+    for p in peers:
+        addrs.split(p)
+    return sorted(set(peers))
+
+
+class Router:
+    """The ring a client routes by, replaced whole on each change."""
+
+    def __init__(self, replicas: int, scheme: str) -> None:
+        self.ring = HashRing((), replicas, scheme)  # checks replicas and scheme
+        self.revision = -1  # of the etcd read the ring came from (-1: none)
+        self._lock = threading.Lock()
+
+    def install(self, peers: Iterable[str], revision: int | None = None, *, force: bool = False) -> list[str] | None:
+        """Use a new peer list; the peers that left it, or None when nothing
+        changed. A revision not newer than the ring's is ignored unless
+        `force` (a follower's reads come in order: they are the truth)."""
+        nodes = peer_list(peers)
+        with self._lock:
+            if revision is not None:
+                if revision <= self.revision and not force:
+                    return None
+                self.revision = revision
+            ring = HashRing(nodes, self.ring.replicas, self.ring.scheme)
+            if ring == self.ring:
+                return None
+            departed = sorted(set(self.ring.nodes) - set(nodes))
+            self.ring = ring
+            return departed
+
+    def attempts(self, key: str, deadline: float) -> Attempts:
+        return Attempts(self, key, deadline)
+
+
+class Attempts:
+    """The tries of one call: its owner, then nodes not tried yet, all
+    before one deadline (time.monotonic()).
+
+        tries = router.attempts(key, deadline)
+        for peer, seconds_left in tries:
+            try: return call(peer, seconds_left)
+            except RpcError as err:
+                if tries.failed(client_error(err)): refresh the ring
+        raise tries.error()
+    """
+
+    def __init__(self, router: Router, key: str, deadline: float) -> None:
+        self._router = router
+        self._key = key
+        self._deadline = deadline
+        self._tried: set[str] = set()
+        self._last: errors.CacheError | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, float]]:
+        while len(self._tried) < MAX_TRIES:
+            ring = self._router.ring  # read per try: it may change between them
+            owner = ring.owner(self._key)
+            peer = owner if owner is not None and owner not in self._tried else None
+            if peer is None:
+                peer = next((p for p in ring.nodes if p not in self._tried), None)
+            left = self._deadline - time.monotonic()
+            if peer is None or left <= 0:
+                return
+            self._tried.add(peer)
+            yield peer, left
+
+    def failed(self, error: errors.CacheError) -> bool:
+        """After a failed try: raises what the owner answered on purpose
+        (missing key, origin down, bad request); for a PeerError or a node
+        without the group, True when the ring should be read again before
+        the next try (after the first failure, if time is left)."""
+        if not isinstance(error, (errors.PeerError, errors.GroupNotFound)):
+            raise error from None
+        self._last = error
+        return len(self._tried) == 1 and time.monotonic() < self._deadline
+
+    def error(self) -> errors.CacheError:
+        return self._last or errors.PeerError("no peers known")
+
+
+def deadline_of(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+# Channels ----------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+class Pool(Generic[C]):
+    """One channel per peer (a channel carries any number of concurrent
+    calls). The channel of a peer that left the ring is retired: closed
+    `linger` seconds later, once calls already on it are over."""
+
+    def __init__(self, dial: Callable[[str], tuple[C, dict[str, Callable]]], linger: float) -> None:
+        self._dial = dial
+        self.linger = linger
+        self._live: dict[str, tuple[C, dict[str, Callable]]] = {}
+        self._retired: list[tuple[float, C]] = []
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def methods(self, peer: str) -> dict[str, Callable]:
+        """{method path: callable} on the peer's channel, dialled on first use."""
+        with self._lock:
+            entry = self._live.get(peer)
+            if entry is None:
+                if self._closed:
+                    raise RuntimeError("the client is closed")
+                entry = self._live[peer] = self._dial(peer)
+            return entry[1]
+
+    def retire(self, peers: Iterable[str]) -> None:
+        until = time.monotonic() + self.linger
+        with self._lock:
+            for peer in peers:
+                entry = self._live.pop(peer, None)
+                if entry is not None:
+                    self._retired.append((until, entry[0]))
+
+    def expired(self) -> list[C]:
+        """Retired channels whose linger is over: the caller closes them."""
+        now = time.monotonic()
+        with self._lock:
+            done = [c for until, c in self._retired if until <= now]
+            self._retired = [(until, c) for until, c in self._retired if until > now]
+        return done
+
+    def drain(self) -> list[C]:
+        """Every channel, live or retired, for the caller to close; no more
+        are dialled after this."""
+        with self._lock:
+            self._closed = True
+            channels = [c for c, _ in self._live.values()] + [c for _, c in self._retired]
+            self._live.clear()
+            self._retired.clear()
+        return channels

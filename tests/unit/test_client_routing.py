@@ -1,0 +1,92 @@
+"""The clients' grpc-free core: ring installs, tries, requests, channel pool."""
+
+import time
+
+import pytest
+
+from appliance.cache import errors
+from appliance.cache.ring import HashRing
+from appliance.client import routing
+from appliance.pb import cache_pb2
+
+PEERS = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+
+
+def test_install_orders_by_revision_unless_forced():
+    r = routing.Router(50, "seed")
+    assert r.install(PEERS[::-1], 5) == []  # from empty: nobody left
+    assert r.ring == HashRing(PEERS)  # sorted, as the nodes' controller sorts
+    assert r.install(PEERS[:2], 4) is None  # older: ignored
+    assert r.install(PEERS[:2], 5) is None  # same revision: nothing new
+    assert r.install(PEERS[:2], 6) == [PEERS[2]]
+    assert r.install(PEERS, 2, force=True) == []  # a follower's read is the truth
+    assert r.revision == 2
+    assert r.install(PEERS) is None  # no revision (a static list or a callable): same ring
+    with pytest.raises(ValueError, match='expected "host:port"'):
+        r.install(["nope"])
+    with pytest.raises(TypeError, match="not a single str"):
+        r.install("127.0.0.1:9001")
+
+
+def test_attempts_go_to_the_owner_then_others_within_one_deadline():
+    r = routing.Router(50, "seed")
+    r.install(PEERS)
+    owner = r.ring.owner("k")
+    tries = r.attempts("k", time.monotonic() + 5)
+    order = []
+    for peer, left in tries:
+        assert 0 < left <= 5
+        order.append(peer)
+        assert tries.failed(errors.PeerError(f"{peer} down")) == (len(order) == 1)  # refresh after the first
+    assert order[0] == owner and sorted(order) == PEERS
+    with pytest.raises(errors.PeerError, match="down"):
+        raise tries.error()
+    # An owner's own answer ends the call.
+    tries = r.attempts("k", time.monotonic() + 5)
+    for _ in tries:
+        with pytest.raises(errors.KeyNotFound):
+            tries.failed(errors.KeyNotFound("no"))
+        break
+    # Past the deadline: no try at all.
+    assert list(r.attempts("k", time.monotonic() - 1)) == []
+    assert isinstance(routing.Router(50, "seed").attempts("k", time.monotonic() + 1).error(), errors.PeerError)
+
+
+def test_get_many_is_one_request_per_owner_and_keeps_only_missing_keys_quiet():
+    ring = HashRing(PEERS)
+    keys = [f"k{i}" for i in range(50)]
+    ops = routing.get_many_ops(ring, "g", keys + keys[:5])
+    assert len(ops) == 3
+    assert sorted(k for op in ops for k in op.request.keys) == sorted(keys)
+    for op in ops:
+        assert {ring.owner(k) for k in op.request.keys} == {ring.owner(op.key)}
+    reply = cache_pb2.GetManyResponse()
+    reply.results.add(key="a", value=b"1")
+    reply.results.add(key="b", code=5, error="missing")
+    assert ops[0].reply(reply) == {"a": b"1"}
+    reply.results.add(key="c", code=14, error="db down")
+    with pytest.raises(errors.OriginError, match="db down"):
+        ops[0].reply(reply)
+
+
+def test_pool_dials_once_per_peer_and_closes_retired_channels_after_their_linger():
+    dialled = []
+
+    def dial(peer):
+        dialled.append(peer)
+        return f"channel-{peer}-{len(dialled)}", {"m": peer}
+
+    pool = routing.Pool(dial, linger=0.0)
+    assert pool.methods("a") == {"m": "a"} and pool.methods("a") == {"m": "a"}
+    pool.methods("b")
+    assert dialled == ["a", "b"]
+    pool.retire(["a", "unknown"])
+    assert pool.expired() == ["channel-a-1"]
+    assert pool.expired() == []
+    pool.methods("a")  # back in the ring: a new channel
+    pool.linger = 60
+    pool.retire(["a"])
+    assert pool.expired() == []  # calls may still be on it
+    assert sorted(pool.drain()) == ["channel-a-3", "channel-b-2"]
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.methods("a")
