@@ -45,50 +45,50 @@ def get_many_response(keys: list[str], results: list[Entry | errors.CacheError])
 
 
 _PACK_DOUBLE = struct.Struct("<d").pack
+_BYTE = [bytes((i,)) for i in range(128)]
+_VIEW_FROM = 4096  # values this large join the reply as views (no intermediate copy)  # the varint of a length below 128
+
+
+def _varint(n: int) -> bytes:
+    return _BYTE[n] if n < 128 else varint(n)
 
 
 def encode_get_many_response(keys: list[str], results: list[Entry | errors.CacheError]) -> bytes:
     """get_many_response(...).SerializeToString(), byte for byte, without
-    building a message per key: the values go from the cache into the reply
-    with one copy (tests/unit/test_wire.py checks the equality)."""
+    building a message per key (tests/unit/test_wire.py checks the
+    equality). A stored value is already `0x0a <length> value` (wire.py);
+    as a KeyResult's field 2 it is `0x12 <length> value`: the same bytes but
+    the first, so it goes into the reply as a view, with no length to work
+    out and one copy (the join)."""
     parts: list = []
     add = parts.append
     now = time.monotonic()
     for key, r in zip(keys, results):
         kb = key.encode("utf-8", "surrogatepass")
-        body = [b"\x0a", varint(len(kb)), kb] if kb else []
+        kl = len(kb)
+        head = b"\x0a" + _varint(kl) + kb if kl else b""
         if isinstance(r, errors.CacheError):
             eb = (str(r) or r.reason).encode()
-            body += [b"\x18", varint(code_of(r).value[0])]
-            if eb:
-                body += [b"\x22", varint(len(eb)), eb]
-        else:
-            n = len(r.data) - r.offset
-            if n:
-                body += [b"\x12", varint(n), memoryview(r.data)[r.offset :] if r.offset else r.data]
-            if r.expires:
-                body += [b"\x29", _PACK_DOUBLE(max(r.expires - now, 0.001))]
-        size = 0
-        for b in body:
-            size += len(b)
-        add(b"\x0a")
-        add(varint(size))
-        parts += body
+            tail = b"\x18" + _varint(code_of(r).value[0]) + (b"\x22" + _varint(len(eb)) + eb if eb else b"")
+            body = head + tail
+            add(b"\x0a" + _varint(len(body)) + body)
+            continue
+        data, offset = r.data, r.offset
+        ttl = b"\x29" + _PACK_DOUBLE(max(r.expires - now, 0.001)) if r.expires else b""
+        if offset:  # framed: data[0] is GetResponse's tag, then the length and the value
+            size = len(head) + len(data) + len(ttl)
+            if size < _VIEW_FROM:  # small: one concatenation beats a view and a second part
+                add(b"\x0a" + _varint(size) + head + b"\x12" + data[1:])
+            else:
+                add(b"\x0a" + _varint(size) + head + b"\x12")
+                add(memoryview(data)[1:])
+        elif data:  # unframed (not what a node keeps, but a valid Entry)
+            field = b"\x12" + _varint(len(data))
+            size = len(head) + len(field) + len(data) + len(ttl)
+            add(b"\x0a" + _varint(size) + head + field)
+            add(data)
+        else:  # an empty value: proto3 leaves the field out
+            add(b"\x0a" + _varint(len(head) + len(ttl)) + head)
+        if ttl:
+            add(ttl)
     return b"".join(parts)
-
-
-def change_response(change: Change) -> cache_pb2.ChangeResponse:
-    out = cache_pb2.ChangeResponse(owner=change.owner)
-    for ack in change.acks:
-        out.peers.add(addr=ack.addr, confirmed=ack.confirmed, error=ack.error)
-    return out
-
-
-def forward_response(request_id: int, entry: Entry) -> cache_pb2.ForwardResponse:
-    return cache_pb2.ForwardResponse(id=request_id, response=entry.data, ttl=NodeInstance.ttl_left(entry))
-
-
-def forward_error(request_id: int, exc: errors.CacheError) -> cache_pb2.ForwardResponse:
-    return cache_pb2.ForwardResponse(
-        id=request_id, code=code_of(exc).value[0], reason=exc.reason, error=str(exc) or exc.reason
-    )
