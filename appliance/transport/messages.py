@@ -92,3 +92,20 @@ def encode_get_many_response(keys: list[str], results: list[Entry | errors.Cache
         if ttl:
             add(ttl)
     return b"".join(parts)
+
+
+def change_response(change: Change) -> cache_pb2.ChangeResponse:
+    out = cache_pb2.ChangeResponse(owner=change.owner)
+    for ack in change.acks:
+        out.peers.add(addr=ack.addr, confirmed=ack.confirmed, error=ack.error)
+    return out
+
+
+def forward_response(request_id: int, entry: Entry) -> cache_pb2.ForwardResponse:
+    return cache_pb2.ForwardResponse(id=request_id, response=entry.data, ttl=NodeInstance.ttl_left(entry))
+
+
+def forward_error(request_id: int, exc: errors.CacheError) -> cache_pb2.ForwardResponse:
+    return cache_pb2.ForwardResponse(
+        id=request_id, code=code_of(exc).value[0], reason=exc.reason, error=str(exc) or exc.reason
+    )
