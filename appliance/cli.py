@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings, path = _settings(args)
     logs.setup(settings.node.log_level, "run")
+    problems = settings.secret_problems()
+    if problems:
+        raise UsageError("; ".join(problems))
     clashes = check_ports(settings)
     if clashes:
         raise UsageError("ports already in use: " + "; ".join(clashes))
@@ -110,6 +113,19 @@ def _print_change(verb: str, args: argparse.Namespace, response: Any) -> int:
     return 0
 
 
+def _write_error(args: argparse.Namespace, exc: Exception) -> UsageError:
+    from .cache import errors
+
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, errors.Unauthenticated):
+        settings, _ = _settings(args)
+        text += (
+            f" (the CLI presents the box's token, {settings.token_path()}, when this user may read it:"
+            " run it as root or as the service user)"
+        )
+    return UsageError(text)
+
+
 def cmd_set(args: argparse.Namespace) -> int:
     from .cache import errors
 
@@ -118,7 +134,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         try:
             response = client.set(args.group, args.key, value, ttl=args.ttl)
         except errors.CacheError as exc:
-            raise UsageError(f"{type(exc).__name__}: {exc}") from None
+            raise _write_error(args, exc) from None
     return _print_change("set", args, response)
 
 
@@ -129,7 +145,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         try:
             response = client.remove(args.group, args.key)
         except errors.CacheError as exc:
-            raise UsageError(f"{type(exc).__name__}: {exc}") from None
+            raise _write_error(args, exc) from None
     return _print_change("removed", args, response)
 
 
@@ -205,10 +221,13 @@ def cmd_stop_node(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.addr} is not a worker of this box ({', '.join(settings.node.addresses())})")
     name = conf.worker_name(match[0])
     try:
-        supervisor = rpc.connect(conf.supervisor_socket(settings))
+        supervisor = conf.supervisor(settings)
         left = rpc.stop_all(supervisor, [name], settings.node.stop_grace)
-    except (OSError, xmlrpc.client.Fault) as exc:
-        raise UsageError(f"cannot reach the supervisor of this box ({exc}); is `appliance run` running?") from None
+    except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError) as exc:
+        raise UsageError(
+            f"cannot reach the supervisor of this box ({exc}); is `appliance run` running, "
+            "and is this root or the service user?"
+        ) from None
     if left:
         raise UsageError(f"{args.addr} did not stop in time")
     print(f"{args.addr} stopped ({name}); it stays stopped until `appliance run` restarts or reloads")

@@ -63,7 +63,7 @@ UNIT_DIR = Path("etc/systemd/system")
 DEFAULT_CONFIG_RESOURCES = ("defaults/appliance.example.toml", "defaults/appliance.toml")
 
 DIR_MODE_CONFIG = 0o755
-DIR_MODE_STATE = 0o750
+DIR_MODE_STATE = 0o700
 # The config may hold secrets (etcd_password, HTTP headers): readable by root
 # and the service's group only.
 FILE_MODE_CONFIG = 0o640

@@ -18,6 +18,7 @@ from .cluster import etcd
 from .cluster.registry import Registration
 from .config import Settings
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
+from .node.auth import read_token
 from .node.node import Node
 from .origins import build_origin
 
@@ -51,13 +52,14 @@ async def serve(settings: Settings, index: int) -> int:
         admin_address=f"unix:{sock}",
         http_port=http_ports[index] if http_ports else None,
         metrics=metrics,
+        token=read_token(settings.token_path()),  # `appliance run` made it
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.request_stop)  # records only
     await node.start()
     registration = Registration(
-        lambda: etcd.connect(settings.cluster),
+        lambda: etcd.connect(settings.cluster, socket=settings.etcd_socket()),
         settings.cluster.service,
         node.addr,
         ttl=settings.cluster.lease_ttl,

@@ -143,7 +143,9 @@ class AsyncClient(ClientBase):
         tries = self._router.attempts(op.key, deadline)
         for peer, left in tries:
             try:
-                return op.reply(await self._pool.methods(peer)[op.method.path](op.request, timeout=left))
+                return op.reply(
+                    await self._pool.methods(peer)[op.method.path](op.request, timeout=left, metadata=self._metadata)
+                )
             except grpc.RpcError as err:
                 if tries.failed(client_error(err)):
                     await self._refresh_quietly()

@@ -24,13 +24,20 @@ DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024 + 65536
 
 def settings_kwargs(settings: Settings) -> dict:
     """Client keyword arguments that must match the nodes' config: TLS
-    credentials (the box's certificate) and the message size limit."""
+    credentials (the box's certificate), the message size limit, and the
+    box's own token where this user may read it (root, the service user)."""
     from .. import tls
+    from ..node.auth import TokenFileError, read_token
 
+    try:
+        token = read_token(settings.token_path())
+    except TokenFileError:
+        token = None  # not this user's to read: reads still work, writes are refused
     return {
         "credentials": tls.channel_credentials(settings.tls),
         "channel_options": tls.channel_options(settings.tls),
         "max_message_bytes": settings.node.max_value_bytes + 64 * 1024,
+        "token": token,
     }
 
 
@@ -49,6 +56,7 @@ class ClientBase:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
         channel_options: list[tuple[str, object]] | None = None,
+        token: str | None = None,
     ) -> None:
         """`peers` is a static list, used as it is. Or `discover` finds the
         peers: an EtcdMembers (what from_settings passes), whose ring is
@@ -57,7 +65,12 @@ class ClientBase:
         call fails. `timeout` (seconds) bounds each call, its retries
         included. `credentials` (appliance.tls.credentials_from_files) dials
         the nodes over TLS; `max_message_bytes` should be the nodes'
-        max_value_bytes + 64 KiB (from_settings does that)."""
+        max_value_bytes + 64 KiB (from_settings does that). `token` is a
+        bearer token ([auth.credentials]) sent with every call: Set and
+        Remove need one with the write scope unless writes are open."""
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            raise ValueError("token must be a non-empty string")
+        self._metadata = (("authorization", f"Bearer {token.strip()}"),) if token else None
         deadline_of(timeout)  # checks it
         static = peer_list(peers)
         if discover is not None:
@@ -92,7 +105,7 @@ class ClientBase:
         (followed unless `follow` is False; `poll_interval` seconds between
         checks of a quiet watch), its TLS and limits from the config."""
         defaults = {"replicas": settings.node.replicas, "scheme": settings.node.ring_hash, **settings_kwargs(settings)}
-        discover = EtcdMembers(settings.cluster, poll_interval=poll_interval)
+        discover = EtcdMembers(settings.cluster, poll_interval=poll_interval, socket=settings.etcd_socket())
         return cls(discover=discover, follow=follow, **{**defaults, **kwargs})
 
     @property

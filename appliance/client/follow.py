@@ -23,6 +23,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..cache import errors
@@ -44,10 +45,12 @@ class EtcdMembers:
     Pass it as a client's `discover` to have the ring followed (or call it:
     it returns the peer list, like any `discover` callable)."""
 
-    def __init__(self, cluster: ClusterSettings, *, poll_interval: float = 5.0) -> None:
+    def __init__(self, cluster: ClusterSettings, *, poll_interval: float = 5.0, socket: Path | None = None) -> None:
+        """`socket`: the private embedded etcd's (Settings.etcd_socket())."""
         if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or not poll_interval > 0:
             raise ValueError(f"poll_interval must be a number of seconds > 0, got {poll_interval!r}")
         self.cluster = cluster
+        self.socket = socket
         self.poll_interval = float(poll_interval)
 
     def __repr__(self) -> str:
@@ -55,7 +58,7 @@ class EtcdMembers:
 
     def connect(self):
         try:
-            return etcd.connect(self.cluster)
+            return etcd.connect(self.cluster, socket=self.socket)
         except Exception as exc:
             raise self._unreachable(exc) from exc
 

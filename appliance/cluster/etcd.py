@@ -84,8 +84,18 @@ def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None
     return addr, metadata if isinstance(metadata, dict) else None
 
 
-def connect(cluster: ClusterSettings, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:
-    """A client for the configured endpoints, failing over between them."""
+def connect(
+    cluster: ClusterSettings, *, socket: Path | None = None, timeout: float = 2.0
+) -> etcd3.MultiEndpointEtcd3Client:
+    """A client for the configured endpoints, failing over between them; or,
+    with `socket` (Settings.etcd_socket(): the private embedded etcd), for
+    that unix socket alone."""
+    if socket is not None:
+        # Endpoint dials "host:port": the socket file is named "<name>:<port>"
+        # (etcd names it after its URL's host:port).
+        path, _, port = str(socket).rpartition(":")
+        endpoint = Endpoint(f"unix:{path}", int(port), secure=False, time_retry=1.0, opts=_CHANNEL_OPTIONS)
+        return etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=timeout, failover=True)
     creds = None
     if cluster.etcd_ca or cluster.etcd_cert:
         creds = grpc.ssl_channel_credentials(_read(cluster.etcd_ca), _read(cluster.etcd_key), _read(cluster.etcd_cert))

@@ -15,7 +15,7 @@ from .controller import Controller
 def run_controller(settings: Settings) -> int:
     """Run until a signal; returns the exit status (0)."""
     controller = Controller(
-        lambda: etcd.connect(settings.cluster),
+        lambda: etcd.connect(settings.cluster, socket=settings.etcd_socket()),
         settings.cluster.service,
         settings.admin_sockets,
     )

@@ -20,7 +20,9 @@ from .dirs import default_runtime_dir, default_state_dir
 from .errors import ENV_PREFIX, ConfigError
 from .load import DEFAULT_CONFIG_RESOURCE, SYSTEM_CONFIG, builtin_config_path, check_file, find_config, load_settings
 from .models import (
+    AuthSettings,
     ClusterSettings,
+    CredentialSettings,
     GroupSettings,
     NodeSettings,
     OpsSettings,
@@ -33,7 +35,9 @@ __all__ = [
     "DEFAULT_CONFIG_RESOURCE",
     "ENV_PREFIX",
     "SYSTEM_CONFIG",
+    "AuthSettings",
     "ClusterSettings",
+    "CredentialSettings",
     "ConfigError",
     "GroupSettings",
     "NodeSettings",

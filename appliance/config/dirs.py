@@ -14,6 +14,15 @@ from .. import host
 SYSTEM_STATE_DIR = Path("/var/lib/appliance")
 SYSTEM_RUNTIME_DIR = Path("/run/appliance")
 
+# The private embedded etcd's sockets, in this subdirectory of the runtime dir
+# (its working directory: etcd names a unix socket after the URL's host:port,
+# relative to its cwd).
+ETCD_DIR = "etcd"
+ETCD_CLIENT_SOCKET = "client.sock:0"
+ETCD_PEER_SOCKET = "peer.sock:0"
+# The box's own token (peers and the CLI), in the state dir.
+TOKEN_FILE = "auth/cluster.token"
+
 # Worker i's admin socket in the runtime dir; the controller and the box's
 # metrics endpoint find the workers by this name.
 _ADMIN_SOCKET = "worker-{index}.sock"

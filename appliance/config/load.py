@@ -109,6 +109,10 @@ def check_file(path: str | os.PathLike[str] | None) -> str:
     """Validate a config file; return ``"OK: <summary>"`` (and a line per
     note) or raise ``ConfigError``."""
     settings = load_settings(path)
+    problems = settings.secret_problems()
+    if problems:
+        label = str(path) if path is not None else "the built-in config"
+        raise ConfigError([f"{label}: {p}" for p in problems], Path(path) if path is not None else None)
     return "\n".join([f"OK: {settings.summary()}", *(f"note: {n}" for n in settings.notes())])
 
 

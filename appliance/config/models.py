@@ -46,7 +46,9 @@ from . import dirs
 from .errors import ENV_DELIMITER, ENV_PREFIX, FieldError
 
 __all__ = [
+    "AuthSettings",
     "ClusterSettings",
+    "CredentialSettings",
     "GroupSettings",
     "NodeSettings",
     "OpsSettings",
@@ -146,6 +148,9 @@ class ClusterSettings(_Model):
         description='a non-empty list of "host:port" endpoints, like ["127.0.0.1:2379"]',
     )
     embedded_etcd: bool = True
+    # The embedded etcd of one box listens on unix sockets only (0700). False:
+    # on TCP at etcd[0] too, for other boxes or tools (then use etcd TLS/auth).
+    etcd_private: bool = True
     etcd_peer_port: int = Field(0, ge=0, le=65535)
     lease_ttl: int = Field(5, ge=1, le=3600)
     # This etcd also serves the seed's Go nodes (a mixed cluster): each worker
@@ -423,6 +428,59 @@ class GroupSettings(_Model):
         return grammar.kind(self.origin)
 
 
+SCOPES = ("read", "write")
+
+
+class CredentialSettings(_Model):
+    """One named credential: a bearer token (from a file) or a client
+    certificate identity (with mTLS), and what it may do."""
+
+    token_file: AbsPath | None = Field(
+        None, description="an absolute path to a file holding the bearer token (mode 0600, at least 16 characters)"
+    )
+    tls_identity: str | None = Field(
+        None,
+        description="a client certificate's subject common name or a DNS/URI/email subject alternative name "
+        "(needs [tls] client_auth = true)",
+    )
+    scopes: list[Literal["read", "write"]] = Field(
+        default_factory=lambda: ["read"], description='a list of scopes: "read", "write"'
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CredentialSettings:
+        if (self.token_file is None) == (self.tls_identity is None):
+            raise FieldError((), "expected token_file or tls_identity (one of them, not both)")
+        if not self.scopes:
+            raise FieldError(("scopes",), 'expected at least one scope: "read", "write"')
+        return self
+
+
+class AuthSettings(_Model):
+    """Who may change (and read) what the cache serves, on the data port and
+    the HTTP API."""
+
+    # "authenticated": Set and Remove need a credential with the write scope.
+    writes: Annotated[Literal["authenticated", "open"], BeforeValidator(_lower)] = "authenticated"
+    # "authenticated": Get, GetMany and the HTTP API need the read scope too.
+    reads: Annotated[Literal["open", "authenticated"], BeforeValidator(_lower)] = "open"
+    # The box's (or, copied to each box, the cluster's) own token: peers send
+    # it to each other and the CLI uses it. None: <state_dir>/auth/cluster.token,
+    # made at the first `appliance run`.
+    token_file: AbsPath | None = None
+    credentials: dict[str, CredentialSettings] = Field(
+        default_factory=dict, description="a table of named credentials, like [auth.credentials.app]"
+    )
+
+    @field_validator("credentials")
+    @classmethod
+    def _names(cls, v: dict[str, CredentialSettings]) -> dict[str, CredentialSettings]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise FieldError((name,), f"expected a credential name of letters, digits, '.', '_' or '-', got {show(name)}")
+        return v
+
+
 def _a(kind: str) -> str:
     return ("an " if kind in ("sql", "http") else "a ") + kind
 
@@ -455,6 +513,7 @@ class Settings(BaseSettings):
     )
     ops: OpsSettings = Field(default_factory=OpsSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -519,6 +578,12 @@ class Settings(BaseSettings):
                 'server = "native" cannot serve the seed\'s Go nodes (pygrpc-native refuses their :authority '
                 '"groupcache/<addr>"); use "grpcio" or "auto" with cluster.seed_interop',
             )
+        for name, cred in self.auth.credentials.items():
+            if cred.tls_identity is not None and not self.tls.client_auth:
+                raise FieldError(
+                    ("auth", "credentials", name, "tls_identity"),
+                    "a tls_identity is checked only with mTLS: set [tls] client_auth = true (and tls.ca)",
+                )
         self._ops_port_checks()
         return self
 
@@ -573,6 +638,40 @@ class Settings(BaseSettings):
         """node.runtime_dir, or the default (see ``dirs.default_runtime_dir``)."""
         return self.node.runtime_dir or dirs.default_runtime_dir()
 
+    def private_etcd(self) -> bool:
+        """Whether the embedded etcd serves this box alone: then it listens on
+        unix sockets in the runtime directory (0700) and on no TCP port, so
+        no other local user can join the ring. The seed's Go nodes need TCP."""
+        c = self.cluster
+        return c.embedded_etcd and c.etcd_private and len(c.etcd) == 1 and not c.seed_interop
+
+    def etcd_socket(self) -> Path | None:
+        """The embedded etcd's client socket when it is private, else None."""
+        return self.runtime_path() / dirs.ETCD_DIR / dirs.ETCD_CLIENT_SOCKET if self.private_etcd() else None
+
+    def secret_problems(self) -> list[str]:
+        """What is wrong with the token files, one line each (checked by
+        `config check` and `appliance run`, which read them; loading the
+        config does not, so users without access to them can still load it)."""
+        from ..node.auth import TokenFileError, read_token
+
+        out = []
+        files = [(f"auth.credentials.{n}.token_file", c.token_file) for n, c in self.auth.credentials.items()]
+        if self.auth.token_file is not None:
+            files.append(("auth.token_file", self.auth.token_file))
+        for key, path in files:
+            if path is None:
+                continue
+            try:
+                read_token(path)
+            except TokenFileError as exc:
+                out.append(f"{key}: {exc}")
+        return out
+
+    def token_path(self) -> Path:
+        """auth.token_file, or the one `appliance run` makes in the state dir."""
+        return self.auth.token_file or self.state_path() / dirs.TOKEN_FILE
+
     def admin_socket(self, index: int) -> Path:
         """Unix socket of worker ``index``'s admin service."""
         return self.runtime_path() / dirs.admin_socket_name(index)
@@ -592,6 +691,11 @@ class Settings(BaseSettings):
         """Lines for `appliance config check` beyond the summary: what the
         settings do not show by themselves."""
         out = []
+        warning = self.etcd_warning()
+        if warning:
+            out.append(warning)
+        if self.auth.writes == "open":
+            out.append("writes are open: any client that reaches a data port can Set and Remove values")
         if self.cluster.seed_interop or (self.node.host == "localhost"):
             out.append(
                 "mixed cluster with the seed's Go nodes: every member named localhost:P or with a 4-character "
@@ -602,13 +706,33 @@ class Settings(BaseSettings):
             )
         return out
 
+    def etcd_warning(self) -> str | None:
+        """What an etcd anyone can write means, if this one is such (logged at
+        start and printed by `config check`)."""
+        c = self.cluster
+        if self.private_etcd():
+            return None
+        if c.embedded_etcd:
+            where = "the embedded etcd listens on TCP (for the seed's Go nodes)" if c.seed_interop else (
+                "the embedded etcd listens on TCP (etcd_private = false) without auth"
+            )
+            if c.etcd_user is None and c.etcd_cert is None:
+                return f"{where}: any etcd client can join the ring"
+            return None
+        if c.etcd_user is None and c.etcd_cert is None:
+            return "the external etcd is used without TLS or auth: any etcd client can join the ring"
+        return None
+
     def summary(self) -> str:
         """One line for humans (used by ``check_file``)."""
         n = self.node
         ports = n.ports
         port_text = f"{ports[0]}" if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"
         workers = f"{n.workers} worker{'s' if n.workers != 1 else ''} on {join_hostport(n.host, port_text)}"
-        etcd = f"etcd {', '.join(self.cluster.etcd)}" + (" (embedded)" if self.cluster.embedded_etcd else "")
+        if self.private_etcd():
+            etcd = "etcd embedded, private (a unix socket in the runtime directory)"
+        else:
+            etcd = f"etcd {', '.join(self.cluster.etcd)}" + (" (embedded)" if self.cluster.embedded_etcd else "")
         if self.groups:
             parts = []
             for name, g in self.groups.items():
@@ -627,6 +751,9 @@ class Settings(BaseSettings):
             ops.append("mTLS" if self.tls.client_auth else "TLS")
         if self.ops.rate_limit:
             ops.append(f"rate limit {self.ops.rate_limit:g}/s (burst {self.ops.burst()}) per client")
+        a = self.auth
+        creds = ", ".join(f"{name} [{', '.join(c.scopes)}]" for name, c in a.credentials.items())
+        ops.append(f"writes {a.writes}, reads {a.reads}" + (f" (credentials: {creds})" if creds else ""))
         extra = "; " + ", ".join(ops) if ops else ""
         return f"{workers}, {etcd}, groups: {groups}{extra}; server: {self.server_choice()}"
 

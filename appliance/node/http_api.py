@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..cache import errors
+from .auth import Credentials
 
 if TYPE_CHECKING:
     import ssl
@@ -48,6 +49,8 @@ _STATUS = {
     errors.KeyNotFound: 404,
     errors.OriginError: 503,
     errors.PeerError: 503,
+    errors.Unauthenticated: 401,
+    errors.PermissionDenied: 403,
 }
 
 
@@ -107,8 +110,10 @@ class HttpApi:
                 return _text(429, f"rate limit exceeded; retry in {wait:.3f}s", {"Retry-After": str(math.ceil(wait))})
         group_name = request.match_info["group"]
         key = request.match_info["key"]
+        instance = self.node.instance
         try:
-            entry = await self.node.instance.get(group_name, key)
+            credentials = None if instance.reads_open else Credentials(request.headers.get("Authorization"))
+            entry = await instance.get(group_name, key, credentials=credentials)
         except errors.CacheError as exc:
             status = _STATUS.get(type(exc), 500)
             if isinstance(exc, errors.KeyNotFound):

@@ -19,6 +19,7 @@ from ..cache import errors
 from ..cache.group import Framing, Group
 from ..cache.store import Entry
 from ..logs import event
+from .auth import NONE, Authenticator, Credentials
 from .peers import Peers
 
 if TYPE_CHECKING:
@@ -46,13 +47,26 @@ class Change:
 
 
 class NodeInstance:
-    def __init__(self, settings: Settings, loaders: Mapping[str, Loader], peers: Peers, *, framing: Framing) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loaders: Mapping[str, Loader],
+        peers: Peers,
+        *,
+        framing: Framing,
+        auth: Authenticator | None = None,
+    ) -> None:
+        """`auth` decides who may read and write (default: [auth] with no
+        credentials known, i.e. only what is open)."""
         ns = settings.node
         missing = set(settings.groups) - set(loaders)
         if missing:
             raise ValueError(f"no loader for group(s): {', '.join(sorted(missing))}")
         self.settings = settings
         self.peers = peers
+        self.auth = auth if auth is not None else Authenticator.from_settings(settings, None)
+        # Read by the transports' fast path: no credentials to look at when reads are open.
+        self.reads_open = self.auth.reads_open
         self.max_key = ns.max_key_bytes
         self.max_group = ns.max_group_bytes
         self.max_value = ns.max_value_bytes
@@ -93,6 +107,10 @@ class NodeInstance:
         if len(key) * 4 > self.max_key and len(key.encode("utf-8", "surrogatepass")) > self.max_key:
             raise errors.InvalidRequest(f"key longer than {self.max_key} bytes")
 
+    def authorize(self, scope: str, what: str, credentials: Credentials = NONE) -> None:
+        """Let a call through, or raise Unauthenticated / PermissionDenied."""
+        self.auth.require(scope, what, credentials)
+
     def group(self, name: str) -> Group:
         group = self.groups.get(name)
         if group is None:
@@ -101,9 +119,14 @@ class NodeInstance:
             raise errors.GroupNotFound(f"group {name!r} not found")
         return group
 
-    def hit(self, group_name: str, key: str, forwarded: bool = False) -> Entry | None:
+    def hit(
+        self, group_name: str, key: str, forwarded: bool = False, credentials: Credentials | None = None
+    ) -> Entry | None:
         """The cached entry, or None on a miss (then `fill`). Never suspends,
-        so a server can answer hits without a coroutine per call."""
+        so a server can answer hits without a coroutine per call. With reads
+        open (`reads_open`), a transport need not gather `credentials`."""
+        if not self.reads_open:
+            self.authorize("read", "Get", credentials or NONE)
         self.validate(group_name, key)
         return self.group(group_name).lookup(key, forwarded)
 
@@ -111,17 +134,33 @@ class NodeInstance:
         """The miss path after `hit` returned None."""
         return await self.groups[group_name].fill(key, forwarded=forwarded, timeout=timeout)
 
-    async def get(self, group_name: str, key: str, *, forwarded: bool = False, timeout: float | None = None) -> Entry:
-        entry = self.hit(group_name, key, forwarded)
+    async def get(
+        self,
+        group_name: str,
+        key: str,
+        *,
+        forwarded: bool = False,
+        timeout: float | None = None,
+        credentials: Credentials | None = None,
+    ) -> Entry:
+        entry = self.hit(group_name, key, forwarded, credentials)
         if entry is not None:
             return entry
         return await self.fill(group_name, key, forwarded=forwarded, timeout=timeout)
 
     async def get_many(
-        self, group_name: str, keys: list[str], *, forwarded: bool = False, timeout: float | None = None
+        self,
+        group_name: str,
+        keys: list[str],
+        *,
+        forwarded: bool = False,
+        timeout: float | None = None,
+        credentials: Credentials = NONE,
     ) -> list[Entry | errors.CacheError]:
         """Per key, in order: its Entry or the error for that key alone.
         Raises for the request as a whole (no group, too many keys)."""
+        if not self.reads_open:
+            self.authorize("read", "GetMany", credentials)
         if len(keys) > MAX_BATCH_KEYS:
             raise errors.InvalidRequest(f"at most {MAX_BATCH_KEYS} keys per GetMany")
         group = self.group(group_name)
@@ -144,9 +183,18 @@ class NodeInstance:
         return max(entry.expires - time.monotonic(), 0.001) if entry.expires else 0.0
 
     async def set(
-        self, group_name: str, key: str, value: bytes, ttl: float, *, forwarded: bool, timeout: float | None
+        self,
+        group_name: str,
+        key: str,
+        value: bytes,
+        ttl: float,
+        *,
+        forwarded: bool,
+        timeout: float | None,
+        credentials: Credentials = NONE,
     ) -> Change:
         """Write through to the owner's main cache; drop every other copy."""
+        self.authorize("write", "Set", credentials)
         self.validate(group_name, key)
         if len(value) > self.max_value:
             raise errors.InvalidRequest(f"value larger than {self.max_value} bytes")
@@ -165,8 +213,11 @@ class NodeInstance:
 
         return await self._change(group, key, at_owner, timeout, owner_required=True)
 
-    async def remove(self, group_name: str, key: str, *, forwarded: bool, timeout: float | None) -> Change:
+    async def remove(
+        self, group_name: str, key: str, *, forwarded: bool, timeout: float | None, credentials: Credentials = NONE
+    ) -> Change:
         """Drop key at its owner, here and in every live peer's hot cache."""
+        self.authorize("write", "Remove", credentials)
         self.validate(group_name, key)
         group = self.group(group_name)
         if forwarded:

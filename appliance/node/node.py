@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
 import grpc
@@ -20,6 +21,7 @@ from .. import transport
 from ..logs import event
 from ..pb import admin_pb2_grpc
 from .admin import AdminService
+from .auth import Authenticator
 from .instance import NodeInstance
 from .metrics import NodeMetrics
 from .peers import Peers
@@ -43,10 +45,13 @@ class Node:
         http_port: int | None = None,
         metrics: NodeMetrics | None = None,
         server: str | None = None,
+        token: str | None = None,
     ) -> None:
         """`http_port` serves the HTTP read API (None: off, 0: a free port);
         `metrics` is the registry the loaders already report to (worker.py
-        wraps them), else a new one; `server` overrides node.server."""
+        wraps them), else a new one; `server` overrides node.server;
+        `token` is the cluster's own token (peers present it to each other
+        and it may write; worker.py reads it from Settings.token_path())."""
         ns = settings.node
         self.settings = settings
         self.host = ns.host
@@ -55,9 +60,11 @@ class Node:
         if admin_address is not None:
             _check_admin_address(admin_address)
         self.backend, self.backend_reason = transport.choose(settings, server)
-        self.transport = transport.create(settings, self.backend)
+        self.transport = transport.create(settings, self.backend, peer_token=token)
         self.peers = Peers(self.transport.new_client, replicas=ns.replicas, scheme=ns.ring_hash, close_grace=ns.peer_timeout)
-        self.instance = NodeInstance(settings, loaders, self.peers, framing=self.transport.framing)
+        self.instance = NodeInstance(
+            settings, loaders, self.peers, framing=self.transport.framing, auth=Authenticator.from_settings(settings, token)
+        )
         self.groups = self.instance.groups
         self.validate = self.instance.validate
         self.http_port = http_port
@@ -95,6 +102,10 @@ class Node:
             admin.add_insecure_port(self.admin_address)
             await admin.start()
             self._admin = admin
+            if self.admin_address.startswith("unix:"):
+                # Its directory (the runtime dir, 0700) already keeps others
+                # out; the socket itself is the owner's alone as well.
+                os.chmod(self.admin_address.removeprefix("unix:"), 0o600)
         if self.http_port is not None:
             await self._start_http()
         event(

@@ -16,9 +16,11 @@ RUNNING_STATES = {"STARTING", "RUNNING", "BACKOFF", "STOPPING"}
 KILL_LAG = 2.0
 
 
-def connect(sock: Path) -> Any:
-    """The ``supervisor`` namespace of supervisord's XML-RPC interface."""
-    transport = SupervisorTransport(None, None, serverurl=f"unix://{sock}")
+def connect(sock: Path, auth: tuple[str, str] | None = None) -> Any:
+    """The ``supervisor`` namespace of supervisord's XML-RPC interface
+    (`auth`: its unix_http_server's username and password)."""
+    username, password = auth or (None, None)
+    transport = SupervisorTransport(username, password, serverurl=f"unix://{sock}")
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
 

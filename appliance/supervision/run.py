@@ -22,7 +22,9 @@ from types import FrameType
 from typing import Any
 
 from .. import addr as addrs
-from ..config import NodeSettings, Settings
+from .. import host
+from ..config import NodeSettings, Settings, dirs
+from ..node.auth import ensure_token_file
 from . import conf, rpc
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,13 @@ def _relay(fd: int) -> None:
             pass  # our stdout is gone; keep draining so children never block
 
 
+def private_dir(path: Path) -> None:
+    """Make `path` (and its parents) and leave it 0700: only this user inside."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+
+
 def check_ports(settings: Settings) -> list[str]:
     """Ports this box must bind; a list of clashes with running processes."""
     import socket
@@ -66,7 +75,7 @@ def check_ports(settings: Settings) -> list[str]:
     metrics = settings.ops.metrics_endpoint()
     if metrics is not None:
         wanted.append(metrics)
-    if settings.cluster.embedded_etcd:
+    if settings.cluster.embedded_etcd and not settings.private_etcd():
         wanted.append(addrs.split(settings.cluster.etcd[0]))
     clashes = []
     for host, port in wanted:
@@ -126,24 +135,38 @@ class Appliance:
         self.supervisor: Any = None
         self.conf_path = settings.runtime_path() / "supervisord.conf"
         self._etcd_peer_port: int | None = None
+        self._auth: tuple[str, str] | None = None
 
     def _record(self, signum: int, frame: FrameType | None) -> None:  # signal handler: record only
         self._signals.append(signum)
         self._wake.set()
 
     def write_conf(self) -> None:
-        if self.settings.cluster.embedded_etcd and self._etcd_peer_port is None:
-            host = addrs.split(self.settings.cluster.etcd[0])[0]
-            self._etcd_peer_port = self.settings.cluster.etcd_peer_port or conf.free_port(host)
-        text = conf.render(self.settings, self.config, etcd_peer_port=self._etcd_peer_port)
+        s = self.settings
+        if s.cluster.embedded_etcd and not s.private_etcd() and self._etcd_peer_port is None:
+            etcd_host = addrs.split(s.cluster.etcd[0])[0]
+            self._etcd_peer_port = s.cluster.etcd_peer_port or conf.free_port(etcd_host)
+        if self._auth is None:
+            self._auth = conf.new_supervisor_auth(self.settings)
+        text = conf.render(self.settings, self.config, etcd_peer_port=self._etcd_peer_port, auth=self._auth)
         tmp = self.conf_path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.conf_path)
 
     def run(self) -> int:
         s = self.settings
-        s.runtime_path().mkdir(parents=True, exist_ok=True)
-        s.state_path().mkdir(parents=True, exist_ok=True)
+        # Whatever the appliance makes is its own: sockets, etcd's data, the token.
+        os.umask(0o077)
+        for path in (s.runtime_path(), s.state_path(), s.runtime_path() / dirs.ETCD_DIR):
+            private_dir(path)
+        if s.auth.token_file is None and ensure_token_file(s.token_path()):
+            log.info("made the box's token %s (peers and the CLI present it; copy it to every box of a cluster)",
+                     s.token_path())  # fmt: skip
+        warning = s.etcd_warning()
+        if warning:
+            log.warning("%s", warning)
+        if host.is_root():
+            log.warning("running as root: `appliance systemd install` runs it as a service user instead")
         self.write_conf()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._record)
@@ -160,7 +183,7 @@ class Appliance:
         assert proc.stdout is not None  # stdout=PIPE
         threading.Thread(target=_relay, args=(proc.stdout.fileno(),), name="log-relay", daemon=True).start()
         log.info("supervisord %d started: %d workers on %s", proc.pid, s.node.workers, s.node.host)
-        self.supervisor = rpc.connect(conf.supervisor_socket(s))
+        self.supervisor = rpc.connect(conf.supervisor_socket(s), self._auth)
         while True:
             self._wake.wait(0.5)
             self._wake.clear()

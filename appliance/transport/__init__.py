@@ -67,13 +67,14 @@ def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
     return "native", "auto: TLS is off and pygrpc-native imports"
 
 
-def create(settings: Settings, backend: str) -> Transport:
+def create(settings: Settings, backend: str, *, peer_token: str | None = None) -> Transport:
+    """A backend; `peer_token` is what its peer clients present (the cluster's token)."""
     if backend == "native":
         from .native.server import NativeTransport
 
-        return NativeTransport(settings)
+        return NativeTransport(settings, peer_token=peer_token)
     if backend == "grpcio":
         from .grpc_aio.server import GrpcAioTransport
 
-        return GrpcAioTransport(settings)
+        return GrpcAioTransport(settings, peer_token=peer_token)
     raise ValueError(f"unknown server backend {backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import tls as tlsmod
 from ..cache.group import Framing
+from ..node.auth import bearer
 from ..node.peers import PeerClient, PeerFacts
 from ..node.ratelimit import RateLimiter, TokenBuckets, TrustedPeers
 from . import wire
@@ -50,9 +51,11 @@ class BaseTransport:
     # How a forwarded Get reaches an owner (GrpcPeerClient's `forward`).
     forward = "stream"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
+        """`peer_token`: the cluster's token, sent on every call to a peer."""
         ns = settings.node
         self.settings = settings
+        self._peer_metadata = bearer(peer_token) if peer_token else ()
         self.message_limit = ns.max_value_bytes + MESSAGE_SLACK
         self.message_options = [
             ("grpc.max_receive_message_length", self.message_limit),
@@ -71,6 +74,7 @@ class BaseTransport:
             max_wait=self.settings.node.peer_timeout,
             forward=self.forward,
             facts=facts,
+            metadata=self._peer_metadata,
         )
 
     def _bind(self, instance: NodeInstance) -> None:

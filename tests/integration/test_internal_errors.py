@@ -93,10 +93,10 @@ async def test_a_bug_in_the_hit_path_answers_internal(monkeypatch):
     async with cluster(1, CountingOrigin({"k": b"v"})) as (node,):
         real = NodeInstance.hit
 
-        def hit(self, group, key, forwarded=False):
+        def hit(self, group, key, forwarded=False, credentials=None):
             if key == "boom":
                 raise KeyError(key)
-            return real(self, group, key, forwarded)
+            return real(self, group, key, forwarded, credentials)
 
         monkeypatch.setattr(NodeInstance, "hit", hit)
         async with grpc.aio.insecure_channel(node.addr) as ch:
@@ -114,7 +114,7 @@ async def test_a_bug_while_building_the_reply_answers_internal(monkeypatch):
 
     async with cluster(1, CountingOrigin({"k": b"v"})) as (node,):
 
-        def hit(self, group, key, forwarded=False):
+        def hit(self, group, key, forwarded=False, credentials=None):
             return object()  # not an Entry
 
         async def get_many(self, group, keys, **kwargs):

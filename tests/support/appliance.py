@@ -67,7 +67,11 @@ class Appliance:
         etcd_endpoint: str | None = None,
         embedded_etcd: bool = True,
         server: str = "auto",
+        seed_interop: bool = False,
+        auth: str = "",
+        etcd_private: bool = True,
     ):
+        """`auth`: the [auth] table's body (TOML); default: the product's defaults."""
         self.root = root
         self.extra_env = dict(env or {})  # added to the environment of `appliance run`
         self.workers = workers
@@ -77,6 +81,9 @@ class Appliance:
         self.etcd_endpoint = etcd_endpoint or f"127.0.0.1:{free_port()}"
         self.embedded_etcd = embedded_etcd
         self.server = server  # node.server: auto | native | grpcio
+        self.seed_interop = seed_interop
+        self.etcd_private = etcd_private
+        self.auth = auth
         self.base_port = base_port or free_range(8)
         self.config = root / "appliance.toml"
         self.log = root / "appliance.log"
@@ -105,6 +112,8 @@ class Appliance:
 etcd = ["{self.etcd_endpoint}"]
 embedded_etcd = {"true" if self.embedded_etcd else "false"}
 lease_ttl = {self.lease_ttl}
+seed_interop = {"true" if self.seed_interop else "false"}
+etcd_private = {"true" if self.etcd_private else "false"}
 
 [node]
 workers = {self.workers}
@@ -118,6 +127,7 @@ server = "{self.server}"
 
 {self.groups}
 {"" if "[ops]" in self.groups else '[ops]' + chr(10) + 'metrics_addr = ""  # tests run in parallel: no fixed port'}
+{"[auth]" + chr(10) + self.auth if self.auth else ""}
 """
         )
 
@@ -147,11 +157,23 @@ server = "{self.server}"
     def addresses(self, n: int | None = None) -> list[str]:
         return [f"{self.host}:{self.base_port + i}" for i in range(self.workers if n is None else n)]
 
-    def etcd(self):
-        from appliance.cluster import etcd as etcd_mod
-        from appliance.config import Settings
+    def settings(self):
+        """The settings `appliance run` reads (directories filled in), without the environment."""
+        from appliance.config import load_settings
 
-        return etcd_mod.connect(Settings(cluster={"etcd": [self.etcd_endpoint]}).cluster)
+        saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("APPLIANCE_")}
+        try:
+            return load_settings(self.config)
+        finally:
+            os.environ.update(saved)
+
+    def etcd(self):
+        """A client of this appliance's etcd: through its private unix socket
+        when it has one (single box, embedded), else its TCP endpoint."""
+        from appliance.cluster import etcd as etcd_mod
+
+        settings = self.settings()
+        return etcd_mod.connect(settings.cluster, socket=settings.etcd_socket())
 
     def registered(self) -> dict[str, dict]:
         client = self.etcd()
@@ -162,6 +184,9 @@ server = "{self.server}"
             }
         finally:
             client.close()
+
+    def registered_addrs(self) -> set[str]:
+        return {v["value"]["Addr"] for v in self.registered().values()}
 
     def admin_stats(self, index: int) -> dict:
         with AdminClient(self.root / "run" / dirs.admin_socket_name(index)) as admin:
@@ -185,9 +210,9 @@ server = "{self.server}"
         return wait_for(converged, timeout, what=f"ring {want}")
 
     def supervisor(self):
-        from appliance.supervision import rpc
+        from appliance.supervision import conf
 
-        return rpc.connect(self.root / "run" / "supervisor.sock")
+        return conf.supervisor(self.settings())
 
     def process_info(self) -> dict[str, dict]:
         return {p["name"]: p for p in self.supervisor().getAllProcessInfo()}

@@ -109,7 +109,8 @@ class HostAppliance(Appliance):
         self.net, self.index = net, index
         root.mkdir(parents=True, exist_ok=True)
         super().__init__(
-            root, host=net.address(index), base_port=base_port, etcd_endpoint=etcd, embedded_etcd=index == 0, **kwargs
+            root, host=net.address(index), base_port=base_port, etcd_endpoint=etcd, embedded_etcd=index == 0,
+            etcd_private=False, **kwargs
         )
         self.launcher = list(net.prefix(index))
 

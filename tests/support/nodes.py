@@ -36,26 +36,34 @@ class CountingOrigin:
 BACKEND = {"server": "auto"}
 
 
-def settings(groups=("g",), **node) -> Settings:
+def settings(groups=("g",), auth=None, tls=None, **node) -> Settings:
+    """In-process nodes' settings. Writes are open here unless `auth` says
+    otherwise: these tests are about the data plane; tests/integration/
+    test_write_auth.py runs the same calls with credentials required."""
     node.setdefault("host", "127.0.0.1")
     node.setdefault("server", BACKEND["server"])
     return Settings(
         node=node,
         groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},
         cluster={"embedded_etcd": False},
+        auth=auth if auth is not None else {"writes": "open"},
+        tls=tls or {},
     )
 
 
 @contextlib.asynccontextmanager
-async def cluster(n: int, loader, *, groups=("g",), admin_dir=None, forward=None, **node):
+async def cluster(
+    n: int, loader, *, groups=("g",), admin_dir=None, forward=None, auth=None, token=None, tls=None, **node
+):
     """n started nodes sharing one ring (revision 1); yields the nodes.
-    `forward` ("stream" | "unary") overrides how their forwards reach an owner."""
-    s = settings(groups, **node)
+    `forward` ("stream" | "unary") overrides how their forwards reach an
+    owner; `auth` is the [auth] table, `token` the cluster's own token."""
+    s = settings(groups, auth, tls, **node)
     nodes = []
     try:
         for i in range(n):
             admin = f"unix:{admin_dir}/n{i}.sock" if admin_dir else None
-            nodes.append(Node(s, {g: loader for g in groups}, port=0, admin_address=admin))
+            nodes.append(Node(s, {g: loader for g in groups}, port=0, admin_address=admin, token=token))
             if forward is not None:
                 nodes[-1].transport.forward = forward  # before any peer client exists
             await nodes[-1].start()

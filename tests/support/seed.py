@@ -244,8 +244,7 @@ class MixedCluster:
         self.app = Appliance(
             root / "app", workers=workers, host="localhost", base_port=base_port, etcd_endpoint=self.ETCD,
             lease_ttl=2, groups=GROUPS,
-            env={"PYTHONPATH": str(TESTS), "SEED_INTEROP_LOADS": str(self.loads_file),
-                 "APPLIANCE_CLUSTER__SEED_INTEROP": "true"},
+            env={"PYTHONPATH": str(TESTS), "SEED_INTEROP_LOADS": str(self.loads_file)}, seed_interop=True,
         )  # fmt: skip
         self.app.launcher = self.ns.launcher
         # Ports of one width: the seed's resolver watches "groupcache/<addr>"

@@ -56,9 +56,9 @@ def write(tmp_path: Path, text: str, name: str = "appliance.toml") -> Path:
     return p
 
 
-def config_error(path) -> str:
+def config_error(path, check: bool = False) -> str:
     with pytest.raises(ConfigError) as info:
-        load_settings(path)
+        check_file(path) if check else load_settings(path)
     msg = str(info.value)
     assert "Traceback" not in msg
     assert "pydantic" not in msg.lower()
@@ -273,7 +273,7 @@ def test_file_keys_never_become_loader_options(tmp_path):
     p = write(tmp_path, "_env_prefix = 'X_'\n_cli_parse_args = true\nfile_tables = 1\n")
     lines = sorted(config_error(p).splitlines())
     assert [line.split(": ")[1] for line in lines] == ["_cli_parse_args", "_env_prefix", "file_tables"]
-    assert all("unknown key (expected one of: cluster, node, groups, ops, tls)" in line for line in lines)
+    assert all("unknown key (expected one of: cluster, node, groups, ops, tls, auth)" in line for line in lines)
 
 
 def test_no_file_leaks_between_loads(tmp_path):
@@ -568,3 +568,30 @@ def test_hostport_helpers():
 def test_ipv6_node_host():
     s = Settings(node={"host": "::1"}, cluster={"etcd": ["[::1]:2379"]})
     assert s.node.address(0) == "[::1]:9999"
+
+
+def test_config_check_warns_when_any_etcd_client_can_join_the_ring(tmp_path):
+    private = check_file(write(tmp_path, ""))
+    assert "etcd embedded, private" in private and "can join the ring" not in private
+    assert "writes authenticated, reads open" in private
+    external = check_file(write(tmp_path, '[cluster]\nembedded_etcd = false\netcd = ["10.0.0.5:2379"]\n', "e.toml"))
+    assert "note: the external etcd is used without TLS or auth: any etcd client can join the ring" in external
+    exposed = check_file(write(tmp_path, "[cluster]\netcd_private = false\n", "x.toml"))
+    assert "note: the embedded etcd listens on TCP (etcd_private = false) without auth" in exposed
+    opened = check_file(write(tmp_path, '[auth]\nwrites = "open"\n', "o.toml"))
+    assert "note: writes are open: any client that reaches a data port can Set and Remove values" in opened
+
+
+def test_config_check_reads_the_token_files_and_names_what_is_wrong(tmp_path):
+    token = tmp_path / "app.token"
+    token.write_text("t" * 32)
+    token.chmod(0o644)
+    p = write(tmp_path, f'[auth.credentials.app]\ntoken_file = "{token}"\nscopes = ["write"]\n')
+    msg = config_error(p, check=True)
+    assert "auth.credentials.app.token_file" in msg and "chmod 600" in msg and "t" * 32 not in msg
+    token.chmod(0o600)
+    assert "credentials: app [write]" in check_file(p)
+    both = write(tmp_path, f'[auth.credentials.x]\ntoken_file = "{token}"\ntls_identity = "x"\n', "b.toml")
+    assert "expected token_file or tls_identity" in config_error(both)
+    cert_only = write(tmp_path, '[auth.credentials.x]\ntls_identity = "x"\n', "c.toml")
+    assert "client_auth = true" in config_error(cert_only)

@@ -158,7 +158,7 @@ def test_unit_has_the_required_settings():
         "SystemCallArchitectures": "native",
         "CapabilityBoundingSet": "",
         "AmbientCapabilities": "",
-        "UMask": "0027",
+        "UMask": "0077",
         "LimitNOFILE": "65536",
         "WantedBy": "multi-user.target",
         "After": "network-online.target",
@@ -250,7 +250,7 @@ def test_install_creates_files_with_modes(tmp_path):
     unit = tmp_path / "etc/systemd/system/appliance.service"
     assert mode(etc) == 0o755
     assert mode(config) == 0o640
-    assert mode(state) == 0o750
+    assert mode(state) == 0o700
     assert mode(unit) == 0o644
     assert config.read_bytes() == (ROOT / "appliance/defaults/appliance.example.toml").read_bytes()
     assert unit.read_text() == render_unit(str(APPLIANCE_BIN), SYSTEM_CONFIG_PATH, DEFAULT_USER)

@@ -30,8 +30,8 @@ def add_services(server: grpc.aio.Server, services: dict[str, dict[str, grpc.Rpc
 class GrpcAioTransport(BaseTransport):
     name = "grpcio"
 
-    def __init__(self, settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings, *, peer_token: str | None = None) -> None:
+        super().__init__(settings, peer_token=peer_token)
         self._server: grpc.aio.Server | None = None
         self._peer_service: PeerService | None = None
 

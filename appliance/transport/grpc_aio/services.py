@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from ...cache import errors
+from ...node.auth import Credentials
 from ...pb import cache_pb2, groupcache_pb2
 from .. import messages
 from ..metadata import is_forwarded, ttl_trailer
@@ -35,6 +36,17 @@ def _remaining(context) -> float | None:
     return context.time_remaining()
 
 
+def credentials(context) -> Credentials:
+    """The call's bearer token and, with mTLS, its certificate's names."""
+    auth = context.auth_context() or {}
+    identities = [
+        v.decode(errors="replace")
+        for key in ("x509_common_name", "x509_subject_alternative_name")
+        for v in auth.get(key, ())
+    ]
+    return Credentials.from_metadata(context.invocation_metadata(), identities)
+
+
 class DataServices:
     """GroupCache/Get and the Cache service."""
 
@@ -50,7 +62,7 @@ class DataServices:
         # The reply is built inside the try too: a bug there would reach
         # grpc's own catch-all, UNKNOWN with the exception's message.
         try:
-            entry = instance.hit(group, key, forwarded)
+            entry = instance.hit(group, key, forwarded, None if instance.reads_open else credentials(context))
             if entry is None:
                 entry = await instance.fill(group, key, forwarded=forwarded, timeout=_remaining(context))
             if forwarded and entry.expires:
@@ -69,8 +81,9 @@ class DataServices:
         keys = list(request.keys)
         try:
             results = await self.instance.get_many(
-                request.group, keys, forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context)
-            )
+                request.group, keys, forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context),
+                credentials=credentials(context),
+            )  # fmt: skip
             return messages.encode_get_many_response(keys, results)
         except errors.CacheError as exc:
             status = failure(exc, request.group)
@@ -86,6 +99,7 @@ class DataServices:
             change = await self.instance.set(
                 request.group, request.key, request.value, request.ttl,
                 forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context),
+                credentials=credentials(context),
             )  # fmt: skip
             return messages.change_response(change)
         except errors.CacheError as exc:
@@ -101,7 +115,7 @@ class DataServices:
         try:
             change = await self.instance.remove(
                 request.group, request.key, forwarded=is_forwarded(context.invocation_metadata()),
-                timeout=_remaining(context),
+                timeout=_remaining(context), credentials=credentials(context),
             )  # fmt: skip
             return messages.change_response(change)
         except errors.CacheError as exc:
@@ -155,11 +169,18 @@ class PeerService:
         self._streams: set[_ServerStream] = set()
 
     async def forward(self, requests, context):
+        creds = None
+        if not self.instance.reads_open:
+            creds = credentials(context)  # the stream's, for each Get on it
+            try:
+                self.instance.authorize("read", "Forward", creds)
+            except errors.CacheError as exc:
+                await context.abort_with_status(failure(exc))
         stream = _ServerStream()
         self._streams.add(stream)
 
         async def answer(request: cache_pb2.ForwardRequest) -> None:
-            stream.out.put_nowait(await self._answer(request))
+            stream.out.put_nowait(await self._answer(request, creds))
 
         async def take() -> None:
             try:
@@ -186,9 +207,11 @@ class PeerService:
             for task in stream.tasks:
                 task.cancel()
 
-    async def _answer(self, request: cache_pb2.ForwardRequest) -> cache_pb2.ForwardResponse:
+    async def _answer(self, request: cache_pb2.ForwardRequest, creds: Credentials | None) -> cache_pb2.ForwardResponse:
         try:
-            entry = await self.instance.get(request.group, request.key, forwarded=True, timeout=request.timeout or None)
+            entry = await self.instance.get(
+                request.group, request.key, forwarded=True, timeout=request.timeout or None, credentials=creds
+            )
         except errors.CacheError as exc:
             return messages.forward_error(request.id, exc)
         except Exception as exc:  # a bug: answer and keep serving

@@ -35,6 +35,7 @@ from pygrpc_native import EVENT_CANCEL, STREAM_CLOSED, STREAM_FULL, NativeGrpcFr
 
 from ... import addr as addrs
 from ...cache import errors
+from ...node.auth import Credentials
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
 from .. import health, messages
@@ -84,8 +85,8 @@ class NativeTransport(BaseTransport):
     # grpc.aio fallback (bench/forwarded.py measures both).
     forward = "unary"
 
-    def __init__(self, settings, *, io_threads: int = 1) -> None:
-        super().__init__(settings)
+    def __init__(self, settings, *, io_threads: int = 1, peer_token: str | None = None) -> None:
+        super().__init__(settings, peer_token=peer_token)
         self.io_threads = io_threads
         self._front: NativeGrpcFront | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -262,7 +263,9 @@ class NativeTransport(BaseTransport):
                         continue
                     group, key = request.group, request.key
                     try:
-                        entry = instance.hit(group, key, forwarded)
+                        entry = instance.hit(
+                            group, key, forwarded, None if instance.reads_open else Credentials.from_metadata(metadata)
+                        )
                     except errors.CacheError as exc:
                         self._fail(call_id, failure(exc, group, key))
                         continue
@@ -286,7 +289,7 @@ class NativeTransport(BaseTransport):
                         spawn(call_id, self._health_watch(call_id, request.service))
                 else:
                     handle = self._unary_handlers[method]
-                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining))
+                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, metadata))
             except Exception as exc:  # a bug: answer INTERNAL and keep serving
                 log.exception("call to %s failed", METHODS[method][0] if 0 <= method < len(METHODS) else method)
                 self._fail(call_id, internal_failure(exc))
@@ -330,19 +333,22 @@ class NativeTransport(BaseTransport):
     def _make_unary_handlers(self) -> dict[int, tuple]:
         instance = self.instance
 
-        async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout):
+        async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout, creds: Credentials):
             keys = list(request.keys)
-            results = await instance.get_many(request.group, keys, forwarded=forwarded, timeout=timeout)
+            results = await instance.get_many(request.group, keys, forwarded=forwarded, timeout=timeout, credentials=creds)
             return messages.encode_get_many_response(keys, results)
 
-        async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout):
+        async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout, creds: Credentials):
             change = await instance.set(
-                request.group, request.key, request.value, request.ttl, forwarded=forwarded, timeout=timeout
-            )
+                request.group, request.key, request.value, request.ttl, forwarded=forwarded, timeout=timeout,
+                credentials=creds,
+            )  # fmt: skip
             return messages.change_response(change)
 
-        async def remove(request: cache_pb2.RemoveRequest, forwarded: bool, timeout):
-            change = await instance.remove(request.group, request.key, forwarded=forwarded, timeout=timeout)
+        async def remove(request: cache_pb2.RemoveRequest, forwarded: bool, timeout, creds: Credentials):
+            change = await instance.remove(
+                request.group, request.key, forwarded=forwarded, timeout=timeout, credentials=creds
+            )
             return messages.change_response(change)
 
         return {
@@ -351,7 +357,9 @@ class NativeTransport(BaseTransport):
             REMOVE: ("Remove", messages.parser(cache_pb2.RemoveRequest), remove),
         }
 
-    async def _unary(self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None) -> None:
+    async def _unary(
+        self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None, metadata
+    ) -> None:
         name, parse, run = handle
         request = parse(payload)
         if request is None:
@@ -359,7 +367,7 @@ class NativeTransport(BaseTransport):
             return
         group, key = request.group, getattr(request, "key", "")
         try:
-            reply = await run(request, forwarded, remaining)
+            reply = await run(request, forwarded, remaining, Credentials.from_metadata(metadata))
             self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
         except errors.CacheError as exc:
             self._fail(call_id, failure(exc, group, key))

@@ -1,0 +1,188 @@
+"""Who a caller is, and whether it may do what it asks ([auth]).
+
+Credentials are bearer tokens (sent as `authorization: Bearer <token>`
+metadata, or the same HTTP header) and, with mTLS, client certificate
+identities (subject CN or a subject alternative name). The box's own token
+(`Settings.token_path()`, made by `appliance run`) is what peers send each
+other and what the CLI sends; it may read and write.
+
+Tokens are kept only as SHA-256 digests and a presented token is compared,
+in constant time (hmac.compare_digest), against every known digest, so
+neither a match nor where it is in the list shows in the timing. Nothing
+here logs, returns or puts in an error the token itself.
+
+grpc-free: the transports pass what they read off a call (`Credentials`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..cache import errors
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+MIN_TOKEN_CHARS = 16
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+CLUSTER = "cluster"  # the principal of the box's own token
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be used; the message names the file, never the token."""
+
+
+def read_token(path: str | os.PathLike[str]) -> str:
+    """The token in `path`: a regular file, readable by its owner only."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise TokenFileError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenFileError(f"{str(p)!r} is not a regular file")
+    if st.st_mode & 0o077:
+        raise TokenFileError(
+            f"{str(p)!r} is readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"chmod 600 it"
+        )
+    try:
+        token = p.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"cannot read {str(p)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(token) < MIN_TOKEN_CHARS or not set(token) <= _TOKEN_CHARS:
+        raise TokenFileError(
+            f"{str(p)!r} must hold one token of at least {MIN_TOKEN_CHARS} characters "
+            "(letters, digits and -._~+/=), like `openssl rand -base64 32` prints"
+        )
+    return token
+
+
+def ensure_token_file(path: Path, *, uid: int | None = None, gid: int | None = None) -> bool:
+    """Make `path` (mode 0600, its directory 0700) with a new random token
+    unless it exists; True when it was made. `uid`/`gid`: its owner."""
+    if path.exists():
+        return False
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if uid is not None:
+        os.chown(path.parent, uid, gid if gid is not None else -1)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made meanwhile by another process
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    if uid is not None:
+        os.chown(path, uid, gid if gid is not None else -1)
+    return True
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    name: str
+    scopes: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What a call carried: its `authorization` value and its certificate identities."""
+
+    authorization: str | None = None
+    identities: tuple[str, ...] = ()
+
+    @classmethod
+    def from_metadata(cls, metadata: Iterable[tuple[str, object]] | None, identities: Iterable[str] = ()) -> Credentials:
+        authorization = None
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                authorization = value
+                break
+        return cls(authorization, tuple(identities))
+
+
+NONE = Credentials()
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents `token`."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        writes_open: bool = False,
+        reads_open: bool = True,
+        tokens: Iterable[tuple[str, str, Iterable[str]]] = (),
+        identities: Iterable[tuple[str, str, Iterable[str]]] = (),
+    ) -> None:
+        """`tokens` and `identities`: (name, token or identity, scopes)."""
+        self.writes_open = writes_open
+        self.reads_open = reads_open
+        self._tokens = [(_digest(t), Principal(n, frozenset(s))) for n, t, s in tokens]
+        self._identities = {i: Principal(n, frozenset(s)) for n, i, s in identities}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, cluster_token: str | None) -> Authenticator:
+        a = settings.auth
+        tokens = [(CLUSTER, cluster_token, ("read", "write"))] if cluster_token else []
+        identities = []
+        for name, cred in a.credentials.items():
+            if cred.token_file is not None:
+                tokens.append((name, read_token(cred.token_file), cred.scopes))
+            else:
+                identities.append((name, cred.tls_identity, cred.scopes))
+        return cls(writes_open=a.writes == "open", reads_open=a.reads == "open", tokens=tokens, identities=identities)
+
+    def open_to(self, scope: str) -> bool:
+        return self.writes_open if scope == "write" else self.reads_open
+
+    def authenticate(self, credentials: Credentials) -> Principal | None:
+        """The principal of a valid credential; None when none was presented.
+        Raises Unauthenticated for a token that matches no credential."""
+        auth = credentials.authorization
+        if auth is not None:
+            scheme, _, token = auth.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise errors.Unauthenticated('the authorization metadata must be "Bearer <token>"')
+            presented = _digest(token.strip())
+            found = None
+            for digest, principal in self._tokens:  # every one: constant time
+                if hmac.compare_digest(presented, digest) and found is None:
+                    found = principal
+            if found is None:
+                raise errors.Unauthenticated("the bearer token matches no credential")
+            return found
+        for identity in credentials.identities:
+            principal = self._identities.get(identity)
+            if principal is not None:
+                return principal
+        return None
+
+    def require(self, scope: str, what: str, credentials: Credentials) -> Principal | None:
+        """Let a call that needs `scope` through, or raise Unauthenticated /
+        PermissionDenied naming what it needs (never the token)."""
+        if self.open_to(scope):
+            return None
+        principal = self.authenticate(credentials)
+        if principal is None:
+            raise errors.Unauthenticated(
+                f"{what} needs a credential with the {scope} scope: a bearer token in the authorization "
+                "metadata, or a client certificate named in [auth.credentials]"
+            )
+        if scope not in principal.scopes:
+            raise errors.PermissionDenied(f"{what} needs the {scope} scope; credential {principal.name!r} lacks it")
+        return principal
