@@ -81,9 +81,15 @@ class EtcdMembers:
         return self.read()[0]
 
     def _unreachable(self, exc: Exception) -> errors.PeerError:
+        if self.socket is not None:
+            where = (
+                f"the box's private etcd ({self.socket}; only root and the service user may reach it, "
+                "others can pass --peers)"
+            )
+        else:
+            where = f"etcd at {', '.join(self.cluster.etcd)}"
         return errors.PeerError(
-            f"cannot read the ring from etcd at {', '.join(self.cluster.etcd)} "
-            f"(service {self.cluster.service!r}): {type(exc).__name__}: {exc}"
+            f"cannot read the ring from {where} (service {self.cluster.service!r}): {type(exc).__name__}: {exc}"
         )
 
 
