@@ -150,9 +150,17 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        for peer in client.peers():
-            print(peer)
+    """ADDR<TAB>BOX of every live worker (the box from its registration)."""
+    if args.peers:
+        with _client(args) as client:
+            for peer in client.peers():
+                print(peer)
+        return 0
+    settings, _ = _settings(args)
+    client, members = _cluster_view(settings)
+    client.close()
+    for addr, member in sorted(members.items()):
+        print(f"{addr}\t{_box_of(member)}")
     return 0
 
 
@@ -167,41 +175,60 @@ def _local_workers(settings: Settings) -> list[tuple[int, str, Path]]:
     return [(i, settings.node.address(i), settings.admin_socket(i)) for i in range(settings.node.workers)]
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    import grpc
+STATS_COLUMNS = (
+    "gets", "hits", "loads", "loads_deduped", "peer_loads", "peer_errors", "local_loads", "main_bytes", "hot_bytes",
+    "main_evictions",
+)  # fmt: skip
 
-    from .admin_client import AdminClient
+
+def _cluster_view(settings: Settings):
+    """(etcd client, {addr: Member}) of the cluster, or raise UsageError."""
+    from .cluster import etcd
+
+    try:
+        client = etcd.connect_to(settings)
+        members, _ = etcd.call(client, lambda c: etcd.read_members(c, settings.cluster.service))
+    except Exception as exc:
+        raise UsageError(f"cannot read the cluster from etcd ({type(exc).__name__}: {exc})") from None
+    return client, {m.addr: m for m in members.values()}
+
+
+def _box_of(member) -> str:
+    return str((member.metadata or {}).get("box") or "-")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Every worker of the cluster, with its box: each box's controller
+    answers for its own workers through etcd (cluster.box_ops)."""
+    from .cluster import box_ops
 
     settings, _ = _settings(args)
+    client, members = _cluster_view(settings)
+    try:
+        boxes = ({_box_of(m) for m in members.values()} - {"-"}) | {settings.node.host}
+        answers = box_ops.gather_stats(client, settings.cluster.service, boxes)
+    finally:
+        client.close()
     report: dict[str, dict[str, Any]] = {}
-    for _, addr, sock in _local_workers(settings):
-        try:
-            with AdminClient(sock) as admin:
-                report[addr] = admin.stats()
-        except grpc.RpcError as err:
-            report[addr] = {"error": err.code().name}
+    for box, doc in sorted(answers.items()):
+        for addr, st in sorted((doc.get("workers") or {}).items()):
+            report[addr] = {**st, "box": box}
+    for addr, member in sorted(members.items()):  # live workers whose box did not answer
+        report.setdefault(addr, {"box": _box_of(member), "error": "its box did not answer"})
+    silent = sorted(boxes - set(answers))
+    if silent:
+        print(f"appliance: no answer from box(es) {', '.join(silent)} (controller down, or cut off from etcd)",
+              file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    cols = (
-        "gets",
-        "hits",
-        "loads",
-        "loads_deduped",
-        "peer_loads",
-        "peer_errors",
-        "local_loads",
-        "main_bytes",
-        "hot_bytes",
-        "main_evictions",
-    )
-    print("\t".join(("worker", "group", "revision") + cols))
+    print("\t".join(("box", "worker", "group", "revision") + STATS_COLUMNS))
     for addr, st in report.items():
         if "error" in st:
-            print(f"{addr}\t-\t-\t{st['error']}")
+            print(f"{st['box']}\t{addr}\t-\t-\t{st['error']}")
             continue
         for group, g in st["groups"].items():
-            print("\t".join([addr, group, str(st["revision"])] + [str(g[c]) for c in cols]))
+            print("\t".join([st["box"], addr, group, str(st["revision"])] + [str(g[c]) for c in STATS_COLUMNS]))
     return 0
 
 
@@ -218,7 +245,7 @@ def cmd_stop_node(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     match = [i for i, a, _ in _local_workers(settings) if a == args.addr]
     if not match:
-        raise UsageError(f"{args.addr} is not a worker of this box ({', '.join(settings.node.addresses())})")
+        return _stop_remote_node(settings, args.addr)
     name = conf.worker_name(match[0])
     try:
         supervisor = conf.supervisor(settings)
@@ -231,6 +258,91 @@ def cmd_stop_node(args: argparse.Namespace) -> int:
     if left:
         raise UsageError(f"{args.addr} did not stop in time")
     print(f"{args.addr} stopped ({name}); it stays stopped until `appliance run` restarts or reloads")
+    return 0
+
+
+def _stop_remote_node(settings: Settings, addr: str) -> int:
+    """stop-node of another box's worker: a drain request in etcd that the
+    owning box's controller acts on (no remote admin port)."""
+    from .cluster import box_ops
+
+    client, members = _cluster_view(settings)
+    try:
+        if addr not in members:
+            raise UsageError(
+                f"{addr} is not a live worker of the cluster (live: {', '.join(sorted(members)) or 'none'})"
+            )
+        box = _box_of(members[addr])
+        try:
+            doc = box_ops.request_drain(client, settings.cluster.service, addr, timeout=settings.node.stop_grace + 10)
+        except box_ops.Unclaimed as exc:
+            raise UsageError(f"{exc} (is the controller of box {box} running?)") from None
+    finally:
+        client.close()
+    state = doc.get("state")
+    if state == "stopped":
+        print(f"{addr} stopped ({doc.get('worker')} on box {doc.get('box', box)}); it left the ring and stays "
+              "stopped until that box's `appliance run` restarts or reloads")  # fmt: skip
+        return 0
+    detail = doc.get("error") or "it did not leave the ring within the drain timeout"
+    print(f"appliance: {addr} on box {box}: {state}: {detail}", file=sys.stderr)
+    return 1
+
+
+def _etcd_cluster(args: argparse.Namespace):
+    settings, _ = _settings(args)
+    if not settings.etcd_clustered():
+        raise UsageError(
+            "`appliance etcd` manages an embedded etcd cluster: this config has "
+            + ("one endpoint" if settings.cluster.embedded_etcd else "an external etcd (manage it with etcdctl)")
+        )
+    return settings
+
+
+def cmd_etcd_members(args: argparse.Namespace) -> int:
+    from .cluster import membership
+
+    settings = _etcd_cluster(args)
+    try:
+        found = membership.members(settings)
+    except Exception as exc:
+        raise UsageError(f"no member of the etcd cluster answers ({type(exc).__name__}: {exc})") from None
+    print("\t".join(("name", "peer URL", "client URL", "health")))
+    for m in sorted(found, key=lambda m: list(m.peer_urls)):
+        print("\t".join((m.name or "(not started)", ",".join(m.peer_urls), ",".join(m.client_urls) or "-",
+                         membership.health(settings, m))))  # fmt: skip
+    return 0
+
+
+def cmd_etcd_add_member(args: argparse.Namespace) -> int:
+    from .cluster import membership
+
+    settings = _etcd_cluster(args)
+    try:
+        membership.add_member(settings, args.host)
+    except membership.MembershipError as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:
+        raise UsageError(f"cannot add {args.host}: {type(exc).__name__}: {exc}") from None
+    print(
+        f"added the etcd member of {args.host}. Next: list its endpoint in cluster.etcd on every box "
+        f"(and SIGHUP them, or restart at the next change), then start `appliance run` on {args.host} "
+        "with an empty state directory: it joins the running cluster."
+    )
+    return 0
+
+
+def cmd_etcd_remove_member(args: argparse.Namespace) -> int:
+    from .cluster import membership
+
+    settings = _etcd_cluster(args)
+    try:
+        gone = membership.remove_member(settings, args.host)
+    except membership.MembershipError as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:
+        raise UsageError(f"cannot remove {args.host}: {type(exc).__name__}: {exc}") from None
+    print(f"removed the etcd member {gone.name or args.host} ({','.join(gone.peer_urls)})")
     return 0
 
 
@@ -297,10 +409,21 @@ def parser() -> argparse.ArgumentParser:
     add("peers", cmd_peers, "list the live peers")
     sp = add("locate", cmd_locate, "print KEY<TAB>OWNER for each key")
     sp.add_argument("keys", nargs="+", metavar="KEY")
-    sp = add("stats", cmd_stats, "per-worker counters of this box")
+    sp = add("stats", cmd_stats, "per-worker counters of every box of the cluster")
     sp.add_argument("--json", action="store_true")
-    sp = add("stop-node", cmd_stop_node, "gracefully stop the local worker serving ADDR")
+    sp = add("stop-node", cmd_stop_node, "gracefully stop the worker serving ADDR, on any box of the cluster")
     sp.add_argument("addr", metavar="ADDR")
+    sp = add("etcd", None, "the members of an embedded etcd cluster (several boxes)")
+    esub = sp.add_subparsers(dest="etcd_command", required=True, metavar="SUBCOMMAND")
+    for name, fn, help in (
+        ("members", cmd_etcd_members, "list the members, their URLs and health"),
+        ("add-member", cmd_etcd_add_member, "add the member of a new box HOST (before starting it)"),
+        ("remove-member", cmd_etcd_remove_member, "remove the member of box HOST (a dead or retired box)"),
+    ):
+        ep = esub.add_parser(name, help=help, description=help, parents=[common])
+        if name != "members":
+            ep.add_argument("host", metavar="HOST", help="the box's node.host")
+        ep.set_defaults(fn=fn, takes_config=True)
     sp = add("config", None, "configuration tools")
     csub = sp.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     cp = csub.add_parser("check", help="validate a config file without starting anything")
@@ -332,13 +455,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     # grpc's C core logs connection chatter at INFO; children inherit this.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from .cluster.membership import MembershipError
     from .config import ConfigError
     from .systemd import InstallError
 
     args = parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, UsageError, InstallError) as exc:
+    except (ConfigError, UsageError, InstallError, MembershipError) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

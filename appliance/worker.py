@@ -15,7 +15,7 @@ import signal
 import socket
 
 from .cluster import etcd
-from .cluster.registry import Registration
+from .cluster.registry import Registration, call_timeout
 from .config import Settings
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
 from .node.auth import read_token
@@ -59,11 +59,13 @@ async def serve(settings: Settings, index: int) -> int:
         loop.add_signal_handler(sig, node.request_stop)  # records only
     await node.start()
     registration = Registration(
-        lambda: etcd.connect(settings.cluster, socket=settings.etcd_socket()),
+        lambda: etcd.connect_to(settings, timeout=call_timeout(settings.cluster.lease_ttl)),
         settings.cluster.service,
         node.addr,
         ttl=settings.cluster.lease_ttl,
-        metadata={"admin": f"unix:{sock}", "host": socket.gethostname(), "pid": os.getpid(), "worker": index},
+        metadata={
+            "admin": f"unix:{sock}", "box": ns.host, "host": socket.gethostname(), "pid": os.getpid(), "worker": index,
+        },  # fmt: skip
         seed_clusters=settings.cluster.seed_interop,
     )
     registration.start()

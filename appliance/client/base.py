@@ -105,7 +105,9 @@ class ClientBase:
         (followed unless `follow` is False; `poll_interval` seconds between
         checks of a quiet watch), its TLS and limits from the config."""
         defaults = {"replicas": settings.node.replicas, "scheme": settings.node.ring_hash, **settings_kwargs(settings)}
-        discover = EtcdMembers(settings.cluster, poll_interval=poll_interval, socket=settings.etcd_socket())
+        discover = EtcdMembers(
+            settings.cluster, poll_interval=poll_interval, socket=settings.etcd_socket(), tls=settings.etcd_tls()
+        )
         return cls(discover=discover, follow=follow, **{**defaults, **kwargs})
 
     @property

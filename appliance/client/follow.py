@@ -45,12 +45,21 @@ class EtcdMembers:
     Pass it as a client's `discover` to have the ring followed (or call it:
     it returns the peer list, like any `discover` callable)."""
 
-    def __init__(self, cluster: ClusterSettings, *, poll_interval: float = 5.0, socket: Path | None = None) -> None:
-        """`socket`: the private embedded etcd's (Settings.etcd_socket())."""
+    def __init__(
+        self,
+        cluster: ClusterSettings,
+        *,
+        poll_interval: float = 5.0,
+        socket: Path | None = None,
+        tls: tuple[Path | None, Path | None, Path | None] | None = None,
+    ) -> None:
+        """`socket`: the private embedded etcd's (Settings.etcd_socket());
+        `tls`: (ca, cert, key) where not the cluster's (Settings.etcd_tls())."""
         if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or not poll_interval > 0:
             raise ValueError(f"poll_interval must be a number of seconds > 0, got {poll_interval!r}")
         self.cluster = cluster
         self.socket = socket
+        self.tls = tls
         self.poll_interval = float(poll_interval)
 
     def __repr__(self) -> str:
@@ -58,13 +67,13 @@ class EtcdMembers:
 
     def connect(self):
         try:
-            return etcd.connect(self.cluster, socket=self.socket)
+            return etcd.connect(self.cluster, socket=self.socket, tls=self.tls)
         except Exception as exc:
             raise self._unreachable(exc) from exc
 
     def read_with(self, client) -> tuple[dict[str, etcd.Member], int]:
         try:
-            return etcd.read_members(client, self.cluster.service)
+            return etcd.call(client, lambda c: etcd.read_members(c, self.cluster.service))
         except Exception as exc:
             raise self._unreachable(exc) from exc
 

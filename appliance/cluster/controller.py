@@ -50,32 +50,38 @@ class Controller:
     # Main loop ---------------------------------------------------------------
 
     def run(self) -> None:
+        # One client for the controller's life: the members it found failing
+        # stay skipped (etcd.call), so a resync goes to another at once.
         backoff = 0.1
-        while not self.stop_event.is_set():
-            client = None
-            try:
-                client = self._connect()
-                self._sync(client)
-                backoff = 0.1
-            except Exception as exc:
-                if self.stop_event.is_set():
-                    break
-                self.etcd_ok = False
-                log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
-                # Keep pushing the last ring: workers keep serving on it.
-                self.push(everyone=True)
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-            finally:
-                if client is not None:
-                    try:
-                        client.close()
-                    except Exception:
-                        pass
-        self._close_clients()
+        client = None
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    if client is None:
+                        client = self._connect()
+                    self._sync(client)
+                    backoff = 0.1
+                except Exception as exc:
+                    if self.stop_event.is_set():
+                        break
+                    self.etcd_ok = False
+                    if isinstance(exc, grpc.RpcError) and client is not None:
+                        _skip_member(client)  # the watch's member went away under it
+                    log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
+                    # Keep pushing the last ring: workers keep serving on it.
+                    self.push(everyone=True)
+                    self.stop_event.wait(backoff)
+                    backoff = min(backoff * 2, 1.0)
+        finally:
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:
+                    pass
+            self._close_clients()
 
     def _sync(self, client) -> None:
-        members, revision = etcd.read_members(client, self.service)
+        members, revision = etcd.call(client, lambda c: etcd.read_members(c, self.service))
         self.etcd_ok = True
         self._apply(members, revision)
         self.push()
@@ -184,3 +190,12 @@ class Controller:
     def _close_clients(self) -> None:
         for path in list(self._clients):
             self._drop_client(path)
+
+
+def _skip_member(client: Any) -> None:
+    """Mark the member a failed watch stream ran on, so a resync goes elsewhere."""
+    try:
+        if len(client.endpoints) > 1:
+            client.endpoint_in_use.fail()
+    except Exception:
+        pass

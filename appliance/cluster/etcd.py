@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import etcd3
 import grpc
@@ -29,9 +29,10 @@ from etcd3.client import Endpoint
 from .. import addr as addrs
 
 if TYPE_CHECKING:
-    from ..config import ClusterSettings
+    from ..config import ClusterSettings, Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The prefix the seed's Go nodes read their peer list from (bare host:port
 # values), once, at start: main.go's services.GetPeers("clusters").
@@ -84,26 +85,75 @@ def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None
     return addr, metadata if isinstance(metadata, dict) else None
 
 
+# A member that failed a call is skipped this long (python3-etcd3 marks it;
+# `call` revives them all when every one is marked, so one endpoint is
+# retried at once).
+SKIP_FAILED_S = 10.0
+# What a call that should go to another member raises (python3-etcd3 has
+# marked the member it tried as failed already).
+UNREACHABLE = (
+    etcd3.exceptions.ConnectionFailedError,
+    etcd3.exceptions.ConnectionTimeoutError,
+    etcd3.exceptions.InternalServerError,
+    etcd3.exceptions.NoServerAvailableError,
+)
+
+
+def revive(client: etcd3.MultiEndpointEtcd3Client) -> None:
+    """Forget every member's failure: all are to be tried again."""
+    for endpoint in client.endpoints.values():
+        endpoint.last_failed = 0
+
+
+def call(client: etcd3.MultiEndpointEtcd3Client, fn: Callable[[Any], T]) -> T:
+    """fn(client), tried once on each member at most: one that fails (down,
+    cut off, too slow) is skipped at once for the next try, and for
+    SKIP_FAILED_S after. Raises the last failure when none answers."""
+    tries = max(1, len(client.endpoints))
+    for i in range(tries):
+        try:
+            return fn(client)
+        except etcd3.exceptions.NoServerAvailableError:
+            revive(client)  # every member failed lately: try each again
+            if i == tries - 1:
+                raise
+        except UNREACHABLE:
+            if i == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def connect_to(settings: Settings, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:
+    """A client of the etcd `settings` describe: the private socket, or the
+    endpoints (over TLS where Settings.etcd_tls says so)."""
+    return connect(settings.cluster, socket=settings.etcd_socket(), tls=settings.etcd_tls(), timeout=timeout)
+
+
 def connect(
-    cluster: ClusterSettings, *, socket: Path | None = None, timeout: float = 2.0
+    cluster: ClusterSettings,
+    *,
+    socket: Path | None = None,
+    tls: tuple[Path | None, Path | None, Path | None] | None = None,
+    timeout: float = 2.0,
 ) -> etcd3.MultiEndpointEtcd3Client:
     """A client for the configured endpoints, failing over between them; or,
     with `socket` (Settings.etcd_socket(): the private embedded etcd), for
-    that unix socket alone."""
+    that unix socket alone. `tls`: (ca, cert, key), else the cluster's."""
     if socket is not None:
         # Endpoint dials "host:port": the socket file is named "<name>:<port>"
         # (etcd names it after its URL's host:port).
         path, _, port = str(socket).rpartition(":")
-        endpoint = Endpoint(f"unix:{path}", int(port), secure=False, time_retry=1.0, opts=_CHANNEL_OPTIONS)
+        endpoint = Endpoint(f"unix:{path}", int(port), secure=False, time_retry=SKIP_FAILED_S, opts=_CHANNEL_OPTIONS)
         return etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=timeout, failover=True)
     creds = None
-    if cluster.etcd_ca or cluster.etcd_cert:
-        creds = grpc.ssl_channel_credentials(_read(cluster.etcd_ca), _read(cluster.etcd_key), _read(cluster.etcd_cert))
+    ca, cert, key = tls or (cluster.etcd_ca, cluster.etcd_cert, cluster.etcd_key)
+    if ca or cert:
+        creds = grpc.ssl_channel_credentials(_read(ca), _read(key), _read(cert))
     endpoints = []
     for endpoint in cluster.etcd:
         host, port = addrs.split(endpoint)
         endpoints.append(
-            Endpoint(host, port, secure=creds is not None, creds=creds, time_retry=1.0, opts=_CHANNEL_OPTIONS)
+            Endpoint(host, port, secure=creds is not None, creds=creds, time_retry=SKIP_FAILED_S, opts=_CHANNEL_OPTIONS)
         )
     client = etcd3.MultiEndpointEtcd3Client(
         endpoints=endpoints,

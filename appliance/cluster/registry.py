@@ -2,18 +2,37 @@
 
 Runs in its own thread (python3-etcd3 is synchronous). Losing the lease or
 etcd itself is never final: it logs, backs off briefly and registers again.
+
+Only etcd's own word ends a lease: a keep-alive answered with TTL 0 (the
+lease is gone), or the lease's granted time passing without any member
+answering. A slow or failed call is tried again at once on another member
+(etcd.call): with one member cut off, the registration moves on within a
+fraction of its TTL and keeps its lease, so the worker never leaves the ring.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from . import etcd
 
 log = logging.getLogger(__name__)
+# After a failed keep-alive, the next try comes this soon (on another member).
+RETRY_S = 0.1
+
+
+def call_timeout(ttl: float) -> float:
+    """Seconds one etcd call of a registration may take: a quarter of the
+    lease, so a stuck member leaves time to renew through another."""
+    return max(0.25, min(2.0, ttl / 4.0))
+
+
+class LeaseGone(Exception):
+    """etcd dropped the lease (or no member answered for its whole TTL)."""
 
 
 class Registration(threading.Thread):
@@ -38,47 +57,76 @@ class Registration(threading.Thread):
         self.registered = threading.Event()
         self.registrations = 0  # how many times a lease was granted and the key put
         self._stopping = threading.Event()
-        self._client: Any = None
-        self._lease: Any = None
+        self._client = None
+        self._lease = None
 
     def run(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
+                if self._client is None:
+                    self._client = self._connect()
                 self._register()
                 backoff = 0.1
                 self._keep_alive()
-            except Exception as exc:  # etcd down, lease lost, key deleted
+            except LeaseGone as exc:
                 if self._stopping.is_set():
                     break
                 self.registered.clear()
-                log.warning(
-                    "registration %s lost (%s: %s); retrying in %.1fs", self.key, type(exc).__name__, exc, backoff
-                )
-                self._drop_client()
+                log.warning("registration %s lost (%s); registering again", self.key, exc)
+            except Exception as exc:  # no member answers: keep the client, its failover marks stay
+                if self._stopping.is_set():
+                    break
+                self.registered.clear()
+                log.warning("cannot register %s (%s: %s); retrying in %.1fs", self.key, type(exc).__name__, exc, backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
 
     def _register(self) -> None:
-        if self._client is None:
-            self._client = self._connect()
-        self._lease = self._client.lease(self.ttl)
-        self._client.put(self.key, self.value, lease=self._lease)
-        for key, value in self.extra.items():
-            self._client.put(key, value, lease=self._lease)
+        client = self._client
+
+        def grant(c):
+            return c.lease(self.ttl)
+
+        self._lease = etcd.call(client, grant)
+        lease = self._lease
+        for key, value in ((self.key, self.value), *self.extra.items()):
+            etcd.call(client, lambda c, key=key, value=value: c.put(key, value, lease=lease))
         self.registrations += 1
         self.registered.set()
-        log.info("registered %s (lease %x, ttl %ds)", self.key, self._lease.id, self.ttl)
+        log.info("registered %s (lease %x, ttl %ds)", self.key, lease.id, self.ttl)
 
     def _keep_alive(self) -> None:
+        """Renew until etcd says the lease is gone; returns only by raising."""
         interval = max(self.ttl / 3.0, 0.2)
-        while not self._stopping.wait(interval):
-            responses = self._lease.refresh()
+        client, lease = self._client, self._lease
+        expires = time.monotonic() + self.ttl
+        wait = interval
+        while not self._stopping.wait(wait):
+            try:
+                responses = etcd.call(client, lambda c: list(c.refresh_lease(lease.id)))
+            except etcd.UNREACHABLE as exc:
+                if time.monotonic() >= expires:
+                    raise LeaseGone(f"no etcd member answered for the lease's {self.ttl}s ({exc})") from None
+                wait = RETRY_S
+                continue
             if not responses or responses[0].TTL <= 0:
-                raise LookupError("lease expired")
-            value, _ = self._client.get(self.key)
-            if value is None or value.decode() != self.value:
-                raise LookupError("key deleted or overwritten")
+                raise LeaseGone("etcd says the lease expired")
+            expires = time.monotonic() + responses[0].TTL
+            wait = interval
+            self._check_keys(client, lease)
+
+    def _check_keys(self, client, lease) -> None:
+        """Put back a key deleted or overwritten while its lease lives (a
+        failed read proves nothing: it is tried at the next renewal)."""
+        for key, value in ((self.key, self.value), *self.extra.items()):
+            try:
+                current, _ = etcd.call(client, lambda c, key=key: c.get(key))
+                if current is None or current.decode() != value:
+                    log.warning("registration %s was deleted or overwritten; putting it back", key)
+                    etcd.call(client, lambda c, key=key, value=value: c.put(key, value, lease=lease))
+            except etcd.UNREACHABLE:
+                return
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None
@@ -96,7 +144,7 @@ class Registration(threading.Thread):
         ok = False
         if lease is not None:
             try:
-                (client or self._connect()).revoke_lease(lease.id)
+                etcd.call(client or self._connect(), lambda c: c.revoke_lease(lease.id))
                 ok = True
                 log.info("deregistered %s", self.key)
             except Exception as exc:

@@ -1,6 +1,7 @@
 """The controller process (`appliance controller`, started by supervisord):
-the ring controller over etcd plus the box's metrics endpoint, stopped by
-SIGTERM or SIGINT."""
+the ring controller over etcd, the box's side of cluster-wide operations
+(box_ops: stop-node and stats for this box's workers) and the box's
+metrics endpoint, stopped by SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -9,21 +10,25 @@ import signal
 from ..config import Settings
 from ..ops.metrics import serve_box_metrics
 from . import etcd
+from .box_ops import BoxOps
 from .controller import Controller
 
 
 def run_controller(settings: Settings) -> int:
     """Run until a signal; returns the exit status (0)."""
     controller = Controller(
-        lambda: etcd.connect(settings.cluster, socket=settings.etcd_socket()),
+        lambda: etcd.connect_to(settings, timeout=1.0),  # a stuck member fails the probe within a second
         settings.cluster.service,
         settings.admin_sockets,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
     stop_metrics = serve_box_metrics(settings, controller)
+    ops = BoxOps(settings, lambda: etcd.connect_to(settings, timeout=1.0), stop_event=controller.stop_event)
+    ops.start()
     try:
         controller.run()
     finally:
         stop_metrics()
+        ops.join(5)
     return 0

@@ -539,8 +539,19 @@ class Settings(BaseSettings):
                 )
         ports = self.node.ports
         c = self.cluster
+        if c.embedded_etcd and len(c.etcd) > 1:
+            hosts = [h for h, _ in c.endpoints()]
+            if len(set(hosts)) != len(hosts):
+                raise FieldError(("cluster", "etcd"), "expected one endpoint per box (hosts differ) for an embedded etcd cluster")
+            if self.node.host not in hosts:
+                raise FieldError(
+                    ("node", "host"),
+                    f"with several cluster.etcd endpoints and embedded_etcd, each box runs the member whose "
+                    f"endpoint host is its node.host; node.host {self.node.host!r} is none of "
+                    f"{', '.join(c.etcd)}",
+                )
         if c.embedded_etcd:
-            ehost, eport = split_hostport(c.etcd[0])
+            ehost, eport = split_hostport(self.etcd_member_endpoint())
             if eport in ports and _may_share_ports(ehost, self.node.host):
                 raise FieldError(
                     ("node", "base_port"),
@@ -602,7 +613,7 @@ class Settings(BaseSettings):
             (("node", "base_port"), f"worker ports {_span(n.ports)}", n.host, n.ports)
         ]
         if c.embedded_etcd:
-            ehost, eport = split_hostport(c.etcd[0])
+            ehost, eport = split_hostport(self.etcd_member_endpoint())
             used.append(
                 (("cluster", "etcd"), f"the embedded etcd's client port {eport}", ehost, range(eport, eport + 1))
             )
@@ -637,6 +648,35 @@ class Settings(BaseSettings):
     def runtime_path(self) -> Path:
         """node.runtime_dir, or the default (see ``dirs.default_runtime_dir``)."""
         return self.node.runtime_dir or dirs.default_runtime_dir()
+
+    def etcd_clustered(self) -> bool:
+        """Whether this box runs one member of a cluster of embedded etcds
+        (several endpoints, one per box)."""
+        return self.cluster.embedded_etcd and len(self.cluster.etcd) > 1
+
+    def etcd_member_endpoint(self) -> str:
+        """The client endpoint this box's embedded etcd serves: the one whose
+        host is node.host in a cluster, else etcd[0]."""
+        c = self.cluster
+        if self.etcd_clustered():
+            return next(e for e in c.etcd if split_hostport(e)[0] == self.node.host)
+        return c.etcd[0]
+
+    def etcd_peer_port(self) -> int:
+        """The members' peer port: etcd_peer_port, or 2380 for a cluster (0
+        for one box: a free port at each start)."""
+        return self.cluster.etcd_peer_port or (2380 if self.etcd_clustered() else 0)
+
+    def etcd_tls(self) -> tuple[Path | None, Path | None, Path | None] | None:
+        """(ca, cert, key) to talk to etcd over TLS, or None: the cluster's
+        own etcd_ca/etcd_cert/etcd_key, else, for an embedded cluster with
+        [tls], the box's [tls] files (its members serve TLS with them)."""
+        c = self.cluster
+        if c.etcd_ca or c.etcd_cert:
+            return c.etcd_ca, c.etcd_cert, c.etcd_key
+        if self.etcd_clustered() and self.tls.enabled:
+            return self.tls.ca, self.tls.cert, self.tls.key
+        return None
 
     def private_etcd(self) -> bool:
         """Whether the embedded etcd serves this box alone: then it listens on
@@ -712,6 +752,10 @@ class Settings(BaseSettings):
         c = self.cluster
         if self.private_etcd():
             return None
+        if self.etcd_clustered():
+            if self.etcd_tls() is None and c.etcd_user is None:
+                return "the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring"
+            return None
         if c.embedded_etcd:
             where = "the embedded etcd listens on TCP (for the seed's Go nodes)" if c.seed_interop else (
                 "the embedded etcd listens on TCP (etcd_private = false) without auth"
@@ -731,6 +775,12 @@ class Settings(BaseSettings):
         workers = f"{n.workers} worker{'s' if n.workers != 1 else ''} on {join_hostport(n.host, port_text)}"
         if self.private_etcd():
             etcd = "etcd embedded, private (a unix socket in the runtime directory)"
+        elif self.etcd_clustered():
+            etcd = (
+                f"etcd cluster of {len(self.cluster.etcd)} embedded members ({', '.join(self.cluster.etcd)}; "
+                f"this box's: {self.etcd_member_endpoint()}, peer port {self.etcd_peer_port()}"
+                + (", TLS" if self.etcd_tls() else "") + ")"
+            )
         else:
             etcd = f"etcd {', '.join(self.cluster.etcd)}" + (" (embedded)" if self.cluster.embedded_etcd else "")
         if self.groups:

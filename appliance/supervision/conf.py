@@ -101,8 +101,10 @@ def render(
     *,
     etcd_peer_port: int | None = None,
     auth: tuple[str, str] = ("appliance", ""),
+    cluster_state: str = "new",
 ) -> str:
-    """The supervisord config; `auth` guards its socket (new_supervisor_auth)."""
+    """The supervisord config; `auth` guards its socket (new_supervisor_auth);
+    `cluster_state` is the embedded etcd member's --initial-cluster-state."""
     runtime, state = settings.runtime_path(), settings.state_path()
     ns, cluster = settings.node, settings.cluster
     sock = supervisor_socket(settings)
@@ -134,28 +136,8 @@ username={username}
 password={password}
 """
     ]
-    if cluster.embedded_etcd and settings.private_etcd():
-        # Unix sockets only, in a 0700 directory (etcd's cwd: it names each
-        # socket after its URL's host:port): no TCP port for other users.
-        client_url = f"unix://{dirs.ETCD_CLIENT_SOCKET}"
-        peer_url = f"unix://{dirs.ETCD_PEER_SOCKET}"
-    elif cluster.embedded_etcd:
-        host_, port = addrs.split(cluster.etcd[0])
-        peer = etcd_peer_port or cluster.etcd_peer_port or free_port(host_)
-        client_url = f"http://{addrs.join(host_, port)}"
-        peer_url = f"http://{addrs.join(host_, peer)}"
     if cluster.embedded_etcd:
-        flags = {
-            "--name": "appliance",
-            "--data-dir": str(state / "etcd"),
-            "--listen-client-urls": client_url,
-            "--advertise-client-urls": client_url,
-            "--listen-peer-urls": peer_url,
-            "--initial-advertise-peer-urls": peer_url,
-            "--initial-cluster": f"appliance={peer_url}",
-            "--log-level": "warn",
-        }
-        cmd = shlex.join([etcd_binary(), *(word for pair in flags.items() for word in pair)])
+        cmd = shlex.join([etcd_binary(), *etcd_flags(settings, etcd_peer_port=etcd_peer_port, cluster_state=cluster_state)])
         extra = f"autorestart=true\ndirectory={runtime / dirs.ETCD_DIR}\n"
         parts.append(_program("etcd", cmd, priority=ETCD_PRIORITY, stop_grace=ETCD_STOP_GRACE, extra=extra))
     parts.append(
@@ -170,6 +152,76 @@ password={password}
     for i in range(ns.workers):
         parts.append(worker_program(settings, config, i))
     return "".join(parts)
+
+
+def member_name(host: str) -> str:
+    """The etcd member name of the box whose node.host is `host`."""
+    return f"appliance-{host}"
+
+
+def _url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://{addrs.join(host, port)}"
+
+
+def peer_url(settings: Settings, host: str) -> str:
+    """The peer URL of the member on `host` (https when the cluster uses TLS)."""
+    scheme = "https" if settings.etcd_clustered() and settings.tls.enabled else "http"
+    return _url(scheme, host, settings.etcd_peer_port())
+
+
+def etcd_flags(settings: Settings, *, etcd_peer_port: int | None = None, cluster_state: str = "new") -> list[str]:
+    """The embedded etcd's command line (without the binary).
+
+    One box, private: unix sockets only, in a 0700 directory (etcd's cwd: it
+    names each socket after its URL's host:port), no TCP port for other
+    users. One box over TCP: etcd[0]. A cluster: this box's member (its
+    endpoint's host is node.host), every endpoint's host in the initial
+    cluster, TLS from [tls] for clients and peers when it is on."""
+    c = settings.cluster
+    state = settings.state_path()
+    flags: dict[str, str] = {"--data-dir": str(state / "etcd"), "--log-level": "warn"}
+    if settings.private_etcd():
+        client_url = f"unix://{dirs.ETCD_CLIENT_SOCKET}"
+        peer = f"unix://{dirs.ETCD_PEER_SOCKET}"
+        flags.update({"--name": "appliance", "--initial-cluster": f"appliance={peer}"})
+    elif settings.etcd_clustered():
+        host, port = addrs.split(settings.etcd_member_endpoint())
+        tls = settings.tls
+        client_url = _url("https" if tls.enabled else "http", host, port)
+        peer = peer_url(settings, host)
+        members = ",".join(f"{member_name(h)}={peer_url(settings, h)}" for h, _ in c.endpoints())
+        flags.update({
+            "--name": member_name(host),
+            "--initial-cluster": members,
+            "--initial-cluster-state": cluster_state,
+            "--initial-cluster-token": f"appliance-{c.service}",
+            # Clients ping every second to notice a cut member within a lease (etcd's floor is 5 s).
+            "--grpc-keepalive-min-time": "1s",
+        })  # fmt: skip
+        if tls.enabled:
+            flags.update({
+                "--cert-file": str(tls.cert), "--key-file": str(tls.key),
+                "--peer-cert-file": str(tls.cert), "--peer-key-file": str(tls.key),
+            })  # fmt: skip
+            if tls.ca:
+                flags.update({"--trusted-ca-file": str(tls.ca), "--peer-trusted-ca-file": str(tls.ca)})
+                flags["--peer-client-cert-auth"] = "true"
+                if tls.client_auth:
+                    flags["--client-cert-auth"] = "true"
+    else:
+        host, port = addrs.split(c.etcd[0])
+        port_peer = etcd_peer_port or settings.etcd_peer_port() or free_port(host)
+        client_url = _url("http", host, port)
+        peer = _url("http", host, port_peer)
+        flags.update({"--name": "appliance", "--initial-cluster": f"appliance={peer}"})
+    flags.update({
+        "--listen-client-urls": client_url,
+        "--advertise-client-urls": client_url,
+        "--listen-peer-urls": peer,
+        "--initial-advertise-peer-urls": peer,
+    })  # fmt: skip
+    # --flag=value: Go's flag package takes bool flags only in this form.
+    return [f"{flag}={value}" for flag, value in flags.items()]
 
 
 def worker_program(settings: Settings, config: Path | None, index: int) -> str:

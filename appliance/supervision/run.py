@@ -25,6 +25,7 @@ from .. import addr as addrs
 from .. import host
 from ..config import NodeSettings, Settings, dirs
 from ..node.auth import ensure_token_file
+from ..cluster import membership
 from . import conf, rpc
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ def check_ports(settings: Settings) -> list[str]:
     if metrics is not None:
         wanted.append(metrics)
     if settings.cluster.embedded_etcd and not settings.private_etcd():
-        wanted.append(addrs.split(settings.cluster.etcd[0]))
+        wanted.append(addrs.split(settings.etcd_member_endpoint()))
+        if settings.etcd_peer_port():
+            wanted.append((addrs.split(settings.etcd_member_endpoint())[0], settings.etcd_peer_port()))
     clashes = []
     for host, port in wanted:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -136,6 +139,7 @@ class Appliance:
         self.conf_path = settings.runtime_path() / "supervisord.conf"
         self._etcd_peer_port: int | None = None
         self._auth: tuple[str, str] | None = None
+        self._cluster_state = "new"
 
     def _record(self, signum: int, frame: FrameType | None) -> None:  # signal handler: record only
         self._signals.append(signum)
@@ -144,11 +148,14 @@ class Appliance:
     def write_conf(self) -> None:
         s = self.settings
         if s.cluster.embedded_etcd and not s.private_etcd() and self._etcd_peer_port is None:
-            etcd_host = addrs.split(s.cluster.etcd[0])[0]
-            self._etcd_peer_port = s.cluster.etcd_peer_port or conf.free_port(etcd_host)
+            etcd_host = addrs.split(s.etcd_member_endpoint())[0]
+            self._etcd_peer_port = s.etcd_peer_port() or conf.free_port(etcd_host)
         if self._auth is None:
             self._auth = conf.new_supervisor_auth(self.settings)
-        text = conf.render(self.settings, self.config, etcd_peer_port=self._etcd_peer_port, auth=self._auth)
+        text = conf.render(
+            self.settings, self.config, etcd_peer_port=self._etcd_peer_port, auth=self._auth,
+            cluster_state=self._cluster_state,
+        )  # fmt: skip
         tmp = self.conf_path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.conf_path)
@@ -167,6 +174,8 @@ class Appliance:
             log.warning("%s", warning)
         if host.is_root():
             log.warning("running as root: `appliance systemd install` runs it as a service user instead")
+        if s.etcd_clustered():
+            self._cluster_state = membership.join_state(s)
         self.write_conf()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._record)

@@ -1,0 +1,225 @@
+"""Cluster-wide operations through etcd, carried out by each box's controller:
+stopping a worker of any box (`appliance stop-node`) and gathering every
+box's counters (`appliance stats`). No admin port is opened to the network:
+a request is a key in etcd, the box that owns the worker (or every box, for
+stats) answers in etcd, and the CLI reads the answer there.
+
+Keys live under `_appliance/<service>/`, not under `<service>/`: Go clients
+resolving `etcd:///<service>` watch the bare prefix `<service>` (no slash),
+so any key starting with the service name would look like an endpoint.
+
+    _appliance/<service>/drain/<host:port>      {"state": "requested" | "stopping" | "stopped" | "failed", ...}
+    _appliance/<service>/stats-request/<nonce>  {"at": ...}
+    _appliance/<service>/stats/<nonce>/<box>    {"box": ..., "workers": {addr: stats or {"error": ...}}}
+
+Every key is written under a lease, so a request nobody finishes vanishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import etcd
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+ROOT = "_appliance"
+STATS_TTL = 10  # seconds a stats request and its answers live
+
+
+def prefix(service: str) -> str:
+    return f"{ROOT}/{service}/"
+
+
+def drain_key(service: str, addr: str) -> str:
+    return f"{prefix(service)}drain/{addr}"
+
+
+def _state(value: bytes | None) -> dict:
+    try:
+        return json.loads(value) if value else {}
+    except ValueError:
+        return {}
+
+
+class BoxOps(threading.Thread):
+    """In the controller: acts on drain requests for this box's workers and
+    answers stats requests with this box's workers' counters."""
+
+    def __init__(self, settings: Settings, connect: Callable[[], Any], *, stop_event: threading.Event) -> None:
+        super().__init__(name="box-ops", daemon=True)
+        self.settings = settings
+        self.service = settings.cluster.service
+        self.box = settings.node.host
+        self._connect = connect
+        self._stop = stop_event
+        self._mine = {settings.node.address(i): i for i in range(settings.node.workers)}
+        self._draining: set[str] = set()
+
+    def run(self) -> None:
+        client = None
+        backoff = 0.2
+        try:
+            while not self._stop.is_set():
+                try:
+                    if client is None:
+                        client = self._connect()
+                    self._serve(client)
+                    backoff = 0.2
+                except Exception as exc:
+                    if self._stop.is_set():
+                        break
+                    log.debug("box operations: etcd watch lost (%s: %s)", type(exc).__name__, exc)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:
+                    pass
+
+    def _serve(self, client) -> None:
+        root = prefix(self.service)
+        response = etcd.call(client, lambda c: c.get_prefix_response(root))
+        for kv in response.kvs:  # requests made while this controller was away
+            self._on_put(client, kv.key.decode(), kv.value)
+        events: queue.Queue = queue.Queue()
+        cancel = etcd.watch_prefix(client, root, response.header.revision + 1, events.put)
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = events.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                for event in item.events:
+                    if not etcd.is_delete(event):
+                        self._on_put(client, event.kv.key.decode(), event.kv.value)
+        finally:
+            cancel()
+
+    def _on_put(self, client, key: str, value: bytes) -> None:
+        rest = key[len(prefix(self.service)) :]
+        kind, _, name = rest.partition("/")
+        if kind == "drain" and name in self._mine and name not in self._draining:
+            if _state(value).get("state") == "requested":
+                self._draining.add(name)
+                threading.Thread(target=self._drain, args=(client, key, name), daemon=True).start()
+        elif kind == "stats-request":
+            threading.Thread(target=self._answer_stats, args=(client, name), daemon=True).start()
+
+    def _write(self, client, key: str, doc: dict, ttl: int) -> None:
+        lease = etcd.call(client, lambda c: c.lease(ttl))
+        etcd.call(client, lambda c: c.put(key, json.dumps(doc), lease=lease))
+
+    def _drain(self, client, key: str, addr: str) -> None:
+        """Stop worker `addr` of this box gracefully, as local stop-node does."""
+        from ..supervision import conf, rpc
+
+        ns = self.settings.node
+        ttl = int(ns.stop_grace) + 30
+        name = conf.worker_name(self._mine[addr])
+        try:
+            self._write(client, key, {"state": "stopping", "box": self.box, "worker": name}, ttl)
+            log.info("stopping %s (%s) for a stop-node request", addr, name)
+            left = rpc.stop_all(conf.supervisor(self.settings), [name], ns.stop_grace)
+            doc = {"state": "failed", "error": f"{name} did not stop in time"} if left else {"state": "stopped"}
+        except Exception as exc:
+            doc = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            self._write(client, key, {**doc, "box": self.box, "worker": name}, ttl)
+        except Exception as exc:
+            log.warning("could not report the stop of %s: %s", addr, exc)
+        finally:
+            self._draining.discard(addr)
+
+    def _answer_stats(self, client, nonce: str) -> None:
+        from ..admin_client import AdminClient
+
+        workers: dict[str, dict] = {}
+        for addr, index in self._mine.items():
+            try:
+                with AdminClient(self.settings.admin_socket(index), timeout=2) as admin:
+                    workers[addr] = admin.stats()
+            except Exception as exc:
+                workers[addr] = {"error": type(exc).__name__}
+        try:
+            key = f"{prefix(self.service)}stats/{nonce}/{self.box}"
+            self._write(client, key, {"box": self.box, "workers": workers}, STATS_TTL)
+        except Exception as exc:
+            log.warning("could not answer a stats request: %s", exc)
+
+
+# The CLI's side ------------------------------------------------------------------
+
+
+class Unclaimed(Exception):
+    """No box took the request (its controller is down, or no box runs it)."""
+
+
+def request_drain(client, service: str, addr: str, *, timeout: float, claim_within: float = 10.0) -> dict:
+    """Ask the box that runs `addr` to stop it; wait until it reports the
+    worker stopped and the worker's registration is gone, or `timeout`."""
+    key = drain_key(service, addr)
+    lease = etcd.call(client, lambda c: c.lease(int(timeout) + 30))
+    etcd.call(client, lambda c: c.put(key, json.dumps({"state": "requested", "at": time.time()}), lease=lease))
+    try:
+        start = time.monotonic()
+        deadline = start + timeout
+        doc: dict = {}
+        while time.monotonic() < deadline:
+            value, _ = etcd.call(client, lambda c: c.get(key))
+            doc = _state(value)
+            state = doc.get("state")
+            if state == "requested" and time.monotonic() - start > claim_within:
+                raise Unclaimed(f"no box took the stop request for {addr} within {claim_within:.0f}s")
+            if state == "failed":
+                return doc
+            if state == "stopped":
+                registered, _ = etcd.call(client, lambda c: c.get(etcd.member_key(service, addr)))
+                if registered is None:
+                    return doc
+            time.sleep(0.1)
+        return {**doc, "state": "timeout"}
+    finally:
+        try:
+            etcd.call(client, lambda c: c.revoke_lease(lease.id))
+        except Exception:
+            pass
+
+
+def gather_stats(client, service: str, boxes: set[str], *, timeout: float = 3.0) -> dict[str, dict]:
+    """{box: {"workers": {addr: stats}}} from every box that answers within
+    `timeout` (returns early once every box of `boxes` has)."""
+    nonce = uuid.uuid4().hex
+    lease = etcd.call(client, lambda c: c.lease(STATS_TTL))
+    answers = f"{prefix(service)}stats/{nonce}/"
+    etcd.call(client, lambda c: c.put(f"{prefix(service)}stats-request/{nonce}", "{}", lease=lease))
+    found: dict[str, dict] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for value, meta in etcd.call(client, lambda c: list(c.get_prefix(answers))):
+                box = meta.key.decode()[len(answers) :]
+                found[box] = _state(value)
+            if boxes and boxes <= set(found):
+                break
+            time.sleep(0.1)
+    finally:
+        try:
+            etcd.call(client, lambda c: c.revoke_lease(lease.id))
+        except Exception:
+            pass
+    return found
