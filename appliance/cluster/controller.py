@@ -40,6 +40,9 @@ class Controller:
         self.revision = 0
         self.peers: list[str] = []
         self.etcd_ok = False  # the last read or probe of etcd worked (box metric groupcache_controller_etcd_up)
+        self._outage = False  # logged that etcd does not answer
+        self.etcd_client: Any = None  # the etcd client of run(), kept across resyncs
+        self._probe_key = f"_appliance/{service}/probe"
         self._clients: dict[str, AdminClient] = {}
         self._acked: dict[str, int] = {}  # written by grpc callbacks too
         self._pending: dict[str, tuple[int, grpc.Future]] = {}  # socket -> (revision, call in flight)
@@ -58,7 +61,7 @@ class Controller:
             while not self.stop_event.is_set():
                 try:
                     if client is None:
-                        client = self._connect()
+                        client = self.etcd_client = self._connect()
                     self._sync(client)
                     backoff = 0.1
                 except Exception as exc:
@@ -67,7 +70,16 @@ class Controller:
                     self.etcd_ok = False
                     if isinstance(exc, grpc.RpcError) and client is not None:
                         _skip_member(client)  # the watch's member went away under it
-                    log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
+                    if isinstance(exc, etcd.UNREACHABLE):
+                        # Every member failed the call: down, cut off, or without quorum.
+                        if not self._outage:
+                            log.warning(
+                                "etcd unreachable or without quorum (%s); workers keep serving the ring of revision %d",
+                                type(exc).__name__, self.revision,
+                            )  # fmt: skip
+                        self._outage = True
+                    else:
+                        log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
                     # Keep pushing the last ring: workers keep serving on it.
                     self.push(everyone=True)
                     self.stop_event.wait(backoff)
@@ -83,6 +95,9 @@ class Controller:
     def _sync(self, client) -> None:
         members, revision = etcd.call(client, lambda c: etcd.read_members(c, self.service))
         self.etcd_ok = True
+        if self._outage:
+            log.info("etcd answers again (revision %d)", revision)
+            self._outage = False
         self._apply(members, revision)
         self.push()
         events: queue.Queue = queue.Queue()
@@ -105,8 +120,10 @@ class Controller:
                 # restarted holds no ring until told again.
                 self.push(everyone=periodic)
                 if periodic:
-                    # A dead etcd may leave the watch stream silent: probe it.
-                    client.status()
+                    # A dead etcd may leave the watch stream silent, and a member
+                    # without quorum keeps it open: a linearizable read needs
+                    # both the member and quorum.
+                    client.get(self._probe_key)
                     self.etcd_ok = True
                     last_check = time.monotonic()
         finally:

@@ -61,3 +61,67 @@ class EtcdServer:
 
     def stop(self) -> None:
         self.kill()
+
+
+class EtcdCluster:
+    """A 3-member etcd cluster of private processes on loopback (an
+    "external" cluster as far as the appliance knows)."""
+
+    def __init__(self, data_dir: Path, members: int = 3) -> None:
+        self.data_dir = data_dir
+        self.client_ports = [free_port() for _ in range(members)]
+        self.peer_ports = [free_port() for _ in range(members)]
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.client_ports]
+
+    def start(self) -> "EtcdCluster":
+        initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, p in enumerate(self.peer_ports))
+        for i, (cp, pp) in enumerate(zip(self.client_ports, self.peer_ports)):
+            client, peer = f"http://127.0.0.1:{cp}", f"http://127.0.0.1:{pp}"
+            self.procs.append(subprocess.Popen(
+                [
+                    etcd_binary(), f"--name=m{i}", f"--data-dir={self.data_dir / f'm{i}'}",
+                    f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
+                    f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+                    f"--initial-cluster={initial}", "--initial-cluster-token=test", "--log-level=error",
+                ],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            ))  # fmt: skip
+        wait_for(self.healthy, 30, what="etcd cluster up")
+        return self
+
+    def settings(self):
+        from appliance.config import Settings
+
+        return Settings(cluster={"etcd": self.endpoints, "embedded_etcd": False})
+
+    def client(self, timeout: float = 2.0):
+        from appliance.cluster import etcd
+
+        return etcd.connect(self.settings().cluster, timeout=timeout)
+
+    def healthy(self) -> bool:
+        from appliance.cluster import etcd
+
+        c = self.client()
+        try:
+            etcd.call(c, lambda c: c.put("/health", "ok"))
+            return True
+        finally:
+            c.close()
+
+    def signal(self, index: int, sig: int) -> None:
+        os.killpg(self.procs[index].pid, sig)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGCONT)
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()

@@ -119,6 +119,60 @@ class HostAppliance(Appliance):
         return super().start(wait=False)
 
 
+class Box(Appliance):
+    """`appliance run` on host i (1..) of a Network, as one box of a cluster
+    whose every box runs a member of one embedded etcd cluster."""
+
+    ETCD_PORT, PEER_PORT, BASE_PORT = 2379, 2380, 7100
+
+    def __init__(self, root: Path, net: Network, index: int, boxes: list[int], **kwargs) -> None:
+        self.net, self.index = net, index
+        root.mkdir(parents=True, exist_ok=True)
+        self.endpoints = [f"{net.address(b)}:{self.ETCD_PORT}" for b in boxes]
+        super().__init__(
+            root, host=net.address(index), base_port=self.BASE_PORT, etcd_endpoint=self.endpoints[0],
+            embedded_etcd=True, **kwargs,
+        )  # fmt: skip
+        self.launcher = list(net.prefix(index))
+
+    def write_config(self, workers: int | None = None) -> None:
+        super().write_config(workers)
+        text = self.config.read_text()
+        etcd = ", ".join(f'"{e}"' for e in self.endpoints)
+        text = text.replace(f'etcd = ["{self.etcd_endpoint}"]', f"etcd = [{etcd}]\netcd_peer_port = {self.PEER_PORT}")
+        self.config.write_text(text)
+
+    def start(self) -> "Box":
+        """Start without waiting: the ring spans every box."""
+        return super().start(wait=False)
+
+    def cli(self, *args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess:
+        """The CLI run on this box (in its namespace)."""
+        from .appliance import BIN
+
+        return subprocess.run(
+            [*self.launcher, str(BIN / "appliance"), *args, "--config", str(self.config)],
+            capture_output=True, timeout=timeout, input=input,
+        )  # fmt: skip
+
+    def kill(self) -> list[int]:
+        """SIGKILL every process of the box: `appliance run`, supervisord (in a
+        session of its own), the etcd member, the controller and the workers."""
+        import signal as signals
+
+        from .appliance import pids_mentioning
+
+        pids = pids_mentioning(str(self.root))
+        for pid in pids:
+            try:
+                os.kill(pid, signals.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            self.proc.wait(10)
+        return pids
+
+
 class LoopbackNamespace:
     """A private network namespace with only `lo` up: programs that bind
     every interface (the seed's Go nodes listen on ":port") are reachable

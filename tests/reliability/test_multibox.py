@@ -1,0 +1,298 @@
+"""Many boxes, no single point of failure: three boxes, each running
+`appliance run` with 2 workers and one member of one embedded etcd cluster.
+
+Each box is a network namespace joined to a bridge (tests/support/netns.py):
+its workers and its etcd member bind its own address (10.x), and cutting its
+link partitions it. The boxes are started in any order by the same config
+but for node.host. The tests share one cluster and each leaves it whole.
+
+Figures held (lease_ttl 2 s):
+- a box killed (every process of it, SIGKILL), not the etcd leader's: the
+  others keep quorum and drop its workers within lease_ttl + 1 s, with 0
+  failed requests on warm keys; restarted on its old data, its workers are
+  back in every ring within lease_ttl + 5 s;
+- the etcd leader's box killed: the others drop its workers within
+  lease_ttl + 1 s + etcd's election (ELECTION_S), 0 failed requests;
+- one box partitioned: the majority drops it and serves on; the minority
+  box answers from its last ring (loading locally where it must), and every
+  ring converges after the link returns;
+- quorum lost (2 of 3 boxes down): the last box serves its last ring, logs
+  that etcd has no quorum, and recovers when a member returns;
+- `appliance stop-node` of another box's worker, under load: 0 failed.
+
+Reproduce: .venv/bin/python -m pytest -s -q tests/reliability/test_multibox.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from appliance.cluster import etcd
+from support.appliance import wait_for
+from support.faults import Load, Stopwatch, write_origin_files
+from support.netns import Box, Network, netns_unavailable
+
+pytestmark = pytest.mark.integration
+
+LEASE_TTL = 2
+ELECTION_S = 3.0  # etcd's leader election (election timeout 1 s, plus the pre-vote rounds) as seen here
+BOXES = (1, 2, 3)
+GROUPS = """
+[groups.files]
+origin = "file://{origin}"
+cache_bytes = "8MiB"
+"""
+
+
+def report(name: str, **figures) -> None:
+    print(f"\n[{name}] " + "; ".join(f"{k} = {v}" for k, v in figures.items()))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    root = tmp_path_factory.mktemp("boxes")
+    truth = write_origin_files(root / "origin", 200)
+    net = Network(4)  # host 0: the bridge only; boxes 1..3
+    boxes: dict[int, Box] = {}
+    try:
+        net.setup()
+        groups = GROUPS.format(origin=root / "origin")
+        for i in (3, 1, 2):  # any order
+            boxes[i] = Box(root / f"b{i}", net, i, list(BOXES), workers=2, lease_ttl=LEASE_TTL, groups=groups)
+            boxes[i].start()
+        c = Cluster(net, boxes, truth)
+        watch = Stopwatch()
+        c.wait_whole(timeout=90)
+        c.formed_s = watch()
+        yield c
+    finally:
+        for box in boxes.values():
+            box.cleanup()
+        net.close()
+
+
+class Cluster:
+    def __init__(self, net: Network, boxes: dict[int, Box], truth) -> None:
+        self.net, self.boxes, self.truth = net, boxes, truth
+
+    def everyone(self, boxes=BOXES) -> list[str]:
+        return sorted(a for i in boxes for a in self.boxes[i].addresses())
+
+    def ring_of(self, box: int, worker: int) -> tuple[str, ...]:
+        return tuple(sorted(self.boxes[box].admin_stats(worker)["peers"]))
+
+    def hold(self, boxes, members) -> bool:
+        """Every worker of `boxes` holds a ring of exactly `members`."""
+        want = tuple(sorted(members))
+        return all(self.ring_of(b, w) == want for b in boxes for w in range(2))
+
+    def wait_whole(self, timeout: float = 60) -> None:
+        for box in self.boxes.values():  # restart anything a test stopped
+            if box.proc is None or box.proc.poll() is not None:
+                box.start()
+        wait_for(lambda: self.hold(BOXES, self.everyone()), timeout, interval=0.1, what="every ring of 6 workers")
+
+    def leader_box(self) -> int:
+        """The box whose etcd member leads now."""
+        client = self.boxes[1].etcd()
+        try:
+            status = etcd.call(client, lambda c: c.status())
+            members = {m.id: list(m.peer_urls) for m in etcd.call(client, lambda c: list(c.members))}
+        finally:
+            client.close()
+        url = members[status.leader.id][0]
+        return next(i for i in BOXES if f"//{self.net.address(i)}:" in url)
+
+    def revive(self, box: int) -> None:
+        """Start a box that was killed (its old data directory kept)."""
+        self.boxes[box].proc = None
+        self.boxes[box].start()
+
+
+def test_boxes_form_one_cluster_and_see_each_other(cluster):
+    b1, b2, b3 = (cluster.boxes[i] for i in BOXES)
+    members = b1.cli("etcd", "members")
+    assert members.returncode == 0, members.stderr
+    rows = members.stdout.decode().strip().splitlines()[1:]
+    assert len(rows) == 3 and all("healthy" in r for r in rows), rows
+    assert sum("leader" in r for r in rows) == 1
+    peers = b2.cli("peers")
+    assert peers.returncode == 0, peers.stderr
+    listed = dict(line.split("\t") for line in peers.stdout.decode().splitlines())
+    assert sorted(listed) == cluster.everyone()
+    assert {listed[a] for a in b3.addresses()} == {cluster.net.address(3)}
+    stats = b3.cli("stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    boxes = {addr: st["box"] for addr, st in json.loads(stats.stdout).items() if "error" not in st}
+    assert sorted(boxes) == cluster.everyone() and set(boxes.values()) == {cluster.net.address(i) for i in BOXES}
+    check = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(b1.config)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert "etcd cluster of 3 embedded members" in check.stdout
+    assert "any etcd client can join the ring" in check.stdout  # no TLS here: it says so
+    report("three boxes", every_ring_of_6_after_s=f"{cluster.formed_s:.2f}", members=len(rows))
+
+
+def test_stop_node_of_another_box_under_load(cluster):
+    cluster.wait_whole()
+    victim = cluster.boxes[2].addresses()[1]
+    others = [a for a in cluster.everyone() if a != victim]
+    load = Load(cluster.boxes[1].addresses() + cluster.boxes[3].addresses(), cluster.truth, max_seconds=60)
+    with load:
+        load.wait_requests(300)
+        watch = Stopwatch()
+        out = cluster.boxes[1].cli("stop-node", victim)
+        stop_s = watch()
+        wait_for(lambda: cluster.hold((1, 3), others), 10, interval=0.05, what="rings without the stopped worker")
+        ring_s = watch()
+        load.wait_requests(300)
+    report("cross-box stop-node", total=load.all, cli_s=f"{stop_s:.2f}", ring_without_it_s=f"{ring_s:.2f}",
+           output=out.stdout.decode().strip())  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert b"left the ring" in out.stdout
+    assert load.all.failed == 0 and load.all.wrong == 0, load.all.samples
+    assert cluster.boxes[2].process_info()["worker-1"]["statename"] == "STOPPED"
+    assert victim not in cluster.boxes[1].registered_addrs()
+    # A worker that does not exist: a clear error, exit 2.
+    missing = cluster.boxes[1].cli("stop-node", f"{cluster.net.address(2)}:1")
+    assert missing.returncode == 2 and b"not a live worker of the cluster" in missing.stderr
+    cluster.boxes[2].supervisor().startProcess("worker-1", True)
+    cluster.wait_whole()
+
+
+def _kill_under_load(cluster, victim: int, bound: float, name: str) -> None:
+    survivors = [i for i in BOXES if i != victim]
+    rest = cluster.everyone(survivors)
+    load = Load([a for i in survivors for a in cluster.boxes[i].addresses()], cluster.truth, max_seconds=90)
+    with load:
+        load.wait_requests(300)
+        watch = Stopwatch()
+        killed = cluster.boxes[victim].kill()
+        wait_for(lambda: cluster.hold(survivors, rest), bound + 10, interval=0.02, what=f"rings without box {victim}")
+        gone_s = watch()
+        during = load.mark()
+        load.wait_requests(300)
+        # Quorum held: the survivors' etcd takes writes.
+        client = cluster.boxes[survivors[0]].etcd()
+        try:
+            etcd.call(client, lambda c: c.put("/probe", "x"))
+        finally:
+            client.close()
+        watch = Stopwatch()
+        cluster.revive(victim)
+        wait_for(lambda: cluster.hold(BOXES, cluster.everyone()), LEASE_TTL + 15, interval=0.05, what="every ring again")
+        back_s = watch()
+        load.wait_requests(200)
+    report(name, processes_killed=len(killed), its_workers_gone_s=f"{gone_s:.2f} (bound {bound:g})",
+           while_gone=during, back_in_every_ring_s=f"{back_s:.2f} (bound {LEASE_TTL + 5})", total=load.all)  # fmt: skip
+    assert len(killed) >= 5  # run, supervisord, etcd, controller, 2 workers
+    assert load.all.failed == 0 and load.all.wrong == 0, load.all.samples
+    assert gone_s <= bound
+    assert back_s <= LEASE_TTL + 5
+
+
+def test_kill_a_whole_box_then_restart_it(cluster):
+    cluster.wait_whole()
+    victim = next(i for i in BOXES if i != cluster.leader_box())
+    _kill_under_load(cluster, victim, LEASE_TTL + 1, "kill a box (not the etcd leader's)")
+
+
+def test_kill_the_etcd_leaders_box(cluster):
+    cluster.wait_whole()
+    _kill_under_load(cluster, cluster.leader_box(), LEASE_TTL + 1 + ELECTION_S, "kill the etcd leader's box")
+
+
+def _get_inside(box: Box, keys: list[tuple[str, str]], truth) -> dict:
+    """Gets to box's own workers, from inside its namespace (it is cut off)."""
+    script = (
+        "import grpc, json, sys\n"
+        "from appliance.pb import groupcache_pb2, groupcache_pb2_grpc\n"
+        "plan = json.loads(sys.argv[1]); out = {'ok': 0, 'failed': []}\n"
+        "for addr in plan['addrs']:\n"
+        "    with grpc.insecure_channel(addr) as ch:\n"
+        "        stub = groupcache_pb2_grpc.GroupCacheStub(ch)\n"
+        "        for group, key, want in plan['keys']:\n"
+        "            try:\n"
+        "                got = stub.Get(groupcache_pb2.GetRequest(group=group, key=key), timeout=8).value\n"
+        "                if got.hex() == want:\n"
+        "                    out['ok'] += 1\n"
+        "                else:\n"
+        "                    out['failed'].append([key, 'wrong'])\n"
+        "            except grpc.RpcError as e:\n"
+        "                out['failed'].append([key, e.code().name])\n"
+        "print(json.dumps(out))\n"
+    )
+    plan = {"addrs": box.addresses(), "keys": [(g, k, truth[(g, k)].hex()) for g, k in keys]}
+    out = subprocess.run([*box.launcher, sys.executable, "-c", script, json.dumps(plan)], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_partition_one_box(cluster):
+    cluster.wait_whole()
+    victim = next(i for i in BOXES if i != cluster.leader_box())
+    majority = [i for i in BOXES if i != victim]
+    rest = cluster.everyone(majority)
+    keys = [k for k in sorted(cluster.truth) if cluster.truth[k] is not None][:40]
+    load = Load([a for i in majority for a in cluster.boxes[i].addresses()], cluster.truth, max_seconds=90)
+    with load:
+        load.wait_requests(300)
+        watch = Stopwatch()
+        cluster.net.cut(victim)
+        try:
+            wait_for(lambda: cluster.hold(majority, rest), LEASE_TTL + 10, interval=0.02, what="majority rings without it")
+            dropped_s = watch()
+            # The cut-off box still answers its own clients, from its last ring.
+            inside = _get_inside(cluster.boxes[victim], keys, cluster.truth)
+            minority_ring = cluster.ring_of(victim, 0)
+        finally:
+            cluster.net.mend(victim)
+        watch = Stopwatch()
+        wait_for(lambda: cluster.hold(BOXES, cluster.everyone()), 30, interval=0.05, what="every ring after the link returns")
+        healed_s = watch()
+        load.wait_requests(200)
+    report("partition one box", majority_dropped_it_s=f"{dropped_s:.2f}", majority_load=load.all,
+           minority_answers=f"{inside['ok']} ok, {len(inside['failed'])} failed of {2 * len(keys)}",
+           minority_ring_size=len(minority_ring), converged_after_mend_s=f"{healed_s:.2f}")  # fmt: skip
+    assert load.all.failed == 0 and load.all.wrong == 0, load.all.samples
+    assert dropped_s <= LEASE_TTL + 1 + ELECTION_S
+    assert inside["failed"] == [] and inside["ok"] == 2 * len(keys)
+
+
+def test_lose_quorum_then_recover(cluster):
+    cluster.wait_whole()
+    last = 1
+    keys = [k for k in sorted(cluster.truth) if cluster.truth[k] is not None][:60]
+    ring_before = cluster.ring_of(last, 0)
+    for i in (2, 3):
+        cluster.boxes[i].kill()
+    watch = Stopwatch()
+    log = cluster.boxes[last].log
+    wait_for(lambda: "etcd unreachable or without quorum" in log.read_text(errors="replace"), 20,
+             interval=0.1, what="the last box to log that etcd has no quorum")  # fmt: skip
+    noticed_s = watch()
+    # It serves on its last ring: keys of the dead boxes' workers are loaded locally.
+    outcome = Load(cluster.boxes[last].addresses(), {k: cluster.truth[k] for k in keys}, max_requests=300)
+    with outcome:
+        outcome.wait_requests(300, timeout=60)
+    ring_during = cluster.ring_of(last, 0)
+    watch = Stopwatch()
+    cluster.revive(2)  # a member returns: quorum again
+    survivors = cluster.everyone((1, 2))
+    wait_for(lambda: cluster.hold((1, 2), survivors), 60, interval=0.1, what="boxes 1 and 2 on one ring again")
+    recovered_s = watch()
+    cluster.revive(3)
+    cluster.wait_whole(timeout=60)
+    report("lose quorum", no_quorum_logged_after_s=f"{noticed_s:.2f}", served_on_last_ring=outcome.all,
+           ring_kept=ring_during == ring_before, recovered_with_a_member_back_s=f"{recovered_s:.2f}")  # fmt: skip
+    assert outcome.all.failed == 0 and outcome.all.wrong == 0, outcome.all.samples
+    assert ring_during == ring_before
