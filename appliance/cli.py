@@ -8,7 +8,6 @@ Tracebacks are shown only with APPLIANCE_DEBUG=1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -189,7 +188,7 @@ def _cluster_view(settings: Settings):
         client = etcd.connect_to(settings)
         members, _ = etcd.call(client, lambda c: etcd.read_members(c, settings.cluster.service))
     except Exception as exc:
-        raise UsageError(f"cannot read the cluster from etcd ({type(exc).__name__}: {exc})") from None
+        raise UsageError(f"cannot read the cluster from etcd ({etcd.describe(exc)})") from None
     return client, {m.addr: m for m in members.values()}
 
 
@@ -300,13 +299,13 @@ def _etcd_cluster(args: argparse.Namespace):
 
 
 def cmd_etcd_members(args: argparse.Namespace) -> int:
-    from .cluster import membership
+    from .cluster import etcd, membership
 
     settings = _etcd_cluster(args)
     try:
         found = membership.members(settings)
     except Exception as exc:
-        raise UsageError(f"no member of the etcd cluster answers ({type(exc).__name__}: {exc})") from None
+        raise UsageError(f"no member of the etcd cluster answers ({etcd.describe(exc)})") from None
     print("\t".join(("name", "peer URL", "client URL", "health")))
     for m in sorted(found, key=lambda m: list(m.peer_urls)):
         print("\t".join((m.name or "(not started)", ",".join(m.peer_urls), ",".join(m.client_urls) or "-",
@@ -315,7 +314,7 @@ def cmd_etcd_members(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd_add_member(args: argparse.Namespace) -> int:
-    from .cluster import membership
+    from .cluster import etcd, membership
 
     settings = _etcd_cluster(args)
     try:
@@ -323,7 +322,7 @@ def cmd_etcd_add_member(args: argparse.Namespace) -> int:
     except membership.MembershipError as exc:
         raise UsageError(str(exc)) from None
     except Exception as exc:
-        raise UsageError(f"cannot add {args.host}: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"cannot add {args.host}: {etcd.describe(exc)}") from None
     print(
         f"added the etcd member of {args.host}. Next: list its endpoint in cluster.etcd on every box "
         f"(and SIGHUP them, or restart at the next change), then start `appliance run` on {args.host} "
@@ -333,7 +332,7 @@ def cmd_etcd_add_member(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd_remove_member(args: argparse.Namespace) -> int:
-    from .cluster import membership
+    from .cluster import etcd, membership
 
     settings = _etcd_cluster(args)
     try:
@@ -341,7 +340,7 @@ def cmd_etcd_remove_member(args: argparse.Namespace) -> int:
     except membership.MembershipError as exc:
         raise UsageError(str(exc)) from None
     except Exception as exc:
-        raise UsageError(f"cannot remove {args.host}: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"cannot remove {args.host}: {etcd.describe(exc)}") from None
     print(f"removed the etcd member {gone.name or args.host} ({','.join(gone.peer_urls)})")
     return 0
 

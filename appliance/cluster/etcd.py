@@ -105,6 +105,26 @@ def revive(client: etcd3.MultiEndpointEtcd3Client) -> None:
         endpoint.last_failed = 0
 
 
+def describe(exc: BaseException) -> str:
+    """An etcd client error with etcd's own reason (python-etcd3 keeps it on
+    the gRPC error it was raised from), like "ConnectionFailedError: etcd
+    connection failed (etcdserver: unhealthy cluster)"."""
+    if isinstance(exc, grpc.RpcError):
+        details = getattr(exc, "details", None)
+        text = f"etcd answered {exc.code().name}" if callable(getattr(exc, "code", None)) else "etcd failed"  # type: ignore[attr-defined]
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+        details = getattr(exc.__cause__ or exc.__context__, "details", None)
+    if callable(details):
+        try:
+            reason = details()
+        except Exception:  # not a finished gRPC call
+            reason = None
+        if reason:
+            text += f" ({reason})"
+    return text
+
+
 def call(client: etcd3.MultiEndpointEtcd3Client, fn: Callable[[Any], T]) -> T:
     """fn(client), tried once on each member at most: one that fails (down,
     cut off, too slow) is skipped at once for the next try, and for
@@ -120,7 +140,23 @@ def call(client: etcd3.MultiEndpointEtcd3Client, fn: Callable[[Any], T]) -> T:
         except UNREACHABLE:
             if i == tries - 1:
                 raise
+        except grpc.RpcError as exc:
+            # python3-etcd3 passes some calls' errors through untranslated
+            # (the `members` property), without marking the member failed.
+            if exc.code() not in _MEMBER_DOWN or i == tries - 1:  # type: ignore[attr-defined]
+                raise
+            _mark_failed(client)
     raise AssertionError("unreachable")
+
+
+_MEMBER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _mark_failed(client: etcd3.MultiEndpointEtcd3Client) -> None:
+    endpoint = client.endpoint_in_use
+    if endpoint is not None:
+        endpoint.fail()
+        client._clear_old_stubs()  # the stubs are bound to that member's channel
 
 
 def connect_to(settings: Settings, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:

@@ -13,6 +13,7 @@ as already started (its data was lost), must be added first:
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import addr as addrs
@@ -47,13 +48,7 @@ def members(settings: Settings, endpoints: list[str] | None = None, timeout: flo
     any endpoint that answers; raises when none does."""
     client = _client(settings, endpoints, timeout)
     try:
-        error: Exception = ConnectionError("no etcd endpoint")
-        for _ in range(max(1, len(client.endpoints))):
-            try:
-                return list(client.members)
-            except Exception as exc:  # the client marks that endpoint failed: the next try takes another
-                error = exc
-        raise error
+        return etcd.call(client, lambda c: list(c.members))
     finally:
         client.close()
 
@@ -87,14 +82,27 @@ def join_state(settings: Settings) -> str:
     )
 
 
-def add_member(settings: Settings, host: str) -> Any:
-    """Add the member of the box `host` (not started yet) to the cluster."""
+def add_member(settings: Settings, host: str, wait: float = 15.0) -> Any:
+    """Add the member of the box `host` (not started yet) to the cluster,
+    waiting up to `wait` seconds for the cluster to accept a member."""
     url = _peer_url(settings, host)
     if any(url in list(m.peer_urls) for m in members(settings)):
         raise MembershipError(f"{url} is already a member")
-    client = _client(settings)
+    # Its own endpoint cannot answer yet (it is added before it starts).
+    others = [e for e in settings.cluster.etcd if addrs.split(e)[0] != host] or None
+    client = _client(settings, others)
+    deadline = time.monotonic() + wait
     try:
-        return client.add_member([url])
+        while True:
+            try:
+                return etcd.call(client, lambda c: c.add_member([url]))
+            except etcd.UNREACHABLE as exc:
+                # etcd refuses new members until every member has been
+                # connected for 5 s (strict reconfig check): wait that out.
+                if "unhealthy cluster" not in etcd.describe(exc) or time.monotonic() > deadline:
+                    raise
+                etcd.revive(client)
+                time.sleep(0.5)
     finally:
         client.close()
 
@@ -109,7 +117,7 @@ def remove_member(settings: Settings, host: str) -> Any:
         raise MembershipError(f"no member has the peer URL {url}")
     client = _client(settings)
     try:
-        client.remove_member(found[0].id)
+        etcd.call(client, lambda c: c.remove_member(found[0].id))
     finally:
         client.close()
     return found[0]

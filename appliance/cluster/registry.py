@@ -78,7 +78,7 @@ class Registration(threading.Thread):
                 if self._stopping.is_set():
                     break
                 self.registered.clear()
-                log.warning("cannot register %s (%s: %s); retrying in %.1fs", self.key, type(exc).__name__, exc, backoff)
+                log.warning("cannot register %s (%s); retrying in %.1fs", self.key, etcd.describe(exc), backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
 

@@ -296,3 +296,37 @@ def test_lose_quorum_then_recover(cluster):
            ring_kept=ring_during == ring_before, recovered_with_a_member_back_s=f"{recovered_s:.2f}")  # fmt: skip
     assert outcome.all.failed == 0 and outcome.all.wrong == 0, outcome.all.samples
     assert ring_during == ring_before
+
+
+def test_replace_a_box_that_lost_its_disk(cluster):
+    """A box whose etcd data is gone cannot rejoin by itself (it would split
+    the cluster's history): its start says what to do, and after
+    remove-member and add-member on a running box it joins and serves."""
+    cluster.wait_whole()
+    victim = next(i for i in BOXES if i != cluster.leader_box())
+    helper = next(i for i in BOXES if i != victim)
+    host = cluster.net.address(victim)
+    box = cluster.boxes[victim]
+    box.kill()
+    import shutil
+
+    shutil.rmtree(box.root / "state" / "etcd")
+    from support.appliance import BIN
+
+    refused = subprocess.run([*box.launcher, str(BIN / "appliance"), "run", "--config", str(box.config)],
+                             capture_output=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert b"remove-member" in refused.stderr and b"Traceback" not in refused.stderr, refused.stderr
+    watch = Stopwatch()
+    removed = cluster.boxes[helper].cli("etcd", "remove-member", host)
+    assert removed.returncode == 0, removed.stderr
+    added = cluster.boxes[helper].cli("etcd", "add-member", host)
+    assert added.returncode == 0, added.stderr
+    again = cluster.boxes[helper].cli("etcd", "add-member", host)
+    assert again.returncode == 2 and b"already a member" in again.stderr, again.stderr
+    cluster.revive(victim)
+    cluster.wait_whole(timeout=60)
+    replaced_s = watch()
+    rows = cluster.boxes[victim].cli("etcd", "members").stdout.decode().strip().splitlines()[1:]
+    report("replace a box", back_in_every_ring_s=f"{replaced_s:.2f}", members=rows)
+    assert len(rows) == 3 and all("healthy" in r for r in rows), rows
