@@ -68,9 +68,11 @@ class Controller:
                     if self.stop_event.is_set():
                         break
                     self.etcd_ok = False
-                    if isinstance(exc, grpc.RpcError) and client is not None:
-                        _skip_member(client)  # the watch's member went away under it
-                    if isinstance(exc, etcd.UNREACHABLE):
+                    if isinstance(exc, (grpc.RpcError, _ProbeFailed)) and client is not None:
+                        _skip_member(client)  # the watch's member went away under it, or cannot serve
+                    if isinstance(exc, _ProbeFailed):
+                        log.info("etcd member of the watch failed a read (%s); resyncing on another", exc)
+                    elif isinstance(exc, etcd.UNREACHABLE):
                         # Every member failed the call: down, cut off, or without quorum.
                         if not self._outage:
                             log.warning(
@@ -123,7 +125,10 @@ class Controller:
                     # A dead etcd may leave the watch stream silent, and a member
                     # without quorum keeps it open: a linearizable read needs
                     # both the member and quorum.
-                    client.get(self._probe_key)
+                    try:
+                        client.get(self._probe_key)  # on the watch's member, not through etcd.call
+                    except (grpc.RpcError, *etcd.UNREACHABLE) as exc:
+                        raise _ProbeFailed(etcd.describe(exc)) from exc
                     self.etcd_ok = True
                     last_check = time.monotonic()
         finally:
@@ -207,6 +212,11 @@ class Controller:
     def _close_clients(self) -> None:
         for path in list(self._clients):
             self._drop_client(path)
+
+
+class _ProbeFailed(Exception):
+    """The member the watch runs on failed a linearizable read: down, cut
+    off or without quorum; the others may still serve."""
 
 
 def _skip_member(client: Any) -> None:

@@ -89,10 +89,17 @@ def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None
 # `call` revives them all when every one is marked, so one endpoint is
 # retried at once).
 SKIP_FAILED_S = 10.0
+class MemberDown(etcd3.exceptions.ConnectionFailedError):
+    """A member answered with a gRPC error python3-etcd3 passes through
+    untranslated but that means it cannot serve now: UNKNOWN "context
+    deadline exceeded" from a member without quorum, or UNAVAILABLE from
+    an untranslated call (raised by `call` from that error)."""
+
+
 # What a call that should go to another member raises (python3-etcd3 has
 # marked the member it tried as failed already).
 UNREACHABLE = (
-    etcd3.exceptions.ConnectionFailedError,
+    etcd3.exceptions.ConnectionFailedError,  # MemberDown too
     etcd3.exceptions.ConnectionTimeoutError,
     etcd3.exceptions.InternalServerError,
     etcd3.exceptions.NoServerAvailableError,
@@ -141,15 +148,19 @@ def call(client: etcd3.MultiEndpointEtcd3Client, fn: Callable[[Any], T]) -> T:
             if i == tries - 1:
                 raise
         except grpc.RpcError as exc:
-            # python3-etcd3 passes some calls' errors through untranslated
-            # (the `members` property), without marking the member failed.
-            if exc.code() not in _MEMBER_DOWN or i == tries - 1:  # type: ignore[attr-defined]
+            # python3-etcd3 passes some errors through untranslated (UNKNOWN,
+            # and every error of the `members` property) without marking
+            # the member failed.
+            if exc.code() not in _MEMBER_DOWN:  # type: ignore[attr-defined]
                 raise
             _mark_failed(client)
+            if i == tries - 1:
+                raise MemberDown() from exc
     raise AssertionError("unreachable")
 
 
-_MEMBER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# UNKNOWN: etcd's "context deadline exceeded" (a member that cannot reach quorum).
+_MEMBER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
 
 
 def _mark_failed(client: etcd3.MultiEndpointEtcd3Client) -> None:

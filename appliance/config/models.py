@@ -551,26 +551,28 @@ class Settings(BaseSettings):
                     f"{', '.join(c.etcd)}",
                 )
         if c.embedded_etcd:
-            ehost, eport = split_hostport(self.etcd_member_endpoint())
+            member = self.etcd_member_endpoint()
+            ehost, eport = split_hostport(member)
             if eport in ports and _may_share_ports(ehost, self.node.host):
                 raise FieldError(
                     ("node", "base_port"),
                     f"worker ports {ports[0]}-{ports[-1]} clash with the embedded etcd's client port {eport} "
-                    f"(cluster.etcd[0] = {c.etcd[0]}); move base_port or the etcd endpoint",
+                    f"({member}); move base_port or the etcd endpoint",
                 )
-            peer = c.etcd_peer_port
+            peer = self.etcd_peer_port()  # 2380 for a cluster unless set
             if peer:
+                where = "etcd_peer_port" if c.etcd_peer_port else "the etcd cluster's peer port (etcd_peer_port = 0)"
                 if peer in ports and _may_share_ports(ehost, self.node.host):
                     raise FieldError(
                         ("cluster", "etcd_peer_port"),
-                        f"etcd_peer_port {peer} clashes with the worker ports {ports[0]}-{ports[-1]}; "
-                        "pick another port, or 0 for a free one",
+                        f"{where} {peer} clashes with the worker ports {ports[0]}-{ports[-1]}; "
+                        "pick another port" + ("" if self.etcd_clustered() else ", or 0 for a free one"),
                     )
                 if peer == eport:
                     raise FieldError(
                         ("cluster", "etcd_peer_port"),
-                        f"etcd_peer_port {peer} is the etcd client port (cluster.etcd[0] = {c.etcd[0]}); "
-                        "pick another port, or 0 for a free one",
+                        f"{where} {peer} is the etcd client port ({member}); "
+                        "pick another port" + ("" if self.etcd_clustered() else ", or 0 for a free one"),
                     )
         if self.node.server == "native" and self.tls.enabled:
             raise FieldError(
@@ -753,9 +755,12 @@ class Settings(BaseSettings):
         if self.private_etcd():
             return None
         if self.etcd_clustered():
-            if self.etcd_tls() is None and c.etcd_user is None:
-                return "the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring"
-            return None
+            if c.etcd_user is not None or (self.tls.enabled and self.tls.ca and self.tls.client_auth):
+                return None
+            if self.tls.enabled:
+                return ("the embedded etcd cluster takes clients without a certificate (tls.client_auth is off): "
+                        "any etcd client that reaches it can join the ring")
+            return "the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring"
         if c.embedded_etcd:
             where = "the embedded etcd listens on TCP (for the seed's Go nodes)" if c.seed_interop else (
                 "the embedded etcd listens on TCP (etcd_private = false) without auth"

@@ -13,7 +13,7 @@ import pytest
 @dataclass
 class Pki:
     ca: Path  # the CA the nodes trust
-    cert: Path  # node certificate: IP SAN 127.0.0.1, DNS localhost, server+client auth
+    cert: Path  # node certificate: IP SANs 127.0.0.1-3 (three "boxes"), DNS localhost, server+client auth
     key: Path
     client_cert: Path  # a client certificate signed by the same CA
     client_key: Path
@@ -83,7 +83,8 @@ def _make_pki(root: Path) -> Pki:
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                    [*(x509.IPAddress(ipaddress.ip_address(f"127.0.0.{i}")) for i in (1, 2, 3)),
+                     x509.DNSName("localhost")]  # fmt: skip
                 ),
                 critical=False,
             )

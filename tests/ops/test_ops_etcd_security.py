@@ -2,7 +2,9 @@
 `etcd_password`, also from the environment) against an etcd with auth
 enabled, and TLS with a client certificate (`etcd_ca`, `etcd_cert`,
 `etcd_key`). Registration, reading members and watching work with the right
-credentials and are refused without them."""
+credentials and are refused without them. An embedded etcd cluster with
+[tls] (three members on 127.0.0.1-3, as three boxes would run them) serves
+over TLS with the boxes' certificates and refuses clients without one."""
 
 from __future__ import annotations
 
@@ -153,3 +155,50 @@ def test_etcd_tls_with_a_client_certificate(tmp_path, pki):
                     etcd.read_members(c, "groupcache")
             finally:
                 c.close()
+
+
+def test_an_embedded_etcd_cluster_with_tls_takes_only_clients_with_a_certificate(tmp_path, pki):
+    from appliance.supervision.conf import etcd_flags
+    from support.ports import _bindable
+
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    ports = [free_port(h) for h in hosts]
+    peer = next(p for p in (free_port() for _ in range(50)) if all(_bindable(h, p) for h in hosts))
+    endpoints = [f"{h}:{p}" for h, p in zip(hosts, ports)]
+    boxes = [
+        Settings(
+            cluster={"etcd": endpoints, "etcd_peer_port": peer},
+            node={"host": h, "state_dir": str(tmp_path / h), "runtime_dir": str(tmp_path / f"run-{h}")},
+            tls={"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), "client_auth": True},
+        )  # fmt: skip
+        for h in hosts
+    ]
+    procs = []
+    try:
+        for s in boxes:
+            assert s.etcd_clustered() and s.etcd_warning() is None
+            procs.append(subprocess.Popen([etcd_binary(), *etcd_flags(s)], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+
+        def works():
+            c = etcd.connect_to(boxes[1])
+            try:
+                c.put("groupcache/127.0.0.2:7003", etcd.member_value("127.0.0.2:7003"))
+                return sorted(list(m.peer_urls)[0] for m in etcd.call(c, lambda c: list(c.members)))
+            finally:
+                c.close()
+
+        urls = wait_for(works, 30, interval=0.2, what="the TLS etcd cluster")
+        assert urls == [f"https://{h}:{peer}" for h in hosts]
+        # A client with the CA but no certificate (or plain text): refused.
+        for bad in (cluster(endpoints[2], etcd_ca=str(pki.ca)), cluster(endpoints[2])):
+            c = etcd.connect(bad, timeout=2)
+            try:
+                with pytest.raises(Exception):
+                    etcd.read_members(c, "groupcache")
+            finally:
+                c.close()
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -60,7 +60,7 @@ def cluster(tmp_path_factory):
         pytest.skip(f"network namespaces unavailable: {reason}")
     root = tmp_path_factory.mktemp("boxes")
     truth = write_origin_files(root / "origin", 200)
-    net = Network(4)  # host 0: the bridge only; boxes 1..3
+    net = Network(5)  # host 0: the bridge only; boxes 1..3, and 4 for the join test
     boxes: dict[int, Box] = {}
     try:
         net.setup()
@@ -69,6 +69,7 @@ def cluster(tmp_path_factory):
             boxes[i] = Box(root / f"b{i}", net, i, list(BOXES), workers=2, lease_ttl=LEASE_TTL, groups=groups)
             boxes[i].start()
         c = Cluster(net, boxes, truth)
+        c.root, c.groups = root, groups
         watch = Stopwatch()
         c.wait_whole(timeout=90)
         c.formed_s = watch()
@@ -273,11 +274,12 @@ def test_lose_quorum_then_recover(cluster):
     last = 1
     keys = [k for k in sorted(cluster.truth) if cluster.truth[k] is not None][:60]
     ring_before = cluster.ring_of(last, 0)
+    log = cluster.boxes[last].log
+    seen = log.stat().st_size  # earlier tests may have logged it too
     for i in (2, 3):
         cluster.boxes[i].kill()
     watch = Stopwatch()
-    log = cluster.boxes[last].log
-    wait_for(lambda: "etcd unreachable or without quorum" in log.read_text(errors="replace"), 20,
+    wait_for(lambda: "etcd unreachable or without quorum" in log.read_bytes()[seen:].decode(errors="replace"), 20,
              interval=0.1, what="the last box to log that etcd has no quorum")  # fmt: skip
     noticed_s = watch()
     # It serves on its last ring: keys of the dead boxes' workers are loaded locally.
@@ -330,3 +332,48 @@ def test_replace_a_box_that_lost_its_disk(cluster):
     rows = cluster.boxes[victim].cli("etcd", "members").stdout.decode().strip().splitlines()[1:]
     report("replace a box", back_in_every_ring_s=f"{replaced_s:.2f}", members=rows)
     assert len(rows) == 3 and all("healthy" in r for r in rows), rows
+
+
+def test_join_a_fourth_box_then_retire_it(cluster):
+    """Scale out by a box: add its member on a running box, start it (its
+    config lists every endpoint, its own too), and its workers join every
+    ring; retire it with a graceful stop and remove-member."""
+    cluster.wait_whole()
+    net, n = cluster.net, 4
+    host = net.address(n)
+    box = Box(cluster.root / f"b{n}", net, n, [*BOXES, n], workers=2, lease_ttl=LEASE_TTL, groups=cluster.groups)
+    from support.appliance import BIN
+
+    refused = subprocess.run([*box.launcher, str(BIN / "appliance"), "run", "--config", str(box.config)],
+                             capture_output=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert f"appliance etcd add-member {host}".encode() in refused.stderr, refused.stderr
+    watch = Stopwatch()
+    added = cluster.boxes[1].cli("etcd", "add-member", host)
+    assert added.returncode == 0, added.stderr
+    cluster.boxes[n] = box
+    try:
+        box.start()
+        everyone = cluster.everyone((*BOXES, n))
+        wait_for(lambda: cluster.hold((*BOXES, n), everyone), 60, interval=0.1, what="every ring of 8 workers")
+        joined_s = watch()
+        rows = box.cli("etcd", "members").stdout.decode().strip().splitlines()[1:]
+        assert len(rows) == 4 and all("healthy" in r for r in rows), rows
+        load = Load(cluster.everyone(), cluster.truth, max_seconds=60)
+        with load:
+            load.wait_requests(300)
+            watch = Stopwatch()
+            assert box.sigterm() == 0
+            wait_for(lambda: cluster.hold(BOXES, cluster.everyone()), 20, interval=0.05, what="rings without box 4")
+            left_s = watch()
+            load.wait_requests(300)
+        removed = cluster.boxes[1].cli("etcd", "remove-member", host)
+        assert removed.returncode == 0, removed.stderr
+        rows_after = cluster.boxes[2].cli("etcd", "members").stdout.decode().strip().splitlines()[1:]
+    finally:
+        del cluster.boxes[n]
+        box.cleanup()
+    report("join a fourth box", in_every_ring_of_8_s=f"{joined_s:.2f}", retired_left_every_ring_s=f"{left_s:.2f}",
+           load_while_it_left=load.all, members_after=len(rows_after))  # fmt: skip
+    assert load.all.failed == 0 and load.all.wrong == 0, load.all.samples
+    assert len(rows_after) == 3

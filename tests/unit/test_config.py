@@ -595,3 +595,62 @@ def test_config_check_reads_the_token_files_and_names_what_is_wrong(tmp_path):
     assert "expected token_file or tls_identity" in config_error(both)
     cert_only = write(tmp_path, '[auth.credentials.x]\ntls_identity = "x"\n', "c.toml")
     assert "client_auth = true" in config_error(cert_only)
+
+
+BOXES = '["10.0.0.1:2379", "10.0.0.2:2379", "10.0.0.3:2379"]'
+
+
+def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path):
+    from appliance.supervision.conf import etcd_flags
+
+    s = load_settings(write(tmp_path, f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n'))
+    assert s.etcd_clustered() and not s.private_etcd()
+    assert s.etcd_member_endpoint() == "10.0.0.2:2379" and s.etcd_peer_port() == 2380
+    flags = dict(f.split("=", 1) for f in etcd_flags(s, cluster_state="existing"))
+    assert flags["--name"] == "appliance-10.0.0.2"
+    assert flags["--initial-cluster"] == (
+        "appliance-10.0.0.1=http://10.0.0.1:2380,appliance-10.0.0.2=http://10.0.0.2:2380,"
+        "appliance-10.0.0.3=http://10.0.0.3:2380"
+    )
+    assert flags["--initial-cluster-state"] == "existing"
+    assert flags["--listen-client-urls"] == "http://10.0.0.2:2379"
+    assert flags["--listen-peer-urls"] == "http://10.0.0.2:2380"
+    assert "note: the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring" in (
+        check_file(write(tmp_path, f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n', "c.toml"))
+    )
+
+
+def test_an_embedded_etcd_cluster_with_tls_uses_the_box_certificate_and_says_what_client_auth_means(tmp_path):
+    from appliance.supervision.conf import etcd_flags
+
+    for name in ("node.pem", "node-key.pem", "ca.pem"):
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    tls = f'[tls]\ncert = "{tmp_path}/node.pem"\nkey = "{tmp_path}/node-key.pem"\nca = "{tmp_path}/ca.pem"\n'
+    base = f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.3"\n'
+    open_ = load_settings(write(tmp_path, base + tls))
+    flags = dict(f.split("=", 1) for f in etcd_flags(open_))
+    assert flags["--listen-client-urls"] == "https://10.0.0.3:2379"
+    assert flags["--peer-client-cert-auth"] == "true" and "--client-cert-auth" not in flags
+    assert flags["--peer-trusted-ca-file"] == f"{tmp_path}/ca.pem"
+    assert open_.etcd_tls() == (tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node-key.pem")
+    assert "tls.client_auth is off" in open_.etcd_warning()
+    closed = load_settings(write(tmp_path, base + tls + "client_auth = true\n", "m.toml"))
+    assert dict(f.split("=", 1) for f in etcd_flags(closed))["--client-cert-auth"] == "true"
+    assert closed.etcd_warning() is None
+
+
+@pytest.mark.parametrize(
+    "text, field, words",
+    [
+        (f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.9"\n', "node.host", "is none of 10.0.0.1:2379"),
+        ('[cluster]\netcd = ["10.0.0.1:2379", "10.0.0.1:3379"]\n[node]\nhost = "10.0.0.1"\n', "cluster.etcd",
+         "one endpoint per box"),
+        (f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.1"\nbase_port = 2378\n', "node.base_port",
+         "clash with the embedded etcd's client port 2379 (10.0.0.1:2379)"),
+        (f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.1"\nbase_port = 2380\nworkers = 1\n',
+         "cluster.etcd_peer_port", "peer port (etcd_peer_port = 0) 2380 clashes"),
+    ],
+)  # fmt: skip
+def test_a_box_of_an_embedded_etcd_cluster_is_checked_against_its_endpoints(tmp_path, text, field, words):
+    msg = config_error(write(tmp_path, text))
+    assert field in msg and words in msg, msg
