@@ -147,14 +147,18 @@ def test_etcd_tls_with_a_client_certificate(tmp_path, pki):
                 c.close()
 
         assert wait_for(works, 20, what="etcd over TLS") == ["127.0.0.1:7002"]
-        # Without a client certificate, or without TLS at all: refused.
-        for bad in (cluster(endpoint, etcd_ca=str(pki.ca)), cluster(endpoint)):
-            c = etcd.connect(bad, timeout=2)
-            try:
-                with pytest.raises(Exception):
-                    etcd.read_members(c, "groupcache")
-            finally:
-                c.close()
+        assert_refused_without_a_certificate(endpoint, pki)
+
+
+def assert_refused_without_a_certificate(endpoint: str, pki) -> None:
+    """A client with the CA but no certificate, or in plain text, is refused."""
+    for bad in (cluster(endpoint, etcd_ca=str(pki.ca)), cluster(endpoint)):
+        c = etcd.connect(bad, timeout=2)
+        try:
+            with pytest.raises(Exception):
+                etcd.read_members(c, "groupcache")
+        finally:
+            c.close()
 
 
 def test_an_embedded_etcd_cluster_with_tls_takes_only_clients_with_a_certificate(tmp_path, pki):
@@ -190,14 +194,7 @@ def test_an_embedded_etcd_cluster_with_tls_takes_only_clients_with_a_certificate
 
         urls = wait_for(works, 30, interval=0.2, what="the TLS etcd cluster")
         assert urls == [f"https://{h}:{peer}" for h in hosts]
-        # A client with the CA but no certificate (or plain text): refused.
-        for bad in (cluster(endpoints[2], etcd_ca=str(pki.ca)), cluster(endpoints[2])):
-            c = etcd.connect(bad, timeout=2)
-            try:
-                with pytest.raises(Exception):
-                    etcd.read_members(c, "groupcache")
-            finally:
-                c.close()
+        assert_refused_without_a_certificate(endpoints[2], pki)
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGKILL)
