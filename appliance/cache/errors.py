@@ -49,3 +49,9 @@ class PermissionDenied(CacheError):
     """A valid credential without the scope the call needs."""
 
     reason = "PERMISSION_DENIED"
+
+
+class Draining(CacheError):
+    """This node is stopping: it takes no handed-off entries (UNAVAILABLE)."""
+
+    reason = "DRAINING"
