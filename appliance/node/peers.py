@@ -11,7 +11,8 @@ before the origin (appliance.cache.group.PreviousOwners). A process's first
 ring counts as a change from that ring without itself: a node that joins,
 or comes back after a restart, asks the nodes that held its keys meanwhile.
 A peer that left the ring is still asked for `departed_grace` seconds: it
-may be a planned stop, still serving while it hands its entries off.
+may be a planned stop, still serving while it hands its entries off; one
+whose peek failed (it may be dead) is not asked again for `peek_backoff`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Peers:
         self._history: list[tuple[HashRing, float]] = []  # earlier rings, newest first, and when replaced
         self._departed: dict[str, tuple[PeerClient, float, asyncio.TimerHandle]] = {}  # left the ring lately
         self._peek_down: dict[str, float] = {}  # addr -> no peeks before this time
+        self._without: dict[tuple[int, str], HashRing] = {}  # (id of a ring in _history, node) -> ring without it
 
     def pick(self, key: str) -> PeerClient | None:
         owner = self.ring.owner(key)
@@ -131,29 +133,51 @@ class Peers:
         if not self._history:
             return []
         now = self._clock()
-        seen = {self.self_addr, self.ring.owner(key)}
+        ours = {self.self_addr, self.ring.owner(key)}
+        seen = set(ours)
         out: list[PeerClient] = []
         for ring, replaced in self._history:
             if now - replaced > self.peek_window:
                 break  # newest first: the rest are older
-            addr = ring.owner(key)
-            if addr is None or addr in seen:
-                continue
-            seen.add(addr)
-            if self._peek_down.get(addr, 0.0) > now:
-                continue
-            client = self._clients.get(addr)
-            if client is None:
-                departed = self._departed.get(addr)
-                client = departed[0] if departed is not None and departed[1] > now else None
-            if client is not None:
-                out.append(client)
-                if len(out) >= MAX_PEEKS:
-                    break
+            owner = ring.owner(key)
+            if owner is None or owner in ours:
+                continue  # it was ours then, or did not move
+            # The previous owner, then where its keys went when it last left
+            # (a restarted owner may not have asked for this one back yet).
+            for addr in (owner, self._owner_without(ring, owner, key)):
+                if addr is None or addr in seen:
+                    continue
+                seen.add(addr)
+                client = self._askable(addr, now)
+                if client is not None:
+                    out.append(client)
+                    if len(out) >= MAX_PEEKS:
+                        return out
         return out
 
+    def _owner_without(self, ring: HashRing, node: str | None, key: str) -> str | None:
+        if node is None or len(ring) < 2:
+            return None
+        smaller = self._without.get((id(ring), node))
+        if smaller is None:
+            smaller = HashRing([n for n in ring.nodes if n != node], self.replicas, self.scheme)
+            self._without[(id(ring), node)] = smaller
+        return smaller.owner(key)
+
+    def _askable(self, addr: str, now: float) -> PeerClient | None:
+        if self._peek_down.get(addr, 0.0) > now:
+            return None
+        client = self._clients.get(addr)
+        if client is None:
+            departed = self._departed.get(addr)
+            client = departed[0] if departed is not None and departed[1] > now else None
+        return client
+
     def peek_failed(self, addr: str) -> None:
-        self._peek_down[addr] = self._clock() + self.peek_backoff
+        # Only a peer that left may be dead; one in the ring holds its lease
+        # (a slow answer costs that key a load, not the others their peeks).
+        if addr not in self.ring:
+            self._peek_down[addr] = self._clock() + self.peek_backoff
 
     def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
         """Install a ring; False (and no change) for a stale revision.
@@ -205,6 +229,8 @@ class Peers:
         del self._history[MAX_HISTORY:]
         while self._history and now - self._history[-1][1] > self.peek_window:
             self._history.pop()
+        kept = {id(r) for r, _ in self._history}
+        self._without = {k: v for k, v in self._without.items() if k[0] in kept}
 
     def _depart(self, client: PeerClient) -> None:
         # Still peeked for a while: a planned stop serves until its handoff is done.

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from appliance.cache.errors import PeerError
 from appliance.cache.group import Group
+from appliance.cache.ring import HashRing
 from appliance.cache.store import Store
 from appliance.cache.tombstones import Tombstones
 from appliance.node.peers import MAX_PEEKS, Peers
@@ -307,9 +308,10 @@ async def test_a_first_ring_counts_as_joining_the_ring_without_us():
     p.set_peers(["a:1", "b:1", "c:1"], 1)
     mine = [k for k in keys_moving(p, 200) if p.owner(k) == "c:1"]
     assert mine
+    before = HashRing(["a:1", "b:1"])
     for key in mine:
-        [candidate] = p.peek_candidates(key)
-        assert candidate.addr in ("a:1", "b:1")
+        # Its owner before we joined, then where that one's keys would go without it.
+        assert [c.addr for c in p.peek_candidates(key)] == [before.owner(key), ({"a:1", "b:1"} - {before.owner(key)}).pop()]
     others = [k for k in keys_moving(p, 200) if p.owner(k) != "c:1"]
     assert all(p.peek_candidates(k) == [] for k in others)  # owner unchanged, or the owner itself
     clock.now += 10.1
@@ -346,16 +348,29 @@ async def test_a_peer_that_left_is_asked_and_trusted_for_its_grace_only():
     assert left.closed == p.close_grace
 
 
-async def test_a_failed_peek_backs_off_and_a_ring_change_resets_it():
+async def test_a_failed_peek_at_a_departed_peer_backs_off():
     clock = Clock()
-    p = peers_at("c:1", clock, peek_window=30, peek_backoff=1.0)
+    p = peers_at("a:1", clock, peek_window=30, peek_backoff=1.0, departed_grace=10)
     p.set_peers(["a:1", "b:1", "c:1"], 1)
-    key = next(k for k in keys_moving(p, 200) if p.owner(k) == "c:1")
-    [first] = p.peek_candidates(key)
-    p.peek_failed(first.addr)
-    assert first.addr not in [c.addr for c in p.peek_candidates(key)]
+    clock.now += 31
+    key = next(k for k in keys_moving(p, 200) if p.owner(k) == "b:1")
+    p.set_peers(["a:1", "c:1"], 2)  # b left: maybe stopping, maybe dead
+    [gone] = p.peek_candidates(key)
+    assert gone.addr == "b:1"
+    p.peek_failed("b:1")
+    assert p.peek_candidates(key) == []
     clock.now += 1.1
-    assert [c.addr for c in p.peek_candidates(key)] == [first.addr]
+    assert [c.addr for c in p.peek_candidates(key)] == ["b:1"]
+    await p.close()
+    # A peer in the ring holds its lease: a failed peek does not stop the next.
+    p = peers_at("c:1", clock, peek_window=30, peek_backoff=1.0)
+    p.set_peers(["a:1", "b:1", "c:1"], 4)
+    moved = next(k for k in keys_moving(p, 300) if p.owner(k) == "c:1")
+    alive = p.peek_candidates(moved)
+    assert alive and all(c.addr in p.ring for c in alive)
+    p.peek_failed(alive[0].addr)
+    assert p.peek_candidates(moved) == alive
+    await p.close()
 
 
 async def test_ring_without_self_and_a_replaced_process_is_not_departed():
