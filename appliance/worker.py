@@ -57,6 +57,13 @@ async def serve(settings: Settings, index: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.request_stop)  # records only
     await node.start()
+    # Register once the controller's ring has told us who is there: peers
+    # forward to us as soon as we are in their ring, and with no ring we
+    # could only load their misses from the origin (not peek at the nodes
+    # that held our keys meanwhile). The controller pushes to a new socket
+    # within a fraction of a second; without one we register anyway.
+    if not await node.instance.wait_for_ring(float(settings.cluster.lease_ttl)):
+        log.warning("%s: no ring from the controller yet; registering anyway", node.addr)
     registration = Registration(
         lambda: etcd.connect(settings.cluster),
         settings.cluster.service,

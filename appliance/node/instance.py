@@ -137,6 +137,8 @@ class NodeInstance:
         """The cached entry, or None on a miss (then `fill`). Never suspends,
         so a server can answer hits without a coroutine per call."""
         self.validate(group_name, key)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         return self.group(group_name).lookup(key, forwarded)
 
     async def fill(self, group_name: str, key: str, *, forwarded: bool, timeout: float | None) -> Entry:
@@ -157,6 +159,8 @@ class NodeInstance:
         if len(keys) > MAX_BATCH_KEYS:
             raise errors.InvalidRequest(f"at most {MAX_BATCH_KEYS} keys per GetMany")
         group = self.group(group_name)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         results: list[Entry | errors.CacheError | None] = [None] * len(keys)
         valid: list[int] = []
         for i, key in enumerate(keys):
@@ -169,6 +173,11 @@ class NodeInstance:
         for i, entry in zip(valid, entries):
             results[i] = entry
         return results  # type: ignore[return-value]
+
+    def _no_ring(self) -> None:
+        # Without a ring every key looks like ours: a just-started node would
+        # load (and keep) keys other nodes hold. Peers' forwards are served.
+        raise errors.NotServing(f"{self.addr} has no ring yet (starting): try another node")
 
     @staticmethod
     def ttl_left(entry: Entry) -> float:
@@ -185,6 +194,8 @@ class NodeInstance:
         if ttl < 0:
             raise errors.InvalidRequest("ttl must be >= 0")
         group = self.group(group_name)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         if forwarded:
             group.set(key, value, ttl or None)
             return Change(self.addr, [Ack(self.addr, True)])
@@ -201,6 +212,8 @@ class NodeInstance:
         """Drop key at its owner, here and in every live peer's hot cache."""
         self.validate(group_name, key)
         group = self.group(group_name)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         if forwarded:
             group.remove(key)
             return Change(self.addr, [Ack(self.addr, True)])
@@ -409,6 +422,20 @@ class NodeInstance:
             await self.on_serving_change(self.serving)
         async with self._condition():
             self._condition().notify_all()
+
+    async def wait_for_ring(self, timeout: float) -> bool:
+        """Until a first ring arrives (True), or `timeout` seconds (False)."""
+        condition = self._condition()
+
+        async def ringed() -> None:
+            async with condition:
+                await condition.wait_for(lambda: self.peers.revision >= 0)
+
+        try:
+            await asyncio.wait_for(ringed(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def drain(self, timeout: float) -> bool:
         """Stop reporting SERVING and wait until a ring without us arrives.
