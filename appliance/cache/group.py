@@ -175,6 +175,7 @@ class Group:
         self.previous = previous
         self.peek_timeout = peek_timeout
         self._tombstones = Tombstones(tombstone_window, clock)
+        self._peeking: set[str] = set()  # keys whose load flight is asking a previous owner
         # Route flights may forward to a peer; load flights only hit the
         # origin. Forwarded requests join load flights only, so two nodes
         # whose rings disagree never wait on each other in a cycle.
@@ -291,15 +292,13 @@ class Group:
         """A handed-off entry: another node's main-cache value with its
         remaining TTL (0: none). Kept in the main cache unless this node may
         know better: a Remove or Set of the key seen lately, an entry of its
-        own, or a load or peek in flight (its value is at least as new)."""
+        own, or an origin load or a fetch from the owner in flight (its
+        value is at least as new). A peek in flight asks the same node that
+        sent this, and may fail as it stops: the entry is kept, for it."""
         stats = self.stats
-        if (
-            key in self._tombstones
-            or key in self._fences
-            or self._route.in_flight(key)
-            or self._load.in_flight(key)
-            or self.main.get(key) is not None
-        ):
+        # A flight not started yet checks the caches first: it finds this.
+        loading = key in self._fences and key not in self._peeking
+        if key in self._tombstones or loading or self.main.get(key) is not None:
             stats.handoff_in_refused += 1
             stats.handoff_in_refused_bytes += entry_size(key, value)
             return False
@@ -373,7 +372,7 @@ class Group:
         if entry is not None:
             return entry
         self.stats.loads_deduped += 1
-        entry = await self._peek_previous(key)
+        entry = await self._peek_previous(key) or self.main.get(key)  # or handed to us meanwhile
         if entry is not None:
             return entry
         fence = self._fence(key)
@@ -398,6 +397,7 @@ class Group:
             return None
         stats = self.stats
         fence = self._fence(key)
+        self._peeking.add(key)
         found = None
         deadline = self._clock() + self.peek_timeout
         try:
@@ -415,6 +415,7 @@ class Group:
                     break
                 stats.peek_misses += 1
         finally:
+            self._peeking.discard(key)
             ours = self._fences.get(key) is fence
             self._unfence(key, fence)
         if found is None:

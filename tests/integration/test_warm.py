@@ -551,6 +551,7 @@ async def test_metrics_count_handoffs_and_peeks():
         await warm(c, truth)
         a, b, leaving = c.nodes
         report = await leave(c, leaving)
+        served_before = sum(n.groups["g"].stats.peeks_served_hits for n in (a, b))
         joiner = await c.start()
         c.ring(c.nodes)
         for key in truth:
@@ -571,4 +572,5 @@ async def test_metrics_count_handoffs_and_peeks():
         assert sum(value(n, "groupcache_handoff_entries_total", **into) for n in (a, b)) == report.accepted
         hits = value(joiner, "groupcache_peeks_total", group="g", result="hit")
         served = sum(value(n, "groupcache_peeks_served_total", group="g", result="hit") for n in (a, b))
-        assert hits == served == joiner.groups["g"].stats.peek_hits > 0
+        assert hits == joiner.groups["g"].stats.peek_hits > 0
+        assert served - served_before >= hits  # each answered by a or b (which may also ask each other)

@@ -195,10 +195,33 @@ async def test_offer_is_refused_when_the_key_is_held_or_loading():
     g.set("own", b"mine")
     assert not g.offer("own", b"theirs", 0) and g.main.get("own").value == b"mine"
     load = asyncio.ensure_future(g.get("l"))
-    await asyncio.sleep(0)
-    assert not g.offer("l", b"handed", 0)  # the load's value is at least as new
+    for _ in range(100):  # until the origin is asked
+        if origin.calls:
+            break
+        await asyncio.sleep(0)
+    assert not g.offer("l", b"handed", 0)  # the origin load's value is at least as new
     origin.gate.set()
     assert (await load).value == b"fresh" and g.main.get("l").value == b"fresh"
+
+
+async def test_an_offer_during_a_peek_is_kept_and_serves_if_the_peek_fails():
+    """The stopping node hands the key over while a miss here peeks at it;
+    then it exits and the peek fails: the handed-off entry answers."""
+    stopping = PeekPeer(None, fail=None)
+    gate = asyncio.Event()
+
+    async def peek(group, key, timeout):
+        await gate.wait()
+        raise PeerError("it has stopped")
+
+    stopping.peek = peek
+    origin = Origin({"k": b"origin"})
+    g = group(origin, previous=Previous(stopping))
+    get = asyncio.ensure_future(g.get("k"))
+    await asyncio.sleep(0)
+    assert g.offer("k", b"handed", 0)
+    gate.set()
+    assert (await get).value == b"handed" and origin.calls == []
 
 
 async def test_handoff_entries_are_the_main_cache_most_recent_first():
