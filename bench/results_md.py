@@ -422,7 +422,9 @@ def section_warm(res) -> list[str]:
         f"The real appliance, 3 workers, lease_ttl = {res['lease_ttl']} s, values of {res['value']} B; origin loads "
         "counted exactly (one line per load), as a share of the warm keys, from the change's start to the end of one "
         "full read after it; a reader thread runs during each change. Before: `handoff_bytes = 0`, "
-        "`peek_window = 0s`; after: the defaults.",
+        "`peek_window = 0s`; after: the defaults. A kill -9's loads include those made, uncached, by the other "
+        "workers while the victim was down (a key may count more than once); the next column counts each of the "
+        "victim's keys once.",
         "",
     ]
     changes = ("rolling restart", "scale-out 3→4", "planned stop", "kill -9")
@@ -432,7 +434,9 @@ def section_warm(res) -> list[str]:
         for c in changes:
             ch = r["changes"].get(c)
             cells.append("–" if ch is None else f"**{ch['share']:.2%}** ({ch['loads']:,})")
-        cells += [pct(r.get("kill_recovered")), f"{r['failed']} / {r['wrong']}", f"{r['reads_ok']:,}"]
+        victim = r.get("kill_victim_keys")
+        cells += [pct(r.get("kill_recovered")) + (f" of {victim:,}" if victim else ""), f"{r['failed']} / {r['wrong']}",
+                  f"{r['reads_ok']:,}"]  # fmt: skip
         rows.append(cells)
     out += [
         table(
