@@ -12,8 +12,9 @@ per load appended to a file, so loads are counted exactly across worker
 restarts. Every read is checked against that truth.
 
 Before each change every key is read once at its owner (not counted), so
-that each starts from every key held by its owner. Reads are GetMany calls of 100 (during a change) or 500 keys through the
-workers registered in etcd (polled every 0.1 s: where a client following
+that each starts from every key held by its owner. Reads are GetMany
+calls of 100 (during a change) or 500 keys through the workers
+registered in etcd (polled every 0.1 s: where a client following
 etcd sends them), spread over all of them, so most keys go through a
 worker that forwards them to the owner. Per run: warm every key, then each
 change in turn, with one reader thread during the change and one full read
@@ -93,8 +94,9 @@ class Reader:
         return cache_pb2_grpc.CacheStub(ch)
 
     def get_many(self, keys: list[str], addrs: list[str], first: int) -> None:
-        from appliance.pb import cache_pb2
         from support.origin_values import sized
+
+        from appliance.pb import cache_pb2
 
         reply = None
         for attempt in range(2):
