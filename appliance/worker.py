@@ -2,7 +2,8 @@
 
 Started by supervisord as `appliance worker --index I`. SIGTERM (or the
 admin Stop call) starts a graceful stop: deregister, wait for the ring
-without us, finish what is in flight, exit 0.
+without us, hand the main cache to the keys' new owners (what is left of
+drain_timeout, at most handoff_timeout), finish what is in flight, exit 0.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ async def serve(settings: Settings, index: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.request_stop)  # records only
     await node.start()
+    # Register once the controller's ring has told us who is there: peers
+    # forward to us as soon as we are in their ring, and with no ring we
+    # could only load their misses from the origin (not peek at the nodes
+    # that held our keys meanwhile). The controller pushes to a new socket
+    # within a fraction of a second; without one we register anyway.
+    if not await node.instance.wait_for_ring(float(settings.cluster.lease_ttl)):
+        log.warning("%s: no ring from the controller yet; registering anyway", node.addr)
     registration = Registration(
         lambda: etcd.connect_to(settings, timeout=call_timeout(settings.cluster.lease_ttl)),
         settings.cluster.service,
@@ -72,10 +80,13 @@ async def serve(settings: Settings, index: int) -> int:
     try:
         await node.stop_requested.wait()
         drain = node.stop_drain_timeout or ns.drain_timeout
+        stopping = loop.time()
         log.info("stopping %s: deregistering, draining for up to %.1fs", node.addr, drain)
         await asyncio.to_thread(registration.deregister)
         left = await node.drain(drain)
-        log.info("%s %s the ring; finishing requests in flight", node.addr, "left" if left else "timed out leaving")
+        log.info("%s %s the ring; handing off", node.addr, "left" if left else "timed out leaving")
+        # The handoff runs inside the drain's time: it never delays the stop beyond drain_timeout.
+        await node.handoff(min(ns.handoff_timeout, drain - (loop.time() - stopping)))
     finally:
         await node.stop(grace=ns.peer_timeout)
         await asyncio.gather(*(o.close() for o in origins.values()), return_exceptions=True)

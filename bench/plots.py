@@ -138,6 +138,26 @@ def convergence(results: dict, plt):
     return fig
 
 
+def warm(results: dict, plt):
+    wm = results.get("warm") or {}
+    if not wm.get("rows"):
+        return None
+    changes = ("rolling restart", "scale-out 3→4", "planned stop", "kill -9")
+    fig, a = plt.subplots(figsize=(7, 4))
+    runs = [(r["keys"], r["mode"]) for r in wm["rows"]]
+    w = 0.8 / len(runs)
+    for k, r in enumerate(wm["rows"]):
+        xs = [i + (k - (len(runs) - 1) / 2) * w for i in range(len(changes))]
+        ys = [100 * r["changes"].get(c, {}).get("share", 0) for c in changes]
+        a.bar(xs, ys, w, label=f"{r['keys']:,} keys, {'handoff + peeks' if r['mode'] == 'after' else 'off'}",
+              color=("C0" if r["mode"] == "after" else "C7"), alpha=1.0 if r["keys"] == wm["rows"][0]["keys"] else 0.6)
+    a.axhline(1, color="r", ls="--", label="goal: ≤ 1 %")
+    a.set_xticks(range(len(changes)), list(changes))
+    a.set(ylabel="origin loads, % of warm keys", title="Origin loads per membership change (real appliance, 3 workers)")
+    a.legend(fontsize=7)
+    return fig
+
+
 def memory(results: dict, plt):
     mem = results.get("memory") or {}
     if not mem.get("rows"):
@@ -191,6 +211,7 @@ FIGURES = {
     "getmany.png": getmany,
     "storm.png": storm,
     "convergence.png": convergence,
+    "warm.png": warm,
     "memory.png": memory,
     "scaling.png": scaling,
 }

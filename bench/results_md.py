@@ -42,6 +42,7 @@ def markdown(results: dict) -> str:
     parts += section_memory(results.get("memory"))
     parts += section_convergence(results.get("convergence"))
     parts += section_scaling(results.get("scaling"))
+    parts += section_warm(results.get("warm"))
     parts += section_profile(results.get("profile"))
     return "\n".join(parts) + "\n"
 
@@ -408,6 +409,59 @@ def section_convergence(res) -> list[str]:
         "![convergence](convergence.png)",
         "",
     ]
+    return out
+
+
+def section_warm(res) -> list[str]:
+    out = ["## 8. Warm membership changes", ""]
+    if msg := missing(res, "warm"):
+        return out + [msg, ""]
+    out += [
+        _conditions(res),
+        "",
+        f"The real appliance, 3 workers, lease_ttl = {res['lease_ttl']} s, values of {res['value']} B; origin loads "
+        "counted exactly (one line per load), as a share of the warm keys, from the change's start to the end of one "
+        "full read after it; a reader thread runs during each change. Before: `handoff_bytes = 0`, "
+        "`peek_window = 0s`; after: the defaults. A kill -9's loads include those made, uncached, by the other "
+        "workers while the victim was down (a key may count more than once); the next column counts each of the "
+        "victim's keys once.",
+        "",
+    ]
+    changes = ("rolling restart", "scale-out 3→4", "planned stop", "kill -9")
+    rows = []
+    for r in res["rows"]:
+        cells = [f"{r['keys']:,}", r["mode"]]
+        for c in changes:
+            ch = r["changes"].get(c)
+            cells.append("–" if ch is None else f"**{ch['share']:.2%}** ({ch['loads']:,})")
+        victim = r.get("kill_victim_keys")
+        cells += [pct(r.get("kill_recovered")) + (f" of {victim:,}" if victim else ""), f"{r['failed']} / {r['wrong']}",
+                  f"{r['reads_ok']:,}"]  # fmt: skip
+        rows.append(cells)
+    out += [
+        table(
+            ["warm keys", "handoff + peeks", "SIGHUP rolling restart", "scale-out 3→4 (SIGHUP)",
+             "`appliance stop-node` (3 → 2)", "kill -9 (supervisord restarts it)",
+             "kill -9: victim's keys not reloaded", "failed / wrong reads", "reads checked"],
+            rows,
+        ),  # fmt: skip
+        "",
+    ]
+    stop = res.get("stop") or {}
+    if stop:
+        b, a = stop["before"], stop["after"]
+        h = a.get("handoff") or {}
+        out += [
+            f"Planned stop of a worker holding {a['held']:,} entries of {res['value']} B (2 workers): the worker's own "
+            f"stop (log: stopping → stopped) {b['worker_stop_s']:.3f} s without the handoff, "
+            f"{a['worker_stop_s']:.3f} s with it: **{res['stop_added_s']:.2f} s added**; the handoff itself "
+            f"{h.get('seconds', float('nan')):.3f} s, "
+            f"{h.get('accepted', 0):,} accepted, {h.get('refused', 0):,} refused; `stop-node` took "
+            f"{b['stop_node_s']:.2f} s / {a['stop_node_s']:.2f} s.",
+            "",
+            "![warm](warm.png)",
+            "",
+        ]
     return out
 
 

@@ -49,3 +49,16 @@ class PermissionDenied(CacheError):
     """A valid credential without the scope the call needs."""
 
     reason = "PERMISSION_DENIED"
+
+
+class Draining(CacheError):
+    """This node is stopping: it takes no handed-off entries (UNAVAILABLE)."""
+
+    reason = "DRAINING"
+
+
+class NotServing(PeerError):
+    """This node holds no ring yet (it just started): a client tries another
+    node (UNAVAILABLE). Unlike a node that owns every key, it loads nothing."""
+
+    reason = "NOT_SERVING"

@@ -7,6 +7,12 @@ time. Both share one byte budget; the hot cache gets a bounded share.
 
 I/O comes in from outside as two callables: the loader (the origin) and a
 peer picker (the ring plus clients). Nothing here touches the network.
+
+Membership changes keep the cache warm in two ways, both fenced: `offer`
+takes an entry another node handed off before it stopped, and a miss that
+would load from the origin first peeks at the key's previous owners (after
+a ring change; `previous`). Neither value is kept if this node saw the key
+removed or set lately (Tombstones), holds it already, or is loading it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Awaitable, Callable, Protocol
 
 from .errors import CacheError, KeyNotFound, PeerError
 from .singleflight import SingleFlight
-from .store import Entry, Store
+from .store import Entry, Store, entry_size
+from .tombstones import Tombstones
 
 Loader = Callable[[str], Awaitable[bytes]]
 
@@ -62,10 +69,28 @@ class Peer(Protocol):
         Raises PeerError when the call as a whole fails."""
         ...
 
+    async def peek(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float] | None:
+        """The peer's main-cache entry, framed, and its remaining TTL; None
+        when it holds none. Never loads. Raises PeerError."""
+        ...
+
 
 class PeerPicker(Protocol):
     def pick(self, key: str) -> Peer | None:
         """The owner of key, or None when this node owns it."""
+        ...
+
+
+class PreviousOwners(Protocol):
+    """Who owned a key before the last ring changes (appliance.node.peers)."""
+
+    def peek_candidates(self, key: str) -> list[Peer]:
+        """Live previous owners of key to ask, most recent first; [] when
+        the key did not move lately."""
+        ...
+
+    def peek_failed(self, addr: str) -> None:
+        """A peek at addr failed: do not ask it again for a while."""
         ...
 
 
@@ -82,6 +107,28 @@ class Stats:
     local_load_errs: int = 0  # origin loads that failed (not NOT_FOUND)
     not_found: int = 0  # origin said the key does not exist
     server_requests: int = 0  # gets forwarded here by peers
+    # Peeks this node made at previous owners instead of loading.
+    peek_hits: int = 0  # a previous owner had it: stored, no origin load
+    peek_misses: int = 0  # it had none
+    peek_errors: int = 0  # it did not answer in time
+    peek_refused: int = 0  # it had one, but a Remove or Set came meanwhile
+    # Peeks this node answered as a previous owner.
+    peeks_served_hits: int = 0
+    peeks_served_misses: int = 0
+    # Entries handed to this node by stopping peers.
+    handoff_in_accepted: int = 0
+    handoff_in_accepted_bytes: int = 0
+    handoff_in_refused: int = 0  # it knew better: tombstone, own entry, load in flight
+    handoff_in_refused_bytes: int = 0
+    # Entries this node handed off when it stopped.
+    handoff_out_accepted: int = 0
+    handoff_out_accepted_bytes: int = 0
+    handoff_out_refused: int = 0
+    handoff_out_refused_bytes: int = 0
+    handoff_out_failed: int = 0  # sent, but the call failed (peer gone, draining, too slow)
+    handoff_out_failed_bytes: int = 0
+    handoff_out_cut: int = 0  # not sent: past handoff_bytes or handoff_timeout
+    handoff_out_cut_bytes: int = 0
 
     @property
     def hits(self) -> int:
@@ -103,7 +150,13 @@ class Group:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
         framing: Framing | None = None,
+        previous: PreviousOwners | None = None,
+        peek_timeout: float = 0.25,
+        tombstone_window: float = 0.0,
     ) -> None:
+        """`previous` enables peeks at previous owners (each key's peeks get
+        `peek_timeout` seconds in all); `tombstone_window` is how long a
+        Remove or Set refuses handed-off and peeked values (see Tombstones)."""
         if not 0 <= hot_fraction < 1:
             raise ValueError("hot_fraction must be in [0, 1)")
         self.name = name
@@ -119,6 +172,10 @@ class Group:
         self.framing = framing or NoFraming()
         self._clock = clock
         self._rand = rand
+        self.previous = previous
+        self.peek_timeout = peek_timeout
+        self._tombstones = Tombstones(tombstone_window, clock)
+        self._peeking: set[str] = set()  # keys whose load flight is asking a previous owner
         # Route flights may forward to a peer; load flights only hit the
         # origin. Forwarded requests join load flights only, so two nodes
         # whose rings disagree never wait on each other in a cycle.
@@ -208,7 +265,9 @@ class Group:
         return self.main.get(key) or self.hot.get(key)
 
     def remove(self, key: str) -> bool:
-        """Drop key from both caches and stop in-flight loads from caching it."""
+        """Drop key from both caches and stop in-flight loads, peeks and
+        handoffs from caching it."""
+        self._tombstones.add(key)
         self._fences.pop(key, None)
         self._route.forget(key)
         self._load.forget(key)
@@ -221,6 +280,37 @@ class Group:
         self.remove(key)
         data, offset = self._frame(value)
         return self._populate(self.main, key, data, self._expiry(ttl), offset)
+
+    # Handoff -------------------------------------------------------------------
+
+    def handoff_entries(self) -> list[tuple[str, Entry]]:
+        """The main cache, most valuable first (lru: most recently used),
+        for a stopping node to hand to the keys' new owners."""
+        return self.main.ranked()
+
+    def offer(self, key: str, value: bytes, ttl_left: float) -> bool:
+        """A handed-off entry: another node's main-cache value with its
+        remaining TTL (0: none). Kept in the main cache unless this node may
+        know better: a Remove or Set of the key seen lately, an entry of its
+        own, or an origin load or a fetch from the owner in flight (its
+        value is at least as new). A peek in flight asks the same node that
+        sent this, and may fail as it stops: the entry is kept, for it."""
+        stats = self.stats
+        # A flight not started yet checks the caches first: it finds this.
+        loading = key in self._fences and key not in self._peeking
+        if key in self._tombstones or loading or self.main.get(key) is not None:
+            stats.handoff_in_refused += 1
+            stats.handoff_in_refused_bytes += entry_size(key, value)
+            return False
+        data, offset = self._frame(value)
+        self.hot.remove(key)  # the main copy is at least as new
+        if not self._populate(self.main, key, data, self._carried_expiry(ttl_left), offset):
+            stats.handoff_in_refused += 1
+            stats.handoff_in_refused_bytes += entry_size(key, value)
+            return False
+        stats.handoff_in_accepted += 1
+        stats.handoff_in_accepted_bytes += entry_size(key, value)
+        return True
 
     # Flights -----------------------------------------------------------------
 
@@ -271,11 +361,7 @@ class Group:
     def _from_peer(self, key: str, data: bytes, ttl_left: float, fence: object) -> Entry:
         """An owner's framed value."""
         self.stats.peer_loads += 1
-        expires = self._expiry(None)
-        if ttl_left:
-            # The mirror must not outlive the owner's copy.
-            owner_expiry = self._clock() + ttl_left
-            expires = min(expires, owner_expiry) if expires else owner_expiry
+        expires = self._carried_expiry(ttl_left)
         offset = self.framing.offset(data)
         if self._rand() < self.mirror_probability and self._fences.get(key) is fence:
             self._populate(self.hot, key, data, expires, offset)
@@ -286,6 +372,9 @@ class Group:
         if entry is not None:
             return entry
         self.stats.loads_deduped += 1
+        entry = await self._peek_previous(key) or self.main.get(key)  # or handed to us meanwhile
+        if entry is not None:
+            return entry
         fence = self._fence(key)
         try:
             data, offset = self._frame(await self._load_origin(key))
@@ -295,6 +384,55 @@ class Group:
             return Entry(data, expires, 0, offset)
         finally:
             self._unfence(key, fence)
+
+    async def _peek_previous(self, key: str) -> Entry | None:
+        """The key's value from a previous owner that still holds it, kept
+        as ours; None: load it from the origin. A Remove or Set of the key
+        seen lately, or arriving during the peek, voids the peeked value."""
+        previous = self.previous
+        if previous is None or key in self._tombstones:
+            return None
+        candidates = previous.peek_candidates(key)
+        if not candidates:
+            return None
+        stats = self.stats
+        fence = self._fence(key)
+        self._peeking.add(key)
+        found = None
+        deadline = self._clock() + self.peek_timeout
+        try:
+            for peer in candidates:
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                try:
+                    found = await peer.peek(self.name, key, left)
+                except CacheError:
+                    stats.peek_errors += 1
+                    previous.peek_failed(peer.addr)
+                    continue
+                if found is not None:
+                    break
+                stats.peek_misses += 1
+        finally:
+            self._peeking.discard(key)
+            ours = self._fences.get(key) is fence
+            self._unfence(key, fence)
+        if found is None:
+            return None
+        if not ours:
+            stats.peek_refused += 1
+            return self.main.get(key)  # a Set may have stored the new value
+        data, ttl_left = found
+        try:
+            offset = self.framing.offset(data)
+        except ValueError:  # not a value we can keep
+            stats.peek_errors += 1
+            return None
+        expires = self._carried_expiry(ttl_left)
+        self._populate(self.main, key, data, expires, offset)
+        stats.peek_hits += 1
+        return Entry(data, expires, 0, offset)
 
     async def _load_origin(self, key: str) -> bytes:
         try:
@@ -317,6 +455,15 @@ class Group:
     def _expiry(self, ttl: float | None) -> float:
         ttl = self.ttl if ttl is None else ttl
         return self._clock() + ttl if ttl > 0 else 0.0
+
+    def _carried_expiry(self, ttl_left: float) -> float:
+        """Expiry of a value another node holds with ttl_left seconds left
+        (0: none): never later than there, nor than our group's ttl."""
+        expires = self._expiry(None)
+        if ttl_left:
+            carried = self._clock() + ttl_left
+            expires = min(expires, carried) if expires else carried
+        return expires
 
     def _populate(self, store: Store, key: str, data: bytes, expires: float, offset: int = 0) -> bool:
         stored = store.set(key, data, expires, offset)

@@ -7,6 +7,7 @@ counters.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import time
 from typing import Callable, NamedTuple
@@ -81,6 +82,18 @@ class Store:
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
+
+    def ranked(self) -> list[tuple[str, Entry]]:
+        """Live entries, the one the policy would evict last first (lru: the
+        most recently used first). Read from a copy, so the store's own
+        order and counters stay as they are; O(n)."""
+        snapshot = copy.copy(self._data)
+        order = []
+        while snapshot:
+            order.append(snapshot.popitem())  # eviction order, through cachetools' public API
+        order.reverse()
+        now = self._clock()
+        return [(k, e) for k, e in order if not e.expires or e.expires > now]
 
     def __len__(self) -> int:
         return len(self._data)

@@ -9,6 +9,7 @@ always safe; a periodic push reaches workers that restarted.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -45,6 +46,7 @@ class Controller:
         self._probe_key = f"_appliance/{service}/probe"
         self._clients: dict[str, AdminClient] = {}
         self._acked: dict[str, int] = {}  # written by grpc callbacks too
+        self._inodes: dict[str, int] = {}  # socket -> inode: a new one is a new worker process
         self._pending: dict[str, tuple[int, grpc.Future]] = {}  # socket -> (revision, call in flight)
         # (socket, client, error) of failed calls
         self._failed: queue.SimpleQueue[tuple[str, AdminClient, BaseException]] = queue.SimpleQueue()
@@ -162,6 +164,7 @@ class Controller:
         live = set()
         for path in self._sockets():
             live.add(path)
+            self._check_process(path)
             if self._acked.get(path, -1) >= self.revision:
                 continue
             pending = self._pending.get(path)
@@ -173,6 +176,18 @@ class Controller:
             call.add_done_callback(lambda f, path=path, client=client: self._pushed(path, client, f))
         for path in set(self._clients) - live:
             self._drop_client(path)
+            self._inodes.pop(path, None)
+
+    def _check_process(self, path: str) -> None:
+        """A socket made anew is a restarted worker: it holds no ring, and must
+        not wait for the periodic push (it registers once it has one)."""
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return
+        if self._inodes.get(path, inode) != inode:
+            self._drop_client(path)
+        self._inodes[path] = inode
 
     def _pushed(self, path: str, client: AdminClient, call: grpc.Future) -> None:
         # On a grpc thread: record the outcome; the controller's thread acts on it.

@@ -221,6 +221,14 @@ class NodeSettings(_Model):
     max_value_bytes: ByteSize = Field(parse_bytes("4MiB"), gt=0)
     peer_timeout: Duration = Field(parse_duration("5s"), gt=0)
     drain_timeout: Duration = Field(parse_duration("10s"), ge=0)
+    # Membership changes keep the cache warm: a planned stop hands its main
+    # cache (at most handoff_bytes, within handoff_timeout and the drain) to
+    # the keys' new owners; for peek_window after a ring change a miss first
+    # asks the key's previous owner (peek_timeout). 0 turns each off.
+    handoff_bytes: ByteSize = Field(parse_bytes("256MiB"), ge=0)
+    handoff_timeout: Duration = Field(parse_duration("5s"), ge=0)
+    peek_window: Duration = Field(parse_duration("20s"), ge=0)
+    peek_timeout: Duration = Field(parse_duration("250ms"), gt=0)
     hot_cache_fraction: float = Field(0.125, ge=0, le=0.5)
     hot_cache_mirror: float = Field(0.1, ge=0, le=1)
     state_dir: AbsPath | None = None
@@ -269,6 +277,12 @@ class NodeSettings(_Model):
 
     def addresses(self) -> list[str]:
         return [self.address(i) for i in range(self.workers)]
+
+    @property
+    def fence_window(self) -> float:
+        """How long a Remove or Set refuses handed-off and peeked values: the
+        longest such a value travels, plus the longest a fan-out lags."""
+        return max(self.handoff_timeout, self.peek_timeout) + self.peer_timeout + 1.0
 
     @property
     def stop_grace(self) -> float:

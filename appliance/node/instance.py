@@ -2,7 +2,8 @@
 
 Every backend in appliance.transport calls this one interface: validate,
 look up the group (GroupNotFound), get (with a synchronous `hit` for the
-fast path), get_many, set, remove, set_peers, stats. It knows nothing of
+fast path), get_many, set, remove, set_peers, stats; and between nodes,
+peek and receive_handoff (a stopping node's `handoff`). It knows nothing of
 gRPC: failures are appliance.cache.errors, answers are Entries and Change
 records, and the transport maps both to its wire.
 """
@@ -11,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
+import math
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping, Sequence
 
 from ..cache import errors
 from ..cache.group import Framing, Group
 from ..cache.store import Entry
 from ..logs import event
-from .auth import NONE, Authenticator, Credentials
-from .peers import Peers
+from .auth import CLUSTER, NONE, Authenticator, Credentials
+from .peers import PeerClient, Peers
+from .ratelimit import TrustedPeers
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -29,6 +33,11 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[str], Awaitable[bytes]]
 MAX_BATCH_KEYS = 10_000
+# One Handoff call: at most this many entries, and this many bytes (each
+# entry counted with room for its framing) unless one entry is larger.
+HANDOFF_CALL_ENTRIES = 4096
+HANDOFF_CALL_BYTES = 1 << 20
+_ENTRY_OVERHEAD = 32
 
 
 @dataclasses.dataclass
@@ -44,6 +53,23 @@ class Ack:
 class Change:
     owner: str
     acks: list[Ack] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class HandoffReport:
+    """What a stopping node handed off (entries; bytes are key + value)."""
+
+    peers: int = 0
+    sent: int = 0  # in calls made, answered or not
+    accepted: int = 0
+    refused: int = 0  # the new owner knew better
+    failed: int = 0  # the call failed, or was not made after one to that owner did
+    cut: int = 0  # past handoff_bytes or the deadline, or changed since ranked
+    accepted_bytes: int = 0
+    refused_bytes: int = 0
+    failed_bytes: int = 0
+    cut_bytes: int = 0
+    seconds: float = 0.0
 
 
 class NodeInstance:
@@ -81,9 +107,15 @@ class NodeInstance:
                 hot_fraction=ns.hot_cache_fraction,
                 mirror_probability=ns.hot_cache_mirror,
                 framing=framing,
+                previous=peers if ns.peek_window else None,
+                peek_timeout=ns.peek_timeout,
+                tombstone_window=ns.fence_window,
             )
             for name, spec in settings.groups.items()
         }
+        # IP addresses of the ring's members (and of those that just left it).
+        self._trusted = TrustedPeers(lambda: (peers.revision, sorted(peers.members())))
+        self.last_handoff: HandoffReport | None = None
         self.draining = False
         # Called (from the loop) whenever `serving` may have changed.
         self.on_serving_change: Callable[[bool], Awaitable[None]] | None = None
@@ -128,6 +160,8 @@ class NodeInstance:
         if not self.reads_open:
             self.authorize("read", "Get", credentials or NONE)
         self.validate(group_name, key)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         return self.group(group_name).lookup(key, forwarded)
 
     async def fill(self, group_name: str, key: str, *, forwarded: bool, timeout: float | None) -> Entry:
@@ -164,6 +198,8 @@ class NodeInstance:
         if len(keys) > MAX_BATCH_KEYS:
             raise errors.InvalidRequest(f"at most {MAX_BATCH_KEYS} keys per GetMany")
         group = self.group(group_name)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         results: list[Entry | errors.CacheError | None] = [None] * len(keys)
         valid: list[int] = []
         for i, key in enumerate(keys):
@@ -176,6 +212,11 @@ class NodeInstance:
         for i, entry in zip(valid, entries):
             results[i] = entry
         return results  # type: ignore[return-value]
+
+    def _no_ring(self) -> None:
+        # Without a ring every key looks like ours: a just-started node would
+        # load (and keep) keys other nodes hold. Peers' forwards are served.
+        raise errors.NotServing(f"{self.addr} has no ring yet (starting): try another node")
 
     @staticmethod
     def ttl_left(entry: Entry) -> float:
@@ -201,6 +242,8 @@ class NodeInstance:
         if ttl < 0:
             raise errors.InvalidRequest("ttl must be >= 0")
         group = self.group(group_name)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         if forwarded:
             group.set(key, value, ttl or None)
             return Change(self.addr, [Ack(self.addr, True)])
@@ -220,6 +263,8 @@ class NodeInstance:
         self.authorize("write", "Remove", credentials)
         self.validate(group_name, key)
         group = self.group(group_name)
+        if not forwarded and self.peers.revision < 0:
+            self._no_ring()
         if forwarded:
             group.remove(key)
             return Change(self.addr, [Ack(self.addr, True)])
@@ -258,6 +303,162 @@ class NodeInstance:
                 change.acks.append(Ack(client.addr, True))
         return change
 
+    # Between nodes: peek and handoff -------------------------------------------
+
+    def peek(self, group_name: str, key: str, credentials: Credentials = NONE) -> Entry | None:
+        """A previous owner's answer to a peek: its main-cache entry, or None.
+        Never loads, and is not a Get (but needs what a Get needs)."""
+        if not self.reads_open:
+            self.authorize("read", "Peek", credentials)
+        self.validate(group_name, key)
+        group = self.group(group_name)
+        entry = group.main.get(key)
+        if entry is None:
+            group.stats.peeks_served_misses += 1
+        else:
+            group.stats.peeks_served_hits += 1
+        return entry
+
+    def authorize_peer_write(self, source: str, caller: str, credentials: Credentials = NONE) -> None:
+        """The one place that decides whether a peer may write into this
+        node's caches (Handoff); raises Unauthenticated / PermissionDenied.
+        Unless writes are open, the call carries the cluster's own token
+        (an application's write credential may Set, not hand off); `source`
+        (the sender's host:port) is in our ring, or left it lately as a
+        stopping node does; and `caller` (the call's client IP address) is a
+        member's."""
+        principal = self.auth.require("write", "Handoff", credentials)
+        if principal is not None and principal.name != CLUSTER:
+            raise errors.PermissionDenied(
+                f"Handoff is for the cluster's own workers; credential {principal.name!r} is not the cluster token"
+            )
+        if source == self.addr or source not in self.peers.members():
+            raise errors.PermissionDenied(f"handoff from {source!r} refused: not a member of the ring of {self.addr}")
+        if caller not in self._trusted():
+            raise errors.PermissionDenied(f"handoff from {caller!r} refused: not an address of a ring member")
+
+    def receive_handoff(
+        self,
+        source: str,
+        caller: str,
+        group_name: str,
+        entries: Sequence[tuple[str, bytes, float]],
+        credentials: Credentials = NONE,
+    ) -> tuple[int, int]:
+        """Entries (key, value, ttl_left) a stopping peer hands us; (accepted,
+        refused). Each is checked like a Set, the batch refused as a whole
+        if one is bad; a valid one is refused when we know better."""
+        self.authorize_peer_write(source, caller, credentials)
+        if self.draining:
+            raise errors.Draining(f"{self.addr} is stopping: it takes no handoff")
+        group = self.group(group_name)
+        if len(entries) > MAX_BATCH_KEYS:
+            raise errors.InvalidRequest(f"at most {MAX_BATCH_KEYS} entries per Handoff")
+        for i, (key, value, ttl) in enumerate(entries):
+            try:
+                self.validate(group_name, key)
+            except errors.InvalidRequest as exc:
+                raise errors.InvalidRequest(f"entry {i}: {exc}") from None
+            if len(value) > self.max_value:
+                raise errors.InvalidRequest(f"entry {i}: value larger than {self.max_value} bytes")
+            if not 0 <= ttl < math.inf:
+                raise errors.InvalidRequest(f"entry {i}: ttl must be >= 0 seconds")
+        accepted = sum(group.offer(key, value, ttl) for key, value, ttl in entries)
+        return accepted, len(entries) - accepted
+
+    async def handoff(self, timeout: float) -> HandoffReport:
+        """Send the main caches, most valuable first, to the keys' owners in
+        the ring without us: at most handoff_bytes, within `timeout` seconds.
+        Never raises for a peer's failure; one log line says what went."""
+        ns = self.settings.node
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        report = self.last_handoff = HandoffReport()
+        ring = self.peers.ring_without_self()
+        if ns.handoff_bytes <= 0 or timeout <= 0 or not ring.nodes:
+            return report
+        deadline = started + timeout
+        plans: dict[str, list[tuple[Group, str, Entry]]] = {}
+        room = ns.handoff_bytes
+        ranked = [[(g, k, e) for k, e in g.handoff_entries()] for g in self.groups.values()]
+        for item in itertools.chain.from_iterable(itertools.zip_longest(*ranked)):
+            if item is None:
+                continue
+            group, key, entry = item
+            if room < entry.size:
+                room = 0  # cut here: what follows is worth less
+                self._count_out(report, group, "cut", 1, entry.size)
+                continue
+            room -= entry.size
+            owner = ring.owner(key)
+            assert owner is not None
+            plans.setdefault(owner, []).append(item)
+        report.peers = len(plans)
+        sends = []
+        for owner, items in plans.items():
+            client = self.peers.client(owner)
+            if client is not None:
+                sends.append(self._hand_to(client, items, deadline, report))
+            else:  # not in our ring after all (it changed meanwhile)
+                for group, _, entry in items:
+                    self._count_out(report, group, "failed", 1, entry.size)
+        await asyncio.gather(*sends)
+        report.seconds = loop.time() - started
+        event(
+            log, logging.INFO, "handoff", addr=self.addr, peers=report.peers, sent=report.sent,
+            accepted=report.accepted, refused=report.refused, failed=report.failed, cut=report.cut,
+            bytes=report.accepted_bytes, seconds=f"{report.seconds:.3f}",
+        )  # fmt: skip
+        return report
+
+    async def _hand_to(
+        self, client: PeerClient, items: list[tuple[Group, str, Entry]], deadline: float, report: HandoffReport
+    ) -> None:
+        """One owner's share, in calls of one group each, one after another.
+        After a call fails, the rest are not sent (the owner is gone,
+        stopping, or too slow) and count as failed."""
+        loop = asyncio.get_running_loop()
+        failed: str | None = None
+        for group, batch in _handoff_calls(items, min(HANDOFF_CALL_BYTES, self.max_value + 32 * 1024)):
+            if failed is not None:
+                for _, key, entry in batch:
+                    self._count_out(report, group, "failed", 1, entry.size)
+                continue
+            entries, size, now = [], 0, time.monotonic()
+            for _, key, entry in batch:
+                if group.main.get(key) is not entry:  # removed or replaced since: not ours to send
+                    self._count_out(report, group, "cut", 1, entry.size)
+                    continue
+                entries.append((key, entry.value, entry.expires - now if entry.expires else 0.0))
+                size += entry.size
+            left = deadline - loop.time()
+            if left <= 0:
+                self._count_out(report, group, "cut", len(entries), size)
+                continue
+            if not entries:
+                continue
+            report.sent += len(entries)
+            try:
+                accepted, refused = await client.handoff(self.addr, group.name, entries, left)
+            except errors.CacheError as exc:
+                failed = f"{type(exc).__name__}: {exc}"
+                event(log, logging.INFO, "handoff stopped", peer=client.addr, cause=failed[:200])
+                self._count_out(report, group, "failed", len(entries), size)
+                continue
+            refused = min(refused, len(entries))
+            accepted = len(entries) - refused
+            # Bytes split by share: the reply counts entries only.
+            self._count_out(report, group, "accepted", accepted, size * accepted // len(entries))
+            self._count_out(report, group, "refused", refused, size - size * accepted // len(entries))
+
+    @staticmethod
+    def _count_out(report: HandoffReport, group: Group, result: str, entries: int, size: int) -> None:
+        setattr(report, result, getattr(report, result) + entries)
+        setattr(report, f"{result}_bytes", getattr(report, f"{result}_bytes") + size)
+        stats = group.stats
+        setattr(stats, f"handoff_out_{result}", getattr(stats, f"handoff_out_{result}") + entries)
+        setattr(stats, f"handoff_out_{result}_bytes", getattr(stats, f"handoff_out_{result}_bytes") + size)
+
     # Membership ----------------------------------------------------------------
 
     def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
@@ -268,6 +469,7 @@ class NodeInstance:
             log, logging.INFO, "ring changed", revision=revision, peers=len(self.peers.ring),
             member=str(self.addr in self.peers.ring).lower(),
         )  # fmt: skip
+        self._trusted()  # resolve members' host names now, before a handoff needs them
         # Called from sync code: the follow-up runs as a task we keep a
         # reference to (the loop holds tasks only weakly).
         task = asyncio.ensure_future(self._after_ring_change())
@@ -285,6 +487,20 @@ class NodeInstance:
             await self.on_serving_change(self.serving)
         async with self._condition():
             self._condition().notify_all()
+
+    async def wait_for_ring(self, timeout: float) -> bool:
+        """Until a first ring arrives (True), or `timeout` seconds (False)."""
+        condition = self._condition()
+
+        async def ringed() -> None:
+            async with condition:
+                await condition.wait_for(lambda: self.peers.revision >= 0)
+
+        try:
+            await asyncio.wait_for(ringed(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def drain(self, timeout: float) -> bool:
         """Stop reporting SERVING and wait until a ring without us arrives.
@@ -333,4 +549,24 @@ class NodeInstance:
             "peers": list(self.peers.ring.nodes),
             "draining": self.draining,
             "groups": groups,
+            "last_handoff": dataclasses.asdict(self.last_handoff) if self.last_handoff is not None else None,
         }
+
+
+def _handoff_calls(items: list[tuple[Group, str, Entry]], max_bytes: int):
+    """(group, items) per Handoff call, in the order of `items`: one group
+    each, bounded in entries and bytes; the groups' calls take turns."""
+    per_group: dict[str, list[list[tuple[Group, str, Entry]]]] = {}
+    sizes: dict[str, int] = {}
+    for item in items:
+        group, _, entry = item
+        calls = per_group.setdefault(group.name, [[]])
+        cost = entry.size + _ENTRY_OVERHEAD
+        if calls[-1] and (len(calls[-1]) >= HANDOFF_CALL_ENTRIES or sizes[group.name] + cost > max_bytes):
+            calls.append([])
+            sizes[group.name] = 0
+        calls[-1].append(item)
+        sizes[group.name] = sizes.get(group.name, 0) + cost
+    for batch in itertools.chain.from_iterable(itertools.zip_longest(*per_group.values())):
+        if batch:
+            yield batch[0][0], batch

@@ -19,7 +19,14 @@ main|hot, `result` = ok|not_found|error):
     groupcache_cache_bytes{cache}, groupcache_cache_items{cache},
     groupcache_cache_evictions_total{cache}, groupcache_cache_limit_bytes,
     groupcache_ring_revision, groupcache_ring_peers, groupcache_ring_member,
-    groupcache_draining, groupcache_rate_limited_total{protocol}
+    groupcache_draining, groupcache_rate_limited_total{protocol},
+    groupcache_peeks_total{result} (hit|miss|error|refused: this worker's
+    peeks at previous owners), groupcache_peeks_served_total{result}
+    (hit|miss: peeks it answered), groupcache_handoff_entries_total and
+    groupcache_handoff_bytes_total{direction, result} (direction out: what
+    it handed off when it stopped, result accepted|refused|failed|cut; in:
+    what stopping peers handed it, accepted|refused),
+    groupcache_handoff_seconds (its last handoff's duration)
 
 Ratios (hit ratio, origin error ratio) are not exported: they belong in
 PromQL, over rate() of the counters (ops/prometheus/groupcache.rules.yml
@@ -46,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Loader = Callable[[str], Awaitable[bytes]]
+# Handoff counters: direction -> results (Stats fields handoff_<direction>_<result>[_bytes]).
+HANDOFF_RESULTS = (("out", ("accepted", "refused", "failed", "cut")), ("in", ("accepted", "refused")))
 # Origin loads span a cached-file read (~100 us) to a timed-out database (5 s+).
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
 
@@ -112,7 +121,22 @@ class _NodeCollector:
                 "groupcache_origin_loads", "Origin loads by outcome.", labels=["group", "result"]
             ),
             "evictions": CounterMetricFamily("groupcache_cache_evictions", "Entries evicted to stay in budget.", labels=gc),
-        }
+            "peeks": CounterMetricFamily(
+                "groupcache_peeks", "Misses that asked a previous owner after a ring change, by outcome.",
+                labels=["group", "result"],
+            ),
+            "peeks_served": CounterMetricFamily(
+                "groupcache_peeks_served", "Peeks this worker answered as a previous owner.", labels=["group", "result"]
+            ),
+            "handoff_entries": CounterMetricFamily(
+                "groupcache_handoff_entries", "Entries handed off (out: by this worker when it stopped; in: to it).",
+                labels=["group", "direction", "result"],
+            ),
+            "handoff_bytes": CounterMetricFamily(
+                "groupcache_handoff_bytes", "Key + value bytes of the entries handed off, as handoff_entries.",
+                labels=["group", "direction", "result"],
+            ),
+        }  # fmt: skip
         size = GaugeMetricFamily("groupcache_cache_bytes", "Key + value bytes held.", labels=gc)
         items = GaugeMetricFamily("groupcache_cache_items", "Entries held.", labels=gc)
         limit = GaugeMetricFamily("groupcache_cache_limit_bytes", "The group's cache_bytes budget.", labels=g)
@@ -129,6 +153,16 @@ class _NodeCollector:
             counters["origin"].add_metric([name, "ok"], s.local_loads)
             counters["origin"].add_metric([name, "not_found"], s.not_found)
             counters["origin"].add_metric([name, "error"], s.local_load_errs)
+            peeks = {"hit": s.peek_hits, "miss": s.peek_misses, "error": s.peek_errors, "refused": s.peek_refused}
+            for result, count in peeks.items():
+                counters["peeks"].add_metric([name, result], count)
+            counters["peeks_served"].add_metric([name, "hit"], s.peeks_served_hits)
+            counters["peeks_served"].add_metric([name, "miss"], s.peeks_served_misses)
+            for direction, results in HANDOFF_RESULTS:
+                for result in results:
+                    field = f"handoff_{direction}_{result}"
+                    counters["handoff_entries"].add_metric([name, direction, result], getattr(s, field))
+                    counters["handoff_bytes"].add_metric([name, direction, result], getattr(s, f"{field}_bytes"))
             limit.add_metric([name], group.cache_bytes)
             for label, store in (("main", group.main), ("hot", group.hot)):
                 counters["evictions"].add_metric([name, label], store.evictions)
@@ -143,6 +177,11 @@ class _NodeCollector:
             "groupcache_ring_member", "1 when this worker is in its own ring.", value=int(self.node.addr in peers.ring)
         )
         yield GaugeMetricFamily("groupcache_draining", "1 while the worker drains before a stop.", value=int(self.node.draining))
+        last = self.node.instance.last_handoff
+        yield GaugeMetricFamily(
+            "groupcache_handoff_seconds", "Duration of this worker's last handoff (0: none yet).",
+            value=last.seconds if last is not None else 0.0,
+        )  # fmt: skip
 
 
 # The loader wrapper ------------------------------------------------------------

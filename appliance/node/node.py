@@ -22,7 +22,7 @@ from ..logs import event
 from ..pb import admin_pb2_grpc
 from .admin import AdminService
 from .auth import Authenticator
-from .instance import NodeInstance
+from .instance import HandoffReport, NodeInstance
 from .metrics import NodeMetrics
 from .peers import Peers
 
@@ -61,7 +61,11 @@ class Node:
             _check_admin_address(admin_address)
         self.backend, self.backend_reason = transport.choose(settings, server)
         self.transport = transport.create(settings, self.backend, peer_token=token)
-        self.peers = Peers(self.transport.new_client, replicas=ns.replicas, scheme=ns.ring_hash, close_grace=ns.peer_timeout)
+        self.peers = Peers(
+            self.transport.new_client, replicas=ns.replicas, scheme=ns.ring_hash, close_grace=ns.peer_timeout,
+            # A peer that left is asked (peeks) and trusted (its handoff) while it may still be handing off.
+            peek_window=ns.peek_window, departed_grace=ns.handoff_timeout + 1.0,
+        )  # fmt: skip
         self.instance = NodeInstance(
             settings, loaders, self.peers, framing=self.transport.framing, auth=Authenticator.from_settings(settings, token)
         )
@@ -156,6 +160,11 @@ class Node:
         """Report NOT_SERVING and wait until a ring without us arrives
         (True), or `timeout` seconds (False)."""
         return await self.instance.drain(timeout)
+
+    async def handoff(self, timeout: float) -> HandoffReport:
+        """Hand the main caches to the keys' owners in the ring without us
+        (after drain), within `timeout` seconds."""
+        return await self.instance.handoff(timeout)
 
     def stats(self) -> dict:
         return {**self.instance.stats(), "server": self.backend}

@@ -4,17 +4,32 @@ Clients come from the transport (`new_client(addr)`), so this module knows
 no RPC library. A peer that re-registers under a new etcd lease is a new
 process: its client is replaced, so nothing learned about the old one
 (say, that it lacked our services) outlives it.
+
+It also remembers the rings it held before (for `peek_window` seconds after
+each was replaced) to name a key's previous owners, which a miss asks
+before the origin (appliance.cache.group.PreviousOwners). A process's first
+ring counts as a change from that ring without itself: a node that joins,
+or comes back after a restart, asks the nodes that held its keys meanwhile.
+A peer that left the ring is still asked for `departed_grace` seconds: it
+may be a planned stop, still serving while it hands its entries off; one
+whose peek failed (it may be dead) is not asked again for `peek_backoff`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Callable, Mapping, Protocol
 
 from .. import addr as addrs
 from ..cache.group import Peer
 from ..cache.ring import HashRing
+
+
+# Previous owners asked per miss, and earlier rings remembered, at most.
+MAX_PEEKS = 2
+MAX_HISTORY = 8
 
 
 @dataclasses.dataclass
@@ -34,6 +49,12 @@ class PeerClient(Peer, Protocol):
 
     async def remove(self, group: str, key: str, timeout: float | None) -> None: ...
 
+    async def handoff(
+        self, source: str, group: str, entries: list[tuple[str, bytes, float]], timeout: float | None
+    ) -> tuple[int, int]:
+        """Offer (key, value, ttl_left) entries to the peer; (accepted, refused)."""
+        ...
+
     async def close(self, grace: float | None = None) -> None:
         """Let calls in flight finish for `grace` seconds, then release it."""
         ...
@@ -50,11 +71,20 @@ class Peers:
         replicas: int = 50,
         scheme: str = "seed",
         close_grace: float = 5.0,
+        peek_window: float = 0.0,
+        departed_grace: float = 0.0,
+        peek_backoff: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`peek_window` 0 names no previous owners (no peeks)."""
         self.self_addr = ""
         self.replicas = replicas
         self.scheme = scheme
         self.close_grace = close_grace
+        self.peek_window = peek_window
+        self.departed_grace = departed_grace
+        self.peek_backoff = peek_backoff
+        self._clock = clock
         self.revision = -1
         self.ring = HashRing((), replicas, scheme)
         self._new_client = new_client
@@ -62,6 +92,10 @@ class Peers:
         self._leases: dict[str, int] = {}
         self._facts: dict[str, PeerFacts] = {}
         self._closing: set[asyncio.Task] = set()
+        self._history: list[tuple[HashRing, float]] = []  # earlier rings, newest first, and when replaced
+        self._departed: dict[str, tuple[PeerClient, float, asyncio.TimerHandle]] = {}  # left the ring lately
+        self._peek_down: dict[str, float] = {}  # addr -> no peeks before this time
+        self._without: dict[tuple[int, str], HashRing] = {}  # (id of a ring in _history, node) -> ring without it
 
     def pick(self, key: str) -> PeerClient | None:
         owner = self.ring.owner(key)
@@ -81,6 +115,69 @@ class Peers:
     def lease(self, addr: str) -> int | None:
         """The etcd lease of addr's registration, where the ring said."""
         return self._leases.get(addr)
+
+    def members(self) -> set[str]:
+        """Nodes of the ring, and those that left it within departed_grace."""
+        now = self._clock()
+        return set(self.ring.nodes) | {a for a, (_, until, _) in self._departed.items() if until > now}
+
+    def ring_without_self(self) -> HashRing:
+        """Where this node's keys go when it leaves (its ring once it has)."""
+        if self.self_addr not in self.ring:
+            return self.ring
+        return HashRing([n for n in self.ring.nodes if n != self.self_addr], self.replicas, self.scheme)
+
+    # Previous owners (appliance.cache.group.PreviousOwners) -----------------------
+
+    def peek_candidates(self, key: str) -> list[PeerClient]:
+        if not self._history:
+            return []
+        now = self._clock()
+        ours = {self.self_addr, self.ring.owner(key)}
+        seen = set(ours)
+        out: list[PeerClient] = []
+        for ring, replaced in self._history:
+            if now - replaced > self.peek_window:
+                break  # newest first: the rest are older
+            owner = ring.owner(key)
+            if owner is None or owner in ours:
+                continue  # it was ours then, or did not move
+            # The previous owner, then where its keys went when it last left
+            # (a restarted owner may not have asked for this one back yet).
+            for addr in (owner, self._owner_without(ring, owner, key)):
+                if addr is None or addr in seen:
+                    continue
+                seen.add(addr)
+                client = self._askable(addr, now)
+                if client is not None:
+                    out.append(client)
+                    if len(out) >= MAX_PEEKS:
+                        return out
+        return out
+
+    def _owner_without(self, ring: HashRing, node: str | None, key: str) -> str | None:
+        if node is None or len(ring) < 2:
+            return None
+        smaller = self._without.get((id(ring), node))
+        if smaller is None:
+            smaller = HashRing([n for n in ring.nodes if n != node], self.replicas, self.scheme)
+            self._without[(id(ring), node)] = smaller
+        return smaller.owner(key)
+
+    def _askable(self, addr: str, now: float) -> PeerClient | None:
+        if self._peek_down.get(addr, 0.0) > now:
+            return None
+        client = self._clients.get(addr)
+        if client is None:
+            departed = self._departed.get(addr)
+            client = departed[0] if departed is not None and departed[1] > now else None
+        return client
+
+    def peek_failed(self, addr: str) -> None:
+        # Only a peer that left may be dead; one in the ring holds its lease
+        # (a slow answer costs that key a load, not the others their peeks).
+        if addr not in self.ring:
+            self._peek_down[addr] = self._clock() + self.peek_backoff
 
     def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
         """Install a ring; False (and no change) for a stale revision.
@@ -106,12 +203,51 @@ class Peers:
             clients[peer] = client or self._new_client(peer, facts)
         kept = set(map(id, clients.values()))
         dropped = [c for c in self._clients.values() if id(c) not in kept]
+        self._remember(ring)
         self.ring, self._clients, self.revision = ring, clients, revision
         # Kept after a peer leaves, to tell its next process (a new lease) apart.
         self._leases.update(leases)
+        self._peek_down.clear()
+        for addr in ring.nodes:
+            self._undepart(addr)
         for client in dropped:
-            self._close_later(client)
+            if client.addr in ring:  # replaced: a new process at that address
+                self._close_later(client)
+            else:
+                self._depart(client)
         return True
+
+    def _remember(self, ring: HashRing) -> None:
+        """Keep the ring being replaced, when placement changes."""
+        if not self.peek_window or set(ring.nodes) == set(self.ring.nodes):
+            return
+        before = self.ring
+        if self.revision < 0:  # this process's first ring: we just joined
+            before = HashRing([n for n in ring.nodes if n != self.self_addr], self.replicas, self.scheme)
+        now = self._clock()
+        self._history.insert(0, (before, now))
+        del self._history[MAX_HISTORY:]
+        while self._history and now - self._history[-1][1] > self.peek_window:
+            self._history.pop()
+        kept = {id(r) for r, _ in self._history}
+        self._without = {k: v for k, v in self._without.items() if k[0] in kept}
+
+    def _depart(self, client: PeerClient) -> None:
+        # Still peeked for a while: a planned stop serves until its handoff is done.
+        if self.departed_grace <= 0:
+            self._close_later(client)
+            return
+        self._undepart(client.addr)
+        timer = asyncio.get_running_loop().call_later(self.departed_grace, self._undepart, client.addr, client)
+        self._departed[client.addr] = (client, self._clock() + self.departed_grace, timer)
+
+    def _undepart(self, addr: str, client: PeerClient | None = None) -> None:
+        entry = self._departed.get(addr)
+        if entry is None or (client is not None and entry[0] is not client):
+            return
+        del self._departed[addr]
+        entry[2].cancel()
+        self._close_later(entry[0])
 
     def _close_later(self, client: PeerClient) -> None:
         # Calls in flight on the old ring get the peer timeout to finish.
@@ -120,5 +256,9 @@ class Peers:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        clients, self._clients = self._clients, {}
-        await asyncio.gather(*(c.close(0) for c in clients.values()), *self._closing, return_exceptions=True)
+        clients, self._clients = list(self._clients.values()), {}
+        for client, _, timer in self._departed.values():
+            timer.cancel()
+            clients.append(client)
+        self._departed.clear()
+        await asyncio.gather(*(c.close(0) for c in clients), *self._closing, return_exceptions=True)

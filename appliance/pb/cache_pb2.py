@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/cache.proto\x12\x0f\x61ppliance.cache\"-\n\x0eGetManyRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"Q\n\tKeyResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0b\n\x03ttl\x18\x05 \x01(\x01\">\n\x0fGetManyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.appliance.cache.KeyResult\"D\n\nSetRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0b\n\x03ttl\x18\x04 \x01(\x01\"+\n\rRemoveRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x07PeerAck\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\t\x12\x11\n\tconfirmed\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"H\n\x0e\x43hangeResponse\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x05peers\x18\x02 \x03(\x0b\x32\x18.appliance.cache.PeerAck\"I\n\x0e\x46orwardRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"i\n\x0f\x46orwardResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0b\n\x03ttl\x18\x06 \x01(\x01\x32\xe5\x01\n\x05\x43\x61\x63he\x12L\n\x07GetMany\x12\x1f.appliance.cache.GetManyRequest\x1a .appliance.cache.GetManyResponse\x12\x43\n\x03Set\x12\x1b.appliance.cache.SetRequest\x1a\x1f.appliance.cache.ChangeResponse\x12I\n\x06Remove\x12\x1e.appliance.cache.RemoveRequest\x1a\x1f.appliance.cache.ChangeResponse2X\n\x04Peer\x12P\n\x07\x46orward\x12\x1f.appliance.cache.ForwardRequest\x1a .appliance.cache.ForwardResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/cache.proto\x12\x0f\x61ppliance.cache\"-\n\x0eGetManyRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"Q\n\tKeyResult\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0b\n\x03ttl\x18\x05 \x01(\x01\">\n\x0fGetManyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.appliance.cache.KeyResult\"D\n\nSetRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0b\n\x03ttl\x18\x04 \x01(\x01\"+\n\rRemoveRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x07PeerAck\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\t\x12\x11\n\tconfirmed\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"H\n\x0e\x43hangeResponse\x12\r\n\x05owner\x18\x01 \x01(\t\x12\'\n\x05peers\x18\x02 \x03(\x0b\x32\x18.appliance.cache.PeerAck\"I\n\x0e\x46orwardRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"i\n\x0f\x46orwardResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0b\n\x03ttl\x18\x06 \x01(\x01\")\n\x0bPeekRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"<\n\x0cPeekResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\x0b\n\x03ttl\x18\x03 \x01(\x01\"7\n\x0cHandoffEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0b\n\x03ttl\x18\x03 \x01(\x01\"_\n\x0eHandoffRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12.\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1d.appliance.cache.HandoffEntry\"4\n\x0fHandoffResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x0f\n\x07refused\x18\x02 \x01(\r2\xe5\x01\n\x05\x43\x61\x63he\x12L\n\x07GetMany\x12\x1f.appliance.cache.GetManyRequest\x1a .appliance.cache.GetManyResponse\x12\x43\n\x03Set\x12\x1b.appliance.cache.SetRequest\x1a\x1f.appliance.cache.ChangeResponse\x12I\n\x06Remove\x12\x1e.appliance.cache.RemoveRequest\x1a\x1f.appliance.cache.ChangeResponse2\xeb\x01\n\x04Peer\x12P\n\x07\x46orward\x12\x1f.appliance.cache.ForwardRequest\x1a .appliance.cache.ForwardResponse(\x01\x30\x01\x12\x43\n\x04Peek\x12\x1c.appliance.cache.PeekRequest\x1a\x1d.appliance.cache.PeekResponse\x12L\n\x07Handoff\x12\x1f.appliance.cache.HandoffRequest\x1a .appliance.cache.HandoffResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,8 +49,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDREQUEST']._serialized_end=560
   _globals['_FORWARDRESPONSE']._serialized_start=562
   _globals['_FORWARDRESPONSE']._serialized_end=667
-  _globals['_CACHE']._serialized_start=670
-  _globals['_CACHE']._serialized_end=899
-  _globals['_PEER']._serialized_start=901
-  _globals['_PEER']._serialized_end=989
+  _globals['_PEEKREQUEST']._serialized_start=669
+  _globals['_PEEKREQUEST']._serialized_end=710
+  _globals['_PEEKRESPONSE']._serialized_start=712
+  _globals['_PEEKRESPONSE']._serialized_end=772
+  _globals['_HANDOFFENTRY']._serialized_start=774
+  _globals['_HANDOFFENTRY']._serialized_end=829
+  _globals['_HANDOFFREQUEST']._serialized_start=831
+  _globals['_HANDOFFREQUEST']._serialized_end=926
+  _globals['_HANDOFFRESPONSE']._serialized_start=928
+  _globals['_HANDOFFRESPONSE']._serialized_end=980
+  _globals['_CACHE']._serialized_start=983
+  _globals['_CACHE']._serialized_end=1212
+  _globals['_PEER']._serialized_start=1215
+  _globals['_PEER']._serialized_end=1450
 # @@protoc_insertion_point(module_scope)

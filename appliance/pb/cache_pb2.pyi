@@ -99,3 +99,49 @@ class ForwardResponse(_message.Message):
     error: str
     ttl: float
     def __init__(self, id: _Optional[int] = ..., response: _Optional[bytes] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., ttl: _Optional[float] = ...) -> None: ...
+
+class PeekRequest(_message.Message):
+    __slots__ = ("group", "key")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    key: str
+    def __init__(self, group: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class PeekResponse(_message.Message):
+    __slots__ = ("found", "response", "ttl")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    response: bytes
+    ttl: float
+    def __init__(self, found: _Optional[bool] = ..., response: _Optional[bytes] = ..., ttl: _Optional[float] = ...) -> None: ...
+
+class HandoffEntry(_message.Message):
+    __slots__ = ("key", "value", "ttl")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: bytes
+    ttl: float
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ..., ttl: _Optional[float] = ...) -> None: ...
+
+class HandoffRequest(_message.Message):
+    __slots__ = ("source", "group", "entries")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    group: str
+    entries: _containers.RepeatedCompositeFieldContainer[HandoffEntry]
+    def __init__(self, source: _Optional[str] = ..., group: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[HandoffEntry, _Mapping]]] = ...) -> None: ...
+
+class HandoffResponse(_message.Message):
+    __slots__ = ("accepted", "refused")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    refused: int
+    def __init__(self, accepted: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...

@@ -200,12 +200,34 @@ class PeerStub:
                 request_serializer=appliance_dot_pb_dot_cache__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=appliance_dot_pb_dot_cache__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Peek = channel.unary_unary(
+                '/appliance.cache.Peer/Peek',
+                request_serializer=appliance_dot_pb_dot_cache__pb2.PeekRequest.SerializeToString,
+                response_deserializer=appliance_dot_pb_dot_cache__pb2.PeekResponse.FromString,
+                _registered_method=True)
+        self.Handoff = channel.unary_unary(
+                '/appliance.cache.Peer/Handoff',
+                request_serializer=appliance_dot_pb_dot_cache__pb2.HandoffRequest.SerializeToString,
+                response_deserializer=appliance_dot_pb_dot_cache__pb2.HandoffResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Forward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Peek(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Handoff(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,6 +240,16 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=appliance_dot_pb_dot_cache__pb2.ForwardRequest.FromString,
                     response_serializer=appliance_dot_pb_dot_cache__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Peek': grpc.unary_unary_rpc_method_handler(
+                    servicer.Peek,
+                    request_deserializer=appliance_dot_pb_dot_cache__pb2.PeekRequest.FromString,
+                    response_serializer=appliance_dot_pb_dot_cache__pb2.PeekResponse.SerializeToString,
+            ),
+            'Handoff': grpc.unary_unary_rpc_method_handler(
+                    servicer.Handoff,
+                    request_deserializer=appliance_dot_pb_dot_cache__pb2.HandoffRequest.FromString,
+                    response_serializer=appliance_dot_pb_dot_cache__pb2.HandoffResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -247,6 +279,60 @@ class Peer:
             '/appliance.cache.Peer/Forward',
             appliance_dot_pb_dot_cache__pb2.ForwardRequest.SerializeToString,
             appliance_dot_pb_dot_cache__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.cache.Peer/Peek',
+            appliance_dot_pb_dot_cache__pb2.PeekRequest.SerializeToString,
+            appliance_dot_pb_dot_cache__pb2.PeekResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Handoff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.cache.Peer/Handoff',
+            appliance_dot_pb_dot_cache__pb2.HandoffRequest.SerializeToString,
+            appliance_dot_pb_dot_cache__pb2.HandoffResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,22 +105,28 @@ def _section_changes(old: Settings, new: Settings) -> set[str]:
     return changed
 
 
-def _wait_in_ring(settings: Settings, index: int, timeout: float) -> bool:
-    """Until worker `index` answers on its admin socket and is in its ring."""
+def _wait_in_ring(settings: Settings, index: int, timeout: float, others: list[int] = ()) -> bool:
+    """Until worker `index` answers on its admin socket and is in its ring,
+    and in the rings of workers `others` (so that the next to stop hands
+    its keys to it too, and the others forward to it)."""
     import grpc
 
     from ..admin_client import AdminClient
 
-    sock = settings.admin_socket(index)
+    addr = settings.node.address(index)
     deadline = time.monotonic() + timeout
+    waiting = [index, *others]
     while time.monotonic() < deadline:
         try:
             # A new channel each try: the worker is restarting, and a channel
             # that failed to connect would wait out grpc's reconnect backoff.
-            with AdminClient(sock, timeout=1) as admin:
+            with AdminClient(settings.admin_socket(waiting[0]), timeout=1) as admin:
                 stats = admin.stats()
-            if stats["addr"] in stats["peers"]:
-                return True
+            if addr in stats["peers"]:
+                waiting.pop(0)
+                if not waiting:
+                    return True
+                continue
         except (grpc.RpcError, KeyError, ValueError):
             pass
         time.sleep(0.1)
@@ -236,7 +242,8 @@ class Appliance:
 
     def _rolling_restart(self, old: Settings, new: Settings, kept: int) -> None:
         """Apply changed settings to running workers one at a time, each
-        stopped gracefully and back in the ring before the next goes."""
+        stopped gracefully (it hands its cache to the others) and back in
+        every ring before the next goes (it peeks at what it handed off)."""
         changes = sorted(_section_changes(old, new) - {"node.workers"})
         if any(c.startswith("cluster.") for c in changes):
             log.warning("cluster settings changed (%s): they need `systemctl restart`", ", ".join(changes))
@@ -244,12 +251,19 @@ class Appliance:
         log.info("settings changed (%s): restarting workers one at a time", ", ".join(changes))
         rpc.stop_all(self.supervisor, ["controller"], conf.CONTROLLER_STOP_GRACE)
         self.supervisor.startProcess("controller", True)
+        # A running worker keeps the stop grace it was started with (supervisord
+        # applies a changed program only on restart): wait for the longer one.
+        grace = max(old.node.stop_grace, new.node.stop_grace)
         for index in range(kept):
             name = conf.worker_name(index)
-            rpc.stop_all(self.supervisor, [name], new.node.stop_grace)
+            if rpc.stop_all(self.supervisor, [name], grace):
+                log.warning("%s did not stop in time; not restarting it", name)
+                continue
             self.supervisor.startProcess(name, True)
-            if not _wait_in_ring(new, index, timeout=new.cluster.lease_ttl + 10):
-                log.warning("%s did not rejoin the ring in time; continuing", name)
+            running = rpc.states(self.supervisor)
+            others = [i for i in range(kept) if i != index and running.get(conf.worker_name(i)) == "RUNNING"]
+            if not _wait_in_ring(new, index, timeout=new.cluster.lease_ttl + 10, others=others):
+                log.warning("%s did not rejoin every ring in time; continuing", name)
 
     def shutdown(self) -> int:
         s, proc = self.settings, self.proc

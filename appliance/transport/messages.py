@@ -109,3 +109,17 @@ def forward_error(request_id: int, exc: errors.CacheError) -> cache_pb2.ForwardR
     return cache_pb2.ForwardResponse(
         id=request_id, code=code_of(exc).value[0], reason=exc.reason, error=str(exc) or exc.reason
     )
+
+
+def peek_response(entry: Entry | None) -> bytes:
+    if entry is None:
+        return cache_pb2.PeekResponse(found=False).SerializeToString()
+    return cache_pb2.PeekResponse(found=True, response=entry.data, ttl=NodeInstance.ttl_left(entry)).SerializeToString()
+
+
+def handoff_entries(request: cache_pb2.HandoffRequest) -> list[tuple[str, bytes, float]]:
+    return [(e.key, e.value, e.ttl) for e in request.entries]
+
+
+def handoff_response(accepted: int, refused: int) -> bytes:
+    return cache_pb2.HandoffResponse(accepted=accepted, refused=refused).SerializeToString()

@@ -27,6 +27,8 @@ CODES: dict[type[errors.CacheError], grpc.StatusCode] = {
     errors.PeerError: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Draining: grpc.StatusCode.UNAVAILABLE,
+    errors.NotServing: grpc.StatusCode.UNAVAILABLE,
 }
 BY_REASON = {cls.reason: cls for cls in CODES}
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}

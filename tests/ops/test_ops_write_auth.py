@@ -99,6 +99,39 @@ async def test_writes_need_the_write_scope_and_peers_fan_out_with_the_cluster_to
 
 
 @pytest.mark.usefixtures("backend")
+async def test_handoff_needs_the_cluster_token_and_a_planned_stop_presents_it(creds):
+    data = {f"k{i}": f"v{i}".encode() for i in range(60)}
+    async with cluster(3, CountingOrigin(data), auth=creds["auth"], token=CLUSTER_TOKEN) as nodes:
+        a, b, c = nodes
+        entry = cache_pb2.HandoffEntry(key="h", value=b"handed", ttl=0)
+        request = cache_pb2.HandoffRequest(source=b.addr, group="g", entries=[entry])
+        async with grpc.aio.insecure_channel(a.addr) as ch:
+            peer = cache_pb2_grpc.PeerStub(ch)
+            for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                                (creds["reader"], grpc.StatusCode.PERMISSION_DENIED),
+                                (creds["writer"], grpc.StatusCode.PERMISSION_DENIED)):  # fmt: skip
+                metadata = (("authorization", f"Bearer {token}"),) if token else None
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await peer.Handoff(request, timeout=5, metadata=metadata)
+                assert info.value.code() == code and reason(info.value) == code.name, info.value.details()
+            assert a.groups["g"].main.get("h") is None
+            # Peeks are reads: open here, like Get.
+            await peer.Peek(cache_pb2.PeekRequest(group="g", key="k1"), timeout=5)
+        # A planned stop hands off with the cluster token: its keys arrive.
+        for key in data:
+            await a.instance.get("g", key, timeout=5)
+        leaving = c
+        mine = [k for k in data if leaving.groups["g"].main.get(k) is not None]
+        assert mine
+        stay = [n for n in nodes if n is not leaving]
+        for n in nodes:
+            n.set_peers([m.addr for m in stay], 99)
+        report = await leaving.handoff(5)
+        assert report.accepted == len(mine) and report.failed == 0, report
+        assert all(any(n.groups["g"].main.get(k) is not None for n in stay) for k in mine)
+
+
+@pytest.mark.usefixtures("backend")
 async def test_reads_can_require_a_credential_too(creds, tmp_path):
     auth = {**creds["auth"], "reads": "authenticated"}
     async with cluster(2, CountingOrigin({"k": b"v"}), auth=auth, token=CLUSTER_TOKEN) as nodes:

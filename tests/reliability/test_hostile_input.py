@@ -72,14 +72,32 @@ class LocalPeer:
         results = await self.machine.groups[self.target].get_many(keys, forwarded=True)
         return {k: (r.value, 0.0) if isinstance(r, Entry) else r for k, r in zip(keys, results)}
 
+    async def peek(self, group, key, timeout):
+        machine = self.machine
+        if machine.peer_down:
+            raise PeerError(f"{self.addr} is down")
+        entry = machine.groups[self.target].main.get(key)  # read now, answered after the gate
+        machine.peeked += 1
+        if machine.peek_gate is not None:
+            await asyncio.wait_for(machine.peek_gate.wait(), 5)
+        return None if entry is None else (entry.value, 0.0)
+
 
 class Picker:
     def __init__(self, machine: "GroupMachine", me: int) -> None:
         self.me = me
+        self.machine = machine
         self.peer = LocalPeer(machine, 1 - me)
 
     def pick(self, key):
         return None if owner(key) == self.me else self.peer
+
+    # PreviousOwners: after a "ring change", the other node owned every key before.
+    def peek_candidates(self, key):
+        return [self.peer] if self.machine.moved else []
+
+    def peek_failed(self, addr):
+        pass
 
 
 def owner(key: str) -> int:
@@ -100,10 +118,17 @@ class GroupMachine(RuleBasedStateMachine):
         self.peer_down = False
         self.gate: asyncio.Event | None = None
         self.started = 0
+        self.moved = False
+        self.peek_gate: asyncio.Event | None = None
+        self.peeked = 0
+        pickers = [Picker(self, i) for i in range(2)]
         self.groups = [
-            Group("g", self.load, cache_bytes=BUDGET, policy=policy, picker=Picker(self, i), mirror_probability=1.0)
+            Group(
+                "g", self.load, cache_bytes=BUDGET, policy=policy, picker=pickers[i], mirror_probability=1.0,
+                previous=pickers[i], tombstone_window=600.0,
+            )
             for i, policy in enumerate(("lru", "lfu"))
-        ]
+        ]  # fmt: skip
 
     async def load(self, key: str) -> bytes:
         self.started += 1
@@ -209,6 +234,49 @@ class GroupMachine(RuleBasedStateMachine):
 
         self.run(go())
 
+    @rule(moved=st.booleans())
+    def ring_changes(self, moved):
+        # Misses peek at the other node first (it owned every key before).
+        self.moved = moved
+
+    @rule(node=NODES, key=KEYS, value=VALUES, write_between=st.booleans())
+    def handoff(self, node, key, value, write_between):
+        # The other node hands `node` its entry for key: read there, then
+        # (maybe) the key is written everywhere, then the batch arrives.
+        entry = self.groups[1 - node].main.get(key)
+        if entry is None:
+            return
+        if write_between:
+            self.write(key, value)
+        self.groups[node].offer(key, entry.value, 0.0)
+
+    @rule(node=NODES, key=KEYS, value=VALUES, how=st.sampled_from(["remove", "set"]))
+    def write_during_a_peek(self, node, key, value, how):
+        async def go():
+            self.moved = True
+            self.peek_gate = gate = asyncio.Event()
+            peeked = self.peeked
+            call = asyncio.ensure_future(self.groups[node].get(key, timeout=5))
+            for _ in range(100):  # until the other node has read its entry (or no peek happens)
+                if self.peeked > peeked or call.done():
+                    break
+                await asyncio.sleep(0)
+            racing = self.peeked > peeked and not call.done()
+            if how == "remove":
+                self.write(key, value)
+            else:
+                self.set_write_through(node, key, value)
+            self.peek_gate = None
+            gate.set()
+            try:
+                outcome = await call
+            except CacheError as exc:
+                outcome = exc
+            if racing:  # a Get waiting on a peek gets the written value, never the peeked one
+                self.check_answer(key, outcome)
+
+        self.run(go())
+
     @invariant()
     def caches_hold_the_truth_within_budget(self):
         for g in self.groups:
@@ -230,9 +298,10 @@ class GroupMachine(RuleBasedStateMachine):
 TestGroupModel = GroupMachine.TestCase
 TestGroupModel.__doc__ = """Figure held: over 60 random programs of up to 30 steps (origin writes,
 deletes, failures, peer outages, concurrent and batched gets, write-through
-sets, origin changes during a load), 0 cached entries differ from the
-origin, bytes never exceed the 500-byte budget, and 0 flights or tasks are
-left behind."""
+sets, origin changes during a load, ring changes that make misses peek at
+the other node, handoffs with writes between read and arrival, writes
+during a peek), 0 cached entries differ from the origin, bytes never exceed
+the 500-byte budget, and 0 flights or tasks are left behind."""
 TestGroupModel.settings = settings(
     max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

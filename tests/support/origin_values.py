@@ -28,3 +28,19 @@ def logged(key: str) -> bytes:
         finally:
             os.close(fd)
     return ("v-" + key).encode()
+
+
+def counted(key: str) -> bytes:
+    """`sized` values, and one line per load (the key) appended to the file
+    named by $APPLIANCE_TEST_LOADS (one O_APPEND write), so that loads are
+    counted exactly across worker restarts."""
+    import os
+
+    path = os.environ.get("APPLIANCE_TEST_LOADS")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, key.encode() + b"\n")
+        finally:
+            os.close(fd)
+    return sized(key)

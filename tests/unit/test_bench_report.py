@@ -98,6 +98,15 @@ def sample_results() -> dict:
              "p50_ms": 4.49, "p99_ms": 6.63, "client_cpu_share": 0.10, "box_cpu_used": 1.40,
              "worker_cpu_us_per_req": 181, "other_cpu_cores": 0.0, "worker_cores": 1.27}
             for n, s in ((1, 1.0), (2, 1.16))]),
+        "warm": cond(lease_ttl=2, value=1024, stop_added_s=0.36, rows=[
+            {"keys": n, "mode": mode, "failed": 0, "wrong": 0, "reads_ok": 300000, "kill_recovered": 0.14,
+             "changes": {c: {"loads": int(share * n), "share": share, "seconds": 2.0}
+                         for c, share in zip(("rolling restart", "scale-out 3→4", "planned stop", "kill -9"),
+                                             (0.0, 0.0, 0.0, 0.4) if mode == "after" else (1.1, 0.3, 0.25, 0.45))}}
+            for n in (3000, 30000) for mode in ("before", "after")],
+            stop={"before": {"held": 30000, "worker_stop_s": 0.01, "stop_node_s": 0.45, "handoff": None},
+                  "after": {"held": 30000, "worker_stop_s": 0.37, "stop_node_s": 0.72,
+                            "handoff": {"seconds": 0.36, "accepted": 30000, "refused": 0}}}),
         "profile": cond(hot_get_worker=prof_target, forwarding_node=prof_target,
                         hot_get_threads={"wall_s": 3.0, "cores_by_thread": {"grpc-native-io": 0.66, "native-recv": 0.27}},
                         handler_time={"100": {"handler_us": 6.0, "cpu_us_per_get": 185},
@@ -112,7 +121,8 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Benchmark results\n")
     for section in ("## Goals", "## 1. Hot Get", "## 2. Forwarded", "## 3. GetMany", "## 4. Miss storm",
-                    "## 5. Memory", "## 6. Convergence", "## 7. Scaling", "## Profile of the hot path"):
+                    "## 5. Memory", "## 6. Convergence", "## 7. Scaling", "## 8. Warm membership changes",
+                    "## Profile of the hot path"):
         assert section in text
     # Fixed prose and the historical experiments live in bench/README.md.
     assert "### Reading" not in text and "--experiment" not in text and "0ad5341" not in text
@@ -120,6 +130,8 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
     assert "| Hot Get vs the seed's Go server (GOMAXPROCS=1), Gets per server CPU-second | ≥ 1× |" in text
     assert "`grpc-native-io` 0.66" in text
     assert "| Convergence (death / join / planned stop) | ≤ lease_ttl + 1 s = 3 s |" in text
+    assert "| Handoff of 30,000 × 1 KiB: time added to a planned stop | ≤ 1 s |" in text
+    assert "| 30,000 | after | **0.00%** (0) |" in text and "**0.36 s added**" in text
     assert "**not met**" not in text
     assert "| verdict |" in capsys.readouterr().out  # the Goals table is printed too
     assert (BENCH / "README.md").read_text().count("### Hot-path changes, measured with local experiments") == 1
@@ -130,6 +142,7 @@ def test_verdicts_come_from_the_goals_table():
     results["forwarded"]["setups"]["native/unary"]["rows"][0]["p50_cost"] = goals.GOALS["forwarded"].threshold + 0.01
     results["memory"]["rows"][1]["rss_over_counted"] = goals.GOALS["memory_1k"].threshold
     results["storm"]["rows"][1]["origin_loads"] = [10, 11, 10]
+    results["warm"]["rows"][3]["changes"]["scale-out 3→4"]["share"] = 0.0101
     rows = {r[0]: r for r in goals.headline(results)}
     assert rows["Forwarded vs local hit, native/unary"][1:4:2] == ("≤ 2×", "**not met**")
     assert rows["Forwarded vs local hit, grpcio/stream"][3] == "met"
@@ -137,6 +150,8 @@ def test_verdicts_come_from_the_goals_table():
     assert rows["Miss storm: origin loads for 1000 Gets of 10 cold keys"][1:4:2] == ("exactly 10", "**not met**")
     assert rows["Hot Get vs the seed's Go server (GOMAXPROCS=1), Gets/s"][3] == "met"
     assert rows["Hot Get, native vs grpcio backend (same worker)"][1:4:2] == ("≥ 6×", "met")
+    warm = rows["Warm membership changes: origin loads / warm keys (rolling restart, scale-out, planned stop)"]
+    assert warm[3] == "**not met**" and "1.01%" in warm[2]
 
 
 @pytest.mark.parametrize("state, words", [(None, "has not been run yet"), ({"error": "boom"}, "failed in this run"),

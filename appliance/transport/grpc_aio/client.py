@@ -174,6 +174,16 @@ class GrpcPeerClient:
             request_serializer=cache_pb2.RemoveRequest.SerializeToString,
             response_deserializer=cache_pb2.ChangeResponse.FromString,
         )
+        self._peek = channel.unary_unary(
+            "/appliance.cache.Peer/Peek",
+            request_serializer=cache_pb2.PeekRequest.SerializeToString,
+            response_deserializer=cache_pb2.PeekResponse.FromString,
+        )
+        self._handoff = channel.unary_unary(
+            "/appliance.cache.Peer/Handoff",
+            request_serializer=cache_pb2.HandoffRequest.SerializeToString,
+            response_deserializer=cache_pb2.HandoffResponse.FromString,
+        )
 
     def _wait(self, timeout: float | None) -> float:
         # Leave part of the caller's time for a local load if the owner fails.
@@ -261,6 +271,27 @@ class GrpcPeerClient:
 
     async def remove(self, group: str, key: str, timeout: float | None) -> None:
         await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), self._wait(timeout))
+
+    async def peek(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float] | None:
+        # The caller's own short deadline, not a share of it: a peek has no fallback to leave time for.
+        wait = timeout if timeout is not None else self._max_wait
+        response, _ = await self._call(self._peek, cache_pb2.PeekRequest(group=group, key=key), wait)
+        if not response.found:
+            return None
+        try:
+            return wire.normalize(response.response), response.ttl
+        except Exception as exc:  # undecodable: as if it did not answer
+            raise errors.PeerError(f"{self.addr}: bad PeekResponse: {exc}") from None
+
+    async def handoff(
+        self, source: str, group: str, entries: list[tuple[str, bytes, float]], timeout: float | None
+    ) -> tuple[int, int]:
+        request = cache_pb2.HandoffRequest(source=source, group=group)
+        add = request.entries.add
+        for key, value, ttl in entries:
+            add(key=key, value=value, ttl=ttl)
+        response, _ = await self._call(self._handoff, request, timeout if timeout is not None else self._max_wait)
+        return response.accepted, response.refused
 
     async def close(self, grace: float | None = None) -> None:
         if self._stream is not None:

@@ -14,6 +14,7 @@ from ..health import SERVICE as HEALTH_SERVICE
 from ..health import grpc_handlers as health_handlers
 from .ratelimit import RateLimitInterceptor
 from .services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, DataServices, PeerService
+from .warm import WarmPeerService
 
 if TYPE_CHECKING:
     from ...node.instance import NodeInstance
@@ -41,7 +42,9 @@ class GrpcAioTransport(BaseTransport):
         server = grpc.aio.server(options=self.message_options, interceptors=interceptors)
         self._peer_service = PeerService(instance)
         add_services(server, DataServices(instance).handlers())
-        add_services(server, self._peer_service.handlers())
+        peer = self._peer_service.handlers()
+        peer[PEER_SERVICE].update(WarmPeerService(instance).handlers())
+        add_services(server, peer)
         add_services(server, {HEALTH_SERVICE: health_handlers(self.health)})
         reflection.enable_server_reflection(REFLECTED, server)
         credentials = tlsmod.server_credentials(self.settings.tls)

@@ -7,10 +7,10 @@ event loop in one hop. There a hit is answered inside the batch loop:
 parse, look up, respond, with no coroutine and no context object per call.
 Misses, writes and health watches become tasks.
 
-Served natively: GroupCache/Get, Cache/{GetMany,Set,Remove}, Health/Check
-and Health/Watch. The rest (Peer/Forward, a bidirectional stream, and
-reflection) goes to a grpc.aio server on a unix socket in a private
-directory, which the front proxies to.
+Served natively: GroupCache/Get, Cache/{GetMany,Set,Remove}, Health/Check,
+Health/Watch and Peer/{Peek,Handoff}. The rest (Peer/Forward, a
+bidirectional stream, and reflection) goes to a grpc.aio server on a unix
+socket in a private directory, which the front proxies to.
 
 No TLS here: with [tls] the grpcio backend serves (appliance.transport.choose).
 """
@@ -42,7 +42,7 @@ from .. import health, messages
 from .loop import lock_of
 from ..base import BaseTransport
 from ..grpc_aio.server import REFLECTED, add_services
-from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PeerService
+from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, PeerService
 from ..metadata import FORWARDED, ttl_trailer
 from ..status import Failure, failure, internal_failure, rate_limited_failure
 
@@ -59,13 +59,17 @@ METHODS = (
     (f"/{CACHE_SERVICE}/Remove", False),
     (f"/{health.SERVICE}/Check", False),
     (f"/{health.SERVICE}/Watch", True),
+    (f"/{PEER_SERVICE}/Peek", False),
+    (f"/{PEER_SERVICE}/Handoff", False),
 )
-GET, GET_MANY, SET, REMOVE, HEALTH_CHECK, HEALTH_WATCH = range(len(METHODS))
+GET, GET_MANY, SET, REMOVE, HEALTH_CHECK, HEALTH_WATCH, PEEK, HANDOFF = range(len(METHODS))
 LIMITED = frozenset((GET, GET_MANY, SET, REMOVE))
 BATCH = 256
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 _parse_get = groupcache_pb2.GetRequest.FromString
+_parse_peek = messages.parser(cache_pb2.PeekRequest)
+_parse_handoff = messages.parser(cache_pb2.HandoffRequest)
 
 
 def _name_os_thread(name: bytes) -> None:
@@ -287,6 +291,8 @@ class NativeTransport(BaseTransport):
                         self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
                     else:
                         spawn(call_id, self._health_watch(call_id, request.service))
+                elif method == PEEK or method == HANDOFF:
+                    self._peer_call(call_id, method, payload, peer, Credentials.from_metadata(metadata))
                 else:
                     handle = self._unary_handlers[method]
                     spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, metadata))
@@ -374,6 +380,35 @@ class NativeTransport(BaseTransport):
         except Exception as exc:
             log.exception("%s %s/%r failed", name, group, key[:64])
             self._fail(call_id, internal_failure(exc))
+
+    # Peer/{Peek,Handoff}: synchronous on the instance, answered where received --
+
+    def _peer_call(self, call_id: int, method: int, payload: bytes, peer: str | None, creds: Credentials) -> None:
+        instance = self.instance
+        if method == PEEK:
+            peek = _parse_peek(payload)
+            if peek is None:
+                self._fail(call_id, failure(errors.InvalidRequest("malformed PeekRequest")))
+                return
+            try:
+                reply = messages.peek_response(instance.peek(peek.group, peek.key, creds))
+            except errors.CacheError as exc:
+                self._fail(call_id, failure(exc, peek.group, peek.key))
+                return
+        else:
+            handoff = _parse_handoff(payload)
+            if handoff is None:
+                self._fail(call_id, failure(errors.InvalidRequest("malformed HandoffRequest")))
+                return
+            try:
+                accepted, refused = instance.receive_handoff(
+                    handoff.source, client_address(peer or ""), handoff.group, messages.handoff_entries(handoff), creds
+                )
+            except errors.CacheError as exc:
+                self._fail(call_id, failure(exc, handoff.group))
+                return
+            reply = messages.handoff_response(accepted, refused)
+        self._respond(call_id, reply)
 
     # Health ----------------------------------------------------------------------
 
