@@ -62,7 +62,7 @@ class BoxOps(threading.Thread):
         self.service = settings.cluster.service
         self.box = settings.node.host
         self._connect = connect
-        self._stop = stop_event
+        self._stopping = stop_event
         self._mine = {settings.node.address(i): i for i in range(settings.node.workers)}
         self._draining: set[str] = set()
 
@@ -70,17 +70,17 @@ class BoxOps(threading.Thread):
         client = None
         backoff = 0.2
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 try:
                     if client is None:
                         client = self._connect()
                     self._serve(client)
                     backoff = 0.2
                 except Exception as exc:
-                    if self._stop.is_set():
+                    if self._stopping.is_set():
                         break
                     log.debug("box operations: etcd watch lost (%s: %s)", type(exc).__name__, exc)
-                    self._stop.wait(backoff)
+                    self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
         finally:
             if client is not None:
@@ -97,7 +97,7 @@ class BoxOps(threading.Thread):
         events: queue.Queue = queue.Queue()
         cancel = etcd.watch_prefix(client, root, response.header.revision + 1, events.put)
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 try:
                     item = events.get(timeout=0.25)
                 except queue.Empty:

@@ -746,10 +746,7 @@ class Settings(BaseSettings):
     def notes(self) -> list[str]:
         """Lines for `appliance config check` beyond the summary: what the
         settings do not show by themselves."""
-        out = []
-        warning = self.etcd_warning()
-        if warning:
-            out.append(warning)
+        out = [w for w in (self.etcd_warning(), self.token_warning()) if w]
         if self.auth.writes == "open":
             out.append("writes are open: any client that reaches a data port can Set and Remove values")
         if self.cluster.seed_interop or (self.node.host == "localhost"):
@@ -761,6 +758,20 @@ class Settings(BaseSettings):
                 + ("" if self.cluster.seed_interop else "; seed_interop is off here")
             )
         return out
+
+    def token_warning(self) -> str | None:
+        """What a box-made cluster token means when there are several boxes
+        (logged at start and printed by `config check`)."""
+        if self.auth.token_file is not None or self.auth.writes == "open":
+            return None
+        if self.etcd_clustered():
+            return (
+                "each box makes its own cluster token: set [auth] token_file to the same 0600 file on every box, "
+                "or Sets, Removes and handoffs between boxes are refused"
+            )
+        if not self.cluster.embedded_etcd:
+            return "if several boxes share this etcd, set [auth] token_file to the same 0600 file on every box"
+        return None
 
     def etcd_warning(self) -> str | None:
         """What an etcd anyone can write means, if this one is such (logged at

@@ -175,9 +175,9 @@ class Appliance:
         if s.auth.token_file is None and ensure_token_file(s.token_path()):
             log.info("made the box's token %s (peers and the CLI present it; copy it to every box of a cluster)",
                      s.token_path())  # fmt: skip
-        warning = s.etcd_warning()
-        if warning:
-            log.warning("%s", warning)
+        for warning in (s.etcd_warning(), s.token_warning()):
+            if warning:
+                log.warning("%s", warning)
         if host.is_root():
             log.warning("running as root: `appliance systemd install` runs it as a service user instead")
         if s.etcd_clustered():

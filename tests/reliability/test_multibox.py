@@ -26,12 +26,14 @@ Reproduce: .venv/bin/python -m pytest -s -q tests/reliability/test_multibox.py
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
 
 import pytest
 
+from appliance.cache.ring import HashRing
 from appliance.cluster import etcd
 from support.appliance import wait_for
 from support.faults import Load, Stopwatch, write_origin_files
@@ -65,11 +67,15 @@ def cluster(tmp_path_factory):
     try:
         net.setup()
         groups = GROUPS.format(origin=root / "origin")
+        token = root / "cluster.token"  # one for every box, as the README says
+        token.write_text(secrets.token_hex(24))
+        token.chmod(0o600)
+        auth = f'token_file = "{token}"'
         for i in (3, 1, 2):  # any order
-            boxes[i] = Box(root / f"b{i}", net, i, list(BOXES), workers=2, lease_ttl=LEASE_TTL, groups=groups)
+            boxes[i] = Box(root / f"b{i}", net, i, list(BOXES), workers=2, lease_ttl=LEASE_TTL, groups=groups, auth=auth)
             boxes[i].start()
         c = Cluster(net, boxes, truth)
-        c.root, c.groups = root, groups
+        c.root, c.groups, c.auth = root, groups, auth
         watch = Stopwatch()
         c.wait_whole(timeout=90)
         c.formed_s = watch()
@@ -139,6 +145,17 @@ def test_boxes_form_one_cluster_and_see_each_other(cluster):
     assert check.returncode == 0, check.stderr
     assert "etcd cluster of 3 embedded members" in check.stdout
     assert "any etcd client can join the ring" in check.stdout  # no TLS here: it says so
+    # Writes cross boxes with the shared cluster token: a Set on box 1 for a
+    # key box 2 owns, read on box 3, removed from box 2, every worker confirming.
+    ring = HashRing(cluster.everyone(), 50, "seed")
+    key = next(k for (g, k) in sorted(cluster.truth) if g == "files" and cluster.truth[(g, k)] is not None
+               and listed[ring.owner(k)] == cluster.net.address(2))  # fmt: skip
+    put = b1.cli("set", "files", key, "cross-box")
+    assert put.returncode == 0 and b"6 peer(s) confirmed" in put.stdout, (put.stdout, put.stderr)
+    assert b3.cli("get", "files", key).stdout == b"cross-box"
+    removed = b2.cli("remove", "files", key)
+    assert removed.returncode == 0 and b"6 peer(s) confirmed" in removed.stdout, (removed.stdout, removed.stderr)
+    assert b3.cli("get", "files", key).stdout == cluster.truth[("files", key)]
     report("three boxes", every_ring_of_6_after_s=f"{cluster.formed_s:.2f}", members=len(rows))
 
 
@@ -253,7 +270,9 @@ def test_partition_one_box(cluster):
             wait_for(lambda: cluster.hold(majority, rest), LEASE_TTL + 10, interval=0.02, what="majority rings without it")
             dropped_s = watch()
             # The cut-off box still answers its own clients, from its last ring.
+            asked = Stopwatch()
             inside = _get_inside(cluster.boxes[victim], keys, cluster.truth)
+            inside_s = asked()
             minority_ring = cluster.ring_of(victim, 0)
         finally:
             cluster.net.mend(victim)
@@ -262,7 +281,7 @@ def test_partition_one_box(cluster):
         healed_s = watch()
         load.wait_requests(200)
     report("partition one box", majority_dropped_it_s=f"{dropped_s:.2f}", majority_load=load.all,
-           minority_answers=f"{inside['ok']} ok, {len(inside['failed'])} failed of {2 * len(keys)}",
+           minority_answers=f"{inside['ok']} ok, {len(inside['failed'])} failed of {2 * len(keys)} in {inside_s:.2f}s",
            minority_ring_size=len(minority_ring), converged_after_mend_s=f"{healed_s:.2f}")  # fmt: skip
     assert load.all.failed == 0 and load.all.wrong == 0, load.all.samples
     assert dropped_s <= LEASE_TTL + 1 + ELECTION_S
@@ -341,7 +360,8 @@ def test_join_a_fourth_box_then_retire_it(cluster):
     cluster.wait_whole()
     net, n = cluster.net, 4
     host = net.address(n)
-    box = Box(cluster.root / f"b{n}", net, n, [*BOXES, n], workers=2, lease_ttl=LEASE_TTL, groups=cluster.groups)
+    box = Box(cluster.root / f"b{n}", net, n, [*BOXES, n], workers=2, lease_ttl=LEASE_TTL, groups=cluster.groups,
+              auth=cluster.auth)  # fmt: skip
     from support.appliance import BIN
 
     refused = subprocess.run([*box.launcher, str(BIN / "appliance"), "run", "--config", str(box.config)],

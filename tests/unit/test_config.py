@@ -615,9 +615,14 @@ def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path)
     assert flags["--initial-cluster-state"] == "existing"
     assert flags["--listen-client-urls"] == "http://10.0.0.2:2379"
     assert flags["--listen-peer-urls"] == "http://10.0.0.2:2380"
-    assert "note: the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring" in (
-        check_file(write(tmp_path, f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n', "c.toml"))
-    )
+    checked = check_file(write(tmp_path, f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n', "c.toml"))
+    assert "note: the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring" in checked
+    assert "note: each box makes its own cluster token: set [auth] token_file" in checked
+    token = tmp_path / "cluster.token"
+    token.write_text("t" * 32)
+    token.chmod(0o600)
+    shared = f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n[auth]\ntoken_file = "{token}"\n'
+    assert "own cluster token" not in check_file(write(tmp_path, shared, "s.toml"))
 
 
 def test_an_embedded_etcd_cluster_with_tls_uses_the_box_certificate_and_says_what_client_auth_means(tmp_path):

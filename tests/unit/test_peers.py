@@ -73,3 +73,30 @@ async def test_without_lease_information_clients_are_kept():
     assert len(clients) == 2 and peers.client("b:1") is clients[1]
     await peers.close()
     assert all(c.closed == 0 for c in clients)
+
+
+def test_the_read_breaker_opens_on_an_unreachable_peer_and_closes_on_an_answer():
+    from appliance.node.peers import PeerFacts
+
+    f = PeerFacts()
+    assert f.read_allowed() and not f.probe_due(0.0)
+    # Connected but silent (frozen, or cut with the connection still up): two in a row.
+    f.read_unanswered(2.0, connected=True)
+    assert f.read_allowed()
+    f.read_unanswered(4.0, connected=True)
+    assert not f.read_allowed()  # no client read waits on it now
+    assert not f.probe_due(4.5) and f.probe_due(5.0)  # a probe after 1 s
+    f.probing = True
+    assert not f.probe_due(6.0)  # one at a time
+    f.probed(6.0, answered=False)
+    assert f.down_for == 2.0 and not f.probe_due(7.9) and f.probe_due(8.0)
+    for t in range(10, 100, 10):
+        f.probed(float(t), answered=False)
+    assert f.down_for == PeerFacts.DOWN_MAX_S and not f.read_allowed()
+    f.probed(100.0, answered=True)
+    assert f.read_allowed() and f.unanswered == 0 and not f.probe_due(200.0)
+    # Not connected: open at once.
+    f.read_unanswered(300.0, connected=False)
+    assert not f.read_allowed() and f.probe_due(301.0)
+    f.read_answered()  # a read answered by another client of the same process
+    assert f.read_allowed()

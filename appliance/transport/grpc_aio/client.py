@@ -14,6 +14,7 @@ import itertools
 import logging
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from ...cache import errors
 from ...node.peers import PeerFacts
@@ -184,6 +185,12 @@ class GrpcPeerClient:
             request_serializer=cache_pb2.HandoffRequest.SerializeToString,
             response_deserializer=cache_pb2.HandoffResponse.FromString,
         )
+        self._health = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        self._probe: asyncio.Future | None = None
 
     def _wait(self, timeout: float | None) -> float:
         # Leave part of the caller's time for a local load if the owner fails.
@@ -205,8 +212,60 @@ class GrpcPeerClient:
         """Whether Gets go over Peer/Forward (not to a peer known to lack it)."""
         return self._use_stream and not self.facts.plain_get_only
 
+    def _admit(self) -> float:
+        """Now, on the loop's clock; PeerError at once while the breaker is
+        open (PeerFacts): the caller loads locally without waiting, and a
+        probe in the background finds out when the peer answers again."""
+        now = asyncio.get_running_loop().time()
+        facts = self.facts
+        if facts.read_allowed():
+            return now
+        if facts.probe_due(now):
+            facts.probing = True
+            self._probe = asyncio.ensure_future(self._run_probe())
+        raise errors.PeerError(f"{self.addr}: not answering (asked again in the background)")
+
+    async def _run_probe(self) -> None:
+        try:
+            await self._health(health_pb2.HealthCheckRequest(), timeout=self._max_wait)
+            answered = True
+        except grpc.aio.AioRpcError as err:  # any status but no answer is an answer
+            answered = err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        except asyncio.CancelledError:
+            self.facts.probing = False
+            raise
+        except Exception:  # the channel closed under us
+            answered = False
+        self.facts.probed(asyncio.get_running_loop().time(), answered)
+        if answered:
+            log.info("%s answers again: forwarding to it", self.addr)
+
+    def _settle(self, started: float, wait: float, error: errors.CacheError | None) -> None:
+        """Tell the breaker how a read went: answered (any owner answer), or
+        unanswered (timed out, or the channel is not connected)."""
+        if error is None or not isinstance(error, errors.PeerError):
+            self.facts.read_answered()
+            return
+        now = asyncio.get_running_loop().time()
+        connected = self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        if not connected or now - started >= 0.9 * wait:
+            was_open = not self.facts.read_allowed()
+            self.facts.read_unanswered(now, connected)
+            if not was_open and not self.facts.read_allowed():
+                log.warning("%s does not answer: loading its keys locally until it does", self.addr)
+
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        started = self._admit()
         wait = self._wait(timeout)
+        try:
+            result = await self._get_any(group, key, wait)
+        except errors.CacheError as exc:
+            self._settle(started, wait, exc)
+            raise
+        self._settle(started, wait, None)
+        return result
+
+    async def _get_any(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
         if not self.streaming:
             return await self._get_unary(group, key, wait)
         stream = self._stream
@@ -256,9 +315,13 @@ class GrpcPeerClient:
             raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
     async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
-        response, _ = await self._call(
-            self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), self._wait(timeout)
-        )
+        started, wait = self._admit(), self._wait(timeout)
+        try:
+            response, _ = await self._call(self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), wait)
+        except errors.CacheError as exc:
+            self._settle(started, wait, exc)
+            raise
+        self._settle(started, wait, None)
         out: dict[str, tuple[bytes, float] | errors.CacheError] = {}
         for r in response.results:
             out[r.key] = (r.value, r.ttl) if r.code == 0 else error_of(r.code, r.error)
@@ -294,6 +357,8 @@ class GrpcPeerClient:
         return response.accepted, response.refused
 
     async def close(self, grace: float | None = None) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         if self._stream is not None:
             self._stream.close()
         await self.channel.close(grace)
