@@ -236,6 +236,8 @@ class Peers:
                 client = None  # a new process at the same address: learn it anew
                 self._facts.pop(peer, None)
             facts = self._facts.setdefault(peer, PeerFacts())
+            if peer not in self.ring:
+                facts.read_answered()  # (re)joined: it registered, so it answers; no breaker carried over
             clients[peer] = client or self._new_client(peer, facts)
         kept = set(map(id, clients.values()))
         dropped = [c for c in self._clients.values() if id(c) not in kept]
