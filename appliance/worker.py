@@ -18,8 +18,8 @@ import socket
 from .cluster import etcd
 from .cluster.registry import Registration, call_timeout
 from .config import Settings
-from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
 from .node.auth import read_token
+from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
 from .node.node import Node
 from .origins import build_origin
 
@@ -72,7 +72,11 @@ async def serve(settings: Settings, index: int) -> int:
         node.addr,
         ttl=settings.cluster.lease_ttl,
         metadata={
-            "admin": f"unix:{sock}", "box": ns.host, "host": socket.gethostname(), "pid": os.getpid(), "worker": index,
+            "admin": f"unix:{sock}",
+            "box": ns.host,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "worker": index,
         },  # fmt: skip
         seed_clusters=settings.cluster.seed_interop,
     )

@@ -40,7 +40,8 @@ def run(cfg) -> dict:
     # default) against before (grpcio's), same streams.
     now, before = out["setups"]["native/unary"]["rows"], out["setups"]["grpcio/stream"]["rows"]
     out["native_vs_grpcio_forwarded"] = [
-        {"streams": a["streams"], "rps": a["forwarded"]["rps"] / b["forwarded"]["rps"]} for a, b in zip(now, before)
+        {"streams": a["streams"], "rps": a["forwarded"]["rps"] / b["forwarded"]["rps"]}
+        for a, b in zip(now, before, strict=False)
     ]
     return out
 
@@ -49,8 +50,12 @@ def _setup(cfg, server: str, forward: str) -> dict:
     tag = f"fwd-{server}-{forward}"
     ports = [lib.free_port(), lib.free_port()]
     peers = [f"{lib.HOST}:{p}" for p in ports]
-    a, aport, asock = lib.start_worker(f"{tag}-a", port=ports[0], peers=peers, mirror=0.0, server=server, forward=forward)
-    b, bport, bsock = lib.start_worker(f"{tag}-b", port=ports[1], peers=peers, mirror=0.0, server=server, forward=forward)
+    a, aport, asock = lib.start_worker(
+        f"{tag}-a", port=ports[0], peers=peers, mirror=0.0, server=server, forward=forward
+    )
+    b, bport, bsock = lib.start_worker(
+        f"{tag}-b", port=ports[1], peers=peers, mirror=0.0, server=server, forward=forward
+    )
     try:
         key = lib.owned_key(peers[1], peers, 100, "fwd")
         mine = lib.owned_key(peers[0], peers, 100, "own")
@@ -64,26 +69,51 @@ def _setup(cfg, server: str, forward: str) -> dict:
         expect = lib.get_response_bytes(100)
 
         for streams in STREAMS:
-            def sized(kind, default):
+
+            def sized(kind, default, streams=streams):
                 return int(min(200_000, max(200, guess.get((kind, streams), default) * cfg.seconds)))
 
-            def local():
-                r = h2load(bport, GET_PATH, body, n=sized("local", 3000), streams=streams, name=f"{tag}-local-{streams}",
-                           watch=[b.pid], expect_data=expect)
+            def local(streams=streams):
+                r = h2load(
+                    bport,
+                    GET_PATH,
+                    body,
+                    n=sized("local", 3000),
+                    streams=streams,
+                    name=f"{tag}-local-{streams}",
+                    watch=[b.pid],
+                    expect_data=expect,
+                )
                 guess[("local", streams)] = r["rps"]
                 return lib.per_request_cpu(r)
 
-            def local_a():
-                r = h2load(aport, GET_PATH, own_body, n=sized("local_a", 3000), streams=streams,
-                           name=f"{tag}-local-a-{streams}", watch=[a.pid], expect_data=expect)
+            def local_a(streams=streams):
+                r = h2load(
+                    aport,
+                    GET_PATH,
+                    own_body,
+                    n=sized("local_a", 3000),
+                    streams=streams,
+                    name=f"{tag}-local-a-{streams}",
+                    watch=[a.pid],
+                    expect_data=expect,
+                )
                 guess[("local_a", streams)] = r["rps"]
                 return lib.per_request_cpu(r)
 
-            def forwarded():
+            def forwarded(streams=streams):
                 before = lib.group_stats(bsock)["server_requests"]
                 ca, cb = a.cpu(), b.cpu()
-                r = h2load(aport, GET_PATH, body, n=sized("fwd", 1500), streams=streams, name=f"{tag}-fwd-{streams}",
-                           watch=[a.pid, b.pid], expect_data=expect)
+                r = h2load(
+                    aport,
+                    GET_PATH,
+                    body,
+                    n=sized("fwd", 1500),
+                    streams=streams,
+                    name=f"{tag}-fwd-{streams}",
+                    watch=[a.pid, b.pid],
+                    expect_data=expect,
+                )
                 ok = max(1, r["succeeded"])
                 r["a_cpu_us_per_req"] = (a.cpu() - ca) / ok * 1e6  # the forwarder: server + client call
                 r["b_cpu_us_per_req"] = (b.cpu() - cb) / ok * 1e6  # the owner
@@ -101,10 +131,12 @@ def _setup(cfg, server: str, forward: str) -> dict:
                 "streams": streams,
                 "local": lib.summarize(lo),
                 "forwarded": lib.summarize(fw),
-                "throughput_cost": lib.median([x["rps"] / y["rps"] for x, y in zip(lo, fw)]),
-                "p50_cost": lib.median([y["p50_ms"] / x["p50_ms"] for x, y in zip(lo, fw)]),
-                "p99_cost": lib.median([y["p99_ms"] / x["p99_ms"] for x, y in zip(lo, fw)]),
-                "cpu_cost": lib.median([y["cpu_us_per_req"] / x["cpu_us_per_req"] for x, y in zip(lo, fw)]),
+                "throughput_cost": lib.median([x["rps"] / y["rps"] for x, y in zip(lo, fw, strict=False)]),
+                "p50_cost": lib.median([y["p50_ms"] / x["p50_ms"] for x, y in zip(lo, fw, strict=False)]),
+                "p99_cost": lib.median([y["p99_ms"] / x["p99_ms"] for x, y in zip(lo, fw, strict=False)]),
+                "cpu_cost": lib.median(
+                    [y["cpu_us_per_req"] / x["cpu_us_per_req"] for x, y in zip(lo, fw, strict=False)]
+                ),
                 "forwards_per_get": lib.median([y["forwards_per_get"] for y in fw]),
                 "forwarder_cpu_us_per_req": a_fwd,
                 "owner_cpu_us_per_req": lib.median([y["b_cpu_us_per_req"] for y in fw]),
@@ -112,11 +144,13 @@ def _setup(cfg, server: str, forward: str) -> dict:
                 "client_call_cpu_us": max(0.0, a_fwd - a_hit),
                 "client_call_share": max(0.0, a_fwd - a_hit) / max(total, 1e-9),
             }
-            lib.log(f"  {streams} streams: local {row['local']['rps']:.0f}/s p50 {row['local']['p50_ms']:.3f} ms; "
-                    f"forwarded {row['forwarded']['rps']:.0f}/s p50 {row['forwarded']['p50_ms']:.3f} ms; "
-                    f"cost x{row['throughput_cost']:.2f} (p50 x{row['p50_cost']:.2f}, cpu x{row['cpu_cost']:.2f}); "
-                    f"client call {row['client_call_cpu_us']:.0f} us = {row['client_call_share']:.0%} of the CPU; "
-                    f"{row['forwards_per_get']:.2f} forwards/get")
+            lib.log(
+                f"  {streams} streams: local {row['local']['rps']:.0f}/s p50 {row['local']['p50_ms']:.3f} ms; "
+                f"forwarded {row['forwarded']['rps']:.0f}/s p50 {row['forwarded']['p50_ms']:.3f} ms; "
+                f"cost x{row['throughput_cost']:.2f} (p50 x{row['p50_cost']:.2f}, cpu x{row['cpu_cost']:.2f}); "
+                f"client call {row['client_call_cpu_us']:.0f} us = {row['client_call_share']:.0%} of the CPU; "
+                f"{row['forwards_per_get']:.2f} forwards/get"
+            )
             rows.append(row)
         sa1, sb1 = lib.group_stats(asock), lib.group_stats(bsock)
         return {

@@ -9,7 +9,7 @@ import operator
 import statistics
 from dataclasses import dataclass
 
-from fmt import num, pct, ratio, size_label, table
+from fmt import num, pct, ratio, table
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,8 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
                     f"Forwarded vs local hit, {label}",
                     g.target(),
                     "; ".join(
-                        f"{r['streams']} stream(s): throughput {ratio(r['throughput_cost'])}, p50 {ratio(r['p50_cost'])}"
+                        f"{r['streams']} stream(s): throughput {ratio(r['throughput_cost'])}, "
+                        f"p50 {ratio(r['p50_cost'])}"
                         f" (client call {pct(r['client_call_share'])} of the CPU)"
                         for r in rws
                     ),
@@ -223,8 +224,11 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
                 "Warm membership changes: origin loads / warm keys (rolling restart, scale-out, planned stop)",
                 f"{g.op} {g.threshold:.0%}, 0 failed or wrong reads",
                 "; ".join(
-                    f"{r['keys']:,} keys: " + " / ".join(pct_fine(r["changes"][c]["share"]) for c in WARM_CHANGES)
-                    + " (before: " + " / ".join(pct_fine(b["changes"][c]["share"]) for c in WARM_CHANGES) + ")"
+                    f"{r['keys']:,} keys: "
+                    + " / ".join(pct_fine(r["changes"][c]["share"]) for c in WARM_CHANGES)
+                    + " (before: "
+                    + " / ".join(pct_fine(b["changes"][c]["share"]) for c in WARM_CHANGES)
+                    + ")"
                     for r in after
                     for b in [next(x for x in wm["rows"] if x["mode"] == "before" and x["keys"] == r["keys"])]
                 )

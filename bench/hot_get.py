@@ -83,13 +83,35 @@ def run(cfg) -> dict:
             def go():
                 g = guess.get((name, size, streams))
                 if g is None:  # an unmeasured probe sizes the runs (and warms up)
-                    probe = h2load(port, GET_PATH, body, n=300 if size < 65536 else 60, streams=streams, conns=conns,
-                                   name=f"hot-probe-{name}", watch=[proc.pid], prefix=prefix, expect_data=expect)
+                    probe = h2load(
+                        port,
+                        GET_PATH,
+                        body,
+                        n=300 if size < 65536 else 60,
+                        streams=streams,
+                        conns=conns,
+                        name=f"hot-probe-{name}",
+                        watch=[proc.pid],
+                        prefix=prefix,
+                        expect_data=expect,
+                    )
                     g = probe["rps"]
                 n = int(min(400_000, max(100, g * seconds)))
-                res = lib.per_request_cpu(h2load(port, GET_PATH, body, n=n, streams=streams, conns=conns,
-                                                 name=f"hot-{name}-{size}-{streams}", watch=[proc.pid], prefix=prefix,
-                                                 timeout=seconds * 8 + 30, expect_data=expect))
+                res = lib.per_request_cpu(
+                    h2load(
+                        port,
+                        GET_PATH,
+                        body,
+                        n=n,
+                        streams=streams,
+                        conns=conns,
+                        name=f"hot-{name}-{size}-{streams}",
+                        watch=[proc.pid],
+                        prefix=prefix,
+                        timeout=seconds * 8 + 30,
+                        expect_data=expect,
+                    )
+                )
                 res["gets_per_cpu_s"] = res["succeeded"] / max(res["server_cpu_s"], 1e-9)
                 res["server_cores"] = res["server_cpu_s"] / max(res["wall_s"], 1e-9)
                 guess[(name, size, streams)] = res["rps"]
@@ -108,21 +130,44 @@ def run(cfg) -> dict:
             runs = lib.interleave({n: arm(n, key, size, conns, per_conn) for n in names}, rounds)
             row = {"size": size, "streams": streams, "conns": conns, "servers": {}}
             for n in names:
-                row["servers"][n] = lib.summarize(runs[n], keys=("rps", "p50_ms", "p99_ms", "cpu_us_per_req",
-                                                                "gets_per_cpu_s", "server_cores", "client_cpu_share",
-                                                                "other_cpu_cores"))
+                row["servers"][n] = lib.summarize(
+                    runs[n],
+                    keys=(
+                        "rps",
+                        "p50_ms",
+                        "p99_ms",
+                        "cpu_us_per_req",
+                        "gets_per_cpu_s",
+                        "server_cores",
+                        "client_cpu_share",
+                        "other_cpu_cores",
+                    ),
+                )
             for pair, a, b in PAIRS:
                 if a in runs and b in runs:
                     row[pair] = {
-                        "rps": lib.median([x["rps"] / y["rps"] for x, y in zip(runs[a], runs[b])]),
-                        "per_cpu": lib.median([x["gets_per_cpu_s"] / y["gets_per_cpu_s"] for x, y in zip(runs[a], runs[b])]),
-                        "p50": lib.median([x["p50_ms"] / y["p50_ms"] for x, y in zip(runs[a], runs[b])]),
+                        "rps": lib.median([x["rps"] / y["rps"] for x, y in zip(runs[a], runs[b], strict=False)]),
+                        "per_cpu": lib.median(
+                            [x["gets_per_cpu_s"] / y["gets_per_cpu_s"] for x, y in zip(runs[a], runs[b], strict=False)]
+                        ),
+                        "p50": lib.median([x["p50_ms"] / y["p50_ms"] for x, y in zip(runs[a], runs[b], strict=False)]),
                     }
-            lib.log("  " + "; ".join(
-                f"{n} {row['servers'][n]['rps']:.0f}/s {row['servers'][n]['gets_per_cpu_s']:.0f}/CPU-s "
-                f"({row['servers'][n]['server_cores']:.2f} cores)" for n in names))
-            lib.log("  " + "; ".join(f"{p} x{row[p]['rps']:.2f} Gets/s, x{row[p]['per_cpu']:.2f} per CPU-s"
-                                     for p, *_ in PAIRS if p in row))
+            lib.log(
+                "  "
+                + "; ".join(
+                    f"{n} {row['servers'][n]['rps']:.0f}/s {row['servers'][n]['gets_per_cpu_s']:.0f}/CPU-s "
+                    f"({row['servers'][n]['server_cores']:.2f} cores)"
+                    for n in names
+                )
+            )
+            lib.log(
+                "  "
+                + "; ".join(
+                    f"{p} x{row[p]['rps']:.2f} Gets/s, x{row[p]['per_cpu']:.2f} per CPU-s"
+                    for p, *_ in PAIRS
+                    if p in row
+                )
+            )
             table.append(row)
         after = {b: lib.group_stats(s) for b, s in socks.items()}
         return {

@@ -7,7 +7,6 @@ pid (`Proc.kill`, and `kill_all` at exit). Everything binds 127.0.0.1.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ def log(msg: str) -> None:
 
 # Processes -------------------------------------------------------------------
 
-_LIVE: dict[int, "Proc"] = {}
+_LIVE: dict[int, Proc] = {}
 
 
 class Proc:
@@ -154,18 +153,46 @@ def wait_file(path: Path, timeout: float = 20, proc: Proc | None = None) -> None
 # Bench servers -----------------------------------------------------------------
 
 
-def start_worker(name: str, *, port: int | None = None, peers: list[str] | None = None, mirror: float = 0.1,
-                 delay_ms: float = 0, cache_bytes: str = "256MiB", extra: list[str] = (),
-                 prefix: list[str] = (), server: str = "native", forward: str = "") -> tuple[Proc, int, Path]:
+def start_worker(
+    name: str,
+    *,
+    port: int | None = None,
+    peers: list[str] | None = None,
+    mirror: float = 0.1,
+    delay_ms: float = 0,
+    cache_bytes: str = "256MiB",
+    extra: list[str] = (),
+    prefix: list[str] = (),
+    server: str = "native",
+    forward: str = "",
+) -> tuple[Proc, int, Path]:
     """A real cache node (appliance.node.node.Node) in its own process, on
     the given server backend (native | grpcio)."""
     port = port or free_port()
     admin = OUT / f"{name}.sock"
     ready = OUT / f"{name}.ready"
     ready.unlink(missing_ok=True)
-    cmd = [*prefix, PY, str(BENCH / "servers.py"), "worker", "--port", str(port), "--admin", str(admin),
-           "--ready", str(ready), "--mirror", str(mirror), "--delay-ms", str(delay_ms),
-           "--cache-bytes", cache_bytes, "--server", server, *extra]
+    cmd = [
+        *prefix,
+        PY,
+        str(BENCH / "servers.py"),
+        "worker",
+        "--port",
+        str(port),
+        "--admin",
+        str(admin),
+        "--ready",
+        str(ready),
+        "--mirror",
+        str(mirror),
+        "--delay-ms",
+        str(delay_ms),
+        "--cache-bytes",
+        cache_bytes,
+        "--server",
+        server,
+        *extra,
+    ]
     if forward:
         cmd += ["--forward", forward]
     if peers:
@@ -198,7 +225,7 @@ class Netns:
         self.name = f"{name}-{os.getpid()}"
         self.prefix = ["ip", "netns", "exec", self.name]
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
         subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True, capture_output=True)
         return self
@@ -236,14 +263,36 @@ def start_seed(name: str, ns: Netns, port: int, group: str = "bench") -> Proc:
     bins = seed_binaries()
     data = OUT / f"{name}-etcd"
     shutil.rmtree(data, ignore_errors=True)
-    etcd = Proc([*ns.prefix, etcd_binary(), "--name", "bench", "--data-dir", str(data),
-                 "--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379",
-                 "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                 "--initial-cluster", "bench=http://127.0.0.1:2380", "--log-level", "error"], f"{name}-etcd")
+    etcd = Proc(
+        [
+            *ns.prefix,
+            etcd_binary(),
+            "--name",
+            "bench",
+            "--data-dir",
+            str(data),
+            "--listen-client-urls",
+            "http://127.0.0.1:2379",
+            "--advertise-client-urls",
+            "http://127.0.0.1:2379",
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "bench=http://127.0.0.1:2380",
+            "--log-level",
+            "error",
+        ],
+        f"{name}-etcd",
+    )
     addr = f"localhost:{port}"
     env = {**os.environ, "GOMAXPROCS": "1"}
-    seed = Proc([*ns.prefix, str(bins / "seednode"), "-addr", addr, "-etcd", "127.0.0.1:2379", "-group", group,
-                 "-peers", addr], name, env=env)
+    seed = Proc(
+        [*ns.prefix, str(bins / "seednode"), "-addr", addr, "-etcd", "127.0.0.1:2379", "-group", group, "-peers", addr],
+        name,
+        env=env,
+    )
     seed.companions = [etcd]
     deadline = time.monotonic() + 20
     while not seed_answers(ns, port):
@@ -254,8 +303,10 @@ def start_seed(name: str, ns: Netns, port: int, group: str = "bench") -> Proc:
 
 
 def seed_answers(ns: Netns, port: int) -> bool:
-    out = subprocess.run([*ns.prefix, PY, "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 0.5)"],
-                         capture_output=True)
+    out = subprocess.run(
+        [*ns.prefix, PY, "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 0.5)"],
+        capture_output=True,
+    )
     return out.returncode == 0
 
 
@@ -282,8 +333,11 @@ def get_once(port: int, key: str, group: str = "bench") -> bytes:
 
     opts = [("grpc.max_receive_message_length", 8 << 20)]
     with grpc.insecure_channel(f"{HOST}:{port}", options=opts) as ch:
-        return groupcache_pb2_grpc.GroupCacheStub(ch).Get(
-            groupcache_pb2.GetRequest(group=group, key=key), timeout=10).value
+        return (
+            groupcache_pb2_grpc.GroupCacheStub(ch)
+            .Get(groupcache_pb2.GetRequest(group=group, key=key), timeout=10)
+            .value
+        )
 
 
 # h2load ----------------------------------------------------------------------
@@ -330,9 +384,20 @@ def get_response_bytes(size: int) -> int:
     return 5 + 1 + varint + size
 
 
-def h2load(port: int, path: str, body: Path, *, n: int, streams: int = 8, name: str = "h2load",
-           timeout: float = 60, watch: list[int] = (), conns: int | None = None, prefix: list[str] = (),
-           expect_data: int | None = None) -> dict:
+def h2load(
+    port: int,
+    path: str,
+    body: Path,
+    *,
+    n: int,
+    streams: int = 8,
+    name: str = "h2load",
+    timeout: float = 60,
+    watch: list[int] = (),
+    conns: int | None = None,
+    prefix: list[str] = (),
+    expect_data: int | None = None,
+) -> dict:
     """One bounded h2load run (n requests, killed after `timeout` s).
 
     Returns rate, latency percentiles (from h2load's per-request log), the
@@ -344,9 +409,25 @@ def h2load(port: int, path: str, body: Path, *, n: int, streams: int = 8, name: 
     logfile = OUT / f"{name}.reqlog"
     logfile.unlink(missing_ok=True)  # h2load appends
     cmd = [
-        *prefix, "h2load", "-n", str(n), "-c", str(c), "-m", str(m), "-t", "1",
-        "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
-        "--log-file", str(logfile), f"http://{HOST}:{port}{path}",
+        *prefix,
+        "h2load",
+        "-n",
+        str(n),
+        "-c",
+        str(c),
+        "-m",
+        str(m),
+        "-t",
+        "1",
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--log-file",
+        str(logfile),
+        f"http://{HOST}:{port}{path}",
     ]
     before = {pid: cpu_seconds(pid) for pid in watch}
     busy0 = box_busy_s()
@@ -382,8 +463,15 @@ def h2load(port: int, path: str, body: Path, *, n: int, streams: int = 8, name: 
         pass
     lat.sort()
     res.update(
-        streams=c * m, conns=c, n=n, wall_s=wall, exit=p.returncode,
-        p50_ms=_pct(lat, 50), p90_ms=_pct(lat, 90), p99_ms=_pct(lat, 99), max_ms=lat[-1] if lat else float("nan"),
+        streams=c * m,
+        conns=c,
+        n=n,
+        wall_s=wall,
+        exit=p.returncode,
+        p50_ms=_pct(lat, 50),
+        p90_ms=_pct(lat, 90),
+        p99_ms=_pct(lat, 99),
+        max_ms=lat[-1] if lat else float("nan"),
         client_cpu_s=usage.ru_utime + usage.ru_stime if usage else float("nan"),
         server_cpu_s=sum(after[pid] - before[pid] for pid in watch),
     )
@@ -398,8 +486,10 @@ def h2load(port: int, path: str, body: Path, *, n: int, streams: int = 8, name: 
         per = res["data_bytes"] / res["succeeded"]
         res["data_bytes_per_reply"] = per
         if per < expect_data * 0.999:
-            raise RuntimeError(f"{name}: replies carry {per:.1f} DATA bytes, expected {expect_data}: the server "
-                               f"answered with gRPC errors (see {OUT / (name + '.out')} and the server's log)")
+            raise RuntimeError(
+                f"{name}: replies carry {per:.1f} DATA bytes, expected {expect_data}: the server "
+                f"answered with gRPC errors (see {OUT / (name + '.out')} and the server's log)"
+            )
     return res
 
 
@@ -410,10 +500,14 @@ def parse_h2load(out: str) -> dict:
         secs = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
         res["elapsed_s"] = secs
         res["rps"] = float(m.group(3))
-    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    m = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+        r"(\d+) timeout",
+        out,
+    )
     if m:
         keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
-        res.update({k: int(v) for k, v in zip(keys, m.groups())})
+        res.update({k: int(v) for k, v in zip(keys, m.groups(), strict=False)})
     m = re.search(r"traffic: .*?\((\d+)\) total", out)
     if m:
         res["traffic_bytes"] = int(m.group(1))
@@ -444,13 +538,14 @@ def interleave(arms: dict, rounds: int) -> dict[str, list[dict]]:
     names = list(arms)
     out: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             out[name].append(arms[name]())
     return out
 
 
-def summarize(runs: list[dict], keys=("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "client_cpu_share",
-                                      "other_cpu_cores")) -> dict:
+def summarize(
+    runs: list[dict], keys=("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "client_cpu_share", "other_cpu_cores")
+) -> dict:
     s = {k: median([r[k] for r in runs if k in r]) for k in keys}
     s["runs"] = len(runs)
     s["rps_all"] = [round(r["rps"], 1) for r in runs]
@@ -486,7 +581,7 @@ def start_ring(names: list[str], **kw) -> list[tuple[Proc, int, Path, str]]:
     ports = [free_port() for _ in names]
     peers = [f"{HOST}:{p}" for p in ports]
     out = []
-    for name, port, addr in zip(names, ports, peers):
+    for name, port, addr in zip(names, ports, peers, strict=False):
         proc, port, sock = start_worker(name, port=port, peers=peers, **kw)
         out.append((proc, port, sock, addr))
     return out

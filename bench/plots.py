@@ -9,7 +9,6 @@ from pathlib import Path
 from fmt import size_label
 from goals import CONVERGENCE_SLACK_S, GOALS
 
-
 LABELS = {
     "seed": "seed's Go server",
     "echo": "bare grpc.aio echo",
@@ -17,7 +16,13 @@ LABELS = {
     "native": "worker, native backend",
     "grpcio": "worker, grpcio backend",
 }
-STYLE = {"seed": ("D", "C2"), "echo": ("o", "C0"), "native-echo": ("^", "C4"), "native": ("s", "C1"), "grpcio": ("v", "C3")}
+STYLE = {
+    "seed": ("D", "C2"),
+    "echo": ("o", "C0"),
+    "native-echo": ("^", "C4"),
+    "native": ("s", "C1"),
+    "grpcio": ("v", "C3"),
+}
 
 
 def _size_streams(hot: dict) -> int:
@@ -43,8 +48,12 @@ def hot_get_concurrency(results: dict, plt):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     _sides(a, b, xs, conc)
     for ax, what in ((a, "Gets/s"), (b, "Gets per server CPU-second")):
-        ax.set(xscale="log", xlabel="concurrent streams", ylabel=f"{what} (absolute, this box)",
-               title=f"Hot Get, 100 B values: {what}")
+        ax.set(
+            xscale="log",
+            xlabel="concurrent streams",
+            ylabel=f"{what} (absolute, this box)",
+            title=f"Hot Get, 100 B values: {what}",
+        )
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_ylim(bottom=0)
     a.legend(fontsize=8)
@@ -149,8 +158,14 @@ def warm(results: dict, plt):
     for k, r in enumerate(wm["rows"]):
         xs = [i + (k - (len(runs) - 1) / 2) * w for i in range(len(changes))]
         ys = [100 * r["changes"].get(c, {}).get("share", 0) for c in changes]
-        a.bar(xs, ys, w, label=f"{r['keys']:,} keys, {'handoff + peeks' if r['mode'] == 'after' else 'off'}",
-              color=("C0" if r["mode"] == "after" else "C7"), alpha=1.0 if r["keys"] == wm["rows"][0]["keys"] else 0.6)
+        a.bar(
+            xs,
+            ys,
+            w,
+            label=f"{r['keys']:,} keys, {'handoff + peeks' if r['mode'] == 'after' else 'off'}",
+            color=("C0" if r["mode"] == "after" else "C7"),
+            alpha=1.0 if r["keys"] == wm["rows"][0]["keys"] else 0.6,
+        )
     a.axhline(1, color="r", ls="--", label="goal: ≤ 1 %")
     a.set_xticks(range(len(changes)), list(changes))
     a.set(ylabel="origin loads, % of warm keys", title="Origin loads per membership change (real appliance, 3 workers)")

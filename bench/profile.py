@@ -183,7 +183,10 @@ def thread_cpu(pid: int, run) -> dict:
     by_name: dict = {}
     for (tid, name), v in b.items():
         by_name[name] = by_name.get(name, 0.0) + v - a.get((tid, name), 0.0)
-    return {"wall_s": wall, "cores_by_thread": {k: v / wall for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v > 0}}
+    return {
+        "wall_s": wall,
+        "cores_by_thread": {k: v / wall for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v > 0},
+    }
 
 
 def _short(frame: str) -> str:
@@ -342,9 +345,19 @@ def run(cfg) -> dict:
             "worker", worker.pid, wport, body, 32, probe["rps"], svg=lib.OUT / "profile-worker.svg"
         )
         n = int(probe["rps"] * 3)
-        results["hot_get_threads"] = thread_cpu(worker.pid, lambda: h2load(
-            wport, GET_PATH, body, n=n, streams=32, name="profile-threads", timeout=60,
-            expect_data=lib.get_response_bytes(100)))
+        results["hot_get_threads"] = thread_cpu(
+            worker.pid,
+            lambda: h2load(
+                wport,
+                GET_PATH,
+                body,
+                n=n,
+                streams=32,
+                name="profile-threads",
+                timeout=60,
+                expect_data=lib.get_response_bytes(100),
+            ),
+        )
     finally:
         worker.kill()
     (a, aport, asock, aaddr), (b, bport, bsock, baddr) = lib.start_ring(["profile-fwd-a", "profile-fwd-b"], mirror=0.0)

@@ -122,8 +122,14 @@ def section_hot(res) -> list[str]:
             if key in r:
                 v = r[key]
                 rows.append(
-                    [size_label(r["size"]), r["streams"], label, f"**{ratio(v['rps'])}**", f"**{ratio(v['per_cpu'])}**",
-                     ratio(v["p50"])]
+                    [
+                        size_label(r["size"]),
+                        r["streams"],
+                        label,
+                        f"**{ratio(v['rps'])}**",
+                        f"**{ratio(v['per_cpu'])}**",
+                        ratio(v["p50"]),
+                    ]
                 )
     out += [
         "Ratios (median of per-round ratios, same run):",
@@ -440,9 +446,17 @@ def section_warm(res) -> list[str]:
         rows.append(cells)
     out += [
         table(
-            ["warm keys", "handoff + peeks", "SIGHUP rolling restart", "scale-out 3→4 (SIGHUP)",
-             "`appliance stop-node` (3 → 2)", "kill -9 (supervisord restarts it)",
-             "kill -9: victim's keys not reloaded", "failed / wrong reads", "reads checked"],
+            [
+                "warm keys",
+                "handoff + peeks",
+                "SIGHUP rolling restart",
+                "scale-out 3→4 (SIGHUP)",
+                "`appliance stop-node` (3 → 2)",
+                "kill -9 (supervisord restarts it)",
+                "kill -9: victim's keys not reloaded",
+                "failed / wrong reads",
+                "reads checked",
+            ],
             rows,
         ),  # fmt: skip
         "",

@@ -186,7 +186,9 @@ def native_echo(args) -> None:
                 key = parse(payload).key
                 response = responses.get(key)
                 if response is None:
-                    response = responses[key] = groupcache_pb2.GetResponse(value=b"v" * value_size(key)).SerializeToString()
+                    response = responses[key] = groupcache_pb2.GetResponse(
+                        value=b"v" * value_size(key)
+                    ).SerializeToString()
                 front.respond(call_id, response)
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -206,9 +208,11 @@ async def pyclient(args) -> None:
     from appliance.pb import groupcache_pb2
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{args.port}") as ch:
-        stub = ch.unary_unary("/groupcachepb.GroupCache/Get",
-                              request_serializer=groupcache_pb2.GetRequest.SerializeToString,
-                              response_deserializer=groupcache_pb2.GetResponse.FromString)
+        stub = ch.unary_unary(
+            "/groupcachepb.GroupCache/Get",
+            request_serializer=groupcache_pb2.GetRequest.SerializeToString,
+            response_deserializer=groupcache_pb2.GetResponse.FromString,
+        )
         request = groupcache_pb2.GetRequest(group="bench", key=args.key)
         metadata = (("x-groupcache-forwarded", "1"),) if args.forwarded else None
         lat = []

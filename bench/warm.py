@@ -124,6 +124,7 @@ class Reader:
 
     def all(self, keys: list[str], addrs: list[str]) -> None:
         chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
+
         def part(t: int) -> None:
             for i, chunk in enumerate(chunks[t::2]):
                 self.get_many(chunk, addrs, t + 2 * i)
@@ -414,8 +415,10 @@ def stop_time(mode: str, n_keys: int = 30000) -> dict:
         app.cleanup()
     res = {"mode": mode, "held": held, "stop_node_s": round(cli_s, 3), "worker_stop_s": round(worker_s, 3),
            "received": received, "handoff": handoff[-1] if handoff else None}  # fmt: skip
-    lib.log(f"  stop of a worker holding {held} × 1 KiB, {mode}: worker {worker_s:.3f}s, stop-node {cli_s:.2f}s"
-            + (f", handoff {handoff[-1]['seconds']:.3f}s ({handoff[-1]['accepted']} accepted)" if handoff else ""))
+    lib.log(
+        f"  stop of a worker holding {held} × 1 KiB, {mode}: worker {worker_s:.3f}s, stop-node {cli_s:.2f}s"
+        + (f", handoff {handoff[-1]['seconds']:.3f}s ({handoff[-1]['accepted']} accepted)" if handoff else "")
+    )
     return res
 
 

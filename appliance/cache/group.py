@@ -21,7 +21,8 @@ import asyncio
 import dataclasses
 import random
 import time
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from .errors import CacheError, KeyNotFound, PeerError
 from .singleflight import SingleFlight
@@ -59,7 +60,6 @@ class Peer(Protocol):
         Raises PeerError when the owner cannot answer in time; KeyNotFound
         and OriginError are the owner's authoritative answers."""
         ...
-
 
     async def get_many(
         self, group: str, keys: list[str], timeout: float | None
@@ -235,7 +235,7 @@ class Group:
             for key in batch:
                 flights[key] = asyncio.ensure_future(self._route.do(key, lambda k=key, f=fetch: self._from_batch(k, f)))
         outcomes = await asyncio.gather(*flights.values(), return_exceptions=True)
-        for key, outcome in zip(flights, outcomes):
+        for key, outcome in zip(flights, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, CacheError):
                 raise outcome
             for i in misses[key]:

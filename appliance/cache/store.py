@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import heapq
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import cachetools
 

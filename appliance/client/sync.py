@@ -90,7 +90,9 @@ class Client(ClientBase):
         tries = self._router.attempts(op.key, deadline)
         for peer, left in tries:
             try:
-                return op.reply(self._pool.methods(peer)[op.method.path](op.request, timeout=left, metadata=self._metadata))
+                return op.reply(
+                    self._pool.methods(peer)[op.method.path](op.request, timeout=left, metadata=self._metadata)
+                )
             except grpc.RpcError as err:
                 if tries.failed(client_error(err)):
                     self._refresh_quietly()

@@ -89,6 +89,8 @@ def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None
 # `call` revives them all when every one is marked, so one endpoint is
 # retried at once).
 SKIP_FAILED_S = 10.0
+
+
 class MemberDown(etcd3.exceptions.ConnectionFailedError):
     """A member answered with a gRPC error python3-etcd3 passes through
     untranslated but that means it cannot serve now: UNKNOWN "context

@@ -124,7 +124,7 @@ def remove_member(settings: Settings, host: str) -> Any:
 
 
 def health(settings: Settings, member: Any) -> str:
-    """"healthy (leader)", "healthy" or why not, asked of the member itself."""
+    """ "healthy (leader)", "healthy" or why not, asked of the member itself."""
     urls = [u for u in member.client_urls]
     if not urls:
         return "not started"

@@ -491,7 +491,9 @@ class AuthSettings(_Model):
     def _names(cls, v: dict[str, CredentialSettings]) -> dict[str, CredentialSettings]:
         for name in v:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise FieldError((name,), f"expected a credential name of letters, digits, '.', '_' or '-', got {show(name)}")
+                raise FieldError(
+                    (name,), f"expected a credential name of letters, digits, '.', '_' or '-', got {show(name)}"
+                )
         return v
 
 
@@ -556,7 +558,9 @@ class Settings(BaseSettings):
         if c.embedded_etcd and len(c.etcd) > 1:
             hosts = [h for h, _ in c.endpoints()]
             if len(set(hosts)) != len(hosts):
-                raise FieldError(("cluster", "etcd"), "expected one endpoint per box (hosts differ) for an embedded etcd cluster")
+                raise FieldError(
+                    ("cluster", "etcd"), "expected one endpoint per box (hosts differ) for an embedded etcd cluster"
+                )
             if self.node.host not in hosts:
                 raise FieldError(
                     ("node", "host"),
@@ -752,7 +756,7 @@ class Settings(BaseSettings):
         if self.cluster.seed_interop or (self.node.host == "localhost"):
             out.append(
                 "mixed cluster with the seed's Go nodes: every member named localhost:P or with a 4-character "
-                "first label, ring_hash = \"seed\" and replicas = 50 on both sides, etcd without auth or TLS, "
+                'first label, ring_hash = "seed" and replicas = 50 on both sides, etcd without auth or TLS, '
                 "cluster.seed_interop = true, and Go nodes restarted after each membership change "
                 "(they read clusters/ once, at start)"
                 + ("" if self.cluster.seed_interop else "; seed_interop is off here")
@@ -783,12 +787,16 @@ class Settings(BaseSettings):
             if c.etcd_user is not None or (self.tls.enabled and self.tls.ca and self.tls.client_auth):
                 return None
             if self.tls.enabled:
-                return ("the embedded etcd cluster takes clients without a certificate (tls.client_auth is off): "
-                        "any etcd client that reaches it can join the ring")
+                return (
+                    "the embedded etcd cluster takes clients without a certificate (tls.client_auth is off): "
+                    "any etcd client that reaches it can join the ring"
+                )
             return "the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring"
         if c.embedded_etcd:
-            where = "the embedded etcd listens on TCP (for the seed's Go nodes)" if c.seed_interop else (
-                "the embedded etcd listens on TCP (etcd_private = false) without auth"
+            where = (
+                "the embedded etcd listens on TCP (for the seed's Go nodes)"
+                if c.seed_interop
+                else ("the embedded etcd listens on TCP (etcd_private = false) without auth")
             )
             if c.etcd_user is None and c.etcd_cert is None:
                 return f"{where}: any etcd client can join the ring"
@@ -809,7 +817,8 @@ class Settings(BaseSettings):
             etcd = (
                 f"etcd cluster of {len(self.cluster.etcd)} embedded members ({', '.join(self.cluster.etcd)}; "
                 f"this box's: {self.etcd_member_endpoint()}, peer port {self.etcd_peer_port()}"
-                + (", TLS" if self.etcd_tls() else "") + ")"
+                + (", TLS" if self.etcd_tls() else "")
+                + ")"
             )
         else:
             etcd = f"etcd {', '.join(self.cluster.etcd)}" + (" (embedded)" if self.cluster.embedded_etcd else "")

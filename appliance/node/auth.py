@@ -51,8 +51,7 @@ def read_token(path: str | os.PathLike[str]) -> str:
         raise TokenFileError(f"{str(p)!r} is not a regular file")
     if st.st_mode & 0o077:
         raise TokenFileError(
-            f"{str(p)!r} is readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"chmod 600 it"
+            f"{str(p)!r} is readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
         )
     try:
         token = p.read_text(encoding="ascii").strip()
@@ -103,7 +102,9 @@ class Credentials:
     identities: tuple[str, ...] = ()
 
     @classmethod
-    def from_metadata(cls, metadata: Iterable[tuple[str, object]] | None, identities: Iterable[str] = ()) -> Credentials:
+    def from_metadata(
+        cls, metadata: Iterable[tuple[str, object]] | None, identities: Iterable[str] = ()
+    ) -> Credentials:
         authorization = None
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str):

@@ -16,7 +16,8 @@ import itertools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..cache import errors
 from ..cache.group import Framing, Group
@@ -209,7 +210,7 @@ class NodeInstance:
             except errors.InvalidRequest as exc:
                 results[i] = exc
         entries = await group.get_many([keys[i] for i in valid], forwarded=forwarded, timeout=timeout)
-        for i, entry in zip(valid, entries):
+        for i, entry in zip(valid, entries, strict=True):
             results[i] = entry
         return results  # type: ignore[return-value]
 
@@ -296,7 +297,7 @@ class NodeInstance:
             change.acks.append(Ack(self.addr, True))
         others = [c for c in peers.clients() if c.addr != owner]
         outcomes = await asyncio.gather(*(c.remove(group.name, key, timeout) for c in others), return_exceptions=True)
-        for client, outcome in zip(others, outcomes):
+        for client, outcome in zip(others, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 change.acks.append(Ack(client.addr, False, str(outcome) or type(outcome).__name__))
             else:
@@ -421,7 +422,7 @@ class NodeInstance:
         failed: str | None = None
         for group, batch in _handoff_calls(items, min(HANDOFF_CALL_BYTES, self.max_value + 32 * 1024)):
             if failed is not None:
-                for _, key, entry in batch:
+                for _, _key, entry in batch:
                     self._count_out(report, group, "failed", 1, entry.size)
                 continue
             entries, size, now = [], 0, time.monotonic()
@@ -499,7 +500,7 @@ class NodeInstance:
         try:
             await asyncio.wait_for(ringed(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def drain(self, timeout: float) -> bool:
@@ -518,7 +519,7 @@ class NodeInstance:
         try:
             await asyncio.wait_for(out_of_ring(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     # Introspection -------------------------------------------------------------

@@ -38,14 +38,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..cache.errors import InvalidRequest, KeyNotFound
 from ..logs import event
-from ..pb import admin_pb2, admin_pb2_grpc
 
 if TYPE_CHECKING:
     from .node import Node
@@ -104,13 +104,17 @@ class _NodeCollector:
         g = ["group"]
         gc = ["group", "cache"]
         counters = {
-            "gets": CounterMetricFamily("groupcache_gets", "Gets served by this worker (local or forwarded).", labels=g),
+            "gets": CounterMetricFamily(
+                "groupcache_gets", "Gets served by this worker (local or forwarded).", labels=g
+            ),
             "hits": CounterMetricFamily("groupcache_hits", "Gets answered from the main or the hot cache.", labels=gc),
             "loads": CounterMetricFamily("groupcache_loads", "Gets that missed both caches.", labels=g),
             "loads_deduped": CounterMetricFamily(
                 "groupcache_loads_deduped", "Loads that ran after singleflight (one per key and flight).", labels=g
             ),
-            "peer_loads": CounterMetricFamily("groupcache_peer_loads", "Values fetched from the owning peer.", labels=g),
+            "peer_loads": CounterMetricFamily(
+                "groupcache_peer_loads", "Values fetched from the owning peer.", labels=g
+            ),
             "peer_errors": CounterMetricFamily(
                 "groupcache_peer_errors", "Owner unreachable in time: loaded locally instead.", labels=g
             ),
@@ -120,7 +124,9 @@ class _NodeCollector:
             "origin": CounterMetricFamily(
                 "groupcache_origin_loads", "Origin loads by outcome.", labels=["group", "result"]
             ),
-            "evictions": CounterMetricFamily("groupcache_cache_evictions", "Entries evicted to stay in budget.", labels=gc),
+            "evictions": CounterMetricFamily(
+                "groupcache_cache_evictions", "Entries evicted to stay in budget.", labels=gc
+            ),
             "peeks": CounterMetricFamily(
                 "groupcache_peeks", "Misses that asked a previous owner after a ring change, by outcome.",
                 labels=["group", "result"],
@@ -171,12 +177,16 @@ class _NodeCollector:
         yield from counters.values()
         yield from (size, items, limit)
         peers = self.node.peers
-        yield GaugeMetricFamily("groupcache_ring_revision", "etcd revision of the ring this worker holds.", value=peers.revision)
+        yield GaugeMetricFamily(
+            "groupcache_ring_revision", "etcd revision of the ring this worker holds.", value=peers.revision
+        )
         yield GaugeMetricFamily("groupcache_ring_peers", "Nodes in the ring this worker holds.", value=len(peers.ring))
         yield GaugeMetricFamily(
             "groupcache_ring_member", "1 when this worker is in its own ring.", value=int(self.node.addr in peers.ring)
         )
-        yield GaugeMetricFamily("groupcache_draining", "1 while the worker drains before a stop.", value=int(self.node.draining))
+        yield GaugeMetricFamily(
+            "groupcache_draining", "1 while the worker drains before a stop.", value=int(self.node.draining)
+        )
         last = self.node.instance.last_handoff
         yield GaugeMetricFamily(
             "groupcache_handoff_seconds", "Duration of this worker's last handoff (0: none yet).",

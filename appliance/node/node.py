@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -67,7 +68,11 @@ class Node:
             peek_window=ns.peek_window, departed_grace=ns.handoff_timeout + 1.0,
         )  # fmt: skip
         self.instance = NodeInstance(
-            settings, loaders, self.peers, framing=self.transport.framing, auth=Authenticator.from_settings(settings, token)
+            settings,
+            loaders,
+            self.peers,
+            framing=self.transport.framing,
+            auth=Authenticator.from_settings(settings, token),
         )
         self.groups = self.instance.groups
         self.validate = self.instance.validate
@@ -133,7 +138,9 @@ class Node:
         except OSError as exc:
             # The HTTP API is optional: a taken port must not take the
             # gRPC node (and its share of the ring) down with it.
-            event(log, logging.ERROR, "HTTP API not started", addr=addrs.join(self.host, self.http_port), cause=str(exc))
+            event(
+                log, logging.ERROR, "HTTP API not started", addr=addrs.join(self.host, self.http_port), cause=str(exc)
+            )
             return
         self.http_api = api
 

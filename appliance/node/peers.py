@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from .. import addr as addrs
 from ..cache.group import Peer
 from ..cache.ring import HashRing
-
 
 # Previous owners asked per miss, and earlier rings remembered, at most.
 MAX_PEEKS = 2

@@ -30,7 +30,7 @@ import asyncio
 import ipaddress
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class TokenBuckets:

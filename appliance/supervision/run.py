@@ -23,9 +23,9 @@ from typing import Any
 
 from .. import addr as addrs
 from .. import host
+from ..cluster import membership
 from ..config import NodeSettings, Settings, dirs
 from ..node.auth import ensure_token_file
-from ..cluster import membership
 from . import conf, rpc
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,14 @@ def check_ports(settings: Settings) -> list[str]:
         if settings.etcd_peer_port():
             wanted.append((addrs.split(settings.etcd_member_endpoint())[0], settings.etcd_peer_port()))
     clashes = []
-    for host, port in wanted:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for where, port in wanted:
+        family = socket.AF_INET6 if ":" in where else socket.AF_INET
         with socket.socket(family) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((host, port))
+                s.bind((where, port))
             except OSError as exc:
-                clashes.append(f"{addrs.join(host, port)}: {exc.strerror}")
+                clashes.append(f"{addrs.join(where, port)}: {exc.strerror}")
     return clashes
 
 

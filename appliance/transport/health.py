@@ -10,7 +10,7 @@ from grpcio-health-checking.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -47,6 +47,7 @@ class Health:
     async def watch(self, service: str) -> AsyncIterator[int]:
         """Each new status of `service` (the current one first, SERVICE_UNKNOWN
         for a service not ours); after close(), a last NOT_SERVING, then the end."""
+
         def current() -> int:
             status = self.check(service)
             return SERVICE_UNKNOWN if status is None else status
@@ -61,7 +62,7 @@ class Health:
             if self.closed:
                 return
             async with condition:
-                await condition.wait_for(lambda: self.closed or current() != last)
+                await condition.wait_for(lambda last=last: self.closed or current() != last)
 
     async def close(self) -> None:
         """NOT_SERVING, and end every Watch."""

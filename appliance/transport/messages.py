@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -36,7 +37,7 @@ def parser(message_type: type[M]) -> Callable[[bytes], M | None]:
 def get_many_response(keys: list[str], results: list[Entry | errors.CacheError]) -> cache_pb2.GetManyResponse:
     out = cache_pb2.GetManyResponse()
     ttl_left = NodeInstance.ttl_left
-    for key, r in zip(keys, results):
+    for key, r in zip(keys, results, strict=True):
         if isinstance(r, errors.CacheError):
             out.results.add(key=key, code=code_of(r).value[0], error=str(r) or r.reason)
         else:
@@ -46,7 +47,9 @@ def get_many_response(keys: list[str], results: list[Entry | errors.CacheError])
 
 _PACK_DOUBLE = struct.Struct("<d").pack
 _BYTE = [bytes((i,)) for i in range(128)]
-_VIEW_FROM = 4096  # values this large join the reply as views (no intermediate copy)  # the varint of a length below 128
+_VIEW_FROM = (
+    4096  # values this large join the reply as views (no intermediate copy)  # the varint of a length below 128
+)
 
 
 def _varint(n: int) -> bytes:
@@ -63,7 +66,7 @@ def encode_get_many_response(keys: list[str], results: list[Entry | errors.Cache
     parts: list = []
     add = parts.append
     now = time.monotonic()
-    for key, r in zip(keys, results):
+    for key, r in zip(keys, results, strict=True):
         kb = key.encode("utf-8", "surrogatepass")
         kl = len(kb)
         head = b"\x0a" + _varint(kl) + kb if kl else b""

@@ -89,8 +89,12 @@ def rate_limited_failure(retry_after: float, client: str, rate: float, burst: fl
     info = error_details_pb2.ErrorInfo(
         reason="RATE_LIMITED", domain=DOMAIN, metadata={"client": client, "rate": f"{rate:g}", "burst": f"{burst:g}"}
     )
-    text = f"rate limit of {rate:g} requests/s (burst {burst:g}) per client address exceeded; retry in {retry_after:.3f}s"
-    return _failure(grpc.StatusCode.RESOURCE_EXHAUSTED, text, _details(info, error_details_pb2.RetryInfo(retry_delay=delay)))
+    text = (
+        f"rate limit of {rate:g} requests/s (burst {burst:g}) per client address exceeded; retry in {retry_after:.3f}s"
+    )
+    return _failure(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, text, _details(info, error_details_pb2.RetryInfo(retry_delay=delay))
+    )
 
 
 def reason_of(trailing_metadata) -> str | None:

@@ -8,10 +8,10 @@ import time
 
 import grpc
 import pytest
+from support.appliance import Appliance, pids_mentioning, wait_for
 
 from appliance.cluster import etcd
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from support.appliance import Appliance, pids_mentioning, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +45,8 @@ def test_workers_register_json_under_leases_and_share_one_ring(appliance):
     assert out.returncode == 1 and b"not found" in out.stderr and b"Traceback" not in out.stderr
     out = appliance.cli("locate", "张三", "李四")
     lines = out.stdout.decode().splitlines()
-    assert [l.split("\t")[0] for l in lines] == ["张三", "李四"]
-    assert all(l.split("\t")[1] in appliance.addresses() for l in lines)
+    assert [line.split("\t")[0] for line in lines] == ["张三", "李四"]
+    assert all(line.split("\t")[1] in appliance.addresses() for line in lines)
     # Set and Remove through the CLI, seen by every node.
     out = appliance.cli("set", "scores", "张三", "-", input=b"101")
     assert out.returncode == 0 and b"3 peer(s) confirmed" in out.stdout, out.stderr
@@ -67,8 +67,11 @@ def test_registration_comes_back_after_its_lease_is_revoked(appliance):
         client.revoke_lease(reg[key]["lease"])
     finally:
         client.close()
-    wait_for(lambda: appliance.registered().get(key, {}).get("lease") not in (None, reg[key]["lease"]),
-             appliance.lease_ttl + 2, what="re-registration under a new lease")
+    wait_for(
+        lambda: appliance.registered().get(key, {}).get("lease") not in (None, reg[key]["lease"]),
+        appliance.lease_ttl + 2,
+        what="re-registration under a new lease",
+    )
     appliance.wait_ring(3, timeout=appliance.lease_ttl + 1)
 
 
@@ -94,8 +97,14 @@ def test_python_client_retries_on_a_ring_change(appliance):
 def test_kill_9_worker_restarts_registers_and_gets_the_ring(appliance):
     before = appliance.process_info()["worker-1"]["pid"]
     os.kill(before, signal.SIGKILL)
-    wait_for(lambda: appliance.process_info()["worker-1"]["pid"] not in (0, before)
-             and appliance.process_info()["worker-1"]["statename"] == "RUNNING", 30, what="worker-1 restart")
+    wait_for(
+        lambda: (
+            appliance.process_info()["worker-1"]["pid"] not in (0, before)
+            and appliance.process_info()["worker-1"]["statename"] == "RUNNING"
+        ),
+        30,
+        what="worker-1 restart",
+    )
     after = appliance.process_info()["worker-1"]["pid"]
     assert after != before
     appliance.wait_ring(3, timeout=appliance.lease_ttl + 10)
@@ -182,8 +191,11 @@ def test_reload_changes_worker_count_and_sigterm_leaves_nothing(tmp_path):
         app.write_config(workers=2)
         before = {n: info[n]["pid"] for n in ("worker-0", "worker-1")}
         app.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: all(app.admin_stats(i)["groups"]["scores"]["cache_bytes"] == 32 * 2**20 for i in range(2)),
-                 60, what="new cache_bytes on both workers")
+        wait_for(
+            lambda: all(app.admin_stats(i)["groups"]["scores"]["cache_bytes"] == 32 * 2**20 for i in range(2)),
+            60,
+            what="new cache_bytes on both workers",
+        )
         info = app.process_info()
         assert all(info[n]["pid"] != before[n] for n in before)
         app.wait_ring(2, timeout=10)

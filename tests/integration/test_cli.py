@@ -91,7 +91,7 @@ def test_run_refuses_ports_in_use(tmp_path):
         port = busy.getsockname()[1]
         cfg = tmp_path / "a.toml"
         cfg.write_text(
-            f'[cluster]\nembedded_etcd = false\n[node]\nworkers = 1\nbase_port = {port}\n'
+            f"[cluster]\nembedded_etcd = false\n[node]\nworkers = 1\nbase_port = {port}\n"
             f'state_dir = "{tmp_path}/s"\nruntime_dir = "{tmp_path}/r"\n[ops]\nmetrics_addr = ""\n'
         )
         out = run("run", "--config", str(cfg))
@@ -113,8 +113,19 @@ def test_global_options_before_or_after_the_command(tmp_path):
         ("--config", str(cfg), "--peers", peers, "locate", "k1", "k2"),
         ("locate", "k1", "k2", "--config", str(cfg), "--peers", peers),
         # after the command wins
-        ("--config", "/nonexistent.toml", "--peers", "10.9.9.9:1", "locate", "--config", str(cfg), "--peers", peers,
-         "k1", "k2"),
+        (
+            "--config",
+            "/nonexistent.toml",
+            "--peers",
+            "10.9.9.9:1",
+            "locate",
+            "--config",
+            str(cfg),
+            "--peers",
+            peers,
+            "k1",
+            "k2",
+        ),
     ):
         out = run(*args)
         assert (out.returncode, out.stdout.splitlines()) == (0, want), (args, out.stderr)

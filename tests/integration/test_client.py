@@ -6,15 +6,15 @@ import threading
 import time
 
 import pytest
+from support.etcd_server import EtcdServer
+from support.nodes import CountingOrigin, cluster
+from support.ports import free_port
 
 from appliance.cache import errors
 from appliance.cache.ring import HashRing
 from appliance.client import AsyncClient, Client
 from appliance.cluster import etcd
 from appliance.config import Settings
-from support.etcd_server import EtcdServer
-from support.nodes import CountingOrigin, cluster
-from support.ports import free_port
 
 DATA = {f"k{i}": f"v{i}".encode() for i in range(300)}
 
@@ -46,7 +46,11 @@ async def make(kind: str, *args, from_settings=None, **kwargs):
         make = Client.from_settings if from_settings is not None else Client
         first = (from_settings,) if from_settings is not None else args
         return Blocking(await asyncio.to_thread(make, *first, **kwargs))
-    client = AsyncClient.from_settings(from_settings, **kwargs) if from_settings is not None else AsyncClient(*args, **kwargs)
+    client = (
+        AsyncClient.from_settings(from_settings, **kwargs)
+        if from_settings is not None
+        else AsyncClient(*args, **kwargs)
+    )
     await client.refresh()
     return client
 
@@ -333,6 +337,8 @@ async def test_a_static_client_never_touches_etcd(etcd_server, registry, monkeyp
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_unreachable_etcd_is_a_clear_error(kind):
     settings = Settings(cluster={"etcd": [f"127.0.0.1:{free_port()}"], "embedded_etcd": False})
-    with pytest.raises(errors.PeerError, match=r"cannot read the ring from etcd at 127\.0\.0\.1:\d+ \(service 'groupcache'\)"):
+    with pytest.raises(
+        errors.PeerError, match=r"cannot read the ring from etcd at 127\.0\.0\.1:\d+ \(service 'groupcache'\)"
+    ):
         await make(kind, from_settings=settings)
     assert ring_threads() == []

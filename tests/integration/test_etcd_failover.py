@@ -20,12 +20,12 @@ import threading
 import time
 
 import pytest
+from support.etcd_server import EtcdCluster
+from support.nodes import CountingOrigin, cluster
 
 from appliance.cluster import etcd
 from appliance.cluster.controller import Controller
 from appliance.cluster.registry import Registration, call_timeout
-from support.etcd_server import EtcdCluster
-from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.integration
 TTL = 2
@@ -100,7 +100,9 @@ async def test_the_controller_moves_off_a_stalled_member(etcd_cluster, tmp_path)
             etcd_cluster.signal(stalled, signal.SIGSTOP)
             try:
                 started = time.monotonic()
-                etcd.call(admin, lambda c: c.put(etcd.member_key("groupcache", nodes[1].addr), nodes[1].addr, lease=lease))
+                etcd.call(
+                    admin, lambda c: c.put(etcd.member_key("groupcache", nodes[1].addr), nodes[1].addr, lease=lease)
+                )
                 want = sorted(n.addr for n in nodes)
                 await until(lambda: all(sorted(n.peers.ring.nodes) == want for n in nodes), 10)
                 moved_s = time.monotonic() - started

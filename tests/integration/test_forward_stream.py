@@ -4,10 +4,10 @@ import asyncio
 
 import grpc
 import pytest
-
-from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import CountingOrigin, cluster
 from support.ports import free_port
+
+from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
@@ -149,7 +149,9 @@ class _GoLikeCall:
 
     def _error(self, spec):
         code = getattr(grpc.StatusCode, spec[0].upper())
-        debug = 'Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation object>,)' if spec is CLOBBERED else ""
+        debug = (
+            'Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation object>,)' if spec is CLOBBERED else ""
+        )
         return _rpc_error(code, spec[1], debug)
 
     async def write(self, request):

@@ -5,10 +5,10 @@ import time
 
 import grpc
 import pytest
-
-from appliance.transport.grpc_aio.client import GrpcPeerClient as PeerClient
-from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import CountingOrigin, cluster
+
+from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from appliance.transport.grpc_aio.client import GrpcPeerClient as PeerClient
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
@@ -79,7 +79,9 @@ async def test_get_many_and_get_share_singleflight():
     async with cluster(3, origin) as nodes:
         s = Stubs(nodes)
         calls = [s.get[i % 3].Get(groupcache_pb2.GetRequest(group="g", key="k"), timeout=5) for i in range(30)]
-        calls += [s.cache[i % 3].GetMany(cache_pb2.GetManyRequest(group="g", keys=["k", "k"]), timeout=5) for i in range(30)]
+        calls += [
+            s.cache[i % 3].GetMany(cache_pb2.GetManyRequest(group="g", keys=["k", "k"]), timeout=5) for i in range(30)
+        ]
         tasks = [asyncio.ensure_future(c) for c in calls]
         await eventually(lambda: asyncio.sleep(0, result=bool(origin.calls)))
         await asyncio.sleep(0.1)
@@ -158,7 +160,9 @@ async def test_set_writes_through_to_owner_and_invalidates_hot_copies():
         for i in range(3):
             assert await s.value(i, "k") == b"pushed"
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await s.cache[0].Set(cache_pb2.SetRequest(group="g", key="k", value=b"x" * (4 * 1024 * 1024 + 1)), timeout=5)
+            await s.cache[0].Set(
+                cache_pb2.SetRequest(group="g", key="k", value=b"x" * (4 * 1024 * 1024 + 1)), timeout=5
+            )
         assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
         await s.close()
 
@@ -190,6 +194,7 @@ async def test_python_client_get_many_set_remove():
 
     origin = CountingOrigin({f"k{i}": b"v" for i in range(20)})
     async with cluster(3, origin) as nodes:
+
         def sync_part():
             with Client([n.addr for n in nodes]) as c:
                 got = c.get_many("g", [f"k{i}" for i in range(20)] + ["nope"])

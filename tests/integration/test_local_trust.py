@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support.appliance import BIN, Appliance
 
 from appliance.origins.demo import DEMO_ROWS
-from support.appliance import BIN, Appliance
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +143,10 @@ def test_another_user_cannot_join_the_ring_or_write(box, tmp_path):
         plan_file.unlink()
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
-    print(f"\n[local trust] etcd TCP listeners: {listeners}; as uid {seen['uid']}: " + json.dumps(seen, ensure_ascii=False))
+    print(
+        f"\n[local trust] etcd TCP listeners: {listeners}; as uid {seen['uid']}: "
+        + json.dumps(seen, ensure_ascii=False)
+    )
     assert seen["uid"] == 65534
     assert listeners == []  # single box: unix sockets only
     assert all(e["returncode"] != 0 for e in seen["etcd"]), seen["etcd"]
@@ -195,7 +198,9 @@ def test_root_cli_writes_and_tokens_stay_out_of_logs(box):
         with pytest.raises(errors.PermissionDenied) as info:
             client.set("scores", "trust-key", b"x")
     assert box.tokens["reader"] not in str(info.value)
-    check = subprocess.run([str(BIN / "appliance"), "config", "check", str(box.config)], capture_output=True, timeout=60)
+    check = subprocess.run(
+        [str(BIN / "appliance"), "config", "check", str(box.config)], capture_output=True, timeout=60
+    )
     assert check.returncode == 0, check.stderr
     logs = box.log.read_text(errors="replace") + check.stdout.decode() + check.stderr.decode()
     tokens = [*box.tokens.values(), box.settings().token_path().read_text().strip()]

@@ -11,11 +11,11 @@ import asyncio
 
 import grpc
 import pytest
+from support.nodes import CountingOrigin, settings
 
 from appliance.node.node import Node
 from appliance.node.peers import PeerFacts
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import CountingOrigin, settings
 
 
 async def until(predicate, timeout: float) -> None:
@@ -23,6 +23,7 @@ async def until(predicate, timeout: float) -> None:
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
 
 pytestmark = pytest.mark.usefixtures("backend")
 

@@ -26,10 +26,10 @@ import time
 from collections import Counter
 
 import pytest
-
-from appliance.cache.ring import HashRing
 from support import seed
 from support.appliance import wait_for
+
+from appliance.cache.ring import HashRing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -76,7 +76,7 @@ def expected(keys_by_owner: dict[str, list[str]]) -> Counter:
 
 def assert_values(mixed, calls):
     results = mixed.agent.get(calls)
-    wrong = [(c, r) for c, r in zip(calls, results) if r != (b"v-" + c[2].encode(), None)]
+    wrong = [(c, r) for c, r in zip(calls, results, strict=False) if r != (b"v-" + c[2].encode(), None)]
     assert not wrong, f"{len(wrong)}/{len(calls)} wrong answers, e.g. {wrong[:3]}"
 
 
@@ -129,7 +129,9 @@ def test_fresh_connections_to_a_go_node_always_fall_back_to_plain_get(mixed):
     orders = Counter(f"first error {r['first_error']}, call ended {r['final_code']}" for r in rows)
     FIGURES["fresh_connections_error_orders"] = dict(orders)
     # The old rule (the first error must be UNIMPLEMENTED) would have loaded these locally:
-    FIGURES["fresh_connections_old_rule_misses"] = f"{sum(r['first_error'] != 'UNIMPLEMENTED' for r in rows)}/{len(rows)}"
+    FIGURES["fresh_connections_old_rule_misses"] = (
+        f"{sum(r['first_error'] != 'UNIMPLEMENTED' for r in rows)}/{len(rows)}"
+    )
 
 
 def test_python_to_go_across_join_leave_rounds(mixed):
@@ -156,7 +158,7 @@ def test_python_to_go_across_join_leave_rounds(mixed):
             assert_values(mixed, [(w0, "scores", key)])
             if mixed.app.admin_stats(0)["revision"] == ring_before:
                 assert mixed.loads() - before == Counter({(w0, key): 1})
-                assert [a - b for a, b in zip(peer_errors(mixed), errs)] == [1, 0]
+                assert [a - b for a, b in zip(peer_errors(mixed), errs, strict=False)] == [1, 0]
                 row["down_owner_get"] = "1 peer error, loaded by our origin on w0"
             else:  # its lease ran out already (it cannot within 5 s of the kill)
                 row["down_owner_get"] = "not checked: the ring changed first"
@@ -180,14 +182,16 @@ def test_python_to_go_across_join_leave_rounds(mixed):
         row["loads"] = side_counts(delta, mixed)
         go_owned = set(keys[g0] + keys[g1])
         row["go_owned_loaded_by_python"] = sum(n for (who, k), n in delta.items() if who in (w0, w1) and k in go_owned)
-        row["peer_errors_delta"] = [a - b for a, b in zip(peer_errors(mixed), errs)]
+        row["peer_errors_delta"] = [a - b for a, b in zip(peer_errors(mixed), errs, strict=False)]
         rounds.append(row)
         FIGURES["python_to_go_rounds"] = rounds
         owner = {k: o for o, ks in keys.items() for k in ks}
         extra = sorted((who, k, owner.get(k), n) for (who, k), n in (delta - expected(keys)).items())
         assert row["go_owned_loaded_by_python"] == 0, f"round {r}: {row}"
         missing = sorted(expected(keys) - delta)
-        assert delta == expected(keys), f"round {r}: {row}; extra loads (loader, key, owner, n): {extra}; missing {missing}"
+        assert delta == expected(keys), (
+            f"round {r}: {row}; extra loads (loader, key, owner, n): {extra}; missing {missing}"
+        )
         assert row["peer_errors_delta"] == [0, 0]
     assert len(node.peer_lists()) == 6 and all(sorted(p) == mixed.everyone() for p in node.peer_lists())
 
@@ -235,7 +239,9 @@ def test_seed_clients_against_our_workers(mixed):
     listed = mixed.run([str(seed.build() / "seedclient"), "list", "-etcd", mixed.ETCD, "-service", "groupcache"])
     rows = [line.split("\t") for line in listed.stdout.decode().splitlines() if line.count("\t") >= 2]
     assert sorted(addr for _, addr, _ in rows) == everyone
-    FIGURES["seedclient"] = f"get: 6/6 through our workers, rr: {sum(map(len, rr.values()))}/{sum(map(len, rr.values()))}"
+    FIGURES["seedclient"] = (
+        f"get: 6/6 through our workers, rr: {sum(map(len, rr.values()))}/{sum(map(len, rr.values()))}"
+    )
 
 
 def test_clusters_prefix_lets_go_nodes_that_start_later_see_our_workers(mixed):
@@ -259,4 +265,6 @@ def test_clusters_prefix_lets_go_nodes_that_start_later_see_our_workers(mixed):
     mixed.app.supervisor().startProcess("worker-1", True)
     wait_for(lambda: w1 in mixed.clusters(), 15, what=f"clusters/{w1} back")
     mixed.wait_ring(mixed.everyone())
-    FIGURES["clusters_prefix"] = {a: ("worker lease" if lease else "operator, no lease") for a, lease in entries.items()}
+    FIGURES["clusters_prefix"] = {
+        a: ("worker lease" if lease else "operator, no lease") for a, lease in entries.items()
+    }

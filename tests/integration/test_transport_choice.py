@@ -9,11 +9,11 @@ import sys
 
 import grpc
 import pytest
+from support.nodes import CountingOrigin, cluster
 
 from appliance.config import Settings
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from appliance.transport import choose
-from support.nodes import CountingOrigin, cluster
 
 
 def test_auto_takes_native_unless_tls_or_seed_interop():
@@ -27,14 +27,19 @@ def test_auto_takes_native_unless_tls_or_seed_interop():
 @pytest.mark.parametrize(
     "toml, complaint",
     [
-        ('[node]\nserver = "native"\nhost = "localhost"\n[cluster]\nseed_interop = true\n', "cannot serve the seed's Go nodes"),
+        (
+            '[node]\nserver = "native"\nhost = "localhost"\n[cluster]\nseed_interop = true\n',
+            "cannot serve the seed's Go nodes",
+        ),
         ('[node]\nserver = "fast"\n', 'one of "auto", "native", "grpcio"'),
     ],
 )
 def test_config_check_refuses_what_native_cannot_serve(tmp_path, toml, complaint):
     path = tmp_path / "a.toml"
     path.write_text(toml)
-    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 2, out
     assert "node.server" in out.stderr and complaint in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
@@ -43,7 +48,9 @@ def test_config_check_refuses_what_native_cannot_serve(tmp_path, toml, complaint
 def test_config_check_says_which_server_runs(tmp_path):
     path = tmp_path / "a.toml"
     path.write_text('[cluster]\nseed_interop = true\n[node]\nhost = "localhost"\n')
-    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "server: grpcio (auto: cluster.seed_interop" in out.stdout, out.stdout
 
@@ -63,7 +70,9 @@ async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
             assert node.backend == server
             options = [("grpc.default_authority", f"groupcache/{node.addr}")]
             async with grpc.aio.insecure_channel(node.addr, options=options) as ch:
-                call = groupcache_pb2_grpc.GroupCacheStub(ch).Get(groupcache_pb2.GetRequest(group="g", key="k"), timeout=5)
+                call = groupcache_pb2_grpc.GroupCacheStub(ch).Get(
+                    groupcache_pb2.GetRequest(group="g", key="k"), timeout=5
+                )
                 if server == "grpcio":
                     assert (await call).value == b"v"
                 else:
@@ -78,10 +87,14 @@ async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
 def test_config_check_accepts_localhost_and_says_what_a_mixed_cluster_needs(tmp_path):
     path = tmp_path / "a.toml"
     path.write_text('[node]\nhost = "localhost"\n')
-    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     notes = [line for line in out.stdout.splitlines() if line.startswith("note: mixed cluster")]
     assert len(notes) == 1 and "4-character" in notes[0] and "seed_interop is off" in notes[0], out.stdout
     path.write_text('[cluster]\nseed_interop = true\n[node]\nhost = "127.0.0.1"\n')
-    out = subprocess.run([sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "node.host" in out.stderr and "localhost" in out.stderr, out.stderr

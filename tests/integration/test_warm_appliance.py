@@ -18,10 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from appliance.pb import cache_pb2, cache_pb2_grpc
 from support.appliance import Appliance, wait_for
 from support.origin_values import sized
+
+from appliance.pb import cache_pb2, cache_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,9 @@ def test_reload_scale_out_and_stop_node_keep_the_cache_warm(app):
     app.wait_ring(3, timeout=10)
     assert reads.all(app.addresses(3)) == (0, 0)
     figures["stop-node"] = loads(app) - start
-    print(f"\n[warm appliance, {app.admin_stats(0)['server']}] origin loads per change, {len(KEYS)} warm keys:", figures)
+    print(
+        f"\n[warm appliance, {app.admin_stats(0)['server']}] origin loads per change, {len(KEYS)} warm keys:", figures
+    )
     assert all(n <= 0.01 * len(KEYS) for n in figures.values()), figures
     log = app.log.read_text(errors="replace")
     assert log.count("handoff") >= 4 and "accepted=" in log

@@ -28,12 +28,14 @@ def _make_pki(root: Path) -> Pki:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     root.mkdir(parents=True, exist_ok=True)
 
     def write_key(key, path: Path) -> Path:
         path.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
         return path
 
@@ -83,8 +85,10 @@ def _make_pki(root: Path) -> Pki:
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [*(x509.IPAddress(ipaddress.ip_address(f"127.0.0.{i}")) for i in (1, 2, 3)),
-                     x509.DNSName("localhost")]  # fmt: skip
+                    [
+                        *(x509.IPAddress(ipaddress.ip_address(f"127.0.0.{i}")) for i in (1, 2, 3)),
+                        x509.DNSName("localhost"),
+                    ]  # fmt: skip
                 ),
                 critical=False,
             )

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from support.promql import DASHBOARD, PROMETHEUS_SERIES, exported_series, metric_names, recorded_series
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -33,7 +32,9 @@ def all_panels(dashboard) -> list[dict]:
 def expressions(dashboard) -> list[tuple[str, str]]:
     """(where, PromQL) of every panel target and every query variable
     (label_values(METRIC_SELECTOR, label) keeps only its selector)."""
-    out = [(f"panel {p['title']!r} {t['refId']}", t["expr"]) for p in all_panels(dashboard) for t in p.get("targets", [])]
+    out = [
+        (f"panel {p['title']!r} {t['refId']}", t["expr"]) for p in all_panels(dashboard) for t in p.get("targets", [])
+    ]
     for var in dashboard["templating"]["list"]:
         if var["type"] != "query":
             continue
@@ -46,9 +47,9 @@ def expressions(dashboard) -> list[tuple[str, str]]:
 
 def test_metric_name_extraction():
     expr = (
-        'histogram_quantile(0.99, sum by (group, le) (rate(groupcache_origin_load_seconds_bucket'
+        "histogram_quantile(0.99, sum by (group, le) (rate(groupcache_origin_load_seconds_bucket"
         '{job="$job", instance=~"$instance", result="ok"}[$__rate_interval]))) / ignoring (x) group_left ()'
-        ' (max without (worker) (groupcache_ring_peers offset 5m) > bool 1e3) and on (job) up'
+        " (max without (worker) (groupcache_ring_peers offset 5m) > bool 1e3) and on (job) up"
         ' or count_values("peers", group:groupcache_hit_ratio:rate5m)'
     )
     assert metric_names(expr) == {
@@ -106,13 +107,23 @@ def test_dashboard_uses_only_exported_or_recorded_series(dashboard):
     } <= used  # fmt: skip
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not on PATH (Debian: apt-get install --no-install-recommends prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool is not on PATH (Debian: apt-get install --no-install-recommends prometheus)",
+)
 def test_dashboard_expressions_parse(dashboard, tmp_path):
     """Each expression, with the variables filled in, as a recording rule
     that `promtool check rules` must accept."""
-    values = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h", "job": "groupcache", "instance": ".*", "group": ".*"}
+    values = {
+        "__rate_interval": "5m",
+        "__interval": "1m",
+        "__range": "1h",
+        "job": "groupcache",
+        "instance": ".*",
+        "group": ".*",
+    }
     rules = []
-    for i, (where, expr) in enumerate(expressions(dashboard)):
+    for i, (_where, expr) in enumerate(expressions(dashboard)):
         filled = re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], expr)
         rules.append({"record": f"dashboard:check:{i}", "expr": filled})
     path = tmp_path / "dashboard.rules.json"  # JSON is YAML

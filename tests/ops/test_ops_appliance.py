@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from support.appliance import Appliance, wait_for
+from support.ports import free_port, free_range
 
 from appliance import tls as tlsmod
 from appliance.cache.ring import HashRing
 from appliance.client import Client
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from support.appliance import Appliance, wait_for
-from support.ports import free_port, free_range
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,10 @@ def test_metrics_after_a_known_workload_are_exact(app):
     w = {"worker": owner, "group": "counted"}
     assert metric(m, "groupcache_gets_total", **w) == 100
     assert metric(m, "groupcache_loads_total", **w) == 1
-    assert metric(m, "groupcache_hits_total", cache="main", **w) + metric(m, "groupcache_hits_total", cache="hot", **w) == 99
+    assert (
+        metric(m, "groupcache_hits_total", cache="main", **w) + metric(m, "groupcache_hits_total", cache="hot", **w)
+        == 99
+    )
     assert metric(m, "groupcache_hits_total", cache="main", **w) == 99
     assert metric(m, "groupcache_loads_deduped_total", **w) == 1
     assert metric(m, "groupcache_origin_loads_total", result="ok", **w) == 1
@@ -110,7 +113,7 @@ def test_metrics_after_a_known_workload_are_exact(app):
 
 
 def test_http_read_api_on_each_worker(app):
-    for i, addr in enumerate(app.addresses()):
+    for i, _addr in enumerate(app.addresses()):
         base = f"http://127.0.0.1:{app.http_base + i}"
         status, headers, body = http_get(base + "/groups/scores/keys/%E5%BC%A0%E4%B8%89")  # 张三
         assert (status, body) == (200, b"100") and headers["Content-Length"] == "3"
@@ -129,7 +132,9 @@ def test_http_read_api_on_each_worker(app):
 def test_reflection_lists_groupcache_on_a_worker(app):
     with grpc.insecure_channel(app.addresses()[0]) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         names = [s.name for r in responses for s in r.list_services_response.service]
     assert "groupcachepb.GroupCache" in names
     assert not any(n.startswith("appliance.admin") for n in names)
@@ -138,8 +143,8 @@ def test_reflection_lists_groupcache_on_a_worker(app):
 def test_logs_are_one_line_per_event_and_none_per_request(app):
     text = app.log.read_text(errors="replace")
     assert "logger=appliance.cluster.registry" in text and "registered groupcache/" in text
-    ring = [l for l in text.splitlines() if 'msg="ring changed"' in l]
-    assert ring and all("revision=" in l and "peers=" in l for l in ring)
+    ring = [line for line in text.splitlines() if 'msg="ring changed"' in line]
+    assert ring and all("revision=" in line and "peers=" in line for line in ring)
     assert 'msg="metrics endpoint serving"' in text
     before = app.log.stat().st_size
     with grpc.insecure_channel(app.addresses()[1]) as ch:
@@ -158,12 +163,12 @@ def test_logs_are_one_line_per_event_and_none_per_request(app):
             f.seek(before)
             return f.read().decode(errors="replace").splitlines()
 
-    wait_for(lambda: any("origin load failed" in l for l in new_lines()), 10, what="origin error logged")
+    wait_for(lambda: any("origin load failed" in line for line in new_lines()), 10, what="origin error logged")
     lines = new_lines()  # the origin error was the last request sent
-    warnings = [l for l in lines if "origin load failed" in l]
+    warnings = [line for line in lines if "origin load failed" in line]
     assert len(warnings) == 1
     assert "level=WARNING" in warnings[0] and "group=failing" in warnings[0] and "larger than" in warnings[0]
-    assert [l for l in lines if "nobody" in l or "张三" in l] == []
+    assert [line for line in lines if "nobody" in line or "张三" in line] == []
     # 401 requests went by: a line per request would be hundreds. Other
     # events (a slow etcd on a busy box) may add a few lines.
     assert len(lines) < 40, lines
@@ -175,7 +180,9 @@ def test_health_serving_then_not_serving_during_stop_node(app):
     with grpc.insecure_channel(victim) as ch, grpc.insecure_channel(other) as other_ch:
         health = health_pb2_grpc.HealthStub(ch)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
-        assert health.Check(health_pb2.HealthCheckRequest(service="groupcachepb.GroupCache"), timeout=5).status == SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service="groupcachepb.GroupCache"), timeout=5).status == SERVING
+        )
         watch = health.Watch(health_pb2.HealthCheckRequest(service="groupcachepb.GroupCache"), timeout=60)
 
         def follow():
@@ -262,7 +269,9 @@ def test_mtls_appliance_peers_cli_and_clients(tmp_path, pki):
             ch = grpc.secure_channel(a.addresses()[0], bad) if bad else grpc.insecure_channel(a.addresses()[0])
             with ch:
                 with pytest.raises(grpc.RpcError) as info:
-                    groupcache_pb2_grpc.GroupCacheStub(ch).Get(groupcache_pb2.GetRequest(group="scores", key="张三"), timeout=3)
+                    groupcache_pb2_grpc.GroupCacheStub(ch).Get(
+                        groupcache_pb2.GetRequest(group="scores", key="张三"), timeout=3
+                    )
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         a.cleanup()

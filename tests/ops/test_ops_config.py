@@ -63,12 +63,36 @@ def test_example_documents_every_ops_and_tls_key():
 @pytest.mark.parametrize(
     "toml,key,words",
     [
-        ("[ops]\nmetrics_addr = '127.0.0.1:10000'\n", "ops.metrics_addr", "the metrics port 10000 clashes with worker ports 9999-10001"),
-        ("[ops]\nmetrics_addr = '0.0.0.0:2379'\n", "ops.metrics_addr", "clashes with the embedded etcd's client port 2379"),
-        ("[ops]\nhttp_base_port = 10001\n", "ops.http_base_port", "HTTP ports 10001-10003 clash with worker ports 9999-10001"),
-        ("[ops]\nhttp_base_port = 2378\n", "ops.http_base_port", "HTTP ports 2378-2380 clash with the embedded etcd's client port 2379"),
-        ("[ops]\nhttp_base_port = 9100\nmetrics_addr = '127.0.0.1:9102'\n", "ops.metrics_addr", "the metrics port 9102 clashes with HTTP ports 9100-9102"),
-        ("[cluster]\netcd_peer_port = 8001\n[ops]\nhttp_base_port = 8000\n", "ops.http_base_port", "clash with etcd_peer_port 8001"),
+        (
+            "[ops]\nmetrics_addr = '127.0.0.1:10000'\n",
+            "ops.metrics_addr",
+            "the metrics port 10000 clashes with worker ports 9999-10001",
+        ),
+        (
+            "[ops]\nmetrics_addr = '0.0.0.0:2379'\n",
+            "ops.metrics_addr",
+            "clashes with the embedded etcd's client port 2379",
+        ),
+        (
+            "[ops]\nhttp_base_port = 10001\n",
+            "ops.http_base_port",
+            "HTTP ports 10001-10003 clash with worker ports 9999-10001",
+        ),
+        (
+            "[ops]\nhttp_base_port = 2378\n",
+            "ops.http_base_port",
+            "HTTP ports 2378-2380 clash with the embedded etcd's client port 2379",
+        ),
+        (
+            "[ops]\nhttp_base_port = 9100\nmetrics_addr = '127.0.0.1:9102'\n",
+            "ops.metrics_addr",
+            "the metrics port 9102 clashes with HTTP ports 9100-9102",
+        ),
+        (
+            "[cluster]\netcd_peer_port = 8001\n[ops]\nhttp_base_port = 8000\n",
+            "ops.http_base_port",
+            "clash with etcd_peer_port 8001",
+        ),
         ("[ops]\nhttp_base_port = 65534\n", "ops.http_base_port", "need ports up to 65536"),
         ("[ops]\nmetrics_addr = '9101'\n", "ops.metrics_addr", 'or "" to disable the metrics endpoint'),
         ("[ops]\nslow_load = 'soon'\n", "ops.slow_load", "expected a duration"),
@@ -92,11 +116,16 @@ def test_no_clash_on_other_hosts(tmp_path):
 
 
 def test_tls_settings_are_checked(tmp_path, pki):
-    ok = load_settings(write(tmp_path, f"[tls]\ncert = '{pki.cert}'\nkey = '{pki.key}'\nca = '{pki.ca}'\nclient_auth = true\n"))
+    ok = load_settings(
+        write(tmp_path, f"[tls]\ncert = '{pki.cert}'\nkey = '{pki.key}'\nca = '{pki.ca}'\nclient_auth = true\n")
+    )
     assert ok.tls.enabled and ok.tls.client_auth and "mTLS" in ok.summary()
     cases = [
         (f"[tls]\ncert = '{pki.cert}'\n", "tls.key: expected tls.cert and tls.key together"),
-        (f"[tls]\ncert = '{pki.cert}'\nkey = '{pki.key}'\nclient_auth = true\n", "tls.ca: client_auth = true needs tls.ca"),
+        (
+            f"[tls]\ncert = '{pki.cert}'\nkey = '{pki.key}'\nclient_auth = true\n",
+            "tls.ca: client_auth = true needs tls.ca",
+        ),
         (f"[tls]\nca = '{pki.ca}'\n", "tls.ca: tls.ca applies only with tls.cert and tls.key"),
         (f"[tls]\ncert = '{pki.cert}'\nkey = '{tmp_path}/nope.pem'\n", "tls.key: cannot read"),
         (f"[tls]\ncert = '{pki.cert}'\nkey = '{tmp_path}/appliance.toml'\n", "tls.key: expected a PEM file"),

@@ -17,6 +17,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from support.nodes import BACKEND, CountingOrigin
+from support.ports import free_port
 
 from appliance import tls as tlsmod
 from appliance.cache.errors import OriginError
@@ -24,8 +26,6 @@ from appliance.config import Settings
 from appliance.node.node import Node
 from appliance.ops.metrics import BoxCollector, box_registry, serve_metrics
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import BACKEND, CountingOrigin
-from support.ports import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -50,7 +50,9 @@ async def nodes(n, loader, *, groups=("g",), admin_dir=None, http=False, ring=Tr
     try:
         for i in range(n):
             admin = f"unix:{admin_dir}/n{i}.sock" if admin_dir else None
-            started.append(Node(s, {g: loader for g in groups}, port=0, admin_address=admin, http_port=0 if http else None))
+            started.append(
+                Node(s, {g: loader for g in groups}, port=0, admin_address=admin, http_port=0 if http else None)
+            )
             await started[-1].start()
         if ring:
             peers = [x.addr for x in started]
@@ -118,6 +120,7 @@ async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_
         port = free_port()
         stop = await asyncio.to_thread(serve_metrics, f"127.0.0.1:{port}", box_registry(collector))
         try:
+
             def scrape():
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                     return r.read().decode()
@@ -138,7 +141,9 @@ async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_
 @pytest.mark.usefixtures("backend")
 async def test_box_collector_reports_a_dead_worker_as_down(tmp_path):
     (tmp_path / "worker-7.sock").touch()  # a socket nobody listens on
-    collector = BoxCollector(lambda: [str(tmp_path / "worker-7.sock")], fallback_label=lambda p: "127.0.0.1:7", timeout=1)
+    collector = BoxCollector(
+        lambda: [str(tmp_path / "worker-7.sock")], fallback_label=lambda p: "127.0.0.1:7", timeout=1
+    )
     families = {f.name: f for f in await asyncio.to_thread(lambda: list(collector.collect()))}
     assert [(s.labels, s.value) for s in families["groupcache_worker_up"].samples] == [({"worker": "127.0.0.1:7"}, 0)]
     collector.close()
@@ -199,7 +204,9 @@ async def test_reflection_lists_the_services():
     async with nodes(1, CountingOrigin({"k": b"v"})) as (node,):
         async with grpc.aio.insecure_channel(node.addr) as ch:
             stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-            call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            call = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
             names = []
             async for response in call:
                 names = [s.name for s in response.list_services_response.service]
@@ -224,6 +231,7 @@ async def test_http_get_hit_miss_unknown_group_bad_key_origin_down():
     async with nodes(3, origin, http=True) as ns:
         base = f"http://127.0.0.1:{ns[1].http_api.port}"
         async with aiohttp.ClientSession() as http:
+
             async def fetch(path):
                 async with http.get(base + path) as r:
                     return r.status, r.headers, await r.read()

@@ -12,13 +12,13 @@ import aiohttp
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from support.nodes import CountingOrigin, cluster
 
 from appliance import tls as tlsmod
 from appliance.cache import errors
 from appliance.client import AsyncClient
 from appliance.node.auth import Authenticator, Credentials, TokenFileError, read_token
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import CountingOrigin, cluster
 
 CLUSTER_TOKEN = "c" * 8 + os.urandom(12).hex()
 
@@ -67,8 +67,10 @@ async def test_writes_need_the_write_scope_and_peers_fan_out_with_the_cluster_to
                 (creds["reader"], grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
             ):
                 metadata = (("authorization", f"Bearer {token}"),) if token else None
-                for call in (cache.Set(request, timeout=5, metadata=metadata),
-                             cache.Remove(cache_pb2.RemoveRequest(group="g", key="k1"), timeout=5, metadata=metadata)):
+                for call in (
+                    cache.Set(request, timeout=5, metadata=metadata),
+                    cache.Remove(cache_pb2.RemoveRequest(group="g", key="k1"), timeout=5, metadata=metadata),
+                ):
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await call
                     assert info.value.code() == code and reason(info.value) == why
@@ -83,7 +85,9 @@ async def test_writes_need_the_write_scope_and_peers_fan_out_with_the_cluster_to
             owner = next(n for n in nodes if n.addr == reply.owner)
             assert owner.groups["g"].peek("k1").value == b"new"
             # Reads stay open.
-            got = await groupcache_pb2_grpc.GroupCacheStub(ch).Get(groupcache_pb2.GetRequest(group="g", key="k1"), timeout=5)
+            got = await groupcache_pb2_grpc.GroupCacheStub(ch).Get(
+                groupcache_pb2.GetRequest(group="g", key="k1"), timeout=5
+            )
             assert got.value == b"new"
             removed = await cache.Remove(cache_pb2.RemoveRequest(group="g", key="k1"), timeout=5, metadata=good)
             assert all(p.confirmed for p in removed.peers) and len(removed.peers) == 3
@@ -143,7 +147,9 @@ async def test_reads_can_require_a_credential_too(creds, tmp_path):
                     await stub.Get(get, timeout=5)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "read scope" in info.value.details()
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await cache_pb2_grpc.CacheStub(ch).GetMany(cache_pb2.GetManyRequest(group="g", keys=["k"]), timeout=5)
+                    await cache_pb2_grpc.CacheStub(ch).GetMany(
+                        cache_pb2.GetManyRequest(group="g", keys=["k"]), timeout=5
+                    )
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 # A reader's Get also works through the non-owner: it
                 # forwards with the cluster token.

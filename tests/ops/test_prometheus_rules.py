@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from support.promql import PROMETHEUS_SERIES, RULE_TESTS, RULES, exported_series, metric_names, recorded_series, rules
 
 PROMTOOL = shutil.which("promtool")

@@ -17,10 +17,10 @@ import signal
 import time
 
 import pytest
-
-from appliance.origins.demo import DEMO_ROWS
 from support.appliance import Appliance, wait_for
 from support.faults import Load, Stopwatch, frozen, get_all, write_origin_files
+
+from appliance.origins.demo import DEMO_ROWS
 
 pytestmark = pytest.mark.integration
 
@@ -286,7 +286,9 @@ def test_etcd_down_10s_under_load(whole, mode):
         cold_keys_ok=f"{cold_total[0]}/{len(cold)} ({cold_total[1]} failed or wrong)",
         after=after,
         etcd_answering_s=f"{answering_s:.2f} after release",
-        registered_again_s=f"{again_s:.2f} after etcd answered (bound {LEASE_TTL + 2}), {again_released_s:.2f} after release",
+        registered_again_s=(
+            f"{again_s:.2f} after etcd answered (bound {LEASE_TTL + 2}), {again_released_s:.2f} after release"
+        ),
         same_ring_new_revision_s=f"{ring_s:.2f}",
         smallest_ring_seen=min(shrunk) if shrunk else 3,
     )
@@ -370,7 +372,9 @@ def test_hung_worker_does_not_delay_the_ring_of_the_others(whole):
         with frozen(supervisord), frozen(hung):
             os.kill(dead, signal.SIGKILL)
             watch = Stopwatch()
-            wait_for(lambda: hold(app, [1], [addrs[1]]), LEASE_TTL + 15, interval=0.02, what="worker-1 alone in its ring")
+            wait_for(
+                lambda: hold(app, [1], [addrs[1]]), LEASE_TTL + 15, interval=0.02, what="worker-1 alone in its ring"
+            )
             alone_s = watch()
             load.wait_requests(200)
         watch = Stopwatch()

@@ -23,13 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from support import fuzz
+from support.nodes import CountingOrigin, cluster, open_peer_streams
 
 from appliance.cache.errors import CacheError, KeyNotFound, OriginError, PeerError
 from appliance.cache.group import Group
 from appliance.cache.store import Entry
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from support import fuzz
-from support.nodes import CountingOrigin, cluster, open_peer_streams
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ BUDGET = 500
 class LocalPeer:
     """The other group as a peer, with the contract of appliance.node.peers.PeerClient."""
 
-    def __init__(self, machine: "GroupMachine", target: int) -> None:
+    def __init__(self, machine: GroupMachine, target: int) -> None:
         self.machine = machine
         self.target = target
         self.addr = f"node-{target}"
@@ -70,7 +70,7 @@ class LocalPeer:
         if self.machine.peer_down:
             raise PeerError(f"{self.addr} is down")
         results = await self.machine.groups[self.target].get_many(keys, forwarded=True)
-        return {k: (r.value, 0.0) if isinstance(r, Entry) else r for k, r in zip(keys, results)}
+        return {k: (r.value, 0.0) if isinstance(r, Entry) else r for k, r in zip(keys, results, strict=False)}
 
     async def peek(self, group, key, timeout):
         machine = self.machine
@@ -84,7 +84,7 @@ class LocalPeer:
 
 
 class Picker:
-    def __init__(self, machine: "GroupMachine", me: int) -> None:
+    def __init__(self, machine: GroupMachine, me: int) -> None:
         self.me = me
         self.machine = machine
         self.peer = LocalPeer(machine, 1 - me)
@@ -195,12 +195,12 @@ class GroupMachine(RuleBasedStateMachine):
         async def go():
             return await asyncio.gather(*(self.groups[n].get(k, timeout=5) for n, k in gets), return_exceptions=True)
 
-        for (_, key), outcome in zip(gets, self.run(go())):
+        for (_, key), outcome in zip(gets, self.run(go()), strict=False):
             self.check_answer(key, outcome)
 
     @rule(node=NODES, keys=st.lists(KEYS, min_size=1, max_size=6))
     def get_many(self, node, keys):
-        for key, outcome in zip(keys, self.run(self.groups[node].get_many(keys, timeout=5))):
+        for key, outcome in zip(keys, self.run(self.groups[node].get_many(keys, timeout=5)), strict=False):
             self.check_answer(key, outcome)
 
     @rule(node=NODES, key=KEYS, value=VALUES)
@@ -342,7 +342,7 @@ async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
                     batch.append((kind, rng.choice(raws)(raw, timeout=5, metadata=fuzz.metadata(rng))))
                 sent += len(batch)
                 results = await asyncio.gather(*(call for _, call in batch), return_exceptions=True)
-                for (kind, _), result in zip(batch, results):
+                for (kind, _), result in zip(batch, results, strict=False):
                     if isinstance(result, bytes):
                         counts[(kind, "OK")] += 1
                     elif isinstance(result, grpc.aio.AioRpcError):
@@ -358,7 +358,7 @@ async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
                     break
                 await asyncio.sleep(0.05)
             leftover = len(asyncio.all_tasks()) - baseline
-            for stub, channel in zip(stubs, channels):
+            for stub, channel in zip(stubs, channels, strict=False):
                 assert (await stub.Get(groupcache_pb2.GetRequest(group="g", key="k2"), timeout=5)).value == b"v2"
                 health = health_pb2_grpc.HealthStub(channel)
                 reply = await health.Check(health_pb2.HealthCheckRequest(service="groupcachepb.GroupCache"), timeout=5)
@@ -369,7 +369,9 @@ async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
     by_code = collections.Counter()
     for (_, code), n in counts.items():
         by_code[code] += n
-    print(f"\n[fuzz, {nodes[0].backend}] seed {FUZZ_SEED}: {sum(counts.values())} requests -> {dict(by_code)}; "
-          f"tasks left over: {leftover}; by kind: {dict(sorted(counts.items()))}")
+    print(
+        f"\n[fuzz, {nodes[0].backend}] seed {FUZZ_SEED}: {sum(counts.values())} requests -> {dict(by_code)}; "
+        f"tasks left over: {leftover}; by kind: {dict(sorted(counts.items()))}"
+    )
     assert leftover <= 0
     assert set(by_code) <= {c.name for c in DOCUMENTED}

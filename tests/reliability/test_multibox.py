@@ -29,15 +29,14 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 
 import pytest
-
-from appliance.cache.ring import HashRing
-from appliance.cluster import etcd
 from support.appliance import wait_for
 from support.faults import Load, Stopwatch, write_origin_files
 from support.netns import Box, Network, netns_unavailable
+
+from appliance.cache.ring import HashRing
+from appliance.cluster import etcd
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +71,9 @@ def cluster(tmp_path_factory):
         token.chmod(0o600)
         auth = f'token_file = "{token}"'
         for i in (3, 1, 2):  # any order
-            boxes[i] = Box(root / f"b{i}", net, i, list(BOXES), workers=2, lease_ttl=LEASE_TTL, groups=groups, auth=auth)
+            boxes[i] = Box(
+                root / f"b{i}", net, i, list(BOXES), workers=2, lease_ttl=LEASE_TTL, groups=groups, auth=auth
+            )
             boxes[i].start()
         c = Cluster(net, boxes, truth)
         c.root, c.groups, c.auth = root, groups, auth
@@ -206,7 +207,9 @@ def _kill_under_load(cluster, victim: int, bound: float, name: str) -> None:
             client.close()
         watch = Stopwatch()
         cluster.revive(victim)
-        wait_for(lambda: cluster.hold(BOXES, cluster.everyone()), LEASE_TTL + 15, interval=0.05, what="every ring again")
+        wait_for(
+            lambda: cluster.hold(BOXES, cluster.everyone()), LEASE_TTL + 15, interval=0.05, what="every ring again"
+        )
         back_s = watch()
         load.wait_requests(200)
     report(name, processes_killed=len(killed), its_workers_gone_s=f"{gone_s:.2f} (bound {bound:g})",
@@ -267,7 +270,9 @@ def test_partition_one_box(cluster):
         watch = Stopwatch()
         cluster.net.cut(victim)
         try:
-            wait_for(lambda: cluster.hold(majority, rest), LEASE_TTL + 10, interval=0.02, what="majority rings without it")
+            wait_for(
+                lambda: cluster.hold(majority, rest), LEASE_TTL + 10, interval=0.02, what="majority rings without it"
+            )
             dropped_s = watch()
             # The cut-off box still answers its own clients, from its last ring.
             asked = Stopwatch()
@@ -277,7 +282,9 @@ def test_partition_one_box(cluster):
         finally:
             cluster.net.mend(victim)
         watch = Stopwatch()
-        wait_for(lambda: cluster.hold(BOXES, cluster.everyone()), 30, interval=0.05, what="every ring after the link returns")
+        wait_for(
+            lambda: cluster.hold(BOXES, cluster.everyone()), 30, interval=0.05, what="every ring after the link returns"
+        )
         healed_s = watch()
         load.wait_requests(200)
     report("partition one box", majority_dropped_it_s=f"{dropped_s:.2f}", majority_load=load.all,

@@ -13,7 +13,6 @@ Reproduce the figures: .venv/bin/python -m pytest -s -q tests/reliability/test_n
 from __future__ import annotations
 
 import pytest
-
 from support.appliance import wait_for
 from support.faults import Load, Stopwatch, get_all, write_origin_files
 from support.netns import HostAppliance, Network, free_port_on, netns_unavailable
@@ -44,7 +43,9 @@ def hosts(tmp_path_factory):
         groups = GROUPS.format(origin=root / "origin")
         for i in range(3):
             port = free_port_on(net.address(0)) if i == 0 else 7100
-            app = HostAppliance(root / f"h{i}", net, i, etcd, base_port=port, workers=1, lease_ttl=LEASE_TTL, groups=groups)
+            app = HostAppliance(
+                root / f"h{i}", net, i, etcd, base_port=port, workers=1, lease_ttl=LEASE_TTL, groups=groups
+            )
             apps.append(app.start())
         everyone = [a.addresses()[0] for a in apps]
         for app in apps:

@@ -16,13 +16,13 @@ import time
 
 import grpc
 import pytest
-
-from appliance.config import Settings
-from appliance.transport.status import reason_of
-from appliance.origins import build_origin
-from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import cluster, open_peer_streams
 from support.origin_server import SwitchableOrigin, http_value
+
+from appliance.config import Settings
+from appliance.origins import build_origin
+from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from appliance.transport.status import reason_of
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,9 @@ async def test_origin_down_failing_or_slow_gives_clear_status_within_deadline(se
         for via in owner_and_other(nodes, key):
             elapsed, value, err = await call(via.addr, key, deadline)
             role = "owner" if via.addr == nodes[0].peers.owner(key) else "other"
-            figures.append(f"{name}/{role}: {err.code().name if err else 'OK'} in {elapsed:.3f}s (deadline {deadline}s)")
+            figures.append(
+                f"{name}/{role}: {err.code().name if err else 'OK'} in {elapsed:.3f}s (deadline {deadline}s)"
+            )
             assert err is not None, f"{name}: got {value!r}"
             assert err.code() == code, (name, role, err.code(), err.details())
             assert elapsed <= deadline + MARGIN, (name, role, elapsed)
@@ -126,7 +128,7 @@ async def test_service_recovers_by_itself_and_caches_nothing_wrong(setup):
     healthy_hits = len(origin.hits)
     t0 = time.monotonic()
     first_ok = None
-    for attempt in range(100):  # bounded: loads in flight end within the group timeout
+    for _attempt in range(100):  # bounded: loads in flight end within the group timeout
         results = await asyncio.gather(*(call(nodes[i % 2].addr, k, 3.0) for i, k in enumerate(keys)))
         if all(err is None for _, _, err in results):
             first_ok = time.monotonic() - t0
@@ -144,7 +146,9 @@ async def test_service_recovers_by_itself_and_caches_nothing_wrong(setup):
     while len(asyncio.all_tasks()) > baseline and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     leftover = len(asyncio.all_tasks()) - baseline
-    print(f"\n[origin recovery] all {len(keys)} keys right {first_ok:.2f}s after the origin returned; "
-          f"{len(fresh)} fresh origin loads; tasks left over: {leftover}")
+    print(
+        f"\n[origin recovery] all {len(keys)} keys right {first_ok:.2f}s after the origin returned; "
+        f"{len(fresh)} fresh origin loads; tasks left over: {leftover}"
+    )
     assert first_ok <= ORIGIN_TIMEOUT + 1.0
     assert leftover <= 0

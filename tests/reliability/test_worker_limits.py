@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from support.appliance import Appliance
 from support.faults import hwm_kib, rss_kib
+
+from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -149,25 +149,29 @@ def test_filling_far_past_the_budget_stays_within_it(app):
         for start in range(0, len(keys), 64):  # 64 calls in flight at a time
             batch = keys[start : start + 64]
             futures = [stub.Get.future(groupcache_pb2.GetRequest(group="big", key=k), timeout=30) for k in batch]
-            wrong += sum(f.result().value != sized(k) for k, f in zip(batch, futures))
+            wrong += sum(f.result().value != sized(k) for k, f in zip(batch, futures, strict=False))
     stats = [app.admin_stats(i)["groups"]["big"] for i in range(2)]
     rss_after = [rss_kib(p) for p in pids]
     lines = []
     for i, s in enumerate(stats):
         used = s["main_bytes"] + s["hot_bytes"]
         lines.append(
-            f"worker-{i}: main {s['main_bytes'] / MiB:.2f} MiB ({s['main_items']} items, {s['main_evictions']} evictions)"
-            f" + hot {s['hot_bytes'] / MiB:.2f} MiB ({s['hot_items']} items) = {used / MiB:.2f} MiB of {BUDGET / MiB:.0f} MiB;"
+            f"worker-{i}: main {s['main_bytes'] / MiB:.2f} MiB ({s['main_items']} items, "
+            f"{s['main_evictions']} evictions) + hot {s['hot_bytes'] / MiB:.2f} MiB ({s['hot_items']} items) "
+            f"= {used / MiB:.2f} MiB of {BUDGET / MiB:.0f} MiB;"
             f" RSS {rss_before[i] / 1024:.1f} -> {rss_after[i] / 1024:.1f} MiB"
         )
-    print(f"\n[memory bound] asked {len(keys)} x {VALUE // 1024} KiB = {FILL / MiB:.0f} MiB through worker-0; " + "; ".join(lines))
+    print(
+        f"\n[memory bound] asked {len(keys)} x {VALUE // 1024} KiB = {FILL / MiB:.0f} MiB through worker-0; "
+        + "; ".join(lines)
+    )
     assert wrong == 0
     for s in stats:
         assert s["main_bytes"] + s["hot_bytes"] <= s["cache_bytes"] == BUDGET
         assert s["main_evictions"] > 0
     assert sum(s["main_items"] for s in stats) < len(keys)
     # Loose: memory does not grow with what was asked, only with what is kept.
-    assert all((after - before) * 1024 < FILL for before, after in zip(rss_before, rss_after))
+    assert all((after - before) * 1024 < FILL for before, after in zip(rss_before, rss_after, strict=False))
 
 
 def test_fuzz_burst_against_a_worker_process(app):
@@ -189,7 +193,8 @@ def test_fuzz_burst_against_a_worker_process(app):
         raw = channel.unary_unary(fuzz.GET)
         for _ in range(1000 // 50):
             futures = [
-                raw.future(fuzz.body(rng, ["big", "nope"])[1], timeout=10, metadata=fuzz.metadata(rng)) for _ in range(50)
+                raw.future(fuzz.body(rng, ["big", "nope"])[1], timeout=10, metadata=fuzz.metadata(rng))
+                for _ in range(50)
             ]
             for f in futures:
                 try:
@@ -199,7 +204,10 @@ def test_fuzz_burst_against_a_worker_process(app):
                     codes[err.code().name] += 1
         stub = groupcache_pb2_grpc.GroupCacheStub(channel)
         value = stub.Get(groupcache_pb2.GetRequest(group="big", key="64-after-fuzz"), timeout=10).value
-    print(f"\n[fuzz worker process] {sum(codes.values())} requests -> {dict(codes)}; same pid afterwards: {worker_pid(app, 1) == pid}")
+    print(
+        f"\n[fuzz worker process] {sum(codes.values())} requests -> {dict(codes)}; "
+        f"same pid afterwards: {worker_pid(app, 1) == pid}"
+    )
     assert set(codes) <= documented, codes
     assert worker_pid(app, 1) == pid and app.process_info()["worker-1"]["statename"] == "RUNNING"
     assert value == sized("64-after-fuzz")

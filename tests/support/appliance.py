@@ -121,17 +121,17 @@ host = "{self.host}"
 base_port = {self.base_port}
 drain_timeout = "{self.drain}"
 peer_timeout = "2s"
-state_dir = "{self.root / 'state'}"
-runtime_dir = "{self.root / 'run'}"
+state_dir = "{self.root / "state"}"
+runtime_dir = "{self.root / "run"}"
 server = "{self.server}"
 
 {self.groups}
-{"" if "[ops]" in self.groups else '[ops]' + chr(10) + 'metrics_addr = ""  # tests run in parallel: no fixed port'}
+{"" if "[ops]" in self.groups else "[ops]" + chr(10) + 'metrics_addr = ""  # tests run in parallel: no fixed port'}
 {"[auth]" + chr(10) + self.auth if self.auth else ""}
 """
         )
 
-    def start(self, wait: bool = True) -> "Appliance":
+    def start(self, wait: bool = True) -> Appliance:
         env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
         env.update(self.extra_env)
         self._logf = open(self.log, "ab")

@@ -24,7 +24,7 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "EtcdServer":
+    def start(self) -> EtcdServer:
         client, peer = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
         self.proc = subprocess.Popen(
             [
@@ -77,9 +77,9 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.client_ports]
 
-    def start(self) -> "EtcdCluster":
+    def start(self) -> EtcdCluster:
         initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, p in enumerate(self.peer_ports))
-        for i, (cp, pp) in enumerate(zip(self.client_ports, self.peer_ports)):
+        for i, (cp, pp) in enumerate(zip(self.client_ports, self.peer_ports, strict=False)):
             client, peer = f"http://127.0.0.1:{cp}", f"http://127.0.0.1:{pp}"
             self.procs.append(subprocess.Popen(
                 [

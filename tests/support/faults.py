@@ -30,7 +30,9 @@ def file_value(key: str) -> bytes:
     return (key.encode() + b":" + digest * (1 + int(digest[:2], 16) % 30))[: 10 + int(digest[2:5], 16) % 2000]
 
 
-def write_origin_files(directory: Path, n: int, prefix: str = "k", group: str = "files") -> dict[tuple[str, str], bytes]:
+def write_origin_files(
+    directory: Path, n: int, prefix: str = "k", group: str = "files"
+) -> dict[tuple[str, str], bytes]:
     """n files `<prefix>NNNN` under directory; {(group, key): value}."""
     directory.mkdir(parents=True, exist_ok=True)
     truth = {}
@@ -96,7 +98,7 @@ class Load:
         self.window = Outcome()
         self.requests = 0
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -107,7 +109,7 @@ class Load:
             t.join(self.timeout + 10)
         return self.all
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -149,7 +151,9 @@ class Load:
                     if want is None and err.code() == grpc.StatusCode.NOT_FOUND:
                         self._record("ok")
                     else:
-                        self._record("failed", (time.monotonic(), addr, key, err.code().name, (err.details() or "")[:200]))
+                        self._record(
+                            "failed", (time.monotonic(), addr, key, err.code().name, (err.details() or "")[:200])
+                        )
                     continue
                 if got == want:
                     self._record("ok")

@@ -31,7 +31,9 @@ def field(number: int, data: bytes) -> bytes:
 def text(rng: random.Random) -> str:
     pick = rng.random()
     if pick < 0.25:
-        return rng.choice(["", "a", "k1", "张三", "\x00", "x" * 250, "x" * 251, "🙂" * 62, "🙂" * 63, " ", "../etc/passwd"])
+        return rng.choice(
+            ["", "a", "k1", "张三", "\x00", "x" * 250, "x" * 251, "🙂" * 62, "🙂" * 63, " ", "../etc/passwd"]
+        )
     if pick < 0.4:
         return "k" + str(rng.randrange(20))  # keys the origin holds, or near them
     n = rng.choice([1, 2, 8, 40, 300]) if rng.random() < 0.9 else rng.choice([2000, 100_000])
@@ -46,7 +48,19 @@ def text(rng: random.Random) -> str:
 def body(rng: random.Random, groups: list[str]) -> tuple[str, bytes]:
     """(kind, raw request body)."""
     kind = rng.choice(
-        ["random", "valid", "valid", "valid", "bad-utf8", "truncated", "wire-type", "long-prefix", "unknown", "repeated", "big"]
+        [
+            "random",
+            "valid",
+            "valid",
+            "valid",
+            "bad-utf8",
+            "truncated",
+            "wire-type",
+            "long-prefix",
+            "unknown",
+            "repeated",
+            "big",
+        ]
     )
     group = rng.choice(groups) if rng.random() < 0.8 else text(rng)
     if kind == "random":
@@ -62,7 +76,9 @@ def body(rng: random.Random, groups: list[str]) -> tuple[str, bytes]:
         full = groupcache_pb2.GetRequest(group=group, key=text(rng) or "k").SerializeToString()
         return kind, full[: rng.randrange(len(full))]
     if kind == "wire-type":  # group as a varint, key as fixed64 or fixed32, a start-group tag
-        return kind, rng.choice([b"\x08\x01", b"\x11" + rng.randbytes(8), b"\x15" + rng.randbytes(4), b"\x0b\x0c", b"\x13"])
+        return kind, rng.choice(
+            [b"\x08\x01", b"\x11" + rng.randbytes(8), b"\x15" + rng.randbytes(4), b"\x0b\x0c", b"\x13"]
+        )
     if kind == "long-prefix":
         return kind, b"\x12" + varint(rng.choice([4, 1000, 2**31 - 1, 2**63])) + b"abc"
     if kind == "unknown":

@@ -58,7 +58,7 @@ class Network:
     def address(self, i: int) -> str:
         return f"{self.subnet}.{1 if i == 0 else 10 + i}"
 
-    def setup(self) -> "Network":
+    def setup(self) -> Network:
         ip("link", "add", self.bridge, "type", "bridge")
         ip("addr", "add", f"{self.address(0)}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
@@ -109,12 +109,17 @@ class HostAppliance(Appliance):
         self.net, self.index = net, index
         root.mkdir(parents=True, exist_ok=True)
         super().__init__(
-            root, host=net.address(index), base_port=base_port, etcd_endpoint=etcd, embedded_etcd=index == 0,
-            etcd_private=False, **kwargs
+            root,
+            host=net.address(index),
+            base_port=base_port,
+            etcd_endpoint=etcd,
+            embedded_etcd=index == 0,
+            etcd_private=False,
+            **kwargs,
         )
         self.launcher = list(net.prefix(index))
 
-    def start(self) -> "HostAppliance":
+    def start(self) -> HostAppliance:
         """Start without waiting: the ring spans every host."""
         return super().start(wait=False)
 
@@ -142,7 +147,7 @@ class Box(Appliance):
         text = text.replace(f'etcd = ["{self.etcd_endpoint}"]', f"etcd = [{etcd}]\netcd_peer_port = {self.PEER_PORT}")
         self.config.write_text(text)
 
-    def start(self) -> "Box":
+    def start(self) -> Box:
         """Start without waiting: the ring spans every box."""
         return super().start(wait=False)
 
@@ -186,7 +191,7 @@ class LoopbackNamespace:
     def launcher(self) -> list[str]:
         return ["ip", "netns", "exec", self.name]
 
-    def create(self) -> "LoopbackNamespace":
+    def create(self) -> LoopbackNamespace:
         ip("netns", "add", self.name)
         self.created = True
         ip("-n", self.name, "link", "set", "lo", "up")

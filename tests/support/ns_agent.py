@@ -65,8 +65,10 @@ async def peer_client(addr, group, keys):
         stream = client._stream
         row["streaming"] = client.streaming
         broken = stream.broken if stream is not None else None
-        row["first_error"] = None if broken is None else (
-            broken.code().name if isinstance(broken, grpc.aio.AioRpcError) else type(broken).__name__
+        row["first_error"] = (
+            None
+            if broken is None
+            else (broken.code().name if isinstance(broken, grpc.aio.AioRpcError) else type(broken).__name__)
         )
         final = None
         if stream is not None:

@@ -40,7 +40,7 @@ class SwitchableOrigin:
             return web.Response(status=404, text="no such key")
         return web.Response(body=http_value(key))
 
-    async def start(self) -> "SwitchableOrigin":
+    async def start(self) -> SwitchableOrigin:
         app = web.Application()
         app.router.add_get("/v/{key}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)

@@ -76,7 +76,7 @@ def metric_names(expr: str) -> set[str]:
     e = re.sub(r"\boffset\s+\S+", " ", e)
     names = set()
     for m in re.finditer(r"(?<![\w.:])[A-Za-z_:][A-Za-z0-9_:]*", e):
-        if m.group() in _KEYWORDS or e[m.end():].lstrip().startswith("("):
+        if m.group() in _KEYWORDS or e[m.end() :].lstrip().startswith("("):
             continue
         names.add(m.group())
     return names

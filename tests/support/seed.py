@@ -128,14 +128,17 @@ class SeedNode:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self) -> "SeedNode":
+    def start(self) -> SeedNode:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [*self.launcher, str(build() / "seednode"), "-addr", self.addr, "-etcd", self.etcd, "-group", self.group],
+                [*self.launcher, str(build() / "seednode"), "-addr", self.addr, "-etcd", self.etcd,
+                 "-group", self.group],  # fmt: skip
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.starts += 1
-        wait_for(lambda: len(self.peer_lists()) >= self.starts or self.proc.poll() is not None, 20, what=f"{self.addr} up")
+        wait_for(
+            lambda: len(self.peer_lists()) >= self.starts or self.proc.poll() is not None, 20, what=f"{self.addr} up"
+        )
         if self.proc.poll() is not None:
             raise AssertionError(f"seednode {self.addr} exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
         return self
@@ -236,7 +239,9 @@ class MixedCluster:
 
     ETCD = "127.0.0.1:12379"
 
-    def __init__(self, root: Path, *, workers: int = 2, go: int = 2, base_port: int = 17000, go_port: int = 17100) -> None:
+    def __init__(
+        self, root: Path, *, workers: int = 2, go: int = 2, base_port: int = 17000, go_port: int = 17100
+    ) -> None:
         self.root = root
         (root / "app").mkdir(parents=True, exist_ok=True)
         self.ns = LoopbackNamespace("gcseed")
@@ -256,7 +261,7 @@ class MixedCluster:
 
     # Setup and teardown --------------------------------------------------------
 
-    def start(self) -> "MixedCluster":
+    def start(self) -> MixedCluster:
         self.ns.create()
         self.app.start()  # waits for the ring of our workers
         self.agent = NsAgent(self.ns.launcher, self.ETCD, self.root / "agent.log")

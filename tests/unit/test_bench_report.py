@@ -16,28 +16,56 @@ import report  # noqa: E402
 
 
 def cond(**kw):
-    return {"when": "2026-11-25 18:17:11", "elapsed_s": 63.9, "loadavg_before": "1.03 1.57 1.51",
-            "other_cores_before": 0.02, **kw}
+    return {
+        "when": "2026-11-25 18:17:11",
+        "elapsed_s": 63.9,
+        "loadavg_before": "1.03 1.57 1.51",
+        "other_cores_before": 0.02,
+        **kw,
+    }
 
 
 def sample_results() -> dict:
     """Every field the report reads, with values near a real run."""
+
     def side(rps, p50, p99, cpu, share=0.12, others=0.0):
-        return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "cpu_us_per_req": cpu, "client_cpu_share": share,
-                "other_cpu_cores": others}
+        return {
+            "rps": rps,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "cpu_us_per_req": cpu,
+            "client_cpu_share": share,
+            "other_cpu_cores": others,
+        }
 
     def server(rps, per_cpu, cores=1.2):
-        return {"rps": rps, "p50_ms": 0.2, "p99_ms": 0.6, "cpu_us_per_req": 1e6 / per_cpu, "gets_per_cpu_s": per_cpu,
-                "server_cores": cores, "client_cpu_share": 0.2, "other_cpu_cores": 0.0}
+        return {
+            "rps": rps,
+            "p50_ms": 0.2,
+            "p99_ms": 0.6,
+            "cpu_us_per_req": 1e6 / per_cpu,
+            "gets_per_cpu_s": per_cpu,
+            "server_cores": cores,
+            "client_cpu_share": 0.2,
+            "other_cpu_cores": 0.0,
+        }
 
     def pair(rps, per_cpu):
         return {"rps": rps, "per_cpu": per_cpu, "p50": 1.0}
 
     hot_rows = []
     for size, conns, streams in ((100, 1, 1), (100, 4, 8), (100, 8, 128), (1024, 4, 8), (65536, 4, 8), (1 << 20, 4, 8)):
-        row = {"size": size, "conns": conns, "streams": streams, "servers": {
-            "echo": server(8000, 6500), "native-echo": server(90000, 68000), "native": server(80000, 61000),
-            "grpcio": server(7600, 6100)}}
+        row = {
+            "size": size,
+            "conns": conns,
+            "streams": streams,
+            "servers": {
+                "echo": server(8000, 6500),
+                "native-echo": server(90000, 68000),
+                "native": server(80000, 61000),
+                "grpcio": server(7600, 6100),
+            },
+        }
         if size == 100:
             row["servers"]["seed"] = server(60000, 60000, 1.0)
             row["native_vs_seed"] = pair(1.6, 1.02)
@@ -48,71 +76,213 @@ def sample_results() -> dict:
         hot_rows.append(row)
 
     def fwd_row(streams, cost):
-        return {"streams": streams, "local": side(9000, 0.1, 0.2, 50), "forwarded": side(9000 / cost, 0.19, 0.4, 90),
-                "throughput_cost": cost, "p50_cost": cost, "p99_cost": cost, "cpu_cost": 1.8,
-                "forwarder_cpu_us_per_req": 60, "owner_cpu_us_per_req": 30, "forwarder_local_hit_cpu_us": 20,
-                "client_call_cpu_us": 40, "client_call_share": 0.44, "forwards_per_get": 1.0}
+        return {
+            "streams": streams,
+            "local": side(9000, 0.1, 0.2, 50),
+            "forwarded": side(9000 / cost, 0.19, 0.4, 90),
+            "throughput_cost": cost,
+            "p50_cost": cost,
+            "p99_cost": cost,
+            "cpu_cost": 1.8,
+            "forwarder_cpu_us_per_req": 60,
+            "owner_cpu_us_per_req": 30,
+            "forwarder_local_hit_cpu_us": 20,
+            "client_call_cpu_us": 40,
+            "client_call_share": 0.44,
+            "forwards_per_get": 1.0,
+        }
 
     prof_target = {
-        "categories": {"system calls (socket I/O, wakeups)": {"share_of_busy": 0.46},
-                       "product code (appliance/, own frames)": {"share_of_busy": 0.03},
-                       "waiting (parked)": {"share_of_busy": 0.5}},
-        "product_inclusive_share": 0.04, "busy_samples": 343,
+        "categories": {
+            "system calls (socket I/O, wakeups)": {"share_of_busy": 0.46},
+            "product code (appliance/, own frames)": {"share_of_busy": 0.03},
+            "waiting (parked)": {"share_of_busy": 0.5},
+        },
+        "product_inclusive_share": 0.04,
+        "busy_samples": 343,
         "top_leaves": [["sendmsg (libc.so.6)", 0.152], ["getpid (libc.so.6)", 0.12]],
         "top_product_frames": [["Group.get (appliance/cache/group.py:133)", 0.003]],
     }
     return {
-        "machine": {"cpus": 2, "cpu": "Intel(R) Xeon(R) Processor", "kernel": "6.18", "python": "3.11.7",
-                    "grpcio": "1.85.3", "protobuf": "7.36.2", "h2load": "h2load nghttp2/1.52.0",
-                    "memcached": "memcached 1.6.18", "date": "2026-11-25"},
-        "hot_get": cond(rows=hot_rows, seed=None, namespace=True,
-                        check={"native": {"main_hits": 167618, "requests": 167619, "loads_during_runs": 1}}),
+        "machine": {
+            "cpus": 2,
+            "cpu": "Intel(R) Xeon(R) Processor",
+            "kernel": "6.18",
+            "python": "3.11.7",
+            "grpcio": "1.85.3",
+            "protobuf": "7.36.2",
+            "h2load": "h2load nghttp2/1.52.0",
+            "memcached": "memcached 1.6.18",
+            "date": "2026-11-25",
+        },
+        "hot_get": cond(
+            rows=hot_rows,
+            seed=None,
+            namespace=True,
+            check={"native": {"main_hits": 167618, "requests": 167619, "loads_during_runs": 1}},
+        ),
         "forwarded": cond(
-            setups={label: {"rows": [fwd_row(1, 1.9), fwd_row(16, 1.5)]}
-                    for label in ("native/unary", "native/stream", "grpcio/stream")},
-            native_vs_grpcio_forwarded=[{"streams": 1, "rps": 3.2}, {"streams": 16, "rps": 3.6}]),
+            setups={
+                label: {"rows": [fwd_row(1, 1.9), fwd_row(16, 1.5)]}
+                for label in ("native/unary", "native/stream", "grpcio/stream")
+            },
+            native_vs_grpcio_forwarded=[{"streams": 1, "rps": 3.2}, {"streams": 16, "rps": 3.6}],
+        ),
         "getmany": cond(
-            memcached={"gets_per_s": 243054, "gets_per_s_all": [228390, 243054, 247614], "get_misses": 0,
-                       "cpu_us_per_key": 4.2, "multiget_keys_per_s": 2879450},
-            headline_batch=100, ratio=3.17,
-            rows=[{"batch": b, "rps": 5956 / b * b, "keys_per_s": 5956.0 * b, "p50_ms": 1.27, "p99_ms": 3.04,
-                   "cpu_us_per_key": 3.81, "client_cpu_share": 0.09, "ratio_vs_memcached_multiget": 0.10,
-                   **({"ratio_vs_memcached": 1.17} if b == 100 else {})} for b in (1, 10, 100, 1000)],
-            check={"keys_sent": 2540904, "main_hits": 2540904, "loads": 0}),
-        "storm": cond(gets=1000, keys=10, workers=3,
-                      rows=[{"delay_ms": d, "origin_loads": [10, 10, 10], "failed": 0, "miss_p50_ms": 79.2,
-                             "miss_p99_ms": 136.4, "p99_over_delay": 13.64, "p99_minus_delay_ms": 126.4,
-                             "hit_p99_ms": 126.5, "start_spread_ms": 24.2} for d in (10, 50, 200)]),
-        "memory": cond(cache_bytes=64 << 20, goal_1k=1.5, rows=[
-            {"store": store, "value_size": size, "items": 604584, "counted_bytes": 64 << 20,
-             "rss_growth_bytes": 238 << 20, "rss_over_counted": r, "overhead_per_entry": over,
-             "sizeof": {"key_str": 60, "value_bytes_object": 133, "entry_fields": ["data", "expires", "size", "offset"],
-                        "entry_namedtuple": 72, "size_int": 28}}
-            for store, size, r, over in (("product", 100, 3.72, 302), ("product", 1024, 1.34, 351),
-                                         ("dict", 100, 2.12, 124), ("dict", 1024, 1.13, 131))]),
-        "convergence": cond(lease_ttl=2, rows=[
-            {"workers": n, "start_s": 2.67, "death_s": 1.67, "death_minus_ttl_s": -0.33, "join_s": 0.38,
-             "join_process_up_s": 0.36, "stop_s": 0.19, "stop_cli_exit": 0} for n in (2, 4, 8)]),
-        "scaling": cond(streams_per_worker=32, cpus=2, rows=[
-            {"workers": n, "rps": 6979 * s, "speedup": s, "rps_all": [7293, 6937, 6979], "rps_best": 7293,
-             "p50_ms": 4.49, "p99_ms": 6.63, "client_cpu_share": 0.10, "box_cpu_used": 1.40,
-             "worker_cpu_us_per_req": 181, "other_cpu_cores": 0.0, "worker_cores": 1.27}
-            for n, s in ((1, 1.0), (2, 1.16))]),
-        "warm": cond(lease_ttl=2, value=1024, stop_added_s=0.36, rows=[
-            {"keys": n, "mode": mode, "failed": 0, "wrong": 0, "reads_ok": 300000, "kill_recovered": 0.14,
-             "changes": {c: {"loads": int(share * n), "share": share, "seconds": 2.0}
-                         for c, share in zip(("rolling restart", "scale-out 3→4", "planned stop", "kill -9"),
-                                             (0.0, 0.0, 0.0, 0.4) if mode == "after" else (1.1, 0.3, 0.25, 0.45))}}
-            for n in (3000, 30000) for mode in ("before", "after")],
-            stop={"before": {"held": 30000, "worker_stop_s": 0.01, "stop_node_s": 0.45, "handoff": None},
-                  "after": {"held": 30000, "worker_stop_s": 0.37, "stop_node_s": 0.72,
-                            "handoff": {"seconds": 0.36, "accepted": 30000, "refused": 0}}}),
-        "profile": cond(hot_get_worker=prof_target, forwarding_node=prof_target,
-                        hot_get_threads={"wall_s": 3.0, "cores_by_thread": {"grpc-native-io": 0.66, "native-recv": 0.27}},
-                        handler_time={"100": {"handler_us": 6.0, "cpu_us_per_get": 185},
-                                      str(1 << 20): {"handler_us": 12.2, "cpu_us_per_get": 575}},
-                        syscalls_echo={"per_get": {"futex": 8.9, "write": 7.2}, "total_per_get": 36.7},
-                        syscalls_worker={"per_get": {"futex": 8.6, "write": 7.2}, "total_per_get": 36.3}),
+            memcached={
+                "gets_per_s": 243054,
+                "gets_per_s_all": [228390, 243054, 247614],
+                "get_misses": 0,
+                "cpu_us_per_key": 4.2,
+                "multiget_keys_per_s": 2879450,
+            },
+            headline_batch=100,
+            ratio=3.17,
+            rows=[
+                {
+                    "batch": b,
+                    "rps": 5956 / b * b,
+                    "keys_per_s": 5956.0 * b,
+                    "p50_ms": 1.27,
+                    "p99_ms": 3.04,
+                    "cpu_us_per_key": 3.81,
+                    "client_cpu_share": 0.09,
+                    "ratio_vs_memcached_multiget": 0.10,
+                    **({"ratio_vs_memcached": 1.17} if b == 100 else {}),
+                }
+                for b in (1, 10, 100, 1000)
+            ],
+            check={"keys_sent": 2540904, "main_hits": 2540904, "loads": 0},
+        ),
+        "storm": cond(
+            gets=1000,
+            keys=10,
+            workers=3,
+            rows=[
+                {
+                    "delay_ms": d,
+                    "origin_loads": [10, 10, 10],
+                    "failed": 0,
+                    "miss_p50_ms": 79.2,
+                    "miss_p99_ms": 136.4,
+                    "p99_over_delay": 13.64,
+                    "p99_minus_delay_ms": 126.4,
+                    "hit_p99_ms": 126.5,
+                    "start_spread_ms": 24.2,
+                }
+                for d in (10, 50, 200)
+            ],
+        ),
+        "memory": cond(
+            cache_bytes=64 << 20,
+            goal_1k=1.5,
+            rows=[
+                {
+                    "store": store,
+                    "value_size": size,
+                    "items": 604584,
+                    "counted_bytes": 64 << 20,
+                    "rss_growth_bytes": 238 << 20,
+                    "rss_over_counted": r,
+                    "overhead_per_entry": over,
+                    "sizeof": {
+                        "key_str": 60,
+                        "value_bytes_object": 133,
+                        "entry_fields": ["data", "expires", "size", "offset"],
+                        "entry_namedtuple": 72,
+                        "size_int": 28,
+                    },
+                }
+                for store, size, r, over in (
+                    ("product", 100, 3.72, 302),
+                    ("product", 1024, 1.34, 351),
+                    ("dict", 100, 2.12, 124),
+                    ("dict", 1024, 1.13, 131),
+                )
+            ],
+        ),
+        "convergence": cond(
+            lease_ttl=2,
+            rows=[
+                {
+                    "workers": n,
+                    "start_s": 2.67,
+                    "death_s": 1.67,
+                    "death_minus_ttl_s": -0.33,
+                    "join_s": 0.38,
+                    "join_process_up_s": 0.36,
+                    "stop_s": 0.19,
+                    "stop_cli_exit": 0,
+                }
+                for n in (2, 4, 8)
+            ],
+        ),
+        "scaling": cond(
+            streams_per_worker=32,
+            cpus=2,
+            rows=[
+                {
+                    "workers": n,
+                    "rps": 6979 * s,
+                    "speedup": s,
+                    "rps_all": [7293, 6937, 6979],
+                    "rps_best": 7293,
+                    "p50_ms": 4.49,
+                    "p99_ms": 6.63,
+                    "client_cpu_share": 0.10,
+                    "box_cpu_used": 1.40,
+                    "worker_cpu_us_per_req": 181,
+                    "other_cpu_cores": 0.0,
+                    "worker_cores": 1.27,
+                }
+                for n, s in ((1, 1.0), (2, 1.16))
+            ],
+        ),
+        "warm": cond(
+            lease_ttl=2,
+            value=1024,
+            stop_added_s=0.36,
+            rows=[
+                {
+                    "keys": n,
+                    "mode": mode,
+                    "failed": 0,
+                    "wrong": 0,
+                    "reads_ok": 300000,
+                    "kill_recovered": 0.14,
+                    "changes": {
+                        c: {"loads": int(share * n), "share": share, "seconds": 2.0}
+                        for c, share in zip(
+                            ("rolling restart", "scale-out 3→4", "planned stop", "kill -9"),
+                            (0.0, 0.0, 0.0, 0.4) if mode == "after" else (1.1, 0.3, 0.25, 0.45),
+                            strict=False,
+                        )
+                    },
+                }
+                for n in (3000, 30000)
+                for mode in ("before", "after")
+            ],
+            stop={
+                "before": {"held": 30000, "worker_stop_s": 0.01, "stop_node_s": 0.45, "handoff": None},
+                "after": {
+                    "held": 30000,
+                    "worker_stop_s": 0.37,
+                    "stop_node_s": 0.72,
+                    "handoff": {"seconds": 0.36, "accepted": 30000, "refused": 0},
+                },
+            },
+        ),
+        "profile": cond(
+            hot_get_worker=prof_target,
+            forwarding_node=prof_target,
+            hot_get_threads={"wall_s": 3.0, "cores_by_thread": {"grpc-native-io": 0.66, "native-recv": 0.27}},
+            handler_time={
+                "100": {"handler_us": 6.0, "cpu_us_per_get": 185},
+                str(1 << 20): {"handler_us": 12.2, "cpu_us_per_get": 575},
+            },
+            syscalls_echo={"per_get": {"futex": 8.9, "write": 7.2}, "total_per_get": 36.7},
+            syscalls_worker={"per_get": {"futex": 8.6, "write": 7.2}, "total_per_get": 36.3},
+        ),
     }
 
 
@@ -120,9 +290,18 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
     report.render(sample_results(), tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Benchmark results\n")
-    for section in ("## Goals", "## 1. Hot Get", "## 2. Forwarded", "## 3. GetMany", "## 4. Miss storm",
-                    "## 5. Memory", "## 6. Convergence", "## 7. Scaling", "## 8. Warm membership changes",
-                    "## Profile of the hot path"):
+    for section in (
+        "## Goals",
+        "## 1. Hot Get",
+        "## 2. Forwarded",
+        "## 3. GetMany",
+        "## 4. Miss storm",
+        "## 5. Memory",
+        "## 6. Convergence",
+        "## 7. Scaling",
+        "## 8. Warm membership changes",
+        "## Profile of the hot path",
+    ):
         assert section in text
     # Fixed prose and the historical experiments live in bench/README.md.
     assert "### Reading" not in text and "--experiment" not in text and "0ad5341" not in text
@@ -154,8 +333,14 @@ def test_verdicts_come_from_the_goals_table():
     assert warm[3] == "**not met**" and "1.01%" in warm[2]
 
 
-@pytest.mark.parametrize("state, words", [(None, "has not been run yet"), ({"error": "boom"}, "failed in this run"),
-                                          ({"skipped": "no h2load"}, "skipped: no h2load")])
+@pytest.mark.parametrize(
+    "state, words",
+    [
+        (None, "has not been run yet"),
+        ({"error": "boom"}, "failed in this run"),
+        ({"skipped": "no h2load"}, "skipped: no h2load"),
+    ],
+)
 def test_a_missing_benchmark_is_said_so(tmp_path, state, words):
     results = copy.deepcopy(sample_results())
     if state is None:

@@ -341,7 +341,7 @@ def test_bad_values(tmp_path, toml, key, expected):
 def test_bad_size(tmp_path):
     p = write(tmp_path, SQLITE_GROUP + "cache_bytes = '64XB'\n")
     msg = config_error(p)
-    assert msg.startswith(f"{p}: groups.scores.cache_bytes: expected a size like \"64MiB\"")
+    assert msg.startswith(f'{p}: groups.scores.cache_bytes: expected a size like "64MiB"')
     assert "'64XB'" in msg
 
 
@@ -616,7 +616,9 @@ def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path)
     assert flags["--listen-client-urls"] == "http://10.0.0.2:2379"
     assert flags["--listen-peer-urls"] == "http://10.0.0.2:2380"
     checked = check_file(write(tmp_path, f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n', "c.toml"))
-    assert "note: the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring" in checked
+    assert (
+        "note: the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring" in checked
+    )
     assert "note: each box makes its own cluster token: set [auth] token_file" in checked
     token = tmp_path / "cluster.token"
     token.write_text("t" * 32)

@@ -136,6 +136,7 @@ async def test_raw_exception_becomes_origin_error():
 
 async def test_cache_errors_pass_through():
     for exc in (KeyNotFound("nope"), InvalidRequest("bad key"), OriginError("down")):
+
         async def b(key, exc=exc):
             raise exc
 

@@ -53,7 +53,7 @@ class Server:
             if kind == "slow":  # hold the request (bounded) to measure concurrency
                 try:
                     await asyncio.wait_for(self.release.wait(), float(key))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 return web.Response(body=b"slow:" + key.encode())
             if kind == "big":
@@ -129,7 +129,9 @@ async def test_keys_are_url_encoded(make, server):
 
 
 async def test_500_is_origin_error_with_reason(make):
-    with pytest.raises(OriginError, match="group web: origin answered HTTP 500: Internal Server Error: database is down"):
+    with pytest.raises(
+        OriginError, match="group web: origin answered HTTP 500: Internal Server Error: database is down"
+    ):
         await make("fail").load("k")
 
 
@@ -191,8 +193,9 @@ async def test_headers_static_and_from_env(make, server, monkeypatch):
 
 async def test_missing_env_var_is_value_error_at_build(server, tmp_path, monkeypatch):
     monkeypatch.delenv("ORIGIN_TEST_ABSENT", raising=False)
-    spec = GroupSettings(origin=f"http://127.0.0.1:{server.port}/kv/{{key}}",
-                         headers_from_env={"Authorization": "ORIGIN_TEST_ABSENT"})
+    spec = GroupSettings(
+        origin=f"http://127.0.0.1:{server.port}/kv/{{key}}", headers_from_env={"Authorization": "ORIGIN_TEST_ABSENT"}
+    )
     with pytest.raises(ValueError, match="ORIGIN_TEST_ABSENT is not set"):
         build_origin("web", spec, state_dir=tmp_path, max_value_bytes=100)
 

@@ -30,7 +30,10 @@ from appliance.origins import build_origin
 
 
 def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[3]) if Path(p).parts[3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[3]) if Path(p).parts[3].isdigit() else 0,
+    )
     for initdb in reversed(found):
         bindir = Path(initdb).parent
         if (bindir / "pg_ctl").exists():
@@ -82,8 +85,19 @@ def postgres():
 
     started = False
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "appliance",
-            "-E", "UTF8", "--no-locale", "--no-sync")
+        run(
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "appliance",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        )
         opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off -c full_page_writes=off"
         # -w waits (with pg_ctl's own deadline, -t) until the server accepts connections.
         for attempt in range(3):
@@ -93,21 +107,24 @@ def postgres():
                 break
             except RuntimeError:
                 if attempt == 2:
-                    raise RuntimeError(f"postgres did not start: {log.read_text() if log.exists() else ''}")
+                    raise RuntimeError(f"postgres did not start: {log.read_text() if log.exists() else ''}") from None
                 port = _free_port()  # the port was taken in between: try another
                 opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off -c full_page_writes=off"
         deadline = time.monotonic() + 20
         while True:
             try:
-                conn = psycopg.connect(host="127.0.0.1", port=port, user="appliance", dbname="postgres",
-                                       autocommit=True, connect_timeout=2)
+                conn = psycopg.connect(
+                    host="127.0.0.1", port=port, user="appliance", dbname="postgres", autocommit=True, connect_timeout=2
+                )
                 break
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
         with conn:
-            conn.execute("CREATE TABLE scores (name TEXT PRIMARY KEY, score INTEGER, data BYTEA, note TEXT, amount NUMERIC)")
+            conn.execute(
+                "CREATE TABLE scores (name TEXT PRIMARY KEY, score INTEGER, data BYTEA, note TEXT, amount NUMERIC)"
+            )
             conn.execute(
                 "INSERT INTO scores VALUES (%s, %s, %s, %s, %s), (%s, %s, %s, %s, %s)",
                 ("张三", 100, b"\x00\xff", "中文", "12.50", "nulls", None, None, None, None),
@@ -159,7 +176,9 @@ async def test_postgres_missing_and_null(make):
 
 
 async def test_postgres_shape_and_sql_errors(make):
-    with pytest.raises(OriginError, match="group scores: query returned 2 columns; expected exactly one row with one column"):
+    with pytest.raises(
+        OriginError, match="group scores: query returned 2 columns; expected exactly one row with one column"
+    ):
         await make(q("score, note")).load("张三")
     with pytest.raises(OriginError, match="group scores: database error: UndefinedTable"):
         await make("SELECT v FROM nope WHERE k = :key").load("张三")

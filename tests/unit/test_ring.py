@@ -270,7 +270,7 @@ replica_counts = st.integers(1, 60)
 def reference_owner(nodes, replicas, scheme, key):
     """Plain reading of the Go code: map overwrite, then a linear scan."""
     owner_of = {}
-    for h, n in zip(vnode_hashes(nodes, replicas, scheme), (n for n in nodes for _ in range(replicas))):
+    for h, n in zip(vnode_hashes(nodes, replicas, scheme), (n for n in nodes for _ in range(replicas)), strict=False):
         owner_of[h] = n
     ring = sorted(vnode_hashes(nodes, replicas, scheme))
     kh = zlib.crc32(key.encode())
@@ -311,8 +311,13 @@ def test_prop_order_only_matters_on_collisions(data, nodes, replicas, scheme, ks
         assert a.owner(key) == b.owner(key)
 
 
-@given(st.data(), st.lists(node_names, min_size=2, max_size=8, unique=True), replica_counts, schemes,
-       st.lists(keys, min_size=1, max_size=30))
+@given(
+    st.data(),
+    st.lists(node_names, min_size=2, max_size=8, unique=True),
+    replica_counts,
+    schemes,
+    st.lists(keys, min_size=1, max_size=30),
+)
 def test_prop_removing_a_node_only_moves_its_keys(data, nodes, replicas, scheme, ks):
     gone = data.draw(st.sampled_from(nodes))
     before = HashRing(nodes, replicas=replicas, scheme=scheme)
@@ -358,7 +363,11 @@ def go_ring(tmp_path_factory):
     binary = tmp / "ring"
     proc = subprocess.run(
         [go, "build", "-o", str(binary), "main.go"],
-        cwd=GO_SRC, env=env, capture_output=True, text=True, timeout=120,
+        cwd=GO_SRC,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"go build failed:\n{proc.stderr}"
     return binary
@@ -369,7 +378,11 @@ def go_owners(binary, scheme, replicas, peers, ks):
     lines += [p.encode().hex() for p in peers]
     lines += [k.encode().hex() for k in ks]
     proc = subprocess.run(
-        [str(binary)], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60,
+        [str(binary)],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
@@ -381,12 +394,46 @@ def agreement_keys():
     """5,000+ keys: random mixes of scripts plus hand-picked edge cases."""
     rng = random.Random(20240607)
     edge = [
-        "", " ", "\t", "\n", "\r\n", "\x00", "\x7f", "a", "Tom", "user:0",
-        "张三", "李四", "王五", "北京市朝阳区", "😀", "👨‍👩‍👧‍👦", "🇨🇳", "🏳️‍🌈",
-        "e\u0301", "é", "A\u030a", "Å", "\ufeff", "\u200b", "ﬁ", "ß", "İ",
-        "مرحبا", "שלום", "नमस्ते", "Ελληνικά", "Привет", "\U0010ffff",
-        "x" * 1000, "长" * 5000, "😀" * 3000, "k" * 100_000,
-        "127.0.0.1:9999", "127.0.0.1:99990", "0127.0.0.1:9999",
+        "",
+        " ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\x00",
+        "\x7f",
+        "a",
+        "Tom",
+        "user:0",
+        "张三",
+        "李四",
+        "王五",
+        "北京市朝阳区",
+        "😀",
+        "👨‍👩‍👧‍👦",
+        "🇨🇳",
+        "🏳️‍🌈",
+        "e\u0301",
+        "é",
+        "A\u030a",
+        "Å",
+        "\ufeff",
+        "\u200b",
+        "ﬁ",
+        "ß",
+        "İ",
+        "مرحبا",
+        "שלום",
+        "नमस्ते",
+        "Ελληνικά",
+        "Привет",
+        "\U0010ffff",
+        "x" * 1000,
+        "长" * 5000,
+        "😀" * 3000,
+        "k" * 100_000,
+        "127.0.0.1:9999",
+        "127.0.0.1:99990",
+        "0127.0.0.1:9999",
     ]
     pools = [
         lambda: f"user:{rng.randrange(10**9)}",
@@ -394,8 +441,10 @@ def agreement_keys():
         lambda: "".join(chr(rng.randrange(0x4E00, 0xA000)) for _ in range(rng.randrange(1, 8))),
         lambda: "".join(chr(rng.randrange(0x1F300, 0x1FB00)) for _ in range(rng.randrange(1, 6))),
         lambda: "".join(rng.choice("aeiou") + chr(rng.randrange(0x300, 0x370)) for _ in range(rng.randrange(1, 6))),
-        lambda: "".join(chr(rng.choice([rng.randrange(1, 0xD800), rng.randrange(0xE000, 0x110000)]))
-                        for _ in range(rng.randrange(1, 12))),
+        lambda: "".join(
+            chr(rng.choice([rng.randrange(1, 0xD800), rng.randrange(0xE000, 0x110000)]))
+            for _ in range(rng.randrange(1, 12))
+        ),
     ]
     random_keys = [rng.choice(pools)() for _ in range(5200)]
     return edge + random_keys
@@ -403,8 +452,7 @@ def agreement_keys():
 
 def vnode_keys(peers, replicas):
     # Keys hashing exactly onto virtual nodes exercise sort.Search's ">=".
-    return [f(n, i) for n in peers for i in range(replicas)
-            for f in (lambda n, i: n + str(i), lambda n, i: str(i) + n)]
+    return [f(n, i) for n in peers for i in range(replicas) for f in (lambda n, i: n + str(i), lambda n, i: str(i) + n)]
 
 
 PEER_LISTS = {
@@ -413,8 +461,14 @@ PEER_LISTS = {
     "3": PEERS3,
     "4": tuple(f"10.0.0.{i}:9999" for i in range(1, 5)),
     "8": (
-        "127.0.0.1:9999", "127.0.0.1:10000", "192.168.1.20:6324", "192.168.1.21:6324",
-        "cache-1.internal:8080", "cache-2.internal:8080", "[::1]:9999", "10.0.0.1:80",
+        "127.0.0.1:9999",
+        "127.0.0.1:10000",
+        "192.168.1.20:6324",
+        "192.168.1.21:6324",
+        "cache-1.internal:8080",
+        "cache-2.internal:8080",
+        "[::1]:9999",
+        "10.0.0.1:80",
     ),
     "collide": COLLIDING_PAIR,
     "collide-reversed": COLLIDING_PAIR[::-1],
@@ -430,7 +484,7 @@ def test_agrees_with_go(go_ring, peers_name, scheme, replicas):
     ks = agreement_keys() + vnode_keys(peers, replicas)
     ring = HashRing(peers, replicas=replicas, scheme=scheme)
     expected = go_owners(go_ring, scheme, replicas, peers, ks)
-    mismatches = [(k[:40], o, e) for k, o, e in zip(ks, map(ring.owner, ks), expected) if o != e]
+    mismatches = [(k[:40], o, e) for k, o, e in zip(ks, map(ring.owner, ks), expected, strict=False) if o != e]
     assert not mismatches, f"{len(mismatches)} of {len(ks)} keys disagree, e.g. {mismatches[:5]}"
 
     if peers:

@@ -1,7 +1,8 @@
 import asyncio
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.cache.singleflight import SingleFlight
 

@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.cache.store import POLICIES, Store, entry_size
 
@@ -85,7 +86,7 @@ def test_expiry_hides_and_reclaims_without_scan():
 def test_overwritten_entries_do_not_grow_expiry_heap_forever():
     clock = Clock()
     s = Store("lru", 10_000, clock)
-    for i in range(10_000):
+    for _ in range(10_000):
         s.set("k", b"v", clock.now + 3600)
     assert len(s._expiry) <= 2 * len(s) + 64 + 1
 

@@ -50,8 +50,16 @@ class FakeHost:
     is not the prefix, i.e. a staging install that must ask nothing).
     """
 
-    def __init__(self, root: Path = Path("/nonexistent-host-root"), *, user_exists: bool = True,
-                 root_user: bool = True, systemd_running: bool = True, run_status: int = 0, run_stderr: str = ""):
+    def __init__(
+        self,
+        root: Path = Path("/nonexistent-host-root"),
+        *,
+        user_exists: bool = True,
+        root_user: bool = True,
+        systemd_running: bool = True,
+        run_status: int = 0,
+        run_stderr: str = "",
+    ):
         self.root = root
         self.commands: list[list[str]] = []
         self.chowns: list[tuple[str, int, int]] = []
@@ -106,7 +114,7 @@ def no_config_from_env(monkeypatch):
 
 def test_repo_unit_is_the_rendering_for_the_documented_paths():
     # systemd/appliance.service is the reviewed artefact: regenerate it with
-    #   .venv/bin/python -c "from appliance.systemd import *; open('systemd/appliance.service','w').write(render_unit(REPO_EXEC_PATH))"
+    #   .venv/bin/python -c "from appliance.systemd import *; open('systemd/appliance.service','w').write(render_unit(REPO_EXEC_PATH))"  # noqa: E501
     # REPO_EXEC_PATH is /opt/appliance/.venv/bin/appliance: a checkout in
     # /opt/appliance after `make`.
     assert REPO_EXEC_PATH == "/opt/appliance/.venv/bin/appliance"

@@ -54,8 +54,27 @@ def test_parse_bytes_ok(text, expected):
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "abc", "64XiB", "MiB", "-1", "-64MiB", "1.5", "1.3B", "0.1KiB", "64 Mi B", "1e3", -1, 1.5, float("nan"),
-     float("inf"), True, None, [64], "64MiB!"],
+    [
+        "",
+        "abc",
+        "64XiB",
+        "MiB",
+        "-1",
+        "-64MiB",
+        "1.5",
+        "1.3B",
+        "0.1KiB",
+        "64 Mi B",
+        "1e3",
+        -1,
+        1.5,
+        float("nan"),
+        float("inf"),
+        True,
+        None,
+        [64],
+        "64MiB!",
+    ],
 )
 def test_parse_bytes_rejects(bad):
     with pytest.raises(ValueError, match='expected a size like "64MiB"') as info:
@@ -112,15 +131,24 @@ def test_error_messages_show_the_input():
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(0, "0 B"), (100, "100 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
-     (64 * MiB, "64.0 MiB"), (GiB, "1.0 GiB"), (3 * TiB, "3.0 TiB")],
+    [
+        (0, "0 B"),
+        (100, "100 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (64 * MiB, "64.0 MiB"),
+        (GiB, "1.0 GiB"),
+        (3 * TiB, "3.0 TiB"),
+    ],
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
 
 
 @pytest.mark.parametrize(
-    ("s", "text"), [(0, "0s"), (0.5, "500ms"), (0.00025, "250us"), (5, "5s"), (90, "1m30s"), (5400, "1h30m"), (3600, "1h")]
+    ("s", "text"),
+    [(0, "0s"), (0.5, "500ms"), (0.00025, "250us"), (5, "5s"), (90, "1m30s"), (5400, "1h30m"), (3600, "1h")],
 )
 def test_format_duration(s, text):
     assert format_duration(s) == text

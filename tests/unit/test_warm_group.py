@@ -334,7 +334,10 @@ async def test_a_first_ring_counts_as_joining_the_ring_without_us():
     before = HashRing(["a:1", "b:1"])
     for key in mine:
         # Its owner before we joined, then where that one's keys would go without it.
-        assert [c.addr for c in p.peek_candidates(key)] == [before.owner(key), ({"a:1", "b:1"} - {before.owner(key)}).pop()]
+        assert [c.addr for c in p.peek_candidates(key)] == [
+            before.owner(key),
+            ({"a:1", "b:1"} - {before.owner(key)}).pop(),
+        ]
     others = [k for k in keys_moving(p, 200) if p.owner(k) != "c:1"]
     assert all(p.peek_candidates(k) == [] for k in others)  # owner unchanged, or the owner itself
     clock.now += 10.1

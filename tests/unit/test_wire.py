@@ -1,16 +1,17 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from appliance.cache.group import Group
-from appliance.transport import wire
 from appliance.pb import groupcache_pb2
+from appliance.transport import wire
 
 
 @given(st.binary(max_size=3000))
 def test_framed_value_is_the_encoded_get_response(value):
     data = wire.FRAMING.prefix(value) + value
     assert data == groupcache_pb2.GetResponse(value=value).SerializeToString()
-    assert data[wire.FRAMING.offset(data):] == value
+    assert data[wire.FRAMING.offset(data) :] == value
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2**21 + 5])
@@ -60,8 +61,15 @@ def test_encoded_get_many_reply_is_what_protobuf_writes():
     for i in range(300):
         key = rng.choice(["", "k", "ключ", "😀" * rng.randint(1, 3), f"key-{i}" * rng.randint(1, 40)])
         if rng.random() < 0.3:
-            results.append(rng.choice([errors.KeyNotFound(f"{key!r} missing"), errors.OriginError(""),
-                                       errors.InvalidRequest("key longer than 250 bytes")]))
+            results.append(
+                rng.choice(
+                    [
+                        errors.KeyNotFound(f"{key!r} missing"),
+                        errors.OriginError(""),
+                        errors.InvalidRequest("key longer than 250 bytes"),
+                    ]
+                )
+            )
         else:
             value = rng.randbytes(rng.choice([0, 1, 127, 128, 300, 70_000]))
             prefix = wire.FRAMING.prefix(value)
@@ -75,5 +83,7 @@ def test_encoded_get_many_reply_is_what_protobuf_writes():
     expiring = [Entry(r.data, time.monotonic() + 30, r.size, r.offset) if isinstance(r, Entry) else r for r in results]
     a = cache_pb2.GetManyResponse.FromString(messages.encode_get_many_response(keys, expiring))
     b = messages.get_many_response(keys, expiring)
-    assert [(r.key, r.value, r.code, r.error) for r in a.results] == [(r.key, r.value, r.code, r.error) for r in b.results]
-    assert all(abs(x.ttl - y.ttl) < 1 and x.ttl > 29 for x, y in zip(a.results, b.results) if x.code == 0)
+    assert [(r.key, r.value, r.code, r.error) for r in a.results] == [
+        (r.key, r.value, r.code, r.error) for r in b.results
+    ]
+    assert all(abs(x.ttl - y.ttl) < 1 and x.ttl > 29 for x, y in zip(a.results, b.results, strict=False) if x.code == 0)

@@ -139,8 +139,15 @@ class GrpcPeerClient:
     "unary" (GroupCache/Get marked as forwarded)."""
 
     def __init__(
-        self, addr: str, channel: grpc.aio.Channel, *, max_wait: float, share: float = 0.5, forward: str = "stream",
-        metadata: tuple = (), facts: PeerFacts | None = None,
+        self,
+        addr: str,
+        channel: grpc.aio.Channel,
+        *,
+        max_wait: float,
+        share: float = 0.5,
+        forward: str = "stream",
+        metadata: tuple = (),
+        facts: PeerFacts | None = None,
     ) -> None:
         self.addr = addr
         self.facts = facts if facts is not None else PeerFacts()
@@ -330,7 +337,9 @@ class GrpcPeerClient:
         return out
 
     async def set(self, group: str, key: str, value: bytes, ttl: float, timeout: float | None) -> None:
-        await self._call(self._set, cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl), self._wait(timeout))
+        await self._call(
+            self._set, cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl), self._wait(timeout)
+        )
 
     async def remove(self, group: str, key: str, timeout: float | None) -> None:
         await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), self._wait(timeout))

@@ -25,7 +25,8 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -39,12 +40,12 @@ from ...node.auth import Credentials
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
 from .. import health, messages
-from .loop import lock_of
 from ..base import BaseTransport
 from ..grpc_aio.server import REFLECTED, add_services
 from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, PeerService
 from ..metadata import FORWARDED, ttl_trailer
 from ..status import Failure, failure, internal_failure, rate_limited_failure
+from .loop import lock_of
 
 if TYPE_CHECKING:
     from ...node.instance import NodeInstance
@@ -111,7 +112,9 @@ class NativeTransport(BaseTransport):
         self._loop = asyncio.get_running_loop()
         self._unary_handlers = self._make_unary_handlers()
         try:
-            front = NativeGrpcFront(addrs.join(host, port), list(METHODS), io_threads=self.io_threads, call_details=True)
+            front = NativeGrpcFront(
+                addrs.join(host, port), list(METHODS), io_threads=self.io_threads, call_details=True
+            )
         except OSError as exc:
             raise RuntimeError(f"Failed to bind to address {addrs.join(host, port)}: {exc}") from exc
         try:
@@ -247,7 +250,10 @@ class NativeTransport(BaseTransport):
                     front.fail(call_id, _UNAVAILABLE, "server is stopping")
                     continue
                 if len(payload) > limit:
-                    self._fail(call_id, Failure(_EXHAUSTED, f"Received message larger than max ({len(payload)} vs. {limit})", ()))
+                    self._fail(
+                        call_id,
+                        Failure(_EXHAUSTED, f"Received message larger than max ({len(payload)} vs. {limit})", ()),
+                    )
                     continue
                 metadata, peer, remaining = details
                 forwarded = FORWARDED in metadata
@@ -316,7 +322,9 @@ class NativeTransport(BaseTransport):
 
     def _respond(self, call_id: int, data: bytes, trailers=None) -> None:
         if len(data) > self.message_limit:
-            self._fail(call_id, Failure(_EXHAUSTED, f"Sent message larger than max ({len(data)} vs. {self.message_limit})", ()))
+            self._fail(
+                call_id, Failure(_EXHAUSTED, f"Sent message larger than max ({len(data)} vs. {self.message_limit})", ())
+            )
         elif self._front is not None:
             self._front.respond(call_id, data, None, trailers)
 
@@ -341,7 +349,9 @@ class NativeTransport(BaseTransport):
 
         async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout, creds: Credentials):
             keys = list(request.keys)
-            results = await instance.get_many(request.group, keys, forwarded=forwarded, timeout=timeout, credentials=creds)
+            results = await instance.get_many(
+                request.group, keys, forwarded=forwarded, timeout=timeout, credentials=creds
+            )
             return messages.encode_get_many_response(keys, results)
 
         async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout, creds: Credentials):
