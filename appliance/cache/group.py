@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from .errors import CacheError, KeyNotFound, PeerError
@@ -84,7 +85,7 @@ class PeerPicker(Protocol):
 class PreviousOwners(Protocol):
     """Who owned a key before the last ring changes (appliance.node.peers)."""
 
-    def peek_candidates(self, key: str) -> list[Peer]:
+    def peek_candidates(self, key: str) -> Sequence[Peer]:
         """Live previous owners of key to ask, most recent first; [] when
         the key did not move lately."""
         ...
@@ -220,20 +221,24 @@ class Group:
         batches: dict[str, tuple[Peer, list[str]]] = {}
         for key in misses:
             if forwarded:
-                flights[key] = asyncio.ensure_future(self._load.do(key, lambda k=key: self._load_as_owner(k)))
+                flights[key] = asyncio.ensure_future(self._load.do(key, functools.partial(self._load_as_owner, key)))
                 continue
             peer = None
             if self.picker is not None and not self._route.in_flight(key):
                 peer = self.picker.pick(key)
             if peer is None:
-                flights[key] = asyncio.ensure_future(self._route.do(key, lambda k=key: self._route_load(k, timeout)))
+                flights[key] = asyncio.ensure_future(
+                    self._route.do(key, functools.partial(self._route_load, key, timeout))
+                )
             else:
                 batches.setdefault(peer.addr, (peer, []))[1].append(key)
         for peer, batch in batches.values():
             fetch = asyncio.ensure_future(peer.get_many(self.name, batch, timeout))
             fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
             for key in batch:
-                flights[key] = asyncio.ensure_future(self._route.do(key, lambda k=key, f=fetch: self._from_batch(k, f)))
+                flights[key] = asyncio.ensure_future(
+                    self._route.do(key, functools.partial(self._from_batch, key, fetch))
+                )
         outcomes = await asyncio.gather(*flights.values(), return_exceptions=True)
         for key, outcome in zip(flights, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, CacheError):

@@ -23,7 +23,7 @@ class SingleFlight(Generic[K, V]):
         if task is None:
             task = asyncio.ensure_future(fn())
             self._calls[key] = task
-            task.add_done_callback(lambda t, key=key: self._finished(key, t))
+            task.add_done_callback(lambda t: self._finished(key, t))
         return await asyncio.shield(task)
 
     def in_flight(self, key: K) -> bool:

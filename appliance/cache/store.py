@@ -7,11 +7,12 @@ counters.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import heapq
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import cachetools
 
@@ -37,7 +38,19 @@ def entry_size(key: str, value: bytes) -> int:
     return len(key.encode("utf-8", "surrogatepass")) + len(value)
 
 
-def _counting(base: type[cachetools.Cache]) -> type[cachetools.Cache]:
+if TYPE_CHECKING:
+
+    class _CountingCache(cachetools.Cache[str, Entry]):
+        """What _counting makes: a policy that counts its evictions, and
+        whose sizes are ints (the entries' sizes)."""
+
+        evictions: int
+
+        @property
+        def currsize(self) -> int: ...
+
+
+def _counting(base: type[cachetools.Cache]) -> type[_CountingCache]:
     class Counting(base):  # type: ignore[misc, valid-type]
         evictions = 0
 
@@ -109,7 +122,8 @@ class Store:
 
     # Writes ----------------------------------------------------------------
 
-    def set(self, key: str, data: bytes, expires: float = 0.0, offset: int = 0) -> bool:
+    # `builtins.bytes`: in the class body, `bytes` is the property above.
+    def set(self, key: str, data: builtins.bytes, expires: float = 0.0, offset: int = 0) -> bool:
         """Store; False when the entry alone exceeds the budget (not stored).
 
         The value is data[offset:]; only its bytes count against the budget."""

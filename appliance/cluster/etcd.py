@@ -120,7 +120,7 @@ def describe(exc: BaseException) -> str:
     connection failed (etcdserver: unhealthy cluster)"."""
     if isinstance(exc, grpc.RpcError):
         details = getattr(exc, "details", None)
-        text = f"etcd answered {exc.code().name}" if callable(getattr(exc, "code", None)) else "etcd failed"  # type: ignore[attr-defined]
+        text = f"etcd answered {exc.code().name}" if callable(getattr(exc, "code", None)) else "etcd failed"
     else:
         text = f"{type(exc).__name__}: {exc}"
         details = getattr(exc.__cause__ or exc.__context__, "details", None)
@@ -153,7 +153,7 @@ def call(client: etcd3.MultiEndpointEtcd3Client, fn: Callable[[Any], T]) -> T:
             # python3-etcd3 passes some errors through untranslated (UNKNOWN,
             # and every error of the `members` property) without marking
             # the member failed.
-            if exc.code() not in _MEMBER_DOWN:  # type: ignore[attr-defined]
+            if exc.code() not in _MEMBER_DOWN:
                 raise
             _mark_failed(client)
             if i == tries - 1:
@@ -191,8 +191,10 @@ def connect(
     if socket is not None:
         # Endpoint dials "host:port": the socket file is named "<name>:<port>"
         # (etcd names it after its URL's host:port).
-        path, _, port = str(socket).rpartition(":")
-        endpoint = Endpoint(f"unix:{path}", int(port), secure=False, time_retry=SKIP_FAILED_S, opts=_CHANNEL_OPTIONS)
+        path, _, socket_port = str(socket).rpartition(":")
+        endpoint = Endpoint(
+            f"unix:{path}", int(socket_port), secure=False, time_retry=SKIP_FAILED_S, opts=_CHANNEL_OPTIONS
+        )
         return etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=timeout, failover=True)
     creds = None
     ca, cert, key = tls or (cluster.etcd_ca, cluster.etcd_cert, cluster.etcd_key)

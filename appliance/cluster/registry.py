@@ -12,6 +12,7 @@ fraction of its TTL and keeps its lease, so the worker never leaves the ring.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,6 +30,14 @@ def call_timeout(ttl: float) -> float:
     """Seconds one etcd call of a registration may take: a quarter of the
     lease, so a stuck member leaves time to renew through another."""
     return max(0.25, min(2.0, ttl / 4.0))
+
+
+def _put(client: Any, *, key: str, value: str, lease: Any) -> Any:
+    return client.put(key, value, lease=lease)
+
+
+def _get(client: Any, *, key: str) -> Any:
+    return client.get(key)
 
 
 class LeaseGone(Exception):
@@ -57,8 +66,9 @@ class Registration(threading.Thread):
         self.registered = threading.Event()
         self.registrations = 0  # how many times a lease was granted and the key put
         self._stopping = threading.Event()
-        self._client = None
-        self._lease = None
+        # python3-etcd3 publishes no types: its client and Lease are Any.
+        self._client: Any = None
+        self._lease: Any = None
 
     def run(self) -> None:
         backoff = 0.1
@@ -91,7 +101,7 @@ class Registration(threading.Thread):
         self._lease = etcd.call(client, grant)
         lease = self._lease
         for key, value in ((self.key, self.value), *self.extra.items()):
-            etcd.call(client, lambda c, key=key, value=value: c.put(key, value, lease=lease))
+            etcd.call(client, functools.partial(_put, key=key, value=value, lease=lease))
         self.registrations += 1
         self.registered.set()
         log.info("registered %s (lease %x, ttl %ds)", self.key, lease.id, self.ttl)
@@ -121,10 +131,10 @@ class Registration(threading.Thread):
         failed read proves nothing: it is tried at the next renewal)."""
         for key, value in ((self.key, self.value), *self.extra.items()):
             try:
-                current, _ = etcd.call(client, lambda c, key=key: c.get(key))
+                current, _ = etcd.call(client, functools.partial(_get, key=key))
                 if current is None or current.decode() != value:
                     log.warning("registration %s was deleted or overwritten; putting it back", key)
-                    etcd.call(client, lambda c, key=key, value=value: c.put(key, value, lease=lease))
+                    etcd.call(client, functools.partial(_put, key=key, value=value, lease=lease))
             except etcd.UNREACHABLE:
                 return
 

@@ -445,6 +445,10 @@ class GroupSettings(_Model):
 SCOPES = ("read", "write")
 
 
+def _read_scope() -> list[Literal["read", "write"]]:
+    return ["read"]
+
+
 class CredentialSettings(_Model):
     """One named credential: a bearer token (from a file) or a client
     certificate identity (with mTLS), and what it may do."""
@@ -458,7 +462,7 @@ class CredentialSettings(_Model):
         "(needs [tls] client_auth = true)",
     )
     scopes: list[Literal["read", "write"]] = Field(
-        default_factory=lambda: ["read"], description='a list of scopes: "read", "write"'
+        default_factory=_read_scope, description='a list of scopes: "read", "write"'
     )
 
     @model_validator(mode="after")

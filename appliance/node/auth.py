@@ -139,12 +139,15 @@ class Authenticator:
     @classmethod
     def from_settings(cls, settings: Settings, cluster_token: str | None) -> Authenticator:
         a = settings.auth
-        tokens = [(CLUSTER, cluster_token, ("read", "write"))] if cluster_token else []
-        identities = []
+        tokens: list[tuple[str, str, Iterable[str]]] = (
+            [(CLUSTER, cluster_token, ("read", "write"))] if cluster_token else []
+        )
+        identities: list[tuple[str, str, Iterable[str]]] = []
         for name, cred in a.credentials.items():
             if cred.token_file is not None:
                 tokens.append((name, read_token(cred.token_file), cred.scopes))
             else:
+                assert cred.tls_identity is not None  # CredentialSettings holds one of the two
                 identities.append((name, cred.tls_identity, cred.scopes))
         return cls(writes_open=a.writes == "open", reads_open=a.reads == "open", tokens=tokens, identities=identities)
 
@@ -161,9 +164,9 @@ class Authenticator:
                 raise errors.Unauthenticated('the authorization metadata must be "Bearer <token>"')
             presented = _digest(token.strip())
             found = None
-            for digest, principal in self._tokens:  # every one: constant time
+            for digest, candidate in self._tokens:  # every one: constant time
                 if hmac.compare_digest(presented, digest) and found is None:
-                    found = principal
+                    found = candidate
             if found is None:
                 raise errors.Unauthenticated("the bearer token matches no credential")
             return found

@@ -29,6 +29,7 @@ from .peers import Peers
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from .http_api import HttpApi
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Node:
         self.groups = self.instance.groups
         self.validate = self.instance.validate
         self.http_port = http_port
-        self.http_api = None
+        self.http_api: HttpApi | None = None
         self.stop_requested = asyncio.Event()
         self.stop_drain_timeout: float | None = None
         self._admin: grpc.aio.Server | None = None
@@ -116,20 +117,20 @@ class Node:
                 # out; the socket itself is the owner's alone as well.
                 os.chmod(self.admin_address.removeprefix("unix:"), 0o600)
         if self.http_port is not None:
-            await self._start_http()
+            await self._start_http(self.http_port)
         event(
             log, logging.INFO, "node serving", addr=self.addr, groups=",".join(self.groups) or "-",
             server=self.backend, why=self.backend_reason, tls=_tls_mode(self.settings.tls),
             http=addrs.join(self.host, self.http_api.port) if self.http_api else "off",
         )  # fmt: skip
 
-    async def _start_http(self) -> None:
+    async def _start_http(self, port: int) -> None:
         from .http_api import HttpApi
 
         api = HttpApi(
             self,
             self.host,
-            self.http_port,
+            port,
             ssl_context=tlsmod.server_ssl_context(self.settings.tls),
             limiter=self.transport.limiter,
         )
@@ -138,9 +139,7 @@ class Node:
         except OSError as exc:
             # The HTTP API is optional: a taken port must not take the
             # gRPC node (and its share of the ring) down with it.
-            event(
-                log, logging.ERROR, "HTTP API not started", addr=addrs.join(self.host, self.http_port), cause=str(exc)
-            )
+            event(log, logging.ERROR, "HTTP API not started", addr=addrs.join(self.host, port), cause=str(exc))
             return
         self.http_api = api
 

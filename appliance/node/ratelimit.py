@@ -138,7 +138,8 @@ class TrustedPeers:
             try:
                 infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
                 if self._revision == revision:
-                    self._ips |= {info[4][0] for info in infos}
+                    # An IP family's sockaddr: (address, port, ...), the address a str.
+                    self._ips |= {str(info[4][0]) for info in infos}
             except OSError:
                 pass
             finally:

@@ -54,6 +54,7 @@ class RingView(Protocol):
 
     revision: int
     peers: list[str]
+    etcd_ok: bool
 
 
 # The box endpoint (controller) -------------------------------------------------

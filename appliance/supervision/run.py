@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -105,7 +105,7 @@ def _section_changes(old: Settings, new: Settings) -> set[str]:
     return changed
 
 
-def _wait_in_ring(settings: Settings, index: int, timeout: float, others: list[int] = ()) -> bool:
+def _wait_in_ring(settings: Settings, index: int, timeout: float, others: Sequence[int] = ()) -> bool:
     """Until worker `index` answers on its admin socket and is in its ring,
     and in the rings of workers `others` (so that the next to stop hands
     its keys to it too, and the others forward to it)."""

@@ -61,8 +61,12 @@ class Health:
                 yield status
             if self.closed:
                 return
+
+            def changed(last: int | None = last) -> bool:
+                return self.closed or current() != last
+
             async with condition:
-                await condition.wait_for(lambda last=last: self.closed or current() != last)
+                await condition.wait_for(changed)
 
     async def close(self) -> None:
         """NOT_SERVING, and end every Watch."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import grpc
 
@@ -30,6 +31,18 @@ GET_SERVICE = "groupcachepb.GroupCache"
 CACHE_SERVICE = "appliance.cache.Cache"
 PEER_SERVICE = "appliance.cache.Peer"
 _MALFORMED = errors.InvalidRequest("malformed request")
+
+
+class ServicerContext(Protocol):
+    """What the handlers use of a grpc.aio.ServicerContext, typed (grpc
+    publishes no types): abort_with_status raises, it never returns."""
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn: ...
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None: ...
+    def time_remaining(self) -> float | None: ...
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]: ...
+    def peer(self) -> str: ...
 
 
 def _remaining(context) -> float | None:
@@ -53,7 +66,7 @@ class DataServices:
     def __init__(self, instance: NodeInstance) -> None:
         self.instance = instance
 
-    async def get(self, request: groupcache_pb2.GetRequest | None, context: grpc.aio.ServicerContext):
+    async def get(self, request: groupcache_pb2.GetRequest | None, context: ServicerContext):
         if request is None:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed GetRequest")))
         group, key = request.group, request.key
@@ -75,7 +88,7 @@ class DataServices:
             status = internal_failure(exc)
         await context.abort_with_status(status)
 
-    async def get_many(self, request: cache_pb2.GetManyRequest | None, context):
+    async def get_many(self, request: cache_pb2.GetManyRequest | None, context: ServicerContext):
         if request is None:
             await context.abort_with_status(failure(_MALFORMED))
         keys = list(request.keys)
@@ -92,7 +105,7 @@ class DataServices:
             status = internal_failure(exc)
         await context.abort_with_status(status)
 
-    async def set(self, request: cache_pb2.SetRequest | None, context):
+    async def set(self, request: cache_pb2.SetRequest | None, context: ServicerContext):
         if request is None:
             await context.abort_with_status(failure(_MALFORMED))
         try:
@@ -109,7 +122,7 @@ class DataServices:
             status = internal_failure(exc)
         await context.abort_with_status(status)
 
-    async def remove(self, request: cache_pb2.RemoveRequest | None, context):
+    async def remove(self, request: cache_pb2.RemoveRequest | None, context: ServicerContext):
         if request is None:
             await context.abort_with_status(failure(_MALFORMED))
         try:

@@ -15,7 +15,7 @@ from ...node.ratelimit import client_address
 from ...pb import cache_pb2
 from .. import messages
 from ..status import failure, internal_failure
-from .services import PEER_SERVICE, credentials
+from .services import PEER_SERVICE, ServicerContext, credentials
 
 if TYPE_CHECKING:
     from ...node.instance import NodeInstance
@@ -27,7 +27,7 @@ class WarmPeerService:
     def __init__(self, instance: NodeInstance) -> None:
         self.instance = instance
 
-    async def peek(self, request: cache_pb2.PeekRequest | None, context):
+    async def peek(self, request: cache_pb2.PeekRequest | None, context: ServicerContext):
         if request is None:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed PeekRequest")))
         try:
@@ -39,7 +39,7 @@ class WarmPeerService:
             status = internal_failure(exc)
         await context.abort_with_status(status)
 
-    async def handoff(self, request: cache_pb2.HandoffRequest | None, context):
+    async def handoff(self, request: cache_pb2.HandoffRequest | None, context: ServicerContext):
         if request is None:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed HandoffRequest")))
         try:

@@ -17,9 +17,13 @@ from __future__ import annotations
 import asyncio
 import selectors
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
-class _ReleasingSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+class _ReleasingSelector(selectors.DefaultSelector):
     """The loop's selector: the lock is free while it waits."""
 
     def __init__(self, lock: threading.Lock) -> None:
@@ -49,7 +53,7 @@ def lock_of(loop: asyncio.AbstractEventLoop) -> threading.Lock | None:
     return loop.lock if isinstance(loop, SharedLoop) else None
 
 
-def run(main) -> object:
+def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run(main) on a SharedLoop."""
     with asyncio.Runner(loop_factory=SharedLoop) as runner:
         return runner.run(main)

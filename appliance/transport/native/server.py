@@ -25,8 +25,8 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -234,6 +234,7 @@ class NativeTransport(BaseTransport):
         if front is None:
             return
         instance = self.instance
+        assert instance is not None  # bound in start(), before the front takes calls
         limiter = self.limiter
         limit = self.message_limit
         spawn = self._spawn if later is None else (lambda call_id, coro: later.append((call_id, coro)))
@@ -290,15 +291,15 @@ class NativeTransport(BaseTransport):
                     else:
                         front.respond(call_id, entry.data)
                 elif method == HEALTH_CHECK:
-                    self._health_check(call_id, payload)
+                    self._health_check(front, call_id, payload)
                 elif method == HEALTH_WATCH:
-                    request = messages.parser(health_pb2.HealthCheckRequest)(payload)
-                    if request is None:
+                    watch = messages.parser(health_pb2.HealthCheckRequest)(payload)
+                    if watch is None:
                         self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
                     else:
-                        spawn(call_id, self._health_watch(call_id, request.service))
+                        spawn(call_id, self._health_watch(call_id, watch.service))
                 elif method == PEEK or method == HANDOFF:
-                    self._peer_call(call_id, method, payload, peer, Credentials.from_metadata(metadata))
+                    self._peer_call(instance, call_id, method, payload, peer, Credentials.from_metadata(metadata))
                 else:
                     handle = self._unary_handlers[method]
                     spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, metadata))
@@ -306,7 +307,7 @@ class NativeTransport(BaseTransport):
                 log.exception("call to %s failed", METHODS[method][0] if 0 <= method < len(METHODS) else method)
                 self._fail(call_id, internal_failure(exc))
 
-    def _spawn(self, call_id: int, coro: Awaitable[None]) -> None:
+    def _spawn(self, call_id: int, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
         task = self._loop.create_task(coro)
         self._tasks[call_id] = task
@@ -330,6 +331,7 @@ class NativeTransport(BaseTransport):
 
     async def _fill(self, call_id: int, group: str, key: str, forwarded: bool, remaining: float | None) -> None:
         instance = self.instance
+        assert instance is not None  # bound in start()
         try:
             entry = await instance.fill(group, key, forwarded=forwarded, timeout=remaining)
         except errors.CacheError as exc:
@@ -346,6 +348,7 @@ class NativeTransport(BaseTransport):
 
     def _make_unary_handlers(self) -> dict[int, tuple]:
         instance = self.instance
+        assert instance is not None  # start() binds it first
 
         async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout, creds: Credentials):
             keys = list(request.keys)
@@ -393,8 +396,9 @@ class NativeTransport(BaseTransport):
 
     # Peer/{Peek,Handoff}: synchronous on the instance, answered where received --
 
-    def _peer_call(self, call_id: int, method: int, payload: bytes, peer: str | None, creds: Credentials) -> None:
-        instance = self.instance
+    def _peer_call(
+        self, instance: NodeInstance, call_id: int, method: int, payload: bytes, peer: str | None, creds: Credentials
+    ) -> None:
         if method == PEEK:
             peek = _parse_peek(payload)
             if peek is None:
@@ -422,19 +426,20 @@ class NativeTransport(BaseTransport):
 
     # Health ----------------------------------------------------------------------
 
-    def _health_check(self, call_id: int, payload: bytes) -> None:
+    def _health_check(self, front: NativeGrpcFront, call_id: int, payload: bytes) -> None:
         request = messages.parser(health_pb2.HealthCheckRequest)(payload)
         if request is None:
             self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
             return
         status = self.health.check(request.service)
         if status is None:
-            self._front.fail(call_id, grpc.StatusCode.NOT_FOUND.value[0], f"unknown service {request.service!r}")
+            front.fail(call_id, grpc.StatusCode.NOT_FOUND.value[0], f"unknown service {request.service!r}")
         else:
-            self._front.respond(call_id, health.response(status))
+            front.respond(call_id, health.response(status))
 
     async def _health_watch(self, call_id: int, service: str) -> None:
         front = self._front
+        assert front is not None  # spawned by _on_events while the front is up
         loop = asyncio.get_running_loop()
         async for status in self.health.watch(service):
             data = health.response(status)
