@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/appliance run
 
-test: $(STAMP) proto-check
+test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 unit: $(STAMP)

@@ -199,12 +199,16 @@ def _kill_under_load(cluster, victim: int, bound: float, name: str) -> None:
         gone_s = watch()
         during = load.mark()
         load.wait_requests(300)
-        # Quorum held: the survivors' etcd takes writes.
+        # Quorum held: the survivors' etcd takes writes, and the CLI skips the dead member.
         client = cluster.boxes[survivors[0]].etcd()
         try:
             etcd.call(client, lambda c: c.put("/probe", "x"))
         finally:
             client.close()
+        for i in survivors:
+            peers = cluster.boxes[i].cli("peers")
+            assert peers.returncode == 0, peers.stderr
+            assert sorted(line.split("\t")[0] for line in peers.stdout.decode().splitlines()) == rest
         watch = Stopwatch()
         cluster.revive(victim)
         wait_for(
