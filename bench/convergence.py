@@ -20,13 +20,13 @@ unix socket, polling every 10 ms over kept-open channels.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import lib
 
@@ -40,30 +40,29 @@ class RingPoller:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.channels: dict[int, object] = {}
+        self.channels: dict[int, Any] = {}  # worker index -> AdminClient
 
     def stats(self, i: int) -> dict | None:
         import grpc
 
-        from appliance.pb import admin_pb2, admin_pb2_grpc
+        from appliance.admin_client import AdminClient
 
         sock = self.app.root / "run" / f"worker-{i}.sock"
-        ch = self.channels.get(i)
-        if ch is None:
+        client = self.channels.get(i)
+        if client is None:
             if not sock.exists():
                 return None
-            ch = self.channels[i] = grpc.insecure_channel(f"unix:{sock}")
+            client = self.channels[i] = AdminClient(sock, timeout=0.5)
         try:
-            reply = admin_pb2_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(), timeout=0.5)
+            return client.stats()
         except grpc.RpcError:
             self.drop(i)
             return None
-        return json.loads(reply.json)
 
     def drop(self, i: int) -> None:
-        ch = self.channels.pop(i, None)
-        if ch is not None:
-            ch.close()
+        client = self.channels.pop(i, None)
+        if client is not None:
+            client.close()
 
     def close(self) -> None:
         for i in list(self.channels):

@@ -97,7 +97,6 @@ def fill(value_size: int, cache_bytes: int, store: str) -> dict:
 
 def run(cfg) -> dict:
     import lib
-
     from appliance.units import parse_bytes
 
     cache_bytes = parse_bytes(CACHE_BYTES)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lib
 import plots
 from goals import headline_table
 from results_md import markdown
+
+import lib
 
 BENCH = lib.BENCH
 

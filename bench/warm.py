@@ -94,9 +94,8 @@ class Reader:
         return cache_pb2_grpc.CacheStub(ch)
 
     def get_many(self, keys: list[str], addrs: list[str], first: int) -> None:
-        from support.origin_values import sized
-
         from appliance.pb import cache_pb2
+        from support.origin_values import sized
 
         reply = None
         for attempt in range(2):

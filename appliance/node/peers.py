@@ -37,18 +37,19 @@ class PeerFacts:
     """What a node learned about one peer process; it outlives the clients
     made for it while the peer keeps its etcd lease.
 
-    Reads also keep a breaker: a peer whose channel is not connected, or
-    that gave no answer to two reads in a row (cut off or frozen: its
-    connection may still look up), is not asked any more, so that each Get
-    loads locally at once instead of waiting the peer timeout. A probe (not
-    a client's read) asks it again after DOWN_MIN_S, doubling to DOWN_MAX_S
-    while it stays silent; any answer closes the breaker."""
+    Reads also keep a breaker. A read without an answer from a peer whose
+    channel is not connected opens it at once; one whose channel looks up
+    may be a slow owner (a slow origin) or a stale connection (a cut link,
+    a frozen process), so a health probe asks, and opens it only if that
+    gets no answer either. While open, its keys load locally at once
+    instead of waiting the peer timeout; a probe (never a client's read)
+    asks again after DOWN_MIN_S, doubling to DOWN_MAX_S, and any answer
+    closes it."""
 
     DOWN_MIN_S = 1.0
     DOWN_MAX_S = 4.0
 
     plain_get_only: bool = False  # no Peer/Forward: a seed Go node, or an older node
-    unanswered: int = 0  # reads in a row that got no answer
     down_for: float = 0.0  # the breaker is open (0: closed), for this long between probes
     down_until: float = 0.0  # the next probe is due then (monotonic seconds)
     probing: bool = False
@@ -59,10 +60,13 @@ class PeerFacts:
     def probe_due(self, now: float) -> bool:
         return bool(self.down_for) and not self.probing and now >= self.down_until
 
-    def read_unanswered(self, now: float, connected: bool) -> None:
-        self.unanswered += 1
-        if not self.down_for and (not connected or self.unanswered >= 2):
-            self.down_for, self.down_until = self.DOWN_MIN_S, now + self.DOWN_MIN_S
+    def read_unanswered(self, now: float, connected: bool) -> bool:
+        """A read got no answer in time; True: start a probe to tell a slow
+        peer from a silent one."""
+        if not connected:
+            self._open(now)
+            return False
+        return not self.probing and not self.down_for
 
     def probed(self, now: float, answered: bool) -> None:
         self.probing = False
@@ -71,9 +75,15 @@ class PeerFacts:
         elif self.down_for:
             self.down_for = min(self.down_for * 2, self.DOWN_MAX_S)
             self.down_until = now + self.down_for
+        else:
+            self._open(now)
 
     def read_answered(self) -> None:
-        self.unanswered, self.down_for, self.down_until = 0, 0.0, 0.0
+        self.down_for, self.down_until = 0.0, 0.0
+
+    def _open(self, now: float) -> None:
+        if not self.down_for:
+            self.down_for, self.down_until = self.DOWN_MIN_S, now + self.DOWN_MIN_S
 
 
 class PeerClient(Peer, Protocol):

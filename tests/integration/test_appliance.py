@@ -8,10 +8,10 @@ import time
 
 import grpc
 import pytest
-from support.appliance import Appliance, pids_mentioning, wait_for
 
 from appliance.cluster import etcd
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from support.appliance import Appliance, pids_mentioning, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -6,15 +6,15 @@ import threading
 import time
 
 import pytest
-from support.etcd_server import EtcdServer
-from support.nodes import CountingOrigin, cluster
-from support.ports import free_port
 
 from appliance.cache import errors
 from appliance.cache.ring import HashRing
 from appliance.client import AsyncClient, Client
 from appliance.cluster import etcd
 from appliance.config import Settings
+from support.etcd_server import EtcdServer
+from support.nodes import CountingOrigin, cluster
+from support.ports import free_port
 
 DATA = {f"k{i}": f"v{i}".encode() for i in range(300)}
 

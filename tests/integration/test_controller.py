@@ -4,10 +4,10 @@ import asyncio
 import threading
 
 import pytest
-from support.nodes import CountingOrigin, cluster
 
 from appliance.cluster import etcd
 from appliance.cluster.controller import Controller
+from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.integration
 

@@ -20,12 +20,12 @@ import threading
 import time
 
 import pytest
-from support.etcd_server import EtcdCluster
-from support.nodes import CountingOrigin, cluster
 
 from appliance.cluster import etcd
 from appliance.cluster.controller import Controller
 from appliance.cluster.registry import Registration, call_timeout
+from support.etcd_server import EtcdCluster
+from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.integration
 TTL = 2

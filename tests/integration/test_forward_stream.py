@@ -4,10 +4,10 @@ import asyncio
 
 import grpc
 import pytest
-from support.nodes import CountingOrigin, cluster
-from support.ports import free_port
 
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from support.nodes import CountingOrigin, cluster
+from support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 

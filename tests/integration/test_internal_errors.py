@@ -5,10 +5,10 @@ the node keeps serving."""
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from support.nodes import CountingOrigin, cluster
 
 from appliance.cache.group import Group
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 

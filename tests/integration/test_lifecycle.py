@@ -5,10 +5,10 @@ import time
 
 import grpc
 import pytest
-from support.nodes import CountingOrigin, cluster
 
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from appliance.transport.grpc_aio.client import GrpcPeerClient as PeerClient
+from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 

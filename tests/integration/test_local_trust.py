@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from support.appliance import BIN, Appliance
 
 from appliance.origins.demo import DEMO_ROWS
+from support.appliance import BIN, Appliance
 
 pytestmark = pytest.mark.integration
 

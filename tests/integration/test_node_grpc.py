@@ -7,10 +7,10 @@ import sys
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from support.nodes import CountingOrigin, cluster
 
 from appliance.cache.errors import OriginError
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
@@ -170,9 +170,8 @@ async def test_set_peers_on_admin_socket_ignores_stale_revisions(tmp_path):
 
 
 def test_admin_address_must_be_local():
-    from support.nodes import settings
-
     from appliance.node.node import Node
+    from support.nodes import settings
 
     with pytest.raises(ValueError, match="unix socket or a loopback"):
         Node(settings(), {"g": CountingOrigin()}, port=0, admin_address="0.0.0.0:7000")

@@ -5,11 +5,11 @@ import asyncio
 import grpc
 import pytest
 from aiohttp import web
-from support.nodes import cluster
 
 from appliance.config import GroupSettings
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from support.nodes import cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 

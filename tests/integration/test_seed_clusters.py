@@ -8,11 +8,11 @@ real ones against it."""
 from __future__ import annotations
 
 import pytest
-from support.appliance import wait_for
 
 from appliance.cluster import etcd
 from appliance.cluster.registry import Registration
 from appliance.config import Settings
+from support.appliance import wait_for
 
 pytestmark = pytest.mark.integration
 

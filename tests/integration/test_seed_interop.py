@@ -26,10 +26,10 @@ import time
 from collections import Counter
 
 import pytest
-from support import seed
-from support.appliance import wait_for
 
 from appliance.cache.ring import HashRing
+from support import seed
+from support.appliance import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -9,11 +9,11 @@ import sys
 
 import grpc
 import pytest
-from support.nodes import CountingOrigin, cluster
 
 from appliance.config import Settings
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from appliance.transport import choose
+from support.nodes import CountingOrigin, cluster
 
 
 def test_auto_takes_native_unless_tls_or_seed_interop():

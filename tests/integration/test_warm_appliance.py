@@ -18,10 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.appliance import Appliance, wait_for
-from support.origin_values import sized
 
 from appliance.pb import cache_pb2, cache_pb2_grpc
+from support.appliance import Appliance, wait_for
+from support.origin_values import sized
 
 pytestmark = pytest.mark.integration
 

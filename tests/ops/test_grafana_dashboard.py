@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from support.promql import DASHBOARD, PROMETHEUS_SERIES, exported_series, metric_names, recorded_series
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

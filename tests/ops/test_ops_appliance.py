@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from support.appliance import Appliance, wait_for
-from support.ports import free_port, free_range
 
 from appliance import tls as tlsmod
 from appliance.cache.ring import HashRing
 from appliance.client import Client
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from support.appliance import Appliance, wait_for
+from support.ports import free_port, free_range
 
 pytestmark = pytest.mark.integration
 

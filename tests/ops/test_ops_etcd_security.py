@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.appliance import wait_for
-from support.ports import free_port
 
 from appliance.cluster import etcd
 from appliance.cluster.registry import Registration
 from appliance.config import Settings
 from appliance.supervision.conf import etcd_binary
+from support.appliance import wait_for
+from support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -172,9 +172,8 @@ def assert_refused_without_a_certificate(endpoint: str, pki) -> None:
 
 
 def test_an_embedded_etcd_cluster_with_tls_takes_only_clients_with_a_certificate(tmp_path, pki):
-    from support.ports import _bindable
-
     from appliance.supervision.conf import etcd_flags
+    from support.ports import _bindable
 
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     ports = [free_port(h) for h in hosts]

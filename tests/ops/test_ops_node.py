@@ -17,8 +17,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from support.nodes import BACKEND, CountingOrigin
-from support.ports import free_port
 
 from appliance import tls as tlsmod
 from appliance.cache.errors import OriginError
@@ -26,6 +24,8 @@ from appliance.config import Settings
 from appliance.node.node import Node
 from appliance.ops.metrics import BoxCollector, box_registry, serve_metrics
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from support.nodes import BACKEND, CountingOrigin
+from support.ports import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -12,13 +12,13 @@ import aiohttp
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from support.nodes import CountingOrigin, cluster
 
 from appliance import tls as tlsmod
 from appliance.cache import errors
 from appliance.client import AsyncClient
 from appliance.node.auth import Authenticator, Credentials, TokenFileError, read_token
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from support.nodes import CountingOrigin, cluster
 
 CLUSTER_TOKEN = "c" * 8 + os.urandom(12).hex()
 
@@ -160,9 +160,8 @@ async def test_reads_can_require_a_credential_too(creds, tmp_path):
 
 @pytest.mark.usefixtures("backend")
 async def test_http_reads_follow_the_same_rule(creds):
-    from support.nodes import settings
-
     from appliance.node.node import Node
+    from support.nodes import settings
 
     s = settings(auth={**creds["auth"], "reads": "authenticated"})
     node = Node(s, {"g": CountingOrigin({"k": b"v"})}, port=0, http_port=0, token=CLUSTER_TOKEN)

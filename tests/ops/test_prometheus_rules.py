@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 import yaml
+
 from support.promql import PROMETHEUS_SERIES, RULE_TESTS, RULES, exported_series, metric_names, recorded_series, rules
 
 PROMTOOL = shutil.which("promtool")

@@ -17,10 +17,10 @@ import signal
 import time
 
 import pytest
-from support.appliance import Appliance, wait_for
-from support.faults import Load, Stopwatch, frozen, get_all, write_origin_files
 
 from appliance.origins.demo import DEMO_ROWS
+from support.appliance import Appliance, wait_for
+from support.faults import Load, Stopwatch, frozen, get_all, write_origin_files
 
 pytestmark = pytest.mark.integration
 

@@ -23,13 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from support import fuzz
-from support.nodes import CountingOrigin, cluster, open_peer_streams
 
 from appliance.cache.errors import CacheError, KeyNotFound, OriginError, PeerError
 from appliance.cache.group import Group
 from appliance.cache.store import Entry
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from support import fuzz
+from support.nodes import CountingOrigin, cluster, open_peer_streams
 
 pytestmark = pytest.mark.integration
 

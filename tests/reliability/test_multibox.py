@@ -31,12 +31,12 @@ import subprocess
 import sys
 
 import pytest
-from support.appliance import wait_for
-from support.faults import Load, Stopwatch, write_origin_files
-from support.netns import Box, Network, netns_unavailable
 
 from appliance.cache.ring import HashRing
 from appliance.cluster import etcd
+from support.appliance import wait_for
+from support.faults import Load, Stopwatch, write_origin_files
+from support.netns import Box, Network, netns_unavailable
 
 pytestmark = pytest.mark.integration
 

@@ -13,6 +13,7 @@ Reproduce the figures: .venv/bin/python -m pytest -s -q tests/reliability/test_n
 from __future__ import annotations
 
 import pytest
+
 from support.appliance import wait_for
 from support.faults import Load, Stopwatch, get_all, write_origin_files
 from support.netns import HostAppliance, Network, free_port_on, netns_unavailable

@@ -16,13 +16,13 @@ import time
 
 import grpc
 import pytest
-from support.nodes import cluster, open_peer_streams
-from support.origin_server import SwitchableOrigin, http_value
 
 from appliance.config import Settings
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from appliance.transport.status import reason_of
+from support.nodes import cluster, open_peer_streams
+from support.origin_server import SwitchableOrigin, http_value
 
 pytestmark = pytest.mark.integration
 

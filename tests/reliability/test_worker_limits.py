@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.appliance import Appliance
-from support.faults import hwm_kib, rss_kib
 
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from support.appliance import Appliance
+from support.faults import hwm_kib, rss_kib
 
 pytestmark = pytest.mark.integration
 

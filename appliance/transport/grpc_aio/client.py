@@ -228,24 +228,31 @@ class GrpcPeerClient:
         if facts.read_allowed():
             return now
         if facts.probe_due(now):
-            facts.probing = True
-            self._probe = asyncio.ensure_future(self._run_probe())
+            self._start_probe()
         raise errors.PeerError(f"{self.addr}: not answering (asked again in the background)")
 
+    def _start_probe(self) -> None:
+        self.facts.probing = True
+        self._probe = asyncio.ensure_future(self._run_probe())
+
     async def _run_probe(self) -> None:
+        facts = self.facts
         try:
             await self._health(health_pb2.HealthCheckRequest(), timeout=self._max_wait)
             answered = True
         except grpc.aio.AioRpcError as err:  # any status but no answer is an answer
             answered = err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         except asyncio.CancelledError:
-            self.facts.probing = False
+            facts.probing = False
             raise
         except Exception:  # the channel closed under us
             answered = False
-        self.facts.probed(asyncio.get_running_loop().time(), answered)
-        if answered:
+        was_open = not facts.read_allowed()
+        facts.probed(asyncio.get_running_loop().time(), answered)
+        if was_open and answered:
             log.info("%s answers again: forwarding to it", self.addr)
+        elif not was_open and not answered:
+            log.warning("%s does not answer: loading its keys locally until it does", self.addr)
 
     def _settle(self, started: float, wait: float, error: errors.CacheError | None) -> None:
         """Tell the breaker how a read went: answered (any owner answer), or
@@ -255,11 +262,13 @@ class GrpcPeerClient:
             return
         now = asyncio.get_running_loop().time()
         connected = self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
-        if not connected or now - started >= 0.9 * wait:
-            was_open = not self.facts.read_allowed()
-            self.facts.read_unanswered(now, connected)
-            if not was_open and not self.facts.read_allowed():
-                log.warning("%s does not answer: loading its keys locally until it does", self.addr)
+        if connected and now - started < 0.9 * wait:
+            return  # an answer of sorts (a reset stream, a refused call): not silence
+        was_open = not self.facts.read_allowed()
+        if self.facts.read_unanswered(now, connected):
+            self._start_probe()
+        elif not was_open and not self.facts.read_allowed():
+            log.warning("%s is not connected: loading its keys locally until it answers", self.addr)
 
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
         started = self._admit()
