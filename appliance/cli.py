@@ -175,9 +175,17 @@ def _local_workers(settings: Settings) -> list[tuple[int, str, Path]]:
 
 
 STATS_COLUMNS = (
-    "gets", "hits", "loads", "loads_deduped", "peer_loads", "peer_errors", "local_loads", "main_bytes", "hot_bytes",
+    "gets",
+    "hits",
+    "loads",
+    "loads_deduped",
+    "peer_loads",
+    "peer_errors",
+    "local_loads",
+    "main_bytes",
+    "hot_bytes",
     "main_evictions",
-)  # fmt: skip
+)
 
 
 def _cluster_view(settings: Settings):
@@ -216,8 +224,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         report.setdefault(addr, {"box": _box_of(member), "error": "its box did not answer"})
     silent = sorted(boxes - set(answers))
     if silent:
-        print(f"appliance: no answer from box(es) {', '.join(silent)} (controller down, or cut off from etcd)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"appliance: no answer from box(es) {', '.join(silent)} (controller down, or cut off from etcd)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -280,8 +290,10 @@ def _stop_remote_node(settings: Settings, addr: str) -> int:
         client.close()
     state = doc.get("state")
     if state == "stopped":
-        print(f"{addr} stopped ({doc.get('worker')} on box {doc.get('box', box)}); it left the ring and stays "
-              "stopped until that box's `appliance run` restarts or reloads")  # fmt: skip
+        print(
+            f"{addr} stopped ({doc.get('worker')} on box {doc.get('box', box)}); it left the ring and stays "
+            "stopped until that box's `appliance run` restarts or reloads"
+        )
         return 0
     detail = doc.get("error") or "it did not leave the ring within the drain timeout"
     print(f"appliance: {addr} on box {box}: {state}: {detail}", file=sys.stderr)
@@ -308,8 +320,16 @@ def cmd_etcd_members(args: argparse.Namespace) -> int:
         raise UsageError(f"no member of the etcd cluster answers ({etcd.describe(exc)})") from None
     print("\t".join(("name", "peer URL", "client URL", "health")))
     for m in sorted(found, key=lambda m: list(m.peer_urls)):
-        print("\t".join((m.name or "(not started)", ",".join(m.peer_urls), ",".join(m.client_urls) or "-",
-                         membership.health(settings, m))))  # fmt: skip
+        print(
+            "\t".join(
+                (
+                    m.name or "(not started)",
+                    ",".join(m.peer_urls),
+                    ",".join(m.client_urls) or "-",
+                    membership.health(settings, m),
+                )
+            )
+        )
     return 0
 
 

@@ -77,7 +77,7 @@ async def serve(settings: Settings, index: int) -> int:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "worker": index,
-        },  # fmt: skip
+        },
         seed_clusters=settings.cluster.seed_interop,
     )
     registration.start()

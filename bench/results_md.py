@@ -441,8 +441,11 @@ def section_warm(res) -> list[str]:
             ch = r["changes"].get(c)
             cells.append("–" if ch is None else f"**{ch['share']:.2%}** ({ch['loads']:,})")
         victim = r.get("kill_victim_keys")
-        cells += [pct(r.get("kill_recovered")) + (f" of {victim:,}" if victim else ""), f"{r['failed']} / {r['wrong']}",
-                  f"{r['reads_ok']:,}"]  # fmt: skip
+        cells += [
+            pct(r.get("kill_recovered")) + (f" of {victim:,}" if victim else ""),
+            f"{r['failed']} / {r['wrong']}",
+            f"{r['reads_ok']:,}",
+        ]
         rows.append(cells)
     out += [
         table(
@@ -458,7 +461,7 @@ def section_warm(res) -> list[str]:
                 "reads checked",
             ],
             rows,
-        ),  # fmt: skip
+        ),
         "",
     ]
     stop = res.get("stop") or {}

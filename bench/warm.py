@@ -271,8 +271,13 @@ def one_run(n_keys: int, mode: str) -> dict:
             reader.all(keys, members.refresh())
             keys_loaded = loaded(app)[start:]
             got = len(keys_loaded)
-            res["changes"][name] = {"loads": got, "share": got / n_keys, "seconds": round(changed_s, 2),
-                                    "distinct": len(set(keys_loaded)), "prep_loads": start - prep}  # fmt: skip
+            res["changes"][name] = {
+                "loads": got,
+                "share": got / n_keys,
+                "seconds": round(changed_s, 2),
+                "distinct": len(set(keys_loaded)),
+                "prep_loads": start - prep,
+            }
             last["keys"] = set(keys_loaded)
             lib.log(f"  {n_keys} keys, {mode}: {name}: {got} origin loads ({got / n_keys:.2%}) in {changed_s:.1f}s")
 
@@ -285,8 +290,12 @@ def one_run(n_keys: int, mode: str) -> dict:
             app.proc.send_signal(signal.SIGHUP)
 
         def restarted():
-            wait_for(lambda: len(worker_pids(app)) == 3 and all(p != before[n] for n, p in worker_pids(app).items()),
-                     120, interval=0.1, what="every worker restarted")  # fmt: skip
+            wait_for(
+                lambda: len(worker_pids(app)) == 3 and all(p != before[n] for n, p in worker_pids(app).items()),
+                120,
+                interval=0.1,
+                what="every worker restarted",
+            )
             app.wait_ring(3, timeout=30)
 
         change("rolling restart", sighup_cache, restarted)
@@ -412,8 +421,14 @@ def stop_time(mode: str, n_keys: int = 30000) -> dict:
     finally:
         reader.close()
         app.cleanup()
-    res = {"mode": mode, "held": held, "stop_node_s": round(cli_s, 3), "worker_stop_s": round(worker_s, 3),
-           "received": received, "handoff": handoff[-1] if handoff else None}  # fmt: skip
+    res = {
+        "mode": mode,
+        "held": held,
+        "stop_node_s": round(cli_s, 3),
+        "worker_stop_s": round(worker_s, 3),
+        "received": received,
+        "handoff": handoff[-1] if handoff else None,
+    }
     lib.log(
         f"  stop of a worker holding {held} × 1 KiB, {mode}: worker {worker_s:.3f}s, stop-node {cli_s:.2f}s"
         + (f", handoff {handoff[-1]['seconds']:.3f}s ({handoff[-1]['accepted']} accepted)" if handoff else "")

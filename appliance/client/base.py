@@ -132,9 +132,11 @@ class ClientBase:
             return
         ring = self._router.ring
         log.info(
-            "ring: %d peers%s%s", len(ring), f" at etcd revision {revision}" if revision is not None else "",
+            "ring: %d peers%s%s",
+            len(ring),
+            f" at etcd revision {revision}" if revision is not None else "",
             f"; left: {', '.join(departed)}" if departed else "",
-        )  # fmt: skip
+        )
         self._pool.retire(departed)
         expired = self._pool.expired()
         if expired:

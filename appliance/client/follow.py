@@ -234,9 +234,13 @@ class Follower:
                 level = logging.WARNING if self._healthy else logging.DEBUG
                 self._healthy = False
                 log.log(
-                    level, "ring watch on %s lost (%s: %s); reading it again every %.1fs at most until it is back",
-                    self.members, type(exc).__name__, exc, self.members.poll_interval,
-                )  # fmt: skip
+                    level,
+                    "ring watch on %s lost (%s: %s); reading it again every %.1fs at most until it is back",
+                    self.members,
+                    type(exc).__name__,
+                    exc,
+                    self.members.poll_interval,
+                )
                 (yield Call(self.release)).result()
                 until = time.monotonic() + backoff
                 while (left := until - time.monotonic()) > 0:

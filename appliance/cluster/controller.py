@@ -79,8 +79,9 @@ class Controller:
                         if not self._outage:
                             log.warning(
                                 "etcd unreachable or without quorum (%s); workers keep serving the ring of revision %d",
-                                type(exc).__name__, self.revision,
-                            )  # fmt: skip
+                                type(exc).__name__,
+                                self.revision,
+                            )
                         self._outage = True
                     else:
                         log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)

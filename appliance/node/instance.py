@@ -406,10 +406,19 @@ class NodeInstance:
         await asyncio.gather(*sends)
         report.seconds = loop.time() - started
         event(
-            log, logging.INFO, "handoff", addr=self.addr, peers=report.peers, sent=report.sent,
-            accepted=report.accepted, refused=report.refused, failed=report.failed, cut=report.cut,
-            bytes=report.accepted_bytes, seconds=f"{report.seconds:.3f}",
-        )  # fmt: skip
+            log,
+            logging.INFO,
+            "handoff",
+            addr=self.addr,
+            peers=report.peers,
+            sent=report.sent,
+            accepted=report.accepted,
+            refused=report.refused,
+            failed=report.failed,
+            cut=report.cut,
+            bytes=report.accepted_bytes,
+            seconds=f"{report.seconds:.3f}",
+        )
         return report
 
     async def _hand_to(
@@ -467,9 +476,13 @@ class NodeInstance:
         if not self.peers.set_peers(peers, revision, leases):
             return False
         event(
-            log, logging.INFO, "ring changed", revision=revision, peers=len(self.peers.ring),
+            log,
+            logging.INFO,
+            "ring changed",
+            revision=revision,
+            peers=len(self.peers.ring),
             member=str(self.addr in self.peers.ring).lower(),
-        )  # fmt: skip
+        )
         self._trusted()  # resolve members' host names now, before a handoff needs them
         # Called from sync code: the follow-up runs as a task we keep a
         # reference to (the loop holds tasks only weakly).

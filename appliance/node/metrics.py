@@ -128,21 +128,24 @@ class _NodeCollector:
                 "groupcache_cache_evictions", "Entries evicted to stay in budget.", labels=gc
             ),
             "peeks": CounterMetricFamily(
-                "groupcache_peeks", "Misses that asked a previous owner after a ring change, by outcome.",
+                "groupcache_peeks",
+                "Misses that asked a previous owner after a ring change, by outcome.",
                 labels=["group", "result"],
             ),
             "peeks_served": CounterMetricFamily(
                 "groupcache_peeks_served", "Peeks this worker answered as a previous owner.", labels=["group", "result"]
             ),
             "handoff_entries": CounterMetricFamily(
-                "groupcache_handoff_entries", "Entries handed off (out: by this worker when it stopped; in: to it).",
+                "groupcache_handoff_entries",
+                "Entries handed off (out: by this worker when it stopped; in: to it).",
                 labels=["group", "direction", "result"],
             ),
             "handoff_bytes": CounterMetricFamily(
-                "groupcache_handoff_bytes", "Key + value bytes of the entries handed off, as handoff_entries.",
+                "groupcache_handoff_bytes",
+                "Key + value bytes of the entries handed off, as handoff_entries.",
                 labels=["group", "direction", "result"],
             ),
-        }  # fmt: skip
+        }
         size = GaugeMetricFamily("groupcache_cache_bytes", "Key + value bytes held.", labels=gc)
         items = GaugeMetricFamily("groupcache_cache_items", "Entries held.", labels=gc)
         limit = GaugeMetricFamily("groupcache_cache_limit_bytes", "The group's cache_bytes budget.", labels=g)
@@ -189,9 +192,10 @@ class _NodeCollector:
         )
         last = self.node.instance.last_handoff
         yield GaugeMetricFamily(
-            "groupcache_handoff_seconds", "Duration of this worker's last handoff (0: none yet).",
+            "groupcache_handoff_seconds",
+            "Duration of this worker's last handoff (0: none yet).",
             value=last.seconds if last is not None else 0.0,
-        )  # fmt: skip
+        )
 
 
 # The loader wrapper ------------------------------------------------------------
@@ -252,9 +256,15 @@ def instrument_loader(
             skipped = throttle.allow(group, "error")
             if skipped is not None:
                 event(
-                    log, logging.WARNING, "origin load failed", group=group, key=key[:120],
-                    cause=f"{type(exc).__name__}: {exc}", seconds=f"{elapsed:.3f}", suppressed=skipped,
-                )  # fmt: skip
+                    log,
+                    logging.WARNING,
+                    "origin load failed",
+                    group=group,
+                    key=key[:120],
+                    cause=f"{type(exc).__name__}: {exc}",
+                    seconds=f"{elapsed:.3f}",
+                    suppressed=skipped,
+                )
             raise
         elapsed = clock() - start
         ok.observe(elapsed)
@@ -262,9 +272,16 @@ def instrument_loader(
             skipped = throttle.allow(group, "slow")
             if skipped is not None:
                 event(
-                    log, logging.INFO, "slow origin load", group=group, key=key[:120],
-                    seconds=f"{elapsed:.3f}", threshold=f"{slow_load:g}", bytes=len(value), suppressed=skipped,
-                )  # fmt: skip
+                    log,
+                    logging.INFO,
+                    "slow origin load",
+                    group=group,
+                    key=key[:120],
+                    seconds=f"{elapsed:.3f}",
+                    threshold=f"{slow_load:g}",
+                    bytes=len(value),
+                    suppressed=skipped,
+                )
         return value
 
     return load

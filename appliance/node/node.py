@@ -64,10 +64,14 @@ class Node:
         self.backend, self.backend_reason = transport.choose(settings, server)
         self.transport = transport.create(settings, self.backend, peer_token=token)
         self.peers = Peers(
-            self.transport.new_client, replicas=ns.replicas, scheme=ns.ring_hash, close_grace=ns.peer_timeout,
+            self.transport.new_client,
+            replicas=ns.replicas,
+            scheme=ns.ring_hash,
+            close_grace=ns.peer_timeout,
             # A peer that left is asked (peeks) and trusted (its handoff) while it may still be handing off.
-            peek_window=ns.peek_window, departed_grace=ns.handoff_timeout + 1.0,
-        )  # fmt: skip
+            peek_window=ns.peek_window,
+            departed_grace=ns.handoff_timeout + 1.0,
+        )
         self.instance = NodeInstance(
             settings,
             loaders,
@@ -119,10 +123,16 @@ class Node:
         if self.http_port is not None:
             await self._start_http(self.http_port)
         event(
-            log, logging.INFO, "node serving", addr=self.addr, groups=",".join(self.groups) or "-",
-            server=self.backend, why=self.backend_reason, tls=_tls_mode(self.settings.tls),
+            log,
+            logging.INFO,
+            "node serving",
+            addr=self.addr,
+            groups=",".join(self.groups) or "-",
+            server=self.backend,
+            why=self.backend_reason,
+            tls=_tls_mode(self.settings.tls),
             http=addrs.join(self.host, self.http_api.port) if self.http_api else "off",
-        )  # fmt: skip
+        )
 
     async def _start_http(self, port: int) -> None:
         from .http_api import HttpApi

@@ -193,19 +193,25 @@ def etcd_flags(settings: Settings, *, etcd_peer_port: int | None = None, cluster
         client_url = _url("https" if tls.enabled else "http", host, port)
         peer = peer_url(settings, host)
         members = ",".join(f"{member_name(h)}={peer_url(settings, h)}" for h, _ in c.endpoints())
-        flags.update({
-            "--name": member_name(host),
-            "--initial-cluster": members,
-            "--initial-cluster-state": cluster_state,
-            "--initial-cluster-token": f"appliance-{c.service}",
-            # Clients ping every second to notice a cut member within a lease (etcd's floor is 5 s).
-            "--grpc-keepalive-min-time": "1s",
-        })  # fmt: skip
+        flags.update(
+            {
+                "--name": member_name(host),
+                "--initial-cluster": members,
+                "--initial-cluster-state": cluster_state,
+                "--initial-cluster-token": f"appliance-{c.service}",
+                # Clients ping every second to notice a cut member within a lease (etcd's floor is 5 s).
+                "--grpc-keepalive-min-time": "1s",
+            }
+        )
         if tls.enabled:
-            flags.update({
-                "--cert-file": str(tls.cert), "--key-file": str(tls.key),
-                "--peer-cert-file": str(tls.cert), "--peer-key-file": str(tls.key),
-            })  # fmt: skip
+            flags.update(
+                {
+                    "--cert-file": str(tls.cert),
+                    "--key-file": str(tls.key),
+                    "--peer-cert-file": str(tls.cert),
+                    "--peer-key-file": str(tls.key),
+                }
+            )
             if tls.ca:
                 flags.update({"--trusted-ca-file": str(tls.ca), "--peer-trusted-ca-file": str(tls.ca)})
                 flags["--peer-client-cert-auth"] = "true"
@@ -217,12 +223,14 @@ def etcd_flags(settings: Settings, *, etcd_peer_port: int | None = None, cluster
         client_url = _url("http", host, port)
         peer = _url("http", host, port_peer)
         flags.update({"--name": "appliance", "--initial-cluster": f"appliance={peer}"})
-    flags.update({
-        "--listen-client-urls": client_url,
-        "--advertise-client-urls": client_url,
-        "--listen-peer-urls": peer,
-        "--initial-advertise-peer-urls": peer,
-    })  # fmt: skip
+    flags.update(
+        {
+            "--listen-client-urls": client_url,
+            "--advertise-client-urls": client_url,
+            "--listen-peer-urls": peer,
+            "--initial-advertise-peer-urls": peer,
+        }
+    )
     # --flag=value: Go's flag package takes bool flags only in this form.
     return [f"{flag}={value}" for flag, value in flags.items()]
 

@@ -159,9 +159,12 @@ class Appliance:
         if self._auth is None:
             self._auth = conf.new_supervisor_auth(self.settings)
         text = conf.render(
-            self.settings, self.config, etcd_peer_port=self._etcd_peer_port, auth=self._auth,
+            self.settings,
+            self.config,
+            etcd_peer_port=self._etcd_peer_port,
+            auth=self._auth,
             cluster_state=self._cluster_state,
-        )  # fmt: skip
+        )
         tmp = self.conf_path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(self.conf_path)
@@ -173,8 +176,10 @@ class Appliance:
         for path in (s.runtime_path(), s.state_path(), s.runtime_path() / dirs.ETCD_DIR):
             private_dir(path)
         if s.auth.token_file is None and ensure_token_file(s.token_path()):
-            log.info("made the box's token %s (peers and the CLI present it; copy it to every box of a cluster)",
-                     s.token_path())  # fmt: skip
+            log.info(
+                "made the box's token %s (peers and the CLI present it; copy it to every box of a cluster)",
+                s.token_path(),
+            )
         for warning in (s.etcd_warning(), s.token_warning()):
             if warning:
                 log.warning("%s", warning)

@@ -55,8 +55,9 @@ async def until(predicate, timeout: float) -> None:
 
 def test_a_registration_keeps_its_lease_when_its_member_stalls(etcd_cluster):
     settings = etcd_cluster.settings()
-    reg = Registration(lambda: etcd.connect(settings.cluster, timeout=call_timeout(TTL)), "groupcache",
-                       "127.0.0.1:7001", ttl=TTL)  # fmt: skip
+    reg = Registration(
+        lambda: etcd.connect(settings.cluster, timeout=call_timeout(TTL)), "groupcache", "127.0.0.1:7001", ttl=TTL
+    )
     reg.start()
     observer = etcd_cluster.client()
     try:
@@ -86,8 +87,9 @@ async def test_the_controller_moves_off_a_stalled_member(etcd_cluster, tmp_path)
     settings = etcd_cluster.settings()
     async with cluster(2, CountingOrigin(), admin_dir=tmp_path) as nodes:
         sockets = [str(tmp_path / f"n{i}.sock") for i in range(2)]
-        ctl = Controller(lambda: etcd.connect(settings.cluster, timeout=1.0), "groupcache", lambda: sockets,
-                         push_interval=0.5)  # fmt: skip
+        ctl = Controller(
+            lambda: etcd.connect(settings.cluster, timeout=1.0), "groupcache", lambda: sockets, push_interval=0.5
+        )
         thread = threading.Thread(target=ctl.run, daemon=True)
         thread.start()
         admin = etcd_cluster.client()

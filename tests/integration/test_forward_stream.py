@@ -75,13 +75,20 @@ async def go_like_server(served, port=0):
         return groupcache_pb2.GetResponse(value=b"from-go:" + request.key.encode())
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("groupcachepb.GroupCache", {
-        "Get": grpc.unary_unary_rpc_method_handler(
-            seed_get,
-            request_deserializer=groupcache_pb2.GetRequest.FromString,
-            response_serializer=groupcache_pb2.GetResponse.SerializeToString,
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "groupcachepb.GroupCache",
+                {
+                    "Get": grpc.unary_unary_rpc_method_handler(
+                        seed_get,
+                        request_deserializer=groupcache_pb2.GetRequest.FromString,
+                        response_serializer=groupcache_pb2.GetResponse.SerializeToString,
+                    )
+                },
+            ),
         )
-    }),))  # fmt: skip
+    )
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, f"127.0.0.1:{port}"

@@ -188,10 +188,18 @@ async def test_client_generated_from_the_seed_proto(tmp_path):
     out.mkdir()
     include = str(files(grpc_tools) / "_proto")
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"-I{include}",
-         f"--python_out={out}", f"--grpc_python_out={out}", str(proto_dir / "groupcachepb.proto")],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{proto_dir}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(proto_dir / "groupcachepb.proto"),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     # A separate process: its descriptors would clash with ours in one pool.
     script = (
         "import sys, grpc, groupcachepb_pb2 as pb, groupcachepb_pb2_grpc as rpc\n"
@@ -203,9 +211,16 @@ async def test_client_generated_from_the_seed_proto(tmp_path):
     async with cluster(3, origin) as nodes:
         for n in nodes:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", script, n.addr, "张三", "李四",
-                cwd=out, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+                sys.executable,
+                "-c",
+                script,
+                n.addr,
+                "张三",
+                "李四",
+                cwd=out,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
             stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
             assert proc.returncode == 0, stderr.decode()
             assert stdout.decode().split() == ["100", "1000"]

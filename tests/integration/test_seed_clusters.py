@@ -32,8 +32,13 @@ def test_entry_shares_the_registration_lease(server):
     )
     assert settings.cluster.seed_interop is True
     client = server.client()
-    reg = Registration(lambda: etcd.connect(settings.cluster), "groupcache", "localhost:7001", ttl=2,
-                       seed_clusters=settings.cluster.seed_interop)  # fmt: skip
+    reg = Registration(
+        lambda: etcd.connect(settings.cluster),
+        "groupcache",
+        "localhost:7001",
+        ttl=2,
+        seed_clusters=settings.cluster.seed_interop,
+    )
     try:
         reg.start()
         assert reg.registered.wait(10)

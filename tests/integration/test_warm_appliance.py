@@ -96,8 +96,11 @@ def test_reload_scale_out_and_stop_node_keep_the_cache_warm(app):
     app.groups += 'cache_bytes = "32MiB"\n'
     app.write_config()
     app.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: all(p != before[n] for n, p in pids(app).items()) and len(pids(app)) == 3, 90,
-             what="every worker restarted")  # fmt: skip
+    wait_for(
+        lambda: all(p != before[n] for n, p in pids(app).items()) and len(pids(app)) == 3,
+        90,
+        what="every worker restarted",
+    )
     app.wait_ring(3, timeout=30)
     assert reads.all(app.addresses()) == (0, 0)
     figures["rolling restart"] = loads(app) - start

@@ -59,13 +59,20 @@ def _make_pki(root: Path) -> Pki:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
             .sign(key, hashes.SHA256())
-        )  # fmt: skip
+        )
         return key, cert
 
     def make_leaf(ca_key, ca_cert, cn: str, *, server: bool):
@@ -88,7 +95,7 @@ def _make_pki(root: Path) -> Pki:
                     [
                         *(x509.IPAddress(ipaddress.ip_address(f"127.0.0.{i}")) for i in (1, 2, 3)),
                         x509.DNSName("localhost"),
-                    ]  # fmt: skip
+                    ]
                 ),
                 critical=False,
             )

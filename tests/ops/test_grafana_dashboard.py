@@ -54,8 +54,11 @@ def test_metric_name_extraction():
         ' or count_values("peers", group:groupcache_hit_ratio:rate5m)'
     )
     assert metric_names(expr) == {
-        "groupcache_origin_load_seconds_bucket", "groupcache_ring_peers", "up", "group:groupcache_hit_ratio:rate5m"
-    }  # fmt: skip
+        "groupcache_origin_load_seconds_bucket",
+        "groupcache_ring_peers",
+        "up",
+        "group:groupcache_hit_ratio:rate5m",
+    }
 
 
 def test_dashboard_is_well_formed(dashboard):
@@ -99,13 +102,23 @@ def test_dashboard_uses_only_exported_or_recorded_series(dashboard):
         used |= names
     # What the dashboard is for: each of these families has a panel.
     assert {
-        "instance_group:groupcache_hit_ratio:rate5m", "group:groupcache_hit_ratio:rate5m", "groupcache_gets_total",
-        "instance_group_result:groupcache_origin_loads:rate5m", "groupcache_origin_load_seconds_bucket",
-        "groupcache_cache_bytes", "groupcache_cache_limit_bytes", "groupcache_cache_evictions_total",
-        "groupcache_peer_loads_total", "groupcache_peer_errors_total", "groupcache_ring_revision",
-        "groupcache_ring_peers", "groupcache_worker_up", "groupcache_draining", "groupcache_rate_limited_total",
+        "instance_group:groupcache_hit_ratio:rate5m",
+        "group:groupcache_hit_ratio:rate5m",
+        "groupcache_gets_total",
+        "instance_group_result:groupcache_origin_loads:rate5m",
+        "groupcache_origin_load_seconds_bucket",
+        "groupcache_cache_bytes",
+        "groupcache_cache_limit_bytes",
+        "groupcache_cache_evictions_total",
+        "groupcache_peer_loads_total",
+        "groupcache_peer_errors_total",
+        "groupcache_ring_revision",
+        "groupcache_ring_peers",
+        "groupcache_worker_up",
+        "groupcache_draining",
+        "groupcache_rate_limited_total",
         "groupcache_controller_etcd_up",
-    } <= used  # fmt: skip
+    } <= used
 
 
 @pytest.mark.skipif(

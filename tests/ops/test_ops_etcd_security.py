@@ -55,15 +55,29 @@ def etcd_process(data_dir: Path, *, tls=None):
         ]
     proc = subprocess.Popen(
         [
-            etcd_binary(), "--name", "ops", "--data-dir", str(data_dir),
-            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"ops={peer_url}", "--log-level", "error", *extra,
+            etcd_binary(),
+            "--name",
+            "ops",
+            "--data-dir",
+            str(data_dir),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"ops={peer_url}",
+            "--log-level",
+            "error",
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         yield f"127.0.0.1:{port}", client_url
     finally:
@@ -184,15 +198,21 @@ def test_an_embedded_etcd_cluster_with_tls_takes_only_clients_with_a_certificate
             cluster={"etcd": endpoints, "etcd_peer_port": peer},
             node={"host": h, "state_dir": str(tmp_path / h), "runtime_dir": str(tmp_path / f"run-{h}")},
             tls={"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), "client_auth": True},
-        )  # fmt: skip
+        )
         for h in hosts
     ]
     procs = []
     try:
         for s in boxes:
             assert s.etcd_clustered() and s.etcd_warning() is None
-            procs.append(subprocess.Popen([etcd_binary(), *etcd_flags(s)], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [etcd_binary(), *etcd_flags(s)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
 
         def works():
             c = etcd.connect_to(boxes[1])

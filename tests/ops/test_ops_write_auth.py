@@ -111,9 +111,11 @@ async def test_handoff_needs_the_cluster_token_and_a_planned_stop_presents_it(cr
         request = cache_pb2.HandoffRequest(source=b.addr, group="g", entries=[entry])
         async with grpc.aio.insecure_channel(a.addr) as ch:
             peer = cache_pb2_grpc.PeerStub(ch)
-            for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
-                                (creds["reader"], grpc.StatusCode.PERMISSION_DENIED),
-                                (creds["writer"], grpc.StatusCode.PERMISSION_DENIED)):  # fmt: skip
+            for token, code in (
+                (None, grpc.StatusCode.UNAUTHENTICATED),
+                (creds["reader"], grpc.StatusCode.PERMISSION_DENIED),
+                (creds["writer"], grpc.StatusCode.PERMISSION_DENIED),
+            ):
                 metadata = (("authorization", f"Bearer {token}"),) if token else None
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await peer.Handoff(request, timeout=5, metadata=metadata)

@@ -124,11 +124,17 @@ class GroupMachine(RuleBasedStateMachine):
         pickers = [Picker(self, i) for i in range(2)]
         self.groups = [
             Group(
-                "g", self.load, cache_bytes=BUDGET, policy=policy, picker=pickers[i], mirror_probability=1.0,
-                previous=pickers[i], tombstone_window=600.0,
+                "g",
+                self.load,
+                cache_bytes=BUDGET,
+                policy=policy,
+                picker=pickers[i],
+                mirror_probability=1.0,
+                previous=pickers[i],
+                tombstone_window=600.0,
             )
             for i, policy in enumerate(("lru", "lfu"))
-        ]  # fmt: skip
+        ]
 
     async def load(self, key: str) -> bytes:
         self.started += 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from support.appliance import wait_for
-from support.faults import Load, Stopwatch, get_all, write_origin_files
+from support.faults import Load, Stopwatch, against, assert_within, get_all, write_origin_files
 from support.netns import HostAppliance, Network, free_port_on, netns_unavailable
 
 pytestmark = pytest.mark.integration
@@ -103,9 +103,9 @@ def test_cut_off_host_is_routed_around_and_rejoins(hosts):
     via_cut_host = get_all(apps[2].addresses()[0], truth)
     print(
         f"\n[network cut] before: {before}; while cut: {cut}; after rejoin: {after}; "
-        f"ring without host 2 after {around_s:.2f}s (bound {LEASE_TTL + 1}); "
+        f"ring without host 2 after {against(around_s, LEASE_TTL + 1)}s; "
         f"full ring again {rejoin_s:.2f}s after the link came back; through host 2 afterwards: {via_cut_host}"
     )
     assert load.all.failed == 0 and load.all.wrong == 0, load.all.samples
-    assert around_s <= LEASE_TTL + 1
+    assert_within(around_s, LEASE_TTL + 1, "ring without host 2")
     assert via_cut_host.failed == 0 and via_cut_host.wrong == 0, via_cut_host.samples

@@ -28,15 +28,28 @@ class EtcdServer:
         client, peer = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
         self.proc = subprocess.Popen(
             [
-                etcd_binary(), "--name", "test", "--data-dir", str(self.data_dir),
-                "--listen-client-urls", client, "--advertise-client-urls", client,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"test={peer}", "--log-level", "error",
+                etcd_binary(),
+                "--name",
+                "test",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"test={peer}",
+                "--log-level",
+                "error",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-        )  # fmt: skip
+        )
         wait_for(self.healthy, 20, what="etcd up")
         return self
 
@@ -81,15 +94,25 @@ class EtcdCluster:
         initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, p in enumerate(self.peer_ports))
         for i, (cp, pp) in enumerate(zip(self.client_ports, self.peer_ports, strict=False)):
             client, peer = f"http://127.0.0.1:{cp}", f"http://127.0.0.1:{pp}"
-            self.procs.append(subprocess.Popen(
-                [
-                    etcd_binary(), f"--name=m{i}", f"--data-dir={self.data_dir / f'm{i}'}",
-                    f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-                    f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
-                    f"--initial-cluster={initial}", "--initial-cluster-token=test", "--log-level=error",
-                ],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            ))  # fmt: skip
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        etcd_binary(),
+                        f"--name=m{i}",
+                        f"--data-dir={self.data_dir / f'm{i}'}",
+                        f"--listen-client-urls={client}",
+                        f"--advertise-client-urls={client}",
+                        f"--listen-peer-urls={peer}",
+                        f"--initial-advertise-peer-urls={peer}",
+                        f"--initial-cluster={initial}",
+                        "--initial-cluster-token=test",
+                        "--log-level=error",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         wait_for(self.healthy, 30, what="etcd cluster up")
         return self
 

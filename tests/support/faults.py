@@ -212,6 +212,23 @@ def hwm_kib(pid: int) -> int:
     return _status_kib(pid, "VmHWM")
 
 
+# A shared 2-core box adds scheduling noise to every timed figure. A test
+# reports its figure against the bound it documents and fails only past
+# bound + NOISE_S: a keep-alive stuck on a dead member or a retry loop costs
+# more than that, a busy scheduler does not.
+NOISE_S = 2.0
+
+
+def against(figure: float, bound: float) -> str:
+    """A timed figure for a report, next to its documented bound."""
+    verdict = "held" if figure <= bound else f"over by {figure - bound:.2f}s"
+    return f"{figure:.2f} (bound {bound:g}: {verdict})"
+
+
+def assert_within(figure: float, bound: float, what: str) -> None:
+    assert figure <= bound + NOISE_S, f"{what}: {figure:.2f}s, past its bound {bound:g}s + {NOISE_S:g}s of noise"
+
+
 class Stopwatch:
     def __init__(self) -> None:
         self.t0 = time.monotonic()

@@ -135,9 +135,13 @@ class Box(Appliance):
         root.mkdir(parents=True, exist_ok=True)
         self.endpoints = [f"{net.address(b)}:{self.ETCD_PORT}" for b in boxes]
         super().__init__(
-            root, host=net.address(index), base_port=self.BASE_PORT, etcd_endpoint=self.endpoints[0],
-            embedded_etcd=True, **kwargs,
-        )  # fmt: skip
+            root,
+            host=net.address(index),
+            base_port=self.BASE_PORT,
+            etcd_endpoint=self.endpoints[0],
+            embedded_etcd=True,
+            **kwargs,
+        )
         self.launcher = list(net.prefix(index))
 
     def write_config(self, workers: int | None = None) -> None:
@@ -157,8 +161,10 @@ class Box(Appliance):
 
         return subprocess.run(
             [*self.launcher, str(BIN / "appliance"), *args, "--config", str(self.config)],
-            capture_output=True, timeout=timeout, input=input,
-        )  # fmt: skip
+            capture_output=True,
+            timeout=timeout,
+            input=input,
+        )
 
     def kill(self) -> list[int]:
         """SIGKILL every process of the box: `appliance run`, supervisord (in a

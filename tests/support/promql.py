@@ -57,8 +57,21 @@ def recorded_series() -> set[str]:
     return {r["record"] for r in rules() if "record" in r}
 
 
-_KEYWORDS = {"and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left", "group_right",
-             "offset", "inf", "nan"}  # fmt: skip
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:

@@ -108,8 +108,11 @@ def seedring(peers: list[str], keys: list[str]) -> dict[str, str]:
     """The seed's own ring (consistenthash, 50 replicas, crc32): key -> owner."""
     r = subprocess.run(
         [str(build() / "seedring"), "-peers", ",".join(peers)],
-        input="".join(k + "\n" for k in keys).encode(), capture_output=True, timeout=60, check=True,
-    )  # fmt: skip
+        input="".join(k + "\n" for k in keys).encode(),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     out = {}
     for line in r.stdout.decode().splitlines():
         key, _, owner = line.rpartition("\t")
@@ -131,10 +134,20 @@ class SeedNode:
     def start(self) -> SeedNode:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [*self.launcher, str(build() / "seednode"), "-addr", self.addr, "-etcd", self.etcd,
-                 "-group", self.group],  # fmt: skip
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                [
+                    *self.launcher,
+                    str(build() / "seednode"),
+                    "-addr",
+                    self.addr,
+                    "-etcd",
+                    self.etcd,
+                    "-group",
+                    self.group,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.starts += 1
         wait_for(
             lambda: len(self.peer_lists()) >= self.starts or self.proc.poll() is not None, 20, what=f"{self.addr} up"
@@ -181,9 +194,12 @@ class NsAgent:
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(
             [*launcher, sys.executable, str(AGENT), etcd],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            start_new_session=True,
             env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
-        )  # fmt: skip
+        )
         self._lock = threading.Lock()
         assert self.call("ping") == "pong"
 
@@ -247,10 +263,16 @@ class MixedCluster:
         self.ns = LoopbackNamespace("gcseed")
         self.loads_file = root / "python-loads.jsonl"
         self.app = Appliance(
-            root / "app", workers=workers, host="localhost", base_port=base_port, etcd_endpoint=self.ETCD,
-            lease_ttl=2, groups=GROUPS,
-            env={"PYTHONPATH": str(TESTS), "SEED_INTEROP_LOADS": str(self.loads_file)}, seed_interop=True,
-        )  # fmt: skip
+            root / "app",
+            workers=workers,
+            host="localhost",
+            base_port=base_port,
+            etcd_endpoint=self.ETCD,
+            lease_ttl=2,
+            groups=GROUPS,
+            env={"PYTHONPATH": str(TESTS), "SEED_INTEROP_LOADS": str(self.loads_file)},
+            seed_interop=True,
+        )
         self.app.launcher = self.ns.launcher
         # Ports of one width: the seed's resolver watches "groupcache/<addr>"
         # as a prefix, so localhost:1710 would also match localhost:17100.

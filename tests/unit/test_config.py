@@ -650,14 +650,23 @@ def test_an_embedded_etcd_cluster_with_tls_uses_the_box_certificate_and_says_wha
     "text, field, words",
     [
         (f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.9"\n', "node.host", "is none of 10.0.0.1:2379"),
-        ('[cluster]\netcd = ["10.0.0.1:2379", "10.0.0.1:3379"]\n[node]\nhost = "10.0.0.1"\n', "cluster.etcd",
-         "one endpoint per box"),
-        (f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.1"\nbase_port = 2378\n', "node.base_port",
-         "clash with the embedded etcd's client port 2379 (10.0.0.1:2379)"),
-        (f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.1"\nbase_port = 2380\nworkers = 1\n',
-         "cluster.etcd_peer_port", "peer port (etcd_peer_port = 0) 2380 clashes"),
+        (
+            '[cluster]\netcd = ["10.0.0.1:2379", "10.0.0.1:3379"]\n[node]\nhost = "10.0.0.1"\n',
+            "cluster.etcd",
+            "one endpoint per box",
+        ),
+        (
+            f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.1"\nbase_port = 2378\n',
+            "node.base_port",
+            "clash with the embedded etcd's client port 2379 (10.0.0.1:2379)",
+        ),
+        (
+            f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.1"\nbase_port = 2380\nworkers = 1\n',
+            "cluster.etcd_peer_port",
+            "peer port (etcd_peer_port = 0) 2380 clashes",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_box_of_an_embedded_etcd_cluster_is_checked_against_its_endpoints(tmp_path, text, field, words):
     msg = config_error(write(tmp_path, text))
     assert field in msg and words in msg, msg

@@ -13,8 +13,9 @@ def test_metadata_is_a_string_that_go_clients_can_hash():
     # A JSON object here would reach grpc-go as a map: round-robin clients panic on it.
     assert isinstance(doc["Metadata"], str)
     assert etcd.parse_member("groupcache/localhost:7001", value) == (
-        "localhost:7001", {"admin": "unix:/run/w0.sock", "pid": 7},
-    )  # fmt: skip
+        "localhost:7001",
+        {"admin": "unix:/run/w0.sock", "pid": 7},
+    )
     assert json.loads(etcd.member_value("localhost:7001"))["Metadata"] is None
 
 

@@ -29,6 +29,9 @@ _METADATA = (FORWARDED,)
 # A stream that ends with one of these before any answer may be a peer
 # without Peer/Forward (INTERNAL: see ForwardStream.unanswered_code).
 _NO_STREAM_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
+# A health check is answered by the peer's server, not its origin: a peer
+# that is up answers one in milliseconds even while its loads are slow.
+PROBE_S = 1.0
 # A peer that comes back must be reachable at once. grpc shares subchannels
 # between channels to one address, so without a local pool the channel made
 # for a peer that rejoins the ring inherits the old one's reconnect backoff
@@ -219,12 +222,16 @@ class GrpcPeerClient:
         """Whether Gets go over Peer/Forward (not to a peer known to lack it)."""
         return self._use_stream and not self.facts.plain_get_only
 
-    def _admit(self) -> float:
+    async def _admit(self) -> float:
         """Now, on the loop's clock; PeerError at once while the breaker is
         open (PeerFacts): the caller loads locally without waiting, and a
         probe in the background finds out when the peer answers again."""
+        facts, probe = self.facts, self._probe
+        if facts.probing and probe is not None and not probe.done():
+            # A read just went unanswered and a probe is asking: its answer
+            # decides this read, rather than another whole peer timeout.
+            await asyncio.wait([probe], timeout=PROBE_S)
         now = asyncio.get_running_loop().time()
-        facts = self.facts
         if facts.read_allowed():
             return now
         if facts.probe_due(now):
@@ -238,7 +245,7 @@ class GrpcPeerClient:
     async def _run_probe(self) -> None:
         facts = self.facts
         try:
-            await self._health(health_pb2.HealthCheckRequest(), timeout=self._max_wait)
+            await self._health(health_pb2.HealthCheckRequest(), timeout=min(self._max_wait, PROBE_S))
             answered = True
         except grpc.aio.AioRpcError as err:  # any status but no answer is an answer
             answered = err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -271,7 +278,7 @@ class GrpcPeerClient:
             log.warning("%s is not connected: loading its keys locally until it answers", self.addr)
 
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        started = self._admit()
+        started = await self._admit()
         wait = self._wait(timeout)
         try:
             result = await self._get_any(group, key, wait)
@@ -331,7 +338,7 @@ class GrpcPeerClient:
             raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
     async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
-        started, wait = self._admit(), self._wait(timeout)
+        started, wait = await self._admit(), self._wait(timeout)
         try:
             response, _ = await self._call(self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), wait)
         except errors.CacheError as exc:

@@ -94,9 +94,12 @@ class DataServices:
         keys = list(request.keys)
         try:
             results = await self.instance.get_many(
-                request.group, keys, forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context),
+                request.group,
+                keys,
+                forwarded=is_forwarded(context.invocation_metadata()),
+                timeout=_remaining(context),
                 credentials=credentials(context),
-            )  # fmt: skip
+            )
             return messages.encode_get_many_response(keys, results)
         except errors.CacheError as exc:
             status = failure(exc, request.group)
@@ -110,10 +113,14 @@ class DataServices:
             await context.abort_with_status(failure(_MALFORMED))
         try:
             change = await self.instance.set(
-                request.group, request.key, request.value, request.ttl,
-                forwarded=is_forwarded(context.invocation_metadata()), timeout=_remaining(context),
+                request.group,
+                request.key,
+                request.value,
+                request.ttl,
+                forwarded=is_forwarded(context.invocation_metadata()),
+                timeout=_remaining(context),
                 credentials=credentials(context),
-            )  # fmt: skip
+            )
             return messages.change_response(change)
         except errors.CacheError as exc:
             status = failure(exc, request.group, request.key)
@@ -127,9 +134,12 @@ class DataServices:
             await context.abort_with_status(failure(_MALFORMED))
         try:
             change = await self.instance.remove(
-                request.group, request.key, forwarded=is_forwarded(context.invocation_metadata()),
-                timeout=_remaining(context), credentials=credentials(context),
-            )  # fmt: skip
+                request.group,
+                request.key,
+                forwarded=is_forwarded(context.invocation_metadata()),
+                timeout=_remaining(context),
+                credentials=credentials(context),
+            )
             return messages.change_response(change)
         except errors.CacheError as exc:
             status = failure(exc, request.group, request.key)

@@ -44,9 +44,12 @@ class WarmPeerService:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed HandoffRequest")))
         try:
             accepted, refused = self.instance.receive_handoff(
-                request.source, client_address(context.peer() or ""), request.group, messages.handoff_entries(request),
+                request.source,
+                client_address(context.peer() or ""),
+                request.group,
+                messages.handoff_entries(request),
                 credentials(context),
-            )  # fmt: skip
+            )
             return messages.handoff_response(accepted, refused)
         except errors.CacheError as exc:
             status = failure(exc, request.group)

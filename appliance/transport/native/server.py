@@ -359,9 +359,14 @@ class NativeTransport(BaseTransport):
 
         async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout, creds: Credentials):
             change = await instance.set(
-                request.group, request.key, request.value, request.ttl, forwarded=forwarded, timeout=timeout,
+                request.group,
+                request.key,
+                request.value,
+                request.ttl,
+                forwarded=forwarded,
+                timeout=timeout,
                 credentials=creds,
-            )  # fmt: skip
+            )
             return messages.change_response(change)
 
         async def remove(request: cache_pb2.RemoveRequest, forwarded: bool, timeout, creds: Credentials):
