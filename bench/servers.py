@@ -90,10 +90,10 @@ def time_hits(path: str) -> None:
     hit = NodeInstance.hit
     clock = time.perf_counter_ns
 
-    def timed_hit(self, group, key, forwarded=False):
+    def timed_hit(self, *args, **kwargs):  # NodeInstance.hit's own signature, whatever it is
         t = clock()
         try:
-            return hit(self, group, key, forwarded)
+            return hit(self, *args, **kwargs)
         finally:
             acc["handler_ns"] += clock() - t
             acc["handler_calls"] += 1
