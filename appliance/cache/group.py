@@ -177,6 +177,7 @@ class Group:
         self.peek_timeout = peek_timeout
         self._tombstones = Tombstones(tombstone_window, clock)
         self._peeking: set[str] = set()  # keys whose load flight is asking a previous owner
+        self._fetching: set[str] = set()  # keys being fetched from their owner (kept as hot copies only)
         # Route flights may forward to a peer; load flights only hit the
         # origin. Forwarded requests join load flights only, so two nodes
         # whose rings disagree never wait on each other in a cycle.
@@ -297,12 +298,14 @@ class Group:
         """A handed-off entry: another node's main-cache value with its
         remaining TTL (0: none). Kept in the main cache unless this node may
         know better: a Remove or Set of the key seen lately, an entry of its
-        own, or an origin load or a fetch from the owner in flight (its
-        value is at least as new). A peek in flight asks the same node that
-        sent this, and may fail as it stops: the entry is kept, for it."""
+        own, or an origin load in flight (its value is at least as new). A
+        peek in flight asks the same node that sent this, and may fail as it
+        stops; a fetch from the owner in flight asks the old owner as a
+        non-owner and keeps at most a hot copy: the entry is kept for both
+        (else the stopping owner's key is lost once it exits)."""
         stats = self.stats
         # A flight not started yet checks the caches first: it finds this.
-        loading = key in self._fences and key not in self._peeking
+        loading = key in self._fences and key not in self._peeking and key not in self._fetching
         if key in self._tombstones or loading or self.main.get(key) is not None:
             stats.handoff_in_refused += 1
             stats.handoff_in_refused_bytes += entry_size(key, value)
@@ -328,19 +331,23 @@ class Group:
             return await self._load.do(key, lambda: self._load_as_owner(key))
         self.stats.loads_deduped += 1
         fence = self._fence(key)
+        self._fetching.add(key)
         try:
-            value, ttl_left = await peer.get(self.name, key, timeout)
-        except PeerError:
-            self._unfence(key, fence)
-            return await self._owner_failed(key)
-        try:
-            return self._from_peer(key, value, ttl_left, fence)
+            try:
+                value, ttl_left = await peer.get(self.name, key, timeout)
+            except PeerError:
+                pass
+            else:
+                return self._from_peer(key, value, ttl_left, fence)
         finally:
+            self._fetching.discard(key)
             self._unfence(key, fence)
+        return await self._owner_failed(key)
 
     async def _from_batch(self, key: str, fetch: asyncio.Future) -> Entry:
         self.stats.loads_deduped += 1
         fence = self._fence(key)
+        self._fetching.add(key)
         try:
             try:
                 outcome = (await asyncio.shield(fetch))[key]
@@ -354,6 +361,7 @@ class Group:
             value, ttl_left = outcome
             return self._from_peer(key, self._frame(value)[0], ttl_left, fence)
         finally:
+            self._fetching.discard(key)
             self._unfence(key, fence)
 
     async def _owner_failed(self, key: str) -> Entry:
@@ -368,7 +376,8 @@ class Group:
         self.stats.peer_loads += 1
         expires = self._carried_expiry(ttl_left)
         offset = self.framing.offset(data)
-        if self._rand() < self.mirror_probability and self._fences.get(key) is fence:
+        # No hot copy of a key handed to us meanwhile: the main one serves.
+        if self._rand() < self.mirror_probability and self._fences.get(key) is fence and key not in self.main:
             self._populate(self.hot, key, data, expires, offset)
         return Entry(data, expires, 0, offset)
 

@@ -224,6 +224,36 @@ async def test_an_offer_during_a_peek_is_kept_and_serves_if_the_peek_fails():
     assert (await get).value == b"handed" and origin.calls == []
 
 
+async def test_an_offer_during_a_fetch_from_the_owner_is_kept():
+    """A Get here is fetching the key from its owner when the owner stops and
+    hands the key here (its next owner): the entry is kept in the main cache.
+    The fetch would keep at most a hot copy, and the stopping owner cannot be
+    asked again once it exits: refusing the offer would lose the key."""
+    gate, asked = asyncio.Event(), asyncio.Event()
+
+    class StoppingOwner:
+        addr = "10.0.0.3:1"
+
+        async def get(self, group, key, timeout):
+            asked.set()
+            await gate.wait()
+            return b"owner's", 0.0
+
+    class Picker:
+        def pick(self, key):
+            return StoppingOwner()
+
+    origin = Origin({"k": b"origin"})
+    g = group(origin, picker=Picker(), rand=lambda: 0.0)
+    fetch = asyncio.ensure_future(g.get("k"))
+    await asyncio.wait_for(asked.wait(), 5)
+    assert g.offer("k", b"handed", 0)
+    gate.set()
+    assert (await fetch).value == b"owner's"
+    assert g.main.get("k").value == b"handed" and "k" not in g.hot
+    assert origin.calls == [] and g.stats.handoff_in_accepted == 1
+
+
 async def test_handoff_entries_are_the_main_cache_most_recent_first():
     g = group()
     for k in "abc":
