@@ -17,6 +17,7 @@ from .services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, DataServices, Pe
 from .warm import WarmPeerService
 
 if TYPE_CHECKING:
+    from ...config import Settings
     from ...node.instance import NodeInstance
 
 REFLECTED = (GET_SERVICE, CACHE_SERVICE, PEER_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
@@ -31,7 +32,7 @@ def add_services(server: grpc.aio.Server, services: dict[str, dict[str, grpc.Rpc
 class GrpcAioTransport(BaseTransport):
     name = "grpcio"
 
-    def __init__(self, settings, *, peer_token: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
         super().__init__(settings, peer_token=peer_token)
         self._server: grpc.aio.Server | None = None
         self._peer_service: PeerService | None = None

@@ -48,6 +48,7 @@ from ..status import Failure, failure, internal_failure, rate_limited_failure
 from .loop import lock_of
 
 if TYPE_CHECKING:
+    from ...config import Settings
     from ...node.instance import NodeInstance
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class NativeTransport(BaseTransport):
     # grpc.aio fallback (bench/forwarded.py measures both).
     forward = "unary"
 
-    def __init__(self, settings, *, io_threads: int = 1, peer_token: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, io_threads: int = 1, peer_token: str | None = None) -> None:
         super().__init__(settings, peer_token=peer_token)
         self.io_threads = io_threads
         self._front: NativeGrpcFront | None = None
