@@ -384,6 +384,31 @@ def get_response_bytes(size: int) -> int:
     return 5 + 1 + varint + size
 
 
+def h2load_command(n: int, conns: int, streams: int, body: Path, logfile: Path, url: str) -> list[str]:
+    """h2load sending n gRPC calls of `body` on conns connections x streams,
+    one thread, each request logged to `logfile`."""
+    return [
+        "h2load",
+        "-n",
+        str(n),
+        "-c",
+        str(conns),
+        "-m",
+        str(streams),
+        "-t",
+        "1",
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--log-file",
+        str(logfile),
+        url,
+    ]
+
+
 def h2load(
     port: int,
     path: str,
@@ -408,27 +433,7 @@ def h2load(
     c, m = split_streams(streams) if conns is None else (conns, max(1, streams // conns))
     logfile = OUT / f"{name}.reqlog"
     logfile.unlink(missing_ok=True)  # h2load appends
-    cmd = [
-        *prefix,
-        "h2load",
-        "-n",
-        str(n),
-        "-c",
-        str(c),
-        "-m",
-        str(m),
-        "-t",
-        "1",
-        "-d",
-        str(body),
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "te: trailers",
-        "--log-file",
-        str(logfile),
-        f"http://{HOST}:{port}{path}",
-    ]
+    cmd = [*prefix, *h2load_command(n, c, m, body, logfile, f"http://{HOST}:{port}{path}")]
     before = {pid: cpu_seconds(pid) for pid in watch}
     busy0 = box_busy_s()
     t0 = time.monotonic()

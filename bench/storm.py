@@ -43,26 +43,8 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
             log = lib.OUT / f"{name}-{i}.reqlog"
             log.unlink(missing_ok=True)
             logs.append(log)
-            cmd = [
-                "h2load",
-                "-n",
-                str(per_key),
-                "-c",
-                "2",
-                "-m",
-                str(per_key // 2),
-                "-t",
-                "1",
-                "-d",
-                str(body),
-                "-H",
-                "content-type: application/grpc",
-                "-H",
-                "te: trailers",
-                "--log-file",
-                str(log),
-                f"http://{lib.HOST}:{ports[i % len(ports)]}{lib.GET_PATH}",
-            ]
+            url = f"http://{lib.HOST}:{ports[i % len(ports)]}{lib.GET_PATH}"
+            cmd = lib.h2load_command(per_key, 2, per_key // 2, body, log, url)
             outs.append(lib.OUT / f"{name}-{i}.out")
             # Each waits for its line on the FIFO (sh reads a pipe one byte at a time).
             shell = f"read go < {shlex.quote(str(fifo))}; exec {shlex.join(cmd)} > {shlex.quote(str(outs[-1]))}"

@@ -9,6 +9,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from appliance.cache.errors import OriginError
+from appliance.cache.ring import HashRing
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import CountingOrigin, cluster
 
@@ -67,9 +68,11 @@ async def test_every_node_returns_the_same_value_for_many_keys():
     async with cluster(3, origin) as nodes:
         for i, (k, v) in enumerate(data.items()):
             assert await get(nodes[i % 3].addr, "g", k) == v
-        assert sorted(origin.calls) == sorted(data)  # each key loaded once, by its owner
-        owners = {n.addr: n.groups["g"].stats.local_loads for n in nodes}
-        assert all(v > 20 for v in owners.values()), owners
+        assert sorted(origin.calls) == sorted(data)  # each key loaded once...
+        # ... by its owner: the ring's split (it depends on the free ports picked).
+        ring = HashRing([n.addr for n in nodes])
+        expected = {n.addr: sum(ring.owner(k) == n.addr for k in data) for n in nodes}
+        assert {n.addr: n.groups["g"].stats.local_loads for n in nodes} == expected
 
 
 @pytest.mark.parametrize(
