@@ -103,7 +103,7 @@ def test_cut_off_host_is_routed_around_and_rejoins(hosts):
     via_cut_host = get_all(apps[2].addresses()[0], truth)
     print(
         f"\n[network cut] before: {before}; while cut: {cut}; after rejoin: {after}; "
-        f"ring without host 2 after {against(around_s, LEASE_TTL + 1)}s; "
+        f"ring without host 2 after (s) {against(around_s, LEASE_TTL + 1)}; "
         f"full ring again {rejoin_s:.2f}s after the link came back; through host 2 afterwards: {via_cut_host}"
     )
     assert load.all.failed == 0 and load.all.wrong == 0, load.all.samples

@@ -116,15 +116,17 @@ class EtcdCluster:
         wait_for(self.healthy, 30, what="etcd cluster up")
         return self
 
-    def settings(self):
+    def settings(self, without: int | None = None):
+        """Settings of a client of every member (but member `without`)."""
         from appliance.config import Settings
 
-        return Settings(cluster={"etcd": self.endpoints, "embedded_etcd": False})
+        endpoints = [e for i, e in enumerate(self.endpoints) if i != without]
+        return Settings(cluster={"etcd": endpoints, "embedded_etcd": False})
 
-    def client(self, timeout: float = 2.0):
+    def client(self, timeout: float = 2.0, without: int | None = None):
         from appliance.cluster import etcd
 
-        return etcd.connect(self.settings().cluster, timeout=timeout)
+        return etcd.connect(self.settings(without).cluster, timeout=timeout)
 
     def healthy(self) -> bool:
         from appliance.cluster import etcd
