@@ -118,6 +118,32 @@ async def test_a_silent_peer_is_skipped_until_a_probe_gets_an_answer(monkeypatch
         await peer.server.stop(0)
 
 
+async def test_a_read_while_the_probe_asks_waits_for_its_answer(monkeypatch):
+    """A Get that comes while a probe asks a silent peer is decided by that
+    probe: it is not sent to the peer to wait a whole peer timeout too."""
+    monkeypatch.setattr(PeerFacts, "DOWN_MIN_S", 60.0)
+    data = {f"k{i}": f"v{i}".encode() for i in range(300)}
+    origin = CountingOrigin(data)
+    peer = SilentPeer()
+    await peer.server.start()
+    node = Node(settings(peer_timeout="300ms", hot_cache_mirror=0.0), {"g": origin}, port=0)
+    try:
+        await node.start()
+        node.set_peers([node.addr, peer.addr], 1)
+        keys = [k for k in data if node.peers.owner(k) == peer.addr][:2]
+        facts = node.peers.pick(keys[0]).facts
+        assert (await node.instance.get("g", keys[0], timeout=5)).value == data[keys[0]]
+        sent = peer.calls.count("Get")
+        assert sent == 1 and facts.probing  # unanswered: a probe asks now
+        assert (await node.instance.get("g", keys[1], timeout=5)).value == data[keys[1]]
+        assert peer.calls.count("Get") == sent  # not sent: loaded here
+        assert origin.calls == keys
+        await until(lambda: not facts.read_allowed(), 5)  # the probe got no answer: open
+    finally:
+        await node.stop(0)
+        await peer.server.stop(0)
+
+
 async def test_a_slow_owner_keeps_its_keys():
     data = {f"k{i}": f"v{i}".encode() for i in range(300)}
     s = settings(peer_timeout="300ms", hot_cache_mirror=0.0)

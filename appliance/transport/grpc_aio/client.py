@@ -222,18 +222,23 @@ class GrpcPeerClient:
         """Whether Gets go over Peer/Forward (not to a peer known to lack it)."""
         return self._use_stream and not self.facts.plain_get_only
 
-    async def _admit(self) -> float:
-        """Now, on the loop's clock; PeerError at once while the breaker is
-        open (PeerFacts): the caller loads locally without waiting, and a
-        probe in the background finds out when the peer answers again."""
+    async def _admit(self, wait: float) -> tuple[float, float]:
+        """(now on the loop's clock, what is left of the read's `wait`);
+        PeerError at once while the breaker is open (PeerFacts): the caller
+        loads locally without waiting, and a probe in the background finds
+        out when the peer answers again."""
         facts, probe = self.facts, self._probe
         if facts.probing and probe is not None and not probe.done():
             # A read just went unanswered and a probe is asking: its answer
-            # decides this read, rather than another whole peer timeout.
-            await asyncio.wait([probe], timeout=PROBE_S)
+            # decides this read, not another timeout. The wait counts.
+            before = asyncio.get_running_loop().time()
+            await asyncio.wait([probe], timeout=min(PROBE_S, wait))
+            wait -= asyncio.get_running_loop().time() - before
+            if not probe.done() and wait <= 0.01:
+                raise errors.PeerError(f"{self.addr}: no answer yet to a probe, and this read's time is up")
         now = asyncio.get_running_loop().time()
         if facts.read_allowed():
-            return now
+            return now, wait
         if facts.probe_due(now):
             self._start_probe()
         raise errors.PeerError(f"{self.addr}: not answering (asked again in the background)")
@@ -278,8 +283,7 @@ class GrpcPeerClient:
             log.warning("%s is not connected: loading its keys locally until it answers", self.addr)
 
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        started = await self._admit()
-        wait = self._wait(timeout)
+        started, wait = await self._admit(self._wait(timeout))
         try:
             result = await self._get_any(group, key, wait)
         except errors.CacheError as exc:
@@ -338,7 +342,7 @@ class GrpcPeerClient:
             raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
     async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
-        started, wait = await self._admit(), self._wait(timeout)
+        started, wait = await self._admit(self._wait(timeout))
         try:
             response, _ = await self._call(self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), wait)
         except errors.CacheError as exc:
