@@ -14,6 +14,7 @@ real gRPC, both server backends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -77,7 +78,10 @@ class SilentPeer:
         return response
 
 
-async def test_a_silent_peer_is_skipped_until_a_probe_gets_an_answer(monkeypatch):
+@contextlib.asynccontextmanager
+async def beside_a_silent_peer(monkeypatch, n_keys: int):
+    """A node and a SilentPeer, both in the node's ring; yields (node, peer,
+    origin, data, the first n_keys keys the peer owns)."""
     monkeypatch.setattr(PeerFacts, "DOWN_MIN_S", 60.0)  # no probe comes due by itself here
     data = {f"k{i}": f"v{i}".encode() for i in range(300)}
     origin = CountingOrigin(data)
@@ -87,7 +91,14 @@ async def test_a_silent_peer_is_skipped_until_a_probe_gets_an_answer(monkeypatch
     try:
         await node.start()
         node.set_peers([node.addr, peer.addr], 1)
-        keys = [k for k in data if node.peers.owner(k) == peer.addr][:8]
+        yield node, peer, origin, data, [k for k in data if node.peers.owner(k) == peer.addr][:n_keys]
+    finally:
+        await node.stop(0)
+        await peer.server.stop(0)
+
+
+async def test_a_silent_peer_is_skipped_until_a_probe_gets_an_answer(monkeypatch):
+    async with beside_a_silent_peer(monkeypatch, 8) as (node, peer, origin, data, keys):
         facts = node.peers.pick(keys[0]).facts
         async with grpc.aio.insecure_channel(node.addr) as ch:
             stub = groupcache_pb2_grpc.GroupCacheStub(ch)
@@ -113,24 +124,12 @@ async def test_a_silent_peer_is_skipped_until_a_probe_gets_an_answer(monkeypatch
             await until(facts.read_allowed, 10)
             assert await get(keys[7]) == b"peer:" + keys[7].encode()
             assert origin.calls[-1] == keys[6] and node.groups["g"].stats.peer_loads == 1
-    finally:
-        await node.stop(0)
-        await peer.server.stop(0)
 
 
 async def test_a_read_while_the_probe_asks_waits_for_its_answer(monkeypatch):
     """A Get that comes while a probe asks a silent peer is decided by that
     probe: it is not sent to the peer to wait a whole peer timeout too."""
-    monkeypatch.setattr(PeerFacts, "DOWN_MIN_S", 60.0)
-    data = {f"k{i}": f"v{i}".encode() for i in range(300)}
-    origin = CountingOrigin(data)
-    peer = SilentPeer()
-    await peer.server.start()
-    node = Node(settings(peer_timeout="300ms", hot_cache_mirror=0.0), {"g": origin}, port=0)
-    try:
-        await node.start()
-        node.set_peers([node.addr, peer.addr], 1)
-        keys = [k for k in data if node.peers.owner(k) == peer.addr][:2]
+    async with beside_a_silent_peer(monkeypatch, 2) as (node, peer, origin, data, keys):
         facts = node.peers.pick(keys[0]).facts
         assert (await node.instance.get("g", keys[0], timeout=5)).value == data[keys[0]]
         sent = peer.calls.count("Get")
@@ -139,9 +138,6 @@ async def test_a_read_while_the_probe_asks_waits_for_its_answer(monkeypatch):
         assert peer.calls.count("Get") == sent  # not sent: loaded here
         assert origin.calls == keys
         await until(lambda: not facts.read_allowed(), 5)  # the probe got no answer: open
-    finally:
-        await node.stop(0)
-        await peer.server.stop(0)
 
 
 async def test_a_slow_owner_keeps_its_keys():
