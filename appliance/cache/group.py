@@ -136,6 +136,18 @@ class Stats:
         return self.main_hits + self.hot_hits
 
 
+class _Fence:
+    """A flight's claim on a key: only the flight holding the key's current
+    fence may fill the cache with what it got. `kind`: "load" (from the
+    origin, as the owner), "peek" (at a previous owner) or "fetch" (from the
+    owner, as a non-owner: a hot copy at most)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
 class Group:
     def __init__(
         self,
@@ -176,16 +188,14 @@ class Group:
         self.previous = previous
         self.peek_timeout = peek_timeout
         self._tombstones = Tombstones(tombstone_window, clock)
-        self._peeking: set[str] = set()  # keys whose load flight is asking a previous owner
-        self._fetching: set[str] = set()  # keys being fetched from their owner (kept as hot copies only)
         # Route flights may forward to a peer; load flights only hit the
         # origin. Forwarded requests join load flights only, so two nodes
         # whose rings disagree never wait on each other in a cycle.
         self._route: SingleFlight[str, Entry] = SingleFlight()
         self._load: SingleFlight[str, Entry] = SingleFlight()
-        # key -> token of the flight allowed to fill the cache; Remove and
+        # key -> fence of the flight allowed to fill the cache; Remove and
         # Set revoke it so an in-flight load cannot bring back old data.
-        self._fences: dict[str, object] = {}
+        self._fences: dict[str, _Fence] = {}
 
     # Public API --------------------------------------------------------------
 
@@ -305,7 +315,8 @@ class Group:
         (else the stopping owner's key is lost once it exits)."""
         stats = self.stats
         # A flight not started yet checks the caches first: it finds this.
-        loading = key in self._fences and key not in self._peeking and key not in self._fetching
+        fence = self._fences.get(key)
+        loading = fence is not None and fence.kind == "load"
         if key in self._tombstones or loading or self.main.get(key) is not None:
             stats.handoff_in_refused += 1
             stats.handoff_in_refused_bytes += entry_size(key, value)
@@ -330,8 +341,7 @@ class Group:
         if peer is None:
             return await self._load.do(key, lambda: self._load_as_owner(key))
         self.stats.loads_deduped += 1
-        fence = self._fence(key)
-        self._fetching.add(key)
+        fence = self._fence(key, "fetch")
         try:
             try:
                 value, ttl_left = await peer.get(self.name, key, timeout)
@@ -340,14 +350,12 @@ class Group:
             else:
                 return self._from_peer(key, value, ttl_left, fence)
         finally:
-            self._fetching.discard(key)
             self._unfence(key, fence)
         return await self._owner_failed(key)
 
     async def _from_batch(self, key: str, fetch: asyncio.Future) -> Entry:
         self.stats.loads_deduped += 1
-        fence = self._fence(key)
-        self._fetching.add(key)
+        fence = self._fence(key, "fetch")
         try:
             try:
                 outcome = (await asyncio.shield(fetch))[key]
@@ -361,7 +369,6 @@ class Group:
             value, ttl_left = outcome
             return self._from_peer(key, self._frame(value)[0], ttl_left, fence)
         finally:
-            self._fetching.discard(key)
             self._unfence(key, fence)
 
     async def _owner_failed(self, key: str) -> Entry:
@@ -371,7 +378,7 @@ class Group:
         data, offset = self._frame(await self._load_origin(key))
         return Entry(data, 0.0, 0, offset)
 
-    def _from_peer(self, key: str, data: bytes, ttl_left: float, fence: object) -> Entry:
+    def _from_peer(self, key: str, data: bytes, ttl_left: float, fence: _Fence) -> Entry:
         """An owner's framed value."""
         self.stats.peer_loads += 1
         expires = self._carried_expiry(ttl_left)
@@ -389,7 +396,7 @@ class Group:
         entry = await self._peek_previous(key) or self.main.get(key)  # or handed to us meanwhile
         if entry is not None:
             return entry
-        fence = self._fence(key)
+        fence = self._fence(key, "load")
         try:
             data, offset = self._frame(await self._load_origin(key))
             expires = self._expiry(None)
@@ -410,8 +417,7 @@ class Group:
         if not candidates:
             return None
         stats = self.stats
-        fence = self._fence(key)
-        self._peeking.add(key)
+        fence = self._fence(key, "peek")
         found = None
         deadline = self._clock() + self.peek_timeout
         try:
@@ -429,7 +435,6 @@ class Group:
                     break
                 stats.peek_misses += 1
         finally:
-            self._peeking.discard(key)
             ours = self._fences.get(key) is fence
             self._unfence(key, fence)
         if found is None:
@@ -491,11 +496,10 @@ class Group:
                 break
         return stored
 
-    def _fence(self, key: str) -> object:
-        token = object()
-        self._fences[key] = token
+    def _fence(self, key: str, kind: str) -> _Fence:
+        token = self._fences[key] = _Fence(kind)
         return token
 
-    def _unfence(self, key: str, token: object) -> None:
+    def _unfence(self, key: str, token: _Fence) -> None:
         if self._fences.get(key) is token:
             del self._fences[key]
