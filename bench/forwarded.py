@@ -73,33 +73,26 @@ def _setup(cfg, server: str, forward: str) -> dict:
             def sized(kind, default, streams=streams):
                 return int(min(200_000, max(200, guess.get((kind, streams), default) * cfg.seconds)))
 
-            def local(streams=streams):
+            def hit(kind, port, body, proc, streams=streams):
+                """Hits on the key's owner: `local` on B (the forwarded key), `local_a` on A (its own key)."""
                 r = h2load(
-                    bport,
+                    port,
                     GET_PATH,
                     body,
-                    n=sized("local", 3000),
+                    n=sized(kind, 3000),
                     streams=streams,
-                    name=f"{tag}-local-{streams}",
-                    watch=[b.pid],
+                    name=f"{tag}-{kind.replace('_', '-')}-{streams}",
+                    watch=[proc.pid],
                     expect_data=expect,
                 )
-                guess[("local", streams)] = r["rps"]
+                guess[(kind, streams)] = r["rps"]
                 return lib.per_request_cpu(r)
 
-            def local_a(streams=streams):
-                r = h2load(
-                    aport,
-                    GET_PATH,
-                    own_body,
-                    n=sized("local_a", 3000),
-                    streams=streams,
-                    name=f"{tag}-local-a-{streams}",
-                    watch=[a.pid],
-                    expect_data=expect,
-                )
-                guess[("local_a", streams)] = r["rps"]
-                return lib.per_request_cpu(r)
+            def local():
+                return hit("local", bport, body, b)
+
+            def local_a():
+                return hit("local_a", aport, own_body, a)
 
             def forwarded(streams=streams):
                 before = lib.group_stats(bsock)["server_requests"]

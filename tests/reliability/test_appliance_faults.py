@@ -20,7 +20,7 @@ import pytest
 
 from appliance.origins.demo import DEMO_ROWS
 from support.appliance import Appliance, wait_for
-from support.faults import Load, Stopwatch, against, assert_within, frozen, get_all, write_origin_files
+from support.faults import Load, Stopwatch, against, assert_within, frozen, get_all, report, write_origin_files
 
 pytestmark = pytest.mark.integration
 
@@ -104,10 +104,6 @@ def hold(app: Appliance, indexes: list[int], members: list[str]) -> bool:
     """Workers `indexes` all hold one ring (same revision) of exactly `members`."""
     rings = {ring_of(app, i) for i in indexes}
     return len(rings) == 1 and next(iter(rings))[1] == tuple(sorted(members))
-
-
-def report(name: str, **figures) -> None:
-    print(f"\n[{name}] " + "; ".join(f"{k} = {v}" for k, v in figures.items()))
 
 
 # 1 --------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import pytest
 from appliance.cache.ring import HashRing
 from appliance.cluster import etcd
 from support.appliance import wait_for
-from support.faults import Load, Stopwatch, against, assert_within, write_origin_files
+from support.faults import Load, Stopwatch, against, assert_within, report, write_origin_files
 from support.netns import Box, Network, netns_unavailable
 
 pytestmark = pytest.mark.integration
@@ -49,10 +49,6 @@ GROUPS = """
 origin = "file://{origin}"
 cache_bytes = "8MiB"
 """
-
-
-def report(name: str, **figures) -> None:
-    print(f"\n[{name}] " + "; ".join(f"{k} = {v}" for k, v in figures.items()))
 
 
 @pytest.fixture(scope="module")

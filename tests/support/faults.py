@@ -219,6 +219,11 @@ def hwm_kib(pid: int) -> int:
 NOISE_S = 2.0
 
 
+def report(name: str, **figures) -> None:
+    """One line of a test's measured figures (pytest -s shows it)."""
+    print(f"\n[{name}] " + "; ".join(f"{k} = {v}" for k, v in figures.items()))
+
+
 def against(figure: float, bound: float) -> str:
     """A timed figure for a report, next to its documented bound."""
     verdict = "held" if figure <= bound else f"over by {figure - bound:.2f}s"

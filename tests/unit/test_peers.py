@@ -4,15 +4,7 @@ process (appliance.node.peers). Pure: clients are fakes."""
 import asyncio
 
 from appliance.node.peers import Peers
-
-
-class FakeClient:
-    def __init__(self, addr, facts):
-        self.addr, self.facts = addr, facts
-        self.closed = None
-
-    async def close(self, grace=None):
-        self.closed = grace
+from support.fake_peers import FakeClient
 
 
 def made():

@@ -15,6 +15,7 @@ from appliance.cache.ring import HashRing
 from appliance.cache.store import Store
 from appliance.cache.tombstones import Tombstones
 from appliance.node.peers import MAX_PEEKS, Peers
+from support.fake_peers import FakeClient
 
 
 class Clock:
@@ -334,15 +335,6 @@ async def test_peeks_share_the_load_flight():
 
 
 # Peers: previous rings -----------------------------------------------------------------
-
-
-class FakeClient:
-    def __init__(self, addr, facts):
-        self.addr, self.facts = addr, facts
-        self.closed = None
-
-    async def close(self, grace=None):
-        self.closed = grace
 
 
 def peers_at(addr, clock, **kw):
