@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(VENV)/bin/appliance run
 
 test: $(STAMP) proto-check lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rfEs -p no:cacheprovider
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit

@@ -11,6 +11,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pytest  # noqa: E402
 
+# On CI a skip is a failure (support/required.py).
+pytest_plugins = ["support.required"]
+
 # Both server backends of appliance.transport. A module that runs its tests
 # on each one says `pytestmark = pytest.mark.usefixtures("backend")`.
 BACKENDS = ("native", "grpcio")

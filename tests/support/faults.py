@@ -60,6 +60,13 @@ class Outcome:
         return f"{self.total} requests, {self.failed} failed ({rate:.2f}%), {self.wrong} wrong"
 
 
+# Requests per second per Load thread. Unpaced, a few Python client threads
+# take both cores of this box, and a process the test restarts waits seconds
+# for CPU: a timed figure then measures the starved box, not the mechanism
+# (a restarted box took 8.8 s from supervisord to serving workers, 2 s paced).
+RATE = 200.0
+
+
 class Load:
     """Threads calling Get on `targets` for keys of `truth`, bounded in count and time.
 
@@ -79,7 +86,10 @@ class Load:
         max_seconds: float = 60.0,
         max_requests: int = 200_000,
         seed: int = 7,
+        rate: float | None = RATE,
     ) -> None:
+        """`rate`: requests per second per thread (None: as fast as answers
+        come)."""
         self.targets = list(targets)
         self.truth = dict(truth)
         self.keys = sorted(self.truth)
@@ -87,6 +97,7 @@ class Load:
         self.max_seconds = max_seconds
         self.max_requests = max_requests
         self.seed = seed
+        self.rate = rate
         self.threads = [
             threading.Thread(target=self._run, args=(addr, n), name=f"load-{addr}-{n}", daemon=True)
             for addr in self.targets
@@ -135,10 +146,17 @@ class Load:
 
     def _run(self, addr: str, n: int) -> None:
         rng = random.Random(f"{self.seed}-{addr}-{n}")
-        deadline = time.monotonic() + self.max_seconds
+        start = time.monotonic()
+        deadline = start + self.max_seconds
+        sent = 0
         with grpc.insecure_channel(addr) as channel:
             stub = groupcache_pb2_grpc.GroupCacheStub(channel)
             while not self._stop.is_set() and time.monotonic() < deadline:
+                if self.rate:
+                    due = start + sent / self.rate
+                    if self._stop.wait(max(0.0, due - time.monotonic())):
+                        return
+                sent += 1
                 with self._lock:
                     if self.requests >= self.max_requests:
                         return
@@ -212,13 +230,6 @@ def hwm_kib(pid: int) -> int:
     return _status_kib(pid, "VmHWM")
 
 
-# A shared 2-core box adds scheduling noise to every timed figure. A test
-# reports its figure against the bound it documents and fails only past
-# bound + NOISE_S: a keep-alive stuck on a dead member or a retry loop costs
-# more than that, a busy scheduler does not.
-NOISE_S = 2.0
-
-
 def report(name: str, **figures) -> None:
     """One line of a test's measured figures (pytest -s shows it)."""
     print(f"\n[{name}] " + "; ".join(f"{k} = {v}" for k, v in figures.items()))
@@ -231,7 +242,10 @@ def against(figure: float, bound: float) -> str:
 
 
 def assert_within(figure: float, bound: float, what: str) -> None:
-    assert figure <= bound + NOISE_S, f"{what}: {figure:.2f}s, past its bound {bound:g}s + {NOISE_S:g}s of noise"
+    """A documented bound holds as documented: no allowance for noise. The
+    loads are paced (RATE), so a figure past its bound is a mechanism to
+    find, not a busy scheduler."""
+    assert figure <= bound, f"{what}: {figure:.2f}s, past its bound {bound:g}s"
 
 
 class Stopwatch:
