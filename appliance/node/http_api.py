@@ -13,9 +13,12 @@ Answers:
 
     200  the value (application/octet-stream, exact Content-Length)
     400  bad key or group name (empty, too long)           plain-text reason
+    401  a credential is needed (reads = "authenticated")  plain-text reason
+    403  the credential lacks the read scope               plain-text reason
     404  unknown group, or the origin has no such key      plain-text reason
     429  rate limited (shares the gRPC port's buckets)     Retry-After header
-    503  the origin failed or timed out                    plain-text reason
+    503  the origin failed or timed out, or the node has   plain-text reason
+         no ring yet or is draining (gRPC: UNAVAILABLE)
 
 `GET /healthz` answers 200 SERVING once the worker holds a ring and 503
 NOT_SERVING before that and while it drains (the gRPC health status).
@@ -43,14 +46,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_STATUS = {
-    errors.InvalidRequest: 400,
-    errors.GroupNotFound: 404,
-    errors.KeyNotFound: 404,
-    errors.OriginError: 503,
-    errors.PeerError: 503,
-    errors.Unauthenticated: 401,
-    errors.PermissionDenied: 403,
+# The HTTP status of each error kind (cache/errors.py); transport/status.py
+# maps the same kinds to gRPC codes. A node without a ring yet (NotServing)
+# or draining answers 503 as gRPC answers UNAVAILABLE.
+STATUS = {
+    "invalid_argument": 400,
+    "not_found": 404,
+    "unavailable": 503,
+    "unauthenticated": 401,
+    "permission_denied": 403,
+    "internal": 500,
 }
 
 
@@ -115,7 +120,7 @@ class HttpApi:
             credentials = None if instance.reads_open else Credentials(request.headers.get("Authorization"))
             entry = await instance.get(group_name, key, credentials=credentials)
         except errors.CacheError as exc:
-            status = _STATUS.get(type(exc), 500)
+            status = STATUS[exc.kind]
             if isinstance(exc, errors.KeyNotFound):
                 reason = f"key {key!r} not found in group {group_name!r}"
             else:

@@ -19,18 +19,23 @@ from ..cache import errors
 DOMAIN = "groupcache-appliance"
 DETAILS_KEY = "grpc-status-details-bin"
 
-CODES: dict[type[errors.CacheError], grpc.StatusCode] = {
-    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.GroupNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.KeyNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.OriginError: grpc.StatusCode.UNAVAILABLE,
-    errors.PeerError: grpc.StatusCode.UNAVAILABLE,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Draining: grpc.StatusCode.UNAVAILABLE,
-    errors.NotServing: grpc.StatusCode.UNAVAILABLE,
+# The status of each error kind (cache/errors.py); node/http_api.py maps the
+# same kinds to HTTP statuses.
+CODES: dict[str, grpc.StatusCode] = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "internal": grpc.StatusCode.INTERNAL,
 }
-BY_REASON = {cls.reason: cls for cls in CODES}
+
+
+def _known(cls: type[errors.CacheError]) -> list[type[errors.CacheError]]:
+    return [cls] + [c for sub in cls.__subclasses__() for c in _known(sub)]
+
+
+BY_REASON = {cls.reason: cls for cls in _known(errors.CacheError)[1:]}
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 # What a per-key result code (GetMany, Forward) stands for when it carries
 # no reason: only the owner's own answers keep their meaning.
@@ -47,7 +52,7 @@ class Failure(collections.namedtuple("Failure", ("code", "details", "trailing_me
 
 
 def code_of(exc: errors.CacheError) -> grpc.StatusCode:
-    return CODES.get(type(exc), grpc.StatusCode.INTERNAL)
+    return CODES[exc.kind]
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -136,7 +141,7 @@ def owner_error(reason: str, code: int, message: str) -> errors.CacheError:
     """The error an owner's (reason, status code) stands for. A missing group
     on the owner is not an answer about the key: PeerError, load locally."""
     cls = BY_REASON.get(reason)
-    if cls is not None and cls is not errors.GroupNotFound and CODES[cls].value[0] == code:
+    if cls is not None and cls is not errors.GroupNotFound and CODES[cls.kind].value[0] == code:
         return cls(message)
     return errors.PeerError(f"{_CODE_NAMES.get(code, code)}: {message}")
 

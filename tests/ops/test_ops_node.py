@@ -260,6 +260,22 @@ async def test_http_get_hit_miss_unknown_group_bad_key_origin_down():
         assert sum(n.groups["g"].stats.gets for n in ns) >= 6
 
 
+@pytest.mark.usefixtures("backend")
+async def test_http_and_grpc_answer_a_node_without_a_ring_alike():
+    """Before its first ring a node loads nothing (NotServing): gRPC answers
+    UNAVAILABLE, so HTTP answers 503, not 500."""
+    async with nodes(1, CountingOrigin({"k": b"v"}), http=True, ring=False) as (node,):
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{node.http_api.port}/groups/g/keys/k") as r:
+                assert r.status == 503, await r.text()
+                assert "ring" in await r.text()
+            async with http.get(f"http://127.0.0.1:{node.http_api.port}/healthz") as r:
+                assert (r.status, await r.text()) == (503, "NOT_SERVING\n")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await get(node.addr, "g", "k")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 # TLS ---------------------------------------------------------------------------
 
 
