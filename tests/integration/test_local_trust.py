@@ -128,7 +128,14 @@ def test_another_user_cannot_join_the_ring_or_write(box, tmp_path):
         "reader_token": box.tokens["reader"],
         "admin_socket": str(settings.admin_socket(0)),
         "token_file": str(settings.token_path()),
+        "etcd_socket": str(settings.etcd_socket()),
     }
+    # The control: the very command the other user runs works as root, so
+    # its failure there is a refusal, not a broken command or endpoint.
+    from support.other_user import etcd_put
+
+    control = [etcd_put(plan["etcdctl"], ep, "trust-control/root", "x") for ep in endpoints]
+    assert all(c["returncode"] == 0 for c in control), control
     plan_file = Path(tempfile.mkstemp(prefix="plan-", dir="/tmp")[1])
     try:
         plan_file.write_text(json.dumps(plan, ensure_ascii=False))
@@ -150,6 +157,7 @@ def test_another_user_cannot_join_the_ring_or_write(box, tmp_path):
     assert seen["uid"] == 65534
     assert listeners == []  # single box: unix sockets only
     assert all(e["returncode"] != 0 for e in seen["etcd"]), seen["etcd"]
+    assert seen["etcd_socket"] == "PermissionError"  # the 0700 directory, not a missing socket
     assert "127.0.0.1:6666" not in box.registered_addrs()
     assert all("127.0.0.1:6666" not in ring for _, ring in box.rings())
     # Reads are open; writes need a credential with the write scope.
