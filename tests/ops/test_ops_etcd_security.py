@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import etcd3
+import grpc
 import pytest
 
 from appliance.cluster import etcd
@@ -148,8 +150,9 @@ def test_user_password_register_read_and_watch(auth_etcd, monkeypatch):
         finally:
             from_env.close()
         # The role covers groupcache/ only.
-        with pytest.raises(Exception, match="(?i)permission"):
+        with pytest.raises(grpc.RpcError) as denied:
             client.put("elsewhere/x", "y")
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, denied.value
     finally:
         if cancel is not None:
             cancel()
@@ -175,12 +178,22 @@ def test_etcd_tls_with_a_client_certificate(tmp_path, pki):
 
 
 def assert_refused_without_a_certificate(endpoint: str, pki) -> None:
-    """A client with the CA but no certificate, or in plain text, is refused."""
-    for bad in (cluster(endpoint, etcd_ca=str(pki.ca)), cluster(endpoint)):
+    """The member at `endpoint` answers a client with a certificate; one
+    with the CA but no certificate, or in plain text, is refused at the
+    connection (no TLS session), not by some later error."""
+    good = etcd.connect(cluster(endpoint, etcd_ca=str(pki.ca), etcd_cert=str(pki.cert), etcd_key=str(pki.key)))
+    try:
+        etcd.read_members(good, "groupcache")  # it runs, and takes certificates
+    finally:
+        good.close()
+    # The CA alone: the member ends the handshake (it requires a client
+    # certificate). Plain text: it closes the socket.
+    for bad, why in ((cluster(endpoint, etcd_ca=str(pki.ca)), "handshake"), (cluster(endpoint), "closed")):
         c = etcd.connect(bad, timeout=2)
         try:
-            with pytest.raises(Exception):  # noqa: B017 - any refusal will do: TLS, auth or connection
+            with pytest.raises(etcd3.exceptions.ConnectionFailedError) as info:
                 etcd.read_members(c, "groupcache")
+            assert why in etcd.describe(info.value).lower(), etcd.describe(info.value)
         finally:
             c.close()
 
@@ -192,7 +205,7 @@ def test_an_embedded_etcd_cluster_with_tls_takes_only_clients_with_a_certificate
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
     ports = [free_port(h) for h in hosts]
     peer = next(p for p in (free_port() for _ in range(50)) if all(_bindable(h, p) for h in hosts))
-    endpoints = [f"{h}:{p}" for h, p in zip(hosts, ports, strict=False)]
+    endpoints = [f"{h}:{p}" for h, p in zip(hosts, ports, strict=True)]
     boxes = [
         Settings(
             cluster={"etcd": endpoints, "etcd_peer_port": peer},
