@@ -76,7 +76,7 @@ def expected(keys_by_owner: dict[str, list[str]]) -> Counter:
 
 def assert_values(mixed, calls):
     results = mixed.agent.get(calls)
-    wrong = [(c, r) for c, r in zip(calls, results, strict=False) if r != (b"v-" + c[2].encode(), None)]
+    wrong = [(c, r) for c, r in zip(calls, results, strict=True) if r != (b"v-" + c[2].encode(), None)]
     assert not wrong, f"{len(wrong)}/{len(calls)} wrong answers, e.g. {wrong[:3]}"
 
 
@@ -158,7 +158,7 @@ def test_python_to_go_across_join_leave_rounds(mixed):
             assert_values(mixed, [(w0, "scores", key)])
             if mixed.app.admin_stats(0)["revision"] == ring_before:
                 assert mixed.loads() - before == Counter({(w0, key): 1})
-                assert [a - b for a, b in zip(peer_errors(mixed), errs, strict=False)] == [1, 0]
+                assert [a - b for a, b in zip(peer_errors(mixed), errs, strict=True)] == [1, 0]
                 row["down_owner_get"] = "1 peer error, loaded by our origin on w0"
             else:  # its lease ran out already (it cannot within 5 s of the kill)
                 row["down_owner_get"] = "not checked: the ring changed first"
@@ -182,7 +182,7 @@ def test_python_to_go_across_join_leave_rounds(mixed):
         row["loads"] = side_counts(delta, mixed)
         go_owned = set(keys[g0] + keys[g1])
         row["go_owned_loaded_by_python"] = sum(n for (who, k), n in delta.items() if who in (w0, w1) and k in go_owned)
-        row["peer_errors_delta"] = [a - b for a, b in zip(peer_errors(mixed), errs, strict=False)]
+        row["peer_errors_delta"] = [a - b for a, b in zip(peer_errors(mixed), errs, strict=True)]
         rounds.append(row)
         FIGURES["python_to_go_rounds"] = rounds
         owner = {k: o for o, ks in keys.items() for k in ks}

@@ -53,10 +53,15 @@ class Reads:
                 except grpc.RpcError:
                     failed += len(chunk)
                     continue
-            for r in reply.results:
-                if r.code:
+            # Every key asked must come back, once: a result that went
+            # missing is a failed read, not one left out of the count.
+            got = {r.key: r for r in reply.results}
+            wrong += len(reply.results) - len(got)  # a key answered twice
+            for key in chunk:
+                r = got.get(key)
+                if r is None or r.code:
                     failed += 1
-                elif r.value != sized(r.key):
+                elif r.value != sized(key):
                     wrong += 1
         return failed, wrong
 

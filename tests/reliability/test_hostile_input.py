@@ -70,7 +70,7 @@ class LocalPeer:
         if self.machine.peer_down:
             raise PeerError(f"{self.addr} is down")
         results = await self.machine.groups[self.target].get_many(keys, forwarded=True)
-        return {k: (r.value, 0.0) if isinstance(r, Entry) else r for k, r in zip(keys, results, strict=False)}
+        return {k: (r.value, 0.0) if isinstance(r, Entry) else r for k, r in zip(keys, results, strict=True)}
 
     async def peek(self, group, key, timeout):
         machine = self.machine
@@ -201,12 +201,12 @@ class GroupMachine(RuleBasedStateMachine):
         async def go():
             return await asyncio.gather(*(self.groups[n].get(k, timeout=5) for n, k in gets), return_exceptions=True)
 
-        for (_, key), outcome in zip(gets, self.run(go()), strict=False):
+        for (_, key), outcome in zip(gets, self.run(go()), strict=True):
             self.check_answer(key, outcome)
 
     @rule(node=NODES, keys=st.lists(KEYS, min_size=1, max_size=6))
     def get_many(self, node, keys):
-        for key, outcome in zip(keys, self.run(self.groups[node].get_many(keys, timeout=5)), strict=False):
+        for key, outcome in zip(keys, self.run(self.groups[node].get_many(keys, timeout=5)), strict=True):
             self.check_answer(key, outcome)
 
     @rule(node=NODES, key=KEYS, value=VALUES)
@@ -348,7 +348,7 @@ async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
                     batch.append((kind, rng.choice(raws)(raw, timeout=5, metadata=fuzz.metadata(rng))))
                 sent += len(batch)
                 results = await asyncio.gather(*(call for _, call in batch), return_exceptions=True)
-                for (kind, _), result in zip(batch, results, strict=False):
+                for (kind, _), result in zip(batch, results, strict=True):
                     if isinstance(result, bytes):
                         counts[(kind, "OK")] += 1
                     elif isinstance(result, grpc.aio.AioRpcError):
@@ -364,7 +364,7 @@ async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
                     break
                 await asyncio.sleep(0.05)
             leftover = len(asyncio.all_tasks()) - baseline
-            for stub, channel in zip(stubs, channels, strict=False):
+            for stub, channel in zip(stubs, channels, strict=True):
                 assert (await stub.Get(groupcache_pb2.GetRequest(group="g", key="k2"), timeout=5)).value == b"v2"
                 health = health_pb2_grpc.HealthStub(channel)
                 reply = await health.Check(health_pb2.HealthCheckRequest(service="groupcachepb.GroupCache"), timeout=5)

@@ -149,7 +149,7 @@ def test_filling_far_past_the_budget_stays_within_it(app):
         for start in range(0, len(keys), 64):  # 64 calls in flight at a time
             batch = keys[start : start + 64]
             futures = [stub.Get.future(groupcache_pb2.GetRequest(group="big", key=k), timeout=30) for k in batch]
-            wrong += sum(f.result().value != sized(k) for k, f in zip(batch, futures, strict=False))
+            wrong += sum(f.result().value != sized(k) for k, f in zip(batch, futures, strict=True))
     stats = [app.admin_stats(i)["groups"]["big"] for i in range(2)]
     rss_after = [rss_kib(p) for p in pids]
     lines = []
@@ -171,7 +171,7 @@ def test_filling_far_past_the_budget_stays_within_it(app):
         assert s["main_evictions"] > 0
     assert sum(s["main_items"] for s in stats) < len(keys)
     # Loose: memory does not grow with what was asked, only with what is kept.
-    assert all((after - before) * 1024 < FILL for before, after in zip(rss_before, rss_after, strict=False))
+    assert all((after - before) * 1024 < FILL for before, after in zip(rss_before, rss_after, strict=True))
 
 
 def test_fuzz_burst_against_a_worker_process(app):

@@ -92,7 +92,7 @@ class EtcdCluster:
 
     def start(self) -> EtcdCluster:
         initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, p in enumerate(self.peer_ports))
-        for i, (cp, pp) in enumerate(zip(self.client_ports, self.peer_ports, strict=False)):
+        for i, (cp, pp) in enumerate(zip(self.client_ports, self.peer_ports, strict=True)):
             client, peer = f"http://127.0.0.1:{cp}", f"http://127.0.0.1:{pp}"
             self.procs.append(
                 subprocess.Popen(

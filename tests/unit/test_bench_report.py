@@ -255,7 +255,7 @@ def sample_results() -> dict:
                         for c, share in zip(
                             ("rolling restart", "scale-out 3→4", "planned stop", "kill -9"),
                             (0.0, 0.0, 0.0, 0.4) if mode == "after" else (1.1, 0.3, 0.25, 0.45),
-                            strict=False,
+                            strict=True,
                         )
                     },
                 }

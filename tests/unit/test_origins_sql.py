@@ -117,7 +117,7 @@ async def test_concurrent_readers(db, make):
     o = make(f"sqlite:///{db}", q("n"), max_concurrent_loads=4)
     keys = ["a", "张三", "missing"] * 20
     results = await asyncio.gather(*(o.load(k) for k in keys), return_exceptions=True)
-    for k, r in zip(keys, results, strict=False):
+    for k, r in zip(keys, results, strict=True):
         if k == "missing":
             assert isinstance(r, KeyNotFound)
         else:

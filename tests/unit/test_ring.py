@@ -270,7 +270,7 @@ replica_counts = st.integers(1, 60)
 def reference_owner(nodes, replicas, scheme, key):
     """Plain reading of the Go code: map overwrite, then a linear scan."""
     owner_of = {}
-    for h, n in zip(vnode_hashes(nodes, replicas, scheme), (n for n in nodes for _ in range(replicas)), strict=False):
+    for h, n in zip(vnode_hashes(nodes, replicas, scheme), (n for n in nodes for _ in range(replicas)), strict=True):
         owner_of[h] = n
     ring = sorted(vnode_hashes(nodes, replicas, scheme))
     kh = zlib.crc32(key.encode())
@@ -484,7 +484,7 @@ def test_agrees_with_go(go_ring, peers_name, scheme, replicas):
     ks = agreement_keys() + vnode_keys(peers, replicas)
     ring = HashRing(peers, replicas=replicas, scheme=scheme)
     expected = go_owners(go_ring, scheme, replicas, peers, ks)
-    mismatches = [(k[:40], o, e) for k, o, e in zip(ks, map(ring.owner, ks), expected, strict=False) if o != e]
+    mismatches = [(k[:40], o, e) for k, o, e in zip(ks, map(ring.owner, ks), expected, strict=True) if o != e]
     assert not mismatches, f"{len(mismatches)} of {len(ks)} keys disagree, e.g. {mismatches[:5]}"
 
     if peers:

@@ -86,4 +86,4 @@ def test_encoded_get_many_reply_is_what_protobuf_writes():
     assert [(r.key, r.value, r.code, r.error) for r in a.results] == [
         (r.key, r.value, r.code, r.error) for r in b.results
     ]
-    assert all(abs(x.ttl - y.ttl) < 1 and x.ttl > 29 for x, y in zip(a.results, b.results, strict=False) if x.code == 0)
+    assert all(abs(x.ttl - y.ttl) < 1 and x.ttl > 29 for x, y in zip(a.results, b.results, strict=True) if x.code == 0)
