@@ -8,7 +8,7 @@ import pytest
 
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from appliance.transport.grpc_aio.client import GrpcPeerClient as PeerClient
-from support.nodes import CountingOrigin, cluster
+from support.nodes import CountingOrigin, all_arrived, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
@@ -83,8 +83,7 @@ async def test_get_many_and_get_share_singleflight():
             s.cache[i % 3].GetMany(cache_pb2.GetManyRequest(group="g", keys=["k", "k"]), timeout=5) for i in range(30)
         ]
         tasks = [asyncio.ensure_future(c) for c in calls]
-        await eventually(lambda: asyncio.sleep(0, result=bool(origin.calls)))
-        await asyncio.sleep(0.1)
+        await all_arrived(nodes, 30 + 30 * 2)  # each GetMany asks for "k" twice
         origin.gate.set()
         await asyncio.gather(*tasks)
         assert origin.calls == ["k"]

@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from appliance.cache.errors import OriginError
 from appliance.cache.ring import HashRing
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import CountingOrigin, cluster
+from support.nodes import CountingOrigin, all_arrived, client_gets, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
@@ -44,12 +44,8 @@ async def test_concurrent_cold_gets_on_three_nodes_load_once():
         stubs = [groupcache_pb2_grpc.GroupCacheStub(c) for c in channels]
         req = groupcache_pb2.GetRequest(group="g", key="hot-key")
         calls = [asyncio.ensure_future(stubs[i % 3].Get(req, timeout=10)) for i in range(90)]
-        # Wait until the owner's load is in flight, then let it finish.
-        for _ in range(500):
-            if origin.calls:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # let every request arrive while the load is held
+        # Every Get arrives while the owner's load is held, then it finishes.
+        await all_arrived(nodes, 90)
         origin.gate.set()
         replies = await asyncio.gather(*calls)
         assert {r.value for r in replies} == {b"value-1"}
@@ -57,7 +53,7 @@ async def test_concurrent_cold_gets_on_three_nodes_load_once():
         owner = nodes[0].peers.owner("hot-key")
         stats = {n.addr: n.groups["g"].stats for n in nodes}
         assert stats[owner].local_loads == 1
-        assert sum(s.gets for s in stats.values()) >= 90
+        assert client_gets(nodes) == 90
         for c in channels:
             await c.close()
 

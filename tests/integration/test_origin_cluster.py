@@ -9,7 +9,7 @@ from aiohttp import web
 from appliance.config import GroupSettings
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import cluster
+from support.nodes import all_arrived, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
 
@@ -38,10 +38,7 @@ async def test_200_concurrent_cluster_wide_gets_make_one_http_request(tmp_path):
             stubs = [groupcache_pb2_grpc.GroupCacheStub(c) for c in channels]
             req = groupcache_pb2.GetRequest(group="g", key="cold key/张")
             calls = [asyncio.ensure_future(stubs[i % 3].Get(req, timeout=15)) for i in range(200)]
-            deadline = asyncio.get_running_loop().time() + 10
-            while not hits and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.3)  # every Get is now waiting on that one load
+            await all_arrived(nodes, 200, timeout=15)  # every Get waits on that one load
             release.set()
             replies = await asyncio.gather(*calls)
             assert {r.value for r in replies} == {"from-http:cold key/张".encode()}

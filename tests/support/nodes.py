@@ -90,3 +90,21 @@ async def open_peer_streams(nodes, group: str) -> None:
                 await node.groups[group].get(key)
             except CacheError:
                 pass
+
+
+def client_gets(nodes, group: str = "g") -> int:
+    """Gets the nodes received from clients (forwards between them excluded),
+    counted as each arrives, before any waits on a load."""
+    return sum(n.groups[group].stats.gets - n.groups[group].stats.server_requests for n in nodes)
+
+
+async def all_arrived(nodes, count: int, group: str = "g", timeout: float = 10.0) -> None:
+    """Until `count` client Gets have arrived (a held load keeps them waiting):
+    releasing the load before then would let late Gets hit the cache, and a
+    load-once check would stop testing singleflight without failing."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (arrived := client_gets(nodes, group)) < count:
+        if loop.time() > deadline:
+            raise AssertionError(f"{arrived} of {count} Gets arrived before the deadline")
+        await asyncio.sleep(0.005)
