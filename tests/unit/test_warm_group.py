@@ -382,7 +382,9 @@ async def test_candidates_come_from_earlier_rings_newest_first_and_skip_us():
 
 async def test_a_peer_that_left_is_asked_and_trusted_for_its_grace_only():
     clock = Clock()
-    p = peers_at("a:1", clock, peek_window=10, departed_grace=3)
+    # A short grace: the fake clock ends it for members(), the loop's real
+    # timer for the client, which is waited for (not slept on).
+    p = peers_at("a:1", clock, peek_window=10, departed_grace=0.3)
     p.set_peers(["a:1", "b:1"], 1)
     clock.now += 20
     left = p.client("b:1")
@@ -390,9 +392,13 @@ async def test_a_peer_that_left_is_asked_and_trusted_for_its_grace_only():
     p.set_peers(["a:1"], 2)
     assert p.members() == {"a:1", "b:1"}
     assert p.peek_candidates(key) == [left]  # out of the ring, maybe still handing off
-    clock.now += 3.1
+    assert left.closed is None  # not before its grace
+    clock.now += 0.31
     assert p.members() == {"a:1"} and p.peek_candidates(key) == []
-    await asyncio.sleep(3.2)  # its client is closed once the grace is over (real timer)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while left.closed is None and loop.time() < deadline:
+        await asyncio.sleep(0.01)
     assert left.closed == p.close_grace
 
 
