@@ -130,20 +130,39 @@ def unit_settings(text: str) -> dict[str, list[str]]:
     return out
 
 
-def test_unit_has_the_required_settings():
-    s = unit_settings(render_unit("/opt/x/bin/appliance", "/etc/appliance/appliance.toml", "cache"))
+# The default stop, worked out by hand: a worker gets drain 10 s + peer 5 s +
+# margin 5 s = 20 s, the controller 5 s and etcd 10 s, each plus supervisord's
+# 2 s kill lag (22 + 7 + 12 s), then supervisord's own exit (30 s): 71 s, and
+# the unit 10 s more. With drain_timeout = 2m: 132 + 7 + 12 + 30 + 10 = 191 s.
+DEFAULT_TIMEOUT_STOP = 81
+DRAIN_2M_TIMEOUT_STOP = 191
+
+
+@pytest.mark.parametrize("source", ["rendered", "repository copy"])
+def test_unit_has_the_required_settings(source):
+    if source == "rendered":
+        text, exe, user = (
+            render_unit("/opt/x/bin/appliance", "/etc/appliance/appliance.toml", "cache"),
+            "/opt/x",
+            "cache",
+        )
+    else:  # the reviewed file in systemd/, held to the same hand-written settings
+        text, exe, user = REPO_UNIT.read_text(), "/opt/appliance/.venv", "appliance"
+    s = unit_settings(text)
     expected = {
         "Type": "exec",
-        "ExecStart": "/opt/x/bin/appliance run --config /etc/appliance/appliance.toml",
+        "ExecStart": f"{exe}/bin/appliance run --config /etc/appliance/appliance.toml",
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "Restart": "on-failure",
-        "User": "cache",
-        "Group": "cache",
+        "User": user,
+        "Group": user,
         "KillMode": "mixed",
         "KillSignal": "SIGTERM",
-        "TimeoutStopSec": f"{timeout_stop(NodeSettings())}s",
+        "TimeoutStopSec": f"{DEFAULT_TIMEOUT_STOP}s",
         "StateDirectory": "appliance",
+        "StateDirectoryMode": "0700",
         "RuntimeDirectory": "appliance",
+        "RuntimeDirectoryMode": "0700",
         "RuntimeDirectoryPreserve": "no",
         "ConfigurationDirectory": "appliance",
         "Environment": "PYTHONUNBUFFERED=1",
@@ -182,9 +201,9 @@ def test_timeout_stop_exceeds_the_whole_ordered_stop():
     # then etcd, then waits for supervisord: systemd must not kill it first.
     for node in (NodeSettings(), NodeSettings(drain_timeout="2m", peer_timeout="30s")):
         assert timeout_stop(node) > shutdown_time(node) > node.stop_grace
-    assert timeout_stop(NodeSettings()) == 81
+    assert timeout_stop(NodeSettings()) == DEFAULT_TIMEOUT_STOP
     text = render_unit("/opt/x/bin/appliance", node=NodeSettings(drain_timeout="2m"))
-    assert unit_settings(text)["TimeoutStopSec"] == [f"{timeout_stop(NodeSettings(drain_timeout=120))}s"]
+    assert unit_settings(text)["TimeoutStopSec"] == [f"{DRAIN_2M_TIMEOUT_STOP}s"]
 
 
 def test_render_quotes_and_escapes_paths():
@@ -325,7 +344,7 @@ def test_unit_follows_the_installed_configs_drain(tmp_path):
     root.mkdir()
     staged(root, config_source=src)
     unit = (root / "etc/systemd/system/appliance.service").read_text()
-    assert unit_settings(unit)["TimeoutStopSec"] == [f"{timeout_stop(NodeSettings(drain_timeout=120))}s"]
+    assert unit_settings(unit)["TimeoutStopSec"] == [f"{DRAIN_2M_TIMEOUT_STOP}s"]
 
 
 def test_a_config_that_does_not_load_gets_the_default_timeout_and_a_warning(tmp_path):
@@ -334,7 +353,7 @@ def test_a_config_that_does_not_load_gets_the_default_timeout_and_a_warning(tmp_
     config.write_text("[node]\nworkerz = 3\n")
     lines = staged(tmp_path)
     unit = (tmp_path / "etc/systemd/system/appliance.service").read_text()
-    assert unit_settings(unit)["TimeoutStopSec"] == [f"{timeout_stop(NodeSettings())}s"]
+    assert unit_settings(unit)["TimeoutStopSec"] == [f"{DEFAULT_TIMEOUT_STOP}s"]
     assert any(ln.startswith(f"warning: {config} does not load (") and "workerz" in ln for ln in lines), lines
 
 
