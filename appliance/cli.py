@@ -476,12 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .cluster.membership import MembershipError
     from .config import ConfigError
+    from .supervision.files import UnsafeDirectory
     from .systemd import InstallError
 
     args = parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, UsageError, InstallError, MembershipError) as exc:
+    except (ConfigError, UsageError, InstallError, MembershipError, UnsafeDirectory) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import shlex
 import shutil
@@ -16,6 +15,7 @@ from .. import addr as addrs
 from .. import host
 from ..config import Settings, dirs
 from . import rpc
+from .files import write_private
 
 WORKER_PRIORITY, CONTROLLER_PRIORITY, ETCD_PRIORITY = 300, 200, 100
 # Seconds the controller and etcd get to exit on SIGTERM (a worker gets
@@ -39,13 +39,7 @@ def new_supervisor_auth(settings: Settings) -> tuple[str, str]:
     """A fresh username and password for supervisord's socket (each start),
     kept 0600 in the runtime dir for `run` and the CLI."""
     auth = ("appliance", secrets.token_urlsafe(24))
-    path = _auth_path(settings)
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(":".join(auth) + "\n")
-    tmp.replace(path)
+    write_private(_auth_path(settings), ":".join(auth) + "\n")
     return auth
 
 
@@ -71,17 +65,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _appliance(*args: str, config: Path | None) -> str:
-    cmd = [sys.executable, "-m", "appliance", *args]
+    # -P: `-m` would put the working directory first on sys.path, and a
+    # module planted there would run as us (the programs also start in the
+    # private runtime directory).
+    cmd = [sys.executable, "-P", "-m", "appliance", *args]
     if config is not None:
         cmd += ["--config", str(config)]
     return shlex.join(cmd)
 
 
-def _program(name: str, command: str, *, priority: int, stop_grace: float, extra: str = "") -> str:
+def _program(name: str, command: str, *, priority: int, stop_grace: float, directory: Path, extra: str = "") -> str:
     # Output goes to supervisord's stdout, i.e. to journald under systemd.
     return f"""
 [program:{name}]
 command={command}
+directory={directory}
 priority={priority}
 autostart=true
 startsecs=1
@@ -141,14 +139,23 @@ password={password}
         cmd = shlex.join(
             [etcd_binary(), *etcd_flags(settings, etcd_peer_port=etcd_peer_port, cluster_state=cluster_state)]
         )
-        extra = f"autorestart=true\ndirectory={runtime / dirs.ETCD_DIR}\n"
-        parts.append(_program("etcd", cmd, priority=ETCD_PRIORITY, stop_grace=ETCD_STOP_GRACE, extra=extra))
+        parts.append(
+            _program(
+                "etcd",
+                cmd,
+                priority=ETCD_PRIORITY,
+                stop_grace=ETCD_STOP_GRACE,
+                directory=runtime / dirs.ETCD_DIR,
+                extra="autorestart=true\n",
+            )
+        )
     parts.append(
         _program(
             "controller",
             _appliance("controller", config=config),
             priority=CONTROLLER_PRIORITY,
             stop_grace=CONTROLLER_STOP_GRACE,
+            directory=runtime,
             extra="autorestart=true\n",
         )
     )
@@ -241,6 +248,7 @@ def worker_program(settings: Settings, config: Path | None, index: int) -> str:
         _appliance("worker", "--index", str(index), config=config),
         priority=WORKER_PRIORITY,
         stop_grace=settings.node.stop_grace,
+        directory=settings.runtime_path(),
         # Exit 0 is a planned stop (stop-node): it stays stopped.
         extra="autorestart=unexpected\nexitcodes=0\n",
     )

@@ -27,6 +27,7 @@ from ..cluster import membership
 from ..config import NodeSettings, Settings, dirs
 from ..node.auth import ensure_token_file
 from . import conf, rpc
+from .files import private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,6 @@ def _relay(fd: int) -> None:
             os.write(1, chunk)
         except OSError:
             pass  # our stdout is gone; keep draining so children never block
-
-
-def private_dir(path: Path) -> None:
-    """Make `path` (and its parents) and leave it 0700: only this user inside."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid == os.getuid():
-        path.chmod(0o700)
 
 
 def check_ports(settings: Settings) -> list[str]:
@@ -165,9 +159,7 @@ class Appliance:
             auth=self._auth,
             cluster_state=self._cluster_state,
         )
-        tmp = self.conf_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.conf_path)
+        write_private(self.conf_path, text)
 
     def run(self) -> int:
         s = self.settings
@@ -193,8 +185,11 @@ class Appliance:
         # supervisord and its programs log to /dev/fd/1. Under systemd that is
         # the journal's socket, which Linux will not reopen by path, so they
         # get a pipe that a thread copies to our stdout.
+        # -P and a fixed directory: no module from the caller's working
+        # directory is imported (`-m` would put it first on sys.path).
         self.proc = proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf_path)],
+            [sys.executable, "-P", "-m", "supervisor.supervisord", "-n", "-c", str(self.conf_path)],
+            cwd=s.runtime_path(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -88,6 +88,7 @@ class Appliance:
         self.config = root / "appliance.toml"
         self.log = root / "appliance.log"
         self.launcher: list[str] = []  # e.g. `ip netns exec NS`, to run it elsewhere
+        self.cwd: Path | None = None  # the working directory `appliance run` starts in
         self.groups = groups or (
             "[groups.scores]\n"
             'origin = "sqlite:///{state_dir}/scores.db"\n'
@@ -137,6 +138,7 @@ server = "{self.server}"
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [*self.launcher, str(BIN / "appliance"), "run", "--config", str(self.config)],
+            cwd=self.cwd,
             stdout=self._logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
