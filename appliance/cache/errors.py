@@ -65,6 +65,13 @@ class PermissionDenied(CacheError):
     kind = "permission_denied"
 
 
+class TooLarge(CacheError):
+    """A reply would exceed its byte limit; refused before it is built."""
+
+    reason = "TOO_LARGE"
+    kind = "resource_exhausted"
+
+
 class Draining(CacheError):
     """This node is stopping: it takes no handed-off entries (UNAVAILABLE)."""
 

@@ -55,6 +55,7 @@ STATUS = {
     "unavailable": 503,
     "unauthenticated": 401,
     "permission_denied": 403,
+    "resource_exhausted": 413,
     "internal": 500,
 }
 

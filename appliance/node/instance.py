@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[str], Awaitable[bytes]]
 MAX_BATCH_KEYS = 10_000
+# Room for the fixed fields around a key or value in one message (the
+# transports' message limit is max_value_bytes plus this).
+MESSAGE_SLACK = 64 * 1024
+# A GetMany result's framing beside its key and value: tags, lengths, a TTL.
+RESULT_OVERHEAD = 24
 # One Handoff call: at most this many entries, and this many bytes (each
 # entry counted with room for its framing) unless one entry is larger.
 HANDOFF_CALL_ENTRIES = 4096
@@ -97,6 +102,9 @@ class NodeInstance:
         self.max_key = ns.max_key_bytes
         self.max_group = ns.max_group_bytes
         self.max_value = ns.max_value_bytes
+        self.max_reply = ns.max_value_bytes + MESSAGE_SLACK
+        # Called with a limit's name when a call is refused by it (a metric).
+        self.on_refused: Callable[[str], None] | None = None
         self.groups: dict[str, Group] = {
             name: Group(
                 name,
@@ -212,7 +220,21 @@ class NodeInstance:
         entries = await group.get_many([keys[i] for i in valid], forwarded=forwarded, timeout=timeout)
         for i, entry in zip(valid, entries, strict=True):
             results[i] = entry
+        # The reply's size, from the entries held (no copy yet): a key asked
+        # 10,000 times must not build 10,000 copies of its value first.
+        size = sum(len(k) + RESULT_OVERHEAD for k in keys)
+        size += sum(len(r.data) for r in results if isinstance(r, Entry))
+        if size > self.max_reply:
+            self.refused("reply_bytes")
+            raise errors.TooLarge(
+                f"the reply would be {size} bytes, over the limit of {self.max_reply} "
+                f"(node.max_value_bytes + {MESSAGE_SLACK}): ask for fewer keys per GetMany"
+            )
         return results  # type: ignore[return-value]
+
+    def refused(self, limit: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(limit)
 
     def _no_ring(self) -> None:
         # Without a ring every key looks like ours: a just-started node would

@@ -20,6 +20,7 @@ main|hot, `result` = ok|not_found|error):
     groupcache_cache_evictions_total{cache}, groupcache_cache_limit_bytes,
     groupcache_ring_revision, groupcache_ring_peers, groupcache_ring_member,
     groupcache_draining, groupcache_rate_limited_total{protocol},
+    groupcache_limit_refusals_total{limit},
     groupcache_peeks_total{result} (hit|miss|error|refused: this worker's
     peeks at previous owners), groupcache_peeks_served_total{result}
     (hit|miss: peeks it answered), groupcache_handoff_entries_total and
@@ -79,6 +80,13 @@ class NodeMetrics:
         )
         for protocol in ("grpc", "http"):
             self.rate_limited.labels(protocol)  # 0, not absent, while nothing is limited
+        self.refused = Counter(
+            "groupcache_limit_refusals",
+            "Calls refused by a size limit before the work (limit: reply_bytes).",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.refused.labels("reply_bytes")
         self._node: Node | None = None
 
     def attach(self, node: Node) -> None:

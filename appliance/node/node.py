@@ -106,6 +106,8 @@ class Node:
     async def start(self) -> None:
         self.port = await self.transport.start(self.instance, self.host, self.port)
         self.peers.self_addr = addrs.join(self.host, self.port)
+        refused = self.metrics.refused
+        self.instance.on_refused = lambda limit: refused.labels(limit).inc()
         limiter = self.transport.limiter
         if limiter is not None:
             for protocol in ("grpc", "http"):

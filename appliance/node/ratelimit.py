@@ -52,19 +52,23 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens, last refill]
 
-    def take(self, key: str) -> float:
-        """0.0 when a token was taken; else the seconds until one is there."""
+    def take(self, key: str, cost: float = 1.0) -> float:
+        """0.0 when the call may go ahead, charged `cost` tokens; else the
+        seconds until it may. A call costing more than the burst goes ahead
+        on one token and leaves the bucket in debt: the client pays the
+        whole cost before its next call (a GetMany of many keys costs what
+        as many Gets would, and is never refused outright)."""
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_clients:
                 self._sweep(now)
-            self._buckets[key] = [self.burst - 1.0, now]
+            self._buckets[key] = [self.burst - cost, now]
             return 0.0
         tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
         bucket[1] = now
         if tokens >= 1.0:
-            bucket[0] = tokens - 1.0
+            bucket[0] = tokens - cost
             return 0.0
         bucket[0] = tokens
         return (1.0 - tokens) / self.rate
@@ -159,11 +163,12 @@ class RateLimiter:
         self.trusted = trusted
         self.on_limited: dict[str, Callable[[], None]] = {}  # protocol -> counter
 
-    def admit(self, client: str, *, forwarded: bool = False, protocol: str = "grpc") -> float:
-        """0.0 to serve the call; else the seconds until the client may retry."""
+    def admit(self, client: str, *, forwarded: bool = False, protocol: str = "grpc", cost: float = 1.0) -> float:
+        """0.0 to serve the call; else the seconds until the client may retry.
+        `cost`: the tokens it takes (a GetMany: one per distinct key)."""
         if forwarded and client in self.trusted():
             return 0.0
-        wait = self.buckets.take(client)
+        wait = self.buckets.take(client, cost)
         if wait:
             counted = self.on_limited.get(protocol)
             if counted is not None:

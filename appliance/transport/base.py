@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 from .. import tls as tlsmod
 from ..cache.group import Framing
 from ..node.auth import bearer
+from ..node.instance import MESSAGE_SLACK
 from ..node.peers import PeerClient, PeerFacts
 from ..node.ratelimit import RateLimiter, TokenBuckets, TrustedPeers
 from . import wire
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
     from ..node.instance import NodeInstance
 
 log = logging.getLogger(__name__)
-
-# Room for the fixed fields around a key or value in one message.
-MESSAGE_SLACK = 64 * 1024
 
 
 class Transport(Protocol):

@@ -34,6 +34,14 @@ def parser(message_type: type[M]) -> Callable[[bytes], M | None]:
     return parse
 
 
+def call_cost(request: Message | None) -> int:
+    """Rate-limit tokens a call takes: a GetMany one per distinct key (it
+    does what as many Gets would), every other call one."""
+    if isinstance(request, cache_pb2.GetManyRequest):
+        return max(1, len(set(request.keys)))
+    return 1
+
+
 def get_many_response(keys: list[str], results: list[Entry | errors.CacheError]) -> cache_pb2.GetManyResponse:
     out = cache_pb2.GetManyResponse()
     ttl_left = NodeInstance.ttl_left

@@ -399,6 +399,33 @@ async def test_rate_limit_past_the_burst_then_recovers():
 
 
 @pytest.mark.usefixtures("backend")
+async def test_a_getmany_costs_a_token_per_distinct_key():
+    """A GetMany does what as many Gets would: 20 distinct keys take 20
+    tokens of a burst of 5 (it goes ahead, in debt), so the next call is
+    refused; a key named twice costs once."""
+    from appliance.pb import cache_pb2, cache_pb2_grpc
+
+    ops = {"rate_limit": 1, "rate_burst": 5}  # 1 token/s: the debt outlasts the test
+    async with nodes(1, CountingOrigin({f"k{i}": b"v" for i in range(20)}), ops=ops) as (node,):
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            many = cache_pb2_grpc.CacheStub(ch).GetMany
+            reply = await many(cache_pb2.GetManyRequest(group="g", keys=[f"k{i}" for i in range(20)]), timeout=5)
+            assert [r.value for r in reply.results] == [b"v"] * 20
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await groupcache_pb2_grpc.GroupCacheStub(ch).Get(
+                    groupcache_pb2.GetRequest(group="g", key="k1"), timeout=5
+                )
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Duplicates are one key: 3 calls naming one key 10 times each fit a burst of 5.
+    async with nodes(1, CountingOrigin({"k": b"v"}), ops=ops) as (node,):
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            many = cache_pb2_grpc.CacheStub(ch).GetMany
+            for _ in range(3):
+                reply = await many(cache_pb2.GetManyRequest(group="g", keys=["k"] * 10), timeout=5)
+                assert [r.value for r in reply.results] == [b"v"] * 10
+
+
+@pytest.mark.usefixtures("backend")
 async def test_forwarded_calls_are_exempt_only_from_ring_members():
     ops = {"rate_limit": 1, "rate_burst": 1}
     forwarded = (("x-groupcache-forwarded", "1"),)

@@ -21,6 +21,16 @@ def test_burst_then_refill_at_the_rate():
     assert [b.take("a") for _ in range(4)].count(0.0) == 3
 
 
+def test_a_costly_call_goes_ahead_in_debt_and_the_next_waits_for_all_of_it():
+    now = [0.0]
+    b = TokenBuckets(10, 3, clock=lambda: now[0])
+    assert b.take("a", 23) == 0.0  # 3 in the bucket: goes ahead, 20 owed
+    assert b.take("a") == pytest.approx(2.1)  # the debt and one token, at 10/s
+    now[0] = 2.1
+    assert b.take("a") == 0.0 and b.take("a") > 0
+    assert b.take("new", 50) == 0.0 and b.take("new") == pytest.approx(4.8)  # a first call in debt too
+
+
 def test_table_of_clients_stays_bounded():
     now = [0.0]
     b = TokenBuckets(1, 2, clock=lambda: now[0], max_clients=100)

@@ -211,3 +211,40 @@ def test_fuzz_burst_against_a_worker_process(app):
     assert set(codes) <= documented, codes
     assert worker_pid(app, 1) == pid and app.process_info()["worker-1"]["statename"] == "RUNNING"
     assert value == sized("64-after-fuzz")
+
+
+def test_a_getmany_naming_one_key_many_times_is_refused_before_its_reply_is_built(app_each_backend):
+    """Figures held: a GetMany of one cached 16 KiB key 10,000 times (a
+    160 MiB reply, past the 64 MiB message limit) costs no credentials and
+    one call, yet it is refused with RESOURCE_EXHAUSTED (TOO_LARGE) before
+    the reply is joined: the worker's peak RSS rises by less than 8 MiB,
+    and the refusal is counted (groupcache_limit_refusals_total)."""
+    from appliance.cache.ring import HashRing
+    from appliance.pb import cache_pb2, cache_pb2_grpc
+
+    app = app_each_backend
+    backend = app.admin_stats(0)["server"]
+    addr = app.addresses()[0]
+    ring = HashRing(sorted(app.addresses()))
+    key = next(k for k in (f"{VALUE}-dup-{i}" for i in range(100)) if ring.owner(k) == addr)
+    pid = worker_pid(app, 0)
+    options = [("grpc.max_receive_message_length", -1)]
+    with grpc.insecure_channel(addr, options=options) as channel:
+        stub = cache_pb2_grpc.CacheStub(channel)
+        warm = stub.GetMany(cache_pb2.GetManyRequest(group="big", keys=[key]), timeout=10)
+        assert [r.value for r in warm.results] == [sized(key)]
+        hwm0 = hwm_kib(pid)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetMany(cache_pb2.GetManyRequest(group="big", keys=[key] * 10_000), timeout=30)
+        grown = (hwm_kib(pid) - hwm0) / 1024
+        again = stub.GetMany(cache_pb2.GetManyRequest(group="big", keys=[key] * 100), timeout=10)
+    refusals = [line for line in app.metrics_text(0).splitlines() if line.startswith("groupcache_limit_refusals_total")]
+    print(
+        f"\n[GetMany 10,000 x one key, {backend}] {info.value.code().name} ({info.value.details()[:80]}); "
+        f"worker VmHWM +{grown:.1f} MiB; {refusals}"
+    )
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "reply would be" in info.value.details()
+    assert grown < 8
+    assert [r.value for r in again.results] == [sized(key)] * 100  # a reply within the limit is served
+    assert any('limit="reply_bytes"' in line and not line.endswith(" 0.0") for line in refusals), refusals

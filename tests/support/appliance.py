@@ -194,6 +194,11 @@ server = "{self.server}"
         with AdminClient(self.root / "run" / dirs.admin_socket_name(index)) as admin:
             return admin.stats()
 
+    def metrics_text(self, index: int) -> str:
+        """Worker `index`'s Prometheus exposition, as the box endpoint reads it."""
+        with AdminClient(self.root / "run" / dirs.admin_socket_name(index)) as admin:
+            return admin.metrics().text
+
     def rings(self, n: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
         out = []
         for i in range(self.workers if n is None else n):

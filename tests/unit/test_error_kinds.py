@@ -22,6 +22,7 @@ EXPECTED = {
     errors.Draining: (grpc.StatusCode.UNAVAILABLE, 503),
     errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, 403),
+    errors.TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
 }
 
 

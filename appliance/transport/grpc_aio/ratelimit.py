@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from ...node.ratelimit import RateLimiter, client_address
+from ..messages import call_cost
 from ..metadata import is_forwarded
 from ..status import rate_limited_failure
 
@@ -34,7 +35,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
 
         async def limited(request, context):
             client = client_address(context.peer() or "")
-            wait = limiter.admit(client, forwarded=forwarded)
+            wait = limiter.admit(client, forwarded=forwarded, cost=call_cost(request))
             if wait:
                 buckets = limiter.buckets
                 await context.abort_with_status(rate_limited_failure(wait, client, buckets.rate, buckets.burst))

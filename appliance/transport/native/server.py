@@ -71,6 +71,7 @@ _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 _parse_get = groupcache_pb2.GetRequest.FromString
 _parse_peek = messages.parser(cache_pb2.PeekRequest)
+_parse_get_many = messages.parser(cache_pb2.GetManyRequest)
 _parse_handoff = messages.parser(cache_pb2.HandoffRequest)
 
 
@@ -261,7 +262,8 @@ class NativeTransport(BaseTransport):
                 forwarded = FORWARDED in metadata
                 if limiter is not None and method in LIMITED:
                     client = client_address(peer or "")
-                    wait = limiter.admit(client, forwarded=forwarded)
+                    cost = messages.call_cost(_parse_get_many(payload)) if method == GET_MANY else 1
+                    wait = limiter.admit(client, forwarded=forwarded, cost=cost)
                     if wait:
                         buckets = limiter.buckets
                         self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
