@@ -113,6 +113,11 @@ def _check_http(origin: str, scheme: str) -> None:
             f"expected an {scheme} URL containing {{key}} where the key goes, like "
             f'"{scheme}://api.example.com/items/{{key}}", got {show(origin)}'
         )
+    if "{key}" in urlsplit(origin).netloc:
+        raise ValueError(
+            f"expected {{key}} in the {scheme} URL's path or query, not in its host, got {show(origin)} "
+            "(a key must not choose where the origin's headers go)"
+        )
 
 
 def expand(origin: str, state_dir: Path | str) -> str:

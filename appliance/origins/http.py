@@ -1,5 +1,11 @@
 """HTTP origin: GET ``origin`` with ``{key}`` replaced by the URL-encoded key.
 
+Every key byte but letters, digits, ``-``, ``_`` and ``~`` is percent-encoded,
+``.`` included: a key ``..`` must not climb out of the template's path. The
+key goes only into the path (never the host), and redirects are not
+followed: the origin's headers (often secrets) go to the configured host
+alone.
+
 One aiohttp ClientSession per origin, created lazily inside the running loop
 and reused, so connections are pooled (keep-alive). 200 -> the body; 404 or
 410 -> KeyNotFound; anything else -> OriginError. The body is read with a cap
@@ -44,6 +50,8 @@ class HttpOrigin:
             )
         if parts.username or parts.password:
             raise ValueError(f"group {g}: put credentials in headers / headers_from_env, not in the http origin URL")
+        if "{key}" in parts.netloc:
+            raise ValueError(f"group {g}: {{key}} may go in the http origin's path or query, not in its host")
         merged = {str(k): str(v) for k, v in (headers or {}).items()}
         for header, var in (headers_from_env or {}).items():
             value = os.environ.get(var)
@@ -72,7 +80,9 @@ class HttpOrigin:
         return f"HttpOrigin({self.group_name!r}, {self.url_template!r})"
 
     def url_for(self, key: str) -> str:
-        return self._encoded_template.replace("{key}", quote(key, safe=""))
+        # quote() keeps "." (unreserved), and "." or ".." as a path segment
+        # is a dot-segment that clients and servers resolve away.
+        return self._encoded_template.replace("{key}", quote(key, safe="").replace(".", "%2E"))
 
     def _get_session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -96,12 +106,18 @@ class HttpOrigin:
         try:
             # encoded=True: the URL is already percent-encoded; yarl must not re-quote it.
             url = yarl.URL(self.url_for(key), encoded=True)
-            async with session.get(url, allow_redirects=True) as resp:
+            async with session.get(url, allow_redirects=False) as resp:
                 if resp.status == 200:
                     return await self._read_capped(resp)
                 if resp.status in _NOT_FOUND:
                     await self._drain_small(resp)
                     raise KeyNotFound(f"group {g}: key {key!r} not found (HTTP {resp.status})")
+                if 300 <= resp.status < 400:
+                    await self._drain_small(resp)
+                    raise OriginError(
+                        f"group {g}: origin answered HTTP {resp.status} (a redirect: not followed, so the "
+                        "origin's headers go nowhere else; point the origin at the final URL)"
+                    )
                 detail = await self._error_detail(resp)
                 raise OriginError(f"group {g}: origin answered HTTP {resp.status}: {detail}")
         except (KeyNotFound, OriginError):

@@ -28,6 +28,7 @@ class Server:
         self.flaky_fail = 1  # number of 500s /flaky answers before it recovers
         self.release = asyncio.Event()  # set at teardown: slow handlers finish
         self.port = 0
+        self.redirect_to = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -66,6 +67,8 @@ class Server:
                     await resp.write(b"s" * 1000)
                 await resp.write_eof()
                 return resp
+            if kind == "redirect":
+                raise web.HTTPFound(self.redirect_to)
             if kind == "header":
                 return web.Response(body=request.headers.get(key, "<absent>").encode())
             return web.Response(status=400, text="unknown route")
@@ -115,17 +118,59 @@ async def test_200_and_404(make):
 
 async def test_keys_are_url_encoded(make, server):
     o = make()
-    keys = ["with space", "a/b/../c", "张三", "q?x=1&y#frag", "%41", "plus+sign"]
+    keys = ["with space", "a/b/../c", "张三", "q?x=1&y#frag", "%41", "plus+sign", "..", ".", "v1.2"]
     for k in keys:
         assert await o.load(k) == ("value:" + k).encode()
     assert server.raw_keys == [
         "with%20space",
-        "a%2Fb%2F..%2Fc",
+        "a%2Fb%2F%2E%2E%2Fc",
         "%E5%BC%A0%E4%B8%89",
         "q%3Fx%3D1%26y%23frag",
         "%2541",
         "plus%2Bsign",
+        "%2E%2E",  # not a dot-segment: the request stays under /kv/
+        "%2E",
+        "v1%2E2",
     ]
+
+
+async def test_a_redirect_is_not_followed_with_the_origins_headers(make, server):
+    """An origin that answers 302 towards another host does not get the
+    origin's (secret) headers sent there: no redirect is followed."""
+    elsewhere = Server()
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", elsewhere.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        o = make("redirect", headers={"X-Api-Key": "s3cret-key"})
+        server.redirect_to = f"http://127.0.0.1:{port}/header/X-Api-Key"
+        with pytest.raises(OriginError, match="HTTP 302 .*redirect: not followed"):
+            await o.load("k")
+        assert server.requests == 1 and elsewhere.requests == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_key_in_the_host_is_refused():
+    from pydantic import ValidationError
+
+    from appliance.origins.http import HttpOrigin
+
+    with pytest.raises(ValidationError, match="not in its host"):  # by the config
+        GroupSettings(origin="http://{key}.example.com/items", timeout="1s")
+    with pytest.raises(ValueError, match="not in its host"):  # and by the origin itself
+        HttpOrigin(
+            "web",
+            "http://api-{key}.example.com/items",
+            timeout=1,
+            headers={},
+            headers_from_env={},
+            max_value_bytes=100,
+        )
 
 
 async def test_500_is_origin_error_with_reason(make):
