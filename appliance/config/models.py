@@ -231,6 +231,9 @@ class NodeSettings(_Model):
     peek_timeout: Duration = Field(parse_duration("250ms"), gt=0)
     hot_cache_fraction: float = Field(0.125, ge=0, le=0.5)
     hot_cache_mirror: float = Field(0.1, ge=0, le=1)
+    # Answers of a Peer/Forward stream not yet taken by the caller; past it
+    # no more requests are read from that stream (memory stays bounded).
+    forward_window: int = Field(256, ge=1, le=65536)
     state_dir: AbsPath | None = None
     runtime_dir: AbsPath | None = None
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"

@@ -151,6 +151,20 @@ class Authenticator:
                 identities.append((name, cred.tls_identity, cred.scopes))
         return cls(writes_open=a.writes == "open", reads_open=a.reads == "open", tokens=tokens, identities=identities)
 
+    @property
+    def knows_cluster(self) -> bool:
+        """Whether the box's own token is known here (`appliance run` always
+        makes one; nodes built by hand may have none)."""
+        return any(p.name == CLUSTER for _, p in self._tokens)
+
+    def is_cluster(self, credentials: Credentials) -> bool:
+        """Whether the call presents the box's own token (a peer's call)."""
+        try:
+            principal = self.authenticate(credentials)
+        except errors.Unauthenticated:
+            return False
+        return principal is not None and principal.name == CLUSTER
+
     def open_to(self, scope: str) -> bool:
         return self.writes_open if scope == "write" else self.reads_open
 

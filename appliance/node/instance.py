@@ -342,6 +342,16 @@ class NodeInstance:
             group.stats.peeks_served_hits += 1
         return entry
 
+    def from_peer(self, marked: bool, credentials: Credentials) -> bool:
+        """Whether a call marked as forwarded is a peer's: it must present
+        the cluster's token. A client that sets the marker itself is served
+        as any client (routed to the owner, through its singleflight), not
+        as if this node owned the key. Without a cluster token (nodes built
+        by hand) the marker is all there is to go by."""
+        if not marked:
+            return False
+        return self.auth.is_cluster(credentials) if self.auth.knows_cluster else True
+
     def authorize_peer_write(self, source: str, caller: str, credentials: Credentials = NONE) -> None:
         """The one place that decides whether a peer may write into this
         node's caches (Handoff); raises Unauthenticated / PermissionDenied.

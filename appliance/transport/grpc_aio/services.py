@@ -70,8 +70,8 @@ class DataServices:
         if request is None:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed GetRequest")))
         group, key = request.group, request.key
-        forwarded = is_forwarded(context.invocation_metadata())
         instance = self.instance
+        forwarded = instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context))
         # The reply is built inside the try too: a bug there would reach
         # grpc's own catch-all, UNKNOWN with the exception's message.
         try:
@@ -96,7 +96,7 @@ class DataServices:
             results = await self.instance.get_many(
                 request.group,
                 keys,
-                forwarded=is_forwarded(context.invocation_metadata()),
+                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context)),
                 timeout=_remaining(context),
                 credentials=credentials(context),
             )
@@ -117,7 +117,7 @@ class DataServices:
                 request.key,
                 request.value,
                 request.ttl,
-                forwarded=is_forwarded(context.invocation_metadata()),
+                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context)),
                 timeout=_remaining(context),
                 credentials=credentials(context),
             )
@@ -136,7 +136,7 @@ class DataServices:
             change = await self.instance.remove(
                 request.group,
                 request.key,
-                forwarded=is_forwarded(context.invocation_metadata()),
+                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context)),
                 timeout=_remaining(context),
                 credentials=credentials(context),
             )
@@ -199,17 +199,24 @@ class PeerService:
                 self.instance.authorize("read", "Forward", creds)
             except errors.CacheError as exc:
                 await context.abort_with_status(failure(exc))
+        # A peer's stream carries the cluster token; anyone else's marker is ignored.
+        peer = self.instance.from_peer(True, creds if creds is not None else credentials(context))
         stream = _ServerStream()
         self._streams.add(stream)
+        # Answers not yet taken by the caller hold their values: past the
+        # window, no more requests are read (the caller's sends then wait on
+        # HTTP/2 flow control), so an unread stream costs a bounded memory.
+        window = asyncio.Semaphore(self.instance.settings.node.forward_window)
 
         async def answer(request: cache_pb2.ForwardRequest) -> None:
-            stream.out.put_nowait(await self._answer(request, creds))
+            stream.out.put_nowait(await self._answer(request, creds, peer))
 
         async def take() -> None:
             try:
                 async for request in requests:
                     if request is None:
                         continue  # undecodable: without an id it cannot be answered
+                    await window.acquire()
                     task = asyncio.ensure_future(answer(request))
                     stream.tasks.add(task)
                     task.add_done_callback(stream.tasks.discard)
@@ -224,16 +231,19 @@ class PeerService:
         try:
             while (response := await stream.out.get()) is not None:
                 yield response
+                window.release()
         finally:
             self._streams.discard(stream)
             stream.reader.cancel()
             for task in stream.tasks:
                 task.cancel()
 
-    async def _answer(self, request: cache_pb2.ForwardRequest, creds: Credentials | None) -> cache_pb2.ForwardResponse:
+    async def _answer(
+        self, request: cache_pb2.ForwardRequest, creds: Credentials | None, peer: bool
+    ) -> cache_pb2.ForwardResponse:
         try:
             entry = await self.instance.get(
-                request.group, request.key, forwarded=True, timeout=request.timeout or None, credentials=creds
+                request.group, request.key, forwarded=peer, timeout=request.timeout or None, credentials=creds
             )
         except errors.CacheError as exc:
             return messages.forward_error(request.id, exc)

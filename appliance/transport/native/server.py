@@ -259,7 +259,7 @@ class NativeTransport(BaseTransport):
                     )
                     continue
                 metadata, peer, remaining = details
-                forwarded = FORWARDED in metadata
+                forwarded = FORWARDED in metadata and instance.from_peer(True, Credentials.from_metadata(metadata))
                 if limiter is not None and method in LIMITED:
                     client = client_address(peer or "")
                     cost = messages.call_cost(_parse_get_many(payload)) if method == GET_MANY else 1
