@@ -75,14 +75,19 @@ def cmd_controller(args: argparse.Namespace) -> int:
     return run_controller(settings)
 
 
-def _client(args: argparse.Namespace) -> Client:
+def _client(args: argparse.Namespace, *, writes: bool = False) -> Client:
     from .client import Client, settings_kwargs
 
     settings, _ = _settings(args)
     if args.peers:
         peers = args.peers.split(",")
         node = settings.node
-        return Client(peers, replicas=node.replicas, scheme=node.ring_hash, **settings_kwargs(settings))
+        kwargs = settings_kwargs(settings)
+        if not writes and settings.auth.reads == "open":
+            # --peers may name any address: a read that needs no credential
+            # must not hand the box's token to it.
+            kwargs["token"] = None
+        return Client(peers, replicas=node.replicas, scheme=node.ring_hash, **kwargs)
     # One command, a few calls: the ring read once is enough, no watch.
     return Client.from_settings(settings, follow=False)
 
@@ -129,7 +134,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     from .cache import errors
 
     value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
-    with _client(args) as client:
+    with _client(args, writes=True) as client:
         try:
             response = client.set(args.group, args.key, value, ttl=args.ttl)
         except errors.CacheError as exc:
@@ -140,7 +145,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from .cache import errors
 
-    with _client(args) as client:
+    with _client(args, writes=True) as client:
         try:
             response = client.remove(args.group, args.key)
         except errors.CacheError as exc:

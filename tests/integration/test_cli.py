@@ -197,3 +197,71 @@ async def test_get_adds_a_newline_on_a_tty_and_keeps_exact_bytes_in_a_pipe(tmp_p
         assert piped.stdout == "line\n"  # no second newline in a pipe
         _, tty = await asyncio.to_thread(_get_under_pty, "--config", str(cfg), "get", "--peers", peers, "g", "k")
         assert tty == b"v\x00v\r\n"  # the terminal's ONLCR turns the added "\n" into "\r\n"
+
+
+def test_get_with_given_peers_does_not_hand_the_box_token_to_them(tmp_path):
+    """`appliance get --peers X` as a user who can read the box's token
+    (root, the service user): X may be anyone, and a read needs no
+    credential, so X sees no authorization at all. A write to X does carry
+    the token (the control: the listener would see it)."""
+    from concurrent import futures
+
+    import grpc
+
+    from appliance.pb import cache_pb2, groupcache_pb2
+
+    seen: list[tuple[str, str | None]] = []
+
+    def record(method):
+        def handler(request, context):
+            auth = dict(context.invocation_metadata()).get("authorization")
+            seen.append((method, auth))
+            if method == "Get":
+                return groupcache_pb2.GetResponse(value=b"v")
+            return cache_pb2.ChangeResponse(owner="x")
+
+        return handler
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "groupcachepb.GroupCache",
+                {
+                    "Get": grpc.unary_unary_rpc_method_handler(
+                        record("Get"),
+                        request_deserializer=groupcache_pb2.GetRequest.FromString,
+                        response_serializer=groupcache_pb2.GetResponse.SerializeToString,
+                    )
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "appliance.cache.Cache",
+                {
+                    "Set": grpc.unary_unary_rpc_method_handler(
+                        record("Set"),
+                        request_deserializer=cache_pb2.SetRequest.FromString,
+                        response_serializer=cache_pb2.ChangeResponse.SerializeToString,
+                    )
+                },
+            ),
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        state = tmp_path / "state"
+        (state / "auth").mkdir(mode=0o700, parents=True)
+        token = "b" * 8 + "0123456789abcdef01234567"
+        (state / "auth" / "cluster.token").write_text(token + "\n")
+        (state / "auth" / "cluster.token").chmod(0o600)
+        cfg = tmp_path / "a.toml"
+        cfg.write_text(f'[cluster]\nembedded_etcd = false\n[node]\nstate_dir = "{state}"\n')
+        peer = f"127.0.0.1:{port}"
+        got = run("get", "--config", str(cfg), "--peers", peer, "scores", "k")
+        assert got.returncode == 0 and got.stdout == "v", got.stderr
+        put = run("set", "--config", str(cfg), "--peers", peer, "scores", "k", "v2")
+        assert put.returncode == 0, put.stderr
+    finally:
+        server.stop(0)
+    assert seen == [("Get", None), ("Set", f"Bearer {token}")], seen
