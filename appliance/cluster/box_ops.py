@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 ROOT = "_appliance"
 STATS_TTL = 10  # seconds a stats request and its answers live
+# Stats requests waiting for the one thread that answers them: past it a
+# request is dropped (its asker times out), so whoever can write etcd
+# cannot make the controller start a thread per key it writes.
+STATS_BACKLOG = 8
 
 
 def prefix(service: str) -> str:
@@ -65,6 +69,9 @@ class BoxOps(threading.Thread):
         self._stopping = stop_event
         self._mine = {settings.node.address(i): i for i in range(settings.node.workers)}
         self._draining: set[str] = set()
+        self._stats_requests: queue.Queue[tuple[Any, str]] = queue.Queue(STATS_BACKLOG)
+        self.stats_dropped = 0
+        threading.Thread(target=self._stats_loop, name="box-ops-stats", daemon=True).start()
 
     def run(self) -> None:
         client = None
@@ -118,7 +125,20 @@ class BoxOps(threading.Thread):
                 self._draining.add(name)
                 threading.Thread(target=self._drain, args=(client, key, name), daemon=True).start()
         elif kind == "stats-request":
-            threading.Thread(target=self._answer_stats, args=(client, name), daemon=True).start()
+            try:
+                self._stats_requests.put_nowait((client, name))
+            except queue.Full:
+                self.stats_dropped += 1
+                if self.stats_dropped in (1, 10, 100) or self.stats_dropped % 1000 == 0:
+                    log.warning("stats requests come faster than they are answered: %d dropped", self.stats_dropped)
+
+    def _stats_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, nonce = self._stats_requests.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._answer_stats(client, nonce)
 
     def _write(self, client, key: str, doc: dict, ttl: int) -> None:
         lease = etcd.call(client, lambda c: c.lease(ttl))
