@@ -60,6 +60,11 @@ __all__ = [
 # A stopping worker drains (drain_timeout), then gives calls in flight
 # peer_timeout; this is what its process may take beyond the two.
 STOP_MARGIN = 5.0
+# What an etcd others can write gives them (appended to etcd_warning).
+ETCD_EXPOSES = (
+    "; such a member then receives the cluster token with every peer call made to it, and whoever writes "
+    "etcd can also stop any worker (a drain request) and read every worker's counters (a stats request)"
+)
 
 
 # --------------------------------------------------------------------------
@@ -786,7 +791,11 @@ class Settings(BaseSettings):
 
     def etcd_warning(self) -> str | None:
         """What an etcd anyone can write means, if this one is such (logged at
-        start and printed by `config check`)."""
+        start and printed by `config check`): the line says what it exposes."""
+        warning = self._open_etcd()
+        return f"{warning}{ETCD_EXPOSES}" if warning else None
+
+    def _open_etcd(self) -> str | None:
         c = self.cluster
         if self.private_etcd():
             return None

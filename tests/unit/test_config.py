@@ -576,6 +576,8 @@ def test_config_check_warns_when_any_etcd_client_can_join_the_ring(tmp_path):
     assert "writes authenticated, reads open" in private
     external = check_file(write(tmp_path, '[cluster]\nembedded_etcd = false\netcd = ["10.0.0.5:2379"]\n', "e.toml"))
     assert "note: the external etcd is used without TLS or auth: any etcd client can join the ring" in external
+    # ... and what that gives away: the token, drains, stats.
+    assert "receives the cluster token" in external and "stop any worker" in external and "counters" in external
     exposed = check_file(write(tmp_path, "[cluster]\netcd_private = false\n", "x.toml"))
     assert "note: the embedded etcd listens on TCP (etcd_private = false) without auth" in exposed
     opened = check_file(write(tmp_path, '[auth]\nwrites = "open"\n', "o.toml"))
