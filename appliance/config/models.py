@@ -163,6 +163,10 @@ class ClusterSettings(_Model):
     # at start), and server = "auto" picks grpcio, since the Go clients'
     # :authority ("groupcache/<addr>") is refused by pygrpc-native.
     seed_interop: bool = False
+    # Peers on other machines talk without TLS: the cluster token (sent with
+    # every peer call) and every value cross the network in clear. Only for
+    # a network you trust; otherwise a non-loopback node.host needs [tls].
+    plaintext_peers: bool = False
     etcd_user: str | None = None
     etcd_password: str | None = None
     etcd_ca: AbsPath | None = None
@@ -620,6 +624,13 @@ class Settings(BaseSettings):
                 ("node", "server"),
                 'server = "native" cannot serve the seed\'s Go nodes (pygrpc-native refuses their :authority '
                 '"groupcache/<addr>"); use "grpcio" or "auto" with cluster.seed_interop',
+            )
+        if not self.tls.enabled and not c.plaintext_peers and not _is_loopback(self.node.host):
+            raise FieldError(
+                ("node", "host"),
+                f"node.host {self.node.host!r} is reachable from other machines and [tls] is off: peers would send "
+                "the cluster token (with every call) and every value in clear; set [tls] cert, key and ca, or, on "
+                "a network you trust, [cluster] plaintext_peers = true",
             )
         for name, cred in self.auth.credentials.items():
             if cred.tls_identity is not None and not self.tls.client_auth:

@@ -111,8 +111,31 @@ def test_bad_ops_values_name_the_file_and_key(tmp_path, toml, key, words):
 
 def test_no_clash_on_other_hosts(tmp_path):
     # Metrics on another address than the workers share no port.
-    load_settings(write(tmp_path, "[node]\nhost = '10.0.0.1'\n[ops]\nmetrics_addr = '127.0.0.1:9999'\n"))
+    load_settings(
+        write(
+            tmp_path,
+            "[cluster]\nplaintext_peers = true\n[node]\nhost = '10.0.0.1'\n[ops]\nmetrics_addr = '127.0.0.1:9999'\n",
+        )
+    )
     load_settings(write(tmp_path, "[ops]\nmetrics_addr = ''\nhttp_base_port = 9101\n"))
+
+
+def test_a_host_other_machines_reach_needs_tls_or_the_named_escape(tmp_path, pki):
+    """Peers send the cluster token with every call: in clear only where the
+    operator says the network is trusted."""
+    p = write(tmp_path, "[cluster]\nembedded_etcd = false\n[node]\nhost = '10.0.0.7'\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(p)
+    error = str(info.value)
+    assert "node.host: node.host '10.0.0.7' is reachable from other machines and [tls] is off" in error
+    assert "[cluster] plaintext_peers = true" in error  # the escape hatch, by name
+    load_settings(
+        write(tmp_path, "[cluster]\nembedded_etcd = false\nplaintext_peers = true\n[node]\nhost = '10.0.0.7'\n")
+    )
+    tls = f"[tls]\ncert = '{pki.cert}'\nkey = '{pki.key}'\nca = '{pki.ca}'\n"
+    load_settings(write(tmp_path, "[cluster]\nembedded_etcd = false\n[node]\nhost = '10.0.0.7'\n" + tls))
+    for loopback in ("127.0.0.1", "::1", "localhost"):  # nothing crosses a network
+        load_settings(write(tmp_path, f"[cluster]\nembedded_etcd = false\n[node]\nhost = '{loopback}'\n"))
 
 
 def test_tls_settings_are_checked(tmp_path, pki):

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from appliance import addr as addrs
 from appliance.admin_client import AdminClient
 from appliance.config import dirs
 
@@ -89,6 +90,8 @@ class Appliance:
         self.log = root / "appliance.log"
         self.launcher: list[str] = []  # e.g. `ip netns exec NS`, to run it elsewhere
         self.cwd: Path | None = None  # the working directory `appliance run` starts in
+        # Boxes on test networks (10.x in namespaces) talk without TLS.
+        self.plaintext_peers = not addrs.is_loopback(host)
         self.groups = groups or (
             "[groups.scores]\n"
             'origin = "sqlite:///{state_dir}/scores.db"\n'
@@ -115,6 +118,7 @@ embedded_etcd = {"true" if self.embedded_etcd else "false"}
 lease_ttl = {self.lease_ttl}
 seed_interop = {"true" if self.seed_interop else "false"}
 etcd_private = {"true" if self.etcd_private else "false"}
+plaintext_peers = {"true" if self.plaintext_peers else "false"}
 
 [node]
 workers = {self.workers}

@@ -380,7 +380,13 @@ def test_no_clash_with_external_or_remote_etcd(tmp_path):
     # external etcd: its port is somebody else's business
     load_settings(write(tmp_path, "[cluster]\nembedded_etcd = false\n[node]\nbase_port = 2378\n"))
     # embedded etcd on another address than the workers
-    load_settings(write(tmp_path, "[cluster]\netcd = ['10.1.1.1:2379']\n[node]\nhost = '10.2.2.2'\nbase_port = 2378\n"))
+    load_settings(
+        write(
+            tmp_path,
+            "[cluster]\netcd = ['10.1.1.1:2379']\nplaintext_peers = true\n"
+            "[node]\nhost = '10.2.2.2'\nbase_port = 2378\n",
+        )
+    )
 
 
 def test_wildcard_host_clashes(tmp_path):
@@ -605,7 +611,9 @@ BOXES = '["10.0.0.1:2379", "10.0.0.2:2379", "10.0.0.3:2379"]'
 def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path):
     from appliance.supervision.conf import etcd_flags
 
-    s = load_settings(write(tmp_path, f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n'))
+    s = load_settings(
+        write(tmp_path, f'[cluster]\netcd = {BOXES}\nplaintext_peers = true\n[node]\nhost = "10.0.0.2"\n')
+    )
     assert s.etcd_clustered() and not s.private_etcd()
     assert s.etcd_member_endpoint() == "10.0.0.2:2379" and s.etcd_peer_port() == 2380
     flags = dict(f.split("=", 1) for f in etcd_flags(s, cluster_state="existing"))
@@ -617,7 +625,9 @@ def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path)
     assert flags["--initial-cluster-state"] == "existing"
     assert flags["--listen-client-urls"] == "http://10.0.0.2:2379"
     assert flags["--listen-peer-urls"] == "http://10.0.0.2:2380"
-    checked = check_file(write(tmp_path, f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n', "c.toml"))
+    checked = check_file(
+        write(tmp_path, f'[cluster]\netcd = {BOXES}\nplaintext_peers = true\n[node]\nhost = "10.0.0.2"\n', "c.toml")
+    )
     assert (
         "note: the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring" in checked
     )
@@ -625,7 +635,10 @@ def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path)
     token = tmp_path / "cluster.token"
     token.write_text("t" * 32)
     token.chmod(0o600)
-    shared = f'[cluster]\netcd = {BOXES}\n[node]\nhost = "10.0.0.2"\n[auth]\ntoken_file = "{token}"\n'
+    shared = (
+        f'[cluster]\netcd = {BOXES}\nplaintext_peers = true\n[node]\nhost = "10.0.0.2"\n'
+        f'[auth]\ntoken_file = "{token}"\n'
+    )
     assert "own cluster token" not in check_file(write(tmp_path, shared, "s.toml"))
 
 
