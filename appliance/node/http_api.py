@@ -37,6 +37,7 @@ from aiohttp import web
 
 from ..cache import errors
 from .auth import Credentials
+from .instance import told
 
 if TYPE_CHECKING:
     import ssl
@@ -117,14 +118,15 @@ class HttpApi:
         group_name = request.match_info["group"]
         key = request.match_info["key"]
         instance = self.node.instance
+        credentials = Credentials(request.headers.get("Authorization"))
         try:
-            credentials = None if instance.reads_open else Credentials(request.headers.get("Authorization"))
-            entry = await instance.get(group_name, key, credentials=credentials)
+            entry = await instance.get(group_name, key, credentials=None if instance.reads_open else credentials)
         except errors.CacheError as exc:
             status = STATUS[exc.kind]
             if isinstance(exc, errors.KeyNotFound):
                 reason = f"key {key!r} not found in group {group_name!r}"
             else:
+                exc = told(exc, instance.shows_cause(credentials))
                 reason = str(exc) or exc.reason
             return _text(status, reason)
         except Exception as exc:  # a bug: answer 500 and keep serving

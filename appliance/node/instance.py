@@ -78,6 +78,27 @@ class HandoffReport:
     seconds: float = 0.0
 
 
+# What a caller without a read credential is told of an origin failure: its
+# cause (an HTTP error body, a database's error line, a path) goes to the
+# worker's log and metrics, not to whoever asked.
+ORIGIN_UNTOLD = "the origin failed; the worker's log has the cause (a caller with a read credential is told it)"
+
+
+def told(exc: errors.CacheError, shown: bool) -> errors.CacheError:
+    """The error as this caller may see it: an origin failure's cause only
+    where `shown` (a read credential, or a peer)."""
+    if shown or not isinstance(exc, errors.OriginError):
+        return exc
+    return errors.OriginError(ORIGIN_UNTOLD)
+
+
+def told_all(results: list, shown: bool) -> list:
+    """told() for each error among per-key results (a GetMany's)."""
+    if shown:
+        return results
+    return [told(r, False) if isinstance(r, errors.CacheError) else r for r in results]
+
+
 class NodeInstance:
     def __init__(
         self,
@@ -341,6 +362,17 @@ class NodeInstance:
         else:
             group.stats.peeks_served_hits += 1
         return entry
+
+    def shows_cause(self, credentials: Credentials | None) -> bool:
+        """Whether a caller is told an origin failure's cause: it presents a
+        credential with the read scope (a peer's token has it)."""
+        if credentials is None:
+            return False
+        try:
+            principal = self.auth.authenticate(credentials)
+        except errors.Unauthenticated:
+            return False
+        return principal is not None and "read" in principal.scopes
 
     def from_peer(self, marked: bool, credentials: Credentials) -> bool:
         """Whether a call marked as forwarded is a peer's: it must present

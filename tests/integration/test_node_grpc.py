@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2
 
 from appliance.cache.errors import OriginError
 from appliance.cache.ring import HashRing
+from appliance.node.auth import bearer
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from support.nodes import CountingOrigin, all_arrived, client_gets, cluster
 
@@ -104,15 +105,22 @@ async def test_origin_failure_is_unavailable_with_cause_and_not_cached():
             return b"ok"
 
     origin = Flaky()
-    async with cluster(3, origin) as nodes:
+    token = "r" * 8 + "0123456789abcdef01234567"
+    async with cluster(3, origin, token=token) as nodes:
+        # A caller with a read credential (here the cluster's) is told the cause ...
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await get(nodes[0].addr, "g", "k")
+            await get(nodes[0].addr, "g", "k", metadata=bearer(token))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "database is down" in info.value.details()
         assert reason(info.value) == "ORIGIN_ERROR"
+        # ... anyone else the kind: the origin's words stay in the worker's log.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await get(nodes[1].addr, "g", "k")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and reason(info.value) == "ORIGIN_ERROR"
+        assert "database" not in info.value.details()
         origin.fail = False
         assert await get(nodes[1].addr, "g", "k") == b"ok"
-        assert len(origin.calls) == 2
+        assert len(origin.calls) == 3
 
 
 async def test_malformed_request_bodies_are_invalid_argument():

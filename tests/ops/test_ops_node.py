@@ -44,14 +44,21 @@ def make_settings(groups=("g",), *, ops=None, tls=None, **node) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def nodes(n, loader, *, groups=("g",), admin_dir=None, http=False, ring=True, settings=None, **kw):
+async def nodes(n, loader, *, groups=("g",), admin_dir=None, http=False, ring=True, settings=None, token=None, **kw):
     s = settings or make_settings(groups, **kw)
     started = []
     try:
         for i in range(n):
             admin = f"unix:{admin_dir}/n{i}.sock" if admin_dir else None
             started.append(
-                Node(s, {g: loader for g in groups}, port=0, admin_address=admin, http_port=0 if http else None)
+                Node(
+                    s,
+                    {g: loader for g in groups},
+                    port=0,
+                    admin_address=admin,
+                    http_port=0 if http else None,
+                    token=token,
+                )
             )
             await started[-1].start()
         if ring:
@@ -228,12 +235,13 @@ async def test_http_get_hit_miss_unknown_group_bad_key_origin_down():
 
     big = bytes(range(256)) * 1000
     origin = Origin({"k": b"value", "big": big, "a/b c": "张三".encode(), "键": b"x"})
-    async with nodes(3, origin, http=True) as ns:
+    token = "r" * 8 + "0123456789abcdef01234567"
+    async with nodes(3, origin, http=True, token=token) as ns:
         base = f"http://127.0.0.1:{ns[1].http_api.port}"
         async with aiohttp.ClientSession() as http:
 
-            async def fetch(path):
-                async with http.get(base + path) as r:
+            async def fetch(path, headers=None):
+                async with http.get(base + path, headers=headers) as r:
                     return r.status, r.headers, await r.read()
 
             status, headers, body = await fetch("/groups/g/keys/k")
@@ -251,8 +259,10 @@ async def test_http_get_hit_miss_unknown_group_bad_key_origin_down():
             status, _, body = await fetch("/groups/g/keys/" + "x" * 251)
             assert status == 400 and b"longer than 250" in body
             assert (await fetch("/groups/g/keys/"))[0] == 400
+            status, _, body = await fetch("/groups/g/keys/boom", {"Authorization": f"Bearer {token}"})
+            assert status == 503 and b"database is down" in body  # a reader is told the cause
             status, _, body = await fetch("/groups/g/keys/boom")
-            assert status == 503 and b"database is down" in body
+            assert status == 503 and b"database" not in body and b"the origin failed" in body  # others the kind
             status, _, body = await fetch("/healthz")
             assert (status, body) == (200, b"SERVING\n")
         # Same group logic as gRPC: one origin load for k, counted as gets.

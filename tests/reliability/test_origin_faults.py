@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from appliance.config import Settings
+from appliance.node.auth import bearer
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from appliance.transport.status import reason_of
@@ -27,16 +28,20 @@ from support.origin_server import SwitchableOrigin, http_value
 pytestmark = pytest.mark.integration
 
 ORIGIN_TIMEOUT = 1.0  # the group's `timeout`
+TOKEN = "r" * 8 + "0123456789abcdef01234567"  # the cluster's: it has the read scope, so it is told causes
+READER = bearer(TOKEN)
 MARGIN = 0.5  # allowed beyond the client's deadline (scheduling on a busy box)
 
 
-async def call(addr: str, key: str, deadline: float) -> tuple[float, bytes | None, grpc.aio.AioRpcError | None]:
+async def call(
+    addr: str, key: str, deadline: float, metadata=READER
+) -> tuple[float, bytes | None, grpc.aio.AioRpcError | None]:
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = groupcache_pb2_grpc.GroupCacheStub(channel)
         await channel.channel_ready()  # connecting is not part of the measure
         t0 = time.monotonic()
         try:
-            reply = await stub.Get(groupcache_pb2.GetRequest(group="web", key=key), timeout=deadline)
+            reply = await stub.Get(groupcache_pb2.GetRequest(group="web", key=key), timeout=deadline, metadata=metadata)
             return time.monotonic() - t0, reply.value, None
         except grpc.aio.AioRpcError as err:
             return time.monotonic() - t0, None, err
@@ -51,7 +56,7 @@ async def setup(tmp_path):
     ).groups["web"]
     loader = build_origin("web", spec, state_dir=tmp_path, max_value_bytes=1 << 20)
     try:
-        async with cluster(2, loader.load, groups=("web",), peer_timeout="2s") as nodes:
+        async with cluster(2, loader.load, groups=("web",), peer_timeout="2s", token=TOKEN) as nodes:
             yield origin, nodes
     finally:
         await loader.close()
@@ -97,6 +102,12 @@ async def test_origin_down_failing_or_slow_gives_clear_status_within_deadline(se
     origin.mode = "error"
     await case("http 500", "e1", 3.0, grpc.StatusCode.UNAVAILABLE, "HTTP 500")
     await case("http 500", "e2", 3.0, grpc.StatusCode.UNAVAILABLE, "database on fire")
+    # A caller without a read credential is told the kind, not the origin's words.
+    for via in owner_and_other(nodes, "e3"):
+        _, _, err = await call(via.addr, "e3", 3.0, metadata=())
+        assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE
+        assert reason_of(err.trailing_metadata()) == "ORIGIN_ERROR"
+        assert "fire" not in err.details() and "HTTP" not in err.details(), err.details()
     origin.mode = "slow"
     await case("slower than group timeout", "s1", 3.0, grpc.StatusCode.UNAVAILABLE, "timed out")
     await case("slower than deadline", "s2", 0.5, grpc.StatusCode.DEADLINE_EXCEEDED)

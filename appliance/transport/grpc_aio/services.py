@@ -17,6 +17,7 @@ import grpc
 
 from ...cache import errors
 from ...node.auth import Credentials
+from ...node.instance import told, told_all
 from ...pb import cache_pb2, groupcache_pb2
 from .. import messages
 from ..metadata import is_forwarded, ttl_trailer
@@ -82,7 +83,7 @@ class DataServices:
                 context.set_trailing_metadata(ttl_trailer(instance.ttl_left(entry)))
             return entry.data  # already an encoded GetResponse (wire.py)
         except errors.CacheError as exc:
-            status = failure(exc, group, key)
+            status = failure(told(exc, instance.shows_cause(credentials(context))), group, key)
         except Exception as exc:  # a bug: answer INTERNAL and keep serving
             log.exception("Get %s/%r failed", group, key[:64])
             status = internal_failure(exc)
@@ -92,17 +93,18 @@ class DataServices:
         if request is None:
             await context.abort_with_status(failure(_MALFORMED))
         keys = list(request.keys)
+        creds = credentials(context)
         try:
             results = await self.instance.get_many(
                 request.group,
                 keys,
-                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context)),
+                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), creds),
                 timeout=_remaining(context),
-                credentials=credentials(context),
+                credentials=creds,
             )
-            return messages.encode_get_many_response(keys, results)
+            return messages.encode_get_many_response(keys, told_all(results, self.instance.shows_cause(creds)))
         except errors.CacheError as exc:
-            status = failure(exc, request.group)
+            status = failure(told(exc, self.instance.shows_cause(creds)), request.group)
         except Exception as exc:
             log.exception("GetMany %s failed", request.group)
             status = internal_failure(exc)

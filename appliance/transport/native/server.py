@@ -37,6 +37,7 @@ from pygrpc_native import EVENT_CANCEL, STREAM_CLOSED, STREAM_FULL, NativeGrpcFr
 from ... import addr as addrs
 from ...cache import errors
 from ...node.auth import Credentials
+from ...node.instance import told, told_all
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
 from .. import health, messages
@@ -288,7 +289,7 @@ class NativeTransport(BaseTransport):
                         self._fail(call_id, internal_failure(exc))
                         continue
                     if entry is None:
-                        spawn(call_id, self._fill(call_id, group, key, forwarded, remaining))
+                        spawn(call_id, self._fill(call_id, group, key, forwarded, remaining, metadata))
                     elif forwarded and entry.expires:
                         front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
                     else:
@@ -332,13 +333,16 @@ class NativeTransport(BaseTransport):
         elif self._front is not None:
             self._front.respond(call_id, data, None, trailers)
 
-    async def _fill(self, call_id: int, group: str, key: str, forwarded: bool, remaining: float | None) -> None:
+    async def _fill(
+        self, call_id: int, group: str, key: str, forwarded: bool, remaining: float | None, metadata
+    ) -> None:
         instance = self.instance
         assert instance is not None  # bound in start()
         try:
             entry = await instance.fill(group, key, forwarded=forwarded, timeout=remaining)
         except errors.CacheError as exc:
-            self._fail(call_id, failure(exc, group, key))
+            shown = instance.shows_cause(Credentials.from_metadata(metadata))
+            self._fail(call_id, failure(told(exc, shown), group, key))
             return
         except Exception as exc:
             log.exception("Get %s/%r failed", group, key[:64])
@@ -358,7 +362,7 @@ class NativeTransport(BaseTransport):
             results = await instance.get_many(
                 request.group, keys, forwarded=forwarded, timeout=timeout, credentials=creds
             )
-            return messages.encode_get_many_response(keys, results)
+            return messages.encode_get_many_response(keys, told_all(results, instance.shows_cause(creds)))
 
         async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout, creds: Credentials):
             change = await instance.set(
@@ -393,11 +397,13 @@ class NativeTransport(BaseTransport):
             self._fail(call_id, failure(errors.InvalidRequest("malformed request")))
             return
         group, key = request.group, getattr(request, "key", "")
+        creds = Credentials.from_metadata(metadata)
         try:
-            reply = await run(request, forwarded, remaining, Credentials.from_metadata(metadata))
+            reply = await run(request, forwarded, remaining, creds)
             self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
         except errors.CacheError as exc:
-            self._fail(call_id, failure(exc, group, key))
+            assert self.instance is not None  # bound in start()
+            self._fail(call_id, failure(told(exc, self.instance.shows_cause(creds)), group, key))
         except Exception as exc:
             log.exception("%s %s/%r failed", name, group, key[:64])
             self._fail(call_id, internal_failure(exc))
