@@ -311,7 +311,13 @@ class OpsSettings(_Model):
         description='"host:port" for the box\'s Prometheus endpoint, like "127.0.0.1:9101", or "" to disable it',
     )
     metrics_tls: bool = False
+    # Scrapes served at once (one thread each); more connections are closed
+    # at once. A connection idle this long is closed. Workers are asked at
+    # most once a second whatever the scrape rate.
+    metrics_connections: int = Field(4, ge=1, le=1024)
     http_base_port: int = Field(0, ge=0, le=65535)
+    # An HTTP API connection idle this long between requests is closed.
+    http_idle_timeout: Duration = Field(parse_duration("15s"), gt=0)
     slow_load: Duration = Field(parse_duration("1s"), ge=0)
     rate_limit: float = Field(0.0, ge=0)
     rate_burst: int = Field(0, ge=0)

@@ -93,7 +93,15 @@ class HttpApi:
         # No access log (a line per request); a stop gives requests in
         # flight the same grace as gRPC calls (the peer timeout).
         grace = float(self.node.settings.node.peer_timeout)
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=grace)
+        # An idle keep-alive connection is closed after http_idle_timeout: it
+        # holds a file descriptor this process shares with the data port.
+        runner = web.AppRunner(
+            self.app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=grace,
+            keepalive_timeout=float(self.node.settings.ops.http_idle_timeout),
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True)
         try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,8 +71,14 @@ class BoxCollector:
         fallback_label: Callable[[str], str] = lambda path: path,
         controller: RingView | None = None,
         timeout: float = 2.0,
+        min_interval: float = 1.0,
     ) -> None:
+        """`min_interval`: scrapes closer together than this share one
+        round of asking the workers (a flood of scrapes costs them nothing more)."""
         self._sockets = sockets
+        self.min_interval = min_interval
+        self._round_lock = threading.Lock()
+        self._round: tuple[float, list[Metric]] | None = None  # (when, families)
         self._fallback = fallback_label
         self._controller = controller
         self.timeout = timeout
@@ -95,6 +102,13 @@ class BoxCollector:
             client.close()
 
     def collect(self) -> Iterable[Metric]:
+        with self._round_lock:  # concurrent scrapes wait for one round and share it
+            now = time.monotonic()
+            if self._round is None or now - self._round[0] >= self.min_interval:
+                self._round = (now, list(self._ask_workers()))
+            return list(self._round[1])
+
+    def _ask_workers(self) -> Iterable[Metric]:
         paths = self._sockets()
         with self._lock:
             gone = set(self._clients) - set(paths)
@@ -161,7 +175,42 @@ def box_registry(collector: BoxCollector) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(addr: str, registry: CollectorRegistry, tls: TlsSettings | None = None) -> Callable[[], None]:
+def _bound_connections(server: Any, limit: int, idle_timeout: float) -> None:
+    """At most `limit` connections served at once by prometheus_client's
+    threading server (a thread each); past it a connection is closed at
+    once, and a connection idle `idle_timeout` seconds is closed."""
+    slots = threading.BoundedSemaphore(limit)
+    accept, serve = server.process_request, server.process_request_thread
+    server.RequestHandlerClass = type("BoundedHandler", (server.RequestHandlerClass,), {"timeout": idle_timeout})
+
+    def process_request(request: Any, client_address: Any) -> None:
+        if not slots.acquire(blocking=False):
+            server.shutdown_request(request)
+            return
+        try:
+            accept(request, client_address)  # starts the thread
+        except BaseException:
+            slots.release()
+            raise
+
+    def process_request_thread(request: Any, client_address: Any) -> None:
+        try:
+            serve(request, client_address)
+        finally:
+            slots.release()
+
+    server.process_request = process_request
+    server.process_request_thread = process_request_thread
+
+
+def serve_metrics(
+    addr: str,
+    registry: CollectorRegistry,
+    tls: TlsSettings | None = None,
+    *,
+    max_connections: int = 4,
+    idle_timeout: float = 10.0,
+) -> Callable[[], None]:
     """Serve `registry` on http(s)://addr/metrics from a daemon thread;
     returns a function that stops it. With `tls` (enabled TlsSettings) the
     endpoint speaks HTTPS, and with client_auth it requires a client cert."""
@@ -177,6 +226,7 @@ def serve_metrics(addr: str, registry: CollectorRegistry, tls: TlsSettings | Non
             "client_auth_required": bool(tls.client_auth),
         }
     server, thread = start_http_server(port, addr=host, registry=registry, **kwargs)
+    _bound_connections(server, max_connections, idle_timeout)
 
     def stop() -> None:
         server.shutdown()
@@ -202,7 +252,7 @@ def serve_box_metrics(settings: Settings, controller: RingView | None = None) ->
     collector = BoxCollector(settings.admin_sockets, fallback_label=fallback, controller=controller)
     tls = settings.tls if ops.metrics_tls and settings.tls.enabled else None
     try:
-        stop = serve_metrics(ops.metrics_addr, box_registry(collector), tls)
+        stop = serve_metrics(ops.metrics_addr, box_registry(collector), tls, max_connections=ops.metrics_connections)
     except OSError as exc:
         event(log, logging.ERROR, "metrics endpoint not started", addr=ops.metrics_addr, cause=str(exc))
         collector.close()

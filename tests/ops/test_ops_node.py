@@ -145,6 +145,53 @@ async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_
         assert all(value(box, "groupcache_gets_total", worker=n.addr, group="g") == 0 for n in others)
 
 
+async def test_the_metrics_endpoint_bounds_connections_and_asks_workers_once_a_second(tmp_path):
+    """A flood of scrapes or of idle connections costs bounded threads and
+    at most one round of worker calls a second (a thread per connection and
+    a worker round per scrape before)."""
+    import socket
+    import threading
+
+    async with nodes(1, CountingOrigin({"k": b"v"}), admin_dir=tmp_path) as (node,):
+        collector = BoxCollector(lambda: sorted(str(p) for p in tmp_path.glob("n*.sock")), min_interval=60)
+        port = free_port()
+        stop = await asyncio.to_thread(
+            serve_metrics, f"127.0.0.1:{port}", box_registry(collector), max_connections=3, idle_timeout=30
+        )
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.read().decode()
+
+        held = []
+        try:
+            first = samples(await asyncio.to_thread(scrape))
+            assert value(first, "groupcache_gets_total", worker=node.addr, group="g") == 0
+            assert await get(node.addr, "g", "k") == b"v"
+            # Within min_interval a scrape shares the last round: the workers are not asked again.
+            again = samples(await asyncio.to_thread(scrape))
+            assert value(again, "groupcache_gets_total", worker=node.addr, group="g") == 0
+            before = threading.active_count()
+            for _ in range(3):  # idle connections take every slot ...
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            deadline = time.monotonic() + 5
+            while threading.active_count() < before + 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            extra = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+            try:
+                for s in extra:  # ... so more are closed at once, with no thread of their own
+                    assert s.recv(1) == b""
+                assert threading.active_count() <= before + 3
+            finally:
+                for s in extra:
+                    s.close()
+        finally:
+            for s in held:
+                s.close()
+            await asyncio.to_thread(stop)
+            collector.close()
+
+
 @pytest.mark.usefixtures("backend")
 async def test_box_collector_reports_a_dead_worker_as_down(tmp_path):
     (tmp_path / "worker-7.sock").touch()  # a socket nobody listens on
@@ -546,3 +593,21 @@ async def test_message_limits_follow_max_value_bytes_on_both_sides():
         with Client(peers, max_message_bytes=4 * 1024 * 1024) as c:
             with pytest.raises(PeerError, match="RESOURCE_EXHAUSTED"):
                 await asyncio.to_thread(c.get, "g", "k1")
+
+
+async def test_an_idle_http_api_connection_is_closed_after_its_timeout():
+    """A keep-alive connection of the HTTP API that sends nothing more is
+    closed after ops.http_idle_timeout (aiohttp's default kept it 75 s)."""
+    s = make_settings(ops={"http_idle_timeout": "0.3s"})
+    async with nodes(1, CountingOrigin({"k": b"v"}), http=True, settings=s) as (node,):
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.http_api.port)
+        try:
+            writer.write(b"GET /groups/g/keys/k HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(reader.read(1), 5) == b"v"
+            # Closed by the server well before this bound (aiohttp's default waits 75 s).
+            assert await asyncio.wait_for(reader.read(1), 5) == b""
+        finally:
+            writer.close()
