@@ -501,6 +501,25 @@ async def test_forwarded_calls_are_exempt_only_from_ring_members():
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.usefixtures("backend")
+async def test_peer_calls_are_charged_from_outside_the_ring():
+    """Peek (and Handoff) are free from ring members' addresses and take a
+    token from anyone else's: a flood of Peeks was never limited."""
+    from appliance.pb import cache_pb2, cache_pb2_grpc
+
+    ops = {"rate_limit": 1, "rate_burst": 2}
+    async with nodes(1, CountingOrigin({"k": b"v"}), ops=ops) as (node,):
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            peek = cache_pb2_grpc.PeerStub(ch).Peek
+            for _ in range(5):  # from 127.0.0.1, the ring's own address
+                await peek(cache_pb2.PeekRequest(group="g", key="k"), timeout=5)
+            node.set_peers(["192.0.2.1:9999", "192.0.2.2:9999"], 2)  # a ring of other hosts
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                for _ in range(4):
+                    await peek(cache_pb2.PeekRequest(group="g", key="k"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 # Logs --------------------------------------------------------------------------
 
 

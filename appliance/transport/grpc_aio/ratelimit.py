@@ -9,7 +9,9 @@ from ..messages import call_cost
 from ..metadata import is_forwarded
 from ..status import rate_limited_failure
 
-LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/")
+LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/", "/appliance.cache.Peer/")
+# Peer calls: free from ring members' addresses, charged from anyone else's.
+PEER_SERVICE = "/appliance.cache.Peer/"
 
 
 class RateLimitInterceptor(grpc.aio.ServerInterceptor):
@@ -22,7 +24,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_SERVICES):
             return handler
-        forwarded = is_forwarded(handler_call_details.invocation_metadata)
+        forwarded = is_forwarded(handler_call_details.invocation_metadata) or method.startswith(PEER_SERVICE)
         key = (method, forwarded)
         wrapped = self._wrapped.get(key)
         if wrapped is None or wrapped.request_deserializer is not handler.request_deserializer:

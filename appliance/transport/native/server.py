@@ -66,7 +66,9 @@ METHODS = (
     (f"/{PEER_SERVICE}/Handoff", False),
 )
 GET, GET_MANY, SET, REMOVE, HEALTH_CHECK, HEALTH_WATCH, PEEK, HANDOFF = range(len(METHODS))
-LIMITED = frozenset((GET, GET_MANY, SET, REMOVE))
+LIMITED = frozenset((GET, GET_MANY, SET, REMOVE, PEEK, HANDOFF))
+# Peer calls: free from ring members' addresses, charged from anyone else's.
+PEER_CALLS = frozenset((PEEK, HANDOFF))
 BATCH = 256
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -264,7 +266,7 @@ class NativeTransport(BaseTransport):
                 if limiter is not None and method in LIMITED:
                     client = client_address(peer or "")
                     cost = messages.call_cost(_parse_get_many(payload)) if method == GET_MANY else 1
-                    wait = limiter.admit(client, forwarded=forwarded, cost=cost)
+                    wait = limiter.admit(client, forwarded=forwarded or method in PEER_CALLS, cost=cost)
                     if wait:
                         buckets = limiter.buckets
                         self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
