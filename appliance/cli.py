@@ -205,6 +205,19 @@ def _cluster_view(settings: Settings):
     return client, {m.addr: m for m in members.values()}
 
 
+def _box_token(settings: Settings, what: str) -> str:
+    """The cluster token, which cluster-wide requests are signed with."""
+    from .node.auth import TokenFileError, read_token
+
+    try:
+        return read_token(settings.token_path())
+    except TokenFileError as exc:
+        raise UsageError(
+            f"{what} is signed with the cluster token, which this user cannot read ({exc}): "
+            "run it as root or as the service user"
+        ) from None
+
+
 def _box_of(member) -> str:
     return str((member.metadata or {}).get("box") or "-")
 
@@ -218,7 +231,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     client, members = _cluster_view(settings)
     try:
         boxes = ({_box_of(m) for m in members.values()} - {"-"}) | {settings.node.host}
-        answers = box_ops.gather_stats(client, settings.cluster.service, boxes)
+        answers = box_ops.gather_stats(client, settings.cluster.service, boxes, token=_box_token(settings, "stats"))
     finally:
         client.close()
     report: dict[str, dict[str, Any]] = {}
@@ -288,7 +301,13 @@ def _stop_remote_node(settings: Settings, addr: str) -> int:
             )
         box = _box_of(members[addr])
         try:
-            doc = box_ops.request_drain(client, settings.cluster.service, addr, timeout=settings.node.stop_grace + 10)
+            doc = box_ops.request_drain(
+                client,
+                settings.cluster.service,
+                addr,
+                token=_box_token(settings, "stop-node of another box's worker"),
+                timeout=settings.node.stop_grace + 10,
+            )
         except box_ops.Unclaimed as exc:
             raise UsageError(f"{exc} (is the controller of box {box} running?)") from None
     finally:

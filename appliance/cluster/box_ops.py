@@ -17,6 +17,8 @@ Every key is written under a lease, so a request nobody finishes vanishes.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import queue
@@ -39,6 +41,30 @@ STATS_TTL = 10  # seconds a stats request and its answers live
 # request is dropped (its asker times out), so whoever can write etcd
 # cannot make the controller start a thread per key it writes.
 STATS_BACKLOG = 8
+# A request is signed with the cluster token (an HMAC: the token itself is
+# never written to etcd) and acted on only this many seconds around its time,
+# so whoever can write etcd but lacks the token cannot stop a worker or read
+# counters, and a copied request goes stale.
+REQUEST_WINDOW = 120.0
+
+
+def sign(token: str, kind: str, name: str, at: float) -> str:
+    """The signature of request `kind` ("drain", "stats") for `name`, made at `at`."""
+    return hmac.new(token.encode(), f"{kind}\n{name}\n{at!r}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed(token: str, kind: str, name: str, **doc: Any) -> str:
+    at = time.time()
+    return json.dumps({**doc, "at": at, "mac": sign(token, kind, name, at)})
+
+
+def verified(token: str | None, kind: str, name: str, doc: dict, now: float | None = None) -> bool:
+    at, mac = doc.get("at"), doc.get("mac")
+    if token is None or not isinstance(at, (int, float)) or not isinstance(mac, str):
+        return False
+    if abs((time.time() if now is None else now) - at) > REQUEST_WINDOW:
+        return False
+    return hmac.compare_digest(mac, sign(token, kind, name, float(at)))
 
 
 def prefix(service: str) -> str:
@@ -60,8 +86,19 @@ class BoxOps(threading.Thread):
     """In the controller: acts on drain requests for this box's workers and
     answers stats requests with this box's workers' counters."""
 
-    def __init__(self, settings: Settings, connect: Callable[[], Any], *, stop_event: threading.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        connect: Callable[[], Any],
+        *,
+        stop_event: threading.Event,
+        token: str | None,
+    ) -> None:
+        """`token`: the cluster's, which requests must be signed with (None:
+        every request is refused)."""
         super().__init__(name="box-ops", daemon=True)
+        self._token = token
+        self.refused = 0
         self.settings = settings
         self.service = settings.cluster.service
         self.box = settings.node.host
@@ -120,6 +157,17 @@ class BoxOps(threading.Thread):
     def _on_put(self, client, key: str, value: bytes) -> None:
         rest = key[len(prefix(self.service)) :]
         kind, _, name = rest.partition("/")
+        if kind in ("drain", "stats-request") and (kind == "stats-request" or name in self._mine):
+            doc = _state(value)
+            if kind == "drain" and doc.get("state") != "requested":
+                return  # a box's own answer (stopping, stopped, failed)
+            if not verified(self._token, kind, name, doc):
+                self.refused += 1
+                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                    log.warning(
+                        "%d %s request(s) in etcd not signed with the cluster token: ignored", self.refused, kind
+                    )
+                return
         if kind == "drain" and name in self._mine and name not in self._draining:
             if _state(value).get("state") == "requested":
                 self._draining.add(name)
@@ -189,12 +237,14 @@ class Unclaimed(Exception):
     """No box took the request (its controller is down, or no box runs it)."""
 
 
-def request_drain(client, service: str, addr: str, *, timeout: float, claim_within: float = 10.0) -> dict:
-    """Ask the box that runs `addr` to stop it; wait until it reports the
-    worker stopped and the worker's registration is gone, or `timeout`."""
+def request_drain(client, service: str, addr: str, *, token: str, timeout: float, claim_within: float = 10.0) -> dict:
+    """Ask the box that runs `addr` to stop it (a request signed with the
+    cluster `token`); wait until it reports the worker stopped and the
+    worker's registration is gone, or `timeout`."""
     key = drain_key(service, addr)
     lease = etcd.call(client, lambda c: c.lease(int(timeout) + 30))
-    etcd.call(client, lambda c: c.put(key, json.dumps({"state": "requested", "at": time.time()}), lease=lease))
+    request = signed(token, "drain", addr, state="requested")
+    etcd.call(client, lambda c: c.put(key, request, lease=lease))
     try:
         start = time.monotonic()
         deadline = start + timeout
@@ -220,13 +270,15 @@ def request_drain(client, service: str, addr: str, *, timeout: float, claim_with
             pass
 
 
-def gather_stats(client, service: str, boxes: set[str], *, timeout: float = 3.0) -> dict[str, dict]:
+def gather_stats(client, service: str, boxes: set[str], *, token: str, timeout: float = 3.0) -> dict[str, dict]:
     """{box: {"workers": {addr: stats}}} from every box that answers within
-    `timeout` (returns early once every box of `boxes` has)."""
+    `timeout` (returns early once every box of `boxes` has); the request is
+    signed with the cluster `token`."""
     nonce = uuid.uuid4().hex
     lease = etcd.call(client, lambda c: c.lease(STATS_TTL))
     answers = f"{prefix(service)}stats/{nonce}/"
-    etcd.call(client, lambda c: c.put(f"{prefix(service)}stats-request/{nonce}", "{}", lease=lease))
+    request = signed(token, "stats-request", nonce)
+    etcd.call(client, lambda c: c.put(f"{prefix(service)}stats-request/{nonce}", request, lease=lease))
     found: dict[str, dict] = {}
     try:
         deadline = time.monotonic() + timeout

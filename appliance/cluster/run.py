@@ -5,13 +5,17 @@ metrics endpoint, stopped by SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from ..config import Settings
+from ..node.auth import TokenFileError, read_token
 from ..ops.metrics import serve_box_metrics
 from . import etcd
 from .box_ops import BoxOps
 from .controller import Controller
+
+log = logging.getLogger(__name__)
 
 
 def run_controller(settings: Settings) -> int:
@@ -24,7 +28,14 @@ def run_controller(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
     stop_metrics = serve_box_metrics(settings, controller)
-    ops = BoxOps(settings, lambda: etcd.connect_to(settings, timeout=1.0), stop_event=controller.stop_event)
+    try:
+        token: str | None = read_token(settings.token_path())  # `appliance run` made it
+    except TokenFileError as exc:
+        log.warning("cluster-wide requests are refused: cannot read the cluster token (%s)", exc)
+        token = None
+    ops = BoxOps(
+        settings, lambda: etcd.connect_to(settings, timeout=1.0), stop_event=controller.stop_event, token=token
+    )
     ops.start()
     try:
         controller.run()
