@@ -62,8 +62,8 @@ __all__ = [
 STOP_MARGIN = 5.0
 # What an etcd others can write gives them (appended to etcd_warning).
 ETCD_EXPOSES = (
-    "; such a member then receives the cluster token with every peer call made to it, and whoever writes "
-    "etcd can also stop any worker (a drain request) and read every worker's counters (a stats request)"
+    "; such a member then receives the cluster token with every peer call made to it, and with the token "
+    "it can write values, hand entries off, stop any worker and read every worker's counters"
 )
 
 
