@@ -2,6 +2,7 @@
 over real gRPC, and following the ring in a real etcd."""
 
 import asyncio
+import contextlib
 import threading
 import time
 import urllib.request
@@ -13,6 +14,7 @@ from appliance.cache import errors
 from appliance.cache.ring import HashRing
 from appliance.client import AsyncClient, Client
 from appliance.cluster import etcd
+from appliance.cluster.controller import Controller
 from appliance.config import Settings
 from support.etcd_server import EtcdServer
 from support.nodes import CountingOrigin, cluster
@@ -227,6 +229,21 @@ def registry(etcd_server):
         r.close()
 
 
+@contextlib.asynccontextmanager
+async def box_controller(server: EtcdServer, admin_dir, n: int):
+    """A real controller (appliance.cluster.controller) pushing etcd's
+    membership to the in-process nodes' admin sockets."""
+    sockets = [str(admin_dir / f"n{i}.sock") for i in range(n)]
+    ctl = Controller(server.client, "groupcache", lambda: sockets, push_interval=0.5)
+    thread = threading.Thread(target=ctl.run, daemon=True, name="test-controller")
+    thread.start()
+    try:
+        yield ctl
+    finally:
+        ctl.stop_event.set()
+        await asyncio.to_thread(thread.join, 10)
+
+
 def requests_by_node(nodes) -> dict[str, int]:
     """Gets each node had straight from a client (not forwarded by a peer)."""
     return {n.addr: n.groups["g"].stats.gets - n.groups["g"].stats.server_requests for n in nodes}
@@ -235,7 +252,7 @@ def requests_by_node(nodes) -> dict[str, int]:
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("watch", ["watch", "no watch"])
-async def test_clients_follow_a_scale_out_and_a_scale_in(kind, watch, etcd_server, registry, monkeypatch):
+async def test_clients_follow_a_scale_out_and_a_scale_in(kind, watch, etcd_server, registry, monkeypatch, tmp_path):
     if watch == "no watch":
         # etcd refuses the watch (say, a proxy that does not pass streams):
         # the client falls back to re-reading every poll_interval.
@@ -243,13 +260,16 @@ async def test_clients_follow_a_scale_out_and_a_scale_in(kind, watch, etcd_serve
             raise RuntimeError("watch refused")
 
         monkeypatch.setattr(etcd, "watch_prefix", refused)
-    async with cluster(3, CountingOrigin(DATA)) as nodes:
+    async with cluster(3, CountingOrigin(DATA), admin_dir=tmp_path) as nodes, box_controller(etcd_server, tmp_path, 3):
         a, b, new = nodes
         old_ring, full_ring = [a.addr, b.addr], [a.addr, b.addr, new.addr]
-        for n in nodes:  # the nodes' rings follow etcd as the controller would make them
-            n.set_peers(old_ring, 1)
+
+        def rings_are(ring):  # the nodes' rings, as a real controller makes them from etcd
+            return lambda: all(sorted(n.peers.ring.nodes) == sorted(ring) for n in nodes)
+
         registry.add(a.addr)
         registry.add(b.addr)
+        await until(rings_are(old_ring), 10, "the controller to push the first ring")
         # With a watch, a poll_interval past the deadlines: only the watch can make them.
         poll = 30 if watch == "watch" else 0.5
         c = await make(kind, from_settings=client_settings(etcd_server), poll_interval=poll, timeout=3)
@@ -261,8 +281,7 @@ async def test_clients_follow_a_scale_out_and_a_scale_in(kind, watch, etcd_serve
             assert requests_by_node(nodes)[new.addr] == 0
 
             registry.add(new.addr)
-            for n in nodes:
-                n.set_peers(full_ring, 2)
+            await until(rings_are(full_ring), 10, "the controller to push the new node")
             await until(lambda: new.addr in c.ring, 5, "the client's ring to gain the new node")
             before = requests_by_node(nodes)
             for k in moved:
@@ -272,8 +291,7 @@ async def test_clients_follow_a_scale_out_and_a_scale_in(kind, watch, etcd_serve
             assert after[a.addr] == before[a.addr] and after[b.addr] == before[b.addr]
 
             registry.remove(new.addr)
-            for n in nodes:
-                n.set_peers(old_ring, 3)
+            await until(rings_are(old_ring), 10, "the controller to push the ring without it")
             await until(lambda: new.addr not in c.ring, 5, "the client's ring to lose the node")
             before = requests_by_node(nodes)
             for k in moved:

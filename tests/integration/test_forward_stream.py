@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from support.nodes import CountingOrigin, cluster
+from support.nodes import CountingOrigin, cluster, go_like_server
 from support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
@@ -67,33 +67,6 @@ async def test_graceful_stop_is_not_held_by_open_peer_streams():
         assert a.groups["g"].stats.peer_errors == 1
 
 
-async def go_like_server(served, port=0):
-    """A server with only the seed's GroupCache/Get, as a Go node has."""
-
-    async def seed_get(request, context):
-        served.append(request.key)
-        return groupcache_pb2.GetResponse(value=b"from-go:" + request.key.encode())
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "groupcachepb.GroupCache",
-                {
-                    "Get": grpc.unary_unary_rpc_method_handler(
-                        seed_get,
-                        request_deserializer=groupcache_pb2.GetRequest.FromString,
-                        response_serializer=groupcache_pb2.GetResponse.SerializeToString,
-                    )
-                },
-            ),
-        )
-    )
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 async def test_peer_without_the_stream_service_gets_plain_gets():
     """A node that only speaks the seed's GroupCache/Get (a Go node, say)."""
     served = []
@@ -111,110 +84,33 @@ async def test_peer_without_the_stream_service_gets_plain_gets():
         await server.stop(0)
 
 
-# What grpc.aio reports when a server without Peer.Forward (the seed's Go
-# server) ends our stream with UNIMPLEMENTED: trailers-only, then RST_STREAM.
-# Over 60 fresh streams to a real seed node (tests/integration/
-# test_seed_interop.py runs it): 29 reader_first, 11 writer_unimplemented,
-# 20 writer_clobbers. status_before_write is what a second write, queued
-# behind the first, meets. See ForwardStream.unanswered_code.
-def _rpc_error(code, details, debug=""):
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, debug)
-
-
-UNIMPLEMENTED = ("unimplemented", "unknown service appliance.cache.Peer")
-CLOBBERED = ("internal", "Internal error from Core")
-ORDERS = {
-    # the status arrives first: the reader raises UNIMPLEMENTED, a later write InvalidStateError
-    "reader_first": dict(write=None, read=UNIMPLEMENTED, final=UNIMPLEMENTED),
-    # the status arrives while the writer waits for its metadata to be sent
-    "writer_unimplemented": dict(write=UNIMPLEMENTED, read=UNIMPLEMENTED, final=UNIMPLEMENTED),
-    # the reset lands while the first write is in flight: set_internal_error
-    # overwrites the call's status, so the writer, the reader and code() all say INTERNAL
-    "writer_clobbers": dict(write=CLOBBERED, read=CLOBBERED, final=CLOBBERED),
-    # the status is in before the first write starts: the writer's error is no AioRpcError
-    "status_before_write": dict(write="finished", read=UNIMPLEMENTED, final=UNIMPLEMENTED),
-}
-
-
-class GoLikeForward:
-    """Stands in for the Peer.Forward method of a channel to a Go node:
-    each call replays one observed order of errors."""
-
-    def __init__(self, order):
-        self.order = order
-        self.calls = 0
-
-    def __call__(self, metadata=None):
-        self.calls += 1
-        return _GoLikeCall(**self.order)
-
-
-class _GoLikeCall:
-    def __init__(self, write, read, final):
-        self._write, self._read, self._final = write, read, final
-        self._done = asyncio.Event()
-
-    def _error(self, spec):
-        code = getattr(grpc.StatusCode, spec[0].upper())
-        debug = (
-            'Failed "execute_batch": (<grpc._cython.cygrpc.SendMessageOperation object>,)' if spec is CLOBBERED else ""
-        )
-        return _rpc_error(code, spec[1], debug)
-
-    async def write(self, request):
-        await asyncio.sleep(0)
-        if self._write is None:
-            return
-        if self._write == "finished":  # the call is done already
-            self._done.set()
-            raise asyncio.InvalidStateError("RPC already finished.")
-        self._done.set()
-        raise self._error(self._write)
-
-    async def read(self):
-        await asyncio.sleep(0.001)
-        self._done.set()
-        raise self._error(self._read)
-
-    async def code(self):
-        await self._done.wait()
-        return self._error(self._final).code()
-
-    def cancel(self):
-        return False
-
-
-@pytest.mark.parametrize("order", sorted(ORDERS))
-async def test_peer_without_the_stream_service_is_recognised_whatever_the_error_order(order):
-    """Every order of the stream's errors ends in a plain Get to the owner
-    (no local load, no peer error), and the answer is kept per address: a
-    client made anew after the peer left and rejoined the ring sends plain
-    Gets straight away."""
+async def test_peer_without_the_stream_service_is_recognised_on_every_fresh_stream():
+    """Against a real server without Peer.Forward, each fresh node's first
+    stream fails in whichever order grpc delivers the errors (see
+    tests/unit/test_forward_error_orders.py for each order replayed); every
+    Get still ends in a plain Get to the owner (no local load, no peer
+    error), and the answer is kept per address across a leave and rejoin."""
     served = []
     server, go = await go_like_server(served)
-    origin = CountingOrigin({})
     try:
-        async with cluster(1, origin, forward="stream") as (a,):
-            a.set_peers([a.addr, go], 2)
-            forward = a.peers.client(go)._forward = GoLikeForward(ORDERS[order])
-            keys = [k for k in (f"k{i}" for i in range(400)) if a.peers.owner(k) == go][:6]
-            values = await asyncio.gather(*(get(a.addr, k) for k in keys[:3]))  # together, on the first stream
-            assert values == [b"from-go:" + k.encode() for k in keys[:3]]
-            assert a.peers.client(go).streaming is False
-            streams = forward.calls
-            assert await get(a.addr, keys[3]) == b"from-go:" + keys[3].encode()
-            assert forward.calls == streams  # no new stream
-            a.set_peers([a.addr], 3)  # the Go node leaves ...
-            a.set_peers([a.addr, go], 4)  # ... and rejoins: a new client
-            rejoined = a.peers.client(go)
-            rejoined._forward = GoLikeForward(ORDERS[order])
-            assert rejoined.streaming is False
-            for k in keys[4:]:
-                assert await get(a.addr, k) == b"from-go:" + k.encode()
-            assert rejoined._forward.calls == 0
-            assert sorted(served) == sorted(keys)
-            stats = a.groups["g"].stats
-            assert (stats.peer_errors, stats.local_loads, origin.calls) == (0, 0, [])
+        for _ in range(6):  # fresh nodes: fresh first streams
+            origin = CountingOrigin({})
+            async with cluster(1, origin, forward="stream") as (a,):
+                a.set_peers([a.addr, go], 2)
+                keys = [k for k in (f"k{i}" for i in range(400)) if a.peers.owner(k) == go][:6]
+                served.clear()
+                values = await asyncio.gather(*(get(a.addr, k) for k in keys[:3]))  # together, on the first stream
+                assert values == [b"from-go:" + k.encode() for k in keys[:3]]
+                assert a.peers.client(go).streaming is False
+                assert await get(a.addr, keys[3]) == b"from-go:" + keys[3].encode()
+                a.set_peers([a.addr], 3)  # the Go node leaves ...
+                a.set_peers([a.addr, go], 4)  # ... and rejoins: a new client, told already
+                assert a.peers.client(go).streaming is False
+                for k in keys[4:]:
+                    assert await get(a.addr, k) == b"from-go:" + k.encode()
+                assert sorted(served) == sorted(keys)
+                stats = a.groups["g"].stats
+                assert (stats.peer_errors, stats.local_loads, origin.calls) == (0, 0, [])
     finally:
         await server.stop(0)
 

@@ -89,6 +89,15 @@ async def running(n: int, origin: CountingOrigin, **node):
         await c.close()
 
 
+async def windows_over(nodes: list[Node], keys, timeout: float = 10.0) -> None:
+    """Until no node would peek at a previous owner for any key: their peek
+    windows are over (a condition on the nodes, not a sleep past the window)."""
+    deadline = time.monotonic() + timeout
+    while any(n.peers.peek_candidates(k) for n in nodes for k in keys):
+        assert time.monotonic() < deadline, "peek windows still open"
+        await asyncio.sleep(0.02)
+
+
 def data(n: int = N_KEYS) -> dict[str, bytes]:
     return {f"k{i}": f"v{i}".encode() * 4 for i in range(n)}
 
@@ -426,7 +435,7 @@ async def test_a_miss_on_a_key_that_did_not_move_loads_without_peeking():
         a, b = c.nodes
         # Past the window of the nodes' own first ring (a first ring counts
         # as joining: a node asks the others about every key for a while).
-        await asyncio.sleep(0.4)
+        await windows_over([a, b], truth)
         joiner = await c.start()
         c.ring(c.nodes)
         stay = next(k for k in truth if a.peers.owner(k) == a.addr)
@@ -445,7 +454,7 @@ async def test_no_peeks_after_the_window_or_when_turned_off():
             joiner = await c.start()
             c.ring(c.nodes)
             if window != "0s":
-                await asyncio.sleep(0.3)
+                await windows_over([joiner], truth)
             key = next(k for k in truth if joiner.peers.owner(k) == joiner.addr)
             before = len(origin.calls)
             assert await c.value(joiner, key) == truth[key]

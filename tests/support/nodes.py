@@ -108,3 +108,34 @@ async def all_arrived(nodes, count: int, group: str = "g", timeout: float = 10.0
         if loop.time() > deadline:
             raise AssertionError(f"{arrived} of {count} Gets arrived before the deadline")
         await asyncio.sleep(0.005)
+
+
+async def go_like_server(served, port=0):
+    """A real gRPC server with only the seed's GroupCache/Get, as a Go node
+    has (no Peer.Forward): (server, address)."""
+    import grpc
+
+    from appliance.pb import groupcache_pb2
+
+    async def seed_get(request, context):
+        served.append(request.key)
+        return groupcache_pb2.GetResponse(value=b"from-go:" + request.key.encode())
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "groupcachepb.GroupCache",
+                {
+                    "Get": grpc.unary_unary_rpc_method_handler(
+                        seed_get,
+                        request_deserializer=groupcache_pb2.GetRequest.FromString,
+                        response_serializer=groupcache_pb2.GetResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
