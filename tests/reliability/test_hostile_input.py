@@ -319,6 +319,22 @@ FUZZ_SEED = 20240607
 FUZZ_REQUESTS = 3000
 
 
+async def settled_task_count(timeout: float = 5.0) -> int:
+    """The number of asyncio tasks once warm-up tasks have finished: the
+    same count seen over 10 passes of the loop 10 ms apart (a count taken
+    while some still end would hide a leak as small as that tail)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last, same = -1, 0
+    while same < 10:
+        count = len(asyncio.all_tasks())
+        same = same + 1 if count == last else 0
+        last = count
+        assert loop.time() < deadline, "the task count never settled"
+        await asyncio.sleep(0.01)
+    return last
+
+
 @pytest.mark.usefixtures("backend")
 async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
     """Figures held: 3000 random and malformed Get requests (random bytes,
@@ -337,8 +353,7 @@ async def test_fuzzed_get_requests_get_documented_statuses_and_leak_nothing():
             for stub in stubs:  # warm up: channels, peers, tasks of a normal call
                 assert (await stub.Get(groupcache_pb2.GetRequest(group="g", key="k1"), timeout=5)).value == b"v1"
             await open_peer_streams(nodes, "g")  # per-peer tasks, not leaks
-            await asyncio.sleep(0.1)
-            baseline = len(asyncio.all_tasks())
+            baseline = await settled_task_count()
             counts: collections.Counter = collections.Counter()
             sent = 0
             while sent < FUZZ_REQUESTS:
