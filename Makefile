@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/*.proto)
 
-.PHONY: run test unit integration lint proto proto-check bench clean
+ENGINE_STAMP := $(VENV)/.engine
+ENGINE_SRC := engine/Cargo.toml engine/Cargo.lock engine/pyproject.toml $(wildcard engine/src/*.rs)
+CARGO := $(shell command -v cargo 2>/dev/null)
+
+.PHONY: run test unit integration lint proto proto-check bench clean engine engine-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,10 +17,32 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,postgresql]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# The Rust engine (engine/), built into the venv where cargo exists; the
+# build is cached in engine/target and skipped while the crate is unchanged.
+# Without cargo, nothing is built and grpcio (or pygrpc-native) serves.
+engine: $(STAMP)
+ifeq ($(CARGO),)
+	@echo "engine: no cargo on PATH; not built (the pure-Python path serves)"
+else
+	@$(MAKE) --no-print-directory $(ENGINE_STAMP)
+endif
+
+$(ENGINE_STAMP): $(ENGINE_SRC) $(STAMP)
+	CARGO_TARGET_DIR=$(abspath engine/target) $(PY) -m pip install -q ./engine
+	touch $(ENGINE_STAMP)
+
+# The crate's own checks: format, lints, unit tests.
+engine-check:
+ifeq ($(CARGO),)
+	@echo "engine-check: no cargo on PATH; skipped"
+else
+	cd engine && cargo fmt --check && cargo clippy --release --all-targets -- -D warnings && cargo test --release
+endif
+
+run: $(STAMP) engine
 	$(VENV)/bin/appliance run
 
-test: $(STAMP) proto-check lint
+test: $(STAMP) engine proto-check lint engine-check
 	$(PY) -m pytest -q -p no:cacheprovider
 
 unit: $(STAMP)
@@ -40,4 +66,4 @@ bench: $(STAMP)
 	$(MAKE) -C bench PY=$(abspath $(PY))
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info engine/target

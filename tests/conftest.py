@@ -11,15 +11,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pytest  # noqa: E402
 
-# Both server backends of appliance.transport. A module that runs its tests
-# on each one says `pytestmark = pytest.mark.usefixtures("backend")`.
-BACKENDS = ("native", "grpcio")
+# The server backends of appliance.transport. A module that runs its tests
+# on each one says `pytestmark = pytest.mark.usefixtures("backend")`. The
+# engine is built by `make` where cargo exists; without it, it is skipped.
+BACKENDS = ("engine", "native", "grpcio")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     from support import nodes
 
+    if request.param == "engine":
+        from appliance.transport import engine_available
+
+        missing = engine_available()
+        if missing:
+            pytest.skip(f"the engine is not built here: {missing}")
     if request.param == "native":
         from appliance.transport import native_available
 

@@ -1,4 +1,6 @@
-"""The native backend: pygrpc-native's low-level API (NativeGrpcFront).
+"""The native backends: a Rust front that hands each call to Python as an
+event. `native` is pygrpc-native's NativeGrpcFront; `engine` is ours
+(engine/, module appliance_engine), with the same event API.
 
 HTTP/2 and gRPC framing run in Rust threads outside the GIL and hand each
 call to Python as an event (id, method, request bytes, metadata, peer,
@@ -32,7 +34,6 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
-from pygrpc_native import EVENT_CANCEL, STREAM_CLOSED, STREAM_FULL, NativeGrpcFront
 
 from ... import addr as addrs
 from ...cache import errors
@@ -67,6 +68,10 @@ METHODS = (
 GET, GET_MANY, SET, REMOVE, HEALTH_CHECK, HEALTH_WATCH, PEEK, HANDOFF = range(len(METHODS))
 LIMITED = frozenset((GET, GET_MANY, SET, REMOVE))
 BATCH = 256
+# Event kinds and stream-send results; both fronts number them alike.
+EVENT_CANCEL = 1
+STREAM_FULL = 1
+STREAM_CLOSED = 2
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 _parse_get = groupcache_pb2.GetRequest.FromString
@@ -94,7 +99,7 @@ class NativeTransport(BaseTransport):
     def __init__(self, settings: Settings, *, io_threads: int = 1, peer_token: str | None = None) -> None:
         super().__init__(settings, peer_token=peer_token)
         self.io_threads = io_threads
-        self._front: NativeGrpcFront | None = None
+        self._front: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task] = {}  # call id -> task of a call not answered inline
         self._stopping = False
@@ -113,9 +118,7 @@ class NativeTransport(BaseTransport):
         self._loop = asyncio.get_running_loop()
         self._unary_handlers = self._make_unary_handlers()
         try:
-            front = NativeGrpcFront(
-                addrs.join(host, port), list(METHODS), io_threads=self.io_threads, call_details=True
-            )
+            front = self._make_front(addrs.join(host, port))
         except OSError as exc:
             raise RuntimeError(f"Failed to bind to address {addrs.join(host, port)}: {exc}") from exc
         try:
@@ -130,7 +133,12 @@ class NativeTransport(BaseTransport):
         self._pump.start()
         return front.bound_port
 
-    async def _start_fallback(self, instance: NodeInstance, front: NativeGrpcFront) -> None:
+    def _make_front(self, target: str) -> Any:
+        from pygrpc_native import NativeGrpcFront
+
+        return NativeGrpcFront(target, list(METHODS), io_threads=self.io_threads, call_details=True)
+
+    async def _start_fallback(self, instance: NodeInstance, front: Any) -> None:
         # mkdtemp makes the directory 0700: only this user reaches the socket.
         self._fallback_dir = tempfile.mkdtemp(prefix="appliance-native-")
         path = os.path.join(self._fallback_dir, "fallback.sock")
@@ -432,7 +440,7 @@ class NativeTransport(BaseTransport):
 
     # Health ----------------------------------------------------------------------
 
-    def _health_check(self, front: NativeGrpcFront, call_id: int, payload: bytes) -> None:
+    def _health_check(self, front: Any, call_id: int, payload: bytes) -> None:
         request = messages.parser(health_pb2.HealthCheckRequest)(payload)
         if request is None:
             self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
@@ -456,3 +464,23 @@ class NativeTransport(BaseTransport):
             elif sent == STREAM_CLOSED:
                 return
         front.stream_end(call_id)  # closed by a stop: end the stream with OK
+
+
+class EngineTransport(NativeTransport):
+    """Our engine (appliance_engine): limits enforced at the socket."""
+
+    name = "engine"
+
+    def _make_front(self, target: str) -> Any:
+        from appliance_engine import Front
+
+        node = self.settings.node
+        return Front(
+            target,
+            list(METHODS),
+            io_threads=self.io_threads,
+            max_message=self.message_limit,
+            max_concurrent_streams=node.max_concurrent_streams,
+            max_header_list_size=node.max_header_list_size,
+            max_connections=node.max_connections,
+        )
