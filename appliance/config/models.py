@@ -619,7 +619,8 @@ class Settings(BaseSettings):
         if self.node.server == "engine" and self.cluster.seed_interop:
             raise FieldError(
                 ("node", "server"),
-                'server = "engine" does not serve the seed\'s Go nodes yet; use "grpcio" or "auto" with cluster.seed_interop',
+                'server = "engine" does not serve the seed\'s Go nodes yet; '
+                'use "grpcio" or "auto" with cluster.seed_interop',
             )
         if self.node.server == "native" and self.cluster.seed_interop:
             raise FieldError(

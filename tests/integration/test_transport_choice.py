@@ -82,9 +82,8 @@ async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
     authority check) reset the stream (PROTOCOL_ERROR,
     seen by the client as INTERNAL). If this starts passing on native, the
     rule in appliance.transport.choose can go."""
-    from support import nodes
-
     from appliance.transport import engine_available
+    from support import nodes
 
     if server == "engine" and engine_available():
         pytest.skip(f"the engine is not built here: {engine_available()}")
