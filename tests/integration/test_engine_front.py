@@ -25,6 +25,7 @@ class Served:
 
         self.front = Front("127.0.0.1:0", [(ECHO, False), (FAIL, False)], **limits)
         self.seen: list[bytes] = []
+        self.details: list[tuple] = []
         self.call = EVENT_CALL
         self.front.start()
         self.pump = threading.Thread(target=self._pump, daemon=True)
@@ -37,6 +38,7 @@ class Served:
                 if kind != self.call:
                     continue
                 self.seen.append(payload)
+                self.details.append(details)
                 if method == 0:
                     self.front.respond(call_id, payload)
                 else:
@@ -71,6 +73,10 @@ def test_a_message_over_the_limit_is_refused_at_its_prefix(served):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.details() == "Received message larger than max (17 vs. 16)"
     assert served.seen == [b"x" * 16]  # Python never saw the oversized one
+    metadata, peer, remaining = served.details[0]
+    assert peer.startswith("ipv4:127.0.0.1:")  # as grpcio gives it, for client_address()
+    assert remaining is not None and 0 < remaining <= 5
+    assert all(isinstance(k, str) for k, _ in metadata)
 
 
 def test_status_message_and_binary_trailers_reach_the_client(served):
