@@ -103,3 +103,13 @@ def test_connections_over_the_limit_are_closed(served):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert echo(b"c", timeout=5) == b"c"  # the first one serves on
     assert b"b" not in served.seen
+
+
+@pytest.mark.parametrize("served", [{"max_header_list_size": 2048}], indirect=True)
+def test_headers_over_the_limit_are_refused(served):
+    assert call(served.addr, ECHO, b"a", metadata=[("x-small", "s" * 100)]) == b"a"
+    with pytest.raises(grpc.RpcError) as info:
+        call(served.addr, ECHO, b"b", metadata=[("x-big", "b" * 4096)])
+    # hyper answers HTTP 431 before any gRPC status; grpc maps that to UNKNOWN.
+    assert info.value.code() == grpc.StatusCode.UNKNOWN and "431" in (info.value.details() or ""), info.value
+    assert b"b" not in served.seen
