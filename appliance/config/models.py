@@ -600,11 +600,6 @@ class Settings(BaseSettings):
                         f"{where} {peer} is the etcd client port ({member}); "
                         "pick another port" + ("" if self.etcd_clustered() else ", or 0 for a free one"),
                     )
-        if self.node.server == "engine" and self.tls.enabled:
-            raise FieldError(
-                ("node", "server"),
-                'server = "engine" does not serve TLS yet; use "grpcio" or "auto" with [tls]',
-            )
         if self.node.server == "native" and self.tls.enabled:
             raise FieldError(
                 ("node", "server"),

@@ -7,7 +7,7 @@ stop(grace), new_client(addr) and the value framing. Three backends:
 - `engine` (engine/, module appliance_engine): our Rust front (tokio,
   hyper/h2) with the same event API as pygrpc-native's, served by the same
   Python (transport/native/server.py); message, stream, header and
-  connection limits at the socket. No TLS yet. Only when asked for:
+  connection limits at the socket; TLS and mTLS (rustls). Only when asked for:
   `auto` does not pick it yet.
 
 - `native` (transport/native): pygrpc-native's NativeGrpcFront; HTTP/2 in
@@ -61,8 +61,6 @@ def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
     if want == "grpcio":
         return "grpcio", "node.server = grpcio"
     if want == "engine":
-        if tls:
-            raise ValueError("node.server = engine does not serve TLS yet; use grpcio or auto")
         if seed:
             raise ValueError("node.server = engine does not serve the seed's Go clients yet; use grpcio or auto")
         missing = engine_available()

@@ -2,12 +2,13 @@
 
 pub mod grpc;
 pub mod server;
+pub mod tls;
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
@@ -33,6 +34,7 @@ struct Front {
     events: Mutex<Option<mpsc::Receiver<Event>>>,
     listener: Mutex<Option<std::net::TcpListener>>,
     port: u16,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     io_threads: usize,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     stop: Arc<tokio::sync::Notify>,
@@ -41,7 +43,8 @@ struct Front {
 #[pymethods]
 impl Front {
     #[new]
-    #[pyo3(signature = (target, methods, io_threads=1, max_message=4_194_304, max_concurrent_streams=1024, max_header_list_size=16_384, max_connections=4096))]
+    #[pyo3(signature = (target, methods, io_threads=1, max_message=4_194_304, max_concurrent_streams=1024, max_header_list_size=16_384, max_connections=4096, tls_cert=None, tls_key=None, tls_ca=None, client_auth=false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         target: &str,
         methods: Vec<(String, bool)>,
@@ -50,7 +53,20 @@ impl Front {
         max_concurrent_streams: u32,
         max_header_list_size: u32,
         max_connections: usize,
+        tls_cert: Option<String>,
+        tls_key: Option<String>,
+        tls_ca: Option<String>,
+        client_auth: bool,
     ) -> PyResult<Self> {
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => {
+                let config = tls::server_config(&cert, &key, tls_ca.as_deref(), client_auth)
+                    .map_err(PyValueError::new_err)?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+            (None, None) => None,
+            _ => return Err(PyValueError::new_err("tls_cert and tls_key go together")),
+        };
         let listener =
             std::net::TcpListener::bind(target).map_err(|e| PyOSError::new_err(e.to_string()))?;
         let port = listener
@@ -69,6 +85,7 @@ impl Front {
             events: Mutex::new(Some(rx)),
             listener: Mutex::new(Some(listener)),
             port,
+            tls,
             io_threads: io_threads.max(1),
             runtime: Mutex::new(None),
             stop: Arc::new(tokio::sync::Notify::new()),
@@ -97,6 +114,7 @@ impl Front {
         runtime.spawn(server::accept_loop(
             self.shared.clone(),
             listener,
+            self.tls.clone(),
             self.stop.clone(),
         ));
         *self.runtime.lock().unwrap() = Some(runtime);
@@ -238,6 +256,7 @@ fn to_python<'py>(py: Python<'py>, batch: Vec<Event>) -> PyResult<Bound<'py, PyL
                 metadata,
                 peer,
                 remaining,
+                identities,
             } => {
                 let md: Vec<Bound<'py, PyTuple>> = metadata
                     .into_iter()
@@ -255,7 +274,7 @@ fn to_python<'py>(py: Python<'py>, batch: Vec<Event>) -> PyResult<Bound<'py, PyL
                     id,
                     method,
                     PyBytes::new(py, &payload),
-                    py.None(),
+                    PyTuple::new(py, identities.iter())?,
                     details,
                 );
                 list.append(item)?;

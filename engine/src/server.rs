@@ -53,6 +53,7 @@ pub enum Event {
         metadata: Metadata,
         peer: String,
         remaining: Option<f64>,
+        identities: Arc<[String]>,
     },
     Cancel(u64),
     Closed,
@@ -448,6 +449,7 @@ async fn proxy(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Out> {
 async fn serve_call(
     shared: Arc<Shared>,
     peer: Arc<str>,
+    identities: Arc<[String]>,
     req: Request<Incoming>,
 ) -> Result<Response<Out>, Infallible> {
     if shared.closed.load(Ordering::SeqCst) {
@@ -496,6 +498,7 @@ async fn serve_call(
             metadata,
             peer: peer.to_string(),
             remaining,
+            identities: identities.clone(),
         };
         if !shared.emit(event) {
             return Ok(failure(UNAVAILABLE, "server is stopping", &[]));
@@ -521,6 +524,7 @@ async fn serve_call(
         metadata,
         peer: peer.to_string(),
         remaining,
+        identities,
     };
     if !shared.emit(event) {
         return Ok(failure(UNAVAILABLE, "server is stopping", &[]));
@@ -541,10 +545,46 @@ async fn serve_call(
     })
 }
 
+/// Serves one connection (plain or TLS) until it ends or `stop` fires.
+async fn serve_connection<S>(
+    shared: Arc<Shared>,
+    io: S,
+    peer: Arc<str>,
+    identities: Arc<[String]>,
+    stop: Arc<tokio::sync::Notify>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &shared.limits;
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size);
+    let service_shared = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        serve_call(
+            service_shared.clone(),
+            peer.clone(),
+            identities.clone(),
+            req,
+        )
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.notified() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
+}
+
 /// Accepts until `stop` fires; each connection holds a permit.
 pub async fn accept_loop(
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: Arc<tokio::sync::Notify>,
 ) {
     listener.set_nonblocking(true).ok();
@@ -569,23 +609,25 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let peer: Arc<str> = grpc::peer_string(&addr).into();
         let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let limits = &shared.limits;
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .max_concurrent_streams(limits.max_concurrent_streams)
-                .max_header_list_size(limits.max_header_list_size);
-            let service_shared = shared.clone();
-            let service = hyper::service::service_fn(move |req| {
-                serve_call(service_shared.clone(), peer.clone(), req)
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.notified() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+            match tls {
+                None => serve_connection(shared, stream, peer, Arc::from(Vec::new()), stop).await,
+                Some(acceptor) => {
+                    // A handshake that stalls must not hold a permit forever.
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await;
+                    if let Ok(Ok(stream)) = handshake {
+                        let names = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| crate::tls::identities(c))
+                            .unwrap_or_default();
+                        serve_connection(shared, stream, peer, Arc::from(names), stop).await
+                    }
                 }
             }
             drop(permit);

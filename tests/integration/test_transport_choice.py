@@ -31,12 +31,11 @@ def test_the_engine_serves_when_named_and_not_yet_by_auto():
         pytest.skip(f"the engine is not built here: {engine_available()}")
     assert choose(Settings(node={"server": "engine"})) == ("engine", "node.server = engine")
     assert choose(Settings())[0] != "engine"
-    # Config validation refuses engine + TLS; code that builds Settings may not.
+    # With TLS too: the engine serves it (rustls).
     base = Settings()
     tls = base.tls.model_copy(update={"cert": "/c", "key": "/k"})
     node = base.node.model_copy(update={"server": "engine"})
-    with pytest.raises(ValueError, match="TLS"):
-        choose(base.model_copy(update={"node": node, "tls": tls}))
+    assert choose(base.model_copy(update={"node": node, "tls": tls}))[0] == "engine"
 
 
 @pytest.mark.parametrize(

@@ -247,7 +247,7 @@ class NativeTransport(BaseTransport):
         limiter = self.limiter
         limit = self.message_limit
         spawn = self._spawn if later is None else (lambda call_id, coro: later.append((call_id, coro)))
-        for kind, call_id, method, payload, _, details in events:
+        for kind, call_id, method, payload, names, details in events:
             # One call's bug must not cost the rest of the batch its answers.
             try:
                 if kind == EVENT_CANCEL:
@@ -284,7 +284,10 @@ class NativeTransport(BaseTransport):
                     group, key = request.group, request.key
                     try:
                         entry = instance.hit(
-                            group, key, forwarded, None if instance.reads_open else Credentials.from_metadata(metadata)
+                            group,
+                            key,
+                            forwarded,
+                            None if instance.reads_open else Credentials.from_metadata(metadata, names or ()),
                         )
                     except errors.CacheError as exc:
                         self._fail(call_id, failure(exc, group, key))
@@ -308,10 +311,12 @@ class NativeTransport(BaseTransport):
                     else:
                         spawn(call_id, self._health_watch(call_id, watch.service))
                 elif method == PEEK or method == HANDOFF:
-                    self._peer_call(instance, call_id, method, payload, peer, Credentials.from_metadata(metadata))
+                    creds = Credentials.from_metadata(metadata, names or ())
+                    self._peer_call(instance, call_id, method, payload, peer, creds)
                 else:
                     handle = self._unary_handlers[method]
-                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, metadata))
+                    creds = Credentials.from_metadata(metadata, names or ())
+                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, creds))
             except Exception as exc:  # a bug: answer INTERNAL and keep serving
                 log.exception("call to %s failed", METHODS[method][0] if 0 <= method < len(METHODS) else method)
                 self._fail(call_id, internal_failure(exc))
@@ -391,7 +396,7 @@ class NativeTransport(BaseTransport):
         }
 
     async def _unary(
-        self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None, metadata
+        self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None, creds: Credentials
     ) -> None:
         name, parse, run = handle
         request = parse(payload)
@@ -400,7 +405,7 @@ class NativeTransport(BaseTransport):
             return
         group, key = request.group, getattr(request, "key", "")
         try:
-            reply = await run(request, forwarded, remaining, Credentials.from_metadata(metadata))
+            reply = await run(request, forwarded, remaining, creds)
             self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
         except errors.CacheError as exc:
             self._fail(call_id, failure(exc, group, key))
@@ -467,7 +472,10 @@ class NativeTransport(BaseTransport):
 
 
 class EngineTransport(NativeTransport):
-    """Our engine (appliance_engine): limits enforced at the socket."""
+    """Our engine (appliance_engine): limits enforced at the socket, TLS
+    and mTLS in rustls (certificates read at start, as grpcio does; a
+    reload restarts the worker). With mTLS each call's event carries the
+    client certificate's names, as grpcio's auth context does."""
 
     name = "engine"
 
@@ -483,4 +491,16 @@ class EngineTransport(NativeTransport):
             max_concurrent_streams=node.max_concurrent_streams,
             max_header_list_size=node.max_header_list_size,
             max_connections=node.max_connections,
+            **self._tls_files(),
         )
+
+    def _tls_files(self) -> dict[str, Any]:
+        tls = self.settings.tls
+        if not tls.enabled:
+            return {}
+        return {
+            "tls_cert": str(tls.cert),
+            "tls_key": str(tls.key),
+            "tls_ca": str(tls.ca) if tls.ca else None,
+            "client_auth": bool(tls.client_auth),
+        }
