@@ -5,7 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/*.proto)
 
-.PHONY: run test unit integration lint proto proto-check bench clean
+ENGINE_STAMP := $(VENV)/.engine
+ENGINE_SRC := engine/Cargo.toml engine/Cargo.lock engine/pyproject.toml $(wildcard engine/src/*.rs)
+CARGO := $(shell command -v cargo 2>/dev/null)
+# Outside the checkout, so that every clone on this machine (CI's fresh ones
+# too) reuses one compiled tree instead of building tokio and rustls again.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/groupcache-appliance/engine-target
+
+.PHONY: run test unit integration lint proto proto-check bench clean engine engine-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,10 +20,32 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,postgresql]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# The Rust engine (engine/), built into the venv where cargo exists; the
+# build is cached in $(CARGO_TARGET_DIR) and skipped while the crate is unchanged.
+# Without cargo, nothing is built and grpcio (or pygrpc-native) serves.
+engine: $(STAMP)
+ifeq ($(CARGO),)
+	@echo "engine: no cargo on PATH; not built (the pure-Python path serves)"
+else
+	@$(MAKE) --no-print-directory $(ENGINE_STAMP)
+endif
+
+$(ENGINE_STAMP): $(ENGINE_SRC) $(STAMP)
+	$(PY) -m pip install -q ./engine
+	touch $(ENGINE_STAMP)
+
+# The crate's own checks: format, lints, unit tests.
+engine-check:
+ifeq ($(CARGO),)
+	@echo "engine-check: no cargo on PATH; skipped"
+else
+	cd engine && cargo fmt --check && cargo clippy --release --all-targets -- -D warnings && cargo test --release
+endif
+
+run: $(STAMP) engine
 	$(VENV)/bin/appliance run
 
-test: $(STAMP) proto-check lint
+test: $(STAMP) engine proto-check lint engine-check
 	$(PY) -m pytest -q -rfEs -p no:cacheprovider
 
 unit: $(STAMP)

@@ -10,6 +10,7 @@ Servers, each in its own process, all answering the same GetRequest with a
 - echo:         a bare grpc.aio server with the same generated servicer;
 - native-echo:  pygrpc-native's low-level NativeGrpcFront echo, parsing each
                 GetRequest: the floor of the native backend;
+- engine:       our worker on our Rust engine (engine/), where it is built;
 - native:       our worker (appliance.node.Node) on the native backend;
 - grpcio:       our worker on the grpcio backend (what served before).
 
@@ -26,6 +27,7 @@ ratios. The key is warmed first, so every worker Get is a main-cache hit.
 from __future__ import annotations
 
 import lib
+from appliance.transport import engine_available
 from lib import GET_PATH, get_body, h2load, value_key
 
 # (connections, streams per connection): 1, 8 and the 8 x 16 = 128.
@@ -34,6 +36,9 @@ SIZES = (1024, 65536, 1 << 20)
 SIZE_CONC = (4, 2)
 SEED_KEY = "k" * 98  # seed value "v-" + key = 100 B; ours: 100 B for a key not named "v<N>-"
 PAIRS = (  # (name, numerator, denominator)
+    ("engine_vs_seed", "engine", "seed"),
+    ("engine_vs_native", "engine", "native"),
+    ("engine_vs_grpcio", "engine", "grpcio"),
     ("native_vs_seed", "native", "seed"),
     ("native_vs_grpcio", "native", "grpcio"),
     ("native_vs_native_echo", "native", "native-echo"),
@@ -65,7 +70,10 @@ def run(cfg) -> dict:
             procs.append(proc)
             servers[name] = (port, proc)
         socks = {}
-        for backend in ("native", "grpcio"):
+        backends = ["native", "grpcio"]
+        if engine_available() is None:
+            backends.insert(0, "engine")
+        for backend in backends:
             proc, port, sock = lib.start_worker(f"hot-{backend}", server=backend, prefix=prefix)
             procs.append(proc)
             servers[backend] = (port, proc)

@@ -110,6 +110,9 @@ def section_hot(res) -> list[str]:
         "",
     ]
     pairs = [
+        ("engine_vs_seed", "engine / seed"),
+        ("engine_vs_native", "engine / native"),
+        ("engine_vs_grpcio", "engine / grpcio worker"),
         ("native_vs_seed", "native / seed"),
         ("native_echo_vs_seed", "native echo / seed"),
         ("native_vs_grpcio", "native / grpcio worker"),

@@ -1,6 +1,6 @@
 """Server processes the benchmarks drive.
 
-    servers.py worker --port P --admin SOCK --ready FILE [--server native|grpcio]
+    servers.py worker --port P --admin SOCK --ready FILE [--server engine|native|grpcio]
                       [--peers A,B] [--mirror 0] [--delay-ms 50] [--cache-bytes 256MiB]
                       [--forward stream|unary]
         A real cache node: appliance.node.node.Node with the product's
@@ -239,7 +239,7 @@ def main() -> None:
     w.add_argument("--delay-ms", type=float, default=0)
     w.add_argument("--cache-bytes", default="256MiB")
     w.add_argument("--timing", default="", help="file: SIGUSR1 writes the time totals of NodeInstance.hit there")
-    w.add_argument("--server", default="native", choices=("native", "grpcio"))
+    w.add_argument("--server", default="native", choices=("engine", "native", "grpcio"))
     w.add_argument("--forward", default="", choices=("", "stream", "unary"), help="how forwards reach the owner")
     for name in ("echo", "native-echo"):
         e = sub.add_parser(name)

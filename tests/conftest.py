@@ -14,15 +14,22 @@ import pytest  # noqa: E402
 # On CI a skip is a failure (support/required.py).
 pytest_plugins = ["support.required"]
 
-# Both server backends of appliance.transport. A module that runs its tests
-# on each one says `pytestmark = pytest.mark.usefixtures("backend")`.
-BACKENDS = ("native", "grpcio")
+# The server backends of appliance.transport. A module that runs its tests
+# on each one says `pytestmark = pytest.mark.usefixtures("backend")`. The
+# engine is built by `make` where cargo exists; without it, it is skipped.
+BACKENDS = ("engine", "native", "grpcio")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     from support import nodes
 
+    if request.param == "engine":
+        from appliance.transport import engine_available
+
+        missing = engine_available()
+        if missing:
+            pytest.skip(f"the engine is not built here: {missing}")
     if request.param == "native":
         from appliance.transport import native_available
 

@@ -247,7 +247,11 @@ class NodeSettings(_Model):
     runtime_dir: AbsPath | None = None
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
     # Which gRPC server library serves the data port (appliance.transport).
-    server: Annotated[Literal["auto", "native", "grpcio"], BeforeValidator(_lower)] = "auto"
+    server: Annotated[Literal["auto", "engine", "native", "grpcio"], BeforeValidator(_lower)] = "auto"
+    # Limits the engine enforces at the socket (server = "engine").
+    max_concurrent_streams: int = Field(1024, ge=1, le=2**31 - 1)
+    max_header_list_size: ByteSize = Field(parse_bytes("16KiB"), ge=1024, le=2**31 - 1)
+    max_connections: int = Field(4096, ge=1)
 
     @field_validator("host")
     @classmethod
@@ -624,6 +628,12 @@ class Settings(BaseSettings):
                 ("node", "host"),
                 f"cluster.seed_interop needs a host the seed's Go nodes accept (utils.ValidPerrAddr): "
                 f'"localhost" or a name whose first label has 4 characters, like "box1"; got {self.node.host!r}',
+            )
+        if self.node.server == "engine" and self.cluster.seed_interop:
+            raise FieldError(
+                ("node", "server"),
+                'server = "engine" does not serve the seed\'s Go nodes yet; '
+                'use "grpcio" or "auto" with cluster.seed_interop',
             )
         if self.node.server == "native" and self.cluster.seed_interop:
             raise FieldError(

@@ -2,13 +2,19 @@
 
 The cache logic (appliance.node.instance) does not know which gRPC server
 library serves it. A backend implements `Transport` (base.py): start,
-stop(grace), new_client(addr) and the value framing. Two backends:
+stop(grace), new_client(addr) and the value framing. Three backends:
+
+- `engine` (engine/, module appliance_engine): our Rust front (tokio,
+  hyper/h2) with the same event API as pygrpc-native's, served by the same
+  Python (transport/native/server.py); message, stream, header and
+  connection limits at the socket; TLS and mTLS (rustls). Only when asked for:
+  `auto` does not pick it yet.
 
 - `native` (transport/native): pygrpc-native's NativeGrpcFront; HTTP/2 in
   Rust outside the GIL, hits answered without a coroutine. No TLS.
 - `grpcio` (transport/grpc_aio): a grpc.aio server; TLS and mTLS.
 
-`[node] server = "auto" | "native" | "grpcio"` chooses; `auto` takes native
+`[node] server = "auto" | "engine" | "native" | "grpcio"` chooses; `auto` takes native
 when TLS is off, the cluster has no seed Go nodes (`cluster.seed_interop`)
 and pygrpc-native imports, grpcio otherwise (`choose`).
 Peer clients are grpc.aio on both (pygrpc-native has no client).
@@ -23,9 +29,9 @@ from .base import Transport
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["BACKENDS", "Transport", "choose", "create", "native_available"]
+__all__ = ["BACKENDS", "Transport", "choose", "create", "engine_available", "native_available"]
 
-BACKENDS = ("native", "grpcio")
+BACKENDS = ("engine", "native", "grpcio")
 
 
 def native_available() -> str | None:
@@ -38,6 +44,15 @@ def native_available() -> str | None:
     return None
 
 
+def engine_available() -> str | None:
+    """None when our engine (appliance_engine) imports here, else why not."""
+    try:
+        from appliance_engine import Front  # noqa: F401
+    except Exception as exc:  # not built here (no Rust toolchain), or built for another Python
+        return f"appliance_engine does not import ({type(exc).__name__}: {exc})"
+    return None
+
+
 def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
     """(backend, why) for these settings; `requested` overrides node.server."""
     want = requested or settings.node.server
@@ -45,6 +60,13 @@ def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
     seed = settings.cluster.seed_interop
     if want == "grpcio":
         return "grpcio", "node.server = grpcio"
+    if want == "engine":
+        if seed:
+            raise ValueError("node.server = engine does not serve the seed's Go clients yet; use grpcio or auto")
+        missing = engine_available()
+        if missing:
+            raise RuntimeError(f"node.server = engine, but {missing}")
+        return "engine", "node.server = engine"
     if want == "native":
         # Config validation refuses these; code that builds Settings may not.
         if tls:
@@ -69,6 +91,10 @@ def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
 
 def create(settings: Settings, backend: str, *, peer_token: str | None = None) -> Transport:
     """A backend; `peer_token` is what its peer clients present (the cluster's token)."""
+    if backend == "engine":
+        from .native.server import EngineTransport
+
+        return EngineTransport(settings, peer_token=peer_token)
     if backend == "native":
         from .native.server import NativeTransport
 

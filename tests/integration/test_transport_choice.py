@@ -24,6 +24,20 @@ def test_auto_takes_native_unless_tls_or_seed_interop():
     assert (backend, why) == ("native", "node.server = native")
 
 
+def test_the_engine_serves_when_named_and_not_yet_by_auto():
+    from appliance.transport import engine_available
+
+    if engine_available():
+        pytest.skip(f"the engine is not built here: {engine_available()}")
+    assert choose(Settings(node={"server": "engine"})) == ("engine", "node.server = engine")
+    assert choose(Settings())[0] != "engine"
+    # With TLS too: the engine serves it (rustls).
+    base = Settings()
+    tls = base.tls.model_copy(update={"cert": "/c", "key": "/k"})
+    node = base.node.model_copy(update={"server": "engine"})
+    assert choose(base.model_copy(update={"node": node, "tls": tls}))[0] == "engine"
+
+
 @pytest.mark.parametrize(
     "toml, complaint",
     [
@@ -31,7 +45,11 @@ def test_auto_takes_native_unless_tls_or_seed_interop():
             '[node]\nserver = "native"\nhost = "localhost"\n[cluster]\nseed_interop = true\n',
             "cannot serve the seed's Go nodes",
         ),
-        ('[node]\nserver = "fast"\n', 'one of "auto", "native", "grpcio"'),
+        (
+            '[node]\nserver = "engine"\nhost = "localhost"\n[cluster]\nseed_interop = true\n',
+            "does not serve the seed's Go nodes yet",
+        ),
+        ('[node]\nserver = "fast"\n', 'one of "auto", "engine", "native", "grpcio"'),
     ],
 )
 def test_config_check_refuses_what_native_cannot_serve(tmp_path, toml, complaint):
@@ -55,15 +73,19 @@ def test_config_check_says_which_server_runs(tmp_path):
     assert "server: grpcio (auto: cluster.seed_interop" in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("server", ["native", "grpcio"])
+@pytest.mark.parametrize("server", ["engine", "native", "grpcio"])
 async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
     """The reason for the seed_interop rule, as a reproducer: grpc-go dials
     etcd:///groupcache/<addr> and sends `:authority: groupcache/<addr>`.
-    grpcio serves it; pygrpc-native 0.5 resets the stream (PROTOCOL_ERROR,
+    grpcio serves it; pygrpc-native 0.5 and our engine (the h2 crate's
+    authority check) reset the stream (PROTOCOL_ERROR,
     seen by the client as INTERNAL). If this starts passing on native, the
     rule in appliance.transport.choose can go."""
+    from appliance.transport import engine_available
     from support import nodes
 
+    if server == "engine" and engine_available():
+        pytest.skip(f"the engine is not built here: {engine_available()}")
     nodes.BACKEND["server"] = server
     try:
         async with cluster(1, CountingOrigin({"k": b"v"})) as (node,):

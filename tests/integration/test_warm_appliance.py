@@ -75,8 +75,13 @@ def pids(app: Appliance) -> dict[str, int]:
     return {n: p["pid"] for n, p in app.process_info().items() if n.startswith("worker-") and p["pid"]}
 
 
-@pytest.fixture(params=["native", "grpcio"])
+@pytest.fixture(params=["engine", "native", "grpcio"])
 def app(request, tmp_path):
+    if request.param == "engine":
+        from appliance.transport import engine_available
+
+        if engine_available():
+            pytest.skip(f"the engine is not built here: {engine_available()}")
     app = Appliance(
         tmp_path,
         workers=3,

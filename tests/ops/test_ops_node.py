@@ -33,7 +33,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def make_settings(groups=("g",), *, ops=None, tls=None, **node) -> Settings:
     node.setdefault("host", "127.0.0.1")
-    node.setdefault("server", "auto" if tls else BACKEND["server"])
+    # With TLS: the engine serves it itself; pygrpc-native cannot (auto: grpcio).
+    node.setdefault("server", "auto" if tls and BACKEND["server"] != "engine" else BACKEND["server"])
     return Settings(
         node=node,
         groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},
@@ -336,19 +337,29 @@ async def test_http_and_grpc_answer_a_node_without_a_ring_alike():
 # TLS ---------------------------------------------------------------------------
 
 
-def tls_settings(pki, **extra):
-    return make_settings(tls={"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), **extra})
+def tls_settings(pki, server="auto", **extra):
+    if server == "engine":
+        from appliance.transport import engine_available
+
+        if engine_available():
+            pytest.skip(f"the engine is not built here: {engine_available()}")
+    return make_settings(server=server, tls={"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), **extra})
 
 
-async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port(pki, tmp_path):
+# TLS is served by grpcio under auto, and by the engine (rustls) when named.
+TLS_SERVERS = pytest.mark.parametrize("server", ["auto", "engine"])
+
+
+@TLS_SERVERS
+async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port(pki, tmp_path, server):
     data = {f"k{i}": f"v{i}".encode() for i in range(30)}
-    async with nodes(3, CountingOrigin(data), settings=tls_settings(pki), admin_dir=tmp_path) as ns:
+    async with nodes(3, CountingOrigin(data), settings=tls_settings(pki, server), admin_dir=tmp_path) as ns:
         good = tlsmod.credentials_from_files(ca=pki.ca)
         # Every key through node 0: the owners answer node 0 over TLS too.
         for k, v in data.items():
             assert await get(ns[0].addr, "g", k, credentials=good) == v
         assert ns[0].groups["g"].stats.peer_loads > 0 and ns[0].groups["g"].stats.peer_errors == 0
-        assert {n.backend for n in ns} == {"grpcio"}  # auto: TLS is served by grpcio
+        assert {n.backend for n in ns} == {"grpcio" if server == "auto" else "engine"}
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await get(ns[0].addr, "g", "k1", timeout=2)  # plain text to a TLS port
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -366,9 +377,11 @@ async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port
         assert ns[0].peers.revision == 1
 
 
-async def test_mtls_requires_a_client_certificate_from_the_ca(pki):
+@TLS_SERVERS
+async def test_mtls_requires_a_client_certificate_from_the_ca(pki, server):
     data = {f"k{i}": b"v" for i in range(20)}
-    async with nodes(2, CountingOrigin(data), settings=tls_settings(pki, client_auth=True), http=True) as ns:
+    async with nodes(2, CountingOrigin(data), settings=tls_settings(pki, server, client_auth=True), http=True) as ns:
+        assert {n.backend for n in ns} == {"grpcio" if server == "auto" else "engine"}
         with_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
         for k in data:  # peers present the node certificate to each other
             assert await get(ns[0].addr, "g", k, credentials=with_cert) == b"v"

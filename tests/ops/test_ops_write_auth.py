@@ -182,13 +182,19 @@ async def test_http_reads_follow_the_same_rule(creds):
         await node.stop(0)
 
 
-async def test_a_client_certificate_identity_can_carry_the_write_scope(pki, tmp_path):
+@pytest.mark.parametrize("server", ["auto", "engine"])  # auto: grpcio serves TLS
+async def test_a_client_certificate_identity_can_carry_the_write_scope(pki, tmp_path, server):
     """With mTLS, [auth.credentials.X] tls_identity names a client
     certificate (its CN or a SAN); that certificate may then write."""
+    if server == "engine":
+        from appliance.transport import engine_available
+
+        if engine_available():
+            pytest.skip(f"the engine is not built here: {engine_available()}")
     tls = {"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), "client_auth": True}
     auth = {"credentials": {"ops": {"tls_identity": "groupcache client", "scopes": ["read", "write"]}}}
-    async with cluster(2, CountingOrigin({"k": b"v"}), auth=auth, token=CLUSTER_TOKEN, tls=tls) as nodes:
-        assert {n.backend for n in nodes} == {"grpcio"}
+    async with cluster(2, CountingOrigin({"k": b"v"}), auth=auth, token=CLUSTER_TOKEN, tls=tls, server=server) as nodes:
+        assert {n.backend for n in nodes} == {"grpcio" if server == "auto" else "engine"}
         with_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
         node_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.cert, key=pki.key)
         request = cache_pb2.SetRequest(group="g", key="k", value=b"by cert")

@@ -71,6 +71,21 @@ def grpcio_app(tmp_path_factory):
         app.cleanup()
 
 
+@pytest.fixture(scope="module")
+def engine_app(tmp_path_factory):
+    """A third appliance on our engine, for the same data-plane tests."""
+    from appliance.transport import engine_available
+
+    missing = engine_available()
+    if missing:
+        pytest.skip(f"the engine is not built here: {missing}")
+    app = _appliance(tmp_path_factory, "engine")
+    try:
+        yield app.start()
+    finally:
+        app.cleanup()
+
+
 def _whole(app: Appliance) -> Appliance:
     """Every program running and all workers on the full ring."""
     sup = app.supervisor()
@@ -86,10 +101,11 @@ def whole(app):
     return _whole(app)
 
 
-@pytest.fixture(params=["native", "grpcio"])
+@pytest.fixture(params=["engine", "native", "grpcio"])
 def whole_each_backend(request):
     """`whole`, once per server backend (planned stop and kill -9 are data-plane figures)."""
-    app = _whole(request.getfixturevalue("app" if request.param == "native" else "grpcio_app"))
+    fixture = {"engine": "engine_app", "native": "app", "grpcio": "grpcio_app"}[request.param]
+    app = _whole(request.getfixturevalue(fixture))
     backends = {app.admin_stats(i)["server"] for i in range(3)}
     assert backends == {request.param}, backends
     return app

@@ -1,4 +1,6 @@
-"""The native backend: pygrpc-native's low-level API (NativeGrpcFront).
+"""The native backends: a Rust front that hands each call to Python as an
+event. `native` is pygrpc-native's NativeGrpcFront; `engine` is ours
+(engine/, module appliance_engine), with the same event API.
 
 HTTP/2 and gRPC framing run in Rust threads outside the GIL and hand each
 call to Python as an event (id, method, request bytes, metadata, peer,
@@ -32,7 +34,6 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
-from pygrpc_native import EVENT_CANCEL, STREAM_CLOSED, STREAM_FULL, NativeGrpcFront
 
 from ... import addr as addrs
 from ...cache import errors
@@ -70,6 +71,10 @@ LIMITED = frozenset((GET, GET_MANY, SET, REMOVE, PEEK, HANDOFF))
 # Peer calls: free from ring members' addresses, charged from anyone else's.
 PEER_CALLS = frozenset((PEEK, HANDOFF))
 BATCH = 256
+# Event kinds and stream-send results; both fronts number them alike.
+EVENT_CANCEL = 1
+STREAM_FULL = 1
+STREAM_CLOSED = 2
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 _parse_get = groupcache_pb2.GetRequest.FromString
@@ -98,7 +103,7 @@ class NativeTransport(BaseTransport):
     def __init__(self, settings: Settings, *, io_threads: int = 1, peer_token: str | None = None) -> None:
         super().__init__(settings, peer_token=peer_token)
         self.io_threads = io_threads
-        self._front: NativeGrpcFront | None = None
+        self._front: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task] = {}  # call id -> task of a call not answered inline
         self._stopping = False
@@ -117,9 +122,7 @@ class NativeTransport(BaseTransport):
         self._loop = asyncio.get_running_loop()
         self._unary_handlers = self._make_unary_handlers()
         try:
-            front = NativeGrpcFront(
-                addrs.join(host, port), list(METHODS), io_threads=self.io_threads, call_details=True
-            )
+            front = self._make_front(addrs.join(host, port))
         except OSError as exc:
             raise RuntimeError(f"Failed to bind to address {addrs.join(host, port)}: {exc}") from exc
         try:
@@ -134,7 +137,12 @@ class NativeTransport(BaseTransport):
         self._pump.start()
         return front.bound_port
 
-    async def _start_fallback(self, instance: NodeInstance, front: NativeGrpcFront) -> None:
+    def _make_front(self, target: str) -> Any:
+        from pygrpc_native import NativeGrpcFront
+
+        return NativeGrpcFront(target, list(METHODS), io_threads=self.io_threads, call_details=True)
+
+    async def _start_fallback(self, instance: NodeInstance, front: Any) -> None:
         # mkdtemp makes the directory 0700: only this user reaches the socket.
         self._fallback_dir = tempfile.mkdtemp(prefix="appliance-native-")
         path = os.path.join(self._fallback_dir, "fallback.sock")
@@ -243,7 +251,7 @@ class NativeTransport(BaseTransport):
         limiter = self.limiter
         limit = self.message_limit
         spawn = self._spawn if later is None else (lambda call_id, coro: later.append((call_id, coro)))
-        for kind, call_id, method, payload, _, details in events:
+        for kind, call_id, method, payload, names, details in events:
             # One call's bug must not cost the rest of the batch its answers.
             try:
                 if kind == EVENT_CANCEL:
@@ -281,7 +289,10 @@ class NativeTransport(BaseTransport):
                     group, key = request.group, request.key
                     try:
                         entry = instance.hit(
-                            group, key, forwarded, None if instance.reads_open else Credentials.from_metadata(metadata)
+                            group,
+                            key,
+                            forwarded,
+                            None if instance.reads_open else Credentials.from_metadata(metadata, names or ()),
                         )
                     except errors.CacheError as exc:
                         self._fail(call_id, failure(exc, group, key))
@@ -305,10 +316,12 @@ class NativeTransport(BaseTransport):
                     else:
                         spawn(call_id, self._health_watch(call_id, watch.service))
                 elif method == PEEK or method == HANDOFF:
-                    self._peer_call(instance, call_id, method, payload, peer, Credentials.from_metadata(metadata))
+                    creds = Credentials.from_metadata(metadata, names or ())
+                    self._peer_call(instance, call_id, method, payload, peer, creds)
                 else:
                     handle = self._unary_handlers[method]
-                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, metadata))
+                    creds = Credentials.from_metadata(metadata, names or ())
+                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, creds))
             except Exception as exc:  # a bug: answer INTERNAL and keep serving
                 log.exception("call to %s failed", METHODS[method][0] if 0 <= method < len(METHODS) else method)
                 self._fail(call_id, internal_failure(exc))
@@ -391,7 +404,7 @@ class NativeTransport(BaseTransport):
         }
 
     async def _unary(
-        self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None, metadata
+        self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None, creds: Credentials
     ) -> None:
         name, parse, run = handle
         request = parse(payload)
@@ -442,7 +455,7 @@ class NativeTransport(BaseTransport):
 
     # Health ----------------------------------------------------------------------
 
-    def _health_check(self, front: NativeGrpcFront, call_id: int, payload: bytes) -> None:
+    def _health_check(self, front: Any, call_id: int, payload: bytes) -> None:
         request = messages.parser(health_pb2.HealthCheckRequest)(payload)
         if request is None:
             self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
@@ -466,3 +479,38 @@ class NativeTransport(BaseTransport):
             elif sent == STREAM_CLOSED:
                 return
         front.stream_end(call_id)  # closed by a stop: end the stream with OK
+
+
+class EngineTransport(NativeTransport):
+    """Our engine (appliance_engine): limits enforced at the socket, TLS
+    and mTLS in rustls (certificates read at start, as grpcio does; a
+    reload restarts the worker). With mTLS each call's event carries the
+    client certificate's names, as grpcio's auth context does."""
+
+    name = "engine"
+
+    def _make_front(self, target: str) -> Any:
+        from appliance_engine import Front
+
+        node = self.settings.node
+        return Front(
+            target,
+            list(METHODS),
+            io_threads=self.io_threads,
+            max_message=self.message_limit,
+            max_concurrent_streams=node.max_concurrent_streams,
+            max_header_list_size=node.max_header_list_size,
+            max_connections=node.max_connections,
+            **self._tls_files(),
+        )
+
+    def _tls_files(self) -> dict[str, Any]:
+        tls = self.settings.tls
+        if not tls.enabled:
+            return {}
+        return {
+            "tls_cert": str(tls.cert),
+            "tls_key": str(tls.key),
+            "tls_ca": str(tls.ca) if tls.ca else None,
+            "client_auth": bool(tls.client_auth),
+        }

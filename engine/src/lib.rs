@@ -1,0 +1,307 @@
+//! appliance_engine: the appliance's native gRPC front (issue 19).
+
+pub mod grpc;
+pub mod server;
+pub mod tls;
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+use server::{Event, Limits, Metadata, Reply, Shared, Value};
+
+fn metadata_from(items: Option<Vec<(String, Bound<'_, PyAny>)>>) -> PyResult<Metadata> {
+    let mut out = Vec::new();
+    for (key, value) in items.unwrap_or_default() {
+        if let Ok(b) = value.downcast::<PyBytes>() {
+            out.push((key, Value::Binary(b.as_bytes().to_vec())));
+        } else {
+            out.push((key, Value::Text(value.str()?.to_string())));
+        }
+    }
+    Ok(out)
+}
+
+/// The front Python drives: the same event API as pygrpc-native's
+/// NativeGrpcFront, so one Python backend serves either.
+#[pyclass(module = "appliance_engine")]
+struct Front {
+    shared: Arc<Shared>,
+    events: Mutex<Option<mpsc::Receiver<Event>>>,
+    listener: Mutex<Option<std::net::TcpListener>>,
+    port: u16,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    io_threads: usize,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+#[pymethods]
+impl Front {
+    #[new]
+    #[pyo3(signature = (target, methods, io_threads=1, max_message=4_194_304, max_concurrent_streams=1024, max_header_list_size=16_384, max_connections=4096, tls_cert=None, tls_key=None, tls_ca=None, client_auth=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        target: &str,
+        methods: Vec<(String, bool)>,
+        io_threads: usize,
+        max_message: usize,
+        max_concurrent_streams: u32,
+        max_header_list_size: u32,
+        max_connections: usize,
+        tls_cert: Option<String>,
+        tls_key: Option<String>,
+        tls_ca: Option<String>,
+        client_auth: bool,
+    ) -> PyResult<Self> {
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => {
+                let config = tls::server_config(&cert, &key, tls_ca.as_deref(), client_auth)
+                    .map_err(PyValueError::new_err)?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+            (None, None) => None,
+            _ => return Err(PyValueError::new_err("tls_cert and tls_key go together")),
+        };
+        let listener =
+            std::net::TcpListener::bind(target).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?
+            .port();
+        let limits = Limits {
+            max_message,
+            max_concurrent_streams,
+            max_header_list_size,
+            max_connections,
+        };
+        let (shared, rx) = Shared::new(methods, limits);
+        Ok(Front {
+            shared,
+            events: Mutex::new(Some(rx)),
+            listener: Mutex::new(Some(listener)),
+            port,
+            tls,
+            io_threads: io_threads.max(1),
+            runtime: Mutex::new(None),
+            stop: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    #[getter]
+    fn bound_port(&self) -> u16 {
+        self.port
+    }
+
+    fn set_fallback(&self, path: String) {
+        self.shared.set_fallback(path);
+    }
+
+    fn start(&self) -> PyResult<()> {
+        let Some(listener) = self.listener.lock().unwrap().take() else {
+            return Err(PyRuntimeError::new_err("already started"));
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.io_threads)
+            .thread_name("engine-io")
+            .enable_all()
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        runtime.spawn(server::accept_loop(
+            self.shared.clone(),
+            listener,
+            self.tls.clone(),
+            self.stop.clone(),
+        ));
+        *self.runtime.lock().unwrap() = Some(runtime);
+        Ok(())
+    }
+
+    /// Up to `max_events` events; blocks (GIL released, parked) for the
+    /// first. None once the front is closed.
+    #[pyo3(signature = (max_events, timeout_ms=None))]
+    fn recv_batch_details<'py>(
+        &self,
+        py: Python<'py>,
+        max_events: usize,
+        timeout_ms: Option<u64>,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
+        let guard = self.events.lock();
+        let Ok(mut guard) = guard else {
+            return Ok(None);
+        };
+        // Moved into the wait and back: a Receiver may move, not be shared.
+        let Some(rx) = guard.take() else {
+            return Ok(None);
+        };
+        let (rx, batch, closed) = py.allow_threads(move || {
+            let (batch, closed) = wait(&rx, max_events, timeout_ms);
+            (rx, batch, closed)
+        });
+        if !closed {
+            *guard = Some(rx);
+        }
+        drop(guard);
+        if closed && batch.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(to_python(py, batch)?))
+    }
+
+    #[pyo3(signature = (call_id, payload, initial_metadata=None, trailing_metadata=None))]
+    fn respond(
+        &self,
+        call_id: u64,
+        payload: &[u8],
+        initial_metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+        trailing_metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+    ) -> PyResult<bool> {
+        let _ = initial_metadata;
+        let trailers = metadata_from(trailing_metadata)?;
+        Ok(self.shared.reply(
+            call_id,
+            Reply::Ok(Bytes::copy_from_slice(payload), trailers),
+        ))
+    }
+
+    #[pyo3(signature = (call_id, code, message, trailing_metadata=None))]
+    fn fail(
+        &self,
+        call_id: u64,
+        code: u32,
+        message: String,
+        trailing_metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+    ) -> PyResult<bool> {
+        let trailers = metadata_from(trailing_metadata)?;
+        Ok(self
+            .shared
+            .reply(call_id, Reply::Fail(code, message, trailers)))
+    }
+
+    fn stream_try_send(&self, call_id: u64, payload: &[u8]) -> i32 {
+        self.shared.stream_try_send(call_id, payload)
+    }
+
+    fn stream_send(&self, py: Python<'_>, call_id: u64, payload: Vec<u8>) -> bool {
+        let shared = self.shared.clone();
+        py.allow_threads(move || shared.stream_send(call_id, payload))
+    }
+
+    #[pyo3(signature = (call_id, trailing_metadata=None))]
+    fn stream_end(
+        &self,
+        call_id: u64,
+        trailing_metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+    ) -> PyResult<()> {
+        let trailers = metadata_from(trailing_metadata)?;
+        self.shared.stream_end(call_id, trailers);
+        Ok(())
+    }
+
+    /// Stops accepting, ends open calls and the event stream.
+    fn close(&self, py: Python<'_>) {
+        self.shared.close();
+        self.stop.notify_waiters();
+        let runtime = self.runtime.lock().unwrap().take();
+        self.listener.lock().unwrap().take();
+        if let Some(runtime) = runtime {
+            py.allow_threads(move || runtime.shutdown_timeout(Duration::from_secs(2)));
+        }
+    }
+}
+
+fn wait(
+    rx: &mpsc::Receiver<Event>,
+    max_events: usize,
+    timeout_ms: Option<u64>,
+) -> (Vec<Event>, bool) {
+    let mut batch = Vec::new();
+    let first = match timeout_ms {
+        Some(ms) => match rx.recv_timeout(Duration::from_millis(ms)) {
+            Ok(e) => Some(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => return (batch, false),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+        },
+        None => rx.recv().ok(),
+    };
+    let Some(first) = first else {
+        return (batch, true);
+    };
+    if matches!(first, Event::Closed) {
+        return (batch, true);
+    }
+    batch.push(first);
+    while batch.len() < max_events.max(1) {
+        match rx.try_recv() {
+            Ok(Event::Closed) => return (batch, true),
+            Ok(e) => batch.push(e),
+            Err(_) => break,
+        }
+    }
+    (batch, false)
+}
+
+fn to_python<'py>(py: Python<'py>, batch: Vec<Event>) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for event in batch {
+        match event {
+            Event::Call {
+                id,
+                method,
+                payload,
+                metadata,
+                peer,
+                remaining,
+                identities,
+            } => {
+                let md: Vec<Bound<'py, PyTuple>> = metadata
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let value: Bound<'py, PyAny> = match v {
+                            Value::Text(t) => PyString::new(py, &t).into_any(),
+                            Value::Binary(b) => PyBytes::new(py, &b).into_any(),
+                        };
+                        PyTuple::new(py, [PyString::new(py, &k).into_any(), value])
+                    })
+                    .collect::<PyResult<_>>()?;
+                let details = (PyTuple::new(py, md)?, peer, remaining).into_pyobject(py)?;
+                let item = (
+                    server::EVENT_CALL,
+                    id,
+                    method,
+                    PyBytes::new(py, &payload),
+                    PyTuple::new(py, identities.iter())?,
+                    details,
+                );
+                list.append(item)?;
+            }
+            Event::Cancel(id) => {
+                list.append((
+                    server::EVENT_CANCEL,
+                    id,
+                    -1i64,
+                    py.None(),
+                    py.None(),
+                    py.None(),
+                ))?;
+            }
+            Event::Closed => {}
+        }
+    }
+    Ok(list)
+}
+
+#[pymodule]
+fn appliance_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Front>()?;
+    m.add("EVENT_CALL", server::EVENT_CALL)?;
+    m.add("EVENT_CANCEL", server::EVENT_CANCEL)?;
+    m.add("STREAM_SENT", server::STREAM_SENT)?;
+    m.add("STREAM_FULL", server::STREAM_FULL)?;
+    m.add("STREAM_CLOSED", server::STREAM_CLOSED)?;
+    Ok(())
+}
