@@ -302,7 +302,8 @@ class NativeTransport(BaseTransport):
                         self._fail(call_id, internal_failure(exc))
                         continue
                     if entry is None:
-                        spawn(call_id, self._fill(call_id, group, key, forwarded, remaining, metadata))
+                        creds = Credentials.from_metadata(metadata, names or ())
+                        spawn(call_id, self._fill(call_id, group, key, forwarded, remaining, creds))
                     elif forwarded and entry.expires:
                         front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
                     else:
@@ -349,14 +350,14 @@ class NativeTransport(BaseTransport):
             self._front.respond(call_id, data, None, trailers)
 
     async def _fill(
-        self, call_id: int, group: str, key: str, forwarded: bool, remaining: float | None, metadata
+        self, call_id: int, group: str, key: str, forwarded: bool, remaining: float | None, creds: Credentials
     ) -> None:
         instance = self.instance
         assert instance is not None  # bound in start()
         try:
             entry = await instance.fill(group, key, forwarded=forwarded, timeout=remaining)
         except errors.CacheError as exc:
-            shown = instance.shows_cause(Credentials.from_metadata(metadata))
+            shown = instance.shows_cause(creds)
             self._fail(call_id, failure(told(exc, shown), group, key))
             return
         except Exception as exc:
@@ -412,7 +413,6 @@ class NativeTransport(BaseTransport):
             self._fail(call_id, failure(errors.InvalidRequest("malformed request")))
             return
         group, key = request.group, getattr(request, "key", "")
-        creds = Credentials.from_metadata(metadata)
         try:
             reply = await run(request, forwarded, remaining, creds)
             self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
