@@ -231,6 +231,10 @@ class NodeSettings(_Model):
     peek_timeout: Duration = Field(parse_duration("250ms"), gt=0)
     hot_cache_fraction: float = Field(0.125, ge=0, le=0.5)
     hot_cache_mirror: float = Field(0.1, ge=0, le=1)
+    # How a value fetched from its owner earns a hot copy: "rate" (its
+    # request rate beats the coldest hot entry's) or "random" (with
+    # probability hot_cache_mirror). hot_cache_mirror = 0 turns hot copies off.
+    hot_cache_promotion: Annotated[Literal["rate", "random"], BeforeValidator(_lower)] = "rate"
     state_dir: AbsPath | None = None
     runtime_dir: AbsPath | None = None
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
