@@ -14,7 +14,8 @@ import math
 import random
 import time
 from collections import OrderedDict
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class Promoter(Protocol):

@@ -1,11 +1,10 @@
 import random
 
 import pytest
+from test_group import Clock, FakePeer, Origin, Picker
 
 from appliance.cache.group import Group
 from appliance.cache.promoter import RandomPromoter, RatePromoter
-
-from test_group import Clock, FakePeer, Origin, Picker
 
 
 def test_rate_decays_with_half_life():
