@@ -563,6 +563,8 @@ class NodeInstance:
             "addr": self.addr,
             "revision": self.peers.revision,
             "peers": list(self.peers.ring.nodes),
+            # Each worker's share of the key space (the ring can be uneven).
+            "ring_shares": self.peers.ring.shares(),
             "draining": self.draining,
             "groups": groups,
             "last_handoff": dataclasses.asdict(self.last_handoff) if self.last_handoff is not None else None,
