@@ -161,7 +161,7 @@ class Router:
         """The tries of `op`: a hot key's Get starts at the next node in turn."""
         first = None
         if self.hot is not None and op.method in (GET, SET, REMOVE):
-            name = f"{op.request.group}\0{op.key}"
+            name = f"{getattr(op.request, 'group', '')}\0{op.key}"
             if op.method is GET:
                 first = self.hot.first_try(self.ring, name)
             else:
