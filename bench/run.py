@@ -21,7 +21,7 @@ import traceback
 
 import lib
 
-BENCHES = ("hot_get", "forwarded", "getmany", "storm", "memory", "convergence", "warm", "scaling", "profile")
+BENCHES = ("hot_get", "forwarded", "getmany", "storm", "memory", "convergence", "warm", "scaling", "skew", "profile")
 RESULTS = lib.OUT / "results.json"
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from .errors import CacheError, KeyNotFound, PeerError
+from .promoter import Promoter, RatePromoter
 from .singleflight import SingleFlight
 from .store import Entry, Store, entry_size
 from .tombstones import Tombstones
@@ -159,9 +159,8 @@ class Group:
         ttl: float = 0.0,
         picker: PeerPicker | None = None,
         hot_fraction: float = 0.125,
-        mirror_probability: float = 0.1,
+        promoter: Promoter | None = None,
         clock: Callable[[], float] = time.monotonic,
-        rand: Callable[[], float] = random.random,
         framing: Framing | None = None,
         previous: PreviousOwners | None = None,
         peek_timeout: float = 0.25,
@@ -178,13 +177,13 @@ class Group:
         self.cache_bytes = cache_bytes
         self.ttl = ttl
         self.hot_fraction = hot_fraction
-        self.mirror_probability = mirror_probability
+        # Which fetched values get a hot copy: by request rate unless told.
+        self.promoter: Promoter = promoter or RatePromoter(clock=clock)
         self.main = Store(policy, cache_bytes, clock)
         self.hot = Store(policy, int(cache_bytes * hot_fraction), clock)
         self.stats = Stats()
         self.framing = framing or NoFraming()
         self._clock = clock
-        self._rand = rand
         self.previous = previous
         self.peek_timeout = peek_timeout
         self._tombstones = Tombstones(tombstone_window, clock)
@@ -269,6 +268,7 @@ class Group:
         if entry is not None:
             stats.main_hits += 1
             return entry
+        self.promoter.seen(key)
         entry = self.hot.get(key)
         if entry is not None:
             stats.hot_hits += 1
@@ -342,11 +342,13 @@ class Group:
             return await self._load.do(key, lambda: self._load_as_owner(key))
         self.stats.loads_deduped += 1
         fence = self._fence(key, "fetch")
+        started = self._clock()
         try:
             try:
                 value, ttl_left = await peer.get(self.name, key, timeout)
             except PeerError:
-                pass
+                if timeout is not None and self._clock() - started >= timeout:
+                    raise  # the caller's time is up: a local load helps no one
             else:
                 return self._from_peer(key, value, ttl_left, fence)
         finally:
@@ -384,7 +386,11 @@ class Group:
         expires = self._carried_expiry(ttl_left)
         offset = self.framing.offset(data)
         # No hot copy of a key handed to us meanwhile: the main one serves.
-        if self._rand() < self.mirror_probability and self._fences.get(key) is fence and key not in self.main:
+        if (
+            self._fences.get(key) is fence
+            and key not in self.main
+            and self.promoter.admit(key, self.hot.victim(entry_size(key, data) - offset))
+        ):
             self._populate(self.hot, key, data, expires, offset)
         return Entry(data, expires, 0, offset)
 

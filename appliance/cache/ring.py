@@ -12,7 +12,7 @@ import zlib
 from bisect import bisect_left
 from collections.abc import Iterable
 
-__all__ = ["SCHEMES", "HashRing"]
+__all__ = ["BALANCE_LIMIT", "SCHEMES", "HashRing", "balance_warning"]
 
 # "seed": the seed's ConsistentHash, virtual node i of N is hashed as N + str(i).
 # "groupcache": golang/groupcache consistenthash.Map, hashed as str(i) + N.
@@ -88,6 +88,18 @@ class HashRing:
             idx = 0  # past the last virtual node: wrap to the first
         return self._owners[idx]
 
+    def shares(self) -> dict[str, float]:
+        """Each node's share of the key space (the crc32 range it owns)."""
+        out = dict.fromkeys(self._nodes, 0.0)
+        hashes, owners = self._hashes, self._owners
+        if not hashes:
+            return out
+        # Node i owns (hashes[i-1], hashes[i]]; the first also owns the wrap.
+        out[owners[0]] += (hashes[0] + (1 << 32) - hashes[-1]) / (1 << 32)
+        for i in range(1, len(hashes)):
+            out[owners[i]] += (hashes[i] - hashes[i - 1]) / (1 << 32)
+        return out
+
     def __len__(self) -> int:
         return len(self._members)
 
@@ -108,3 +120,22 @@ class HashRing:
 
     def __repr__(self) -> str:
         return f"HashRing(nodes={list(self._nodes)!r}, replicas={self._replicas}, scheme={self._scheme!r})"
+
+
+# A node owning more than this times its fair share of the key space gets a warning.
+BALANCE_LIMIT = 1.25
+
+
+def balance_warning(shares: dict[str, float], replicas: int, limit: float = BALANCE_LIMIT) -> str | None:
+    """A warning when one node owns more than `limit` times its fair share."""
+    if len(shares) < 2:
+        return None
+    node, share = max(shares.items(), key=lambda item: item[1])
+    ratio = share * len(shares)
+    if ratio <= limit:
+        return None
+    return (
+        f"ring imbalance: {node} owns {share:.1%} of the keys, {ratio:.2f}x its fair share "
+        f"(limit {limit}x); raise node.replicas (now {replicas}) for a more even ring, "
+        "unless the seed's Go nodes share it (they need replicas = 50)"
+    )

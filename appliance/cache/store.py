@@ -109,6 +109,14 @@ class Store:
         now = self._clock()
         return [(k, e) for k, e in order if not e.expires or e.expires > now]
 
+    def victim(self, size: int) -> str | None:
+        """The entry a new one of `size` bytes would evict first (None: it
+        fits). Exact for lru; other policies name no victim."""
+        if self._data.currsize + size <= self.max_bytes:
+            return None
+        order = getattr(self._data, "_LRUCache__order", None)  # cachetools' LRU order
+        return next(iter(order), None) if order else None
+
     def __len__(self) -> int:
         return len(self._data)
 

@@ -140,7 +140,7 @@ class AsyncClient(ClientBase):
         return await self._routed(op, deadline)
 
     async def _routed(self, op: routing.Op, deadline: float):
-        tries = self._router.attempts(op.key, deadline)
+        tries = self._router.plan(op, deadline)
         for peer, left in tries:
             try:
                 return op.reply(

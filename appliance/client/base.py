@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..transport.grpc_aio.client import PEER_CHANNEL_OPTIONS
 from .follow import EtcdMembers, Follower
-from .routing import METHODS, Pool, Router, checked_str, deadline_of, peer_list
+from .routing import METHODS, HotKeys, Pool, Router, checked_str, deadline_of, peer_list
 
 if TYPE_CHECKING:
     import grpc
@@ -57,6 +57,7 @@ class ClientBase:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
         channel_options: list[tuple[str, object]] | None = None,
         token: str | None = None,
+        spread_hot: bool = True,
     ) -> None:
         """`peers` is a static list, used as it is. Or `discover` finds the
         peers: an EtcdMembers (what from_settings passes), whose ring is
@@ -67,7 +68,9 @@ class ClientBase:
         the nodes over TLS; `max_message_bytes` should be the nodes'
         max_value_bytes + 64 KiB (from_settings does that). `token` is a
         bearer token ([auth.credentials]) sent with every call: Set and
-        Remove need one with the write scope unless writes are open."""
+        Remove need one with the write scope unless writes are open.
+        `spread_hot`: Gets of keys this client reads often go to every node
+        in turn (their hot caches serve them), not only to the owner."""
         if token is not None and (not isinstance(token, str) or not token.strip()):
             raise ValueError("token must be a non-empty string")
         self._metadata = (("authorization", f"Bearer {token.strip()}"),) if token else None
@@ -79,7 +82,7 @@ class ClientBase:
             if static:
                 raise ValueError("give either peers or discover, not both")
         self.timeout = float(timeout)
-        self._router = Router(replicas, scheme)
+        self._router = Router(replicas, scheme, HotKeys() if spread_hot else None)
         self._pool: Pool = Pool(self._dial, linger=self.timeout)
         self._discover = discover
         self._follower = Follower(discover, self._followed) if follow and isinstance(discover, EtcdMembers) else None

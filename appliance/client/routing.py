@@ -4,6 +4,7 @@ deadline, and the bookkeeping of one channel per peer."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -14,6 +15,7 @@ from google.protobuf.message import Message
 
 from .. import addr as addrs
 from ..cache import errors
+from ..cache.promoter import RatePromoter
 from ..cache.ring import HashRing
 from ..pb import cache_pb2, groupcache_pb2
 from ..transport.status import error_of
@@ -129,8 +131,9 @@ def peer_list(peers: Iterable[str]) -> list[str]:
 class Router:
     """The ring a client routes by, replaced whole on each change."""
 
-    def __init__(self, replicas: int, scheme: str) -> None:
+    def __init__(self, replicas: int, scheme: str, hot: HotKeys | None = None) -> None:
         self.ring = HashRing((), replicas, scheme)  # checks replicas and scheme
+        self.hot = hot
         self.revision = -1  # of the etcd read the ring came from (-1: none)
         self._lock = threading.Lock()
 
@@ -151,8 +154,46 @@ class Router:
             self.ring = ring
             return departed
 
-    def attempts(self, key: str, deadline: float) -> Attempts:
-        return Attempts(self, key, deadline)
+    def attempts(self, key: str, deadline: float, first: str | None = None) -> Attempts:
+        return Attempts(self, key, deadline, first)
+
+    def plan(self, op: Op, deadline: float) -> Attempts:
+        """The tries of `op`: a hot key's Get starts at the next node in turn."""
+        first = None
+        if self.hot is not None and op.method in (GET, SET, REMOVE):
+            name = f"{getattr(op.request, 'group', '')}\0{op.key}"
+            if op.method is GET:
+                first = self.hot.first_try(self.ring, name)
+            else:
+                self.hot.wrote(name)
+        return Attempts(self, op.key, deadline, first)
+
+
+class HotKeys:
+    """Which keys this client reads often enough to spread: the first try
+    of a hot key's Get goes to the ring's nodes in turn, not always to its
+    owner, so each node's hot cache serves it (rate promotion keeps a copy
+    there). A Set or Remove at the owner drops those copies, as it does for
+    any hot copy, so reads keep the hot cache's guarantees."""
+
+    def __init__(self, threshold: float = 16.0, half_life: float = 1.0, capacity: int = 4096, clock=time.monotonic):
+        self.threshold = threshold
+        self._rates = RatePromoter(half_life=half_life, capacity=capacity, clock=clock)
+        self._turn = itertools.count()
+        self._lock = threading.Lock()  # a Client may be shared by threads
+
+    def first_try(self, ring: HashRing, key: str) -> str | None:
+        """Count one Get of `key`; the node to ask first when it is hot (None: its owner)."""
+        with self._lock:
+            self._rates.seen(key)
+            if self._rates.rate(key) < self.threshold or len(ring) < 2:
+                return None
+            nodes = ring.nodes
+            return nodes[next(self._turn) % len(nodes)]
+
+    def wrote(self, key: str) -> None:
+        with self._lock:
+            self._rates.forget(key)
 
 
 class Attempts:
@@ -167,8 +208,9 @@ class Attempts:
         raise tries.error()
     """
 
-    def __init__(self, router: Router, key: str, deadline: float) -> None:
+    def __init__(self, router: Router, key: str, deadline: float, first: str | None = None) -> None:
         self._router = router
+        self._first = first
         self._key = key
         self._deadline = deadline
         self._tried: set[str] = set()
@@ -177,7 +219,8 @@ class Attempts:
     def __iter__(self) -> Iterator[tuple[str, float]]:
         while len(self._tried) < MAX_TRIES:
             ring = self._router.ring  # read per try: it may change between them
-            owner = ring.owner(self._key)
+            owner = self._first if self._first in ring else ring.owner(self._key)
+            self._first = None
             peer = owner if owner is not None and owner not in self._tried else None
             if peer is None:
                 peer = next((p for p in ring.nodes if p not in self._tried), None)

@@ -87,7 +87,7 @@ class Client(ClientBase):
         return self._routed(routing.remove_op(group, key), self._deadline(timeout))
 
     def _routed(self, op: routing.Op, deadline: float):
-        tries = self._router.attempts(op.key, deadline)
+        tries = self._router.plan(op, deadline)
         for peer, left in tries:
             try:
                 return op.reply(

@@ -25,6 +25,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from ..cache.ring import HashRing, balance_warning
 from .errors import CONFIG_ENV, ConfigError, SchemaView, env_decode_errors, toml_error, validation_errors
 from .models import Settings, resolve_dirs
 
@@ -113,7 +114,15 @@ def check_file(path: str | os.PathLike[str] | None) -> str:
     if problems:
         label = str(path) if path is not None else "the built-in config"
         raise ConfigError([f"{label}: {p}" for p in problems], Path(path) if path is not None else None)
-    return "\n".join([f"OK: {settings.summary()}", *(f"note: {n}" for n in settings.notes())])
+    notes = settings.notes()
+    ns = settings.node
+    ring = HashRing(ns.addresses(), ns.replicas, ns.ring_hash)
+    shares = ring.shares()
+    notes.append("ring shares: " + ", ".join(f"{a} {v:.1%}" for a, v in shares.items()))
+    warning = balance_warning(shares, ns.replicas)
+    if warning:
+        notes.append(warning)
+    return "\n".join([f"OK: {settings.summary()}", *(f"note: {n}" for n in notes)])
 
 
 @functools.cache

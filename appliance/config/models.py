@@ -240,6 +240,10 @@ class NodeSettings(_Model):
     peek_timeout: Duration = Field(parse_duration("250ms"), gt=0)
     hot_cache_fraction: float = Field(0.125, ge=0, le=0.5)
     hot_cache_mirror: float = Field(0.1, ge=0, le=1)
+    # How a value fetched from its owner earns a hot copy: "rate" (its
+    # request rate beats the coldest hot entry's) or "random" (with
+    # probability hot_cache_mirror). hot_cache_mirror = 0 turns hot copies off.
+    hot_cache_promotion: Annotated[Literal["rate", "random"], BeforeValidator(_lower)] = "rate"
     # Answers of a Peer/Forward stream not yet taken by the caller; past it
     # no more requests are read from that stream (memory stays bounded).
     forward_window: int = Field(256, ge=1, le=65536)

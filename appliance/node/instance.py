@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..cache import errors
 from ..cache.group import Framing, Group
+from ..cache.promoter import Promoter, RandomPromoter, RatePromoter
 from ..cache.store import Entry
 from ..logs import event
 from .auth import CLUSTER, NONE, Authenticator, Credentials
@@ -29,6 +30,7 @@ from .ratelimit import TrustedPeers
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..config.models import NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class NodeInstance:
                 ttl=spec.ttl,
                 picker=peers,
                 hot_fraction=ns.hot_cache_fraction,
-                mirror_probability=ns.hot_cache_mirror,
+                promoter=_promoter(ns),
                 framing=framing,
                 previous=peers if ns.peek_window else None,
                 peek_timeout=ns.peek_timeout,
@@ -625,6 +627,8 @@ class NodeInstance:
             "addr": self.addr,
             "revision": self.peers.revision,
             "peers": list(self.peers.ring.nodes),
+            # Each worker's share of the key space (the ring can be uneven).
+            "ring_shares": self.peers.ring.shares(),
             "draining": self.draining,
             "groups": groups,
             "last_handoff": dataclasses.asdict(self.last_handoff) if self.last_handoff is not None else None,
@@ -648,3 +652,10 @@ def _handoff_calls(items: list[tuple[Group, str, Entry]], max_bytes: int):
     for batch in itertools.chain.from_iterable(itertools.zip_longest(*per_group.values())):
         if batch:
             yield batch[0][0], batch
+
+
+def _promoter(ns: NodeSettings) -> Promoter:
+    """One per group: rates are per group, like the hot cache."""
+    if ns.hot_cache_promotion == "rate" and ns.hot_cache_mirror > 0:
+        return RatePromoter()
+    return RandomPromoter(ns.hot_cache_mirror)

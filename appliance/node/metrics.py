@@ -192,6 +192,12 @@ class _NodeCollector:
             "groupcache_ring_revision", "etcd revision of the ring this worker holds.", value=peers.revision
         )
         yield GaugeMetricFamily("groupcache_ring_peers", "Nodes in the ring this worker holds.", value=len(peers.ring))
+        owned = GaugeMetricFamily(
+            "groupcache_ring_share", "Share of the key space each node of this worker's ring owns.", labels=["peer"]
+        )
+        for peer, share in peers.ring.shares().items():
+            owned.add_metric([peer], share)
+        yield owned
         yield GaugeMetricFamily(
             "groupcache_ring_member", "1 when this worker is in its own ring.", value=int(self.node.addr in peers.ring)
         )

@@ -92,7 +92,7 @@ async def test_get_many_and_get_share_singleflight():
 
 async def test_remove_drops_owner_and_hot_copies_everywhere():
     origin = CountingOrigin({"k": b"old"})
-    async with cluster(3, origin, hot_cache_mirror=1.0) as nodes:
+    async with cluster(3, origin, hot_cache_mirror=1.0, hot_cache_promotion="random") as nodes:
         s = Stubs(nodes)
         for i in range(3):
             assert await s.value(i, "k") == b"old"
@@ -125,7 +125,7 @@ async def test_remove_reports_unreachable_peer():
 async def test_remove_racing_an_inflight_load_does_not_resurrect_old_value():
     origin = CountingOrigin({"k": b"old"})
     origin.gate = asyncio.Event()
-    async with cluster(3, origin, hot_cache_mirror=1.0) as nodes:
+    async with cluster(3, origin, hot_cache_mirror=1.0, hot_cache_promotion="random") as nodes:
         s = Stubs(nodes)
         owner = nodes[0].peers.owner("k")
         # Loads in flight on the owner, via every node.
@@ -145,7 +145,7 @@ async def test_remove_racing_an_inflight_load_does_not_resurrect_old_value():
 
 async def test_set_writes_through_to_owner_and_invalidates_hot_copies():
     origin = CountingOrigin({"k": b"origin"})
-    async with cluster(3, origin, hot_cache_mirror=1.0) as nodes:
+    async with cluster(3, origin, hot_cache_mirror=1.0, hot_cache_promotion="random") as nodes:
         s = Stubs(nodes)
         for i in range(3):
             await s.value(i, "k")
@@ -168,7 +168,7 @@ async def test_set_writes_through_to_owner_and_invalidates_hot_copies():
 
 async def test_ttl_expires_on_owner_and_hot_copies():
     origin = CountingOrigin({"k": b"v1"})
-    async with cluster(3, origin, hot_cache_mirror=1.0) as nodes:
+    async with cluster(3, origin, hot_cache_mirror=1.0, hot_cache_promotion="random") as nodes:
         for n in nodes:
             n.groups["g"].ttl = 0.5
         s = Stubs(nodes)

@@ -369,7 +369,7 @@ async def test_a_member_that_just_left_may_still_hand_off():
 async def test_peek_answers_from_the_main_cache_only_and_counts_no_get():
     truth = data(50)
     origin = CountingOrigin(truth)
-    async with running(2, origin, hot_cache_mirror=1.0) as c:
+    async with running(2, origin, hot_cache_mirror=1.0, hot_cache_promotion="random") as c:
         a, b = c.nodes
         mine = next(k for k in truth if a.peers.owner(k) == a.addr)
         theirs = next(k for k in truth if a.peers.owner(k) == b.addr)

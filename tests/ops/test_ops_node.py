@@ -122,6 +122,9 @@ async def test_admin_metrics_counts_exactly_and_box_endpoint_labels_workers(tmp_
         assert value(m, "groupcache_cache_items", group="g", cache="main") == 1
         assert value(m, "groupcache_cache_bytes", group="g", cache="main") == len("k") + len("value")
         assert value(m, "groupcache_ring_revision") == 1 and value(m, "groupcache_ring_peers") == 3
+        shares = owner.peers.ring.shares()
+        assert sum(value(m, "groupcache_ring_share", peer=a) for a in shares) == pytest.approx(1.0)
+        assert value(m, "groupcache_ring_share", peer=owner.addr) == pytest.approx(shares[owner.addr])
 
         # The box endpoint: every worker, re-labelled, over real HTTP.
         collector = BoxCollector(lambda: sorted(str(p) for p in tmp_path.glob("n*.sock")))

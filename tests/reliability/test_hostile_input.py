@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from appliance.cache.errors import CacheError, KeyNotFound, OriginError, PeerError
 from appliance.cache.group import Group
+from appliance.cache.promoter import RandomPromoter
 from appliance.cache.store import Entry
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from support import fuzz
@@ -129,7 +130,7 @@ class GroupMachine(RuleBasedStateMachine):
                 cache_bytes=BUDGET,
                 policy=policy,
                 picker=pickers[i],
-                mirror_probability=1.0,
+                promoter=RandomPromoter(1.0),
                 previous=pickers[i],
                 tombstone_window=600.0,
             )

@@ -90,3 +90,45 @@ def test_pool_dials_once_per_peer_and_closes_retired_channels_after_their_linger
     assert sorted(pool.drain()) == ["channel-a-3", "channel-b-2"]
     with pytest.raises(RuntimeError, match="closed"):
         pool.methods("a")
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _first_peers(router, op, n):
+    return [next(iter(router.plan(op, time.monotonic() + 5)))[0] for _ in range(n)]
+
+
+def test_hot_key_gets_spread_over_every_node_cold_ones_go_to_the_owner():
+    clock = _Clock()
+    r = routing.Router(50, "seed", routing.HotKeys(threshold=4, half_life=1.0, clock=clock))
+    r.install(PEERS)
+    hot, cold = routing.get_op("g", "hot"), routing.get_op("g", "cold")
+    owner = r.ring.owner("hot")
+    assert _first_peers(r, hot, 3) == [owner] * 3  # not hot yet
+    spread = _first_peers(r, hot, 30)
+    assert set(spread) == set(PEERS)  # every node in turn
+    assert _first_peers(r, cold, 1) == [r.ring.owner("cold")]
+    # A write goes to the owner and resets the key: its next reads too.
+    assert _first_peers(r, routing.set_op("g", "hot", b"v", 0), 1) == [owner]
+    assert _first_peers(r, hot, 1) == [owner]
+    # Rates decay: a key read rarely is not hot.
+    _first_peers(r, hot, 10)
+    clock.now += 30
+    assert _first_peers(r, hot, 1) == [owner]
+
+
+def test_hot_key_spreading_off_and_retries_still_reach_other_nodes():
+    r = routing.Router(50, "seed")
+    r.install(PEERS)
+    op = routing.get_op("g", "k")
+    assert _first_peers(r, op, 50) == [r.ring.owner("k")] * 50
+    r = routing.Router(50, "seed", routing.HotKeys(threshold=1))
+    r.install(PEERS)
+    tries = [p for p, _ in r.plan(op, time.monotonic() + 5)]
+    assert sorted(tries) == sorted(PEERS)  # the spread first try, then the others

@@ -685,3 +685,15 @@ def test_an_embedded_etcd_cluster_with_tls_uses_the_box_certificate_and_says_wha
 def test_a_box_of_an_embedded_etcd_cluster_is_checked_against_its_endpoints(tmp_path, text, field, words):
     msg = config_error(write(tmp_path, text))
     assert field in msg and words in msg, msg
+
+
+def test_config_check_reports_ring_shares_and_warns_on_imbalance(tmp_path):
+    from appliance.config import check_file
+
+    uneven = tmp_path / "uneven.toml"
+    uneven.write_text("[node]\nworkers = 3\n")  # 50 replicas: one worker owns 1.32x its share
+    out = check_file(uneven)
+    assert "note: ring shares:" in out and "ring imbalance" in out and "replicas" in out
+    even = tmp_path / "even.toml"
+    even.write_text("[node]\nworkers = 3\nreplicas = 500\n")
+    assert "ring imbalance" not in check_file(even)

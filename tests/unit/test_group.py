@@ -4,6 +4,7 @@ import pytest
 
 from appliance.cache.errors import KeyNotFound, OriginError, PeerError
 from appliance.cache.group import Group
+from appliance.cache.promoter import RandomPromoter
 
 
 class Origin:
@@ -99,8 +100,8 @@ async def test_not_found_and_origin_errors_are_not_cached():
 async def test_remote_owner_serves_and_hot_cache_mirrors_when_lucky():
     owner = Group("g", Origin({"k": b"v"}), cache_bytes=1000)
     peer = FakePeer(owner)
-    always = Group("g", Origin(), cache_bytes=1000, picker=Picker(peer), rand=lambda: 0.0)
-    never = Group("g", Origin(), cache_bytes=1000, picker=Picker(peer), rand=lambda: 0.99)
+    always = Group("g", Origin(), cache_bytes=1000, picker=Picker(peer), promoter=RandomPromoter(1.0))
+    never = Group("g", Origin(), cache_bytes=1000, picker=Picker(peer), promoter=RandomPromoter(0.0))
     for g in (always, never):
         for _ in range(3):
             assert (await g.get("k")).value == b"v"
@@ -112,7 +113,7 @@ async def test_remote_owner_serves_and_hot_cache_mirrors_when_lucky():
 async def test_peer_failure_loads_locally_without_caching_as_owner():
     origin = Origin({"k": b"v"})
     peer = FakePeer(None, fail=PeerError("connection refused"))
-    g = Group("g", origin, cache_bytes=1000, picker=Picker(peer), rand=lambda: 0.0)
+    g = Group("g", origin, cache_bytes=1000, picker=Picker(peer), promoter=RandomPromoter(1.0))
     assert (await g.get("k")).value == b"v"
     assert (await g.get("k")).value == b"v"
     assert g.stats.peer_errors == 2 and len(g.main) == 0 and len(g.hot) == 0
@@ -160,7 +161,7 @@ async def test_hot_cache_share_is_bounded():
         Origin({f"l{i}": b"x" * 90 for i in range(100)}),
         cache_bytes=1000,
         hot_fraction=0.25,
-        rand=lambda: 0.0,
+        promoter=RandomPromoter(1.0),
     )
     remote = Picker(FakePeer(owner))
     for i in range(100):
@@ -178,7 +179,7 @@ async def test_ttl_expiry_and_hot_copy_never_outlives_owner():
     clock = Clock()
     owner = Group("g", Origin({"k": b"v"}), cache_bytes=1000, ttl=10, clock=clock)
     peer = FakePeer(owner, ttl=2.0)  # the owner's entry has 2 s left
-    g = Group("g", Origin(), cache_bytes=1000, ttl=60, picker=Picker(peer), rand=lambda: 0.0, clock=clock)
+    g = Group("g", Origin(), cache_bytes=1000, ttl=60, picker=Picker(peer), promoter=RandomPromoter(1.0), clock=clock)
     await g.get("k")
     assert g.hot.get("k").expires == clock.now + 2.0
     clock.now += 2.5

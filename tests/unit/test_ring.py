@@ -501,3 +501,26 @@ def test_go_golden_vectors_still_hold(go_ring):
         assert go_owners(go_ring, scheme, 50, PEERS3, ks) == [o for _, o in GOLDEN[scheme]]
     for peers, key, owner in GOLDEN_COLLISION:
         assert go_owners(go_ring, "seed", 50, peers, [key]) == [owner]
+
+
+def test_shares_cover_the_key_space_and_match_owned_keys():
+    from appliance.cache.ring import HashRing
+
+    ring = HashRing([f"127.0.0.1:{9000 + i}" for i in range(3)], 50)
+    shares = ring.shares()
+    assert abs(sum(shares.values()) - 1.0) < 1e-9
+    counts = dict.fromkeys(shares, 0)
+    for i in range(30000):
+        counts[ring.owner(f"key-{i}")] += 1
+    for node, share in shares.items():
+        assert abs(counts[node] / 30000 - share) < 0.02
+    assert HashRing([], 50).shares() == {}
+
+
+def test_balance_warning_past_limit_names_the_remedy():
+    from appliance.cache.ring import balance_warning
+
+    assert balance_warning({"a": 0.34, "b": 0.33, "c": 0.33}, 50) is None
+    warning = balance_warning({"a": 0.5, "b": 0.25, "c": 0.25}, 50)
+    assert warning is not None and "1.50x" in warning and "replicas" in warning
+    assert balance_warning({"a": 1.0}, 50) is None

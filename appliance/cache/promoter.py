@@ -1,0 +1,93 @@
+"""Hot-cache admission: which values fetched from an owner get a hot copy.
+
+`RatePromoter` (the default) tracks the request rate of recently seen keys
+in a bounded table, with exponential decay, and admits a key when its rate
+beats the rate of the hot entry that would be evicted for it. So the hot
+cache holds the keys that are hot now, not whatever was fetched last, and a
+stream of cold keys cannot flush it. `RandomPromoter` is the old behaviour
+(admit a fetched value with a fixed probability). Pure logic, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Promoter(Protocol):
+    def seen(self, key: str) -> None:
+        """One Get of `key` that the main cache did not answer."""
+
+    def admit(self, key: str, victim: str | None) -> bool:
+        """Whether a value of `key` fetched from its owner gets a hot copy;
+        `victim` is the hot entry it would displace (None: there is room)."""
+
+
+class RandomPromoter:
+    def __init__(self, probability: float, rand: Callable[[], float] = random.random) -> None:
+        if not 0 <= probability <= 1:
+            raise ValueError("probability must be in [0, 1]")
+        self.probability = probability
+        self._rand = rand
+
+    def seen(self, key: str) -> None:
+        pass
+
+    def admit(self, key: str, victim: str | None) -> bool:
+        return self._rand() < self.probability
+
+
+class RatePromoter:
+    """Decayed per-key request counts (`half_life` seconds) for at most
+    `capacity` keys, the least recently seen dropped first."""
+
+    def __init__(
+        self,
+        *,
+        half_life: float = 10.0,
+        capacity: int = 16384,
+        min_hits: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if half_life <= 0 or capacity < 1:
+            raise ValueError("half_life must be > 0 and capacity >= 1")
+        self._decay = math.log(2) / half_life
+        self.capacity = capacity
+        self.min_hits = min_hits
+        self._clock = clock
+        # key -> (decayed count, when it was last updated)
+        self._rates: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def rate(self, key: str) -> float:
+        """Decayed count of `key` now (0 when not tracked)."""
+        got = self._rates.get(key)
+        if got is None:
+            return 0.0
+        count, at = got
+        return count * math.exp(-self._decay * (self._clock() - at))
+
+    def seen(self, key: str) -> None:
+        now = self._clock()
+        rates = self._rates
+        got = rates.get(key)
+        count = 1.0 if got is None else got[0] * math.exp(-self._decay * (now - got[1])) + 1.0
+        rates[key] = (count, now)
+        rates.move_to_end(key)
+        if len(rates) > self.capacity:
+            rates.popitem(last=False)
+
+    def admit(self, key: str, victim: str | None) -> bool:
+        rate = self.rate(key)
+        if rate < self.min_hits:
+            return False  # a one-off: never worth a hot copy
+        return victim is None or rate > self.rate(victim)
+
+    def forget(self, key: str) -> None:
+        self._rates.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._rates)
