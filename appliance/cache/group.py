@@ -342,13 +342,11 @@ class Group:
             return await self._load.do(key, lambda: self._load_as_owner(key))
         self.stats.loads_deduped += 1
         fence = self._fence(key, "fetch")
-        started = self._clock()
         try:
             try:
                 value, ttl_left = await peer.get(self.name, key, timeout)
             except PeerError:
-                if timeout is not None and self._clock() - started >= timeout:
-                    raise  # the caller's time is up: a local load helps no one
+                pass
             else:
                 return self._from_peer(key, value, ttl_left, fence)
         finally:

@@ -147,7 +147,7 @@ class GrpcPeerClient:
         channel: grpc.aio.Channel,
         *,
         max_wait: float,
-        share: float = 1.0,
+        share: float = 0.5,
         forward: str = "stream",
         metadata: tuple = (),
         facts: PeerFacts | None = None,
@@ -203,9 +203,7 @@ class GrpcPeerClient:
         self._probe: asyncio.Future | None = None
 
     def _wait(self, timeout: float | None) -> float:
-        # An owner that answers its health probes may be loading the key for
-        # everyone: wait the caller's whole deadline (a dead owner or an open
-        # breaker fails fast, and the key is then loaded locally).
+        # Leave part of the caller's time for a local load if the owner fails.
         return self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
 
     async def _call(self, method, request, timeout: float):
