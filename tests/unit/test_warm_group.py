@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from appliance.cache.errors import PeerError
 from appliance.cache.group import Group
+from appliance.cache.promoter import RandomPromoter
 from appliance.cache.ring import HashRing
 from appliance.cache.store import Store
 from appliance.cache.tombstones import Tombstones
@@ -245,7 +246,7 @@ async def test_an_offer_during_a_fetch_from_the_owner_is_kept():
             return StoppingOwner()
 
     origin = Origin({"k": b"origin"})
-    g = group(origin, picker=Picker(), rand=lambda: 0.0)
+    g = group(origin, picker=Picker(), promoter=RandomPromoter(0.1, rand=lambda: 0.0))  # would mirror it
     fetch = asyncio.ensure_future(g.get("k"))
     await asyncio.wait_for(asked.wait(), 5)
     assert g.offer("k", b"handed", 0)
