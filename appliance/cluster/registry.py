@@ -4,10 +4,11 @@ Runs in its own thread (python3-etcd3 is synchronous). Losing the lease or
 etcd itself is never final: it logs, backs off briefly and registers again.
 
 Only etcd's own word ends a lease: a keep-alive answered with TTL 0 (the
-lease is gone), or the lease's granted time passing without any member
-answering. A slow or failed call is tried again at once on another member
-(etcd.call): with one member cut off, the registration moves on within a
-fraction of its TTL and keeps its lease, so the worker never leaves the ring.
+lease is gone). While no member answers, the keep-alive keeps asking: etcd
+extends every lease when it elects a new leader. A slow or failed call is
+tried again at once on another member (etcd.call): with one member cut off,
+the registration moves on within a fraction of its TTL and keeps its lease,
+so the worker never leaves the ring.
 """
 
 from __future__ import annotations
@@ -107,7 +108,14 @@ class Registration(threading.Thread):
         log.info("registered %s (lease %x, ttl %ds)", self.key, lease.id, self.ttl)
 
     def _keep_alive(self) -> None:
-        """Renew until etcd says the lease is gone; returns only by raising."""
+        """Renew until etcd says the lease is gone; returns only by raising.
+
+        A lease's time passing while no member answers ends nothing here:
+        when the etcd leader's member stalls, the others elect a new leader
+        (longer than a short lease), and the new leader extends every lease.
+        Giving the lease up then threw away a live registration (a new lease,
+        a ring change at every peer); registering again needs a member that
+        answers anyway, and the first that does says whether the lease lives."""
         interval = max(self.ttl / 3.0, 0.2)
         client, lease = self._client, self._lease
         expires = time.monotonic() + self.ttl
@@ -116,8 +124,14 @@ class Registration(threading.Thread):
             try:
                 responses = etcd.call(client, lambda c: list(c.refresh_lease(lease.id)))
             except etcd.UNREACHABLE as exc:
-                if time.monotonic() >= expires:
-                    raise LeaseGone(f"no etcd member answered for the lease's {self.ttl}s ({exc})") from None
+                if expires and time.monotonic() >= expires:
+                    log.warning(
+                        "no etcd member answered %s's keep-alive for the lease's %ds (%s); asking until one does",
+                        self.key,
+                        self.ttl,
+                        etcd.describe(exc),
+                    )
+                    expires = 0.0  # said once per silence
                 wait = RETRY_S
                 continue
             if not responses or responses[0].TTL <= 0:

@@ -59,10 +59,15 @@ def test_run_in_a_planted_directory_imports_nothing_from_it(planted, tmp_path):
     assert sorted(p.name for p in planted.iterdir() if p.name.startswith("ran-")) == []
 
 
-def _run(config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "appliance"), "run", "--config", str(config)], capture_output=True, text=True, timeout=60
-    )
+def _run(app: Appliance) -> subprocess.CompletedProcess:
+    """`appliance run`, expected to refuse at once; whatever it started if it
+    did not (the old code ran on) is cleaned up by the appliance's root."""
+    try:
+        return subprocess.run(
+            [str(BIN / "appliance"), "run", "--config", str(app.config)], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        app.cleanup()
 
 
 @pytest.mark.parametrize("which", ["runtime", "state"])
@@ -72,7 +77,7 @@ def test_a_directory_of_another_user_is_refused(which, tmp_path):
     target = tmp_path / ("run" if which == "runtime" else "state")
     target.mkdir(mode=0o700)
     os.chown(target, NOBODY, NOBODY)
-    out = _run(app.config)
+    out = _run(app)
     assert out.returncode == 2, out.stderr
     assert f"{target} belongs to uid {NOBODY}" in out.stderr and "Traceback" not in out.stderr
     assert list(target.iterdir()) == []  # nothing written into it
@@ -83,7 +88,7 @@ def test_a_directory_others_may_write_in_is_refused(tmp_path):
     runtime = tmp_path / "run"
     runtime.mkdir()
     runtime.chmod(0o777)  # another user could have planted anything inside
-    out = _run(app.config)
+    out = _run(app)
     assert out.returncode == 2, out.stderr
     assert f"{runtime} is writable by group or others" in out.stderr
     assert list(runtime.iterdir()) == []
@@ -98,7 +103,7 @@ def test_a_link_another_user_made_is_refused(tmp_path):
         runtime = tmp_path / "run"
         runtime.symlink_to(elsewhere)
         os.lchown(runtime, NOBODY, NOBODY)
-        out = _run(app.config)
+        out = _run(app)
         assert out.returncode == 2, out.stderr
         assert f"{runtime} is a link made by uid {NOBODY}" in out.stderr
         assert list(elsewhere.iterdir()) == []  # the config was not written through the link

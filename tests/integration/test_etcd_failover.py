@@ -54,6 +54,18 @@ async def until(predicate, timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
+def leader_of(c: EtcdCluster) -> int:
+    """Which member (index) leads the cluster now."""
+    client = c.client()
+    try:
+        status = etcd.call(client, lambda cl: cl.status())
+        urls = {m.id: list(m.client_urls) for m in etcd.call(client, lambda cl: list(cl.members))}
+    finally:
+        client.close()
+    port = int(urls[status.leader.id][0].rpartition(":")[2])
+    return c.client_ports.index(port)
+
+
 def test_a_registration_keeps_its_lease_when_its_member_stalls(etcd_cluster):
     settings = etcd_cluster.settings()
     reg = Registration(
@@ -79,6 +91,55 @@ def test_a_registration_keeps_its_lease_when_its_member_stalls(etcd_cluster):
         finally:
             etcd_cluster.signal(stalled, signal.SIGCONT)
         print(f"\n[etcd failover] registration kept lease {lease:x} through {4 * TTL}s of its member stalled")
+    finally:
+        reg.deregister()
+        observer.close()
+
+
+def test_a_registration_keeps_its_lease_through_an_election_longer_than_the_lease(etcd_cluster):
+    """The leader's member and a follower stall: no member answers for 3 s,
+    longer than the 2 s lease, yet etcd cannot expire it (no leader); the
+    follower returns, the two elect a leader, which extends every lease. The
+    registration keeps its own. It used to give the lease up after 2 s
+    without an answer and register anew: under a new lease, a ring change
+    at every peer (and a flaky test whenever an election outlasted a lease)."""
+    settings = etcd_cluster.settings()
+    reg = Registration(
+        lambda: etcd.connect(settings.cluster, timeout=call_timeout(TTL)), "groupcache", "127.0.0.1:7001", ttl=TTL
+    )
+    reg.start()
+    observer = etcd_cluster.client()
+    leader = leader_of(etcd_cluster)
+    follower = next(i for i in range(len(etcd_cluster.client_ports)) if i != leader)
+    try:
+        assert reg.registered.wait(10)
+        lease = reg._lease.id
+        etcd_cluster.signal(leader, signal.SIGSTOP)
+        etcd_cluster.signal(follower, signal.SIGSTOP)
+        try:
+            silent_until = time.monotonic() + 1.5 * TTL  # no quorum: nobody answers, nothing expires
+            while time.monotonic() < silent_until:
+                time.sleep(0.1)
+            etcd_cluster.signal(follower, signal.SIGCONT)  # quorum again, under a new leader
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    value, meta = etcd.call(observer, lambda c: c.get("groupcache/127.0.0.1:7001"))
+                    break
+                except etcd.UNREACHABLE:
+                    assert time.monotonic() < deadline, "etcd never answered again"
+                    time.sleep(0.1)
+            # Kept alive from now on: unrenewed, the lease would end within this.
+            end = time.monotonic() + 3 * TTL
+            while time.monotonic() < end:
+                value, meta = etcd.call(observer, lambda c: c.get("groupcache/127.0.0.1:7001"))
+                assert value is not None and meta.lease_id == lease, (value, meta and meta.lease_id, lease)
+                time.sleep(0.2)
+            assert reg.registrations == 1  # never registered again
+        finally:
+            etcd_cluster.signal(follower, signal.SIGCONT)
+            etcd_cluster.signal(leader, signal.SIGCONT)
+        print(f"\n[etcd failover] registration kept lease {lease:x} through {1.5 * TTL:g}s without quorum")
     finally:
         reg.deregister()
         observer.close()
