@@ -49,10 +49,13 @@ class AdminClient:
         revision: int,
         *,
         leases: Mapping[str, int] | None = None,
+        generation: int = 0,
         timeout: float | None = None,
     ) -> grpc.Future:
         """Push a ring without waiting: a future of the SetPeersResponse."""
-        request = admin_pb2.SetPeersRequest(peers=list(peers), revision=revision, leases=dict(leases or {}))
+        request = admin_pb2.SetPeersRequest(
+            peers=list(peers), revision=revision, leases=dict(leases or {}), generation=generation
+        )
         return self._stub.SetPeers.future(request, timeout=timeout or self.timeout)
 
     def stop(self, drain_timeout: float = 0.0, *, timeout: float | None = None) -> None:

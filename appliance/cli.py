@@ -86,7 +86,7 @@ def _client(args: argparse.Namespace, *, writes: bool = False) -> Client:
         if not writes and settings.auth.reads == "open":
             # --peers may name any address: a read that needs no credential
             # must not hand the box's token to it.
-            kwargs["token"] = None
+            kwargs["cluster_token"] = None
         return Client(peers, replicas=node.replicas, scheme=node.ring_hash, **kwargs)
     # One command, a few calls: the ring read once is enough, no watch.
     return Client.from_settings(settings, follow=False)

@@ -144,7 +144,9 @@ class AsyncClient(ClientBase):
         for peer, left in tries:
             try:
                 return op.reply(
-                    await self._pool.methods(peer)[op.method.path](op.request, timeout=left, metadata=self._metadata)
+                    await self._pool.methods(peer)[op.method.path](
+                        op.request, timeout=left, metadata=self._metadata_for(peer)
+                    )
                 )
             except grpc.RpcError as err:
                 if tries.failed(client_error(err)):

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..node.peer_proofs import PeerProofs
 from ..transport.grpc_aio.client import PEER_CHANNEL_OPTIONS
 from .follow import EtcdMembers, Follower
 from .routing import METHODS, HotKeys, Pool, Router, checked_str, deadline_of, peer_list
@@ -25,7 +26,8 @@ DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024 + 65536
 def settings_kwargs(settings: Settings) -> dict:
     """Client keyword arguments that must match the nodes' config: TLS
     credentials (the box's certificate), the message size limit, and the
-    box's own token where this user may read it (root, the service user)."""
+    box's own token where this user may read it (root, the service user),
+    which each call proves to the node it goes to and never sends."""
     from .. import tls
     from ..node.auth import TokenFileError, read_token
 
@@ -37,7 +39,7 @@ def settings_kwargs(settings: Settings) -> dict:
         "credentials": tls.channel_credentials(settings.tls),
         "channel_options": tls.channel_options(settings.tls),
         "max_message_bytes": settings.node.max_value_bytes + 64 * 1024,
-        "token": token,
+        "cluster_token": token,
     }
 
 
@@ -57,6 +59,7 @@ class ClientBase:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
         channel_options: list[tuple[str, object]] | None = None,
         token: str | None = None,
+        cluster_token: str | None = None,
         spread_hot: bool = True,
     ) -> None:
         """`peers` is a static list, used as it is. Or `discover` finds the
@@ -69,11 +72,19 @@ class ClientBase:
         max_value_bytes + 64 KiB (from_settings does that). `token` is a
         bearer token ([auth.credentials]) sent with every call: Set and
         Remove need one with the write scope unless writes are open.
+        `cluster_token` is the box's own token (settings_kwargs reads it
+        where this user may: root, the service user): each call proves it to
+        the node called (a GC-Proof for that address) instead of sending it.
         `spread_hot`: Gets of keys this client reads often go to every node
         in turn (their hot caches serve them), not only to the owner."""
         if token is not None and (not isinstance(token, str) or not token.strip()):
             raise ValueError("token must be a non-empty string")
+        if token and cluster_token:
+            raise ValueError("give either token or cluster_token, not both")
         self._metadata = (("authorization", f"Bearer {token.strip()}"),) if token else None
+        # The box's own token is proven per call, for the address called
+        # (node/peer_proofs.py): a listener that is not our worker learns nothing.
+        self._proofs = PeerProofs(cluster_token) if cluster_token else None
         deadline_of(timeout)  # checks it
         static = peer_list(peers)
         if discover is not None:
@@ -97,6 +108,11 @@ class ClientBase:
         if discover is None:
             self._install(static)
         self._open()
+
+    def _metadata_for(self, peer: str):
+        if self._proofs is None:
+            return self._metadata
+        return (("authorization", self._proofs.make(peer)[0]),)
 
     def _open(self) -> None:
         """The I/O layer's own setup, last in __init__."""

@@ -91,7 +91,9 @@ class Client(ClientBase):
         for peer, left in tries:
             try:
                 return op.reply(
-                    self._pool.methods(peer)[op.method.path](op.request, timeout=left, metadata=self._metadata)
+                    self._pool.methods(peer)[op.method.path](
+                        op.request, timeout=left, metadata=self._metadata_for(peer)
+                    )
                 )
             except grpc.RpcError as err:
                 if tries.failed(client_error(err)):

@@ -4,6 +4,11 @@ It reads the service prefix, then watches from the revision it read (no gap
 between the two), and pushes `SetPeers(peers, revision)` to every local
 worker's admin socket. Workers ignore older revisions, so pushing again is
 always safe; a periodic push reaches workers that restarted.
+
+With a prover (the cluster token known), a member joins the ring only once
+its address proves it is a worker of this cluster (vetting.py); one that
+proves itself after its revision was pushed comes in a higher generation
+of that revision.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import grpc
 
 from ..admin_client import AdminClient
 from . import etcd
+from .vetting import MemberVetting, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,10 @@ class Controller:
         sockets: Callable[[], list[str]],
         *,
         push_interval: float = 1.0,
+        prover: Callable[[str, int, Outcome], None] | None = None,
     ) -> None:
+        """`prover(addr, lease, outcome)` asks a member to prove itself
+        (vetting.HealthProver); None admits every member as etcd has it."""
         self._connect = connect
         self.service = service
         self._sockets = sockets
@@ -40,14 +49,20 @@ class Controller:
         self.members: dict[str, etcd.Member] = {}
         self.revision = 0
         self.peers: list[str] = []
+        self.generation = 0  # of self.peers within self.ring_revision
+        self.ring_revision = 0  # the revision self.peers was decided at
+        self._prover = prover
+        self.vetting = MemberVetting()
+        self._outcomes: queue.SimpleQueue[tuple[str, int, bool, str]] = queue.SimpleQueue()
+        self._events: queue.Queue | None = None  # the watch's, while one runs: outcomes wake it
         self.etcd_ok = False  # the last read or probe of etcd worked (box metric groupcache_controller_etcd_up)
         self._outage = False  # logged that etcd does not answer
         self.etcd_client: Any = None  # the etcd client of run(), kept across resyncs
         self._probe_key = f"_appliance/{service}/probe"
         self._clients: dict[str, AdminClient] = {}
-        self._acked: dict[str, int] = {}  # written by grpc callbacks too
+        self._acked: dict[str, tuple[int, int]] = {}  # (revision, generation); written by grpc callbacks too
         self._inodes: dict[str, int] = {}  # socket -> inode: a new one is a new worker process
-        self._pending: dict[str, tuple[int, grpc.Future]] = {}  # socket -> (revision, call in flight)
+        self._pending: dict[str, tuple[tuple[int, int], grpc.Future]] = {}  # socket -> (version, call in flight)
         # (socket, client, error) of failed calls
         self._failed: queue.SimpleQueue[tuple[str, AdminClient, BaseException]] = queue.SimpleQueue()
         self.stop_event = threading.Event()
@@ -106,6 +121,7 @@ class Controller:
         self._apply(members, revision)
         self.push()
         events: queue.Queue = queue.Queue()
+        self._events = events
         cancel = etcd.watch_prefix(client, etcd.prefix(self.service), revision + 1, events.put)
         try:
             last_check = time.monotonic()
@@ -118,8 +134,9 @@ class Controller:
                     item = None
                 if isinstance(item, Exception):
                     raise item
-                if item is not None:
+                if item is not None and item is not _VETTED:
                     self._on_watch(item)
+                self._vet()
                 periodic = time.monotonic() - last_check >= self.push_interval
                 # Periodically to every worker, acked or not: one that
                 # restarted holds no ring until told again.
@@ -135,18 +152,55 @@ class Controller:
                     self.etcd_ok = True
                     last_check = time.monotonic()
         finally:
+            self._events = None
             cancel()
 
     def _on_watch(self, response) -> None:
         self._apply(*etcd.apply_events(self.members, self.revision, response))
 
     def _apply(self, members, revision: int) -> None:
-        peers = etcd.peers_of(members)
-        changed = peers != self.peers
         self.members, self.revision = members, revision
-        if changed:
+        self._admit()
+
+    def _admit(self) -> None:
+        """Decide the ring: every member, or (with a prover) those proven."""
+        if self._prover is None:
+            peers = etcd.peers_of(self.members)
+        else:
+            peers = self.vetting.admitted((m.addr, m.lease) for m in self.members.values())
+            for addr, lease in self.vetting.due():
+                self._prover(addr, lease, self._outcome)
+        if self.revision != self.ring_revision:
+            self.ring_revision, self.generation = self.revision, 0
+        elif peers != self.peers:
+            self.generation += 1
+        if peers != self.peers:
             self.peers = peers
-            log.info("ring revision %d: %d peers: %s", revision, len(peers), ", ".join(peers))
+            shown = f"{self.revision}" + (f".{self.generation}" if self.generation else "")
+            log.info("ring revision %s: %d peers: %s", shown, len(peers), ", ".join(peers))
+
+    def unproven(self) -> list[str]:
+        """Member addresses kept out of the ring: they did not prove themselves."""
+        return self.vetting.unproven()
+
+    def _outcome(self, addr: str, lease: int, proven: bool, why: str) -> None:
+        # On a grpc thread: record it; the controller's thread acts on it.
+        self._outcomes.put((addr, lease, proven, why))
+        events = self._events
+        if events is not None:
+            events.put(_VETTED)
+
+    def _vet(self) -> None:
+        """Take the probes' outcomes, and ask again those due."""
+        changed = False
+        while True:
+            try:
+                addr, lease, proven, why = self._outcomes.get_nowait()
+            except queue.Empty:
+                break
+            changed |= self.vetting.record(addr, lease, proven, why)
+        if self._prover is not None and (changed or self.vetting.unproven()):
+            self._admit()
 
     # Pushing -----------------------------------------------------------------
 
@@ -159,6 +213,8 @@ class Controller:
         the others. Its call times out by itself; a later round retries."""
         if not self.revision:
             return
+        self._vet()
+        version = (self.ring_revision, self.generation)
         if everyone:
             self._acked.clear()
         self._reap()
@@ -166,14 +222,20 @@ class Controller:
         for path in self._sockets():
             live.add(path)
             self._check_process(path)
-            if self._acked.get(path, -1) >= self.revision:
+            if self._acked.get(path, (-1, 0)) >= version:
                 continue
             pending = self._pending.get(path)
-            if pending is not None and pending[0] >= self.revision and not pending[1].done():
-                continue  # this revision is on its way already
+            if pending is not None and pending[0] >= version and not pending[1].done():
+                continue  # this ring is on its way already
             client = self._client(path)
-            call = client.set_peers_future(self.peers, self.revision, leases=etcd.leases_of(self.members), timeout=1.0)
-            self._pending[path] = (self.revision, call)
+            call = client.set_peers_future(
+                self.peers,
+                self.ring_revision,
+                leases=etcd.leases_of(self.members),
+                generation=self.generation,
+                timeout=1.0,
+            )
+            self._pending[path] = (version, call)
             call.add_done_callback(lambda f, path=path, client=client: self._pushed(path, client, f))
         for path in set(self._clients) - live:
             self._drop_client(path)
@@ -193,12 +255,13 @@ class Controller:
     def _pushed(self, path: str, client: AdminClient, call: grpc.Future) -> None:
         # On a grpc thread: record the outcome; the controller's thread acts on it.
         try:
-            revision = call.result().revision
+            response = call.result()
         except Exception as exc:  # RpcError, or cancelled with its channel
             self._failed.put((path, client, exc))
             return
-        if self._acked.get(path, -1) < revision:
-            self._acked[path] = revision
+        version = (response.revision, response.generation)
+        if self._acked.get(path, (-1, 0)) < version:
+            self._acked[path] = version
 
     def _reap(self) -> None:
         while True:
@@ -228,6 +291,9 @@ class Controller:
     def _close_clients(self) -> None:
         for path in list(self._clients):
             self._drop_client(path)
+
+
+_VETTED = object()  # put on the watch's queue: a probe's outcome is in
 
 
 class _ProbeFailed(Exception):

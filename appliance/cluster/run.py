@@ -14,25 +14,35 @@ from ..ops.metrics import serve_box_metrics
 from . import etcd
 from .box_ops import BoxOps
 from .controller import Controller
+from .vetting import HealthProver
 
 log = logging.getLogger(__name__)
 
 
 def run_controller(settings: Settings) -> int:
     """Run until a signal; returns the exit status (0)."""
+    try:
+        token: str | None = read_token(settings.token_path())  # `appliance run` made it
+    except TokenFileError as exc:
+        log.warning(
+            "cluster-wide requests are refused and etcd members join unproven: cannot read the cluster token (%s)",
+            exc,
+        )
+        token = None
+    prover = None
+    if settings.cluster.seed_interop:
+        log.info("etcd members join the ring unproven: the seed's Go nodes (cluster.seed_interop) cannot prove")
+    elif token is not None:
+        prover = HealthProver(token, settings.tls)
     controller = Controller(
         lambda: etcd.connect_to(settings, timeout=1.0),  # a stuck member fails the probe within a second
         settings.cluster.service,
         settings.admin_sockets,
+        prover=prover,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
     stop_metrics = serve_box_metrics(settings, controller)
-    try:
-        token: str | None = read_token(settings.token_path())  # `appliance run` made it
-    except TokenFileError as exc:
-        log.warning("cluster-wide requests are refused: cannot read the cluster token (%s)", exc)
-        token = None
     ops = BoxOps(
         settings, lambda: etcd.connect_to(settings, timeout=1.0), stop_event=controller.stop_event, token=token
     )

@@ -62,8 +62,14 @@ __all__ = [
 STOP_MARGIN = 5.0
 # What an etcd others can write gives them (appended to etcd_warning).
 ETCD_EXPOSES = (
-    "; such a member then receives the cluster token with every peer call made to it, and with the token "
-    "it can write values, hand entries off, stop any worker and read every worker's counters"
+    "; a member key whose address does not prove the cluster token stays out of the ring "
+    "(groupcache_controller_unproven_members) and never receives the token, but such a client can delete "
+    "workers' keys (taking them out of the ring), and Clients that follow etcd dial any address a key names"
+)
+SEED_ETCD_EXPOSES = (
+    "; with seed_interop a member joins unproven (the seed's Go nodes cannot prove the cluster token), so a "
+    "fake member owns a share of the keys and may answer forwards with values of its choosing; it never "
+    "receives the token"
 )
 
 
@@ -809,12 +815,12 @@ class Settings(BaseSettings):
     def token_warning(self) -> str | None:
         """What a box-made cluster token means when there are several boxes
         (logged at start and printed by `config check`)."""
-        if self.auth.token_file is not None or self.auth.writes == "open":
+        if self.auth.token_file is not None:
             return None
         if self.etcd_clustered():
             return (
                 "each box makes its own cluster token: set [auth] token_file to the same 0600 file on every box, "
-                "or Sets, Removes and handoffs between boxes are refused"
+                "or the boxes keep each other's workers out of the ring (they cannot prove the token to each other)"
             )
         if not self.cluster.embedded_etcd:
             return "if several boxes share this etcd, set [auth] token_file to the same 0600 file on every box"
@@ -824,7 +830,9 @@ class Settings(BaseSettings):
         """What an etcd anyone can write means, if this one is such (logged at
         start and printed by `config check`): the line says what it exposes."""
         warning = self._open_etcd()
-        return f"{warning}{ETCD_EXPOSES}" if warning else None
+        if not warning:
+            return None
+        return f"{warning}{SEED_ETCD_EXPOSES if self.cluster.seed_interop else ETCD_EXPOSES}"
 
     def _open_etcd(self) -> str | None:
         c = self.cluster
@@ -836,9 +844,12 @@ class Settings(BaseSettings):
             if self.tls.enabled:
                 return (
                     "the embedded etcd cluster takes clients without a certificate (tls.client_auth is off): "
-                    "any etcd client that reaches it can join the ring"
+                    "any etcd client that reaches it can write the ring's member keys"
                 )
-            return "the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring"
+            return (
+                "the embedded etcd cluster serves TCP without TLS or auth: "
+                "any etcd client can write the ring's member keys"
+            )
         if c.embedded_etcd:
             where = (
                 "the embedded etcd listens on TCP (for the seed's Go nodes)"
@@ -846,10 +857,10 @@ class Settings(BaseSettings):
                 else ("the embedded etcd listens on TCP (etcd_private = false) without auth")
             )
             if c.etcd_user is None and c.etcd_cert is None:
-                return f"{where}: any etcd client can join the ring"
+                return f"{where}: any etcd client can write the ring's member keys"
             return None
         if c.etcd_user is None and c.etcd_cert is None:
-            return "the external etcd is used without TLS or auth: any etcd client can join the ring"
+            return "the external etcd is used without TLS or auth: any etcd client can write the ring's member keys"
         return None
 
     def summary(self) -> str:

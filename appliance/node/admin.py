@@ -19,10 +19,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def SetPeers(self, request, context):
         try:
-            applied = self.node.set_peers(list(request.peers), request.revision, dict(request.leases))
+            applied = self.node.set_peers(
+                list(request.peers), request.revision, dict(request.leases), request.generation
+            )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad peer list: {exc}")
-        return admin_pb2.SetPeersResponse(applied=applied, revision=self.node.peers.revision)
+        peers = self.node.peers
+        return admin_pb2.SetPeersResponse(applied=applied, revision=peers.revision, generation=peers.generation)
 
     async def Stop(self, request, context):
         self.node.request_stop(request.drain_timeout or None)

@@ -3,8 +3,9 @@
 Credentials are bearer tokens (sent as `authorization: Bearer <token>`
 metadata, or the same HTTP header) and, with mTLS, client certificate
 identities (subject CN or a subject alternative name). The box's own token
-(`Settings.token_path()`, made by `appliance run`) is what peers send each
-other and what the CLI sends; it may read and write.
+(`Settings.token_path()`, made by `appliance run`) may read and write; the
+CLI sends it, and peers prove it to each other without sending it
+(`GC-Proof`, peer_proofs.py).
 
 Tokens are kept only as SHA-256 digests and a presented token is compared,
 in constant time (hmac.compare_digest), against every known digest, so
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cache import errors
+from .peer_proofs import SCHEME as PROOF_SCHEME
+from .peer_proofs import PeerProofs, ProofError
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -135,6 +138,10 @@ class Authenticator:
         self.reads_open = reads_open
         self._tokens = [(_digest(t), Principal(n, frozenset(s))) for n, t, s in tokens]
         self._identities = {i: Principal(n, frozenset(s)) for n, i, s in identities}
+        cluster = [t for n, t, _ in tokens if n == CLUSTER]
+        # Checks the proofs peers present (told its address once listening).
+        self.proofs = PeerProofs(cluster[0]) if cluster else None
+        self._cluster = next((p for _, p in self._tokens if p.name == CLUSTER), None)
 
     @classmethod
     def from_settings(cls, settings: Settings, cluster_token: str | None) -> Authenticator:
@@ -174,6 +181,9 @@ class Authenticator:
         auth = credentials.authorization
         if auth is not None:
             scheme, _, token = auth.strip().partition(" ")
+            if scheme == PROOF_SCHEME:
+                self.proven(token)
+                return self._cluster
             if scheme.lower() != "bearer" or not token.strip():
                 raise errors.Unauthenticated('the authorization metadata must be "Bearer <token>"')
             presented = _digest(token.strip())
@@ -189,6 +199,27 @@ class Authenticator:
             if principal is not None:
                 return principal
         return None
+
+    def proven(self, proof: str) -> str:
+        """The nonce of a valid peer proof; raises Unauthenticated saying why not."""
+        if self.proofs is None:
+            raise errors.Unauthenticated("a peer proof, but this node has no cluster token to check it with")
+        try:
+            return self.proofs.check(proof)
+        except ProofError as exc:
+            raise errors.Unauthenticated(f"peer proof refused: {exc}") from None
+
+    def reply_proof(self, credentials: Credentials | None) -> tuple[tuple[str, str], ...]:
+        """Reply metadata proving this node to a peer whose call carried a
+        valid proof (none for anyone else: no oracle for made-up nonces)."""
+        auth = credentials.authorization if credentials is not None else None
+        if auth is None or self.proofs is None or not auth.startswith(PROOF_SCHEME + " "):
+            return ()
+        try:
+            nonce = self.proofs.check(auth[len(PROOF_SCHEME) + 1 :])
+        except ProofError:
+            return ()
+        return self.proofs.reply(nonce)
 
     def require(self, scope: str, what: str, credentials: Credentials) -> Principal | None:
         """Let a call that needs `scope` through, or raise Unauthenticated /

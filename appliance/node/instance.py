@@ -146,7 +146,7 @@ class NodeInstance:
             for name, spec in settings.groups.items()
         }
         # IP addresses of the ring's members (and of those that just left it).
-        self._trusted = TrustedPeers(lambda: (peers.revision, sorted(peers.members())))
+        self._trusted = TrustedPeers(lambda: (peers.version, sorted(peers.members())))
         self.last_handoff: HandoffReport | None = None
         self.draining = False
         # Called (from the loop) whenever `serving` may have changed.
@@ -537,15 +537,17 @@ class NodeInstance:
 
     # Membership ----------------------------------------------------------------
 
-    def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
-        """Install a ring; False (no change) for a revision not newer than ours."""
-        if not self.peers.set_peers(peers, revision, leases):
+    def set_peers(
+        self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None, generation: int = 0
+    ) -> bool:
+        """Install a ring; False (no change) for a (revision, generation) not newer than ours."""
+        if not self.peers.set_peers(peers, revision, leases, generation):
             return False
         event(
             log,
             logging.INFO,
             "ring changed",
-            revision=revision,
+            revision=revision if not generation else f"{revision}.{generation}",
             peers=len(self.peers.ring),
             member=str(self.addr in self.peers.ring).lower(),
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -104,8 +105,17 @@ class Node:
     # Lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
+        # Peer proofs count from just before the bind: what a squatter on
+        # this port caught before then is refused (peer_proofs.py).
+        since = time.time()
+        proofs = self.instance.auth.proofs
+        if proofs is not None and self.port:
+            proofs.listening(addrs.join(self.host, self.port), since)
         self.port = await self.transport.start(self.instance, self.host, self.port)
         self.peers.self_addr = addrs.join(self.host, self.port)
+        if proofs is not None:
+            names = ("localhost", "127.0.0.1", "::1") if addrs.is_loopback(self.host) else ()
+            proofs.listening(self.peers.self_addr, since, [addrs.join(n, self.port) for n in names])
         refused = self.metrics.refused
         self.instance.on_refused = lambda limit: refused.labels(limit).inc()
         limiter = self.transport.limiter
@@ -166,8 +176,10 @@ class Node:
 
     # Membership ----------------------------------------------------------------
 
-    def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
-        return self.instance.set_peers(peers, revision, leases)
+    def set_peers(
+        self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None, generation: int = 0
+    ) -> bool:
+        return self.instance.set_peers(peers, revision, leases, generation)
 
     def request_stop(self, drain_timeout: float | None = None) -> None:
         """Ask the process that owns this node to stop it gracefully."""

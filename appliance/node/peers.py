@@ -132,6 +132,7 @@ class Peers:
         self.peek_backoff = peek_backoff
         self._clock = clock
         self.revision = -1
+        self.generation = 0
         self.ring = HashRing((), replicas, scheme)
         self._new_client = new_client
         self._clients: dict[str, PeerClient] = {}
@@ -225,12 +226,21 @@ class Peers:
         if addr not in self.ring:
             self._peek_down[addr] = self._clock() + self.peek_backoff
 
-    def set_peers(self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None) -> bool:
-        """Install a ring; False (and no change) for a stale revision.
+    @property
+    def version(self) -> tuple[int, int]:
+        """(revision, generation) of the ring held: it changes with the ring."""
+        return self.revision, self.generation
+
+    def set_peers(
+        self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None, generation: int = 0
+    ) -> bool:
+        """Install a ring; False (and no change) for a stale (revision,
+        generation): the controller's later decisions within one etcd
+        revision come as higher generations.
 
         `leases` ({addr: etcd lease id}, where known) tells a restarted peer
         from one that stayed: a changed lease gets a fresh client."""
-        if revision <= self.revision:
+        if (revision, generation) <= (self.revision, self.generation):
             return False
         for peer in peers:
             addrs.split(peer)  # raises ValueError naming the bad entry
@@ -252,7 +262,7 @@ class Peers:
         kept = set(map(id, clients.values()))
         dropped = [c for c in self._clients.values() if id(c) not in kept]
         self._remember(ring)
-        self.ring, self._clients, self.revision = ring, clients, revision
+        self.ring, self._clients, self.revision, self.generation = ring, clients, revision, generation
         # Kept after a peer leaves, to tell its next process (a new lease) apart.
         self._leases.update(leases)
         self._peek_down.clear()

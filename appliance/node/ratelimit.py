@@ -30,7 +30,7 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 
 class TokenBuckets:
@@ -99,13 +99,13 @@ class TrustedPeers:
     """IP addresses of the ring's nodes, recomputed when the ring changes."""
 
     def __init__(
-        self, ring_nodes: Callable[[], tuple[int, list[str]]], loop: asyncio.AbstractEventLoop | None = None
+        self, ring_nodes: Callable[[], tuple[Hashable, list[str]]], loop: asyncio.AbstractEventLoop | None = None
     ) -> None:
         """`loop` resolves host names; a caller on another thread (the native
         backend's receiving thread) may ask, the lookups still run there."""
-        self._ring_nodes = ring_nodes  # () -> (revision, ["host:port", ...])
+        self._ring_nodes = ring_nodes  # () -> (ring version, ["host:port", ...])
         self._loop = loop
-        self._revision: int | None = None
+        self._revision: Hashable = None
         self._ips: set[str] = set()
         self._resolving: set[str] = set()
         self._tasks: set = set()
@@ -126,7 +126,7 @@ class TrustedPeers:
                 self._resolve(name, revision)
         return self._ips
 
-    def _resolve(self, name: str, revision: int) -> None:
+    def _resolve(self, name: str, revision: Hashable) -> None:
         loop = self._loop
         if loop is None:
             try:
@@ -136,7 +136,7 @@ class TrustedPeers:
         self._resolving.add(name)
         loop.call_soon_threadsafe(self._start_resolving, loop, name, revision)
 
-    def _start_resolving(self, loop: asyncio.AbstractEventLoop, name: str, revision: int) -> None:
+    def _start_resolving(self, loop: asyncio.AbstractEventLoop, name: str, revision: Hashable) -> None:
 
         async def resolve() -> None:
             try:

@@ -57,6 +57,8 @@ class RingView(Protocol):
     peers: list[str]
     etcd_ok: bool
 
+    def unproven(self) -> list[str]: ...
+
 
 # The box endpoint (controller) -------------------------------------------------
 
@@ -154,6 +156,11 @@ class BoxCollector:
             )
             yield GaugeMetricFamily(
                 "groupcache_controller_ring_peers", "Live nodes the controller sees in etcd.", value=len(c.peers)
+            )
+            yield GaugeMetricFamily(
+                "groupcache_controller_unproven_members",
+                "etcd members kept out of the ring: their address did not prove it is a worker of this cluster.",
+                value=len(c.unproven()),
             )
             yield GaugeMetricFamily(
                 "groupcache_controller_etcd_up",

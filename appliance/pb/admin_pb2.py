@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/admin.proto\x12\x0f\x61ppliance.admin\"\x9f\x01\n\x0fSetPeersRequest\x12\r\n\x05peers\x18\x01 \x03(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12<\n\x06leases\x18\x03 \x03(\x0b\x32,.appliance.admin.SetPeersRequest.LeasesEntry\x1a-\n\x0bLeasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"5\n\x10SetPeersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\"$\n\x0bStopRequest\x12\x15\n\rdrain_timeout\x18\x01 \x01(\x01\"\x0e\n\x0cStopResponse\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x10\n\x0eMetricsRequest\"-\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t2\xb3\x02\n\x05\x41\x64min\x12O\n\x08SetPeers\x12 .appliance.admin.SetPeersRequest\x1a!.appliance.admin.SetPeersResponse\x12\x43\n\x04Stop\x12\x1c.appliance.admin.StopRequest\x1a\x1d.appliance.admin.StopResponse\x12\x46\n\x05Stats\x12\x1d.appliance.admin.StatsRequest\x1a\x1e.appliance.admin.StatsResponse\x12L\n\x07Metrics\x12\x1f.appliance.admin.MetricsRequest\x1a .appliance.admin.MetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ppliance/pb/admin.proto\x12\x0f\x61ppliance.admin\"\xb3\x01\n\x0fSetPeersRequest\x12\r\n\x05peers\x18\x01 \x03(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12<\n\x06leases\x18\x03 \x03(\x0b\x32,.appliance.admin.SetPeersRequest.LeasesEntry\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x1a-\n\x0bLeasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"I\n\x10SetPeersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x12\n\ngeneration\x18\x03 \x01(\x03\"$\n\x0bStopRequest\x12\x15\n\rdrain_timeout\x18\x01 \x01(\x01\"\x0e\n\x0cStopResponse\"\x0e\n\x0cStatsRequest\"\x1d\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x10\n\x0eMetricsRequest\"-\n\x0fMetricsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t2\xb3\x02\n\x05\x41\x64min\x12O\n\x08SetPeers\x12 .appliance.admin.SetPeersRequest\x1a!.appliance.admin.SetPeersResponse\x12\x43\n\x04Stop\x12\x1c.appliance.admin.StopRequest\x1a\x1d.appliance.admin.StopResponse\x12\x46\n\x05Stats\x12\x1d.appliance.admin.StatsRequest\x1a\x1e.appliance.admin.StatsResponse\x12L\n\x07Metrics\x12\x1f.appliance.admin.MetricsRequest\x1a .appliance.admin.MetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETPEERSREQUEST_LEASESENTRY']._loaded_options = None
   _globals['_SETPEERSREQUEST_LEASESENTRY']._serialized_options = b'8\001'
   _globals['_SETPEERSREQUEST']._serialized_start=46
-  _globals['_SETPEERSREQUEST']._serialized_end=205
-  _globals['_SETPEERSREQUEST_LEASESENTRY']._serialized_start=160
-  _globals['_SETPEERSREQUEST_LEASESENTRY']._serialized_end=205
-  _globals['_SETPEERSRESPONSE']._serialized_start=207
-  _globals['_SETPEERSRESPONSE']._serialized_end=260
-  _globals['_STOPREQUEST']._serialized_start=262
-  _globals['_STOPREQUEST']._serialized_end=298
-  _globals['_STOPRESPONSE']._serialized_start=300
-  _globals['_STOPRESPONSE']._serialized_end=314
-  _globals['_STATSREQUEST']._serialized_start=316
-  _globals['_STATSREQUEST']._serialized_end=330
-  _globals['_STATSRESPONSE']._serialized_start=332
-  _globals['_STATSRESPONSE']._serialized_end=361
-  _globals['_METRICSREQUEST']._serialized_start=363
-  _globals['_METRICSREQUEST']._serialized_end=379
-  _globals['_METRICSRESPONSE']._serialized_start=381
-  _globals['_METRICSRESPONSE']._serialized_end=426
-  _globals['_ADMIN']._serialized_start=429
-  _globals['_ADMIN']._serialized_end=736
+  _globals['_SETPEERSREQUEST']._serialized_end=225
+  _globals['_SETPEERSREQUEST_LEASESENTRY']._serialized_start=180
+  _globals['_SETPEERSREQUEST_LEASESENTRY']._serialized_end=225
+  _globals['_SETPEERSRESPONSE']._serialized_start=227
+  _globals['_SETPEERSRESPONSE']._serialized_end=300
+  _globals['_STOPREQUEST']._serialized_start=302
+  _globals['_STOPREQUEST']._serialized_end=338
+  _globals['_STOPRESPONSE']._serialized_start=340
+  _globals['_STOPRESPONSE']._serialized_end=354
+  _globals['_STATSREQUEST']._serialized_start=356
+  _globals['_STATSREQUEST']._serialized_end=370
+  _globals['_STATSRESPONSE']._serialized_start=372
+  _globals['_STATSRESPONSE']._serialized_end=401
+  _globals['_METRICSREQUEST']._serialized_start=403
+  _globals['_METRICSREQUEST']._serialized_end=419
+  _globals['_METRICSRESPONSE']._serialized_start=421
+  _globals['_METRICSRESPONSE']._serialized_end=466
+  _globals['_ADMIN']._serialized_start=469
+  _globals['_ADMIN']._serialized_end=776
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SetPeersRequest(_message.Message):
-    __slots__ = ("peers", "revision", "leases")
+    __slots__ = ("peers", "revision", "leases", "generation")
     class LeasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -18,18 +18,22 @@ class SetPeersRequest(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     peers: _containers.RepeatedScalarFieldContainer[str]
     revision: int
     leases: _containers.ScalarMap[str, int]
-    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., leases: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    generation: int
+    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., leases: _Optional[_Mapping[str, int]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class SetPeersResponse(_message.Message):
-    __slots__ = ("applied", "revision")
+    __slots__ = ("applied", "revision", "generation")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     applied: bool
     revision: int
-    def __init__(self, applied: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, applied: _Optional[bool] = ..., revision: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class StopRequest(_message.Message):
     __slots__ = ("drain_timeout",)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import tls as tlsmod
 from ..cache.group import Framing
-from ..node.auth import bearer
 from ..node.instance import MESSAGE_SLACK
+from ..node.peer_proofs import PeerProofs
 from ..node.peers import PeerClient, PeerFacts
 from ..node.ratelimit import RateLimiter, TokenBuckets, TrustedPeers
 from . import wire
@@ -50,10 +50,10 @@ class BaseTransport:
     forward = "stream"
 
     def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
-        """`peer_token`: the cluster's token, sent on every call to a peer."""
+        """`peer_token`: the cluster's token, proven on every call to a peer."""
         ns = settings.node
         self.settings = settings
-        self._peer_metadata = bearer(peer_token) if peer_token else ()
+        self._proofs = PeerProofs(peer_token) if peer_token else None
         self.message_limit = ns.max_value_bytes + MESSAGE_SLACK
         self.message_options = [
             ("grpc.max_receive_message_length", self.message_limit),
@@ -72,7 +72,8 @@ class BaseTransport:
             max_wait=self.settings.node.peer_timeout,
             forward=self.forward,
             facts=facts,
-            metadata=self._peer_metadata,
+            proofs=self._proofs,
+            accept_unproven_plain_get=self.settings.cluster.seed_interop,
         )
 
     def _bind(self, instance: NodeInstance) -> None:
@@ -81,5 +82,5 @@ class BaseTransport:
         ops = self.settings.ops
         if ops.rate_limit:
             peers = instance.peers
-            trusted = TrustedPeers(lambda: (peers.revision, list(peers.ring.nodes)), asyncio.get_running_loop())
+            trusted = TrustedPeers(lambda: (peers.version, list(peers.ring.nodes)), asyncio.get_running_loop())
             self.limiter = RateLimiter(TokenBuckets(ops.rate_limit, ops.burst()), trusted)

@@ -10,7 +10,8 @@ from grpcio-health-checking.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -80,13 +81,19 @@ def response(status: int) -> bytes:
     return health_pb2.HealthCheckResponse(status=status).SerializeToString()
 
 
-def grpc_handlers(health: Health) -> dict[str, grpc.RpcMethodHandler]:
-    """Method handlers of grpc.health.v1.Health for a grpc.aio server."""
+def grpc_handlers(
+    health: Health, prove: Callable[[Any], tuple[tuple[str, str], ...]] | None = None
+) -> dict[str, grpc.RpcMethodHandler]:
+    """Method handlers of grpc.health.v1.Health for a grpc.aio server.
+    `prove(context)`: the trailers proving this worker to a peer that asked
+    with a proof (how a controller tells a worker of its cluster)."""
 
     async def check(request, context):
         status = health.check(request.service)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        if prove is not None:
+            context.set_trailing_metadata(prove(context))
         return health_pb2.HealthCheckResponse(status=status)
 
     async def watch(request, context):

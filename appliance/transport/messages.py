@@ -14,7 +14,7 @@ from ..cache import errors
 from ..cache.store import Entry
 from ..node.instance import Change, NodeInstance
 from ..pb import cache_pb2
-from .status import code_of
+from .status import Failure, code_of
 from .wire import varint
 
 M = TypeVar("M", bound=Message)
@@ -119,6 +119,13 @@ def forward_response(request_id: int, entry: Entry) -> cache_pb2.ForwardResponse
 def forward_error(request_id: int, exc: errors.CacheError) -> cache_pb2.ForwardResponse:
     return cache_pb2.ForwardResponse(
         id=request_id, code=code_of(exc).value[0], reason=exc.reason, error=str(exc) or exc.reason
+    )
+
+
+def forward_rate_limited(request_id: int, refusal: Failure) -> cache_pb2.ForwardResponse:
+    """A stream's Get refused by the rate limit before it ran (status.rate_limited_failure)."""
+    return cache_pb2.ForwardResponse(
+        id=request_id, code=refusal.code.value[0], reason="RATE_LIMITED", error=refusal.details
     )
 
 

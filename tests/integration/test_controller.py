@@ -66,3 +66,80 @@ async def test_controller_pushes_membership_and_survives_etcd_restart(tmp_path, 
             ctl.stop_event.set()
             await asyncio.to_thread(thread.join, 10)
             admin.close()
+
+
+TOKEN = "controller-test-cluster-token-0123456789"
+
+
+async def answering_without_proof():
+    """A gRPC server whose Health/Check answers SERVING, with no proof: what
+    any server an etcd writer points a key at can do. (server, address)"""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    async def check(request, context):
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        check,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_a_member_joins_the_ring_only_once_its_address_proves_it_is_a_worker_of_this_cluster(
+    tmp_path, etcd_server
+):
+    """Whoever can write to etcd adds keys; only workers that prove the cluster
+    token join the ring (cluster/vetting.py). A fake key's address (a server
+    that answers without a proof, or nothing at all) stays out; a real worker
+    whose key came before it listened joins once it does, in a later
+    generation of the same etcd revision."""
+    from appliance.cluster.vetting import HealthProver
+    from appliance.node.node import Node
+    from support.nodes import settings
+    from support.ports import free_port
+
+    async with cluster(2, CountingOrigin(), admin_dir=tmp_path, token=TOKEN) as nodes:
+        sockets = [str(tmp_path / f"n{i}.sock") for i in range(2)]
+        impostor, impostor_addr = await answering_without_proof()
+        silent_addr = f"127.0.0.1:{free_port()}"  # nothing listens there
+        late_port = free_port()
+        late_addr = f"127.0.0.1:{late_port}"
+        ctl = Controller(
+            etcd_server.client, "groupcache", lambda: sockets, push_interval=0.2, prover=HealthProver(TOKEN, None)
+        )
+        thread = threading.Thread(target=ctl.run, daemon=True)
+        thread.start()
+        admin = etcd_server.client()
+        late = None
+        try:
+            lease = admin.lease(30)
+            for addr in [n.addr for n in nodes] + [impostor_addr, silent_addr, late_addr]:
+                admin.put(etcd.member_key("groupcache", addr), etcd.member_value(addr), lease=lease)
+            real = sorted(n.addr for n in nodes)
+            await until(lambda: all(sorted(n.peers.ring.nodes) == real for n in nodes), 5)
+            await until(lambda: set(ctl.vetting.unproven()) == {impostor_addr, silent_addr, late_addr}, 10)
+            assert all(sorted(n.peers.ring.nodes) == real for n in nodes)
+            revision = nodes[0].peers.revision
+            # The late worker starts listening: asked again, it proves itself.
+            late = Node(settings(("g",)), {"g": CountingOrigin()}, port=late_port, token=TOKEN)
+            await late.start()
+            want = sorted([*real, late_addr])
+            await until(lambda: all(sorted(n.peers.ring.nodes) == want for n in nodes), 15)
+            assert all(n.peers.version > (revision, 0) and n.peers.revision == revision for n in nodes)
+            assert set(ctl.vetting.unproven()) == {impostor_addr, silent_addr}
+        finally:
+            ctl.stop_event.set()
+            await asyncio.to_thread(thread.join, 10)
+            admin.close()
+            await impostor.stop(0)
+            if late is not None:
+                await late.stop(0)

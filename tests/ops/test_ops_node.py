@@ -536,6 +536,46 @@ async def test_peer_calls_are_charged_from_outside_the_ring():
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.usefixtures("backend")
+async def test_with_a_cluster_token_only_a_proven_peer_goes_free_from_the_rings_own_address():
+    """On one box every client shares the ring's address (127.0.0.1): the
+    forwarded marker, a Peek or a Forward stream from there goes free only
+    with a proof of the cluster token, and is charged like any call without."""
+    from appliance.pb import cache_pb2, cache_pb2_grpc
+
+    token = "rate-limit-test-cluster-token-0123456789"
+    ops = {"rate_limit": 1, "rate_burst": 2}
+    forwarded = (("x-groupcache-forwarded", "1"),)
+    async with nodes(1, CountingOrigin({"k": b"v"}), ops=ops, token=token) as (node,):
+
+        def proven():
+            return (*forwarded, ("authorization", node.instance.auth.proofs.make(node.addr)[0]))
+
+        async with grpc.aio.insecure_channel(node.addr) as ch:
+            peek = cache_pb2_grpc.PeerStub(ch).Peek
+            for _ in range(6):  # a peer's calls: free
+                assert await get(node.addr, "g", "k", metadata=proven()) == b"v"
+                await peek(cache_pb2.PeekRequest(group="g", key="k"), timeout=5, metadata=proven())
+            refused = []
+            for call in (
+                lambda: get(node.addr, "g", "k", metadata=forwarded),
+                lambda: peek(cache_pb2.PeekRequest(group="g", key="k"), timeout=5),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    for _ in range(4):
+                        await call()
+                refused.append(info.value.code())
+            assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+            if node.backend != "grpcio":
+                return  # Forward streams go to grpc.aio on every backend: one run is enough
+            stream = cache_pb2_grpc.PeerStub(ch).Forward(timeout=5)
+            for i in range(4):
+                await stream.write(cache_pb2.ForwardRequest(id=i + 1, group="g", key="k", timeout=2))
+            await stream.done_writing()
+            answers = [r async for r in stream]
+            assert [a.reason for a in answers].count("RATE_LIMITED") >= 3, answers
+
+
 # Logs --------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ Reproduce the figures: .venv/bin/python -m pytest -s -q tests/reliability/test_n
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
 from support.appliance import wait_for
@@ -42,10 +44,21 @@ def hosts(tmp_path_factory):
         net.setup()
         etcd = f"{net.address(0)}:{free_port_on(net.address(0))}"
         groups = GROUPS.format(origin=root / "origin")
+        token = root / "cluster.token"  # one for every host: peers prove it to each other
+        token.write_text(secrets.token_hex(24))
+        token.chmod(0o600)
         for i in range(3):
             port = free_port_on(net.address(0)) if i == 0 else 7100
             app = HostAppliance(
-                root / f"h{i}", net, i, etcd, base_port=port, workers=1, lease_ttl=LEASE_TTL, groups=groups
+                root / f"h{i}",
+                net,
+                i,
+                etcd,
+                base_port=port,
+                workers=1,
+                lease_ttl=LEASE_TTL,
+                groups=groups,
+                auth=f'token_file = "{token}"',
             )
             apps.append(app.start())
         everyone = [a.addresses()[0] for a in apps]

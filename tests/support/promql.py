@@ -44,7 +44,8 @@ def exported_series() -> set[str]:
         return b""
 
     node = Node(settings, {"g": loader}, port=0)  # not started: its registry is all we read
-    box = BoxCollector(lambda: [], controller=SimpleNamespace(revision=1, peers=["a:1"], etcd_ok=True))
+    controller = SimpleNamespace(revision=1, peers=["a:1"], etcd_ok=True, unproven=lambda: [])
+    box = BoxCollector(lambda: [], controller=controller)
     families = list(node.metrics.registry.collect()) + list(box.collect())
     return {f.name + suffix for f in families for suffix in _SUFFIXES[f.type]}
 

@@ -578,12 +578,18 @@ def test_ipv6_node_host():
 
 def test_config_check_warns_when_any_etcd_client_can_join_the_ring(tmp_path):
     private = check_file(write(tmp_path, ""))
-    assert "etcd embedded, private" in private and "can join the ring" not in private
+    assert "etcd embedded, private" in private and "member keys" not in private
     assert "writes authenticated, reads open" in private
     external = check_file(write(tmp_path, '[cluster]\nembedded_etcd = false\netcd = ["10.0.0.5:2379"]\n', "e.toml"))
-    assert "note: the external etcd is used without TLS or auth: any etcd client can join the ring" in external
-    # ... and what that gives away: the token, drains, stats.
-    assert "receives the cluster token" in external and "stop any worker" in external and "counters" in external
+    assert (
+        "note: the external etcd is used without TLS or auth: any etcd client can write the ring's member keys"
+        in external
+    )
+    # ... and what that gives away, and what it does not.
+    assert "never receives the token" in external and "delete workers' keys" in external
+    assert "stays out of the ring" in external
+    seed = check_file(write(tmp_path, '[node]\nhost = "localhost"\n[cluster]\nseed_interop = true\n', "s.toml"))
+    assert "a fake member owns a share of the keys" in seed
     exposed = check_file(write(tmp_path, "[cluster]\netcd_private = false\n", "x.toml"))
     assert "note: the embedded etcd listens on TCP (etcd_private = false) without auth" in exposed
     opened = check_file(write(tmp_path, '[auth]\nwrites = "open"\n', "o.toml"))
@@ -629,7 +635,8 @@ def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path)
         write(tmp_path, f'[cluster]\netcd = {BOXES}\nplaintext_peers = true\n[node]\nhost = "10.0.0.2"\n', "c.toml")
     )
     assert (
-        "note: the embedded etcd cluster serves TCP without TLS or auth: any etcd client can join the ring" in checked
+        "note: the embedded etcd cluster serves TCP without TLS or auth: "
+        "any etcd client can write the ring's member keys" in checked
     )
     assert "note: each box makes its own cluster token: set [auth] token_file" in checked
     token = tmp_path / "cluster.token"

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from ...cache import errors
+from ...node.peer_proofs import PeerProofs
 from ...node.peers import PeerFacts
 from ...pb import cache_pb2, groupcache_pb2
 from .. import wire
@@ -48,13 +51,16 @@ class ForwardStream:
     """One long-lived Peer.Forward stream to an owner, shared by every Get
     this node forwards there. Answers are matched to requests by id."""
 
-    def __init__(self, method, metadata) -> None:
+    def __init__(self, method, metadata, proven: Callable[[Any], bool] | None = None) -> None:
+        """`proven(initial metadata)`: whether the callee proved itself (None: nothing to check)."""
         self._call = method(metadata=metadata)
+        self._proven = proven
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._outbox: asyncio.Queue = asyncio.Queue()
         self.broken: BaseException | None = None
         self.answered = False  # a response came: the peer serves Peer/Forward
+        self.unproven = False  # the callee did not prove itself: nothing it sends is taken
         self._tasks = (asyncio.ensure_future(self._write()), asyncio.ensure_future(self._read()))
 
     async def request(self, group: str, key: str, wait: float) -> cache_pb2.ForwardResponse:
@@ -85,6 +91,13 @@ class ForwardStream:
                 response = await self._call.read()
                 if response is grpc.aio.EOF:
                     raise EOFError("stream ended by the peer")
+                if not self.answered and self._proven is not None:
+                    # Checked at the first answer, not before: a stream a Go
+                    # node refuses must still end with its own status.
+                    if not self._proven(await self._call.initial_metadata()):
+                        self.unproven = True
+                        self._call.cancel()
+                        raise errors.PeerError("the peer did not prove it knows the cluster token")
                 self.answered = True
                 future = self._pending.get(response.id)
                 if future is not None and not future.done():
@@ -117,7 +130,7 @@ class ForwardStream:
         the reader sees UNIMPLEMENTED, and a write that starts later fails
         with InvalidStateError. So neither the first error nor the final
         code says UNIMPLEMENTED reliably; callers ask with a plain Get."""
-        if self.answered or self.broken is None:
+        if self.answered or self.unproven or self.broken is None:
             return None
         if isinstance(self.broken, grpc.aio.AioRpcError) and self.broken.code() == grpc.StatusCode.UNIMPLEMENTED:
             return grpc.StatusCode.UNIMPLEMENTED
@@ -149,16 +162,22 @@ class GrpcPeerClient:
         max_wait: float,
         share: float = 0.5,
         forward: str = "stream",
-        metadata: tuple = (),
+        proofs: PeerProofs | None = None,
+        accept_unproven_plain_get: bool = False,
         facts: PeerFacts | None = None,
     ) -> None:
+        """`proofs` (the cluster token's): each call proves it, and values are
+        taken only from a peer that proves itself in its reply (peer_proofs.py).
+        `accept_unproven_plain_get`: a plain Get's value may come without
+        one (the seed's Go nodes make none: cluster.seed_interop)."""
         self.addr = addr
         self.facts = facts if facts is not None else PeerFacts()
         self._use_stream = forward == "stream"
         self.channel = channel
         self._max_wait = max_wait
         self._share = share
-        self._metadata = _METADATA + tuple(metadata)
+        self._proofs = proofs
+        self._accept_unproven = accept_unproven_plain_get
         self._forward = channel.stream_stream(
             "/appliance.cache.Peer/Forward",
             request_serializer=cache_pb2.ForwardRequest.SerializeToString,
@@ -206,13 +225,29 @@ class GrpcPeerClient:
         # Leave part of the caller's time for a local load if the owner fails.
         return self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
 
-    async def _call(self, method, request, timeout: float):
-        call = method(request, timeout=timeout, metadata=self._metadata)
+    def _metadata(self) -> tuple[tuple, str | None]:
+        """(call metadata, the proof's nonce): the forwarded marker, and a
+        fresh proof of the cluster token made for this peer's address."""
+        if self._proofs is None:
+            return _METADATA, None
+        authorization, nonce = self._proofs.make(self.addr)
+        return (*_METADATA, ("authorization", authorization)), nonce
+
+    async def _call(self, method, request, timeout: float, *, proven: bool = False, unproven_ok: bool = False):
+        """(reply, call). `proven`: the reply's trailers must prove the peer
+        (PeerError otherwise: its values are not taken)."""
+        metadata, nonce = self._metadata()
+        call = method(request, timeout=timeout, metadata=metadata)
         try:
-            return await call, call
+            reply = await call
+            if proven and nonce is not None and not unproven_ok:
+                assert self._proofs is not None  # a nonce comes from proofs
+                if not self._proofs.replied(nonce, await call.trailing_metadata()):
+                    raise errors.PeerError(f"{self.addr}: the reply does not prove the peer knows the cluster token")
+            return reply, call
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, errors.CacheError):
             raise
         except Exception as err:  # channel closed under us by a ring change
             raise errors.PeerError(f"{self.addr}: {err}") from None
@@ -299,7 +334,10 @@ class GrpcPeerClient:
         if stream is None or stream.broken is not None:
             if stream is not None:
                 stream.close()
-            stream = self._stream = ForwardStream(self._forward, self._metadata)
+            metadata, nonce = self._metadata()
+            proofs = self._proofs
+            proven = None if proofs is None or nonce is None else (lambda md, n=nonce: proofs.replied(n, md))
+            stream = self._stream = ForwardStream(self._forward, metadata, proven)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -314,7 +352,8 @@ class GrpcPeerClient:
             # stream ended as a server without Peer/Forward ends it, it is a
             # Go node or an older one: plain Gets from now on.
             try:
-                result = await self._get_unary(group, key, left)
+                # A Go node (seed_interop) makes no proof of its reply.
+                result = await self._get_unary(group, key, left, unproven_ok=self._accept_unproven)
             except errors.CacheError as exc:
                 if not isinstance(exc, errors.PeerError):  # the owner's own answer (NOT_FOUND, ...)
                     self._no_stream(code)
@@ -333,8 +372,14 @@ class GrpcPeerClient:
             self.facts.plain_get_only = True
             log.info("%s has no Peer/Forward stream (%s): plain Gets from now on", self.addr, code.name)
 
-    async def _get_unary(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
-        encoded, call = await self._call(self._get, groupcache_pb2.GetRequest(group=group, key=key), wait)
+    async def _get_unary(
+        self, group: str, key: str, wait: float, *, unproven_ok: bool | None = None
+    ) -> tuple[bytes, float]:
+        if unproven_ok is None:
+            unproven_ok = self._accept_unproven and self.facts.plain_get_only
+        encoded, call = await self._call(
+            self._get, groupcache_pb2.GetRequest(group=group, key=key), wait, proven=True, unproven_ok=unproven_ok
+        )
         ttl = ttl_from_trailers(await call.trailing_metadata())
         try:
             return wire.normalize(encoded), ttl
@@ -344,7 +389,9 @@ class GrpcPeerClient:
     async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
         started, wait = await self._admit(self._wait(timeout))
         try:
-            response, _ = await self._call(self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), wait)
+            response, _ = await self._call(
+                self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), wait, proven=True
+            )
         except errors.CacheError as exc:
             self._settle(started, wait, exc)
             raise
@@ -367,7 +414,7 @@ class GrpcPeerClient:
     async def peek(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float] | None:
         # The caller's own short deadline, not a share of it: a peek has no fallback to leave time for.
         wait = timeout if timeout is not None else self._max_wait
-        response, _ = await self._call(self._peek, cache_pb2.PeekRequest(group=group, key=key), wait)
+        response, _ = await self._call(self._peek, cache_pb2.PeekRequest(group=group, key=key), wait, proven=True)
         if not response.found:
             return None
         try:

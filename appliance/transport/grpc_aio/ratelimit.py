@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 
 from ...node.ratelimit import RateLimiter, client_address
@@ -15,8 +18,11 @@ PEER_SERVICE = "/appliance.cache.Peer/"
 
 
 class RateLimitInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, is_peer: Callable[[Any], bool] = lambda metadata: True) -> None:
+        """`is_peer(metadata)`: whether a call proves it is a peer's (the
+        cluster token): only such calls may go free from ring addresses."""
         self.limiter = limiter
+        self._is_peer = is_peer
         self._wrapped: dict[tuple[str, bool], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -24,7 +30,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_SERVICES):
             return handler
-        forwarded = is_forwarded(handler_call_details.invocation_metadata) or method.startswith(PEER_SERVICE)
+        metadata = handler_call_details.invocation_metadata
+        forwarded = (is_forwarded(metadata) or method.startswith(PEER_SERVICE)) and self._is_peer(metadata)
         key = (method, forwarded)
         wrapped = self._wrapped.get(key)
         if wrapped is None or wrapped.request_deserializer is not handler.request_deserializer:

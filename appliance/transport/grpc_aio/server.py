@@ -9,11 +9,13 @@ from grpc_reflection.v1alpha import reflection
 
 from ... import addr as addrs
 from ... import tls as tlsmod
+from ...node.auth import Credentials
 from ..base import BaseTransport
 from ..health import SERVICE as HEALTH_SERVICE
 from ..health import grpc_handlers as health_handlers
 from .ratelimit import RateLimitInterceptor
 from .services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, DataServices, PeerService
+from .services import credentials as call_credentials
 from .warm import WarmPeerService
 
 if TYPE_CHECKING:
@@ -39,14 +41,19 @@ class GrpcAioTransport(BaseTransport):
 
     async def start(self, instance: NodeInstance, host: str, port: int) -> int:
         self._bind(instance)
-        interceptors = [RateLimitInterceptor(self.limiter)] if self.limiter is not None else None
+        interceptors = None
+        if self.limiter is not None:
+            interceptors = [
+                RateLimitInterceptor(self.limiter, lambda md: instance.from_peer(True, Credentials.from_metadata(md)))
+            ]
         server = grpc.aio.server(options=self.message_options, interceptors=interceptors)
-        self._peer_service = PeerService(instance)
+        self._peer_service = PeerService(instance, self.limiter)
         add_services(server, DataServices(instance).handlers())
         peer = self._peer_service.handlers()
         peer[PEER_SERVICE].update(WarmPeerService(instance).handlers())
         add_services(server, peer)
-        add_services(server, {HEALTH_SERVICE: health_handlers(self.health)})
+        prove = lambda context: instance.auth.reply_proof(call_credentials(context))  # noqa: E731
+        add_services(server, {HEALTH_SERVICE: health_handlers(self.health, prove)})
         reflection.enable_server_reflection(REFLECTED, server)
         credentials = tlsmod.server_credentials(self.settings.tls)
         target = addrs.join(host, port)

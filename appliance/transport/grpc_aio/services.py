@@ -18,10 +18,11 @@ import grpc
 from ...cache import errors
 from ...node.auth import Credentials
 from ...node.instance import told, told_all
+from ...node.ratelimit import RateLimiter, client_address
 from ...pb import cache_pb2, groupcache_pb2
 from .. import messages
 from ..metadata import is_forwarded, ttl_trailer
-from ..status import failure, internal_failure
+from ..status import failure, internal_failure, rate_limited_failure
 
 if TYPE_CHECKING:
     from ...node.instance import NodeInstance
@@ -50,6 +51,12 @@ def _remaining(context) -> float | None:
     return context.time_remaining()
 
 
+def peer_trailers(instance: NodeInstance, creds: Credentials, entry) -> tuple[tuple[str, str], ...]:
+    """A forwarded Get's trailers: our proof to the peer, the entry's TTL left."""
+    trailers = instance.auth.reply_proof(creds)
+    return trailers + ttl_trailer(instance.ttl_left(entry)) if entry.expires else trailers
+
+
 def credentials(context) -> Credentials:
     """The call's bearer token and, with mTLS, its certificate's names."""
     auth = context.auth_context() or {}
@@ -72,18 +79,19 @@ class DataServices:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed GetRequest")))
         group, key = request.group, request.key
         instance = self.instance
-        forwarded = instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context))
+        creds = credentials(context)
+        forwarded = instance.from_peer(is_forwarded(context.invocation_metadata()), creds)
         # The reply is built inside the try too: a bug there would reach
         # grpc's own catch-all, UNKNOWN with the exception's message.
         try:
-            entry = instance.hit(group, key, forwarded, None if instance.reads_open else credentials(context))
+            entry = instance.hit(group, key, forwarded, None if instance.reads_open else creds)
             if entry is None:
                 entry = await instance.fill(group, key, forwarded=forwarded, timeout=_remaining(context))
-            if forwarded and entry.expires:
-                context.set_trailing_metadata(ttl_trailer(instance.ttl_left(entry)))
+            if forwarded:
+                context.set_trailing_metadata(peer_trailers(instance, creds, entry))
             return entry.data  # already an encoded GetResponse (wire.py)
         except errors.CacheError as exc:
-            status = failure(told(exc, instance.shows_cause(credentials(context))), group, key)
+            status = failure(told(exc, instance.shows_cause(creds)), group, key)
         except Exception as exc:  # a bug: answer INTERNAL and keep serving
             log.exception("Get %s/%r failed", group, key[:64])
             status = internal_failure(exc)
@@ -95,13 +103,12 @@ class DataServices:
         keys = list(request.keys)
         creds = credentials(context)
         try:
+            forwarded = self.instance.from_peer(is_forwarded(context.invocation_metadata()), creds)
             results = await self.instance.get_many(
-                request.group,
-                keys,
-                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), creds),
-                timeout=_remaining(context),
-                credentials=creds,
+                request.group, keys, forwarded=forwarded, timeout=_remaining(context), credentials=creds
             )
+            if forwarded:
+                context.set_trailing_metadata(self.instance.auth.reply_proof(creds))
             return messages.encode_get_many_response(keys, told_all(results, self.instance.shows_cause(creds)))
         except errors.CacheError as exc:
             status = failure(told(exc, self.instance.shows_cause(creds)), request.group)
@@ -189,8 +196,11 @@ class _ServerStream:
 class PeerService:
     """appliance.cache.Peer/Forward: a peer's Gets on one long-lived stream."""
 
-    def __init__(self, instance: NodeInstance) -> None:
+    def __init__(self, instance: NodeInstance, limiter: RateLimiter | None = None) -> None:
+        """`limiter`: each Get on a stream that is not a proven peer's takes
+        a token, as a Get call would."""
         self.instance = instance
+        self.limiter = limiter
         self._streams: set[_ServerStream] = set()
 
     async def forward(self, requests, context):
@@ -201,14 +211,20 @@ class PeerService:
                 self.instance.authorize("read", "Forward", creds)
             except errors.CacheError as exc:
                 await context.abort_with_status(failure(exc))
-        # A peer's stream carries the cluster token; anyone else's marker is ignored.
-        peer = self.instance.from_peer(True, creds if creds is not None else credentials(context))
+        # A peer's stream proves the cluster token; anyone else's marker is ignored.
+        stream_creds = creds if creds is not None else credentials(context)
+        peer = self.instance.from_peer(True, stream_creds)
+        proof = self.instance.auth.reply_proof(stream_creds)
+        if proof:  # before any answer: the peer takes none without it
+            await context.send_initial_metadata(proof)
         stream = _ServerStream()
         self._streams.add(stream)
         # Answers not yet taken by the caller hold their values: past the
         # window, no more requests are read (the caller's sends then wait on
         # HTTP/2 flow control), so an unread stream costs a bounded memory.
         window = asyncio.Semaphore(self.instance.settings.node.forward_window)
+        limiter = None if peer else self.limiter
+        client = client_address(context.peer() or "")
 
         async def answer(request: cache_pb2.ForwardRequest) -> None:
             stream.out.put_nowait(await self._answer(request, creds, peer))
@@ -219,6 +235,12 @@ class PeerService:
                     if request is None:
                         continue  # undecodable: without an id it cannot be answered
                     await window.acquire()
+                    wait = limiter.admit(client) if limiter is not None else 0.0
+                    if wait and limiter is not None:
+                        buckets = limiter.buckets
+                        refusal = rate_limited_failure(wait, client, buckets.rate, buckets.burst)
+                        stream.out.put_nowait(messages.forward_rate_limited(request.id, refusal))
+                        continue
                     task = asyncio.ensure_future(answer(request))
                     stream.tasks.add(task)
                     task.add_done_callback(stream.tasks.discard)

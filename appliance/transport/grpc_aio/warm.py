@@ -30,8 +30,11 @@ class WarmPeerService:
     async def peek(self, request: cache_pb2.PeekRequest | None, context: ServicerContext):
         if request is None:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed PeekRequest")))
+        creds = credentials(context)
         try:
-            return messages.peek_response(self.instance.peek(request.group, request.key, credentials(context)))
+            reply = messages.peek_response(self.instance.peek(request.group, request.key, creds))
+            context.set_trailing_metadata(self.instance.auth.reply_proof(creds))
+            return reply
         except errors.CacheError as exc:
             status = failure(exc, request.group, request.key)
         except Exception as exc:  # a bug: answer INTERNAL and keep serving

@@ -44,8 +44,8 @@ from ...pb import cache_pb2, groupcache_pb2
 from .. import health, messages
 from ..base import BaseTransport
 from ..grpc_aio.server import REFLECTED, add_services
-from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, PeerService
-from ..metadata import FORWARDED, ttl_trailer
+from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, PeerService, peer_trailers
+from ..metadata import FORWARDED
 from ..status import Failure, failure, internal_failure, rate_limited_failure
 from .loop import lock_of
 
@@ -147,7 +147,7 @@ class NativeTransport(BaseTransport):
         self._fallback_dir = tempfile.mkdtemp(prefix="appliance-native-")
         path = os.path.join(self._fallback_dir, "fallback.sock")
         server = grpc.aio.server(options=self.message_options)
-        self._peer_service = PeerService(instance)
+        self._peer_service = PeerService(instance, self.limiter)
         add_services(server, self._peer_service.handlers())
         reflection.enable_server_reflection(REFLECTED, server)
         server.add_insecure_port(f"unix:{path}")
@@ -274,7 +274,8 @@ class NativeTransport(BaseTransport):
                 if limiter is not None and method in LIMITED:
                     client = client_address(peer or "")
                     cost = messages.call_cost(_parse_get_many(payload)) if method == GET_MANY else 1
-                    wait = limiter.admit(client, forwarded=forwarded or method in PEER_CALLS, cost=cost)
+                    peer_call = method in PEER_CALLS and instance.from_peer(True, Credentials.from_metadata(metadata))
+                    wait = limiter.admit(client, forwarded=forwarded or peer_call, cost=cost)
                     if wait:
                         buckets = limiter.buckets
                         self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
@@ -304,12 +305,15 @@ class NativeTransport(BaseTransport):
                     if entry is None:
                         creds = Credentials.from_metadata(metadata, names or ())
                         spawn(call_id, self._fill(call_id, group, key, forwarded, remaining, creds))
-                    elif forwarded and entry.expires:
-                        front.respond(call_id, entry.data, None, list(ttl_trailer(instance.ttl_left(entry))))
+                    elif forwarded:
+                        trailers = peer_trailers(instance, Credentials.from_metadata(metadata), entry)
+                        front.respond(call_id, entry.data, None, list(trailers))
                     else:
                         front.respond(call_id, entry.data)
                 elif method == HEALTH_CHECK:
-                    self._health_check(front, call_id, payload)
+                    self._health_check(
+                        front, call_id, payload, instance.auth.reply_proof(Credentials.from_metadata(metadata))
+                    )
                 elif method == HEALTH_WATCH:
                     watch = messages.parser(health_pb2.HealthCheckRequest)(payload)
                     if watch is None:
@@ -364,8 +368,7 @@ class NativeTransport(BaseTransport):
             log.exception("Get %s/%r failed", group, key[:64])
             self._fail(call_id, internal_failure(exc))
             return
-        trailers = list(ttl_trailer(instance.ttl_left(entry))) if forwarded and entry.expires else None
-        self._respond(call_id, entry.data, trailers)
+        self._respond(call_id, entry.data, list(peer_trailers(instance, creds, entry)) if forwarded else None)
 
     # The Cache service: parse, run against the instance, encode ---------------
 
@@ -415,7 +418,9 @@ class NativeTransport(BaseTransport):
         group, key = request.group, getattr(request, "key", "")
         try:
             reply = await run(request, forwarded, remaining, creds)
-            self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString())
+            assert self.instance is not None  # bound in start()
+            proof = list(self.instance.auth.reply_proof(creds)) if forwarded else None
+            self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString(), proof or None)
         except errors.CacheError as exc:
             assert self.instance is not None  # bound in start()
             self._fail(call_id, failure(told(exc, self.instance.shows_cause(creds)), group, key))
@@ -438,6 +443,8 @@ class NativeTransport(BaseTransport):
             except errors.CacheError as exc:
                 self._fail(call_id, failure(exc, peek.group, peek.key))
                 return
+            self._respond(call_id, reply, list(instance.auth.reply_proof(creds)) or None)
+            return
         else:
             handoff = _parse_handoff(payload)
             if handoff is None:
@@ -455,7 +462,7 @@ class NativeTransport(BaseTransport):
 
     # Health ----------------------------------------------------------------------
 
-    def _health_check(self, front: Any, call_id: int, payload: bytes) -> None:
+    def _health_check(self, front: Any, call_id: int, payload: bytes, proof: tuple = ()) -> None:
         request = messages.parser(health_pb2.HealthCheckRequest)(payload)
         if request is None:
             self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
@@ -464,7 +471,7 @@ class NativeTransport(BaseTransport):
         if status is None:
             front.fail(call_id, grpc.StatusCode.NOT_FOUND.value[0], f"unknown service {request.service!r}")
         else:
-            front.respond(call_id, health.response(status))
+            front.respond(call_id, health.response(status), None, list(proof) or None)
 
     async def _health_watch(self, call_id: int, service: str) -> None:
         front = self._front

@@ -1,0 +1,99 @@
+"""Peer proofs (appliance.node.peer_proofs): what a callee accepts, and what
+a caller takes as a reply. Pure: the clock is a list."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.cache import errors
+from appliance.node.auth import CLUSTER, Authenticator, Credentials
+from appliance.node.peer_proofs import REPLY_KEY, SCHEME, WINDOW_S, PeerProofs, ProofError
+
+TOKEN = "unit-test-cluster-token-0123456789"
+ADDR = "127.0.0.1:7001"
+
+
+def pair(now=1000.0):
+    clock = [now]
+    caller = PeerProofs(TOKEN, clock=lambda: clock[0])
+    callee = PeerProofs(TOKEN, clock=lambda: clock[0])
+    callee.listening(ADDR, now)
+    return clock, caller, callee
+
+
+def body(authorization: str) -> str:
+    scheme, _, rest = authorization.partition(" ")
+    assert scheme == SCHEME
+    return rest
+
+
+def test_a_proof_for_the_callees_address_is_accepted_and_names_its_nonce():
+    _, caller, callee = pair()
+    authorization, nonce = caller.make(ADDR)
+    assert callee.check(body(authorization)) == nonce
+    assert TOKEN not in authorization
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda caller, callee, clock: caller.make("127.0.0.1:7002")[0], "not for this worker"),
+        (lambda caller, callee, clock: PeerProofs("another-token-0123456789").make(ADDR)[0], "not for this worker"),
+        (lambda caller, callee, clock: (clock.__setitem__(0, 999.0), caller.make(ADDR)[0])[1], "before this worker"),
+        (lambda caller, callee, clock: caller.make(ADDR)[0][:-2] + "AA", "not for this worker"),
+        (lambda caller, callee, clock: SCHEME + " garbage", 'is "GC-Proof'),
+    ],
+    ids=["other address", "other token", "made before listening", "tampered mac", "malformed"],
+)
+def test_a_proof_that_does_not_hold_is_refused_with_its_reason(change, reason):
+    clock, caller, callee = pair()
+    authorization = change(caller, callee, clock)
+    clock[0] = 1000.0
+    with pytest.raises(ProofError, match=reason):
+        callee.check(body(authorization))
+
+
+def test_a_proof_older_than_the_window_is_refused():
+    clock, caller, callee = pair()
+    authorization, _ = caller.make(ADDR)
+    clock[0] += WINDOW_S + 1
+    with pytest.raises(ProofError, match="from this worker's clock"):
+        callee.check(body(authorization))
+
+
+def test_a_callee_not_listening_yet_accepts_nothing():
+    caller = PeerProofs(TOKEN)
+    with pytest.raises(ProofError, match="not listening"):
+        PeerProofs(TOKEN).check(body(caller.make(ADDR)[0]))
+
+
+def test_a_reply_proves_the_callee_only_for_the_callers_nonce():
+    _, caller, callee = pair()
+    _, nonce = caller.make(ADDR)
+    reply = callee.reply(nonce)
+    assert caller.replied(nonce, reply)
+    assert not caller.replied("another-nonce", reply)
+    assert not caller.replied(nonce, ())
+    assert not caller.replied(nonce, PeerProofs("another-token-0123456789").reply(nonce))
+    assert not caller.replied(nonce, ((REPLY_KEY, b"bytes"),))
+
+
+def test_the_authenticator_takes_a_valid_proof_as_the_cluster_and_replies_only_to_it():
+    auth = Authenticator(tokens=[(CLUSTER, TOKEN, ("read", "write"))])
+    assert auth.proofs is not None
+    auth.proofs.listening(ADDR, 0.0)
+    authorization, nonce = PeerProofs(TOKEN).make(ADDR)
+    creds = Credentials(authorization)
+    assert auth.is_cluster(creds)
+    assert PeerProofs(TOKEN).replied(nonce, auth.reply_proof(creds))
+    forged = Credentials(f"{SCHEME} 1.nonce.mac")
+    with pytest.raises(errors.Unauthenticated, match="peer proof refused"):
+        auth.authenticate(forged)
+    assert auth.reply_proof(forged) == ()
+    assert auth.reply_proof(Credentials(f"Bearer {TOKEN}")) == ()
+
+
+def test_a_node_without_the_cluster_token_refuses_proofs():
+    auth = Authenticator()
+    with pytest.raises(errors.Unauthenticated, match="no cluster token"):
+        auth.authenticate(Credentials(PeerProofs(TOKEN).make(ADDR)[0]))
