@@ -110,6 +110,10 @@ class BoxOps(threading.Thread):
         self.stats_dropped = 0
         threading.Thread(target=self._stats_loop, name="box-ops-stats", daemon=True).start()
 
+    def refusals(self) -> dict[str, int]:
+        """What this box's limits on etcd requests refused (its metrics)."""
+        return {"stats_backlog": self.stats_dropped, "unsigned_requests": self.refused}
+
     def run(self) -> None:
         client = None
         backoff = 0.2

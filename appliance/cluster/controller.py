@@ -55,6 +55,7 @@ class Controller:
         self.vetting = MemberVetting()
         self._outcomes: queue.SimpleQueue[tuple[str, int, bool, str]] = queue.SimpleQueue()
         self._events: queue.Queue | None = None  # the watch's, while one runs: outcomes wake it
+        self._unproven: list[str] = []
         self.etcd_ok = False  # the last read or probe of etcd worked (box metric groupcache_controller_etcd_up)
         self._outage = False  # logged that etcd does not answer
         self.etcd_client: Any = None  # the etcd client of run(), kept across resyncs
@@ -174,14 +175,16 @@ class Controller:
             self.ring_revision, self.generation = self.revision, 0
         elif peers != self.peers:
             self.generation += 1
+        self._unproven = self.vetting.unproven()
         if peers != self.peers:
             self.peers = peers
             shown = f"{self.revision}" + (f".{self.generation}" if self.generation else "")
             log.info("ring revision %s: %d peers: %s", shown, len(peers), ", ".join(peers))
 
     def unproven(self) -> list[str]:
-        """Member addresses kept out of the ring: they did not prove themselves."""
-        return self.vetting.unproven()
+        """Member addresses kept out of the ring: they did not prove
+        themselves (a copy: the metrics endpoint's thread reads it)."""
+        return self._unproven
 
     def _outcome(self, addr: str, lease: int, proven: bool, why: str) -> None:
         # On a grpc thread: record it; the controller's thread acts on it.

@@ -42,10 +42,10 @@ def run_controller(settings: Settings) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controller.stop_event.set())  # records only
-    stop_metrics = serve_box_metrics(settings, controller)
     ops = BoxOps(
         settings, lambda: etcd.connect_to(settings, timeout=1.0), stop_event=controller.stop_event, token=token
     )
+    stop_metrics = serve_box_metrics(settings, controller, ops.refusals)
     ops.start()
     try:
         controller.run()

@@ -204,6 +204,17 @@ class _NodeCollector:
         yield GaugeMetricFamily(
             "groupcache_draining", "1 while the worker drains before a stop.", value=int(self.node.draining)
         )
+        refusals = getattr(self.node.transport, "socket_refusals", None)
+        if refusals is not None:  # the engine counts what it refuses before Python sees it
+            socket = CounterMetricFamily(
+                "groupcache_socket_refusals",
+                "Refused at the socket by the engine (limit: request_bytes at the gRPC length prefix, "
+                "connections over node.max_connections).",
+                labels=["limit"],
+            )
+            for name, count in refusals().items():
+                socket.add_metric([name], count)
+            yield socket
         last = self.node.instance.last_handoff
         yield GaugeMetricFamily(
             "groupcache_handoff_seconds",

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .. import addr as addrs
@@ -72,11 +72,14 @@ class BoxCollector:
         *,
         fallback_label: Callable[[str], str] = lambda path: path,
         controller: RingView | None = None,
+        refusals: Callable[[], dict[str, int]] | None = None,
         timeout: float = 2.0,
         min_interval: float = 1.0,
     ) -> None:
         """`min_interval`: scrapes closer together than this share one
-        round of asking the workers (a flood of scrapes costs them nothing more)."""
+        round of asking the workers (a flood of scrapes costs them nothing more).
+        `refusals()`: what the box's own limits refused, by limit."""
+        self._refusals = refusals
         self._sockets = sockets
         self.min_interval = min_interval
         self._round_lock = threading.Lock()
@@ -108,7 +111,7 @@ class BoxCollector:
             now = time.monotonic()
             if self._round is None or now - self._round[0] >= self.min_interval:
                 self._round = (now, list(self._ask_workers()))
-            return list(self._round[1])
+            return list(self._round[1]) + list(self._box_families())  # the box's own: fresh at each scrape
 
     def _ask_workers(self) -> Iterable[Metric]:
         paths = self._sockets()
@@ -147,6 +150,20 @@ class BoxCollector:
                 for s in family.samples:
                     out.add_sample(s.name, {"worker": worker, **s.labels}, s.value, s.timestamp, s.exemplar)
         yield up
+        yield from families.values()
+
+    def _box_families(self) -> Iterable[Metric]:
+        if self._refusals is not None:
+            refused = CounterMetricFamily(
+                "groupcache_box_refusals",
+                "Refused by a limit of the box (metrics_connections: scrapes over ops.metrics_connections; "
+                "stats_backlog: stats requests past the backlog; unsigned_requests: etcd requests not signed "
+                "with the cluster token).",
+                labels=["limit"],
+            )
+            for limit, count in sorted(self._refusals().items()):
+                refused.add_metric([limit], count)
+            yield refused
         c = self._controller
         if c is not None:
             yield GaugeMetricFamily(
@@ -167,7 +184,6 @@ class BoxCollector:
                 "1 while the controller's etcd watch and probe work, else 0.",
                 value=int(c.etcd_ok),
             )
-        yield from families.values()
 
     def close(self) -> None:
         with self._lock:
@@ -182,16 +198,19 @@ def box_registry(collector: BoxCollector) -> CollectorRegistry:
     return registry
 
 
-def _bound_connections(server: Any, limit: int, idle_timeout: float) -> None:
+def _bound_connections(
+    server: Any, limit: int, idle_timeout: float, on_refused: Callable[[], None] = lambda: None
+) -> None:
     """At most `limit` connections served at once by prometheus_client's
     threading server (a thread each); past it a connection is closed at
-    once, and a connection idle `idle_timeout` seconds is closed."""
+    once (`on_refused()`), and a connection idle `idle_timeout` seconds is closed."""
     slots = threading.BoundedSemaphore(limit)
     accept, serve = server.process_request, server.process_request_thread
     server.RequestHandlerClass = type("BoundedHandler", (server.RequestHandlerClass,), {"timeout": idle_timeout})
 
     def process_request(request: Any, client_address: Any) -> None:
         if not slots.acquire(blocking=False):
+            on_refused()
             server.shutdown_request(request)
             return
         try:
@@ -217,6 +236,7 @@ def serve_metrics(
     *,
     max_connections: int = 4,
     idle_timeout: float = 10.0,
+    on_refused: Callable[[], None] = lambda: None,
 ) -> Callable[[], None]:
     """Serve `registry` on http(s)://addr/metrics from a daemon thread;
     returns a function that stops it. With `tls` (enabled TlsSettings) the
@@ -233,7 +253,7 @@ def serve_metrics(
             "client_auth_required": bool(tls.client_auth),
         }
     server, thread = start_http_server(port, addr=host, registry=registry, **kwargs)
-    _bound_connections(server, max_connections, idle_timeout)
+    _bound_connections(server, max_connections, idle_timeout, on_refused)
 
     def stop() -> None:
         server.shutdown()
@@ -243,7 +263,9 @@ def serve_metrics(
     return stop
 
 
-def serve_box_metrics(settings: Settings, controller: RingView | None = None) -> Callable[[], None]:
+def serve_box_metrics(
+    settings: Settings, controller: RingView | None = None, refusals: Callable[[], dict[str, int]] | None = None
+) -> Callable[[], None]:
     """The box's endpoint at ops.metrics_addr, run by the controller; a
     function that stops it. A port that cannot be bound is logged, not
     fatal: the controller's real job is the ring."""
@@ -256,10 +278,26 @@ def serve_box_metrics(settings: Settings, controller: RingView | None = None) ->
         index = dirs.admin_socket_index(path)
         return addrs.join(ns.host, ns.base_port + index) if index is not None else path
 
-    collector = BoxCollector(settings.admin_sockets, fallback_label=fallback, controller=controller)
+    scrapes_refused = [0]  # by the endpoint's one accepting thread
+
+    def all_refusals() -> dict[str, int]:
+        return {"metrics_connections": scrapes_refused[0], **(refusals() if refusals is not None else {})}
+
+    def refused_scrape() -> None:
+        scrapes_refused[0] += 1
+
+    collector = BoxCollector(
+        settings.admin_sockets, fallback_label=fallback, controller=controller, refusals=all_refusals
+    )
     tls = settings.tls if ops.metrics_tls and settings.tls.enabled else None
     try:
-        stop = serve_metrics(ops.metrics_addr, box_registry(collector), tls, max_connections=ops.metrics_connections)
+        stop = serve_metrics(
+            ops.metrics_addr,
+            box_registry(collector),
+            tls,
+            max_connections=ops.metrics_connections,
+            on_refused=refused_scrape,
+        )
     except OSError as exc:
         event(log, logging.ERROR, "metrics endpoint not started", addr=ops.metrics_addr, cause=str(exc))
         collector.close()

@@ -7,17 +7,17 @@ stop(grace), new_client(addr) and the value framing. Three backends:
 - `engine` (engine/, module appliance_engine): our Rust front (tokio,
   hyper/h2) with the same event API as pygrpc-native's, served by the same
   Python (transport/native/server.py); message, stream, header and
-  connection limits at the socket; TLS and mTLS (rustls). Only when asked for:
-  `auto` does not pick it yet.
-
+  connection limits at the socket; TLS and mTLS (rustls).
 - `native` (transport/native): pygrpc-native's NativeGrpcFront; HTTP/2 in
-  Rust outside the GIL, hits answered without a coroutine. No TLS.
-- `grpcio` (transport/grpc_aio): a grpc.aio server; TLS and mTLS.
+  Rust outside the GIL, hits answered without a coroutine. No TLS, and a
+  request is buffered whole before its size is checked: only when asked for.
+- `grpcio` (transport/grpc_aio): a grpc.aio server; TLS and mTLS. The
+  portable path: what a machine without the engine (no Rust) runs.
 
-`[node] server = "auto" | "engine" | "native" | "grpcio"` chooses; `auto` takes native
-when TLS is off, the cluster has no seed Go nodes (`cluster.seed_interop`)
-and pygrpc-native imports, grpcio otherwise (`choose`).
-Peer clients are grpc.aio on both (pygrpc-native has no client).
+`[node] server = "auto" | "engine" | "native" | "grpcio"` chooses; `auto`
+takes the engine where it is built and the cluster has no seed Go nodes
+(`cluster.seed_interop`: their `:authority` is one the engine refuses),
+grpcio otherwise (`choose`). Peer clients are grpc.aio on every backend.
 """
 
 from __future__ import annotations
@@ -77,16 +77,14 @@ def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
         if missing:
             raise RuntimeError(f"node.server = native, but {missing}")
         return "native", "node.server = native"
-    if tls:
-        return "grpcio", "auto: TLS is on and pygrpc-native has no TLS"
     if seed:
         # grpc-go sends :authority "groupcache/<addr>" (the etcd:/// target's
-        # endpoint); the Rust http crate under pygrpc-native resets such a stream.
-        return "grpcio", "auto: cluster.seed_interop (pygrpc-native refuses the Go clients' :authority)"
-    missing = native_available()
+        # endpoint); the Rust http crate under the engine resets such a stream.
+        return "grpcio", "auto: cluster.seed_interop (the engine refuses the Go clients' :authority)"
+    missing = engine_available()
     if missing:
         return "grpcio", f"auto: {missing}"
-    return "native", "auto: TLS is off and pygrpc-native imports"
+    return "engine", "auto: the engine is built" + (" (TLS in rustls)" if tls else "")
 
 
 def create(settings: Settings, backend: str, *, peer_token: str | None = None) -> Transport:

@@ -4,6 +4,7 @@ pub mod grpc;
 pub mod server;
 pub mod tls;
 
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -99,6 +100,15 @@ impl Front {
 
     fn set_fallback(&self, path: String) {
         self.shared.set_fallback(path);
+    }
+
+    /// (requests refused over the message limit, connections refused over
+    /// the connection limit) since the front was made.
+    fn refusals(&self) -> (u64, u64) {
+        (
+            self.shared.refused_messages.load(Ordering::Relaxed),
+            self.shared.refused_connections.load(Ordering::Relaxed),
+        )
     }
 
     fn start(&self) -> PyResult<()> {

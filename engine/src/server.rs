@@ -85,6 +85,10 @@ pub struct Shared {
     proxy: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Incoming>>>,
     closed: AtomicBool,
     limits: Limits,
+    /// Refusals at the socket, for the worker's metrics: requests over the
+    /// message limit, connections over the connection limit.
+    pub refused_messages: AtomicU64,
+    pub refused_connections: AtomicU64,
 }
 
 impl Shared {
@@ -107,6 +111,8 @@ impl Shared {
             proxy: tokio::sync::Mutex::new(None),
             closed: AtomicBool::new(false),
             limits,
+            refused_messages: AtomicU64::new(0),
+            refused_connections: AtomicU64::new(0),
         };
         (Arc::new(shared), rx)
     }
@@ -469,6 +475,7 @@ async fn serve_call(
     let payload = match read_message(&mut body, max).await {
         Ok(p) => p,
         Err(ReadError::TooLarge(len)) => {
+            shared.refused_messages.fetch_add(1, Ordering::Relaxed);
             let msg = format!("Received message larger than max ({len} vs. {max})");
             return Ok(failure(RESOURCE_EXHAUSTED, &msg, &[]));
         }
@@ -602,6 +609,7 @@ pub async fn accept_loop(
         };
         // Over the connection limit: refuse at once rather than queue.
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared.refused_connections.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         };

@@ -52,6 +52,7 @@ def test_a_burst_of_stats_requests_costs_a_bounded_number_of_threads(ops):
     print(f"\n[stats-request burst] 300 keys: threads {before} -> peak {peak}; dropped {ops.stats_dropped}")
     assert peak - before <= 4  # grpc's and etcd's own, not one per request
     assert ops.stats_dropped > 0
+    assert ops.refusals()["stats_backlog"] == ops.stats_dropped  # groupcache_box_refusals_total
     # After the burst, a real request (as `appliance stats` makes it) is answered.
     wait_for(lambda: ops._stats_requests.empty(), 60, what="the backlog to drain")
     answers = box_ops.gather_stats(writer, settings.cluster.service, {settings.node.host}, token=TOKEN, timeout=10)
@@ -93,3 +94,4 @@ def test_requests_not_signed_with_the_cluster_token_are_ignored(ops):
     doc = box_ops.request_drain(writer, service, addr, token=TOKEN, timeout=10, claim_within=5)
     assert doc["state"] == "failed" and doc["box"] == settings.node.host
     assert ops.refused >= 6
+    assert ops.refusals()["unsigned_requests"] == ops.refused  # groupcache_box_refusals_total

@@ -202,8 +202,8 @@ async def test_get_adds_a_newline_on_a_tty_and_keeps_exact_bytes_in_a_pipe(tmp_p
 def test_get_with_given_peers_does_not_hand_the_box_token_to_them(tmp_path):
     """`appliance get --peers X` as a user who can read the box's token
     (root, the service user): X may be anyone, and a read needs no
-    credential, so X sees no authorization at all. A write to X does carry
-    the token (the control: the listener would see it)."""
+    credential, so X sees no authorization at all. A write to X proves the
+    token for X's address (GC-Proof) and never sends it."""
     from concurrent import futures
 
     import grpc
@@ -264,4 +264,5 @@ def test_get_with_given_peers_does_not_hand_the_box_token_to_them(tmp_path):
         assert put.returncode == 0, put.stderr
     finally:
         server.stop(0)
-    assert seen == [("Get", None), ("Set", f"Bearer {token}")], seen
+    assert [m for m, _ in seen] == ["Get", "Set"] and seen[0][1] is None, seen
+    assert seen[1][1].startswith("GC-Proof ") and token not in seen[1][1], seen

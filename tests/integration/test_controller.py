@@ -126,7 +126,7 @@ async def test_a_member_joins_the_ring_only_once_its_address_proves_it_is_a_work
                 admin.put(etcd.member_key("groupcache", addr), etcd.member_value(addr), lease=lease)
             real = sorted(n.addr for n in nodes)
             await until(lambda: all(sorted(n.peers.ring.nodes) == real for n in nodes), 5)
-            await until(lambda: set(ctl.vetting.unproven()) == {impostor_addr, silent_addr, late_addr}, 10)
+            await until(lambda: set(ctl.unproven()) == {impostor_addr, silent_addr, late_addr}, 10)
             assert all(sorted(n.peers.ring.nodes) == real for n in nodes)
             revision = nodes[0].peers.revision
             # The late worker starts listening: asked again, it proves itself.
@@ -135,7 +135,7 @@ async def test_a_member_joins_the_ring_only_once_its_address_proves_it_is_a_work
             want = sorted([*real, late_addr])
             await until(lambda: all(sorted(n.peers.ring.nodes) == want for n in nodes), 15)
             assert all(n.peers.version > (revision, 0) and n.peers.revision == revision for n in nodes)
-            assert set(ctl.vetting.unproven()) == {impostor_addr, silent_addr}
+            assert set(ctl.unproven()) == {impostor_addr, silent_addr}
         finally:
             ctl.stop_event.set()
             await asyncio.to_thread(thread.join, 10)

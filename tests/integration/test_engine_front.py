@@ -73,6 +73,7 @@ def test_a_message_over_the_limit_is_refused_at_its_prefix(served):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.details() == "Received message larger than max (17 vs. 16)"
     assert served.seen == [b"x" * 16]  # Python never saw the oversized one
+    assert served.front.refusals() == (1, 0)  # but the worker's metrics count it
     metadata, peer, remaining = served.details[0]
     assert peer.startswith("ipv4:127.0.0.1:")  # as grpcio gives it, for client_address()
     # grpc-timeout as the client sent it: grpc core rounds a 5 s deadline up
@@ -105,6 +106,7 @@ def test_connections_over_the_limit_are_closed(served):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert echo(b"c", timeout=5) == b"c"  # the first one serves on
     assert b"b" not in served.seen
+    assert served.front.refusals()[1] >= 1  # counted (grpc may retry the connect)
 
 
 @pytest.mark.parametrize("served", [{"max_header_list_size": 2048}], indirect=True)

@@ -16,26 +16,35 @@ from appliance.transport import choose
 from support.nodes import CountingOrigin, cluster
 
 
-def test_auto_takes_native_unless_tls_or_seed_interop():
-    assert choose(Settings())[0] == "native"
+def test_auto_takes_the_engine_unless_seed_interop_and_native_only_when_named():
+    from appliance.transport import engine_available
+
     assert choose(Settings(cluster={"seed_interop": True}, node={"host": "localhost"}))[0] == "grpcio"
     assert choose(Settings(node={"server": "grpcio"}))[0] == "grpcio"
     backend, why = choose(Settings(node={"server": "native"}))
     assert (backend, why) == ("native", "node.server = native")
-
-
-def test_the_engine_serves_when_named_and_not_yet_by_auto():
-    from appliance.transport import engine_available
-
-    if engine_available():
-        pytest.skip(f"the engine is not built here: {engine_available()}")
+    missing = engine_available()
+    if missing:  # no Rust here: the portable path, and why
+        assert choose(Settings()) == ("grpcio", f"auto: {missing}")
+        return
+    assert choose(Settings()) == ("engine", "auto: the engine is built")
     assert choose(Settings(node={"server": "engine"})) == ("engine", "node.server = engine")
-    assert choose(Settings())[0] != "engine"
     # With TLS too: the engine serves it (rustls).
     base = Settings()
     tls = base.tls.model_copy(update={"cert": "/c", "key": "/k"})
-    node = base.node.model_copy(update={"server": "engine"})
-    assert choose(base.model_copy(update={"node": node, "tls": tls}))[0] == "engine"
+    assert choose(base.model_copy(update={"tls": tls})) == ("engine", "auto: the engine is built (TLS in rustls)")
+
+
+def test_without_the_engine_auto_serves_grpcio_and_says_why(tmp_path):
+    """A machine without Rust: appliance_engine does not import, and config
+    check says grpcio serves and why (a child process where the module is
+    hidden, as on such a machine)."""
+    path = tmp_path / "a.toml"
+    path.write_text("")
+    hide = "import sys; sys.modules['appliance_engine'] = None; from appliance.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-c", hide, "config", "check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "server: grpcio (auto: appliance_engine does not import" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def pids(app: Appliance) -> dict[str, int]:
     return {n: p["pid"] for n, p in app.process_info().items() if n.startswith("worker-") and p["pid"]}
 
 
-@pytest.fixture(params=["engine", "native", "grpcio"])
+@pytest.fixture(params=["engine", "grpcio"])
 def app(request, tmp_path):
     if request.param == "engine":
         from appliance.transport import engine_available

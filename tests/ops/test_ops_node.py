@@ -33,8 +33,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def make_settings(groups=("g",), *, ops=None, tls=None, **node) -> Settings:
     node.setdefault("host", "127.0.0.1")
-    # With TLS: the engine serves it itself; pygrpc-native cannot (auto: grpcio).
-    node.setdefault("server", "auto" if tls and BACKEND["server"] != "engine" else BACKEND["server"])
+    # With TLS: pygrpc-native cannot serve it (then auto: the engine where built).
+    node.setdefault("server", "auto" if tls and BACKEND["server"] == "native" else BACKEND["server"])
     return Settings(
         node=node,
         groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},
@@ -157,10 +157,20 @@ async def test_the_metrics_endpoint_bounds_connections_and_asks_workers_once_a_s
     import threading
 
     async with nodes(1, CountingOrigin({"k": b"v"}), admin_dir=tmp_path) as (node,):
-        collector = BoxCollector(lambda: sorted(str(p) for p in tmp_path.glob("n*.sock")), min_interval=60)
+        refused = [0]
+        collector = BoxCollector(
+            lambda: sorted(str(p) for p in tmp_path.glob("n*.sock")),
+            min_interval=60,
+            refusals=lambda: {"metrics_connections": refused[0]},
+        )
         port = free_port()
         stop = await asyncio.to_thread(
-            serve_metrics, f"127.0.0.1:{port}", box_registry(collector), max_connections=3, idle_timeout=30
+            serve_metrics,
+            f"127.0.0.1:{port}",
+            box_registry(collector),
+            max_connections=3,
+            idle_timeout=30,
+            on_refused=lambda: refused.__setitem__(0, refused[0] + 1),
         )
 
         def scrape() -> str:
@@ -189,6 +199,12 @@ async def test_the_metrics_endpoint_bounds_connections_and_asks_workers_once_a_s
             finally:
                 for s in extra:
                     s.close()
+            for s in held:
+                s.close()
+            held = []
+            # Each refused connection is counted, and a scrape says so.
+            counted = samples(await asyncio.to_thread(scrape))
+            assert value(counted, "groupcache_box_refusals_total", limit="metrics_connections") == 20
         finally:
             for s in held:
                 s.close()
@@ -340,7 +356,7 @@ async def test_http_and_grpc_answer_a_node_without_a_ring_alike():
 # TLS ---------------------------------------------------------------------------
 
 
-def tls_settings(pki, server="auto", **extra):
+def tls_settings(pki, server, **extra):
     if server == "engine":
         from appliance.transport import engine_available
 
@@ -349,8 +365,8 @@ def tls_settings(pki, server="auto", **extra):
     return make_settings(server=server, tls={"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), **extra})
 
 
-# TLS is served by grpcio under auto, and by the engine (rustls) when named.
-TLS_SERVERS = pytest.mark.parametrize("server", ["auto", "engine"])
+# TLS on each backend that serves it: the engine (rustls; auto picks it where built) and grpcio.
+TLS_SERVERS = pytest.mark.parametrize("server", ["grpcio", "engine"])
 
 
 @TLS_SERVERS
@@ -362,7 +378,7 @@ async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port
         for k, v in data.items():
             assert await get(ns[0].addr, "g", k, credentials=good) == v
         assert ns[0].groups["g"].stats.peer_loads > 0 and ns[0].groups["g"].stats.peer_errors == 0
-        assert {n.backend for n in ns} == {"grpcio" if server == "auto" else "engine"}
+        assert {n.backend for n in ns} == {server}
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await get(ns[0].addr, "g", "k1", timeout=2)  # plain text to a TLS port
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -384,7 +400,7 @@ async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port
 async def test_mtls_requires_a_client_certificate_from_the_ca(pki, server):
     data = {f"k{i}": b"v" for i in range(20)}
     async with nodes(2, CountingOrigin(data), settings=tls_settings(pki, server, client_auth=True), http=True) as ns:
-        assert {n.backend for n in ns} == {"grpcio" if server == "auto" else "engine"}
+        assert {n.backend for n in ns} == {server}
         with_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
         for k in data:  # peers present the node certificate to each other
             assert await get(ns[0].addr, "g", k, credentials=with_cert) == b"v"

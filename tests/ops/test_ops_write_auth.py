@@ -182,7 +182,7 @@ async def test_http_reads_follow_the_same_rule(creds):
         await node.stop(0)
 
 
-@pytest.mark.parametrize("server", ["auto", "engine"])  # auto: grpcio serves TLS
+@pytest.mark.parametrize("server", ["grpcio", "engine"])
 async def test_a_client_certificate_identity_can_carry_the_write_scope(pki, tmp_path, server):
     """With mTLS, [auth.credentials.X] tls_identity names a client
     certificate (its CN or a SAN); that certificate may then write."""
@@ -194,7 +194,7 @@ async def test_a_client_certificate_identity_can_carry_the_write_scope(pki, tmp_
     tls = {"cert": str(pki.cert), "key": str(pki.key), "ca": str(pki.ca), "client_auth": True}
     auth = {"credentials": {"ops": {"tls_identity": "groupcache client", "scopes": ["read", "write"]}}}
     async with cluster(2, CountingOrigin({"k": b"v"}), auth=auth, token=CLUSTER_TOKEN, tls=tls, server=server) as nodes:
-        assert {n.backend for n in nodes} == {"grpcio" if server == "auto" else "engine"}
+        assert {n.backend for n in nodes} == {server}
         with_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
         node_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.cert, key=pki.key)
         request = cache_pb2.SetRequest(group="g", key="k", value=b"by cert")

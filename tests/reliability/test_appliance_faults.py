@@ -52,7 +52,8 @@ def _appliance(tmp_path_factory, server: str):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The appliance on the default server backend (native where it imports)."""
+    """The appliance on the default server backend (`auto`: the engine where
+    it is built, else grpcio)."""
     app = _appliance(tmp_path_factory, "auto")
     try:
         yield app.start()
@@ -65,21 +66,6 @@ def grpcio_app(tmp_path_factory):
     """A second appliance on the grpcio backend, for the data-plane tests
     that must hold on both (started only when such a test asks for it)."""
     app = _appliance(tmp_path_factory, "grpcio")
-    try:
-        yield app.start()
-    finally:
-        app.cleanup()
-
-
-@pytest.fixture(scope="module")
-def engine_app(tmp_path_factory):
-    """A third appliance on our engine, for the same data-plane tests."""
-    from appliance.transport import engine_available
-
-    missing = engine_available()
-    if missing:
-        pytest.skip(f"the engine is not built here: {missing}")
-    app = _appliance(tmp_path_factory, "engine")
     try:
         yield app.start()
     finally:
@@ -101,13 +87,17 @@ def whole(app):
     return _whole(app)
 
 
-@pytest.fixture(params=["engine", "native", "grpcio"])
+@pytest.fixture(params=["auto", "grpcio"])
 def whole_each_backend(request):
-    """`whole`, once per server backend (planned stop and kill -9 are data-plane figures)."""
-    fixture = {"engine": "engine_app", "native": "app", "grpcio": "grpcio_app"}[request.param]
+    """`whole`, on the default backend (the engine where built) and on grpcio,
+    the portable one (planned stop and kill -9 are data-plane figures)."""
+    from appliance.config import Settings
+    from appliance.transport import choose
+
+    fixture = {"auto": "app", "grpcio": "grpcio_app"}[request.param]
     app = _whole(request.getfixturevalue(fixture))
     backends = {app.admin_stats(i)["server"] for i in range(3)}
-    assert backends == {request.param}, backends
+    assert backends == {choose(Settings(node={"server": request.param}))[0]}, backends
     return app
 
 

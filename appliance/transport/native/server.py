@@ -511,6 +511,13 @@ class EngineTransport(NativeTransport):
             **self._tls_files(),
         )
 
+    def socket_refusals(self) -> dict[str, int]:
+        """What the engine refused before any call reached Python."""
+        if self._front is None:
+            return {"request_bytes": 0, "connections": 0}
+        messages, connections = self._front.refusals()
+        return {"request_bytes": messages, "connections": connections}
+
     def _tls_files(self) -> dict[str, Any]:
         tls = self.settings.tls
         if not tls.enabled:
