@@ -1,6 +1,8 @@
 """Skewed load (issue 24): Zipf keys from zipfload (grpc-go, the seed's
 proto) against 3 workers, round robin vs owner-routed, at s = 0.9, 1.1 and
-uniform; then a cold start with a 1 s origin and 2 s deadlines.
+uniform; then a cold start with a 1 s origin and 2 s deadlines: origin
+loads vs distinct keys requested (duplicates: the same key loaded twice in
+the cluster), and the Gets that failed.
 
 Each cell gets fresh workers (so hot caches and promotion start cold) with
 a cache of 16 MiB: the hot budget (2 MiB) is a fifth of the 100,000-key
@@ -79,7 +81,13 @@ def cold_start(seconds: float) -> dict:
             n[0].kill()
     loads = sum(x["local_loads"] for x in stats)
     distinct = load["distinct_keys"]
-    return {"origin_loads": loads, "distinct_keys": distinct, "duplicates": loads - distinct, "zipfload": load}
+    return {
+        "origin_loads": loads,
+        "distinct_keys": distinct,
+        "duplicates": loads - distinct,
+        "client_errors": load["errors"],  # Gets that missed their 2 s deadline (or failed)
+        "zipfload": load,
+    }
 
 
 def run(cfg) -> dict:
@@ -102,5 +110,8 @@ def run(cfg) -> dict:
         rows.append({"s": pair["rr"]["s"], "rr_over_owner_cpu": ratio, **pair})
     lib.log("skew: cold start, 1 s origin, 2 s deadlines")
     cold = cold_start(max(3.0, seconds))
-    lib.log(f"  origin loads {cold['origin_loads']}, distinct keys {cold['distinct_keys']}")
+    lib.log(
+        f"  origin loads {cold['origin_loads']}, distinct keys {cold['distinct_keys']}, "
+        f"duplicate loads {cold['duplicates']}, client errors {cold['client_errors']}"
+    )
     return {"rows": rows, "cold_start": cold, "workers": 3, "keys": KEYS, "conc": CONC}

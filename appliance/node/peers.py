@@ -44,7 +44,12 @@ class PeerFacts:
     gets no answer either. While open, its keys load locally at once
     instead of waiting the peer timeout; a probe (never a client's read)
     asks again after DOWN_MIN_S, doubling to DOWN_MAX_S, and any answer
-    closes it."""
+    closes it.
+
+    `heard_at` is when the peer's server last answered anything (a read, a
+    probe): a forwarder whose owner has not answered a read by half the
+    caller's deadline keeps waiting only if it heard from the owner since it
+    sent that read (GrpcPeerClient.get)."""
 
     DOWN_MIN_S = 1.0
     DOWN_MAX_S = 4.0
@@ -53,6 +58,7 @@ class PeerFacts:
     down_for: float = 0.0  # the breaker is open (0: closed), for this long between probes
     down_until: float = 0.0  # the next probe is due then (monotonic seconds)
     probing: bool = False
+    heard_at: float = float("-inf")  # the peer's server last answered then (monotonic seconds)
 
     def read_allowed(self) -> bool:
         return not self.down_for
@@ -68,18 +74,25 @@ class PeerFacts:
             return False
         return not self.probing and not self.down_for
 
+    def heard_since(self, when: float) -> bool:
+        """Whether the peer's server answered anything at or after `when`."""
+        return self.heard_at >= when
+
     def probed(self, now: float, answered: bool) -> None:
         self.probing = False
         if answered:
-            self.read_answered()
+            self.read_answered(now)
         elif self.down_for:
             self.down_for = min(self.down_for * 2, self.DOWN_MAX_S)
             self.down_until = now + self.down_for
         else:
             self._open(now)
 
-    def read_answered(self) -> None:
+    def read_answered(self, now: float | None = None) -> None:
+        """Any answer closes the breaker; `now`: when it came (heard_at)."""
         self.down_for, self.down_until = 0.0, 0.0
+        if now is not None and now > self.heard_at:
+            self.heard_at = now
 
     def _open(self, now: float) -> None:
         if not self.down_for:

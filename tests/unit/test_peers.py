@@ -98,3 +98,23 @@ def test_the_read_breaker_opens_on_a_silent_peer_and_closes_on_an_answer():
     assert not f.read_allowed() and f.probe_due(301.0)
     f.read_answered()  # a read answered by another client of the same process
     assert f.read_allowed()
+
+
+def test_a_forwarder_knows_whether_it_heard_from_the_owner_since_a_read_was_sent():
+    """GrpcPeerClient waits past half the caller's deadline only for an
+    owner that answered something (a probe, another read) since then."""
+    from appliance.node.peers import PeerFacts
+
+    f = PeerFacts()
+    assert not f.heard_since(0.0)  # never heard
+    f.read_answered(5.0)
+    assert f.heard_since(5.0) and not f.heard_since(5.1)
+    f.probing = True
+    f.probed(7.0, answered=True)  # a slow owner's server answers its probe
+    assert f.heard_since(6.0) and not f.probing
+    f.probing = True
+    f.probed(9.0, answered=False)  # silent since: nothing heard after 7
+    assert not f.heard_since(8.0) and not f.read_allowed()
+    f.read_answered(6.5)  # an older answer reported late does not move it back
+    f.read_answered()  # nor one without a time (a peer that rejoined the ring)
+    assert f.heard_since(7.0) and not f.heard_since(7.5)

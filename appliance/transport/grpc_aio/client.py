@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -27,6 +27,7 @@ from ..metadata import FORWARDED, ttl_from_trailers
 from ..status import error_of, from_rpc_error, owner_error
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _METADATA = (FORWARDED,)
 # A stream that ends with one of these before any answer may be a peer
@@ -35,6 +36,16 @@ _NO_STREAM_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
 # A health check is answered by the peer's server, not its origin: a peer
 # that is up answers one in milliseconds even while its loads are slow.
 PROBE_S = 1.0
+# A read the owner has not answered this soon (or within half its first
+# wait) starts a health probe, unless the owner answered something since
+# the read was sent: by the half-deadline point the forwarder then knows
+# whether the owner's server is alive (slow origin: keep waiting) or silent
+# (frozen, cut off: load locally, as before).
+ALIVE_AFTER_S = 0.1
+# What a forwarder waiting out a live owner leaves of the caller's deadline
+# (at most this share of it): the reply still has to travel back.
+PATIENCE_MARGIN_S = 0.1
+PATIENCE_MARGIN_SHARE = 0.05
 # A peer that comes back must be reachable at once. grpc shares subchannels
 # between channels to one address, so without a local pool the channel made
 # for a peer that rejoins the ring inherits the old one's reconnect backoff
@@ -225,6 +236,54 @@ class GrpcPeerClient:
         # Leave part of the caller's time for a local load if the owner fails.
         return self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
 
+    def _patience(self, timeout: float | None, first: float, wait: float) -> float:
+        """How long a read may wait for an owner whose server is alive, from
+        when it is sent: the caller's deadline less a margin, at most the
+        peer timeout (never less than `wait`, what is left of `first` after
+        _admit)."""
+        if timeout is None:
+            return wait
+        spent = first - wait  # waiting on a probe in _admit
+        margin = min(PATIENCE_MARGIN_S, timeout * PATIENCE_MARGIN_SHARE)
+        return max(wait, min(self._max_wait, timeout - margin) - spent)
+
+    async def _patiently(
+        self, fetch: Callable[[float], Awaitable[T]], started: float, wait: float, patience: float
+    ) -> T:
+        """fetch(patience)'s answer. At `wait` without one, the read goes on
+        only if the owner's server answered anything since `started` (a
+        probe started after ALIVE_AFTER_S asks): an owner that is alive and
+        loading the key is waited for up to `patience`, so the cluster
+        loads it once; a silent one (frozen, cut off, not connected) is
+        left at `wait`, and the caller loads locally in the time left."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(fetch(patience))
+        span = wait
+        try:
+            if patience > wait:
+                await asyncio.wait([task], timeout=min(ALIVE_AFTER_S, wait / 2))
+                if not task.done() and not self.facts.heard_since(started) and not self.facts.probing:
+                    if self.facts.read_allowed() and self._connected():
+                        self._start_probe()
+            await asyncio.wait([task], timeout=max(0.0, started + wait - loop.time()))
+            if not task.done() and patience > wait and self.facts.heard_since(started):
+                span = patience  # alive: its answer is worth the wait
+                await asyncio.wait([task], timeout=max(0.0, started + patience - loop.time()))
+            if not task.done():
+                raise errors.PeerError(f"{self.addr}: no answer within {span:.3f}s")
+            result = task.result()
+        except errors.CacheError as exc:
+            self._settle(started, span, exc)
+            raise
+        finally:
+            if not task.done():
+                task.cancel()
+        self._settle(started, span, None)
+        return result
+
+    def _connected(self) -> bool:
+        return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+
     def _metadata(self) -> tuple[tuple, str | None]:
         """(call metadata, the proof's nonce): the forwarded marker, and a
         fresh proof of the cluster token made for this peer's address."""
@@ -304,11 +363,11 @@ class GrpcPeerClient:
     def _settle(self, started: float, wait: float, error: errors.CacheError | None) -> None:
         """Tell the breaker how a read went: answered (any owner answer), or
         unanswered (timed out, or the channel is not connected)."""
-        if error is None or not isinstance(error, errors.PeerError):
-            self.facts.read_answered()
-            return
         now = asyncio.get_running_loop().time()
-        connected = self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        if error is None or not isinstance(error, errors.PeerError):
+            self.facts.read_answered(now)
+            return
+        connected = self._connected()
         if connected and now - started < 0.9 * wait:
             return  # an answer of sorts (a reset stream, a refused call): not silence
         was_open = not self.facts.read_allowed()
@@ -318,14 +377,11 @@ class GrpcPeerClient:
             log.warning("%s is not connected: loading its keys locally until it answers", self.addr)
 
     async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        started, wait = await self._admit(self._wait(timeout))
-        try:
-            result = await self._get_any(group, key, wait)
-        except errors.CacheError as exc:
-            self._settle(started, wait, exc)
-            raise
-        self._settle(started, wait, None)
-        return result
+        first = self._wait(timeout)
+        started, wait = await self._admit(first)
+        return await self._patiently(
+            lambda budget: self._get_any(group, key, budget), started, wait, self._patience(timeout, first, wait)
+        )
 
     async def _get_any(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
         if not self.streaming:
@@ -387,15 +443,15 @@ class GrpcPeerClient:
             raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
     async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
-        started, wait = await self._admit(self._wait(timeout))
-        try:
-            response, _ = await self._call(
-                self._get_many, cache_pb2.GetManyRequest(group=group, keys=keys), wait, proven=True
-            )
-        except errors.CacheError as exc:
-            self._settle(started, wait, exc)
-            raise
-        self._settle(started, wait, None)
+        first = self._wait(timeout)
+        started, wait = await self._admit(first)
+        request = cache_pb2.GetManyRequest(group=group, keys=keys)
+        response, _ = await self._patiently(
+            lambda budget: self._call(self._get_many, request, budget, proven=True),
+            started,
+            wait,
+            self._patience(timeout, first, wait),
+        )
         out: dict[str, tuple[bytes, float] | errors.CacheError] = {}
         for r in response.results:
             out[r.key] = (r.value, r.ttl) if r.code == 0 else error_of(r.code, r.error)
