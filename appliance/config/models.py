@@ -332,6 +332,9 @@ class OpsSettings(_Model):
     http_base_port: int = Field(0, ge=0, le=65535)
     # An HTTP API connection idle this long between requests is closed.
     http_idle_timeout: Duration = Field(parse_duration("15s"), gt=0)
+    # HTTP API connections open at once per worker; more are closed at accept
+    # (they share the worker's file descriptors with the data port).
+    http_max_connections: int = Field(256, ge=1, le=65536)
     slow_load: Duration = Field(parse_duration("1s"), ge=0)
     rate_limit: float = Field(0.0, ge=0)
     rate_burst: int = Field(0, ge=0)

@@ -29,8 +29,10 @@ around the data port's TLS. Requests are not logged (no access log).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -65,6 +67,86 @@ def _text(status: int, reason: str, headers: dict | None = None) -> web.Response
     return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=headers)
 
 
+class ConnectionCap:
+    """A protocol factory that serves at most `limit` connections at once:
+    one over it is closed as it is made, before a byte is read, and counted
+    (`on_refused()`). aiohttp has no such knob, and its handlers take no
+    new attributes (slots), so each is served through a _Counted wrapper."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int, on_refused: Callable[[], None]) -> None:
+        self._factory = factory
+        self.limit = limit
+        self.open = 0
+        self._on_refused = on_refused
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Counted(self, self._factory())
+
+    def admit(self) -> bool:
+        if self.open >= self.limit:
+            self._on_refused()
+            return False
+        self.open += 1
+        return True
+
+
+class _Counted(asyncio.Protocol):
+    """Passes a connection's events to aiohttp's handler if the cap admits it."""
+
+    def __init__(self, cap: ConnectionCap, inner: asyncio.Protocol) -> None:
+        self._cap, self._inner = cap, inner
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._cap.admit():
+            transport.close()  # the handler never sees it
+            return
+        self._admitted = True
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._cap.open -= 1
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._admitted:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._admitted else None
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _CappedSite(web.BaseSite):
+    """aiohttp's TCPSite, serving through a ConnectionCap."""
+
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None, cap: ConnectionCap
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host, self._port, self._cap = host, port, cap
+        self.port = port
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = await asyncio.get_running_loop().create_server(
+            self._cap, self._host, self._port, ssl=self._ssl_context, reuse_address=True
+        )
+        self._server = server
+        self.port = server.sockets[0].getsockname()[1]
+
+
 class HttpApi:
     def __init__(
         self,
@@ -74,7 +156,10 @@ class HttpApi:
         *,
         ssl_context: ssl.SSLContext | None = None,
         limiter: RateLimiter | None = None,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
+        """`on_refused()`: a connection over ops.http_max_connections was closed."""
+        self.on_refused = on_refused
         self.node = node
         self.host = host
         self.port = port
@@ -103,14 +188,17 @@ class HttpApi:
             keepalive_timeout=float(self.node.settings.ops.http_idle_timeout),
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True)
+        server = runner.server
+        assert server is not None  # made by setup()
+        cap = ConnectionCap(server, self.node.settings.ops.http_max_connections, self.on_refused)
+        site = _CappedSite(runner, self.host, self.port, self.ssl_context, cap)
         try:
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = site.port
         return self.port
 
     async def stop(self) -> None:

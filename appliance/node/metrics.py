@@ -82,11 +82,12 @@ class NodeMetrics:
             self.rate_limited.labels(protocol)  # 0, not absent, while nothing is limited
         self.refused = Counter(
             "groupcache_limit_refusals",
-            "Calls refused by a size limit before the work (limit: reply_bytes).",
+            "Refused by a limit before the work (limit: reply_bytes, http_connections).",
             ["limit"],
             registry=self.registry,
         )
         self.refused.labels("reply_bytes")
+        self.refused.labels("http_connections")
         self._node: Node | None = None
 
     def attach(self, node: Node) -> None:

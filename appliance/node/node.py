@@ -155,6 +155,7 @@ class Node:
             port,
             ssl_context=tlsmod.server_ssl_context(self.settings.tls),
             limiter=self.transport.limiter,
+            on_refused=self.metrics.refused.labels("http_connections").inc,
         )
         try:
             await api.start()

@@ -686,6 +686,52 @@ async def test_message_limits_follow_max_value_bytes_on_both_sides():
                 await asyncio.to_thread(c.get, "g", "k1")
 
 
+async def test_http_api_connections_over_the_cap_are_closed_unread_and_counted():
+    """ops.http_max_connections: held connections up to the cap are served;
+    more are closed at accept, before a byte is read, and counted; once one
+    is released, a new connection is served again (aiohttp kept them all)."""
+    cap = 4
+    s = make_settings(ops={"http_max_connections": cap})
+    async with nodes(1, CountingOrigin({"k": b"v"}), http=True, settings=s) as (node,):
+        port = node.http_api.port
+        request = b"GET /groups/g/keys/k HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        async def served(reader, writer) -> bool:
+            writer.write(request)
+            await writer.drain()
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return False
+            return head.startswith(b"HTTP/1.1 200")
+
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(cap)]
+        extra = []
+        try:
+            for reader, writer in held:  # each served, and kept open (keep-alive)
+                assert await served(reader, writer)
+            extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+            for reader, _ in extra:  # closed by the server without reading or answering
+                assert await asyncio.wait_for(reader.read(1), 5) == b""
+            m = samples(node.metrics.exposition())
+            assert value(m, "groupcache_limit_refusals_total", limit="http_connections") == 10
+            reader, writer = held.pop()
+            writer.close()
+            await writer.wait_closed()
+            # The freed slot serves a new connection (the server may see the close a moment later).
+            deadline = asyncio.get_running_loop().time() + 5
+            while True:
+                again = await asyncio.open_connection("127.0.0.1", port)
+                extra.append(again)
+                if await served(*again):
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "the freed slot never served"
+                await asyncio.sleep(0.05)
+        finally:
+            for _, writer in held + extra:
+                writer.close()
+
+
 async def test_an_idle_http_api_connection_is_closed_after_its_timeout():
     """A keep-alive connection of the HTTP API that sends nothing more is
     closed after ops.http_idle_timeout (aiohttp's default kept it 75 s)."""
