@@ -69,6 +69,12 @@ enum Call {
     Stream(tokio::sync::mpsc::Sender<Frame<Bytes>>),
 }
 
+/// The receiving end of a registered Call.
+enum Pending {
+    Unary(oneshot::Receiver<Reply>),
+    Stream(tokio::sync::mpsc::Receiver<Frame<Bytes>>),
+}
+
 pub struct Limits {
     pub max_message: usize,
     pub max_concurrent_streams: u32,
@@ -491,36 +497,16 @@ async fn serve_call(
     };
     drop(body);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    if streaming {
+    // Registered before the event goes out: Python may answer at once.
+    let (call, pending) = if streaming {
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        shared.calls.lock().unwrap().insert(id, Call::Stream(tx));
-        let guard = Guard {
-            id,
-            shared: shared.clone(),
-        };
-        let event = Event::Call {
-            id,
-            method,
-            payload,
-            metadata,
-            peer: peer.to_string(),
-            remaining,
-            identities: identities.clone(),
-        };
-        if !shared.emit(event) {
-            return Ok(failure(UNAVAILABLE, "server is stopping", &[]));
-        }
-        let body = ChannelBody {
-            ready: Default::default(),
-            rx: Some(rx),
-            _guard: Some(guard),
-            done: false,
-        };
-        return Ok(grpc_headers().body(Either::Left(body)).unwrap());
-    }
-    let (tx, rx) = oneshot::channel();
-    shared.calls.lock().unwrap().insert(id, Call::Unary(tx));
-    let _guard = Guard {
+        (Call::Stream(tx), Pending::Stream(rx))
+    } else {
+        let (tx, rx) = oneshot::channel();
+        (Call::Unary(tx), Pending::Unary(rx))
+    };
+    shared.calls.lock().unwrap().insert(id, call);
+    let guard = Guard {
         id,
         shared: shared.clone(),
     };
@@ -531,11 +517,24 @@ async fn serve_call(
         metadata,
         peer: peer.to_string(),
         remaining,
-        identities,
+        identities: identities.clone(),
     };
     if !shared.emit(event) {
         return Ok(failure(UNAVAILABLE, "server is stopping", &[]));
     }
+    let rx = match pending {
+        Pending::Stream(rx) => {
+            let body = ChannelBody {
+                ready: Default::default(),
+                rx: Some(rx),
+                _guard: Some(guard),
+                done: false,
+            };
+            return Ok(grpc_headers().body(Either::Left(body)).unwrap());
+        }
+        Pending::Unary(rx) => rx,
+    };
+    let _guard = guard;
     let reply = match remaining {
         Some(secs) => {
             match tokio::time::timeout(Duration::from_secs_f64(secs.min(1e9)), rx).await {

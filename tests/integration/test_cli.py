@@ -222,29 +222,17 @@ def test_get_with_given_peers_does_not_hand_the_box_token_to_them(tmp_path):
 
         return handler
 
+    def service(name, method, request, response):
+        handler = grpc.unary_unary_rpc_method_handler(
+            record(method), request_deserializer=request.FromString, response_serializer=response.SerializeToString
+        )
+        return grpc.method_handlers_generic_handler(name, {method: handler})
+
     server = grpc.server(futures.ThreadPoolExecutor(2))
     server.add_generic_rpc_handlers(
         [
-            grpc.method_handlers_generic_handler(
-                "groupcachepb.GroupCache",
-                {
-                    "Get": grpc.unary_unary_rpc_method_handler(
-                        record("Get"),
-                        request_deserializer=groupcache_pb2.GetRequest.FromString,
-                        response_serializer=groupcache_pb2.GetResponse.SerializeToString,
-                    )
-                },
-            ),
-            grpc.method_handlers_generic_handler(
-                "appliance.cache.Cache",
-                {
-                    "Set": grpc.unary_unary_rpc_method_handler(
-                        record("Set"),
-                        request_deserializer=cache_pb2.SetRequest.FromString,
-                        response_serializer=cache_pb2.ChangeResponse.SerializeToString,
-                    )
-                },
-            ),
+            service("groupcachepb.GroupCache", "Get", groupcache_pb2.GetRequest, groupcache_pb2.GetResponse),
+            service("appliance.cache.Cache", "Set", cache_pb2.SetRequest, cache_pb2.ChangeResponse),
         ]
     )
     port = server.add_insecure_port("127.0.0.1:0")

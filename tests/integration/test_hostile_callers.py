@@ -85,3 +85,18 @@ async def test_an_unread_forward_stream_holds_at_most_its_window():
         value = groupcache_pb2.GetResponse(value=b"x" * 65536).SerializeToString()
         assert all(r.response == value and not r.code for r in answers)
         assert gets() == sent
+
+
+async def test_a_getmany_reply_is_sized_in_bytes_not_characters():
+    """The reply-size limit counts what goes on the wire: 400 keys of 62
+    four-byte characters (248 bytes each) pass the limit (1 KiB values + 64
+    KiB), while as many 62-letter keys, the same character count, do not."""
+    from appliance.cache import errors
+
+    wide = [f"{i:04d}" + "\U0001f511" * 58 for i in range(400)]  # 4 + 232 bytes
+    narrow = [f"{i:04d}" + "k" * 58 for i in range(400)]
+    async with cluster(1, CountingOrigin(), max_value_bytes="1KiB") as (node,):
+        results = await node.instance.get_many("g", narrow)
+        assert all(isinstance(r, errors.KeyNotFound) for r in results)
+        with pytest.raises(errors.TooLarge, match="bytes"):
+            await node.instance.get_many("g", wide)
