@@ -46,6 +46,9 @@ ALIVE_AFTER_S = 0.1
 # (at most this share of it): the reply still has to travel back.
 PATIENCE_MARGIN_S = 0.1
 PATIENCE_MARGIN_SHARE = 0.05
+# While waiting out a live owner, it is asked again this often (a probe
+# takes up to PROBE_S): one that froze after its last answer is left then.
+REPROBE_S = PROBE_S * 1.5
 # A peer that comes back must be reachable at once. grpc shares subchannels
 # between channels to one address, so without a local pool the channel made
 # for a peer that rejoins the ring inherits the old one's reconnect backoff
@@ -267,8 +270,8 @@ class GrpcPeerClient:
                         self._start_probe()
             await asyncio.wait([task], timeout=max(0.0, started + wait - loop.time()))
             if not task.done() and patience > wait and self.facts.heard_since(started):
-                span = patience  # alive: its answer is worth the wait
-                await asyncio.wait([task], timeout=max(0.0, started + patience - loop.time()))
+                span = patience  # alive: its answer is worth the wait, while it stays alive
+                await self._while_alive(task, started + patience)
             if not task.done():
                 raise errors.PeerError(f"{self.addr}: no answer within {span:.3f}s")
             result = task.result()
@@ -280,6 +283,20 @@ class GrpcPeerClient:
                 task.cancel()
         self._settle(started, span, None)
         return result
+
+    async def _while_alive(self, task: asyncio.Future, until: float) -> None:
+        """Wait for `task` until `until` (the loop's clock), asking the owner
+        again about every REPROBE_S: an owner that stops answering (frozen
+        after its last answer) is left at once, so the caller loads the key
+        locally in the time that is left."""
+        loop = asyncio.get_running_loop()
+        while not task.done() and (left := until - loop.time()) > 0:
+            asked = loop.time()
+            if not self.facts.probing and self.facts.read_allowed() and self._connected():
+                self._start_probe()
+            await asyncio.wait([task], timeout=min(left, REPROBE_S))
+            if not task.done() and loop.time() < until and not self.facts.heard_since(asked):
+                return  # silent since we asked: no longer worth waiting for
 
     def _connected(self) -> bool:
         return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
