@@ -56,6 +56,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy appliance/
+	$(VENV)/bin/lint-imports
 
 # Regenerate appliance/pb from proto/ (the generated code is committed).
 proto: $(STAMP)

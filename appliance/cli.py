@@ -207,7 +207,7 @@ def _cluster_view(settings: Settings):
 
 def _box_token(settings: Settings, what: str) -> str:
     """The cluster token, which cluster-wide requests are signed with."""
-    from .node.auth import TokenFileError, read_token
+    from .tokens import TokenFileError, read_token
 
     try:
         return read_token(settings.token_path())

@@ -18,10 +18,10 @@ import socket
 from .cluster import etcd
 from .cluster.registry import Registration, call_timeout
 from .config import Settings
-from .node.auth import read_token
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
 from .node.node import Node
 from .origins import build_origin
+from .tokens import read_token
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ def settings_kwargs(settings: Settings) -> dict:
     box's own token where this user may read it (root, the service user),
     which each call proves to the node it goes to and never sends."""
     from .. import tls
-    from ..node.auth import TokenFileError, read_token
+    from ..tokens import TokenFileError, read_token
 
     try:
         token = read_token(settings.token_path())

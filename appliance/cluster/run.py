@@ -9,8 +9,8 @@ import logging
 import signal
 
 from ..config import Settings
-from ..node.auth import TokenFileError, read_token
 from ..ops.metrics import serve_box_metrics
+from ..tokens import TokenFileError, read_token
 from . import etcd
 from .box_ops import BoxOps
 from .controller import Controller

@@ -41,8 +41,10 @@ from ..addr import join as join_hostport
 from ..addr import split as split_hostport
 from ..messages import show
 from ..origins import grammar
+from ..tokens import TokenFileError, read_token
 from ..units import ByteSize, Duration, format_bytes, format_duration, parse_bytes, parse_duration
 from . import dirs
+from .backend import choose
 from .errors import ENV_DELIMITER, ENV_PREFIX, FieldError
 
 __all__ = [
@@ -765,8 +767,6 @@ class Settings(BaseSettings):
         """What is wrong with the token files, one line each (checked by
         `config check` and `appliance run`, which read them; loading the
         config does not, so users without access to them can still load it)."""
-        from ..node.auth import TokenFileError, read_token
-
         out = []
         files = [(f"auth.credentials.{n}.token_file", c.token_file) for n, c in self.auth.credentials.items()]
         if self.auth.token_file is not None:
@@ -909,8 +909,6 @@ class Settings(BaseSettings):
 
     def server_choice(self) -> str:
         """Which server backend the workers will run, and why."""
-        from ..transport import choose
-
         try:
             backend, why = choose(self)
         except (RuntimeError, ValueError) as exc:

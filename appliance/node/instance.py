@@ -245,7 +245,7 @@ class NodeInstance:
             results[i] = entry
         # The reply's size, from the entries held (no copy yet): a key asked
         # 10,000 times must not build 10,000 copies of its value first.
-        size = sum(len(k.encode('utf-8', 'surrogatepass')) + RESULT_OVERHEAD for k in keys)  # bytes on the wire
+        size = sum(len(k.encode("utf-8", "surrogatepass")) + RESULT_OVERHEAD for k in keys)  # bytes on the wire
         size += sum(len(r.data) for r in results if isinstance(r, Entry))
         if size > self.max_reply:
             self.refused("reply_bytes")

@@ -25,7 +25,7 @@ from .. import addr as addrs
 from .. import host
 from ..cluster import membership
 from ..config import NodeSettings, Settings, dirs
-from ..node.auth import ensure_token_file
+from ..tokens import ensure_token_file
 from . import conf, rpc
 from .files import private_dir, write_private
 

@@ -16,8 +16,9 @@ from google.rpc import error_details_pb2, status_pb2
 from appliance import tls as tlsmod
 from appliance.cache import errors
 from appliance.client import AsyncClient
-from appliance.node.auth import Authenticator, Credentials, TokenFileError, read_token
+from appliance.node.auth import Authenticator, Credentials
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from appliance.tokens import TokenFileError, read_token
 from support.nodes import CountingOrigin, cluster
 
 CLUSTER_TOKEN = "c" * 8 + os.urandom(12).hex()
