@@ -145,7 +145,7 @@ class AsyncClient(ClientBase):
             try:
                 return op.reply(
                     await self._pool.methods(peer)[op.method.path](
-                        op.request, timeout=left, metadata=self._metadata_for(peer)
+                        op.request, timeout=left, metadata=self._metadata_for(peer, op.method)
                     )
                 )
             except grpc.RpcError as err:

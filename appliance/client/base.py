@@ -8,10 +8,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..node.peer_proofs import PeerProofs
+from ..node.peer_proofs import READ, WRITE, PeerProofs
 from ..transport.grpc_aio.client import PEER_CHANNEL_OPTIONS
 from .follow import EtcdMembers, Follower
-from .routing import METHODS, HotKeys, Pool, Router, checked_str, deadline_of, peer_list
+from .routing import METHODS, REMOVE, SET, HotKeys, Method, Pool, Router, checked_str, deadline_of, peer_list
 
 if TYPE_CHECKING:
     import grpc
@@ -109,10 +109,11 @@ class ClientBase:
             self._install(static)
         self._open()
 
-    def _metadata_for(self, peer: str):
+    def _metadata_for(self, peer: str, method: Method):
         if self._proofs is None:
             return self._metadata
-        return (("authorization", self._proofs.make(peer)[0]),)
+        scope = WRITE if method in (SET, REMOVE) else READ
+        return (("authorization", self._proofs.make(peer, scope)[0]),)
 
     def _open(self) -> None:
         """The I/O layer's own setup, last in __init__."""

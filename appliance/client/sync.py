@@ -92,7 +92,7 @@ class Client(ClientBase):
             try:
                 return op.reply(
                     self._pool.methods(peer)[op.method.path](
-                        op.request, timeout=left, metadata=self._metadata_for(peer)
+                        op.request, timeout=left, metadata=self._metadata_for(peer, op.method)
                     )
                 )
             except grpc.RpcError as err:

@@ -171,15 +171,22 @@ class Controller:
             peers = self.vetting.admitted((m.addr, m.lease) for m in self.members.values())
             for addr, lease in self.vetting.due():
                 self._prover(addr, lease, self._outcome)
-        if self.revision != self.ring_revision:
-            self.ring_revision, self.generation = self.revision, 0
-        elif peers != self.peers:
-            self.generation += 1
-        self._unproven = self.vetting.unproven()
+            self._unproven = self.vetting.unproven()
+            if not self.ring_revision and self.vetting.first_answers_pending():
+                # A controller that (re)started knows no member yet: its first
+                # ring waits for their first answers (at most a probe's
+                # timeout), not an empty ring that workers would install.
+                return
+        if self.revision == self.ring_revision and peers == self.peers:
+            return
+        self.ring_revision = self.revision
+        # With a prover, generations are milliseconds of the clock, so a
+        # restarted controller's decisions outrank those of the one before
+        # it within the same etcd revision (workers keep the highest).
+        self.generation = max(self.generation + 1, int(time.time() * 1000)) if self._prover is not None else 0
         if peers != self.peers:
             self.peers = peers
-            shown = f"{self.revision}" + (f".{self.generation}" if self.generation else "")
-            log.info("ring revision %s: %d peers: %s", shown, len(peers), ", ".join(peers))
+            log.info("ring revision %d: %d peers: %s", self.revision, len(peers), ", ".join(peers))
 
     def unproven(self) -> list[str]:
         """Member addresses kept out of the ring: they did not prove
@@ -201,7 +208,8 @@ class Controller:
                 addr, lease, proven, why = self._outcomes.get_nowait()
             except queue.Empty:
                 break
-            changed |= self.vetting.record(addr, lease, proven, why)
+            self.vetting.record(addr, lease, proven, why)
+            changed = True
         if self._prover is not None and (changed or self.vetting.unproven()):
             self._admit()
 
@@ -214,9 +222,9 @@ class Controller:
         The calls go out together and are not waited for: a hung worker
         (its socket accepts, it never answers) must not hold up the ring of
         the others. Its call times out by itself; a later round retries."""
-        if not self.revision:
-            return
         self._vet()
+        if not self.ring_revision:
+            return  # no ring decided yet
         version = (self.ring_revision, self.generation)
         if everyone:
             self._acked.clear()

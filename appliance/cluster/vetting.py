@@ -112,6 +112,11 @@ class MemberVetting:
             state.backoff = min(state.backoff * 2, RETRY_MAX_S)
         return before != (state.proven or (state.was_proven and not state.failed))
 
+    def first_answers_pending(self) -> bool:
+        """Whether a member has not answered its first probe yet (a fresh
+        controller waits for these before its first ring)."""
+        return any(not s.proven and not s.failed and not s.was_proven for s in self._states.values())
+
     def unproven(self) -> list[str]:
         """Addresses kept out of the ring: their last probe failed."""
         return sorted(a for a, s in self._states.items() if s.failed)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from ..cache import errors
 from ..tokens import read_token
 from .peer_proofs import SCHEME as PROOF_SCHEME
-from .peer_proofs import PeerProofs, ProofError
+from .peer_proofs import WRITE, PeerProofs, ProofError
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -89,6 +89,7 @@ class Authenticator:
         # Checks the proofs peers present (told its address once listening).
         self.proofs = PeerProofs(cluster[0]) if cluster else None
         self._cluster = next((p for _, p in self._tokens if p.name == CLUSTER), None)
+        self._cluster_reading = Principal(CLUSTER, frozenset({"read"}))
 
     @classmethod
     def from_settings(cls, settings: Settings, cluster_token: str | None) -> Authenticator:
@@ -129,8 +130,9 @@ class Authenticator:
         if auth is not None:
             scheme, _, token = auth.strip().partition(" ")
             if scheme == PROOF_SCHEME:
-                self.proven(token)
-                return self._cluster
+                # A read's proof is the cluster reading: it never writes.
+                _, scope = self.proven(token)
+                return self._cluster if scope == WRITE else self._cluster_reading
             if scheme.lower() != "bearer" or not token.strip():
                 raise errors.Unauthenticated('the authorization metadata must be "Bearer <token>"')
             presented = _digest(token.strip())
@@ -147,8 +149,8 @@ class Authenticator:
                 return principal
         return None
 
-    def proven(self, proof: str) -> str:
-        """The nonce of a valid peer proof; raises Unauthenticated saying why not."""
+    def proven(self, proof: str) -> tuple[str, str]:
+        """(nonce, scope) of a valid peer proof; raises Unauthenticated saying why not."""
         if self.proofs is None:
             raise errors.Unauthenticated("a peer proof, but this node has no cluster token to check it with")
         try:
@@ -163,7 +165,7 @@ class Authenticator:
         if auth is None or self.proofs is None or not auth.startswith(PROOF_SCHEME + " "):
             return ()
         try:
-            nonce = self.proofs.check(auth[len(PROOF_SCHEME) + 1 :])
+            nonce, _ = self.proofs.check(auth[len(PROOF_SCHEME) + 1 :])
         except ProofError:
             return ()
         return self.proofs.reply(nonce)

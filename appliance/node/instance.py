@@ -547,7 +547,8 @@ class NodeInstance:
             log,
             logging.INFO,
             "ring changed",
-            revision=revision if not generation else f"{revision}.{generation}",
+            revision=revision,
+            generation=generation,
             peers=len(self.peers.ring),
             member=str(self.addr in self.peers.ring).lower(),
         )

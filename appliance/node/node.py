@@ -114,8 +114,7 @@ class Node:
         self.port = await self.transport.start(self.instance, self.host, self.port)
         self.peers.self_addr = addrs.join(self.host, self.port)
         if proofs is not None:
-            names = ("localhost", "127.0.0.1", "::1") if addrs.is_loopback(self.host) else ()
-            proofs.listening(self.peers.self_addr, since, [addrs.join(n, self.port) for n in names])
+            proofs.listening(self.peers.self_addr, since)
         refused = self.metrics.refused
         self.instance.on_refused = lambda limit: refused.labels(limit).inc()
         limiter = self.transport.limiter

@@ -2,17 +2,21 @@
 
 A bearer token goes to whoever listens on the address called, and a local
 user who binds a stopped worker's port would catch it. A proof is an HMAC,
-keyed by the token, over the address called, the time and a nonce:
+keyed by the token, over the address called, the time, a nonce and what
+the call may do (READ, or WRITE: Set, Remove, Handoff):
 
-    authorization: GC-Proof <ms>.<nonce>.<mac>
+    authorization: GC-Proof <ms>.<nonce>.<r|w>.<mac>
 
-The callee accepts it only for its own address, made no earlier than it
-began listening, and within WINDOW_S of its clock. What a squatter catches
-on a dead worker's port is therefore refused by every worker, the next one
-on that port included. Where a reply carries values (Get, GetMany, Peek,
-the Forward stream) or vouches for a member (Health/Check), the callee adds
-`x-groupcache-proof: HMAC(token, nonce)`: only a worker that knows the
-token can make it, so a caller takes values only from such a worker.
+The callee accepts it only for the one address it serves (the ring's name
+for it; no alias a local user could bind beside it), made no earlier than
+it began listening, and within WINDOW_S of its clock (so the boxes' clocks
+must agree to within that: NTP). What a squatter catches on a dead worker's
+port is therefore refused by every worker, the next one on that port
+included, and a read's proof never writes. Where a reply carries values
+(Get, GetMany, Peek, the Forward stream) or vouches for a member
+(Health/Check), the callee adds `x-groupcache-proof: HMAC(token, nonce)`:
+only a worker that knows the token can make it, so a caller takes values
+only from such a worker.
 
 Pure: no I/O, no RPC library; the clock is injectable for tests.
 """
@@ -29,6 +33,7 @@ from collections.abc import Callable, Iterable
 
 SCHEME = "GC-Proof"
 REPLY_KEY = "x-groupcache-proof"
+READ, WRITE = "r", "w"
 # How far a proof's time may be from the callee's clock (boxes' clocks
 # differ a little; a squatter's catch is refused by the listening time).
 WINDOW_S = 60.0
@@ -47,20 +52,20 @@ class PeerProofs:
         self._key = hashlib.sha256(_CONTEXT + token.encode()).digest()
         self._clock = clock
         self.addr: str | None = None  # the callee's own address in the ring
-        self.aliases: tuple[str, ...] = ()  # other names callers may dial it by
         self.since = math.inf  # when it began listening (epoch seconds)
-        self._recent: dict[str, tuple[str, float]] = {}  # proof -> (nonce, time made)
+        self._recent: dict[str, tuple[str, str, float]] = {}  # proof -> (nonce, scope, time made)
 
     def _mac(self, text: str) -> str:
         return base64.urlsafe_b64encode(hmac.digest(self._key, text.encode(), "sha256")[:24]).decode()
 
     # Caller side -----------------------------------------------------------
 
-    def make(self, target: str) -> tuple[str, str]:
-        """(authorization value, nonce) for one call to the worker at `target`."""
+    def make(self, target: str, scope: str = READ) -> tuple[str, str]:
+        """(authorization value, nonce) for one call to the worker at `target`
+        that may do `scope` (READ or WRITE)."""
         ms = int(self._clock() * 1000)
         nonce = secrets.token_urlsafe(12)
-        return f"{SCHEME} {ms}.{nonce}.{self._mac(f'call|{target}|{ms}|{nonce}')}", nonce
+        return f"{SCHEME} {ms}.{nonce}.{scope}.{self._mac(f'call|{target}|{ms}|{nonce}|{scope}')}", nonce
 
     def replied(self, nonce: str, metadata: Iterable[tuple[str, object]] | None) -> bool:
         """Whether reply metadata carries the callee's proof for `nonce`."""
@@ -72,43 +77,42 @@ class PeerProofs:
 
     # Callee side -----------------------------------------------------------
 
-    def listening(self, addr: str, since: float, aliases: Iterable[str] = ()) -> None:
-        """Accept proofs for `addr` (or one of `aliases`: the loopback names
-        of the same port) made at or after `since` (taken just before the
-        port was bound)."""
+    def listening(self, addr: str, since: float) -> None:
+        """Accept proofs for `addr` made at or after `since` (taken just
+        before the port was bound)."""
         self.addr, self.since = addr, since
-        self.aliases = tuple(a for a in aliases if a != addr)
         self._recent.clear()
 
-    def check(self, proof: str) -> str:
-        """The nonce of a valid proof (the part after the scheme); raises ProofError."""
+    def check(self, proof: str) -> tuple[str, str]:
+        """(nonce, scope) of a valid proof (the part after the scheme); raises ProofError."""
         recent = self._recent.get(proof)
         if recent is not None:
-            nonce, made = recent
+            nonce, scope, made = recent
             self._fresh(made)
-            return nonce
-        ms_text, _, rest = proof.strip().partition(".")
-        nonce, _, mac = rest.partition(".")
-        if not ms_text.isdigit() or not nonce or not mac or len(proof) > 200:
-            raise ProofError(f'a peer proof is "{SCHEME} <ms>.<nonce>.<mac>"')
+            return nonce, scope
+        parts = proof.strip().split(".")
+        if len(parts) != 4 or not parts[0].isdigit() or parts[2] not in (READ, WRITE) or len(proof) > 200:
+            raise ProofError(f'a peer proof is "{SCHEME} <ms>.<nonce>.<r|w>.<mac>"')
+        ms_text, nonce, scope, mac = parts
         if self.addr is None:
             raise ProofError("this worker is not listening yet")
-        if not any(
-            hmac.compare_digest(mac, self._mac(f"call|{addr}|{ms_text}|{nonce}")) for addr in (self.addr, *self.aliases)
-        ):
+        if not hmac.compare_digest(mac, self._mac(f"call|{self.addr}|{ms_text}|{nonce}|{scope}")):
             raise ProofError(f"the proof is not for this worker ({self.addr}) or not made with the cluster token")
         made = int(ms_text) / 1000.0
         self._fresh(made)
         if len(self._recent) >= _RECENT:
             self._recent.clear()
-        self._recent[proof] = (nonce, made)
-        return nonce
+        self._recent[proof] = (nonce, scope, made)
+        return nonce, scope
 
     def _fresh(self, made: float) -> None:
         if made < self.since:
             raise ProofError("the proof was made before this worker began listening")
         if abs(self._clock() - made) > WINDOW_S:
-            raise ProofError(f"the proof's time is more than {WINDOW_S:.0f}s from this worker's clock")
+            raise ProofError(
+                f"the proof's time is more than {WINDOW_S:.0f}s from this worker's clock "
+                "(are the boxes' clocks synced?)"
+            )
 
     def reply(self, nonce: str) -> tuple[tuple[str, str], ...]:
         """The reply metadata that proves this callee to the caller of `nonce`."""

@@ -143,3 +143,53 @@ async def test_a_member_joins_the_ring_only_once_its_address_proves_it_is_a_work
             await impostor.stop(0)
             if late is not None:
                 await late.stop(0)
+
+
+async def test_a_restarted_controller_keeps_the_workers_ring_and_outranks_its_predecessor(tmp_path, etcd_server):
+    """A controller that (re)starts knows no member yet: it must not push an
+    empty ring before its probes answer (workers would drop every peer), and
+    its decisions must win over the last one's within one etcd revision."""
+    from appliance.cluster.vetting import HealthProver
+
+    async with cluster(2, CountingOrigin(), admin_dir=tmp_path, token=TOKEN) as nodes:
+        sockets = [str(tmp_path / f"n{i}.sock") for i in range(2)]
+        installed: list[tuple[tuple[int, int], tuple[str, ...]]] = []
+        for n in nodes:
+            original = n.peers.set_peers
+
+            def recording(peers, revision, leases=None, generation=0, original=original):
+                applied = original(peers, revision, leases, generation)
+                if applied:
+                    installed.append(((revision, generation), tuple(sorted(peers))))
+                return applied
+
+            n.peers.set_peers = recording
+        admin = etcd_server.client()
+        lease = admin.lease(30)
+        for n in nodes:
+            admin.put(etcd.member_key("groupcache", n.addr), etcd.member_value(n.addr), lease=lease)
+        real = tuple(sorted(n.addr for n in nodes))
+        versions = []
+        try:
+            for _ in range(2):  # a controller, then its successor
+                ctl = Controller(
+                    etcd_server.client,
+                    "groupcache",
+                    lambda: sockets,
+                    push_interval=0.2,
+                    prover=HealthProver(TOKEN, None),
+                )
+                thread = threading.Thread(target=ctl.run, daemon=True)
+                thread.start()
+                try:
+                    await until(lambda ctl=ctl: ctl.ring_revision and ctl.peers == list(real), 10)
+                    version = (ctl.ring_revision, ctl.generation)
+                    await until(lambda v=version: all(n.peers.version >= v for n in nodes), 10)
+                    versions.append(version)
+                finally:
+                    ctl.stop_event.set()
+                    await asyncio.to_thread(thread.join, 10)
+        finally:
+            admin.close()
+        assert versions[1] > versions[0], versions  # the successor's ring outranks
+        assert installed and all(peers == real for _, peers in installed), installed  # never an empty or partial ring

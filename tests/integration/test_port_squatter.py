@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from appliance.node.node import Node
+from appliance.node.peer_proofs import READ, WRITE
 from appliance.pb import cache_pb2, groupcache_pb2
 from support.nodes import CountingOrigin, cluster, settings
 
@@ -129,7 +130,7 @@ async def test_a_replayed_proof_is_refused_by_every_other_worker():
     """A proof is for one address: caught anywhere, it opens nothing elsewhere."""
     origin = CountingOrigin()
     async with cluster(3, origin, auth=AUTH, token=TOKEN) as (a, b, c):
-        authorization, _ = a.instance.auth.proofs.make(b.addr)  # as A would call B
+        authorization, _ = a.instance.auth.proofs.make(b.addr, WRITE)  # as A would call B
         request = cache_pb2.SetRequest(group="g", key="k", value=b"x").SerializeToString()
         async with grpc.aio.insecure_channel(b.addr) as to_b, grpc.aio.insecure_channel(c.addr) as to_c:
             await to_b.unary_unary("/appliance.cache.Cache/Set")(
@@ -141,3 +142,34 @@ async def test_a_replayed_proof_is_refused_by_every_other_worker():
                 )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert f"not for this worker ({c.addr})" in refused.value.details()
+
+
+async def test_a_reads_proof_never_writes_and_another_name_of_the_port_is_refused():
+    """What a listener could catch from reads (Gets, Peeks, probes) cannot
+    Set or hand entries off; and a proof for `localhost:P`, a name a local
+    user could bind beside the worker's 127.0.0.1:P, opens nothing there."""
+    origin = CountingOrigin()
+    async with cluster(2, origin, auth=AUTH, token=TOKEN) as (a, b):
+        proofs = a.instance.auth.proofs
+        set_request = cache_pb2.SetRequest(group="g", key="k", value=b"x").SerializeToString()
+        handoff = cache_pb2.HandoffRequest(source=a.addr, group="g")
+        handoff.entries.add(key="k", value=b"planted", ttl=0)
+        async with grpc.aio.insecure_channel(b.addr) as to_b:
+            calls = {
+                "/appliance.cache.Cache/Set": set_request,
+                "/appliance.cache.Peer/Handoff": handoff.SerializeToString(),
+            }
+            for path, body in calls.items():
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await to_b.unary_unary(path)(
+                        body, metadata=(("authorization", proofs.make(b.addr, READ)[0]),), timeout=5
+                    )
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (path, refused.value)
+                assert "write scope" in refused.value.details()
+            port = b.addr.rpartition(":")[2]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await to_b.unary_unary("/appliance.cache.Cache/Set")(
+                    set_request, metadata=(("authorization", proofs.make(f"localhost:{port}", WRITE)[0]),), timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert b.groups["g"].main.get("k") is None  # nothing planted

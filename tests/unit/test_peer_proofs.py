@@ -7,7 +7,7 @@ import pytest
 
 from appliance.cache import errors
 from appliance.node.auth import CLUSTER, Authenticator, Credentials
-from appliance.node.peer_proofs import REPLY_KEY, SCHEME, WINDOW_S, PeerProofs, ProofError
+from appliance.node.peer_proofs import READ, REPLY_KEY, SCHEME, WINDOW_S, WRITE, PeerProofs, ProofError
 
 TOKEN = "unit-test-cluster-token-0123456789"
 ADDR = "127.0.0.1:7001"
@@ -27,11 +27,25 @@ def body(authorization: str) -> str:
     return rest
 
 
-def test_a_proof_for_the_callees_address_is_accepted_and_names_its_nonce():
+def test_a_proof_for_the_callees_address_is_accepted_and_names_its_nonce_and_scope():
     _, caller, callee = pair()
-    authorization, nonce = caller.make(ADDR)
-    assert callee.check(body(authorization)) == nonce
-    assert TOKEN not in authorization
+    for scope in (READ, WRITE):
+        authorization, nonce = caller.make(ADDR, scope)
+        assert callee.check(body(authorization)) == (nonce, scope)
+        assert callee.check(body(authorization)) == (nonce, scope)  # again: from the recent proofs
+        assert TOKEN not in authorization
+
+
+def tampered(authorization: str) -> str:
+    """The same proof with one character of its MAC changed (always a change)."""
+    last = authorization[-1]
+    return authorization[:-1] + ("A" if last != "A" else "B")
+
+
+def rescoped(authorization: str) -> str:
+    """A read's proof relabelled as a write's, its MAC kept."""
+    ms, nonce, _, mac = body(authorization).split(".")
+    return f"{SCHEME} {ms}.{nonce}.{WRITE}.{mac}"
 
 
 @pytest.mark.parametrize(
@@ -40,10 +54,20 @@ def test_a_proof_for_the_callees_address_is_accepted_and_names_its_nonce():
         (lambda caller, callee, clock: caller.make("127.0.0.1:7002")[0], "not for this worker"),
         (lambda caller, callee, clock: PeerProofs("another-token-0123456789").make(ADDR)[0], "not for this worker"),
         (lambda caller, callee, clock: (clock.__setitem__(0, 999.0), caller.make(ADDR)[0])[1], "before this worker"),
-        (lambda caller, callee, clock: caller.make(ADDR)[0][:-2] + "AA", "not for this worker"),
+        (lambda caller, callee, clock: tampered(caller.make(ADDR)[0]), "not for this worker"),
+        (lambda caller, callee, clock: rescoped(caller.make(ADDR, READ)[0]), "not for this worker"),
+        (lambda caller, callee, clock: caller.make("localhost:7001")[0], "not for this worker"),
         (lambda caller, callee, clock: SCHEME + " garbage", 'is "GC-Proof'),
     ],
-    ids=["other address", "other token", "made before listening", "tampered mac", "malformed"],
+    ids=[
+        "other address",
+        "other token",
+        "made before listening",
+        "tampered mac",
+        "a read's proof relabelled a write's",
+        "another name of the same port",
+        "malformed",
+    ],
 )
 def test_a_proof_that_does_not_hold_is_refused_with_its_reason(change, reason):
     clock, caller, callee = pair()
@@ -79,12 +103,17 @@ def test_a_reply_proves_the_callee_only_for_the_callers_nonce():
 
 
 def test_the_authenticator_takes_a_valid_proof_as_the_cluster_and_replies_only_to_it():
-    auth = Authenticator(tokens=[(CLUSTER, TOKEN, ("read", "write"))])
+    auth = Authenticator(reads_open=False, tokens=[(CLUSTER, TOKEN, ("read", "write"))])
     assert auth.proofs is not None
     auth.proofs.listening(ADDR, 0.0)
     authorization, nonce = PeerProofs(TOKEN).make(ADDR)
     creds = Credentials(authorization)
     assert auth.is_cluster(creds)
+    # A read's proof reads; only a write's proof writes (a Set, a Handoff).
+    assert auth.require("read", "Get", creds).name == CLUSTER
+    with pytest.raises(errors.PermissionDenied, match="write scope"):
+        auth.require("write", "Handoff", creds)
+    assert auth.require("write", "Set", Credentials(PeerProofs(TOKEN).make(ADDR, WRITE)[0])).name == CLUSTER
     assert PeerProofs(TOKEN).replied(nonce, auth.reply_proof(creds))
     forged = Credentials(f"{SCHEME} 1.nonce.mac")
     with pytest.raises(errors.Unauthenticated, match="peer proof refused"):

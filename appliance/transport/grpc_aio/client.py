@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ...cache import errors
-from ...node.peer_proofs import PeerProofs
+from ...node.peer_proofs import READ, WRITE, PeerProofs
 from ...node.peers import PeerFacts
 from ...pb import cache_pb2, groupcache_pb2
 from .. import wire
@@ -301,18 +301,21 @@ class GrpcPeerClient:
     def _connected(self) -> bool:
         return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
 
-    def _metadata(self) -> tuple[tuple, str | None]:
+    def _metadata(self, scope: str = READ) -> tuple[tuple, str | None]:
         """(call metadata, the proof's nonce): the forwarded marker, and a
-        fresh proof of the cluster token made for this peer's address."""
+        fresh proof of the cluster token made for this peer's address, for
+        a call that may do `scope` (WRITE: Set, Remove, Handoff)."""
         if self._proofs is None:
             return _METADATA, None
-        authorization, nonce = self._proofs.make(self.addr)
+        authorization, nonce = self._proofs.make(self.addr, scope)
         return (*_METADATA, ("authorization", authorization)), nonce
 
-    async def _call(self, method, request, timeout: float, *, proven: bool = False, unproven_ok: bool = False):
+    async def _call(
+        self, method, request, timeout: float, *, proven: bool = False, unproven_ok: bool = False, scope: str = READ
+    ):
         """(reply, call). `proven`: the reply's trailers must prove the peer
         (PeerError otherwise: its values are not taken)."""
-        metadata, nonce = self._metadata()
+        metadata, nonce = self._metadata(scope)
         call = method(request, timeout=timeout, metadata=metadata)
         try:
             reply = await call
@@ -478,11 +481,14 @@ class GrpcPeerClient:
 
     async def set(self, group: str, key: str, value: bytes, ttl: float, timeout: float | None) -> None:
         await self._call(
-            self._set, cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl), self._wait(timeout)
+            self._set,
+            cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl),
+            self._wait(timeout),
+            scope=WRITE,
         )
 
     async def remove(self, group: str, key: str, timeout: float | None) -> None:
-        await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), self._wait(timeout))
+        await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), self._wait(timeout), scope=WRITE)
 
     async def peek(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float] | None:
         # The caller's own short deadline, not a share of it: a peek has no fallback to leave time for.
@@ -502,7 +508,8 @@ class GrpcPeerClient:
         add = request.entries.add
         for key, value, ttl in entries:
             add(key=key, value=value, ttl=ttl)
-        response, _ = await self._call(self._handoff, request, timeout if timeout is not None else self._max_wait)
+        wait = timeout if timeout is not None else self._max_wait
+        response, _ = await self._call(self._handoff, request, wait, scope=WRITE)
         return response.accepted, response.refused
 
     async def close(self, grace: float | None = None) -> None:
