@@ -58,6 +58,17 @@ class Squatter:
 
         if method == "/groupcachepb.GroupCache/Get":
             return unary(planted)
+        if method == "/appliance.cache.Cache/GetMany":
+
+            async def many(request, context):
+                self._seen(method, context)
+                keys = cache_pb2.GetManyRequest.FromString(request).keys
+                reply = cache_pb2.GetManyResponse()
+                for key in keys:
+                    reply.results.add(key=key, value=PLANTED)
+                return reply.SerializeToString()
+
+            return grpc.unary_unary_rpc_method_handler(many)
         if method == "/appliance.cache.Peer/Peek":
             return unary(cache_pb2.PeekResponse(found=True, response=planted).SerializeToString())
         if method == "/grpc.health.v1.Health/Check":
@@ -87,13 +98,17 @@ async def test_a_squatter_on_a_stopped_workers_port_catches_no_token_and_plants_
     async with cluster(2, origin, auth=AUTH, token=TOKEN) as (a, b):
         b_addr, b_port = b.addr, b.port
         forwarded = owned_by(a, b_addr, "fwd", 5)
+        batched = owned_by(a, b_addr, "many", 5)
         peeked = owned_by(a, b_addr, "peek", 5)
-        origin.data.update({k: f"value:{k}".encode() for k in forwarded + peeked})
+        origin.data.update({k: f"value:{k}".encode() for k in forwarded + batched + peeked})
         await b.stop(0)
         squatter = Squatter(b_addr)
         await squatter.server.start()
         try:
-            # B is still in A's ring: A forwards B's keys to the squatter.
+            # B is still in A's ring: A forwards B's keys to the squatter (a
+            # batch first, while A has no reason yet not to ask it).
+            many = await a.instance.get_many("g", batched)
+            assert [e.value for e in many] == [f"value:{k}".encode() for k in batched]
             for key in forwarded:
                 assert (await a.groups["g"].get(key)).value == f"value:{key}".encode()
             # B leaves A's ring: A asks it, a previous owner, before the origin.
@@ -101,6 +116,7 @@ async def test_a_squatter_on_a_stopped_workers_port_catches_no_token_and_plants_
             for key in peeked:
                 assert (await a.groups["g"].get(key)).value == f"value:{key}".encode()
             methods = {m for m, _ in squatter.calls}
+            assert "/appliance.cache.Cache/GetMany" in methods, methods
             assert methods & {"/groupcachepb.GroupCache/Get", "/appliance.cache.Peer/Forward"}, methods
             assert "/appliance.cache.Peer/Peek" in methods, methods
             caught = squatter.authorizations()

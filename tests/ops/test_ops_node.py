@@ -584,12 +584,16 @@ async def test_with_a_cluster_token_only_a_proven_peer_goes_free_from_the_rings_
             assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
             if node.backend != "grpcio":
                 return  # Forward streams go to grpc.aio on every backend: one run is enough
-            stream = cache_pb2_grpc.PeerStub(ch).Forward(timeout=5)
-            for i in range(4):
-                await stream.write(cache_pb2.ForwardRequest(id=i + 1, group="g", key="k", timeout=2))
-            await stream.done_writing()
-            answers = [r async for r in stream]
-            assert [a.reason for a in answers].count("RATE_LIMITED") >= 3, answers
+
+            async def forward(metadata=None):
+                stream = cache_pb2_grpc.PeerStub(ch).Forward(timeout=5, metadata=metadata)
+                for i in range(4):
+                    await stream.write(cache_pb2.ForwardRequest(id=i + 1, group="g", key="k", timeout=2))
+                await stream.done_writing()
+                return [r.reason for r in [r async for r in stream]]
+
+            assert await forward(proven()) == [""] * 4  # a peer's stream: free, though the bucket is empty
+            assert (await forward()).count("RATE_LIMITED") >= 3  # anyone else's: each Get takes a token
 
 
 # Logs --------------------------------------------------------------------------
