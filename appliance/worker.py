@@ -19,8 +19,8 @@ from .cluster import etcd
 from .cluster.registry import Registration, call_timeout
 from .config import Settings
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
-from .node.node import Node
 from .origins import build_origin
+from .serving import Node
 from .tokens import read_token
 
 log = logging.getLogger(__name__)

@@ -166,7 +166,7 @@ def start_worker(
     server: str = "native",
     forward: str = "",
 ) -> tuple[Proc, int, Path]:
-    """A real cache node (appliance.node.node.Node) in its own process, on
+    """A real cache node (appliance.serving.Node) in its own process, on
     the given server backend (native | grpcio)."""
     port = port or free_port()
     admin = OUT / f"{name}.sock"

@@ -3,7 +3,7 @@
     servers.py worker --port P --admin SOCK --ready FILE [--server engine|native|grpcio]
                       [--peers A,B] [--mirror 0] [--delay-ms 50] [--cache-bytes 256MiB]
                       [--forward stream|unary]
-        A real cache node: appliance.node.node.Node with the product's
+        A real cache node: appliance.serving.Node with the product's
         services on the given server backend, one group "bench" whose
         Python loader returns N bytes for a key named "v<N>-<anything>"
         (100 bytes for any other key) after --delay-ms, or after <ms> for a
@@ -109,7 +109,7 @@ def time_hits(path: str) -> None:
 async def worker(args) -> None:
     from appliance import logs
     from appliance.config import Settings
-    from appliance.node.node import Node
+    from appliance.serving import Node
 
     logs.setup("info", "bench-worker")  # as `appliance worker` does
     settings = Settings(

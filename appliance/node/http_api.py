@@ -44,7 +44,7 @@ from .instance import told
 if TYPE_CHECKING:
     import ssl
 
-    from .node import Node
+    from ..serving import Node
     from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from ..cache.errors import InvalidRequest, KeyNotFound
 from ..logs import event
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..serving import Node
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,7 @@ async def test_set_peers_on_admin_socket_ignores_stale_revisions(tmp_path):
 
 
 def test_admin_address_must_be_local():
-    from appliance.node.node import Node
+    from appliance.serving import Node
     from support.nodes import settings
 
     with pytest.raises(ValueError, match="unix socket or a loopback"):

@@ -14,9 +14,9 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2
 
-from appliance.node.node import Node
 from appliance.node.peers import PeerFacts
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from appliance.serving import Node
 from support.nodes import CountingOrigin, settings
 
 DEADLINE = 8.0  # half: 4 s; waiting out a live owner: up to 7.9 s

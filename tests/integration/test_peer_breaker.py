@@ -20,9 +20,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from appliance.node.node import Node
 from appliance.node.peers import PeerFacts
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from appliance.serving import Node
 from support.nodes import CountingOrigin, settings
 
 pytestmark = pytest.mark.usefixtures("backend")

@@ -21,9 +21,9 @@ import contextlib
 import grpc
 import pytest
 
-from appliance.node.node import Node
 from appliance.node.peers import PeerFacts
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from appliance.serving import Node
 from support.nodes import CountingOrigin, settings
 
 pytestmark = pytest.mark.usefixtures("backend")

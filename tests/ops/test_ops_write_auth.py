@@ -163,7 +163,7 @@ async def test_reads_can_require_a_credential_too(creds, tmp_path):
 
 @pytest.mark.usefixtures("backend")
 async def test_http_reads_follow_the_same_rule(creds):
-    from appliance.node.node import Node
+    from appliance.serving import Node
     from support.nodes import settings
 
     s = settings(auth={**creds["auth"], "reads": "authenticated"})

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from appliance.config import Settings
-from appliance.node.node import Node
+from appliance.serving import Node
 
 
 class CountingOrigin:

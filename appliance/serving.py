@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from .. import addr as addrs
-from .. import tls as tlsmod
-from .. import transport
-from ..logs import event
-from ..pb import admin_pb2_grpc
-from .admin import AdminService
-from .auth import Authenticator
-from .instance import HandoffReport, NodeInstance
-from .metrics import NodeMetrics
-from .peers import Peers
+from . import addr as addrs
+from . import tls as tlsmod
+from . import transport
+from .logs import event
+from .node.admin import AdminService
+from .node.auth import Authenticator
+from .node.instance import HandoffReport, NodeInstance
+from .node.metrics import NodeMetrics
+from .node.peers import Peers
+from .pb import admin_pb2_grpc
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from .http_api import HttpApi
+    from .config import Settings
+    from .node.http_api import HttpApi
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Node:
         )
 
     async def _start_http(self, port: int) -> None:
-        from .http_api import HttpApi
+        from .node.http_api import HttpApi
 
         api = HttpApi(
             self,
