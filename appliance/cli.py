@@ -40,8 +40,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
+    from .box_run import Appliance, check_ports
     from .config import load_settings
-    from .supervision.run import Appliance, check_ports
 
     settings, path = _settings(args)
     logs.setup(settings.node.log_level, "run")

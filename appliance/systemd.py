@@ -102,7 +102,7 @@ def _check_user(user: str) -> None:
 def timeout_stop(node: NodeSettings) -> int:
     """The unit's TimeoutStopSec for these node settings: more than the
     longest ordered stop of `appliance run` (see ``shutdown_time``)."""
-    from .supervision.run import shutdown_time  # here: the CLI need not load supervisor's modules
+    from .box_run import shutdown_time  # here: the CLI need not load supervisor's modules
 
     return math.ceil(shutdown_time(node)) + STOP_TIMEOUT_MARGIN
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..node.peer_proofs import READ, WRITE, PeerProofs
-from ..transport.grpc_aio.client import PEER_CHANNEL_OPTIONS
+from ..transport.peer_client import PEER_CHANNEL_OPTIONS
 from .follow import EtcdMembers, Follower
 from .routing import METHODS, REMOVE, SET, HotKeys, Method, Pool, Router, checked_str, deadline_of, peer_list
 

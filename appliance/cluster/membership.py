@@ -30,12 +30,6 @@ class MembershipError(Exception):
     says what to do."""
 
 
-def _peer_url(settings: Settings, host: str) -> str:
-    from ..supervision.conf import peer_url
-
-    return peer_url(settings, host)
-
-
 def _client(settings: Settings, endpoints: list[str] | None = None, timeout: float = 2.0) -> Any:
     cluster = settings.cluster
     if endpoints is not None:
@@ -59,7 +53,7 @@ def join_state(settings: Settings) -> str:
     if data.exists():
         return "new"  # etcd reads its membership from its data; the flag is ignored
     host = settings.node.host
-    mine = _peer_url(settings, host)
+    mine = settings.etcd_peer_url(host)
     others = [e for e in settings.cluster.etcd if addrs.split(e)[0] != host]
     try:
         found = members(settings, others, timeout=1.5)
@@ -85,7 +79,7 @@ def join_state(settings: Settings) -> str:
 def add_member(settings: Settings, host: str, wait: float = 15.0) -> Any:
     """Add the member of the box `host` (not started yet) to the cluster,
     waiting up to `wait` seconds for the cluster to accept a member."""
-    url = _peer_url(settings, host)
+    url = settings.etcd_peer_url(host)
     if any(url in list(m.peer_urls) for m in members(settings)):
         raise MembershipError(f"{url} is already a member")
     # Its own endpoint cannot answer yet (it is added before it starts).
@@ -109,10 +103,8 @@ def add_member(settings: Settings, host: str, wait: float = 15.0) -> Any:
 
 def remove_member(settings: Settings, host: str) -> Any:
     """Remove the member of the box `host` (by its peer URL or name)."""
-    url = _peer_url(settings, host)
-    from ..supervision.conf import member_name
-
-    found = [m for m in members(settings) if url in list(m.peer_urls) or m.name == member_name(host)]
+    url = settings.etcd_peer_url(host)
+    found = [m for m in members(settings) if url in list(m.peer_urls) or m.name == settings.etcd_member_name(host)]
     if not found:
         raise MembershipError(f"no member has the peer URL {url}")
     client = _client(settings)

@@ -741,6 +741,15 @@ class Settings(BaseSettings):
         for one box: a free port at each start)."""
         return self.cluster.etcd_peer_port or (2380 if self.etcd_clustered() else 0)
 
+    def etcd_member_name(self, host: str) -> str:
+        """The etcd member name of the box whose node.host is `host`."""
+        return f"appliance-{host}"
+
+    def etcd_peer_url(self, host: str) -> str:
+        """The peer URL of the member on `host` (https when the cluster uses TLS)."""
+        scheme = "https" if self.etcd_clustered() and self.tls.enabled else "http"
+        return f"{scheme}://{join_hostport(host, self.etcd_peer_port())}"
+
     def etcd_tls(self) -> tuple[Path | None, Path | None, Path | None] | None:
         """(ca, cert, key) to talk to etcd over TLS, or None: the cluster's
         own etcd_ca/etcd_cert/etcd_key, else, for an embedded cluster with

@@ -164,19 +164,8 @@ password={password}
     return "".join(parts)
 
 
-def member_name(host: str) -> str:
-    """The etcd member name of the box whose node.host is `host`."""
-    return f"appliance-{host}"
-
-
 def _url(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{addrs.join(host, port)}"
-
-
-def peer_url(settings: Settings, host: str) -> str:
-    """The peer URL of the member on `host` (https when the cluster uses TLS)."""
-    scheme = "https" if settings.etcd_clustered() and settings.tls.enabled else "http"
-    return _url(scheme, host, settings.etcd_peer_port())
 
 
 def etcd_flags(settings: Settings, *, etcd_peer_port: int | None = None, cluster_state: str = "new") -> list[str]:
@@ -198,11 +187,11 @@ def etcd_flags(settings: Settings, *, etcd_peer_port: int | None = None, cluster
         host, port = addrs.split(settings.etcd_member_endpoint())
         tls = settings.tls
         client_url = _url("https" if tls.enabled else "http", host, port)
-        peer = peer_url(settings, host)
-        members = ",".join(f"{member_name(h)}={peer_url(settings, h)}" for h, _ in c.endpoints())
+        peer = settings.etcd_peer_url(host)
+        members = ",".join(f"{settings.etcd_member_name(h)}={settings.etcd_peer_url(h)}" for h, _ in c.endpoints())
         flags.update(
             {
-                "--name": member_name(host),
+                "--name": settings.etcd_member_name(host),
                 "--initial-cluster": members,
                 "--initial-cluster-state": cluster_state,
                 "--initial-cluster-token": f"appliance-{c.service}",

@@ -13,9 +13,9 @@ from ..node.peer_proofs import PeerProofs
 from ..node.peers import PeerClient, PeerFacts
 from ..node.ratelimit import RateLimiter, TokenBuckets, TrustedPeers
 from . import wire
-from .grpc_aio.client import PEER_CHANNEL_OPTIONS, GrpcPeerClient, channel
-from .grpc_aio.services import GET_SERVICE
 from .health import Health
+from .methods import GET_SERVICE
+from .peer_client import PEER_CHANNEL_OPTIONS, GrpcPeerClient, channel
 
 if TYPE_CHECKING:
     from ..config import Settings

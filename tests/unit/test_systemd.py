@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.box_run import shutdown_time
 from appliance.config import NodeSettings
-from appliance.supervision.run import shutdown_time
 from appliance.systemd import (
     DEFAULT_USER,
     REPO_EXEC_PATH,

@@ -22,6 +22,7 @@ from ...node.ratelimit import RateLimiter, client_address
 from ...pb import cache_pb2, groupcache_pb2
 from .. import messages
 from ..metadata import is_forwarded, ttl_trailer
+from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
 from ..status import failure, internal_failure, rate_limited_failure
 
 if TYPE_CHECKING:
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GET_SERVICE = "groupcachepb.GroupCache"
-CACHE_SERVICE = "appliance.cache.Cache"
-PEER_SERVICE = "appliance.cache.Peer"
 _MALFORMED = errors.InvalidRequest("malformed request")
 
 

@@ -14,8 +14,9 @@ from ...cache import errors
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2
 from .. import messages
+from ..methods import PEER_SERVICE
 from ..status import failure, internal_failure
-from .services import PEER_SERVICE, ServicerContext, credentials
+from .services import ServicerContext, credentials
 
 if TYPE_CHECKING:
     from ...node.instance import NodeInstance

@@ -44,8 +44,9 @@ from ...pb import cache_pb2, groupcache_pb2
 from .. import health, messages
 from ..base import BaseTransport
 from ..grpc_aio.server import REFLECTED, add_services
-from ..grpc_aio.services import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE, PeerService, peer_trailers
+from ..grpc_aio.services import PeerService, peer_trailers
 from ..metadata import FORWARDED
+from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
 from ..status import Failure, failure, internal_failure, rate_limited_failure
 from .loop import lock_of
 

@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from ...cache import errors
-from ...node.peer_proofs import READ, WRITE, PeerProofs
-from ...node.peers import PeerFacts
-from ...pb import cache_pb2, groupcache_pb2
-from .. import wire
-from ..metadata import FORWARDED, ttl_from_trailers
-from ..status import error_of, from_rpc_error, owner_error
+from ..cache import errors
+from ..node.peer_proofs import READ, WRITE, PeerProofs
+from ..node.peers import PeerFacts
+from ..pb import cache_pb2, groupcache_pb2
+from . import wire
+from .metadata import FORWARDED, ttl_from_trailers
+from .status import error_of, from_rpc_error, owner_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,13 +21,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .. import addr as addrs
-from .. import host
-from ..cluster import membership
-from ..config import NodeSettings, Settings, dirs
-from ..tokens import ensure_token_file
-from . import conf, rpc
-from .files import private_dir, write_private
+from . import addr as addrs
+from . import host
+from .cluster import membership
+from .config import NodeSettings, Settings, dirs
+from .supervision import conf, rpc
+from .supervision.files import private_dir, write_private
+from .tokens import ensure_token_file
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _wait_in_ring(settings: Settings, index: int, timeout: float, others: Sequen
     its keys to it too, and the others forward to it)."""
     import grpc
 
-    from ..admin_client import AdminClient
+    from .admin_client import AdminClient
 
     addr = settings.node.address(index)
     deadline = time.monotonic() + timeout
