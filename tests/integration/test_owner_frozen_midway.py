@@ -9,55 +9,21 @@ every server backend: one run, on the default one.
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
-from grpc_health.v1 import health_pb2
 
 from appliance.node.peers import PeerFacts
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from appliance.serving import Node
+from support.fake_peers import FrozenPeer
 from support.nodes import CountingOrigin, settings
 
 DEADLINE = 8.0  # half: 4 s; waiting out a live owner: up to 7.9 s
 ORIGIN_S = 1.0  # a local load after 7.9 s would miss the deadline
 
 
-class FreezesAfterOneProbe:
-    """Answers the first Health/Check (SERVING), then nothing at all."""
-
-    def __init__(self) -> None:
-        self.health_answers = 0
-        self.asked: list[str] = []
-        self.server = grpc.aio.server()
-        self.server.add_generic_rpc_handlers((self,))
-        self.addr = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-
-    def service(self, details):
-        method = details.method
-        if method.endswith("/Forward"):
-
-            async def stream(requests, context):
-                async for _ in requests:
-                    self.asked.append(method)
-                await asyncio.Event().wait()  # until the caller cancels
-                yield b""  # pragma: no cover
-
-            return grpc.stream_stream_rpc_method_handler(stream)
-
-        async def unary(request, context):
-            self.asked.append(method)
-            if method == "/grpc.health.v1.Health/Check" and self.health_answers == 0:
-                self.health_answers += 1
-                return health_pb2.HealthCheckResponse(status=1).SerializeToString()
-            await asyncio.Event().wait()  # frozen: until the caller's deadline
-
-        return grpc.unary_unary_rpc_method_handler(unary)
-
-
 async def test_an_owner_that_freezes_while_waited_for_is_left_in_time(monkeypatch):
     monkeypatch.setattr(PeerFacts, "DOWN_MIN_S", 60.0)  # no background probe comes due by itself
-    peer = FreezesAfterOneProbe()
+    peer = FrozenPeer(health_answers=1)
     await peer.server.start()
     data = {f"k{i}": f"v{i}".encode() for i in range(200)}
     origin = CountingOrigin(data, delay=ORIGIN_S)
@@ -72,7 +38,7 @@ async def test_an_owner_that_freezes_while_waited_for_is_left_in_time(monkeypatc
             stub = groupcache_pb2_grpc.GroupCacheStub(channel)
             reply = await stub.Get(groupcache_pb2.GetRequest(group="g", key=key), timeout=DEADLINE)
         assert reply.value == data[key] and origin.calls == [key]  # loaded here
-        assert peer.health_answers == 1 and peer.asked.count("/grpc.health.v1.Health/Check") >= 2, peer.asked
+        assert peer.health_answered == 1 and peer.calls.count("/grpc.health.v1.Health/Check") >= 2, peer.calls
     finally:
         await node.stop(0)
         await peer.server.stop(0)

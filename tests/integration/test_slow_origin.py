@@ -24,6 +24,7 @@ import pytest
 from appliance.node.peers import PeerFacts
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from appliance.serving import Node
+from support.fake_peers import FrozenPeer
 from support.nodes import CountingOrigin, settings
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -98,36 +99,6 @@ async def test_a_slow_origin_loads_each_key_once_for_get_many_too():
         assert gets == [data[k] for k in keys]
         assert {r.key: (r.code, r.value) for r in reply.results} == {k: (0, data[k]) for k in keys}
         assert asker.groups["g"].stats.peer_errors == 0
-
-
-class FrozenPeer:
-    """A gRPC server that takes every call (Peer/Forward, Get, Health/Check,
-    ...) and answers none, as a frozen (SIGSTOP'd) owner whose connection is
-    still up."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.server = grpc.aio.server()
-        self.server.add_generic_rpc_handlers((self,))
-        self.addr = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-
-    def service(self, details):
-        method = details.method
-        if method.endswith("/Forward"):
-
-            async def stream(requests, context):
-                async for _ in requests:
-                    self.calls.append(method)
-                await asyncio.Event().wait()  # until the caller cancels
-                yield b""  # pragma: no cover
-
-            return grpc.stream_stream_rpc_method_handler(stream)
-
-        async def unary(request, context):
-            self.calls.append(method)
-            await asyncio.Event().wait()  # until the caller's deadline
-
-        return grpc.unary_unary_rpc_method_handler(unary)
 
 
 @contextlib.asynccontextmanager
