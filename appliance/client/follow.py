@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("appliance.client")
 
-FIRST_BACKOFF = 0.1
 # Posted to wake a driver that is stopping; no watch has number -1.
 STOP = (-1, None)
 
@@ -210,7 +209,8 @@ class Follower:
     def steps(self, post: Callable[[int, object], None]) -> Generator[Step, Done, None]:
         """The follow loop; `post(watch, item)` must queue an item for the
         driver's Wait, from any thread."""
-        backoff = FIRST_BACKOFF
+        # Capped at poll_interval: with no watch, a re-read that often.
+        backoff = etcd.Backoff(cap=self.members.poll_interval)
         while True:
             try:
                 if self._client is None:
@@ -228,7 +228,7 @@ class Follower:
                         if isinstance(response, BaseException):
                             raise response
                         self.reset(*etcd.apply_events(self._state, self._revision, response))
-                    backoff = self._working()
+                    self._working(backoff)
             except Exception as exc:
                 # Once per outage, not once per retry.
                 level = logging.WARNING if self._healthy else logging.DEBUG
@@ -242,16 +242,14 @@ class Follower:
                     self.members.poll_interval,
                 )
                 (yield Call(self.release)).result()
-                until = time.monotonic() + backoff
+                until = time.monotonic() + backoff.next()
                 while (left := until - time.monotonic()) > 0:
                     yield Wait(left)  # a given-up watch may still post: dropped
-                # Capped at poll_interval: with no watch, a re-read that often.
-                backoff = min(backoff * 2, self.members.poll_interval)
 
-    def _working(self) -> float:
+    def _working(self, backoff: etcd.Backoff) -> None:
         """The watch proved itself (an event, or a re-read while quiet): the
         backoff starts over."""
         if not self._healthy:
             self._healthy = True
             log.info("ring watch on %s is back at revision %d", self.members, self._revision)
-        return FIRST_BACKOFF
+        backoff.reset()

@@ -116,20 +116,19 @@ class BoxOps(threading.Thread):
 
     def run(self) -> None:
         client = None
-        backoff = 0.2
+        backoff = etcd.Backoff()
         try:
             while not self._stopping.is_set():
                 try:
                     if client is None:
                         client = self._connect()
                     self._serve(client)
-                    backoff = 0.2
+                    backoff.reset()
                 except Exception as exc:
                     if self._stopping.is_set():
                         break
                     log.debug("box operations: etcd watch lost (%s: %s)", type(exc).__name__, exc)
-                    self._stopping.wait(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    self._stopping.wait(backoff.next())
         finally:
             if client is not None:
                 try:

@@ -73,7 +73,7 @@ class Controller:
     def run(self) -> None:
         # One client for the controller's life: the members it found failing
         # stay skipped (etcd.call), so a resync goes to another at once.
-        backoff = 0.1
+        backoff = etcd.Backoff()
         client = None
         try:
             while not self.stop_event.is_set():
@@ -81,7 +81,7 @@ class Controller:
                     if client is None:
                         client = self.etcd_client = self._connect()
                     self._sync(client)
-                    backoff = 0.1
+                    backoff.reset()
                 except Exception as exc:
                     if self.stop_event.is_set():
                         break
@@ -100,11 +100,12 @@ class Controller:
                             )
                         self._outage = True
                     else:
-                        log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff)
+                        log.warning(
+                            "etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff.current
+                        )
                     # Keep pushing the last ring: workers keep serving on it.
                     self.push(everyone=True)
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, 1.0)
+                    self.stop_event.wait(backoff.next())
         finally:
             if client is not None:
                 try:

@@ -85,6 +85,29 @@ def parse_member(key: bytes | str, value: bytes | str) -> tuple[str, dict | None
     return addr, metadata if isinstance(metadata, dict) else None
 
 
+class Backoff:
+    """How long to wait before trying etcd again, for every loop that keeps
+    a watch or a lease (registry, controller, box operations, the client's
+    ring follower): FIRST_S, doubling to `cap` (CAP_S unless a caller's own
+    cadence is slower); reset() once etcd answers again."""
+
+    FIRST_S = 0.1
+    CAP_S = 1.0
+
+    def __init__(self, cap: float = CAP_S) -> None:
+        self.cap = cap
+        self.current = self.FIRST_S
+
+    def reset(self) -> None:
+        self.current = self.FIRST_S
+
+    def next(self) -> float:
+        """The wait now; the one after doubles, up to the cap."""
+        wait = self.current
+        self.current = min(self.current * 2, self.cap)
+        return wait
+
+
 # A member that failed a call is skipped this long (python3-etcd3 marks it;
 # `call` revives them all when every one is marked, so one endpoint is
 # retried at once).

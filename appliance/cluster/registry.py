@@ -72,13 +72,13 @@ class Registration(threading.Thread):
         self._lease: Any = None
 
     def run(self) -> None:
-        backoff = 0.1
+        backoff = etcd.Backoff()
         while not self._stopping.is_set():
             try:
                 if self._client is None:
                     self._client = self._connect()
                 self._register()
-                backoff = 0.1
+                backoff.reset()
                 self._keep_alive()
             except LeaseGone as exc:
                 if self._stopping.is_set():
@@ -89,9 +89,9 @@ class Registration(threading.Thread):
                 if self._stopping.is_set():
                     break
                 self.registered.clear()
-                log.warning("cannot register %s (%s); retrying in %.1fs", self.key, etcd.describe(exc), backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
+                wait = backoff.next()
+                log.warning("cannot register %s (%s); retrying in %.1fs", self.key, etcd.describe(exc), wait)
+                self._stopping.wait(wait)
 
     def _register(self) -> None:
         client = self._client

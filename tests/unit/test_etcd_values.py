@@ -47,3 +47,16 @@ def test_watch_events_at_or_before_the_read_revision_are_skipped():
     after, revision = etcd.apply_events(members, 10, response)
     assert (sorted(m.addr for m in after.values()), revision) == (["c:1"], 12)
     assert members == {"groupcache/a:1": etcd.Member("a:1", None)}  # not changed in place
+
+
+def test_every_etcd_retry_loop_backs_off_the_same_way():
+    """etcd.Backoff: 0.1 s, doubling to the cap (1 s, or a caller's slower
+    cadence), back to 0.1 s once etcd answers."""
+    from appliance.cluster.etcd import Backoff
+
+    backoff = Backoff()
+    assert [backoff.next() for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    backoff.reset()
+    assert backoff.next() == 0.1
+    slow = Backoff(cap=5.0)
+    assert [slow.next() for _ in range(8)][-1] == 5.0
