@@ -299,7 +299,10 @@ class GrpcPeerClient:
                 return  # silent since we asked: no longer worth waiting for
 
     def _connected(self) -> bool:
-        return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        try:
+            return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        except Exception:  # closed under us by a ring change (grpc.aio.UsageError)
+            return False
 
     def _metadata(self, scope: str = READ) -> tuple[tuple, str | None]:
         """(call metadata, the proof's nonce): the forwarded marker, and a
@@ -316,8 +319,8 @@ class GrpcPeerClient:
         """(reply, call). `proven`: the reply's trailers must prove the peer
         (PeerError otherwise: its values are not taken)."""
         metadata, nonce = self._metadata(scope)
-        call = method(request, timeout=timeout, metadata=metadata)
         try:
+            call = method(request, timeout=timeout, metadata=metadata)
             reply = await call
             if proven and nonce is not None and not unproven_ok:
                 assert self._proofs is not None  # a nonce comes from proofs
@@ -413,7 +416,10 @@ class GrpcPeerClient:
             metadata, nonce = self._metadata()
             proofs = self._proofs
             proven = None if proofs is None or nonce is None else (lambda md, n=nonce: proofs.replied(n, md))
-            stream = self._stream = ForwardStream(self._forward, metadata, proven)
+            try:
+                stream = self._stream = ForwardStream(self._forward, metadata, proven)
+            except Exception as err:  # channel closed under us by a ring change
+                raise errors.PeerError(f"{self.addr}: {err}") from None
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
