@@ -516,8 +516,8 @@ class EngineTransport(NativeTransport):
         """What the engine refused before any call reached Python."""
         if self._front is None:
             return {"request_bytes": 0, "connections": 0}
-        messages, connections = self._front.refusals()
-        return {"request_bytes": messages, "connections": connections}
+        requests, connections = self._front.refusals()
+        return {"request_bytes": requests, "connections": connections}
 
     def _tls_files(self) -> dict[str, Any]:
         tls = self.settings.tls
