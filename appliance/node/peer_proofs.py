@@ -53,7 +53,8 @@ class PeerProofs:
         self._clock = clock
         self.addr: str | None = None  # the callee's own address in the ring
         self.since = math.inf  # when it began listening (epoch seconds)
-        self._recent: dict[str, tuple[str, str, float]] = {}  # proof -> (nonce, scope, time made)
+        self._since_ms = math.inf
+        self._recent: dict[str, tuple[str, str, int]] = {}  # proof -> (nonce, scope, ms made)
 
     def _mac(self, text: str) -> str:
         return base64.urlsafe_b64encode(hmac.digest(self._key, text.encode(), "sha256")[:24]).decode()
@@ -81,6 +82,9 @@ class PeerProofs:
         """Accept proofs for `addr` made at or after `since` (taken just
         before the port was bound)."""
         self.addr, self.since = addr, since
+        # Proofs carry whole milliseconds: one made in the millisecond of
+        # the bind (truncated below `since`) is not from before it.
+        self._since_ms = math.floor(since * 1000)
         self._recent.clear()
 
     def check(self, proof: str) -> tuple[str, str]:
@@ -98,17 +102,18 @@ class PeerProofs:
             raise ProofError("this worker is not listening yet")
         if not hmac.compare_digest(mac, self._mac(f"call|{self.addr}|{ms_text}|{nonce}|{scope}")):
             raise ProofError(f"the proof is not for this worker ({self.addr}) or not made with the cluster token")
-        made = int(ms_text) / 1000.0
+        made = int(ms_text)
         self._fresh(made)
         if len(self._recent) >= _RECENT:
             self._recent.clear()
         self._recent[proof] = (nonce, scope, made)
         return nonce, scope
 
-    def _fresh(self, made: float) -> None:
-        if made < self.since:
+    def _fresh(self, made: int) -> None:
+        """`made`: the proof's time in milliseconds."""
+        if made < self._since_ms:
             raise ProofError("the proof was made before this worker began listening")
-        if abs(self._clock() - made) > WINDOW_S:
+        if abs(self._clock() - made / 1000.0) > WINDOW_S:
             raise ProofError(
                 f"the proof's time is more than {WINDOW_S:.0f}s from this worker's clock "
                 "(are the boxes' clocks synced?)"

@@ -126,3 +126,16 @@ def test_a_node_without_the_cluster_token_refuses_proofs():
     auth = Authenticator()
     with pytest.raises(errors.Unauthenticated, match="no cluster token"):
         auth.authenticate(Credentials(PeerProofs(TOKEN).make(ADDR)[0]))
+
+
+def test_a_proof_made_in_the_millisecond_of_the_bind_is_accepted_and_one_before_it_is_not():
+    """Proofs carry whole milliseconds: a peer calling a worker that has
+    just bound (the same millisecond, truncated below its start) is served;
+    a millisecond earlier is before it listened (a squatter's catch)."""
+    clock, caller, callee = pair(now=1000.0007)
+    callee.check(body(caller.make(ADDR)[0]))  # 1000000 ms, made at 1000.0007 s
+    clock[0] = 999.9995
+    early = caller.make(ADDR)[0]
+    clock[0] = 1000.0007
+    with pytest.raises(ProofError, match="before this worker"):
+        callee.check(body(early))
