@@ -202,6 +202,11 @@ async def test_the_metrics_endpoint_bounds_connections_and_asks_workers_once_a_s
             for s in held:
                 s.close()
             held = []
+            # A slot is free once its thread sees the close (it releases the
+            # slot before it ends): a scrape before then is refused too.
+            deadline = time.monotonic() + 5
+            while threading.active_count() > before and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             # Each refused connection is counted, and a scrape says so.
             counted = samples(await asyncio.to_thread(scrape))
             assert value(counted, "groupcache_box_refusals_total", limit="metrics_connections") == 20

@@ -1,15 +1,24 @@
-"""Free loopback ports for tests."""
+"""Free loopback ports for tests.
+
+Ports are picked below the kernel's ephemeral range: outgoing connections
+take their source ports from that range, so a port picked free there (as
+port 0 picks) can be taken by another test's client before the server we
+start binds it (an etcd fixture failed so in CI)."""
 
 from __future__ import annotations
 
 import random
 import socket
 
+_LOW = 10000
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -25,8 +34,15 @@ def _bindable(host: str, port: int) -> bool:
 def free_range(n: int, host: str = "127.0.0.1", tries: int = 200) -> int:
     """First port of n consecutive free ports (worker i serves base + i)."""
     rng = random.Random()
+    top = _ephemeral_start()
+    if top - n <= _LOW:
+        top = 60000  # no room below the ephemeral range: take the old risk
     for _ in range(tries):
-        base = rng.randrange(20000, 60000 - n)
+        base = rng.randrange(_LOW, top - n)
         if all(_bindable(host, base + i) for i in range(n)):
             return base
     raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_range(1, host)
