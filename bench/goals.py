@@ -41,6 +41,10 @@ GOALS = {
     # warm: origin loads / warm keys for each membership change (handoff and peeks on)
     "warm_origin_share": Goal("≤", 0.01, ""),
     "warm_stop_added_s": Goal("≤", 1.0, " s"),  # a handoff of 30,000 × 1 KiB, added to a planned stop
+    # skew (issue 24)
+    "skew_rr_over_owner": Goal("≤", 1.3),  # round-robin CPU per Get / owner-routed, Zipf 1.1, 3 workers
+    "skew_busiest_over_mean": Goal("≤", 1.3),  # 12 workers, ring-aware Client, Zipf 1.1: busiest worker's Gets
+    "skew_hot_vs_oracle": Goal("≥", 0.9),  # hot-cache hit share / an oracle's, Zipf 0.9, data 10x the budget
 }
 WARM_CHANGES = ("rolling restart", "scale-out 3→4", "planned stop")  # the goal's; kill -9 is reported
 HEADLINE_STREAMS = 128  # the hot-Get row the seed goals read
@@ -247,6 +251,7 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
                 verdict(g.met(wm["stop_added_s"])),
             )
         )
+    rows += _skew_rows(results.get("skew") or {})
     sc = results.get("scaling") or {}
     if sc.get("rows") and len(sc["rows"]) > 1:
         last = sc["rows"][-1]
@@ -257,6 +262,59 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
                 f"{ratio(last['speedup'])} aggregate; client CPU share "
                 + ", ".join(pct(r["client_cpu_share"]) for r in sc["rows"]),
                 "reported",
+            )
+        )
+    return rows
+
+
+def _skew_rows(sk: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    if sk.get("rows"):
+        g = GOALS["skew_rr_over_owner"]
+        head = next((r for r in sk["rows"] if r["s"] == "1.1"), sk["rows"][0])
+        rows.append(
+            (
+                f"Skew: round-robin / owner-routed CPU per Get, Zipf {head['s']}, {sk['workers']} workers",
+                g.target(),
+                f"{ratio(head['rr_over_owner_cpu'])} (others: "
+                + ", ".join(f"s={r['s']}: {ratio(r['rr_over_owner_cpu'])}" for r in sk["rows"] if r is not head)
+                + ")",
+                verdict(g.met(head["rr_over_owner_cpu"])),
+            )
+        )
+    if sk.get("spread"):
+        g = GOALS["skew_busiest_over_mean"]
+        sp = sk["spread"]
+        rows.append(
+            (
+                f"Skew: busiest worker's Gets / mean, {sp['workers']} workers, ring-aware Client, Zipf {sp['s']}",
+                g.target(),
+                f"{ratio(sp['spread']['busiest_over_mean'])} "
+                f"(without spreading: {ratio(sp['owner']['busiest_over_mean'])})",
+                verdict(g.met(sp["spread"]["busiest_over_mean"])),
+            )
+        )
+    if sk.get("cold_start"):
+        c = sk["cold_start"]
+        g = Goal("=", c["distinct_keys"], "")
+        rows.append(
+            (
+                "Skew: cold start, 1 s origin, 2 s deadlines: origin loads / distinct keys",
+                "origin loads = distinct keys",
+                f"{c['origin_loads']} / {c['distinct_keys']} ({c['client_errors']} failed Gets)",
+                verdict(g.met(c["origin_loads"])),
+            )
+        )
+    if sk.get("oracle"):
+        g = GOALS["skew_hot_vs_oracle"]
+        o = sk["oracle"]
+        rows.append(
+            (
+                f"Skew: hot-cache hit share / an oracle's, Zipf {o['s']}, data 10× the hot budget",
+                g.target(),
+                f"{ratio(o['rate_over_oracle'])} ({o['rate']['hit_share']:.1%} vs {o['rate']['oracle_share']:.1%}; "
+                f"random admission: {ratio(o['random_over_oracle'])})",
+                verdict(g.met(o["rate_over_oracle"])),
             )
         )
     return rows

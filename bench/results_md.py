@@ -43,6 +43,7 @@ def markdown(results: dict) -> str:
     parts += section_convergence(results.get("convergence"))
     parts += section_scaling(results.get("scaling"))
     parts += section_warm(results.get("warm"))
+    parts += section_skew(results.get("skew"))
     parts += section_profile(results.get("profile"))
     return "\n".join(parts) + "\n"
 
@@ -542,6 +543,111 @@ def section_scaling(res) -> list[str]:
         + ".",
         "",
     ]
+    return out
+
+
+def section_skew(res) -> list[str]:
+    out = ["## 9. Skewed load: round robin vs owner-routed, spreading, hot-cache admission", ""]
+    if msg := missing(res, "skew"):
+        return out + [msg, ""]
+    out += [
+        _conditions(res),
+        "",
+        f"zipfload (grpc-go, the seed's proto), {res['conc']} callers, Zipf keys over {res['keys']:,} keys, "
+        f"{res['workers']} workers on the {res.get('server', '?')} server, fresh workers per cell. "
+        "CPU is the workers' (from /proc); Gets, forwards and hot hits from their stats.",
+        "",
+    ]
+    rows = []
+    for r in res["rows"]:
+        for mode in ("owner", "rr"):
+            c = r[mode]
+            rows.append(
+                [
+                    r["s"],
+                    "owner-routed" if mode == "owner" else "round robin",
+                    num(c["gets"]),
+                    num(c["cpu_us_per_get"]),
+                    pct(c["forwarded_share"]),
+                    pct(c["hot_hit_share"]),
+                    ratio(c["busiest_over_mean"]),
+                    f"**{ratio(r['rr_over_owner_cpu'])}**" if mode == "rr" else "",
+                ]
+            )
+    out += [
+        table(
+            [
+                "Zipf s",
+                "clients",
+                "Gets",
+                "worker CPU µs/Get (abs.)",
+                "forwarded",
+                "hot hits",
+                "busiest/mean",
+                "rr / owner CPU",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    if sp := res.get("spread"):
+        out += [
+            f"Ring-aware `Client`, {sp['threads']} threads, Zipf {sp['s']}, {sp['workers']} workers: Gets each "
+            "worker answered (clients' and forwards).",
+            "",
+            table(
+                [
+                    "hot-key spreading",
+                    "client Gets",
+                    "failed",
+                    "busiest / mean",
+                    "forwards received",
+                    "hot hits",
+                    "Gets per worker",
+                ],
+                [
+                    [
+                        arm,
+                        num(sp[key]["client_gets"]),
+                        sp[key]["errors"],
+                        f"**{ratio(sp[key]['busiest_over_mean'])}**",
+                        num(sp[key]["forwards_received"]),
+                        num(sp[key]["hot_hits"]),
+                        ", ".join(str(x) for x in sp[key]["served_per_worker"]),
+                    ]
+                    for arm, key in (("off", "owner"), ("on", "spread"))
+                ],
+            ),
+            "",
+        ]
+    if c := res.get("cold_start"):
+        out += [
+            f"Cold start, 1 s origin, 2 s deadlines, round robin: **{c['origin_loads']}** origin loads for "
+            f"{c['distinct_keys']} distinct keys ({c['duplicates']} duplicates), {c['client_errors']} failed Gets.",
+            "",
+        ]
+    if o := res.get("oracle"):
+        out += [
+            f"Hot cache of one non-owner, Zipf {o['s']} over {o['keys']:,} keys ({num(o['data_bytes'])} B, 10× the "
+            f"hot budget of {num(o['hot_budget_bytes'])} B; the oracle holds the {num(o['oracle_keys'])} hottest), "
+            f"{num(o['gets_per_s'])} Gets/s of simulated time, {num(o['warm_gets'])} Gets to warm up, then "
+            f"{num(o['measured_gets'])} measured:",
+            "",
+            table(
+                ["admission", "hit share", "oracle", "over the oracle", "peak hot bytes"],
+                [
+                    [
+                        name,
+                        f"{o[key]['hit_share']:.1%}",
+                        f"{o[key]['oracle_share']:.1%}",
+                        f"**{ratio(o[f'{key}_over_oracle'])}**",
+                        num(o[key]["peak_hot_bytes"]),
+                    ]
+                    for name, key in (("by rate (default)", "rate"), ("random 0.1", "random"))
+                ],
+            ),
+            "",
+        ]
     return out
 
 

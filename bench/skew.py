@@ -2,20 +2,34 @@
 proto) against 3 workers, round robin vs owner-routed, at s = 0.9, 1.1 and
 uniform; then a cold start with a 1 s origin and 2 s deadlines: origin
 loads vs distinct keys requested (duplicates: the same key loaded twice in
-the cluster), and the Gets that failed.
+the cluster), and the Gets that failed. Then two more figures:
 
-Each cell gets fresh workers (so hot caches and promotion start cold) with
-a cache of 16 MiB: the hot budget (2 MiB) is a fifth of the 100,000-key
-data set. Worker CPU comes from /proc; Gets, forwards and hot hits from
+- spread: 12 workers and our ring-aware `Client` (threads in this process),
+  Zipf 1.1, with and without hot-key spreading: the busiest worker's Gets
+  over the mean (a count, so it holds on 2 cores);
+- oracle: the hot cache of one non-owner (the real Group, RatePromoter and
+  Store; an in-memory owner, a simulated clock) fed Zipf 0.9 over a data set
+  10x its budget: its hit share over that of an oracle holding the hottest
+  keys that fit, with random admission (the old mirror) beside it.
+
+Each cell gets fresh workers with a cache of 16 MiB (the hot budget, 2 MiB,
+is a fifth of the 100,000-key data set), warmed by one unmeasured run of
+the same load before the measured one. Worker CPU comes from /proc; Gets, forwards and hot hits from
 each worker's stats. The ratio reported is round-robin CPU per Get over
 owner-routed CPU per Get at the same s, measured in the same run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import itertools
 import json
 import os
+import random
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import lib
@@ -24,6 +38,16 @@ KEYS = 100_000
 CONC = 64
 CELLS = (("1.1", False), ("0.9", False), ("1.1", True))  # (s, uniform)
 ZIPFLOAD = Path(os.environ.get("SEEDGO_BIN", "/tmp/seedgo-bin")) / "zipfload"
+
+
+def _server() -> str:
+    """What `server = "auto"` serves with: the engine where it is built."""
+    from appliance.transport import engine_available
+
+    return "engine" if engine_available() is None else "grpcio"
+
+
+SERVER = _server()
 
 
 def zipfload(addrs: list[str], mode: str, s: str, uniform: bool, seconds: float, **kw) -> dict:
@@ -40,15 +64,22 @@ def zipfload(addrs: list[str], mode: str, s: str, uniform: bool, seconds: float,
 
 
 def cell(mode: str, s: str, uniform: bool, seconds: float) -> dict:
-    nodes = lib.start_ring([f"skew-{i}" for i in range(3)], cache_bytes="16MiB")
+    nodes = lib.start_ring([f"skew-{i}" for i in range(3)], cache_bytes="16MiB", server=SERVER)
     procs = [n[0] for n in nodes]
     socks = [n[2] for n in nodes]
     addrs = [n[3] for n in nodes]
     try:
+        # Unmeasured first: a cell reports the steady state, not the cold
+        # misses every cell starts with (they are the cold-start figure's).
+        zipfload(addrs, mode, s, uniform, seconds)
+        base = [lib.group_stats(x) for x in socks]
         cpu0 = [p.cpu() for p in procs]
         load = zipfload(addrs, mode, s, uniform, seconds)
         cpu = [p.cpu() - c for p, c in zip(procs, cpu0, strict=True)]
-        stats = [lib.group_stats(x) for x in socks]
+        stats = [
+            {k: v - b.get(k, 0) for k, v in lib.group_stats(x).items() if isinstance(v, int | float)}
+            for x, b in zip(socks, base, strict=True)
+        ]
     finally:
         for p in procs:
             p.kill()
@@ -70,7 +101,7 @@ def cell(mode: str, s: str, uniform: bool, seconds: float) -> dict:
 
 def cold_start(seconds: float) -> dict:
     """A 1 s origin, 2 s client deadlines: origin loads vs distinct keys requested."""
-    nodes = lib.start_ring([f"skew-cold-{i}" for i in range(3)], cache_bytes="16MiB")
+    nodes = lib.start_ring([f"skew-cold-{i}" for i in range(3)], cache_bytes="16MiB", server=SERVER)
     try:
         load = zipfload(
             [n[3] for n in nodes], "rr", "1.1", False, seconds, keys=1000, prefix="v100-d1000-k", timeout="2s"
@@ -90,10 +121,169 @@ def cold_start(seconds: float) -> dict:
     }
 
 
+def zipf_cdf(n: int, s: float) -> list[float]:
+    """Cumulative probabilities of ranks 0..n-1 (rank r weighs 1/(r+1)^s)."""
+    weights = [1.0 / (r + 1) ** s for r in range(n)]
+    total = sum(weights)
+    return [x / total for x in itertools.accumulate(weights)]
+
+
+def zipf_ranks(cdf: list[float], rng: random.Random):
+    last = len(cdf) - 1
+    while True:
+        yield min(bisect.bisect_left(cdf, rng.random()), last)
+
+
+SPREAD_WORKERS = 12
+SPREAD_THREADS = 8
+
+
+def _drive(client, cdf: list[float], per_thread: int, stop_at: float) -> list[tuple[int, int]]:
+    """SPREAD_THREADS threads of Zipf Gets through `client`, each bounded in
+    count and time; (Gets, failed) per thread."""
+    counts = [(0, 0)] * SPREAD_THREADS
+
+    def work(i: int) -> None:
+        ranks = zipf_ranks(cdf, random.Random(i))
+        n = e = 0
+        while n < per_thread and time.monotonic() < stop_at:
+            try:
+                client.get("bench", f"v100-k{next(ranks)}", timeout=5)
+            except Exception:
+                e += 1
+            n += 1
+        counts[i] = (n, e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(SPREAD_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts
+
+
+def spread(seconds: float, max_gets: int = 40_000) -> dict:
+    """12 workers, our Client from SPREAD_THREADS threads, Zipf 1.1 over KEYS
+    keys: per-worker Gets (all a worker answered: clients' and forwards)
+    without hot-key spreading, then with it, on the same warm ring."""
+    from appliance.client import Client
+
+    nodes = lib.start_ring([f"skew-spread-{i}" for i in range(SPREAD_WORKERS)], cache_bytes="16MiB", server=SERVER)
+    addrs = [n[3] for n in nodes]
+    socks = [n[2] for n in nodes]
+    cdf = zipf_cdf(KEYS, 1.1)
+    out = {"workers": SPREAD_WORKERS, "threads": SPREAD_THREADS, "s": "1.1"}
+    try:
+        for arm, hot in (("owner", False), ("spread", True)):
+            before = [lib.group_stats(x) for x in socks]
+            with Client(addrs, spread_hot=hot) as client:
+                counts = _drive(client, cdf, max_gets // SPREAD_THREADS, time.monotonic() + seconds)
+            after = [lib.group_stats(x) for x in socks]
+            served = [a["gets"] - b["gets"] for a, b in zip(after, before, strict=True)]
+            forwarded_in = [a["server_requests"] - b["server_requests"] for a, b in zip(after, before, strict=True)]
+            hot_hits = sum(a["hot_hits"] - b["hot_hits"] for a, b in zip(after, before, strict=True))
+            mean = sum(served) / len(served)
+            out[arm] = {
+                "client_gets": sum(n for n, _ in counts),
+                "errors": sum(e for _, e in counts),
+                "served_per_worker": served,
+                "forwards_received": sum(forwarded_in),
+                "hot_hits": hot_hits,
+                "busiest_over_mean": max(served) / mean if mean else float("nan"),
+            }
+    finally:
+        for n in nodes:
+            n[0].kill()
+    return out
+
+
+class _Owner:
+    """An owner in memory: every fetch answers at once with a 100 B value."""
+
+    addr = "owner"
+
+    async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
+        return b"v" * 100, 0.0
+
+
+class _Picker:
+    def __init__(self) -> None:
+        self.owner = _Owner()
+
+    def pick(self, key: str):
+        return self.owner
+
+
+def oracle(
+    s: float = 0.9, keys: int = KEYS, rate: float = 2000.0, warm: int = 200_000, measured: int = 200_000
+) -> dict:
+    """The hot cache of one non-owner fed `warm + measured` Gets of Zipf `s`
+    keys that another node owns, at `rate` Gets/s of simulated time, with
+    a budget a tenth of the data; hit share over the measured Gets, vs an
+    oracle that holds the hottest keys that fit (same Gets)."""
+    from appliance.cache.group import Group
+    from appliance.cache.promoter import RandomPromoter, RatePromoter
+    from appliance.cache.store import entry_size
+
+    names = [f"v100-k{r}" for r in range(keys)]
+    sizes = [entry_size(k, b"v" * 100) for k in names]
+    budget = sum(sizes) // 10
+    fraction = 0.125
+    cache_bytes = int(budget / fraction) + 1
+    fits, used = 0, 0
+    while fits < keys and used + sizes[fits] <= budget:
+        used += sizes[fits]
+        fits += 1
+    cdf = zipf_cdf(keys, s)
+
+    def play(promoter_of) -> dict:
+        now = [0.0]
+        clock = lambda: now[0]  # noqa: E731
+        group = Group(
+            "bench", None, cache_bytes=cache_bytes, picker=_Picker(), promoter=promoter_of(clock), clock=clock
+        )
+        ranks = zipf_ranks(cdf, random.Random(7))
+        hits = oracle_hits = 0
+        peak = 0
+
+        async def feed() -> None:
+            nonlocal hits, oracle_hits, peak
+            for i in range(warm + measured):
+                now[0] += 1.0 / rate
+                r = next(ranks)
+                before = group.stats.hot_hits
+                if group.lookup(names[r]) is None:
+                    await group.fill(names[r])
+                peak = max(peak, group.hot.bytes)
+                if i >= warm:
+                    hits += group.stats.hot_hits - before
+                    oracle_hits += r < fits
+
+        asyncio.run(feed())
+        return {"hit_share": hits / measured, "oracle_share": oracle_hits / measured, "peak_hot_bytes": peak}
+
+    rate_arm = play(lambda clock: RatePromoter(clock=clock))
+    random_arm = play(lambda clock: RandomPromoter(0.1, random.Random(3).random))
+    return {
+        "s": s,
+        "keys": keys,
+        "data_bytes": sum(sizes),
+        "hot_budget_bytes": budget,
+        "oracle_keys": fits,
+        "gets_per_s": rate,
+        "warm_gets": warm,
+        "measured_gets": measured,
+        "rate": rate_arm,
+        "random": random_arm,
+        "rate_over_oracle": rate_arm["hit_share"] / rate_arm["oracle_share"],
+        "random_over_oracle": random_arm["hit_share"] / random_arm["oracle_share"],
+    }
+
+
 def run(cfg) -> dict:
     if not ZIPFLOAD.exists():
         raise RuntimeError(f"{ZIPFLOAD} missing: run `bash /work/shared/seedgo/build.sh` (or set SEEDGO_BIN)")
-    seconds = max(2.0, cfg.seconds * 2)
+    seconds = max(5.0, cfg.seconds * 4)
     rows = []
     for s, uniform in CELLS:
         pair = {}
@@ -114,4 +304,28 @@ def run(cfg) -> dict:
         f"  origin loads {cold['origin_loads']}, distinct keys {cold['distinct_keys']}, "
         f"duplicate loads {cold['duplicates']}, client errors {cold['client_errors']}"
     )
-    return {"rows": rows, "cold_start": cold, "workers": 3, "keys": KEYS, "conc": CONC}
+    lib.log(f"skew: spread, {SPREAD_WORKERS} workers, Client x {SPREAD_THREADS} threads, Zipf 1.1")
+    spreading = spread(seconds * 1.5)
+    for arm in ("owner", "spread"):
+        a = spreading[arm]
+        lib.log(
+            f"  {arm}: {a['client_gets']} Gets ({a['errors']} failed), busiest/mean {a['busiest_over_mean']:.2f}, "
+            f"forwards {a['forwards_received']}, hot hits {a['hot_hits']}"
+        )
+    lib.log("skew: hot cache vs oracle, Zipf 0.9, data 10x the hot budget (simulated clock)")
+    hot = oracle()
+    lib.log(
+        f"  rate promotion {hot['rate']['hit_share']:.1%} vs oracle {hot['rate']['oracle_share']:.1%} "
+        f"({hot['rate_over_oracle']:.2f}); random 0.1: {hot['random_over_oracle']:.2f}; "
+        f"peak hot bytes {hot['rate']['peak_hot_bytes']} of {hot['hot_budget_bytes']}"
+    )
+    return {
+        "rows": rows,
+        "cold_start": cold,
+        "spread": spreading,
+        "oracle": hot,
+        "workers": 3,
+        "keys": KEYS,
+        "conc": CONC,
+        "server": SERVER,
+    }

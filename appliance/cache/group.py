@@ -178,7 +178,7 @@ class Group:
         self.ttl = ttl
         self.hot_fraction = hot_fraction
         # Which fetched values get a hot copy: by request rate unless told.
-        self.promoter: Promoter = promoter or RatePromoter(clock=clock)
+        self.promoter: Promoter = promoter if promoter is not None else RatePromoter(clock=clock)
         self.main = Store(policy, cache_bytes, clock)
         self.hot = Store(policy, int(cache_bytes * hot_fraction), clock)
         self.stats = Stats()
@@ -387,10 +387,16 @@ class Group:
         if (
             self._fences.get(key) is fence
             and key not in self.main
-            and self.promoter.admit(key, self.hot.victim(entry_size(key, data) - offset))
+            and self._admit_hot(key, entry_size(key, data) - offset)
         ):
             self._populate(self.hot, key, data, expires, offset)
         return Entry(data, expires, 0, offset)
+
+    def _admit_hot(self, key: str, size: int) -> bool:
+        hot = self.hot
+        if hot.fits(size):
+            return self.promoter.admit(key, None, room=True)
+        return self.promoter.admit(key, hot.victim(size))
 
     async def _load_as_owner(self, key: str) -> Entry:
         entry = self.main.get(key)

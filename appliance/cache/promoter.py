@@ -1,10 +1,13 @@
 """Hot-cache admission: which values fetched from an owner get a hot copy.
 
 `RatePromoter` (the default) tracks the request rate of recently seen keys
-in a bounded table, with exponential decay, and admits a key when its rate
-beats the rate of the hot entry that would be evicted for it. So the hot
-cache holds the keys that are hot now, not whatever was fetched last, and a
-stream of cold keys cannot flush it. `RandomPromoter` is the old behaviour
+in a bounded table, with exponential decay. While the hot cache has room it
+keeps any fetched value (free bytes cost nothing, and the table forgets
+the rarer keys of a large data set before their second Get); once full, a
+key must have been asked for more than once and beat the rate of the hot
+entry that would be evicted for it. So the hot cache holds the keys that
+are hot now, not whatever was fetched last, and a stream of cold keys
+cannot flush it. `RandomPromoter` is the old behaviour
 (admit a fetched value with a fixed probability). Pure logic, no I/O.
 """
 
@@ -22,9 +25,10 @@ class Promoter(Protocol):
     def seen(self, key: str) -> None:
         """One Get of `key` that the main cache did not answer."""
 
-    def admit(self, key: str, victim: str | None) -> bool:
-        """Whether a value of `key` fetched from its owner gets a hot copy;
-        `victim` is the hot entry it would displace (None: there is room)."""
+    def admit(self, key: str, victim: str | None, room: bool = False) -> bool:
+        """Whether a value of `key` fetched from its owner gets a hot copy.
+        `room`: it fits without evicting anything; otherwise `victim` is the
+        hot entry it would displace (None: the policy names none)."""
 
 
 class RandomPromoter:
@@ -37,7 +41,7 @@ class RandomPromoter:
     def seen(self, key: str) -> None:
         pass
 
-    def admit(self, key: str, victim: str | None) -> bool:
+    def admit(self, key: str, victim: str | None, room: bool = False) -> bool:
         return self._rand() < self.probability
 
 
@@ -80,8 +84,10 @@ class RatePromoter:
         if len(rates) > self.capacity:
             rates.popitem(last=False)
 
-    def admit(self, key: str, victim: str | None) -> bool:
+    def admit(self, key: str, victim: str | None, room: bool = False) -> bool:
         rate = self.rate(key)
+        if room:
+            return rate > 0  # asked for lately
         if rate < self.min_hits:
             return False  # a one-off: never worth a hot copy
         return victim is None or rate > self.rate(victim)

@@ -109,10 +109,14 @@ class Store:
         now = self._clock()
         return [(k, e) for k, e in order if not e.expires or e.expires > now]
 
+    def fits(self, size: int) -> bool:
+        """Whether an entry of `size` bytes fits without evicting one."""
+        return self._data.currsize + size <= self.max_bytes
+
     def victim(self, size: int) -> str | None:
         """The entry a new one of `size` bytes would evict first (None: it
         fits). Exact for lru; other policies name no victim."""
-        if self._data.currsize + size <= self.max_bytes:
+        if self.fits(size):
             return None
         order = getattr(self._data, "_LRUCache__order", None)  # cachetools' LRU order
         return next(iter(order), None) if order else None

@@ -272,6 +272,65 @@ def sample_results() -> dict:
                 },
             },
         ),
+        "skew": cond(
+            workers=3,
+            keys=100000,
+            conc=64,
+            server="engine",
+            rows=[
+                {
+                    "s": s,
+                    "rr_over_owner_cpu": r,
+                    **{
+                        mode: {
+                            "gets": 90000,
+                            "cpu_us_per_get": cpu,
+                            "forwarded_share": fwd,
+                            "hot_hit_share": 0.4,
+                            "busiest_over_mean": 1.1,
+                        }
+                        for mode, cpu, fwd in (("owner", 50.0, 0.0), ("rr", 50.0 * r, 0.2))
+                    },
+                }
+                for s, r in (("1.1", 1.25), ("0.9", 1.6), ("uniform", 3.0))
+            ],
+            cold_start={"origin_loads": 440, "distinct_keys": 440, "duplicates": 0, "client_errors": 0},
+            spread={
+                "workers": 12,
+                "threads": 8,
+                "s": "1.1",
+                "owner": {
+                    "client_gets": 40000,
+                    "errors": 0,
+                    "served_per_worker": [5400] + [3145] * 11,
+                    "forwards_received": 0,
+                    "hot_hits": 0,
+                    "busiest_over_mean": 1.62,
+                },
+                "spread": {
+                    "client_gets": 40000,
+                    "errors": 0,
+                    "served_per_worker": [3600] + [3309] * 11,
+                    "forwards_received": 120,
+                    "hot_hits": 5000,
+                    "busiest_over_mean": 1.08,
+                },
+            },
+            oracle={
+                "s": 0.9,
+                "keys": 100000,
+                "data_bytes": 11088890,
+                "hot_budget_bytes": 1108889,
+                "oracle_keys": 10009,
+                "gets_per_s": 2000.0,
+                "warm_gets": 200000,
+                "measured_gets": 200000,
+                "rate": {"hit_share": 0.5, "oracle_share": 0.52, "peak_hot_bytes": 1108800},
+                "random": {"hit_share": 0.45, "oracle_share": 0.52, "peak_hot_bytes": 1108889},
+                "rate_over_oracle": 0.5 / 0.52,
+                "random_over_oracle": 0.45 / 0.52,
+            },
+        ),
         "profile": cond(
             hot_get_worker=prof_target,
             forwarding_node=prof_target,
@@ -300,6 +359,7 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
         "## 6. Convergence",
         "## 7. Scaling",
         "## 8. Warm membership changes",
+        "## 9. Skewed load",
         "## Profile of the hot path",
     ):
         assert section in text
@@ -311,6 +371,10 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
     assert "| Convergence (death / join / planned stop) | ≤ lease_ttl + 1 s = 3 s |" in text
     assert "| Handoff of 30,000 × 1 KiB: time added to a planned stop | ≤ 1 s |" in text
     assert "| 30,000 | after | **0.00%** (0) |" in text and "**0.36 s added**" in text
+    assert "| Skew: round-robin / owner-routed CPU per Get, Zipf 1.1, 3 workers | ≤ 1.3× | 1.25×" in text
+    assert "| Skew: busiest worker's Gets / mean, 12 workers, ring-aware Client, Zipf 1.1 | ≤ 1.3× | 1.08×" in text
+    assert "| Skew: cold start, 1 s origin, 2 s deadlines: origin loads / distinct keys |" in text
+    assert "| Skew: hot-cache hit share / an oracle's, Zipf 0.9, data 10× the hot budget | ≥ 0.9× | 0.96×" in text
     assert "**not met**" not in text
     assert "| verdict |" in capsys.readouterr().out  # the Goals table is printed too
     assert (BENCH / "README.md").read_text().count("### Hot-path changes, measured with local experiments") == 1
@@ -329,6 +393,11 @@ def test_verdicts_come_from_the_goals_table():
     assert rows["Miss storm: origin loads for 1000 Gets of 10 cold keys"][1:4:2] == ("exactly 10", "**not met**")
     assert rows["Hot Get vs the seed's Go server (GOMAXPROCS=1), Gets/s"][3] == "met"
     assert rows["Hot Get, native vs grpcio backend (same worker)"][1:4:2] == ("≥ 6×", "met")
+    results["skew"]["cold_start"]["origin_loads"] = 441
+    results["skew"]["oracle"]["rate_over_oracle"] = 0.89
+    rows = {r[0]: r for r in goals.headline(results)}
+    assert rows["Skew: cold start, 1 s origin, 2 s deadlines: origin loads / distinct keys"][3] == "**not met**"
+    assert rows["Skew: hot-cache hit share / an oracle's, Zipf 0.9, data 10× the hot budget"][3] == "**not met**"
     warm = rows["Warm membership changes: origin loads / warm keys (rolling restart, scale-out, planned stop)"]
     assert warm[3] == "**not met**" and "1.01%" in warm[2]
 

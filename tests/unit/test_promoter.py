@@ -22,7 +22,9 @@ def test_admits_only_keys_hotter_than_the_victim():
     clock = Clock()
     p = RatePromoter(clock=clock)
     p.seen("once")
-    assert not p.admit("once", None)  # a one-off never earns a hot copy
+    assert not p.admit("once", None)  # a one-off never displaces a hot copy ...
+    assert p.admit("once", None, room=True)  # ... but takes free room
+    assert not p.admit("never seen", None, room=True)
     for _ in range(5):
         p.seen("hot")
     for _ in range(3):
@@ -83,10 +85,21 @@ async def test_rate_promotion_near_oracle_and_beats_random_admission():
 
 
 async def test_group_promotes_by_rate_by_default():
-    owner = Group("g", Origin({"hot": b"v", "cold": b"v"}), cache_bytes=1000)
+    # Hot budget 1/8 of 1000 bytes: room for one entry of 100 bytes.
+    value = b"v" * 97
+    owner = Group("g", Origin({"a": value, "hot": value, "cold": value}), cache_bytes=10_000)
     g = Group("g", Origin(), cache_bytes=1000, picker=Picker(FakePeer(owner)))
-    await g.get("cold")
-    assert len(g.hot) == 0  # seen once: no hot copy
+    await g.get("a")
+    assert "a" in g.hot  # the hot cache had room
     for _ in range(3):
         await g.get("hot")
-    assert "hot" in g.hot
+    assert "hot" in g.hot and "a" not in g.hot  # asked for again and again: it displaces the one-off
+    await g.get("cold")
+    assert "hot" in g.hot and "cold" not in g.hot  # a one-off displaces nothing
+
+
+def test_group_keeps_the_promoter_it_is_given_even_while_it_tracks_nothing():
+    # An empty RatePromoter has len() 0: `promoter or default` threw it away.
+    given = RatePromoter(half_life=3.0, capacity=8)
+    assert len(given) == 0
+    assert Group("g", Origin(), cache_bytes=1000, promoter=given).promoter is given
