@@ -554,7 +554,9 @@ def section_skew(res) -> list[str]:
         _conditions(res),
         "",
         f"zipfload (grpc-go, the seed's proto), {res['conc']} callers, Zipf keys over {res['keys']:,} keys, "
-        f"{res['workers']} workers on the {res.get('server', '?')} server, fresh workers per cell. "
+        f"{res['workers']} workers on the {res.get('server', '?')} server, fresh workers per cell, "
+        "measured after one unmeasured run of the same load (the steady state; cold misses are the "
+        "cold-start figure's). "
         "CPU is the workers' (from /proc); Gets, forwards and hot hits from their stats.",
         "",
     ]
