@@ -26,7 +26,7 @@ from . import host
 from .cluster import membership
 from .config import NodeSettings, Settings, dirs
 from .supervision import conf, rpc
-from .supervision.files import private_dir, write_private
+from .supervision.private_files import private_dir, write_private
 from .tokens import ensure_token_file
 
 log = logging.getLogger(__name__)

@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .cluster.membership import MembershipError
     from .config import ConfigError
-    from .supervision.files import UnsafeDirectory
+    from .supervision.private_files import UnsafeDirectory
     from .systemd import InstallError
 
     args = parse_args(argv)

@@ -12,7 +12,7 @@ store each line as its own entry. Structured fields come from
 Nothing logs a line per request at the default level: the per-request
 story is in the metrics. What is logged: ring changes (revision, peer
 count), registrations, graceful stops, origin errors and slow loads
-(rate-limited per group, see appliance.ops.metrics), and bugs.
+(rate-limited per group, see appliance.ops.box_metrics), and bugs.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ updates, `follow` the etcd watch; `sync` and `aio` only make the calls.
 """
 
 from .aio import AsyncClient
-from .base import settings_kwargs
+from .common import settings_kwargs
 from .follow import EtcdMembers
 from .sync import Client
 

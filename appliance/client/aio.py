@@ -18,7 +18,7 @@ import grpc.aio
 from ..pb import cache_pb2
 from ..transport.status import client_error
 from . import routing
-from .base import ClientBase
+from .common import ClientBase
 from .follow import STOP
 
 log = logging.getLogger("appliance.client")

@@ -9,7 +9,7 @@ import logging
 import signal
 
 from ..config import Settings
-from ..ops.metrics import serve_box_metrics
+from ..ops.box_metrics import serve_box_metrics
 from ..tokens import TokenFileError, read_token
 from . import etcd
 from .box_ops import BoxOps

@@ -17,7 +17,6 @@ One TOML file, overridden by environment variables
 from ..addr import join as join_hostport
 from ..addr import split as split_hostport
 from .dirs import default_runtime_dir, default_state_dir
-from .errors import ENV_PREFIX, ConfigError
 from .load import DEFAULT_CONFIG_RESOURCE, SYSTEM_CONFIG, builtin_config_path, check_file, find_config, load_settings
 from .models import (
     AuthSettings,
@@ -30,6 +29,7 @@ from .models import (
     TlsSettings,
     resolve_dirs,
 )
+from .problems import ENV_PREFIX, ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_RESOURCE",

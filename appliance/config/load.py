@@ -26,8 +26,8 @@ from pydantic_settings import (
 )
 
 from ..cache.ring import HashRing, balance_warning
-from .errors import CONFIG_ENV, ConfigError, SchemaView, env_decode_errors, toml_error, validation_errors
 from .models import Settings, resolve_dirs
+from .problems import CONFIG_ENV, ConfigError, SchemaView, env_decode_errors, toml_error, validation_errors
 
 __all__ = [
     "DEFAULT_CONFIG_RESOURCE",

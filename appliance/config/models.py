@@ -39,13 +39,13 @@ from ..addr import HOSTNAME
 from ..addr import is_loopback as _is_loopback
 from ..addr import join as join_hostport
 from ..addr import split as split_hostport
-from ..messages import show
 from ..origins import grammar
+from ..quoting import show
 from ..tokens import TokenFileError, read_token
 from ..units import ByteSize, Duration, format_bytes, format_duration, parse_bytes, parse_duration
 from . import dirs
 from .backend import choose
-from .errors import ENV_DELIMITER, ENV_PREFIX, FieldError
+from .problems import ENV_DELIMITER, ENV_PREFIX, FieldError
 
 __all__ = [
     "AuthSettings",

@@ -36,5 +36,5 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def Metrics(self, request, context):
         # Prometheus text of this worker's own registry; the controller
-        # adds the `worker` label (see appliance.ops.metrics).
+        # adds the `worker` label (see appliance.ops.box_metrics).
         return admin_pb2.MetricsResponse(text=self.node.metrics.exposition(), addr=self.node.addr)

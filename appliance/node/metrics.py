@@ -1,4 +1,4 @@
-"""Prometheus metrics of one worker (the box endpoint is appliance.ops.metrics).
+"""Prometheus metrics of one worker (the box endpoint is appliance.ops.box_metrics).
 
 `NodeMetrics` is a `CollectorRegistry` per node. Its collector reads the
 group counters (`appliance.cache.group.Stats`), the stores and the ring when

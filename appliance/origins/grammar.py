@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from ..messages import show
+from ..quoting import show
 
 __all__ = ["EXPECTED", "SQL_SCHEMES", "Kind", "expand", "kind", "validate"]
 

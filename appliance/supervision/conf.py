@@ -15,7 +15,7 @@ from .. import addr as addrs
 from .. import host
 from ..config import Settings, dirs
 from . import rpc
-from .files import write_private
+from .private_files import write_private
 
 WORKER_PRIORITY, CONTROLLER_PRIORITY, ETCD_PRIORITY = 300, 200, 100
 # Seconds the controller and etcd get to exit on SIGTERM (a worker gets

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance import tls as tlsmod
 from appliance.cache.errors import OriginError
 from appliance.config import Settings
-from appliance.ops.metrics import BoxCollector, box_registry, serve_metrics
+from appliance.ops.box_metrics import BoxCollector, box_registry, serve_metrics
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
 from appliance.serving import Node
 from support.nodes import BACKEND, CountingOrigin

@@ -30,7 +30,7 @@ def exported_series() -> set[str]:
     """Every series name a box endpoint serves, read from the code: a real
     worker's registry (one group) and the box collector's own families."""
     from appliance.config import Settings
-    from appliance.ops.metrics import BoxCollector
+    from appliance.ops.box_metrics import BoxCollector
     from appliance.serving import Node
 
     settings = Settings(

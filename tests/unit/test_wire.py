@@ -46,7 +46,7 @@ async def test_group_with_framing_counts_only_value_bytes():
 
 
 def test_encoded_get_many_reply_is_what_protobuf_writes():
-    """messages.encode_get_many_response builds the GetManyResponse bytes by
+    """codec.encode_get_many_response builds the GetManyResponse bytes by
     hand from the stored wire-form values; protobuf must read them back the
     same, and without TTLs (which move with the clock) the bytes are equal."""
     import random
@@ -54,7 +54,7 @@ def test_encoded_get_many_reply_is_what_protobuf_writes():
     from appliance.cache import errors
     from appliance.cache.store import Entry
     from appliance.pb import cache_pb2
-    from appliance.transport import messages, wire
+    from appliance.transport import codec, wire
 
     rng = random.Random(7)
     keys, results = [], []
@@ -75,14 +75,14 @@ def test_encoded_get_many_reply_is_what_protobuf_writes():
             prefix = wire.FRAMING.prefix(value)
             results.append(Entry(prefix + value, 0.0, len(value), len(prefix)))
         keys.append(key)
-    ours = messages.encode_get_many_response(keys, results)
-    assert ours == messages.get_many_response(keys, results).SerializeToString()
+    ours = codec.encode_get_many_response(keys, results)
+    assert ours == codec.get_many_response(keys, results).SerializeToString()
     # With TTLs: the same message, the TTLs within a moment of each other.
     import time
 
     expiring = [Entry(r.data, time.monotonic() + 30, r.size, r.offset) if isinstance(r, Entry) else r for r in results]
-    a = cache_pb2.GetManyResponse.FromString(messages.encode_get_many_response(keys, expiring))
-    b = messages.get_many_response(keys, expiring)
+    a = cache_pb2.GetManyResponse.FromString(codec.encode_get_many_response(keys, expiring))
+    b = codec.get_many_response(keys, expiring)
     assert [(r.key, r.value, r.code, r.error) for r in a.results] == [
         (r.key, r.value, r.code, r.error) for r in b.results
     ]

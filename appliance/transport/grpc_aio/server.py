@@ -14,7 +14,7 @@ from ..base import BaseTransport
 from ..health import SERVICE as HEALTH_SERVICE
 from ..health import grpc_handlers as health_handlers
 from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
-from .ratelimit import RateLimitInterceptor
+from .rate_interceptor import RateLimitInterceptor
 from .services import DataServices, PeerService
 from .services import credentials as call_credentials
 from .warm import WarmPeerService

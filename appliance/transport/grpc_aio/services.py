@@ -20,7 +20,7 @@ from ...node.auth import Credentials
 from ...node.instance import told, told_all
 from ...node.ratelimit import RateLimiter, client_address
 from ...pb import cache_pb2, groupcache_pb2
-from .. import messages
+from .. import codec
 from ..metadata import is_forwarded, ttl_trailer
 from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
 from ..status import failure, internal_failure, rate_limited_failure
@@ -107,7 +107,7 @@ class DataServices:
             )
             if forwarded:
                 context.set_trailing_metadata(self.instance.auth.reply_proof(creds))
-            return messages.encode_get_many_response(keys, told_all(results, self.instance.shows_cause(creds)))
+            return codec.encode_get_many_response(keys, told_all(results, self.instance.shows_cause(creds)))
         except errors.CacheError as exc:
             status = failure(told(exc, self.instance.shows_cause(creds)), request.group)
         except Exception as exc:
@@ -128,7 +128,7 @@ class DataServices:
                 timeout=_remaining(context),
                 credentials=credentials(context),
             )
-            return messages.change_response(change)
+            return codec.change_response(change)
         except errors.CacheError as exc:
             status = failure(exc, request.group, request.key)
         except Exception as exc:
@@ -147,7 +147,7 @@ class DataServices:
                 timeout=_remaining(context),
                 credentials=credentials(context),
             )
-            return messages.change_response(change)
+            return codec.change_response(change)
         except errors.CacheError as exc:
             status = failure(exc, request.group, request.key)
         except Exception as exc:
@@ -159,7 +159,7 @@ class DataServices:
         def unary(fn, request_type, response_type=None):
             return grpc.unary_unary_rpc_method_handler(
                 fn,
-                request_deserializer=messages.parser(request_type),
+                request_deserializer=codec.parser(request_type),
                 response_serializer=response_type.SerializeToString if response_type else None,
             )
 
@@ -237,7 +237,7 @@ class PeerService:
                     if wait and limiter is not None:
                         buckets = limiter.buckets
                         refusal = rate_limited_failure(wait, client, buckets.rate, buckets.burst)
-                        stream.out.put_nowait(messages.forward_rate_limited(request.id, refusal))
+                        stream.out.put_nowait(codec.forward_rate_limited(request.id, refusal))
                         continue
                     task = asyncio.ensure_future(answer(request))
                     stream.tasks.add(task)
@@ -268,13 +268,13 @@ class PeerService:
                 request.group, request.key, forwarded=peer, timeout=request.timeout or None, credentials=creds
             )
         except errors.CacheError as exc:
-            return messages.forward_error(request.id, exc)
+            return codec.forward_error(request.id, exc)
         except Exception as exc:  # a bug: answer and keep serving
             log.exception("Forward %s/%r failed", request.group, request.key[:64])
             return cache_pb2.ForwardResponse(
                 id=request.id, code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL", error=type(exc).__name__
             )
-        return messages.forward_response(request.id, entry)
+        return codec.forward_response(request.id, entry)
 
     async def close(self) -> None:
         """End every open stream once its requests are answered (a graceful
@@ -286,7 +286,7 @@ class PeerService:
             PEER_SERVICE: {
                 "Forward": grpc.stream_stream_rpc_method_handler(
                     self.forward,
-                    request_deserializer=messages.parser(cache_pb2.ForwardRequest),
+                    request_deserializer=codec.parser(cache_pb2.ForwardRequest),
                     response_serializer=cache_pb2.ForwardResponse.SerializeToString,
                 )
             }

@@ -13,7 +13,7 @@ import grpc
 from ...cache import errors
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2
-from .. import messages
+from .. import codec
 from ..methods import PEER_SERVICE
 from ..status import failure, internal_failure
 from .services import ServicerContext, credentials
@@ -33,7 +33,7 @@ class WarmPeerService:
             await context.abort_with_status(failure(errors.InvalidRequest("malformed PeekRequest")))
         creds = credentials(context)
         try:
-            reply = messages.peek_response(self.instance.peek(request.group, request.key, creds))
+            reply = codec.peek_response(self.instance.peek(request.group, request.key, creds))
             context.set_trailing_metadata(self.instance.auth.reply_proof(creds))
             return reply
         except errors.CacheError as exc:
@@ -51,10 +51,10 @@ class WarmPeerService:
                 request.source,
                 client_address(context.peer() or ""),
                 request.group,
-                messages.handoff_entries(request),
+                codec.handoff_entries(request),
                 credentials(context),
             )
-            return messages.handoff_response(accepted, refused)
+            return codec.handoff_response(accepted, refused)
         except errors.CacheError as exc:
             status = failure(exc, request.group)
         except Exception as exc:
@@ -66,10 +66,10 @@ class WarmPeerService:
         """The methods, to register under PEER_SERVICE (beside Forward)."""
 
         def unary(fn, request_type):
-            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=messages.parser(request_type))
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=codec.parser(request_type))
 
         return {
-            "Peek": unary(self.peek, cache_pb2.PeekRequest),  # replies encoded by messages
+            "Peek": unary(self.peek, cache_pb2.PeekRequest),  # replies encoded by codec
             "Handoff": unary(self.handoff, cache_pb2.HandoffRequest),
         }
 

@@ -41,7 +41,7 @@ from ...node.auth import Credentials
 from ...node.instance import told, told_all
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
-from .. import health, messages
+from .. import codec, health
 from ..base import BaseTransport
 from ..grpc_aio.server import REFLECTED, add_services
 from ..grpc_aio.services import PeerService, peer_trailers
@@ -79,9 +79,9 @@ STREAM_CLOSED = 2
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 _parse_get = groupcache_pb2.GetRequest.FromString
-_parse_peek = messages.parser(cache_pb2.PeekRequest)
-_parse_get_many = messages.parser(cache_pb2.GetManyRequest)
-_parse_handoff = messages.parser(cache_pb2.HandoffRequest)
+_parse_peek = codec.parser(cache_pb2.PeekRequest)
+_parse_get_many = codec.parser(cache_pb2.GetManyRequest)
+_parse_handoff = codec.parser(cache_pb2.HandoffRequest)
 
 
 def _name_os_thread(name: bytes) -> None:
@@ -274,7 +274,7 @@ class NativeTransport(BaseTransport):
                 forwarded = FORWARDED in metadata and instance.from_peer(True, Credentials.from_metadata(metadata))
                 if limiter is not None and method in LIMITED:
                     client = client_address(peer or "")
-                    cost = messages.call_cost(_parse_get_many(payload)) if method == GET_MANY else 1
+                    cost = codec.call_cost(_parse_get_many(payload)) if method == GET_MANY else 1
                     peer_call = method in PEER_CALLS and instance.from_peer(True, Credentials.from_metadata(metadata))
                     wait = limiter.admit(client, forwarded=forwarded or peer_call, cost=cost)
                     if wait:
@@ -316,7 +316,7 @@ class NativeTransport(BaseTransport):
                         front, call_id, payload, instance.auth.reply_proof(Credentials.from_metadata(metadata))
                     )
                 elif method == HEALTH_WATCH:
-                    watch = messages.parser(health_pb2.HealthCheckRequest)(payload)
+                    watch = codec.parser(health_pb2.HealthCheckRequest)(payload)
                     if watch is None:
                         self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
                     else:
@@ -382,7 +382,7 @@ class NativeTransport(BaseTransport):
             results = await instance.get_many(
                 request.group, keys, forwarded=forwarded, timeout=timeout, credentials=creds
             )
-            return messages.encode_get_many_response(keys, told_all(results, instance.shows_cause(creds)))
+            return codec.encode_get_many_response(keys, told_all(results, instance.shows_cause(creds)))
 
         async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout, creds: Credentials):
             change = await instance.set(
@@ -394,18 +394,18 @@ class NativeTransport(BaseTransport):
                 timeout=timeout,
                 credentials=creds,
             )
-            return messages.change_response(change)
+            return codec.change_response(change)
 
         async def remove(request: cache_pb2.RemoveRequest, forwarded: bool, timeout, creds: Credentials):
             change = await instance.remove(
                 request.group, request.key, forwarded=forwarded, timeout=timeout, credentials=creds
             )
-            return messages.change_response(change)
+            return codec.change_response(change)
 
         return {
-            GET_MANY: ("GetMany", messages.parser(cache_pb2.GetManyRequest), get_many),
-            SET: ("Set", messages.parser(cache_pb2.SetRequest), set_),
-            REMOVE: ("Remove", messages.parser(cache_pb2.RemoveRequest), remove),
+            GET_MANY: ("GetMany", codec.parser(cache_pb2.GetManyRequest), get_many),
+            SET: ("Set", codec.parser(cache_pb2.SetRequest), set_),
+            REMOVE: ("Remove", codec.parser(cache_pb2.RemoveRequest), remove),
         }
 
     async def _unary(
@@ -440,7 +440,7 @@ class NativeTransport(BaseTransport):
                 self._fail(call_id, failure(errors.InvalidRequest("malformed PeekRequest")))
                 return
             try:
-                reply = messages.peek_response(instance.peek(peek.group, peek.key, creds))
+                reply = codec.peek_response(instance.peek(peek.group, peek.key, creds))
             except errors.CacheError as exc:
                 self._fail(call_id, failure(exc, peek.group, peek.key))
                 return
@@ -453,18 +453,18 @@ class NativeTransport(BaseTransport):
                 return
             try:
                 accepted, refused = instance.receive_handoff(
-                    handoff.source, client_address(peer or ""), handoff.group, messages.handoff_entries(handoff), creds
+                    handoff.source, client_address(peer or ""), handoff.group, codec.handoff_entries(handoff), creds
                 )
             except errors.CacheError as exc:
                 self._fail(call_id, failure(exc, handoff.group))
                 return
-            reply = messages.handoff_response(accepted, refused)
+            reply = codec.handoff_response(accepted, refused)
         self._respond(call_id, reply)
 
     # Health ----------------------------------------------------------------------
 
     def _health_check(self, front: Any, call_id: int, payload: bytes, proof: tuple = ()) -> None:
-        request = messages.parser(health_pb2.HealthCheckRequest)(payload)
+        request = codec.parser(health_pb2.HealthCheckRequest)(payload)
         if request is None:
             self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
             return

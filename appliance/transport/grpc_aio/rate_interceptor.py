@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from ...node.ratelimit import RateLimiter, client_address
-from ..messages import call_cost
+from ..codec import call_cost
 from ..metadata import is_forwarded
 from ..status import rate_limited_failure
 

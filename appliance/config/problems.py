@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from ..messages import show
+from ..quoting import show
 
 ENV_PREFIX = "APPLIANCE_"
 ENV_DELIMITER = "__"
