@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from .errors import CacheError, KeyNotFound, PeerError
-from .promoter import Promoter, RatePromoter
+from .promoter import OwnedHotKeys, Promoter, RatePromoter
 from .singleflight import SingleFlight
 from .store import Entry, Store, entry_size
 from .tombstones import Tombstones
@@ -179,6 +179,8 @@ class Group:
         self.hot_fraction = hot_fraction
         # Which fetched values get a hot copy: by request rate unless told.
         self.promoter: Promoter = promoter if promoter is not None else RatePromoter(clock=clock)
+        # Which of our own keys are hot (replies to clients say so).
+        self.owned_hot = OwnedHotKeys(clock=clock)
         self.main = Store(policy, cache_bytes, clock)
         self.hot = Store(policy, int(cache_bytes * hot_fraction), clock)
         self.stats = Stats()
@@ -267,6 +269,7 @@ class Group:
         entry = self.main.get(key)
         if entry is not None:
             stats.main_hits += 1
+            self.owned_hot.hit(key)
             return entry
         self.promoter.seen(key)
         entry = self.hot.get(key)

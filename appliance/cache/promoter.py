@@ -97,3 +97,47 @@ class RatePromoter:
 
     def __len__(self) -> int:
         return len(self._rates)
+
+
+class OwnedHotKeys:
+    """Which of an owner's keys are hot, so that its replies can say so and
+    clients spread them (each node's hot cache then serves them). One Get in
+    `every` is counted (a counter is all the other hits cost); a key is hot
+    while its decayed count reaches `rate` Gets a second."""
+
+    def __init__(
+        self,
+        *,
+        rate: float = 32.0,
+        every: int = 8,
+        half_life: float = 1.0,
+        capacity: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0 or every < 1:
+            raise ValueError("rate must be > 0 and every >= 1")
+        self.every = every
+        # A steady r Gets/s settles at r * half_life / ln 2 counted hits, 1 in `every` of them counted.
+        self._threshold = rate * half_life / math.log(2) / every
+        self._rates = RatePromoter(half_life=half_life, capacity=capacity, clock=clock)
+        self._tick = 0
+        self._samples = 0
+        self.hot: set[str] = set()
+
+    def hit(self, key: str) -> None:
+        self._tick += 1
+        if self._tick % self.every:
+            return
+        rates = self._rates
+        rates.seen(key)
+        if rates.rate(key) >= self._threshold:
+            self.hot.add(key)
+        else:
+            self.hot.discard(key)
+        self._samples += 1
+        if self._samples % 1024 == 0:  # keys no longer asked for leave too
+            self.hot = {k for k in self.hot if rates.rate(k) >= self._threshold}
+
+    def forget(self, key: str) -> None:
+        self._rates.forget(key)
+        self.hot.discard(key)

@@ -140,14 +140,19 @@ class AsyncClient(ClientBase):
         return await self._routed(op, deadline)
 
     async def _routed(self, op: routing.Op, deadline: float):
-        tries = self._router.plan(op, deadline)
+        router = self._router
+        tries = router.plan(op, deadline)
+        # A Get's trailers may carry its owner's hot-key hint.
+        listen = router.listens(op)
         for peer, left in tries:
             try:
-                return op.reply(
-                    await self._pool.methods(peer)[op.method.path](
-                        op.request, timeout=left, metadata=self._metadata_for(peer, op.method)
-                    )
+                call = self._pool.methods(peer)[op.method.path](
+                    op.request, timeout=left, metadata=self._metadata_for(peer, op.method)
                 )
+                reply = await call
+                if listen:
+                    router.heard(op, await call.trailing_metadata())
+                return op.reply(reply)
             except grpc.RpcError as err:
                 if tries.failed(client_error(err)):
                     await self._refresh_quietly()

@@ -18,10 +18,13 @@ from ..cache import errors
 from ..cache.promoter import RatePromoter
 from ..cache.ring import HashRing
 from ..pb import cache_pb2, groupcache_pb2
+from ..transport.metadata import HOT
 from ..transport.status import error_of
 
 # The owner, then up to two other nodes: any node can serve any key.
 MAX_TRIES = 3
+# A client reads the trailers of one Get in this many (for hot-key hints).
+LISTEN_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class Router:
         self.ring = HashRing((), replicas, scheme)  # checks replicas and scheme
         self.hot = hot
         self.revision = -1  # of the etcd read the ring came from (-1: none)
+        self._listen_turn = itertools.count()
         self._lock = threading.Lock()
 
     def install(self, peers: Iterable[str], revision: int | None = None, *, force: bool = False) -> list[str] | None:
@@ -157,6 +161,21 @@ class Router:
     def attempts(self, key: str, deadline: float, first: str | None = None) -> Attempts:
         return Attempts(self, key, deadline, first)
 
+    def listens(self, op: Op) -> bool:
+        """Whether to read this call's trailers for a hot-key hint: one Get
+        in LISTEN_EVERY (reading them costs a sync call about 12% more; an
+        owner says it on every reply while the key stays hot)."""
+        return self.hot is not None and op.method is GET and next(self._listen_turn) % LISTEN_EVERY == 0
+
+    def heard(self, op: Op, trailing: Iterable[tuple[str, Any]] | None) -> None:
+        """A Get's reply metadata: note the owner's hot-key hint."""
+        if self.hot is None or op.method is not GET or not trailing:
+            return
+        for name, value in trailing:
+            if name == HOT[0] and value == HOT[1]:
+                self.hot.hinted(f"{getattr(op.request, 'group', '')}\0{op.key}")
+                return
+
     def plan(self, op: Op, deadline: float) -> Attempts:
         """The tries of `op`: a hot key's Get starts at the next node in turn."""
         first = None
@@ -174,15 +193,29 @@ class HotKeys:
     of a hot key's Get goes to the ring's nodes in turn, not always to its
     owner, so each node's hot cache serves it (rate promotion keeps a copy
     there). A Set or Remove at the owner drops those copies, as it does for
-    any hot copy, so reads keep the hot cache's guarantees."""
+    any hot copy, so reads keep the hot cache's guarantees. A key is hot
+    when this client reads it often, or for `hint_s` seconds after its
+    owner said so (`x-groupcache-hot` on a reply): the owner sees every
+    client's reads, so a key many clients each read a little is spread too."""
 
     # A key is hot from about 3 Gets a second by this client (a decayed count
     # of 4 at a half-life of 1 s): at 16 (11 Gets/s) the busiest of 12
     # workers answered 1.34x the mean under Zipf 1.1 (bench/skew.py spread),
     # at 4 1.16x, for 5% of Gets forwarded while copies form.
-    def __init__(self, threshold: float = 4.0, half_life: float = 1.0, capacity: int = 4096, clock=time.monotonic):
+    def __init__(
+        self,
+        threshold: float = 4.0,
+        half_life: float = 1.0,
+        capacity: int = 4096,
+        hint_s: float = 2.0,
+        clock=time.monotonic,
+    ):
         self.threshold = threshold
+        self.hint_s = hint_s
+        self._clock = clock
         self._rates = RatePromoter(half_life=half_life, capacity=capacity, clock=clock)
+        self._hinted: dict[str, float] = {}  # key -> until when its owner's hint holds
+        self._capacity = capacity
         self._turn = itertools.count()
         self._lock = threading.Lock()  # a Client may be shared by threads
 
@@ -190,14 +223,34 @@ class HotKeys:
         """Count one Get of `key`; the node to ask first when it is hot (None: its owner)."""
         with self._lock:
             self._rates.seen(key)
-            if self._rates.rate(key) < self.threshold or len(ring) < 2:
+            if len(ring) < 2:
                 return None
+            if self._rates.rate(key) < self.threshold:
+                until = self._hinted.get(key)
+                if until is None:
+                    return None
+                if until <= self._clock():
+                    del self._hinted[key]
+                    return None
             nodes = ring.nodes
             return nodes[next(self._turn) % len(nodes)]
+
+    def hinted(self, key: str) -> None:
+        """Its owner said `key` is hot: spread its reads for a while."""
+        with self._lock:
+            hinted = self._hinted
+            if len(hinted) >= self._capacity and key not in hinted:
+                now = self._clock()
+                for k in [k for k, until in hinted.items() if until <= now]:
+                    del hinted[k]
+                if len(hinted) >= self._capacity:
+                    hinted.pop(next(iter(hinted)))  # the oldest hint
+            hinted[key] = self._clock() + self.hint_s
 
     def wrote(self, key: str) -> None:
         with self._lock:
             self._rates.forget(key)
+            self._hinted.pop(key, None)
 
 
 class Attempts:

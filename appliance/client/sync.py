@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -87,14 +88,19 @@ class Client(ClientBase):
         return self._routed(routing.remove_op(group, key), self._deadline(timeout))
 
     def _routed(self, op: routing.Op, deadline: float):
-        tries = self._router.plan(op, deadline)
+        router = self._router
+        tries = router.plan(op, deadline)
+        # A Get's trailers may carry its owner's hot-key hint.
+        listen = router.listens(op)
         for peer, left in tries:
             try:
-                return op.reply(
-                    self._pool.methods(peer)[op.method.path](
-                        op.request, timeout=left, metadata=self._metadata_for(peer, op.method)
-                    )
-                )
+                method: Any = self._pool.methods(peer)[op.method.path]  # a grpc UnaryUnaryMultiCallable
+                metadata = self._metadata_for(peer, op.method)
+                if not listen:
+                    return op.reply(method(op.request, timeout=left, metadata=metadata))
+                reply, call = method.with_call(op.request, timeout=left, metadata=metadata)
+                router.heard(op, call.trailing_metadata())
+                return op.reply(reply)
             except grpc.RpcError as err:
                 if tries.failed(client_error(err)):
                     self._refresh_quietly()

@@ -196,6 +196,10 @@ class NodeInstance:
             self._no_ring()
         return self.group(group_name).lookup(key, forwarded)
 
+    def hot_owned(self, group_name: str, key: str) -> bool:
+        """Whether key is one of this owner's hot keys (after a hit)."""
+        return key in self.groups[group_name].owned_hot.hot
+
     async def fill(self, group_name: str, key: str, *, forwarded: bool, timeout: float | None) -> Entry:
         """The miss path after `hit` returned None."""
         return await self.groups[group_name].fill(key, forwarded=forwarded, timeout=timeout)

@@ -5,6 +5,9 @@ from __future__ import annotations
 # Marks a call as forwarded: the receiver serves it itself, so rings that
 # disagree during a membership change cannot bounce a request around.
 FORWARDED = ("x-groupcache-forwarded", "1")
+# On a Get's reply from the key's owner: the key is hot, spread its reads
+# over every node (their hot caches serve it).
+HOT = ("x-groupcache-hot", "1")
 # Remaining TTL of the owner's entry, so a hot copy never outlives it.
 TTL_MS = "x-groupcache-ttl-ms"
 

@@ -78,6 +78,41 @@ def ring_tasks() -> list[asyncio.Task]:
 # Static peers -------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_client_spreads_a_key_its_owner_says_is_hot(kind):
+    """Many clients that each read a key a little: none of them finds it hot,
+    its owner does (x-groupcache-hot on its replies), and a client that
+    hears so spreads the key's reads over every node."""
+    async with cluster(3, CountingOrigin(DATA)) as nodes:
+        peers = [n.addr for n in nodes]
+        others = await make(kind, peers, spread_hot=False)  # the other clients: always the owner
+        c = await make(kind, peers)
+        try:
+            hot = (c.client if kind == "sync" else c)._router.hot
+            hot.threshold = float("inf")  # this client's own reads never make a key hot
+            owner = await c.locate("k1")
+
+            def gets() -> dict[str, int]:
+                return {n.addr: n.groups["g"].stats.gets for n in nodes}
+
+            for _ in range(40):  # a little: all to the owner, which does not call k1 hot yet
+                assert await c.get("g", "k1") == DATA["k1"]
+            assert [a for a, n in gets().items() if n] == [owner]
+            for _ in range(400):  # the others make k1 hot at its owner
+                await others.get("g", "k1")
+            before = gets()
+            for _ in range(60):
+                assert await c.get("g", "k1") == DATA["k1"]
+            after = gets()
+            spread = {a: after[a] - before[a] for a in peers}
+            assert all(n > 0 for n in spread.values()), spread
+            assert sum(n.groups["g"].stats.local_loads for n in nodes) == 1  # still loaded once
+        finally:
+            await c.close()
+            await others.close()
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_calls_and_errors(kind):
     origin = CountingOrigin(DATA)

@@ -132,3 +132,29 @@ def test_hot_key_spreading_off_and_retries_still_reach_other_nodes():
     r.install(PEERS)
     tries = [p for p, _ in r.plan(op, time.monotonic() + 5)]
     assert sorted(tries) == sorted(PEERS)  # the spread first try, then the others
+
+
+def test_an_owners_hot_key_hint_spreads_a_key_this_client_reads_rarely():
+    clock = _Clock()
+    hot = routing.HotKeys(threshold=float("inf"), hint_s=2.0, clock=clock)  # its own reads never make a key hot
+    r = routing.Router(50, "seed", hot)
+    r.install(PEERS)
+    op, other = routing.get_op("g", "k"), routing.get_op("g", "other")
+    owner = r.ring.owner("k")
+    assert _first_peers(r, op, 5) == [owner] * 5
+    r.heard(op, (("x-groupcache-ttl-ms", "5"),))  # no hint
+    r.heard(routing.set_op("g", "k", b"v", 0), (("x-groupcache-hot", "1"),))  # not a Get's
+    assert _first_peers(r, op, 1) == [owner]
+    r.heard(op, (("x-groupcache-hot", "1"),))
+    assert set(_first_peers(r, op, 30)) == set(PEERS)  # spread while the hint holds
+    assert _first_peers(r, other, 1) == [r.ring.owner("other")]  # for that key only
+    clock.now += 2.5
+    assert _first_peers(r, op, 3) == [owner] * 3  # the hint ran out
+    r.heard(op, (("x-groupcache-hot", "1"),))
+    _first_peers(r, routing.set_op("g", "k", b"v", 0), 1)  # a write drops it
+    assert _first_peers(r, op, 1) == [owner]
+    # Without spreading, hints are ignored.
+    plain = routing.Router(50, "seed")
+    plain.install(PEERS)
+    plain.heard(op, (("x-groupcache-hot", "1"),))
+    assert _first_peers(plain, op, 5) == [owner] * 5

@@ -103,3 +103,33 @@ def test_group_keeps_the_promoter_it_is_given_even_while_it_tracks_nothing():
     given = RatePromoter(half_life=3.0, capacity=8)
     assert len(given) == 0
     assert Group("g", Origin(), cache_bytes=1000, promoter=given).promoter is given
+
+
+def test_an_owner_marks_its_keys_hot_by_read_rate_counting_one_in_every():
+    from appliance.cache.promoter import OwnedHotKeys
+
+    clock = Clock()
+    owned = OwnedHotKeys(rate=32.0, every=8, half_life=1.0, clock=clock)
+    for _ in range(400):  # 2 s: "hot" at 100 Gets/s, "warm" at 10
+        clock.now += 0.005
+        owned.hit("hot")
+        if _ % 10 == 0:
+            owned.hit("warm")
+    assert "hot" in owned.hot and "warm" not in owned.hot
+    # It cools: 10 Gets/s for 6 s and it is no longer hot.
+    for _ in range(60):
+        clock.now += 0.1
+        owned.hit("hot")
+    assert "hot" not in owned.hot
+    with pytest.raises(ValueError):
+        OwnedHotKeys(every=0)
+
+
+async def test_a_group_marks_its_own_keys_hot_from_main_cache_hits():
+    clock = Clock()
+    g = Group("g", Origin({"hot": b"v", "cold": b"v"}), cache_bytes=1000, clock=clock)
+    await g.get("cold")
+    for _ in range(400):
+        clock.now += 0.005
+        await g.get("hot")
+    assert "hot" in g.owned_hot.hot and "cold" not in g.owned_hot.hot

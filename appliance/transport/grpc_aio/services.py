@@ -21,7 +21,7 @@ from ...node.instance import told, told_all
 from ...node.ratelimit import RateLimiter, client_address
 from ...pb import cache_pb2, groupcache_pb2
 from .. import codec
-from ..metadata import is_forwarded, ttl_trailer
+from ..metadata import HOT, is_forwarded, ttl_trailer
 from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
 from ..status import failure, internal_failure, rate_limited_failure
 
@@ -87,6 +87,8 @@ class DataServices:
                 entry = await instance.fill(group, key, forwarded=forwarded, timeout=_remaining(context))
             if forwarded:
                 context.set_trailing_metadata(peer_trailers(instance, creds, entry))
+            elif instance.hot_owned(group, key):
+                context.set_trailing_metadata((HOT,))
             return entry.data  # already an encoded GetResponse (wire.py)
         except errors.CacheError as exc:
             status = failure(told(exc, instance.shows_cause(creds)), group, key)

@@ -45,7 +45,7 @@ from .. import codec, health
 from ..base import BaseTransport
 from ..grpc_aio.server import REFLECTED, add_services
 from ..grpc_aio.services import PeerService, peer_trailers
-from ..metadata import FORWARDED
+from ..metadata import FORWARDED, HOT
 from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
 from ..status import Failure, failure, internal_failure, rate_limited_failure
 from .loop import lock_of
@@ -309,6 +309,8 @@ class NativeTransport(BaseTransport):
                     elif forwarded:
                         trailers = peer_trailers(instance, Credentials.from_metadata(metadata), entry)
                         front.respond(call_id, entry.data, None, list(trailers))
+                    elif instance.hot_owned(group, key):
+                        front.respond(call_id, entry.data, None, [HOT])
                     else:
                         front.respond(call_id, entry.data)
                 elif method == HEALTH_CHECK:
