@@ -46,15 +46,39 @@ def server_credentials(tls: TlsSettings | None) -> grpc.ServerCredentials | None
     )
 
 
+class TlsFiles:
+    """The PEM files behind channel credentials, for the engine's client
+    (rustls reads files; grpc's credentials objects are opaque). `ca` None
+    means the system's roots, which only grpc's client trusts."""
+
+    def __init__(self, ca: str | Path | None, cert: str | Path | None = None, key: str | Path | None = None) -> None:
+        if (cert is None) != (key is None):
+            raise ValueError("a client certificate needs both cert and key")
+        self.ca = str(ca) if ca else None
+        self.cert = str(cert) if cert else None
+        self.key = str(key) if key else None
+
+
+def files_of(credentials: grpc.ChannelCredentials | None) -> TlsFiles | None:
+    """The files behind credentials this module made (None for others)."""
+    return getattr(credentials, "tls_files", None)
+
+
+def _with_files(credentials: grpc.ChannelCredentials, files: TlsFiles) -> grpc.ChannelCredentials:
+    credentials.tls_files = files
+    return credentials
+
+
 def channel_credentials(tls: TlsSettings | None) -> grpc.ChannelCredentials | None:
     """Credentials to dial nodes (peers, the CLI, Client.from_settings);
     None when TLS is off. The node's own certificate doubles as the client
     certificate, which mTLS needs and plain TLS ignores."""
     if tls is None or not tls.enabled:
         return None
-    return grpc.ssl_channel_credentials(
+    credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)
     )
+    return _with_files(credentials, TlsFiles(tls.ca, tls.cert, tls.key))
 
 
 def channel_options(tls: TlsSettings | None) -> list[tuple[str, object]]:
@@ -83,8 +107,9 @@ def credentials_from_files(
 
     ``ca`` None trusts the system's roots; ``cert`` and ``key`` are needed
     only when the nodes require client certificates."""
-    return grpc.ssl_channel_credentials(
+    credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(Path(ca)) if ca else None,
         private_key=_read(Path(key)) if key else None,
         certificate_chain=_read(Path(cert)) if cert else None,
     )
+    return _with_files(credentials, TlsFiles(ca, cert, key))

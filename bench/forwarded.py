@@ -5,20 +5,23 @@ Two workers A and B share a ring, with hot_cache_mirror = 0 so A never
 keeps a copy: every Get sent to A for a key B owns costs A one call to B.
 The local case is the same key sent straight to B (a main-cache hit).
 
-Setups (A and B on the same backend):
-- native/unary:  the native backend's default: A forwards with a unary
-                 GroupCache/Get, which B serves natively;
-- native/stream: A forwards over the Peer/Forward stream, which a native B
-                 serves through its grpc.aio fallback;
-- grpcio/stream: the grpcio backend's default (what forwarding was before).
+Setups (A and B on the same backend), labelled server/forward/client:
+- engine/unary/engine:  the engine backend's default: A forwards a unary
+                        GroupCache/Get on the engine's own client (Rust),
+                        which B serves in the engine;
+- engine/unary/grpcio:  the same, A's call made by grpc.aio (what the
+                        engine did before it had a client);
+- native/unary/grpcio:  pygrpc-native's default (grpc.aio client);
+- grpcio/stream/grpcio: the grpcio backend's default, the portable path:
+                        A forwards over the Peer/Forward stream.
 
 Cost ratios (forwarded / local, same backend): throughput (local rps /
 forwarded rps), p50 latency, CPU per request (A+B for forwarded, B for
-local). The forwarder's own call to the owner is made by a grpc.aio client:
-its share of the cost is A's CPU per forwarded Get minus A's CPU per local
-hit (what serving any hit costs A), over the forwarded Get's whole CPU.
-With many streams A's singleflight joins concurrent Gets of the one hot key
-into fewer calls to B; `forwards_per_get` reports how many.
+local). The forwarder's own call to the owner: A's CPU per forwarded Get
+minus A's CPU per local hit (what serving any hit costs A), and its share
+of the forwarded Get's whole CPU. With many streams A's singleflight joins
+concurrent Gets of the one hot key into fewer calls to B;
+`forwards_per_get` reports how many.
 """
 
 from __future__ import annotations
@@ -27,35 +30,49 @@ import lib
 from lib import GET_PATH, get_body, get_once, h2load
 
 STREAMS = (1, 16)
-SETUPS = (("native", "unary"), ("native", "stream"), ("grpcio", "stream"))
+SETUPS = (
+    ("engine", "unary", "engine"),
+    ("engine", "unary", "grpcio"),
+    ("native", "unary", "grpcio"),
+    ("grpcio", "stream", "grpcio"),
+)
+DEFAULT = "engine/unary/engine"  # what `auto` runs where Rust is built
+BEFORE = "grpcio/stream/grpcio"  # what forwarding was before the native backends
 
 
 def run(cfg) -> dict:
     out = {"setups": {}}
-    for server, forward in SETUPS:
-        label = f"{server}/{forward}"
+    for server, forward, library in SETUPS:
+        label = f"{server}/{forward}/{library}"
         lib.log(f"forwarded Get: {label}")
-        out["setups"][label] = _setup(cfg, server, forward)
-    # The figure the issue asks for: forwarded throughput now (native's
-    # default) against before (grpcio's), same streams.
-    now, before = out["setups"]["native/unary"]["rows"], out["setups"]["grpcio/stream"]["rows"]
-    out["native_vs_grpcio_forwarded"] = [
+        out["setups"][label] = _setup(cfg, server, forward, library)
+    setups = out["setups"]
+    out["default_vs_grpcio_forwarded"] = [
         {"streams": a["streams"], "rps": a["forwarded"]["rps"] / b["forwarded"]["rps"]}
-        for a, b in zip(now, before, strict=False)
+        for a, b in zip(setups[DEFAULT]["rows"], setups[BEFORE]["rows"], strict=False)
+    ]
+    # Issue 20's figure: the same engine backend, the forwarder's call made
+    # by the engine's client against grpc.aio's.
+    out["engine_client_vs_grpc_aio"] = [
+        {
+            "streams": a["streams"],
+            "rps": a["forwarded"]["rps"] / b["forwarded"]["rps"],
+            "forwarder_cpu": b["forwarder_cpu_us_per_req"] / max(a["forwarder_cpu_us_per_req"], 1e-9),
+            "client_call_cpu": b["client_call_cpu_us"] / max(a["client_call_cpu_us"], 1e-9),
+        }
+        for a, b in zip(setups[DEFAULT]["rows"], setups["engine/unary/grpcio"]["rows"], strict=False)
     ]
     return out
 
 
-def _setup(cfg, server: str, forward: str) -> dict:
-    tag = f"fwd-{server}-{forward}"
+def _setup(cfg, server: str, forward: str, library: str) -> dict:
+    tag = f"fwd-{server}-{forward}-{library}"
+    # Only the engine backend has a choice of client library.
+    knobs = {"forward": forward, "peer_library": library if server == "engine" else ""}
     ports = [lib.free_port(), lib.free_port()]
     peers = [f"{lib.HOST}:{p}" for p in ports]
-    a, aport, asock = lib.start_worker(
-        f"{tag}-a", port=ports[0], peers=peers, mirror=0.0, server=server, forward=forward
-    )
-    b, bport, bsock = lib.start_worker(
-        f"{tag}-b", port=ports[1], peers=peers, mirror=0.0, server=server, forward=forward
-    )
+    a, aport, asock = lib.start_worker(f"{tag}-a", port=ports[0], peers=peers, mirror=0.0, server=server, **knobs)
+    b, bport, bsock = lib.start_worker(f"{tag}-b", port=ports[1], peers=peers, mirror=0.0, server=server, **knobs)
     try:
         key = lib.owned_key(peers[1], peers, 100, "fwd")
         mine = lib.owned_key(peers[0], peers, 100, "own")

@@ -44,32 +44,6 @@ def memcaslap_binary() -> str:
     raise SystemExit("memcaslap not found: install the Debian package libmemcached-tools (make -C bench deps)")
 
 
-def start_memcached() -> tuple[lib.Proc, int]:
-    port = lib.free_port()
-    cmd = [
-        lib.need("memcached", "memcached"),
-        "-l",
-        lib.HOST,
-        "-p",
-        str(port),
-        "-U",
-        "0",
-        "-t",
-        "1",
-        "-m",
-        "64",
-        "-c",
-        "1024",
-    ]
-    import os
-
-    if os.geteuid() == 0:
-        cmd += ["-u", "nobody"]
-    proc = lib.Proc(cmd, "memcached")
-    lib.wait_port(port, 10, proc)
-    return proc, port
-
-
 def memcaslap(port: int, seconds: float, watch: list[int], division: int = 1) -> dict:
     cfg = lib.OUT / "memcaslap.cfg"
     # Gets only; keys 16 B, values 100 B. memcaslap first sets its window
@@ -127,7 +101,7 @@ def run(cfg) -> dict:
 
     from appliance.pb import cache_pb2
 
-    mc, mport = start_memcached()
+    mc, mport = lib.start_memcached()
     worker, wport, sock = lib.start_worker("getmany-worker")
     try:
         keysets = {n: [lib.value_key(100, f"gm{n}-{i}") for i in range(n)] for n in BATCHES}

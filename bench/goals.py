@@ -34,8 +34,11 @@ GOALS = {
     "hot_get_per_cpu_vs_seed": Goal("≥", 1.0),  # Gets per server CPU-second / the seed's Go server's
     "hot_get_rps_vs_seed": Goal("≥", 1.5),  # Gets/s / the seed's Go server's
     "hot_get_vs_grpcio": Goal("≥", 6.0),  # Gets/s / the same worker on the grpcio backend
-    "forwarded_vs_before": Goal("≥", 3.0),  # forwarded Gets/s, native default / grpcio's, each stream count
+    "forwarded_vs_before": Goal("≥", 3.0),  # forwarded Gets/s, engine default / grpcio's, each stream count
     "forwarded": Goal("≤", 2.0),  # forwarded / local hit on the same backend, worst of throughput and p50 cost
+    # issue 20: forwarded / local hit on the engine with its own client, worst of throughput and p50 cost
+    "forwarded_engine_1": Goal("≤", 2.0),
+    "forwarded_engine_16": Goal("≤", 1.5),
     "getmany": Goal("≥", 3.0),  # GetMany keys/s (100 per call) / memcached single-key gets/s
     "memory_1k": Goal("≤", 1.5),  # RSS growth / counted bytes at 1 KiB values
     # warm: origin loads / warm keys for each membership change (handoff and peeks on)
@@ -45,6 +48,10 @@ GOALS = {
     "skew_rr_over_owner": Goal("≤", 1.3),  # round-robin CPU per Get / owner-routed, Zipf 1.1, 3 workers
     "skew_busiest_over_mean": Goal("≤", 1.3),  # 12 workers, ring-aware Client, Zipf 1.1: busiest worker's Gets
     "skew_hot_vs_oracle": Goal("≥", 0.9),  # hot-cache hit share / an oracle's, Zipf 0.9, data 10x the budget
+    # application clients (issue 20): application CPU per cached read, engine's client / the baseline's
+    "client_vs_redis": Goal("≤", 0.5),  # Client.get / redis-py GET
+    "client_vs_pymemcache": Goal("≤", 1.5),  # Client.get / pymemcache get
+    "async16_vs_redis": Goal("≤", 0.5),  # AsyncClient.get / redis.asyncio, 16 in flight
 }
 WARM_CHANGES = ("rolling restart", "scale-out 3→4", "planned stop")  # the goal's; kill -9 is reported
 HEADLINE_STREAMS = 128  # the hot-Get row the seed goals read
@@ -120,17 +127,30 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
     fw = results.get("forwarded") or {}
     if fw.get("setups"):
         g = GOALS["forwarded_vs_before"]
-        vs = fw["native_vs_grpcio_forwarded"]
+        vs = fw["default_vs_grpcio_forwarded"]
         rows.append(
             (
-                "Forwarded Gets/s, native (unary) vs grpcio (stream) before",
+                "Forwarded Gets/s, engine default vs grpcio (stream) before",
                 g.target(),
                 "; ".join(f"{r['streams']} stream(s): {ratio(r['rps'])}" for r in vs),
                 verdict(g.met(*(r["rps"] for r in vs))),
             )
         )
+        for r in fw["setups"]["engine/unary/engine"]["rows"]:
+            g = GOALS[f"forwarded_engine_{r['streams']}"]
+            vs = next(x for x in fw["engine_client_vs_grpc_aio"] if x["streams"] == r["streams"])
+            rows.append(
+                (
+                    f"Forwarded vs local hit on the engine's client, {r['streams']} stream(s)",
+                    g.target(),
+                    f"throughput {ratio(r['throughput_cost'])}, p50 {ratio(r['p50_cost'])} "
+                    f"(its call {num(r['client_call_cpu_us'])} µs, {pct(r['client_call_share'])} of the CPU; "
+                    f"grpc.aio's call costs {ratio(vs['client_call_cpu'])} that)",
+                    verdict(g.met(max(r["throughput_cost"], r["p50_cost"]))),
+                )
+            )
         g = GOALS["forwarded"]
-        for label in ("native/unary", "grpcio/stream"):
+        for label in ("native/unary/grpcio", "grpcio/stream/grpcio"):
             rws = fw["setups"][label]["rows"]
             worst = max(max(r["throughput_cost"], r["p50_cost"]) for r in rws)
             rows.append(
@@ -252,6 +272,7 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
             )
         )
     rows += _skew_rows(results.get("skew") or {})
+    rows += _client_rows(results.get("clients") or {})
     sc = results.get("scaling") or {}
     if sc.get("rows") and len(sc["rows"]) > 1:
         last = sc["rows"][-1]
@@ -262,6 +283,35 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
                 f"{ratio(last['speedup'])} aggregate; client CPU share "
                 + ", ".join(pct(r["client_cpu_share"]) for r in sc["rows"]),
                 "reported",
+            )
+        )
+    return rows
+
+
+def _client_rows(cl: dict) -> list[tuple[str, str, str, str]]:
+    if not cl.get("ratios"):
+        return []
+    rows = []
+    for goal, ratio_key, label, a, b in (
+        ("client_vs_redis", "client_vs_redis", "Client.get vs redis-py", "client/engine", "redis-py"),
+        ("client_vs_pymemcache", "client_vs_pymemcache", "Client.get vs pymemcache", "client/engine", "pymemcache"),
+        (
+            "async16_vs_redis",
+            "async16_vs_redis",
+            "AsyncClient.get vs redis.asyncio, 16 in flight",
+            "async/engine 16",
+            "redis.asyncio 16",
+        ),
+    ):
+        g, v = GOALS[goal], cl["ratios"][ratio_key]["cpu"]
+        cells = cl["cells"]
+        rows.append(
+            (
+                f"{label}: application CPU per cached read",
+                g.target(),
+                f"{ratio(v)} ({num(cells[a]['cpu_us_per_read'])} vs {num(cells[b]['cpu_us_per_read'])} µs; "
+                f"reads/s {ratio(cl['ratios'][ratio_key]['rps'])})",
+                verdict(g.met(v)),
             )
         )
     return rows

@@ -165,6 +165,7 @@ def start_worker(
     prefix: list[str] = (),
     server: str = "native",
     forward: str = "",
+    peer_library: str = "",
 ) -> tuple[Proc, int, Path]:
     """A real cache node (appliance.serving.Node) in its own process, on
     the given server backend (native | grpcio)."""
@@ -195,11 +196,38 @@ def start_worker(
     ]
     if forward:
         cmd += ["--forward", forward]
+    if peer_library:
+        cmd += ["--peer-library", peer_library]
     if peers:
         cmd += ["--peers", ",".join(peers)]
     proc = Proc(cmd, name)
     wait_file(ready, 30, proc)
     return proc, port, admin
+
+
+def start_memcached() -> tuple[Proc, int]:
+    """memcached, 1 thread, on a free port (a baseline: getmany, clients)."""
+    port = free_port()
+    cmd = [
+        need("memcached", "memcached"),
+        "-l",
+        HOST,
+        "-p",
+        str(port),
+        "-U",
+        "0",
+        "-t",
+        "1",
+        "-m",
+        "64",
+        "-c",
+        "1024",
+    ]
+    if os.geteuid() == 0:
+        cmd += ["-u", "nobody"]
+    proc = Proc(cmd, "memcached")
+    wait_port(port, 10, proc)
+    return proc, port
 
 
 def start_echo(name: str = "echo", *, kind: str = "echo", prefix: list[str] = ()) -> tuple[Proc, int]:

@@ -44,6 +44,7 @@ def markdown(results: dict) -> str:
     parts += section_scaling(results.get("scaling"))
     parts += section_warm(results.get("warm"))
     parts += section_skew(results.get("skew"))
+    parts += section_clients(results.get("clients"))
     parts += section_profile(results.get("profile"))
     return "\n".join(parts) + "\n"
 
@@ -162,8 +163,10 @@ def section_forwarded(res) -> list[str]:
         _conditions(res),
         "",
         "Two workers on one backend, `hot_cache_mirror = 0`. Local: the key sent to its owner. Forwarded: the same "
-        "key sent to the other worker, which calls the owner. Cost = forwarded / local. The client call is the "
-        "forwarder's grpc.aio call to the owner: its CPU per forwarded Get beyond what serving a local hit costs it.",
+        "key sent to the other worker, which calls the owner. Cost = forwarded / local. Setups are "
+        "server/forward/client: the client is the library the forwarder calls the owner with (the engine's own, "
+        "or grpc.aio). The client call is that call's CPU per forwarded Get beyond what serving a local hit costs "
+        "the forwarder.",
         "",
     ]
     rows = []
@@ -201,8 +204,15 @@ def section_forwarded(res) -> list[str]:
             rows,
         ),
         "",
-        "Forwarded Gets/s, native default vs grpcio before: "
-        + "; ".join(f"{r['streams']} stream(s) {ratio(r['rps'])}" for r in res["native_vs_grpcio_forwarded"]),
+        "Forwarded Gets/s, engine default vs grpcio before: "
+        + "; ".join(f"{r['streams']} stream(s) {ratio(r['rps'])}" for r in res["default_vs_grpcio_forwarded"]),
+        "",
+        "The engine's client against grpc.aio's, same engine backend: "
+        + "; ".join(
+            f"{r['streams']} stream(s): forwarded Gets/s {ratio(r['rps'])}, grpc.aio's call costs "
+            f"{ratio(r['client_call_cpu'])} the engine's in forwarder CPU ({ratio(r['forwarder_cpu'])} all told)"
+            for r in res["engine_client_vs_grpc_aio"]
+        ),
         "",
     ]
     return out
@@ -546,6 +556,34 @@ def section_scaling(res) -> list[str]:
     return out
 
 
+def section_clients(res) -> list[str]:
+    out = ["## 10. What an application pays per cached read", ""]
+    if msg := missing(res, "clients"):
+        return out + [msg, ""]
+    out += [
+        _conditions(res),
+        "",
+        "One engine worker holds a hot 100 B key; redis-server and memcached (1 thread) hold the same value. "
+        "Each cell is a fresh process reading it, sequentially or with N reads in flight on one event loop; "
+        "application CPU is that process's (all its threads). Medians of the rounds.",
+        "",
+    ]
+    rows = []
+    for name in res["cells_order"]:
+        c = res["cells"][name]
+        rows.append([name, num(c["cpu_us_per_read"], 1), num(c["reads_per_s"])])
+    out += [table(["reader", "application CPU µs per read (abs.)", "reads/s (abs.)"], rows), ""]
+    r = res["ratios"]
+    out += [
+        f"Engine's client vs grpc's: `Client.get` {ratio(r['client_engine_vs_grpc']['cpu'])} the CPU per read, "
+        f"{ratio(r['client_engine_vs_grpc']['rps'])} the reads/s; `AsyncClient.get` with 16 in flight "
+        f"{ratio(r['async16_engine_vs_grpc']['cpu'])} the CPU, {ratio(r['async16_engine_vs_grpc']['rps'])} the "
+        f"reads/s. `AsyncClient.get`, 1 in flight, vs redis.asyncio: {ratio(r['async1_vs_redis']['cpu'])} the CPU.",
+        "",
+    ]
+    return out
+
+
 def section_skew(res) -> list[str]:
     out = ["## 9. Skewed load: round robin vs owner-routed, spreading, hot-cache admission", ""]
     if msg := missing(res, "skew"):
@@ -595,7 +633,8 @@ def section_skew(res) -> list[str]:
     if sp := res.get("spread"):
         out += [
             f"Ring-aware `Client`, {sp['threads']} threads, Zipf {sp['s']}, {sp['workers']} workers: Gets each "
-            "worker answered (clients' and forwards).",
+            "worker answered (clients' and forwards), measured after the same client made half as many Gets "
+            "unmeasured (its steady state).",
             "",
             table(
                 [

@@ -21,7 +21,19 @@ import traceback
 
 import lib
 
-BENCHES = ("hot_get", "forwarded", "getmany", "storm", "memory", "convergence", "warm", "scaling", "skew", "profile")
+BENCHES = (
+    "hot_get",
+    "forwarded",
+    "getmany",
+    "storm",
+    "memory",
+    "convergence",
+    "warm",
+    "scaling",
+    "skew",
+    "clients",
+    "profile",
+)
 RESULTS = lib.OUT / "results.json"
 
 

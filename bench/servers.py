@@ -2,14 +2,15 @@
 
     servers.py worker --port P --admin SOCK --ready FILE [--server engine|native|grpcio]
                       [--peers A,B] [--mirror 0] [--delay-ms 50] [--cache-bytes 256MiB]
-                      [--forward stream|unary]
+                      [--forward stream|unary] [--peer-library engine|grpcio]
         A real cache node: appliance.serving.Node with the product's
         services on the given server backend, one group "bench" whose
         Python loader returns N bytes for a key named "v<N>-<anything>"
         (100 bytes for any other key) after --delay-ms, or after <ms> for a
         key named "v<N>-d<ms>-<anything>". The ring is --peers (default:
-        this node alone). --forward picks how its forwards reach an owner
-        (the product's transport default otherwise; an experiment knob).
+        this node alone). --forward picks how its forwards reach an owner,
+        --peer-library what the engine backend makes them with (the
+        product's transport defaults otherwise; experiment knobs).
 
     servers.py echo --port P --ready FILE
         A baseline: a bare grpc.aio server with the same generated
@@ -131,6 +132,8 @@ async def worker(args) -> None:
     node = Node(settings, {"bench": load}, port=args.port, admin_address=f"unix:{args.admin}")
     if args.forward:
         node.transport.forward = args.forward  # the experiment knob: before any client exists
+    if args.peer_library:
+        node.transport.peer_library = args.peer_library  # engine's client or grpc.aio, likewise
     await node.start()
     node.set_peers(args.peers.split(",") if args.peers else [node.addr], 1)
     Path(args.ready).write_text(str(os.getpid()))
@@ -241,6 +244,9 @@ def main() -> None:
     w.add_argument("--timing", default="", help="file: SIGUSR1 writes the time totals of NodeInstance.hit there")
     w.add_argument("--server", default="native", choices=("engine", "native", "grpcio"))
     w.add_argument("--forward", default="", choices=("", "stream", "unary"), help="how forwards reach the owner")
+    w.add_argument(
+        "--peer-library", default="", choices=("", "engine", "grpcio"), help="what the engine backend forwards with"
+    )
     for name in ("echo", "native-echo"):
         e = sub.add_parser(name)
         e.add_argument("--port", type=int, required=True)

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from ..pb import cache_pb2
+from ..transport.engine_channel import AioEngineChannel
 from ..transport.status import client_error
 from . import routing
 from .common import ClientBase
@@ -30,6 +31,7 @@ class AsyncClient(ClientBase):
     it is followed, starts the task that does that until close()."""
 
     _grpc = grpc.aio
+    _engine_channel = AioEngineChannel
 
     def _open(self) -> None:
         self._started = self._discover is None

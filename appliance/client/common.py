@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..node.peer_proofs import READ, WRITE, PeerProofs
+from ..tls import files_of
+from ..transport import engine_channel
 from ..transport.peer_client import PEER_CHANNEL_OPTIONS
 from .follow import EtcdMembers, Follower
 from .routing import METHODS, REMOVE, SET, HotKeys, Method, Pool, Router, checked_str, deadline_of, peer_list
@@ -45,6 +47,7 @@ def settings_kwargs(settings: Settings) -> dict:
 
 class ClientBase:
     _grpc: Any  # the module channels come from: grpc or grpc.aio
+    _engine_channel: Any  # its engine counterpart (transport/engine_channel.py)
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class ClientBase:
         token: str | None = None,
         cluster_token: str | None = None,
         spread_hot: bool = True,
+        engine: bool | None = None,
     ) -> None:
         """`peers` is a static list, used as it is. Or `discover` finds the
         peers: an EtcdMembers (what from_settings passes), whose ring is
@@ -76,7 +80,12 @@ class ClientBase:
         where this user may: root, the service user): each call proves it to
         the node called (a GC-Proof for that address) instead of sending it.
         `spread_hot`: Gets of keys this client reads often go to every node
-        in turn (their hot caches serve them), not only to the owner."""
+        in turn (their hot caches serve them), not only to the owner.
+        `engine`: make calls on the engine's client (Rust, HTTP/2 in
+        hyper), which costs a fraction of grpc's per call. None (default):
+        where it is built and can dial as asked (TLS credentials from
+        appliance.tls with a CA file); True: raise ValueError if not;
+        False: grpc's."""
         if token is not None and (not isinstance(token, str) or not token.strip()):
             raise ValueError("token must be a non-empty string")
         if token and cluster_token:
@@ -104,10 +113,30 @@ class ClientBase:
             ("grpc.max_send_message_length", max_message_bytes),
             *(channel_options or ()),
         ]
+        self._max_message = max_message_bytes
+        self._server_name = dict(channel_options or ()).get("grpc.ssl_target_name_override")
+        self._tls_files = files_of(credentials)
+        self.engine = self._use_engine(engine, credentials)
         self._closed = False
         if discover is None:
             self._install(static)
         self._open()
+
+    def _use_engine(self, wanted: bool | None, credentials) -> bool:
+        if wanted is False:
+            return False
+        missing = engine_channel.usable()
+        if missing is None and credentials is not None:
+            if self._tls_files is None:
+                missing = "the credentials were not made by appliance.tls (their files are unknown)"
+            elif self._tls_files.ca is None:
+                missing = "the credentials trust the system's roots, which the engine's client does not read"
+        if missing is None:
+            return True
+        if wanted:
+            raise ValueError(f"engine=True, but {missing}")
+        log.debug("grpc's client: %s", missing)
+        return False
 
     def _metadata_for(self, peer: str, method: Method):
         if self._proofs is None:
@@ -179,7 +208,11 @@ class ClientBase:
     # Channels --------------------------------------------------------------------
 
     def _dial(self, peer: str) -> tuple[Any, dict[str, Callable]]:
-        if self._credentials is not None:
+        if self.engine:
+            channel = self._engine_channel(
+                peer, max_message=self._max_message, tls=self._tls_files, server_name=self._server_name
+            )
+        elif self._credentials is not None:
             channel = self._grpc.secure_channel(peer, self._credentials, options=self._options)
         else:
             channel = self._grpc.insecure_channel(peer, options=self._options)

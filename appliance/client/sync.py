@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from ..pb import cache_pb2
+from ..transport.engine_channel import EngineChannel
 from ..transport.status import client_error
 from . import routing
 from .common import ClientBase
@@ -28,6 +29,7 @@ class Client(ClientBase):
     when it is followed, a daemon thread does that until close()."""
 
     _grpc = grpc
+    _engine_channel = EngineChannel
 
     def _open(self) -> None:
         self._events: queue.SimpleQueue = queue.SimpleQueue()

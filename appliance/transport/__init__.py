@@ -17,7 +17,9 @@ stop(grace), new_client(addr) and the value framing. Three backends:
 `[node] server = "auto" | "engine" | "native" | "grpcio"` chooses; `auto`
 takes the engine where it is built and the cluster has no seed Go nodes
 (`cluster.seed_interop`: their `:authority` is one the engine refuses),
-grpcio otherwise (`choose`). Peer clients are grpc.aio on every backend.
+grpcio otherwise (`choose`). Peer clients forward on the engine's own
+client (engine_channel.py: unary calls over h2 in Rust) on the engine
+backend, and on grpc.aio elsewhere.
 """
 
 from __future__ import annotations

@@ -68,13 +68,17 @@ class BaseTransport:
     def new_client(self, addr: str, facts: PeerFacts) -> PeerClient:
         return GrpcPeerClient(
             addr,
-            channel(addr, options=self._channel_options, credentials=self._credentials),
+            self._peer_channel(addr),
             max_wait=self.settings.node.peer_timeout,
             forward=self.forward,
             facts=facts,
             proofs=self._proofs,
             accept_unproven_plain_get=self.settings.cluster.seed_interop,
         )
+
+    def _peer_channel(self, addr: str):
+        """The channel a peer client calls through: grpc.aio's here."""
+        return channel(addr, options=self._channel_options, credentials=self._credentials)
 
     def _bind(self, instance: NodeInstance) -> None:
         self.instance = instance

@@ -1,6 +1,7 @@
-"""A node's client for one peer, over one grpc.aio channel.
+"""A node's client for one peer, over one grpc.aio channel or the engine's.
 
-Both server backends use it: pygrpc-native has no client. Gets go to the
+Every server backend uses it: the engine's transport on the engine's own
+client (transport/engine_channel.py), the others on grpc.aio. Gets go to the
 owner over one long-lived `appliance.cache.Peer/Forward` stream (a message
 on an open stream costs a fraction of a unary call in grpc.aio), or as
 unary calls; a peer without our services (a seed Go node) gets the seed's
@@ -163,7 +164,8 @@ class ForwardStream:
 
 
 class GrpcPeerClient:
-    """appliance.node.peers.PeerClient over one grpc.aio channel.
+    """appliance.node.peers.PeerClient over one grpc.aio channel, or the
+    engine's (engine_channel.AioEngineChannel: unary calls only).
 
     `forward` picks how Gets reach the owner: "stream" (Peer.Forward) or
     "unary" (GroupCache/Get marked as forwarded)."""
@@ -192,11 +194,8 @@ class GrpcPeerClient:
         self._share = share
         self._proofs = proofs
         self._accept_unproven = accept_unproven_plain_get
-        self._forward = channel.stream_stream(
-            "/appliance.cache.Peer/Forward",
-            request_serializer=cache_pb2.ForwardRequest.SerializeToString,
-            response_deserializer=cache_pb2.ForwardResponse.FromString,
-        )
+        # Made at the first streamed Get: the engine's channel has unary calls only.
+        self._forward: Any = None
         self._stream: ForwardStream | None = None
         # The reply stays encoded: it is what we cache and send on (wire.py).
         self._get = channel.unary_unary(
@@ -417,6 +416,12 @@ class GrpcPeerClient:
             proofs = self._proofs
             proven = None if proofs is None or nonce is None else (lambda md, n=nonce: proofs.replied(n, md))
             try:
+                if self._forward is None:
+                    self._forward = self.channel.stream_stream(
+                        "/appliance.cache.Peer/Forward",
+                        request_serializer=cache_pb2.ForwardRequest.SerializeToString,
+                        response_deserializer=cache_pb2.ForwardResponse.FromString,
+                    )
                 stream = self._stream = ForwardStream(self._forward, metadata, proven)
             except Exception as err:  # channel closed under us by a ring change
                 raise errors.PeerError(f"{self.addr}: {err}") from None

@@ -43,6 +43,19 @@ pub fn parse_timeout(value: &str) -> Option<f64> {
     Some(n as f64 * scale)
 }
 
+/// grpc-timeout for a duration: at most 8 digits, in the finest unit that fits.
+pub fn encode_timeout(t: std::time::Duration) -> String {
+    let micros = t.as_micros().max(1);
+    if micros < 100_000_000 {
+        return format!("{micros}u");
+    }
+    let millis = t.as_millis();
+    if millis < 100_000_000 {
+        return format!("{millis}m");
+    }
+    format!("{}S", t.as_secs().min(99_999_999))
+}
+
 /// The peer string grpcio gives (`ipv4:1.2.3.4:5`, `ipv6:[::1]:5`).
 pub fn peer_string(addr: &std::net::SocketAddr) -> String {
     match addr {
@@ -79,6 +92,20 @@ mod tests {
         assert_eq!(parse_timeout("5x"), None);
         assert_eq!(parse_timeout("m"), None);
         assert_eq!(parse_timeout("1234567890S"), None);
+    }
+
+    #[test]
+    fn timeouts_encode_within_eight_digits() {
+        use std::time::Duration;
+        assert_eq!(encode_timeout(Duration::from_millis(250)), "250000u");
+        assert_eq!(encode_timeout(Duration::ZERO), "1u");
+        assert_eq!(encode_timeout(Duration::from_secs(3600)), "3600000m");
+        assert_eq!(encode_timeout(Duration::from_secs(10_000_000)), "10000000S");
+        for t in [1u64, 99, 100_000, 99_999_999_999] {
+            let text = encode_timeout(Duration::from_millis(t));
+            assert!(text.len() <= 9, "{text}");
+            assert!(parse_timeout(&text).is_some(), "{text}");
+        }
     }
 
     #[test]

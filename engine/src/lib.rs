@@ -1,5 +1,6 @@
 //! appliance_engine: the appliance's native gRPC front (issue 19).
 
+pub mod client;
 pub mod grpc;
 pub mod server;
 pub mod tls;
@@ -305,9 +306,225 @@ fn to_python<'py>(py: Python<'py>, batch: Vec<Event>) -> PyResult<Bound<'py, PyL
     Ok(list)
 }
 
+fn metadata_to_python<'py>(py: Python<'py>, metadata: Metadata) -> PyResult<Bound<'py, PyTuple>> {
+    let items: Vec<Bound<'py, PyTuple>> = metadata
+        .into_iter()
+        .map(|(k, v)| {
+            let value: Bound<'py, PyAny> = match v {
+                Value::Text(t) => PyString::new(py, &t).into_any(),
+                Value::Binary(b) => PyBytes::new(py, &b).into_any(),
+            };
+            PyTuple::new(py, [PyString::new(py, &k).into_any(), value])
+        })
+        .collect::<PyResult<_>>()?;
+    PyTuple::new(py, items)
+}
+
+/// (code, message, reply bytes, trailing metadata) for Python.
+fn outcome_to_python<'py>(
+    py: Python<'py>,
+    outcome: client::Outcome,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let items: [Bound<'py, PyAny>; 4] = [
+        outcome.code.into_pyobject(py)?.into_any(),
+        PyString::new(py, &outcome.message).into_any(),
+        PyBytes::new(py, &outcome.payload).into_any(),
+        metadata_to_python(py, outcome.trailers)?.into_any(),
+    ];
+    PyTuple::new(py, items)
+}
+
+fn duration_of(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t.min(1e8)))),
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be a non-negative number of seconds, got {t}"
+        ))),
+    }
+}
+
+/// Finished calls of `Channel.start`, for one event loop: wait for
+/// `fileno()` to be readable, then `take()` them all as
+/// (token, (code, message, reply, trailers)).
+#[pyclass(module = "appliance_engine")]
+struct Completions {
+    inner: Arc<client::Completions>,
+}
+
+#[pymethods]
+impl Completions {
+    #[new]
+    fn new() -> PyResult<Self> {
+        let inner = client::Completions::new().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(Completions {
+            inner: Arc::new(inner),
+        })
+    }
+
+    fn fileno(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.inner.reader.as_raw_fd()
+    }
+
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let batch = self.inner.take();
+        let list = PyList::empty(py);
+        for (token, outcome) in batch {
+            list.append((token, outcome_to_python(py, outcome)?))?;
+        }
+        Ok(list)
+    }
+}
+
+/// A client channel to one node: unary gRPC calls over one HTTP/2
+/// connection (TLS with rustls when `tls_ca` is given). A `blocking`
+/// channel makes calls with `call`, its connection driven by the threads
+/// that wait on it; any other makes them with `start`, on the engine's
+/// client thread.
+#[pyclass(module = "appliance_engine")]
+struct Channel {
+    inner: Arc<client::Channel>,
+    blocking: bool,
+}
+
+impl Channel {
+    fn runtime(&self) -> &'static tokio::runtime::Runtime {
+        if self.blocking {
+            client::blocking_runtime()
+        } else {
+            client::runtime()
+        }
+    }
+}
+
+fn host_of(target: &str) -> &str {
+    if let Some(rest) = target.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    target.rsplit_once(':').map(|(h, _)| h).unwrap_or(target)
+}
+
+#[pymethods]
+impl Channel {
+    #[new]
+    #[pyo3(signature = (target, blocking=false, authority=None, max_message=4_259_840, tls_ca=None, tls_cert=None, tls_key=None, server_name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        target: String,
+        blocking: bool,
+        authority: Option<String>,
+        max_message: usize,
+        tls_ca: Option<String>,
+        tls_cert: Option<String>,
+        tls_key: Option<String>,
+        server_name: Option<String>,
+    ) -> PyResult<Self> {
+        let tls = match tls_ca {
+            None if tls_cert.is_some() || tls_key.is_some() => {
+                return Err(PyValueError::new_err(
+                    "a client certificate needs tls_ca too",
+                ))
+            }
+            None => None,
+            Some(ca) => {
+                let config = tls::client_config(&ca, tls_cert.as_deref(), tls_key.as_deref())
+                    .map_err(PyValueError::new_err)?;
+                let name = server_name.unwrap_or_else(|| host_of(&target).to_string());
+                let server_name =
+                    tokio_rustls::rustls::pki_types::ServerName::try_from(name.clone())
+                        .map_err(|e| PyValueError::new_err(format!("server name {name:?}: {e}")))?;
+                Some(client::Tls {
+                    connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+                    server_name,
+                })
+            }
+        };
+        let authority = authority.unwrap_or_else(|| target.clone());
+        if http::uri::Authority::try_from(authority.as_str()).is_err() {
+            return Err(PyValueError::new_err(format!(
+                "{authority:?} is not a host:port"
+            )));
+        }
+        Ok(Channel {
+            inner: Arc::new(client::Channel::new(target, authority, tls, max_message)),
+            blocking,
+        })
+    }
+
+    /// Starts a call; its outcome goes to `completions` under `token`.
+    #[pyo3(signature = (completions, token, path, payload, metadata=None, timeout=None))]
+    fn start(
+        &self,
+        completions: &Completions,
+        token: u64,
+        path: String,
+        payload: &[u8],
+        metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        if self.blocking {
+            return Err(PyRuntimeError::new_err(
+                "a blocking channel makes calls with call()",
+            ));
+        }
+        let metadata = metadata_from(metadata)?;
+        let timeout = duration_of(timeout)?;
+        let payload = Bytes::copy_from_slice(payload);
+        let channel = self.inner.clone();
+        let done = completions.inner.clone();
+        client::runtime().spawn(async move {
+            let outcome = channel.call(path, payload, metadata, timeout).await;
+            done.push(token, outcome);
+        });
+        Ok(())
+    }
+
+    /// One call, blocking this thread (not the GIL) until it ends.
+    #[pyo3(signature = (path, payload, metadata=None, timeout=None))]
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        path: String,
+        payload: &[u8],
+        metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        if !self.blocking {
+            return Err(PyRuntimeError::new_err(
+                "only a blocking channel makes calls with call()",
+            ));
+        }
+        let metadata = metadata_from(metadata)?;
+        let timeout = duration_of(timeout)?;
+        let payload = Bytes::copy_from_slice(payload);
+        let channel = self.inner.clone();
+        let outcome = py.allow_threads(move || {
+            client::blocking_runtime().block_on(channel.call(path, payload, metadata, timeout))
+        });
+        outcome_to_python(py, outcome)
+    }
+
+    /// The connection's state, numbered as grpc.ChannelConnectivity's
+    /// members are listed; `connect` starts connecting if there is none.
+    #[pyo3(signature = (connect=false))]
+    fn state(&self, connect: bool) -> u8 {
+        if connect {
+            self.inner.connect_soon(self.runtime());
+        }
+        self.inner.state()
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
 #[pymodule]
 fn appliance_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Front>()?;
+    m.add_class::<Channel>()?;
+    m.add_class::<Completions>()?;
     m.add("EVENT_CALL", server::EVENT_CALL)?;
     m.add("EVENT_CANCEL", server::EVENT_CANCEL)?;
     m.add("STREAM_SENT", server::STREAM_SENT)?;

@@ -293,7 +293,7 @@ impl Body for ChannelBody {
 
 type Out = Either<ChannelBody, Incoming>;
 
-fn put_metadata(headers: &mut HeaderMap, metadata: &[(String, Value)]) {
+pub(crate) fn put_metadata(headers: &mut HeaderMap, metadata: &[(String, Value)]) {
     for (key, value) in metadata {
         let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
             continue;
@@ -350,13 +350,33 @@ fn success(data: Bytes, metadata: &[(String, Value)]) -> Response<Out> {
 }
 
 fn request_metadata(headers: &HeaderMap) -> Metadata {
+    metadata_without(headers, |key| {
+        matches!(
+            key,
+            "content-type" | "te" | "grpc-timeout" | "grpc-encoding" | "grpc-accept-encoding"
+        )
+    })
+}
+
+/// A reply's trailers as grpcio gives them: without the status and message.
+pub(crate) fn metadata_of(headers: &HeaderMap) -> Metadata {
+    metadata_without(headers, |key| {
+        matches!(
+            key,
+            "content-type"
+                | "grpc-status"
+                | "grpc-message"
+                | "grpc-encoding"
+                | "grpc-accept-encoding"
+        )
+    })
+}
+
+fn metadata_without(headers: &HeaderMap, skip: impl Fn(&str) -> bool) -> Metadata {
     let mut out = Vec::with_capacity(headers.len());
     for (name, value) in headers {
         let key = name.as_str();
-        if matches!(
-            key,
-            "content-type" | "te" | "grpc-timeout" | "grpc-encoding" | "grpc-accept-encoding"
-        ) {
+        if skip(key) {
             continue;
         }
         if key.ends_with("-bin") {

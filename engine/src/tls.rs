@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
@@ -15,6 +15,40 @@ fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{path}: no PEM certificate"));
     }
     Ok(certs)
+}
+
+fn read_key(path: &str) -> Result<tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    rustls_pemfile::private_key(&mut BufReader::new(file))
+        .map_err(|e| format!("{path}: {e}"))?
+        .ok_or_else(|| format!("{path}: no PEM private key"))
+}
+
+/// A client config for h2 over TLS: servers must present a certificate
+/// `ca` signed; with `cert` and `key`, the client presents its own (mTLS).
+pub fn client_config(
+    ca: &str,
+    cert: Option<&str>,
+    key: Option<&str>,
+) -> Result<ClientConfig, String> {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(ca)? {
+        roots.add(c).map_err(|e| format!("{ca}: {e}"))?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match (cert, key) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
+            .map_err(|e| format!("{cert}, {key}: {e}"))?,
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err("a client certificate needs both cert and key".into()),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
 /// A server config for h2 over TLS; with `ca` and `client_auth`, clients
@@ -27,10 +61,7 @@ pub fn server_config(
 ) -> Result<ServerConfig, String> {
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let chain = read_certs(cert)?;
-    let file = std::fs::File::open(key).map_err(|e| format!("{key}: {e}"))?;
-    let key_der = rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|e| format!("{key}: {e}"))?
-        .ok_or_else(|| format!("{key}: no PEM private key"))?;
+    let key_der = read_key(key)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;

@@ -16,6 +16,7 @@ from appliance.client import AsyncClient, Client
 from appliance.cluster import etcd
 from appliance.cluster.controller import Controller
 from appliance.config import Settings
+from appliance.transport import engine_channel
 from support.etcd_server import EtcdServer
 from support.nodes import CountingOrigin, cluster
 from support.ports import free_port
@@ -43,9 +44,26 @@ class Blocking:
         return call
 
 
+# Each client on each call library: the engine's client, and grpc's (the
+# fallback where the engine is not built).
+KINDS = ["sync", "async", "sync/grpc", "async/grpc"]
+
+
+def library(kind: str) -> bool:
+    """The `engine` argument for a kind; skips an engine kind where it is not built."""
+    if kind.endswith("/grpc"):
+        return False
+    missing = engine_channel.usable()
+    if missing:
+        pytest.skip(f"the engine's client is not built here: {missing}")
+    return True
+
+
 async def make(kind: str, *args, from_settings=None, **kwargs):
     """A Client ("sync", wrapped in Blocking) or an AsyncClient ("async"),
-    started (the ring read)."""
+    started (the ring read), on the engine's client or grpc's ("/grpc")."""
+    kwargs.setdefault("engine", library(kind))
+    kind = kind.split("/")[0]
     if kind == "sync":
         make = Client.from_settings if from_settings is not None else Client
         first = (from_settings,) if from_settings is not None else args
@@ -79,7 +97,7 @@ def ring_tasks() -> list[asyncio.Task]:
 
 
 @pytest.mark.usefixtures("backend")
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_client_spreads_a_key_its_owner_says_is_hot(kind):
     """Many clients that each read a key a little: none of them finds it hot,
     its owner does (x-groupcache-hot on its replies), and a client that
@@ -89,7 +107,7 @@ async def test_a_client_spreads_a_key_its_owner_says_is_hot(kind):
         others = await make(kind, peers, spread_hot=False)  # the other clients: always the owner
         c = await make(kind, peers)
         try:
-            hot = (c.client if kind == "sync" else c)._router.hot
+            hot = (c.client if kind.startswith("sync") else c)._router.hot
             hot.threshold = float("inf")  # this client's own reads never make a key hot
             owner = await c.locate("k1")
 
@@ -113,7 +131,7 @@ async def test_a_client_spreads_a_key_its_owner_says_is_hot(kind):
             await others.close()
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_calls_and_errors(kind):
     origin = CountingOrigin(DATA)
     async with cluster(3, origin) as nodes:
@@ -186,7 +204,7 @@ async def test_async_client_sends_each_key_to_its_owner_concurrently():
             assert ring_tasks() == []  # a static list is not followed
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_owner_down_retries_on_another_node(kind):
     async with cluster(3, CountingOrigin(DATA)) as nodes:
         c = await make(kind, [n.addr for n in nodes], timeout=3)
@@ -201,7 +219,7 @@ async def test_owner_down_retries_on_another_node(kind):
             await c.close()
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_timeout_bounds_the_call_and_its_retries(kind):
     origin = CountingOrigin(DATA)
     origin.gate = asyncio.Event()  # every load hangs
@@ -285,7 +303,7 @@ def requests_by_node(nodes) -> dict[str, int]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("watch", ["watch", "no watch"])
 async def test_clients_follow_a_scale_out_and_a_scale_in(kind, watch, etcd_server, registry, monkeypatch, tmp_path):
     if watch == "no watch":
@@ -335,12 +353,12 @@ async def test_clients_follow_a_scale_out_and_a_scale_in(kind, watch, etcd_serve
         finally:
             await c.close()
     await until(lambda: not ring_threads(), 5, "the ring watch threads to end")
-    if kind == "async":
+    if kind.startswith("async"):
         assert ring_tasks() == []
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_the_watch_comes_back_after_etcd_restarts(kind, etcd_server, registry):
     async with cluster(2, CountingOrigin(DATA)) as (a, b):
         registry.add(a.addr)
@@ -400,7 +418,7 @@ async def test_a_static_client_never_touches_etcd(etcd_server, registry):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_unreachable_etcd_is_a_clear_error(kind):
     settings = Settings(cluster={"etcd": [f"127.0.0.1:{free_port()}"], "embedded_etcd": False})
     with pytest.raises(

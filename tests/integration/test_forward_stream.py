@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
+from appliance.transport.engine_channel import AioEngineChannel
 from support.nodes import CountingOrigin, cluster, go_like_server
 from support.ports import free_port
 
@@ -19,8 +20,9 @@ async def get(addr, key):
 
 
 async def test_each_backend_forwards_its_own_way_by_default():
-    """grpcio forwards over the Peer/Forward stream; native with unary Gets,
-    which a native owner serves natively (bench/forwarded.py measures why)."""
+    """grpcio forwards over the Peer/Forward stream; native and engine with
+    unary Gets, which their owners serve natively (bench/forwarded.py
+    measures why); the engine makes them on its own client."""
     origin = CountingOrigin({f"k{i}": f"v{i}".encode() for i in range(100)})
     async with cluster(2, origin, hot_cache_mirror=0.0) as (a, b):
         remote = [k for k in origin.data if a.peers.owner(k) == b.addr][:5]
@@ -28,6 +30,7 @@ async def test_each_backend_forwards_its_own_way_by_default():
         client = a.peers.client(b.addr)
         assert client.streaming is (a.backend == "grpcio")
         assert (client._stream is not None) is (a.backend == "grpcio")
+        assert isinstance(client.channel, AioEngineChannel) is (a.backend == "engine")
         assert b.groups["g"].stats.server_requests == len(remote) and a.groups["g"].stats.peer_errors == 0
 
 

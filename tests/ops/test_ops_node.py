@@ -401,6 +401,46 @@ async def test_tls_right_ca_succeeds_no_or_wrong_ca_fails_admin_not_on_data_port
         assert ns[0].peers.revision == 1
 
 
+@pytest.mark.parametrize("engine", [True, False], ids=["engine-client", "grpc-client"])
+async def test_clients_dial_mtls_on_either_call_library(pki, engine):
+    """Client and AsyncClient over mTLS on the engine's client (rustls, from
+    the files appliance.tls remembers) and on grpc's: the same values, and
+    the same refusal without a client certificate."""
+    from appliance.cache.errors import PeerError
+    from appliance.client import AsyncClient, Client
+    from appliance.transport import engine_channel
+
+    if engine and engine_channel.usable():
+        pytest.skip(f"the engine's client is not built here: {engine_channel.usable()}")
+    data = {f"k{i}": f"v{i}".encode() for i in range(12)}
+    async with nodes(2, CountingOrigin(data), settings=tls_settings(pki, "grpcio", client_auth=True)) as ns:
+        peers = [n.addr for n in ns]
+        with_cert = tlsmod.credentials_from_files(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+        sync = Client(peers, credentials=with_cert, engine=engine)
+        try:
+            assert sync.engine is engine
+            for k, v in data.items():
+                assert await asyncio.to_thread(sync.get, "g", k) == v
+        finally:
+            sync.close()
+        async with AsyncClient(peers, credentials=with_cert, engine=engine) as c:
+            assert c.engine is engine
+            assert await c.get_many("g", list(data)) == data
+        no_cert = tlsmod.credentials_from_files(ca=pki.ca)
+        async with AsyncClient(peers, credentials=no_cert, engine=engine, timeout=2) as c:
+            with pytest.raises(PeerError):
+                await c.get("g", "k1")
+        other_ca = tlsmod.credentials_from_files(ca=pki.other_ca, cert=pki.client_cert, key=pki.client_key)
+        with Client(peers, credentials=other_ca, engine=engine, timeout=2) as c:
+            with pytest.raises(PeerError):
+                await asyncio.to_thread(c.get, "g", "k1")
+    if engine:
+        system_roots = tlsmod.credentials_from_files()  # the engine's client reads no system roots
+        with pytest.raises(ValueError, match="system's roots"):
+            Client(peers, credentials=system_roots, engine=True)
+        assert Client(peers, credentials=system_roots).engine is False
+
+
 @TLS_SERVERS
 async def test_mtls_requires_a_client_certificate_from_the_ca(pki, server):
     data = {f"k{i}": b"v" for i in range(20)}

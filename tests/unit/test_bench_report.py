@@ -124,9 +124,18 @@ def sample_results() -> dict:
         "forwarded": cond(
             setups={
                 label: {"rows": [fwd_row(1, 1.9), fwd_row(16, 1.5)]}
-                for label in ("native/unary", "native/stream", "grpcio/stream")
+                for label in (
+                    "engine/unary/engine",
+                    "engine/unary/grpcio",
+                    "native/unary/grpcio",
+                    "grpcio/stream/grpcio",
+                )
             },
-            native_vs_grpcio_forwarded=[{"streams": 1, "rps": 3.2}, {"streams": 16, "rps": 3.6}],
+            default_vs_grpcio_forwarded=[{"streams": 1, "rps": 3.2}, {"streams": 16, "rps": 3.6}],
+            engine_client_vs_grpc_aio=[
+                {"streams": 1, "rps": 2.5, "forwarder_cpu": 3.0, "client_call_cpu": 6.0},
+                {"streams": 16, "rps": 1.4, "forwarder_cpu": 1.6, "client_call_cpu": 2.0},
+            ],
         ),
         "getmany": cond(
             memcached={
@@ -365,7 +374,9 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
         assert section in text
     # Fixed prose and the historical experiments live in bench/README.md.
     assert "### Reading" not in text and "--experiment" not in text and "0ad5341" not in text
-    assert "| Forwarded vs local hit, native/unary | ≤ 2× |" in text
+    assert "| Forwarded vs local hit, native/unary/grpcio | ≤ 2× |" in text
+    assert "| Forwarded vs local hit on the engine's client, 16 stream(s) | ≤ 1.5× |" in text
+    assert "grpc.aio's call costs 2.00× the engine's" in text
     assert "| Hot Get vs the seed's Go server (GOMAXPROCS=1), Gets per server CPU-second | ≥ 1× |" in text
     assert "`grpc-native-io` 0.66" in text
     assert "| Convergence (death / join / planned stop) | ≤ lease_ttl + 1 s = 3 s |" in text
@@ -382,13 +393,18 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
 
 def test_verdicts_come_from_the_goals_table():
     results = sample_results()
-    results["forwarded"]["setups"]["native/unary"]["rows"][0]["p50_cost"] = goals.GOALS["forwarded"].threshold + 0.01
+    results["forwarded"]["setups"]["native/unary/grpcio"]["rows"][0]["p50_cost"] = (
+        goals.GOALS["forwarded"].threshold + 0.01
+    )
+    results["forwarded"]["setups"]["engine/unary/engine"]["rows"][1]["throughput_cost"] = 1.51
     results["memory"]["rows"][1]["rss_over_counted"] = goals.GOALS["memory_1k"].threshold
     results["storm"]["rows"][1]["origin_loads"] = [10, 11, 10]
     results["warm"]["rows"][3]["changes"]["scale-out 3→4"]["share"] = 0.0101
     rows = {r[0]: r for r in goals.headline(results)}
-    assert rows["Forwarded vs local hit, native/unary"][1:4:2] == ("≤ 2×", "**not met**")
-    assert rows["Forwarded vs local hit, grpcio/stream"][3] == "met"
+    assert rows["Forwarded vs local hit, native/unary/grpcio"][1:4:2] == ("≤ 2×", "**not met**")
+    assert rows["Forwarded vs local hit, grpcio/stream/grpcio"][3] == "met"
+    assert rows["Forwarded vs local hit on the engine's client, 16 stream(s)"][1:4:2] == ("≤ 1.5×", "**not met**")
+    assert rows["Forwarded vs local hit on the engine's client, 1 stream(s)"][3] == "met"
     assert rows["Memory: RSS growth / counted bytes at 1 KiB"][1:4:2] == ("≤ 1.5×", "met")  # at the bound
     assert rows["Miss storm: origin loads for 1000 Gets of 10 cold keys"][1:4:2] == ("exactly 10", "**not met**")
     assert rows["Hot Get vs the seed's Go server (GOMAXPROCS=1), Gets/s"][3] == "met"

@@ -41,8 +41,10 @@ from ...node.auth import Credentials
 from ...node.instance import told, told_all
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
-from .. import codec, health
+from ...tls import TlsFiles
+from .. import codec, engine_channel, health
 from ..base import BaseTransport
+from ..engine_channel import AioEngineChannel
 from ..grpc_aio.server import REFLECTED, add_services
 from ..grpc_aio.services import PeerService, peer_trailers
 from ..metadata import FORWARDED, HOT
@@ -499,6 +501,22 @@ class EngineTransport(NativeTransport):
 
     name = "engine"
 
+    def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
+        super().__init__(settings, peer_token=peer_token)
+        tls = settings.tls
+        self._client_tls: TlsFiles | None = None
+        missing = engine_channel.usable()
+        if tls.enabled:
+            if tls.ca is None:
+                missing = "tls.ca is not set (the engine's client trusts no system roots)"
+            else:
+                self._client_tls = TlsFiles(tls.ca, tls.cert, tls.key)
+        if missing:
+            log.info("forwards use grpc.aio: %s", missing)
+        # Which library peer clients call with (set before any exists, like
+        # `forward`; bench/forwarded.py compares the two).
+        self.peer_library = "grpcio" if missing else "engine"
+
     def _make_front(self, target: str) -> Any:
         from appliance_engine import Front
 
@@ -513,6 +531,17 @@ class EngineTransport(NativeTransport):
             max_connections=node.max_connections,
             **self._tls_files(),
         )
+
+    def _peer_channel(self, addr: str):
+        """Forwards go out on the engine's client where it can dial as
+        grpc.aio would (TLS needs `tls.ca`: rustls trusts no system roots).
+        It makes unary calls only: forwarding over the Peer/Forward stream
+        (`forward = "stream"`) stays on grpc.aio."""
+        if self.peer_library == "engine" and self.forward == "unary":
+            return AioEngineChannel(
+                addr, max_message=self.message_limit, tls=self._client_tls, server_name=self.settings.tls.server_name
+            )
+        return super()._peer_channel(addr)
 
     def socket_refusals(self) -> dict[str, int]:
         """What the engine refused before any call reached Python."""
