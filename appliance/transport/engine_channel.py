@@ -1,7 +1,7 @@
 """grpc's channel API, the part our clients use, on the engine's client.
 
 `appliance_engine.Channel` makes unary calls over one HTTP/2 connection in
-Rust (tokio, hyper, rustls). These adapters give it the shape of a grpc or
+Rust (h2 on tokio, rustls). These adapters give it the shape of a grpc or
 grpc.aio channel (`unary_unary` multicallables, `with_call`, awaitable calls
 with `trailing_metadata()`, `get_state`, `close`), and fail a call with a
 grpc RpcError carrying the status, details and trailers, so the peer client
@@ -9,9 +9,10 @@ and the application clients keep one code path for both libraries.
 
 A blocking call waits with the GIL released, and the waiting thread drives
 the connection itself (no other thread is woken). An awaitable call is
-started in Rust, on the engine's client thread; its outcome comes back through the channel's Completions, whose
-socket the event loop watches: one wakeup per batch of finished calls, and
-no engine thread ever takes the GIL.
+started in Rust, on the engine's client thread; its outcome comes back
+through the channel's Completions, whose socket the event loop watches:
+one wakeup per batch of finished calls, and no engine thread ever takes
+the GIL.
 """
 
 from __future__ import annotations
