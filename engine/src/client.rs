@@ -19,16 +19,11 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::grpc;
+use crate::grpc::{
+    CANCELLED, DEADLINE_EXCEEDED, INTERNAL, OK, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED, UNAVAILABLE, UNIMPLEMENTED, UNKNOWN,
+};
 use crate::server::{metadata_of, put_metadata, Metadata};
-
-pub const OK: u32 = 0;
-pub const CANCELLED: u32 = 1;
-pub const UNKNOWN: u32 = 2;
-pub const DEADLINE_EXCEEDED: u32 = 4;
-pub const RESOURCE_EXHAUSTED: u32 = 8;
-pub const UNIMPLEMENTED: u32 = 12;
-pub const INTERNAL: u32 = 13;
-pub const UNAVAILABLE: u32 = 14;
 
 /// Connection states, numbered as grpc.ChannelConnectivity's order.
 pub const IDLE: u8 = 0;
@@ -209,24 +204,14 @@ impl Channel {
             .max_header_list_size(16 << 10)
             .enable_push(false);
         match &self.tls {
-            None => {
-                let (send, conn) = builder.handshake(tcp).await.map_err(|e| e.to_string())?;
-                let task = tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(Live { send, task, id: 0 })
-            }
+            None => handshake(&builder, tcp).await,
             Some(tls) => {
                 let stream = tls
                     .connector
                     .connect(tls.server_name.clone(), tcp)
                     .await
                     .map_err(|e| format!("TLS: {e}"))?;
-                let (send, conn) = builder.handshake(stream).await.map_err(|e| e.to_string())?;
-                let task = tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(Live { send, task, id: 0 })
+                handshake(&builder, stream).await
             }
         }
     }
@@ -339,13 +324,25 @@ impl Channel {
     }
 }
 
+/// The h2 handshake on a connected stream; the connection runs as a task.
+async fn handshake<T>(builder: &h2::client::Builder, io: T) -> Result<Live, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = builder.handshake(io).await.map_err(|e| e.to_string())?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Live { send, task, id: 0 })
+}
+
 /// grpc's mapping of a stream reset (RST_STREAM's error code).
 fn code_of_reset(e: &h2::Error) -> u32 {
     match e.reason() {
         Some(h2::Reason::REFUSED_STREAM) => UNAVAILABLE,
         Some(h2::Reason::CANCEL) => CANCELLED,
         Some(h2::Reason::ENHANCE_YOUR_CALM) => RESOURCE_EXHAUSTED,
-        Some(h2::Reason::INADEQUATE_SECURITY) => 7,
+        Some(h2::Reason::INADEQUATE_SECURITY) => PERMISSION_DENIED,
         Some(_) => INTERNAL,
         None => UNAVAILABLE, // the connection broke
     }
@@ -355,8 +352,8 @@ fn code_of_reset(e: &h2::Error) -> u32 {
 fn code_of_http(status: u16) -> u32 {
     match status {
         400 => INTERNAL,
-        401 => 16,
-        403 => 7,
+        401 => UNAUTHENTICATED,
+        403 => PERMISSION_DENIED,
         404 => UNIMPLEMENTED,
         429 | 502..=504 => UNAVAILABLE,
         _ => UNKNOWN,

@@ -3,6 +3,18 @@
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
+/// The status codes the engine's server and client use (grpc's numbering).
+pub const OK: u32 = 0;
+pub const CANCELLED: u32 = 1;
+pub const UNKNOWN: u32 = 2;
+pub const DEADLINE_EXCEEDED: u32 = 4;
+pub const PERMISSION_DENIED: u32 = 7;
+pub const RESOURCE_EXHAUSTED: u32 = 8;
+pub const UNIMPLEMENTED: u32 = 12;
+pub const INTERNAL: u32 = 13;
+pub const UNAVAILABLE: u32 = 14;
+pub const UNAUTHENTICATED: u32 = 16;
+
 /// grpc-message: percent-encode what is not printable ASCII, and '%'.
 const MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
 

@@ -269,17 +269,8 @@ fn to_python<'py>(py: Python<'py>, batch: Vec<Event>) -> PyResult<Bound<'py, PyL
                 remaining,
                 identities,
             } => {
-                let md: Vec<Bound<'py, PyTuple>> = metadata
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let value: Bound<'py, PyAny> = match v {
-                            Value::Text(t) => PyString::new(py, &t).into_any(),
-                            Value::Binary(b) => PyBytes::new(py, &b).into_any(),
-                        };
-                        PyTuple::new(py, [PyString::new(py, &k).into_any(), value])
-                    })
-                    .collect::<PyResult<_>>()?;
-                let details = (PyTuple::new(py, md)?, peer, remaining).into_pyobject(py)?;
+                let details =
+                    (metadata_to_python(py, metadata)?, peer, remaining).into_pyobject(py)?;
                 let item = (
                     server::EVENT_CALL,
                     id,

@@ -21,6 +21,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::grpc;
+use crate::grpc::{
+    CANCELLED, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, UNIMPLEMENTED,
+};
 
 pub const EVENT_CALL: i32 = 0;
 pub const EVENT_CANCEL: i32 = 1;
@@ -28,12 +31,6 @@ pub const STREAM_SENT: i32 = 0;
 pub const STREAM_FULL: i32 = 1;
 pub const STREAM_CLOSED: i32 = 2;
 
-const UNIMPLEMENTED: u32 = 12;
-const INTERNAL: u32 = 13;
-const RESOURCE_EXHAUSTED: u32 = 8;
-const DEADLINE_EXCEEDED: u32 = 4;
-const CANCELLED: u32 = 1;
-const UNAVAILABLE: u32 = 14;
 const STREAM_BUFFER: usize = 16;
 
 /// Metadata values: text, or bytes for `-bin` keys.
