@@ -78,6 +78,7 @@ class Node:
             loaders,
             self.peers,
             framing=self.transport.framing,
+            store=self.transport.store,
             auth=Authenticator.from_settings(settings, token),
         )
         self.groups = self.instance.groups

@@ -27,7 +27,7 @@ from typing import Protocol
 from .errors import CacheError, KeyNotFound, PeerError
 from .promoter import OwnedHotKeys, Promoter, RatePromoter
 from .singleflight import SingleFlight
-from .store import Entry, Store, entry_size
+from .store import Entry, Store, StoreFactory, entry_size
 from .tombstones import Tombstones
 
 Loader = Callable[[str], Awaitable[bytes]]
@@ -165,10 +165,13 @@ class Group:
         previous: PreviousOwners | None = None,
         peek_timeout: float = 0.25,
         tombstone_window: float = 0.0,
+        store: StoreFactory = Store,
     ) -> None:
         """`previous` enables peeks at previous owners (each key's peeks get
         `peek_timeout` seconds in all); `tombstone_window` is how long a
-        Remove or Set refuses handed-off and peeked values (see Tombstones)."""
+        Remove or Set refuses handed-off and peeked values (see Tombstones);
+        `store` makes the main and hot stores (the engine's keeps their
+        bytes where its server answers hits without us: see absorb)."""
         if not 0 <= hot_fraction < 1:
             raise ValueError("hot_fraction must be in [0, 1)")
         self.name = name
@@ -181,9 +184,12 @@ class Group:
         self.promoter: Promoter = promoter if promoter is not None else RatePromoter(clock=clock)
         # Which of our own keys are hot (replies to clients say so).
         self.owned_hot = OwnedHotKeys(clock=clock)
-        self.main = Store(policy, cache_bytes, clock)
-        self.hot = Store(policy, int(cache_bytes * hot_fraction), clock)
-        self.stats = Stats()
+        self.main = store(policy, cache_bytes, clock)
+        self.hot = store(policy, int(cache_bytes * hot_fraction), clock)
+        self._stats = Stats()
+        # Takes what a server answered from the stores without us, and
+        # passes it to absorb(); called before the counters are read.
+        self.collect: Callable[[], None] | None = None
         self.framing = framing or NoFraming()
         self._clock = clock
         self.previous = previous
@@ -197,6 +203,36 @@ class Group:
         # key -> fence of the flight allowed to fill the cache; Remove and
         # Set revoke it so an in-flight load cannot bring back old data.
         self._fences: dict[str, _Fence] = {}
+
+    @property
+    def stats(self) -> Stats:
+        """The counters, with the hits a server answered by itself."""
+        if self.collect is not None:
+            self.collect()
+        return self._stats
+
+    def absorb(
+        self,
+        gets: int,
+        main_hits: int,
+        hot_hits: int,
+        server_requests: int = 0,
+        owned: Sequence[tuple[str, int]] = (),
+        seen: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """Hits a server answered from the stores without lookup(): counted
+        (`server_requests`: those a peer forwarded), with `owned` (key,
+        counted main hits: 1 in owned_hot.every) for the owner's hot keys,
+        and `seen` (key, hot-cache hits) for the promoter."""
+        stats = self._stats
+        stats.gets += gets
+        stats.main_hits += main_hits
+        stats.hot_hits += hot_hits
+        stats.server_requests += server_requests
+        for key, times in owned:
+            self.owned_hot.counted(key, times)
+        for key, times in seen:
+            self.promoter.seen(key, times)
 
     # Public API --------------------------------------------------------------
 
@@ -262,7 +298,7 @@ class Group:
     def lookup(self, key: str, forwarded: bool = False) -> Entry | None:
         """Count one Get and answer it from the caches when they can (None:
         a miss, counted as a load; fill() serves it). Never suspends."""
-        stats = self.stats
+        stats = self._stats
         stats.gets += 1
         if forwarded:
             stats.server_requests += 1
@@ -316,7 +352,7 @@ class Group:
         stops; a fetch from the owner in flight asks the old owner as a
         non-owner and keeps at most a hot copy: the entry is kept for both
         (else the stopping owner's key is lost once it exits)."""
-        stats = self.stats
+        stats = self._stats
         # A flight not started yet checks the caches first: it finds this.
         fence = self._fences.get(key)
         loading = fence is not None and fence.kind == "load"
@@ -343,7 +379,7 @@ class Group:
         peer = self.picker.pick(key) if self.picker is not None else None
         if peer is None:
             return await self._load.do(key, lambda: self._load_as_owner(key))
-        self.stats.loads_deduped += 1
+        self._stats.loads_deduped += 1
         fence = self._fence(key, "fetch")
         try:
             try:
@@ -357,7 +393,7 @@ class Group:
         return await self._owner_failed(key)
 
     async def _from_batch(self, key: str, fetch: asyncio.Future) -> Entry:
-        self.stats.loads_deduped += 1
+        self._stats.loads_deduped += 1
         fence = self._fence(key, "fetch")
         try:
             try:
@@ -377,13 +413,13 @@ class Group:
     async def _owner_failed(self, key: str) -> Entry:
         # The owner is down or slow: the client still gets its value, but
         # we are not the owner, so nothing is cached.
-        self.stats.peer_errors += 1
+        self._stats.peer_errors += 1
         data, offset = self._frame(await self._load_origin(key))
         return Entry(data, 0.0, 0, offset)
 
     def _from_peer(self, key: str, data: bytes, ttl_left: float, fence: _Fence) -> Entry:
         """An owner's framed value."""
-        self.stats.peer_loads += 1
+        self._stats.peer_loads += 1
         expires = self._carried_expiry(ttl_left)
         offset = self.framing.offset(data)
         # No hot copy of a key handed to us meanwhile: the main one serves.
@@ -405,7 +441,7 @@ class Group:
         entry = self.main.get(key)
         if entry is not None:
             return entry
-        self.stats.loads_deduped += 1
+        self._stats.loads_deduped += 1
         entry = await self._peek_previous(key) or self.main.get(key)  # or handed to us meanwhile
         if entry is not None:
             return entry
@@ -429,7 +465,7 @@ class Group:
         candidates = previous.peek_candidates(key)
         if not candidates:
             return None
-        stats = self.stats
+        stats = self._stats
         fence = self._fence(key, "peek")
         found = None
         deadline = self._clock() + self.peek_timeout
@@ -470,12 +506,12 @@ class Group:
         try:
             value = await self.loader(key)
         except KeyNotFound:
-            self.stats.not_found += 1
+            self._stats.not_found += 1
             raise
         except Exception:
-            self.stats.local_load_errs += 1
+            self._stats.local_load_errs += 1
             raise
-        self.stats.local_loads += 1
+        self._stats.local_loads += 1
         return value
 
     # Cache bookkeeping -------------------------------------------------------

@@ -22,8 +22,8 @@ from typing import Protocol
 
 
 class Promoter(Protocol):
-    def seen(self, key: str) -> None:
-        """One Get of `key` that the main cache did not answer."""
+    def seen(self, key: str, times: float = 1.0) -> None:
+        """`times` Gets of `key` that the main cache did not answer."""
 
     def admit(self, key: str, victim: str | None, room: bool = False) -> bool:
         """Whether a value of `key` fetched from its owner gets a hot copy.
@@ -38,7 +38,7 @@ class RandomPromoter:
         self.probability = probability
         self._rand = rand
 
-    def seen(self, key: str) -> None:
+    def seen(self, key: str, times: float = 1.0) -> None:
         pass
 
     def admit(self, key: str, victim: str | None, room: bool = False) -> bool:
@@ -74,11 +74,11 @@ class RatePromoter:
         count, at = got
         return count * math.exp(-self._decay * (self._clock() - at))
 
-    def seen(self, key: str) -> None:
+    def seen(self, key: str, times: float = 1.0) -> None:
         now = self._clock()
         rates = self._rates
         got = rates.get(key)
-        count = 1.0 if got is None else got[0] * math.exp(-self._decay * (now - got[1])) + 1.0
+        count = times if got is None else got[0] * math.exp(-self._decay * (now - got[1])) + times
         rates[key] = (count, now)
         rates.move_to_end(key)
         if len(rates) > self.capacity:
@@ -126,10 +126,14 @@ class OwnedHotKeys:
 
     def hit(self, key: str) -> None:
         self._tick += 1
-        if self._tick % self.every:
-            return
+        if self._tick % self.every == 0:
+            self.counted(key)
+
+    def counted(self, key: str, times: int = 1) -> None:
+        """`times` counted hits of `key` (1 in `every` of its hits): what
+        hit() counts, and what a server that samples hits itself reports."""
         rates = self._rates
-        rates.seen(key)
+        rates.seen(key, times)
         if rates.rate(key) >= self._threshold:
             self.hot.add(key)
         else:

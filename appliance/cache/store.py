@@ -34,6 +34,11 @@ class Entry(NamedTuple):
         return self.data[self.offset :] if self.offset else self.data
 
 
+# Makes a store: (policy, max_bytes, clock) -> a Store, or the engine's
+# (appliance_engine.Store, the same API; cache/native_store.py).
+StoreFactory = Callable[[str, int, Callable[[], float]], "Store"]
+
+
 def entry_size(key: str, value: bytes) -> int:
     return len(key.encode("utf-8", "surrogatepass")) + len(value)
 

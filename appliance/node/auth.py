@@ -120,6 +120,14 @@ class Authenticator:
             return False
         return principal is not None and principal.name == CLUSTER
 
+    def grants(self, scope: str) -> tuple[list[tuple[bytes, bool]], list[tuple[str, bool]]]:
+        """Every known token (its SHA-256 digest) and certificate identity,
+        each with whether it holds `scope`: for a server that checks
+        credentials itself (the engine's hit path) and asks us otherwise."""
+        tokens = [(digest, scope in p.scopes) for digest, p in self._tokens]
+        identities = [(identity, scope in p.scopes) for identity, p in self._identities.items()]
+        return tokens, identities
+
     def open_to(self, scope: str) -> bool:
         return self.writes_open if scope == "write" else self.reads_open
 

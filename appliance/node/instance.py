@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from ..cache import errors
 from ..cache.group import Framing, Group
 from ..cache.promoter import Promoter, RandomPromoter, RatePromoter
-from ..cache.store import Entry
+from ..cache.store import Entry, Store, StoreFactory
 from ..logs import event
 from .auth import CLUSTER, NONE, Authenticator, Credentials
 from .peers import PeerClient, Peers
@@ -110,6 +110,7 @@ class NodeInstance:
         *,
         framing: Framing,
         auth: Authenticator | None = None,
+        store: StoreFactory = Store,
     ) -> None:
         """`auth` decides who may read and write (default: [auth] with no
         credentials known, i.e. only what is open)."""
@@ -142,6 +143,7 @@ class NodeInstance:
                 previous=peers if ns.peek_window else None,
                 peek_timeout=ns.peek_timeout,
                 tombstone_window=ns.fence_window,
+                store=store,
             )
             for name, spec in settings.groups.items()
         }
@@ -506,7 +508,7 @@ class NodeInstance:
                 continue
             entries, size, now = [], 0, time.monotonic()
             for _, key, entry in batch:
-                if group.main.get(key) is not entry:  # removed or replaced since: not ours to send
+                if group.main.get(key) != entry:  # removed or replaced since (a copy: compare)
                     self._count_out(report, group, "cut", 1, entry.size)
                     continue
                 entries.append((key, entry.value, entry.expires - now if entry.expires else 0.0))

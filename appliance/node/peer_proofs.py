@@ -87,6 +87,13 @@ class PeerProofs:
         self._since_ms = math.floor(since * 1000)
         self._recent.clear()
 
+    def callee(self) -> tuple[bytes, str, int] | None:
+        """(HMAC key, address, listening since in ms) for a server that
+        checks proofs itself (the engine's hit path); None until listening."""
+        if self.addr is None or math.isinf(self._since_ms):
+            return None
+        return self._key, self.addr, int(self._since_ms)
+
     def check(self, proof: str) -> tuple[str, str]:
         """(nonce, scope) of a valid proof (the part after the scheme); raises ProofError."""
         recent = self._recent.get(proof)

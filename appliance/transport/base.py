@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import tls as tlsmod
 from ..cache.group import Framing
+from ..cache.store import Store, StoreFactory
 from ..node.instance import MESSAGE_SLACK
 from ..node.peer_proofs import PeerProofs
 from ..node.peers import PeerClient, PeerFacts
@@ -29,6 +30,7 @@ class Transport(Protocol):
 
     name: str
     framing: Framing
+    store: StoreFactory
     health: Health
     limiter: RateLimiter | None
 
@@ -46,6 +48,8 @@ class Transport(Protocol):
 class BaseTransport:
     name = "?"
     framing: Framing = wire.FRAMING
+    # What the groups keep their entries in (the engine's own: its server reads it).
+    store: StoreFactory = Store
     # How a forwarded Get reaches an owner (GrpcPeerClient's `forward`).
     forward = "stream"
 

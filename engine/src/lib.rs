@@ -2,7 +2,10 @@
 
 pub mod client;
 pub mod grpc;
+pub mod hits;
+pub mod py_store;
 pub mod server;
+pub mod store;
 pub mod tls;
 
 use std::sync::atomic::Ordering;
@@ -28,6 +31,17 @@ fn metadata_from(items: Option<Vec<(String, Bound<'_, PyAny>)>>) -> PyResult<Met
     Ok(out)
 }
 
+/// Front's `hits`: (GroupCache/Get's index, max group bytes, max key
+/// bytes, the hot-key trailer, Some((Cache/GetMany's index, max keys, max
+/// reply bytes, bytes each key adds to the reply's estimate))).
+type HitsArg<'py> = (
+    usize,
+    usize,
+    usize,
+    Vec<(String, Bound<'py, PyAny>)>,
+    Option<(usize, usize, usize, usize)>,
+);
+
 /// The front Python drives: the same event API as pygrpc-native's
 /// NativeGrpcFront, so one Python backend serves either.
 #[pyclass(module = "appliance_engine")]
@@ -38,15 +52,17 @@ struct Front {
     port: u16,
     tls: Option<tokio_rustls::TlsAcceptor>,
     io_threads: usize,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    runtime: Mutex<Option<Io>>,
     stop: Arc<tokio::sync::Notify>,
 }
 
 #[pymethods]
 impl Front {
     #[new]
-    #[pyo3(signature = (target, methods, io_threads=1, max_message=4_194_304, max_concurrent_streams=1024, max_header_list_size=16_384, max_connections=4096, tls_cert=None, tls_key=None, tls_ca=None, client_auth=false))]
-    #[allow(clippy::too_many_arguments)]
+    /// `hits` (HitsArg) to answer hits in the engine (serve_group,
+    /// open_hits); None: every call goes to Python.
+    #[pyo3(signature = (target, methods, io_threads=1, max_message=4_194_304, max_concurrent_streams=1024, max_header_list_size=16_384, max_connections=4096, tls_cert=None, tls_key=None, tls_ca=None, client_auth=false, hits=None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn new(
         target: &str,
         methods: Vec<(String, bool)>,
@@ -59,6 +75,7 @@ impl Front {
         tls_key: Option<String>,
         tls_ca: Option<String>,
         client_auth: bool,
+        hits: Option<HitsArg<'_>>,
     ) -> PyResult<Self> {
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => {
@@ -81,7 +98,20 @@ impl Front {
             max_header_list_size,
             max_connections,
         };
-        let (shared, rx) = Shared::new(methods, limits);
+        let hits = match hits {
+            Some((method, max_group, max_key, trailer, many)) => {
+                let many = many.map(|(method, max_keys, max_reply, per_key)| hits::ManyLimits {
+                    method,
+                    max_keys,
+                    max_reply,
+                    per_key,
+                });
+                let trailer = metadata_from(Some(trailer))?;
+                Some((method, hits::Hits::new(max_group, max_key, trailer, many)))
+            }
+            None => None,
+        };
+        let (shared, rx) = Shared::new(methods, limits, hits);
         Ok(Front {
             shared,
             events: Mutex::new(Some(rx)),
@@ -112,23 +142,101 @@ impl Front {
         )
     }
 
+    /// Serves hits of group `name` from these stores; `every`: one main
+    /// hit in this many is sampled for the owner's hot keys.
+    fn serve_group(
+        &self,
+        name: &str,
+        main: &py_store::PyStore,
+        hot: &py_store::PyStore,
+        every: u64,
+    ) -> PyResult<py_store::PyHitGroup> {
+        let Some(hits) = self.shared.hits() else {
+            return Err(PyRuntimeError::new_err("this front was made without hits"));
+        };
+        if main.clock.is_some() || hot.clock.is_some() {
+            return Err(PyValueError::new_err(
+                "a store on another clock than time.monotonic cannot be served from",
+            ));
+        }
+        let group = Arc::new(hits::HitGroup::new(
+            main.inner.clone(),
+            hot.inner.clone(),
+            every,
+        ));
+        hits.groups
+            .write()
+            .unwrap()
+            .insert(name.as_bytes().into(), group.clone());
+        Ok(py_store::PyHitGroup { inner: group })
+    }
+
+    /// Who may read on the hit path: everyone (`open`), else holders of
+    /// these tokens (SHA-256 digest, has the read scope) and certificate
+    /// identities (name, has the read scope).
+    fn set_access(
+        &self,
+        open: bool,
+        tokens: Vec<(Vec<u8>, bool)>,
+        identities: Vec<(String, bool)>,
+    ) -> PyResult<()> {
+        let Some(hits) = self.shared.hits() else {
+            return Err(PyRuntimeError::new_err("this front was made without hits"));
+        };
+        let mut digests = Vec::with_capacity(tokens.len());
+        for (digest, read) in tokens {
+            let digest: [u8; 32] = digest
+                .try_into()
+                .map_err(|_| PyValueError::new_err("a token digest is 32 bytes (SHA-256)"))?;
+            digests.push((digest, read));
+        }
+        *hits.access.write().unwrap() = hits::Access {
+            open,
+            tokens: digests,
+            identities: identities.into_iter().collect(),
+        };
+        Ok(())
+    }
+
+    /// How the hit path takes a peer's forward: `key` None, on its marker
+    /// (a node with no cluster token); else checking its proof with
+    /// PeerProofs' key, for `addr`, made no earlier than `since_ms`.
+    #[pyo3(signature = (key, addr, since_ms))]
+    fn set_peer_proofs(&self, key: Option<Vec<u8>>, addr: String, since_ms: i64) -> PyResult<()> {
+        let Some(hits) = self.shared.hits() else {
+            return Err(PyRuntimeError::new_err("this front was made without hits"));
+        };
+        let proofs = key.map(|k| hits::Proofs::new(&k, addr, since_ms));
+        *hits.peers.write().unwrap() = Some(proofs);
+        Ok(())
+    }
+
+    /// Opens (the node has a ring) or closes (it stops) the hit path.
+    fn open_hits(&self, open: bool) {
+        if let Some(hits) = self.shared.hits() {
+            hits.open.store(open, Ordering::Release);
+        }
+    }
+
+    /// Gets the engine answered itself since the front was made.
+    fn hits_answered(&self) -> u64 {
+        self.shared
+            .hits()
+            .map_or(0, |h| h.answered.load(Ordering::Relaxed))
+    }
+
     fn start(&self) -> PyResult<()> {
         let Some(listener) = self.listener.lock().unwrap().take() else {
             return Err(PyRuntimeError::new_err("already started"));
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(self.io_threads)
-            .thread_name("engine-io")
-            .enable_all()
-            .build()
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        runtime.spawn(server::accept_loop(
+        let serve = server::accept_loop(
             self.shared.clone(),
             listener,
             self.tls.clone(),
             self.stop.clone(),
-        ));
-        *self.runtime.lock().unwrap() = Some(runtime);
+        );
+        let io = Io::start(self.io_threads, serve).map_err(PyRuntimeError::new_err)?;
+        *self.runtime.lock().unwrap() = Some(io);
         Ok(())
     }
 
@@ -219,8 +327,61 @@ impl Front {
         self.stop.notify_waiters();
         let runtime = self.runtime.lock().unwrap().take();
         self.listener.lock().unwrap().take();
-        if let Some(runtime) = runtime {
-            py.allow_threads(move || runtime.shutdown_timeout(Duration::from_secs(2)));
+        if let Some(io) = runtime {
+            py.allow_threads(move || io.stop());
+        }
+    }
+}
+
+/// The front's I/O: with one thread, a current-thread runtime driven by a
+/// thread of its own (no work-stealing queues to pay for); with more, a
+/// multi-thread runtime.
+enum Io {
+    One {
+        done: tokio::sync::oneshot::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    },
+    Many(tokio::runtime::Runtime),
+}
+
+impl Io {
+    fn start<F>(threads: usize, serve: F) -> Result<Io, String>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if threads > 1 {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("engine-io")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.spawn(serve);
+            return Ok(Io::Many(runtime));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (done, until) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("engine-io".into())
+            .spawn(move || {
+                runtime.spawn(serve);
+                let _ = runtime.block_on(until);
+                // Dropping the runtime cancels what is still open.
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Io::One { done, thread })
+    }
+
+    fn stop(self) {
+        match self {
+            Io::One { done, thread } => {
+                let _ = done.send(());
+                let _ = thread.join();
+            }
+            Io::Many(runtime) => runtime.shutdown_timeout(Duration::from_secs(2)),
         }
     }
 }
@@ -516,6 +677,8 @@ fn appliance_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Front>()?;
     m.add_class::<Channel>()?;
     m.add_class::<Completions>()?;
+    m.add_class::<py_store::PyStore>()?;
+    m.add_class::<py_store::PyHitGroup>()?;
     m.add("EVENT_CALL", server::EVENT_CALL)?;
     m.add("EVENT_CANCEL", server::EVENT_CANCEL)?;
     m.add("STREAM_SENT", server::STREAM_SENT)?;

@@ -88,6 +88,8 @@ pub struct Shared {
     proxy: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Incoming>>>,
     closed: AtomicBool,
     limits: Limits,
+    /// GroupCache/Get's method index and the hits answered without Python.
+    hits: Option<(usize, crate::hits::Hits)>,
     /// Refusals at the socket, for the worker's metrics: requests over the
     /// message limit, connections over the connection limit.
     pub refused_messages: AtomicU64,
@@ -98,6 +100,7 @@ impl Shared {
     pub fn new(
         methods: Vec<(String, bool)>,
         limits: Limits,
+        hits: Option<(usize, crate::hits::Hits)>,
     ) -> (Arc<Shared>, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel();
         let methods = methods
@@ -114,6 +117,7 @@ impl Shared {
             proxy: tokio::sync::Mutex::new(None),
             closed: AtomicBool::new(false),
             limits,
+            hits,
             refused_messages: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
         };
@@ -127,6 +131,10 @@ impl Shared {
         }
     }
 
+    pub fn hits(&self) -> Option<&crate::hits::Hits> {
+        self.hits.as_ref().map(|(_, h)| h)
+    }
+
     pub fn set_fallback(&self, path: String) {
         *self.fallback.lock().unwrap() = Some(path);
     }
@@ -134,6 +142,9 @@ impl Shared {
     /// Ends the event stream: the receiver sees `Closed`, then nothing.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        if let Some(hits) = self.hits() {
+            hits.open.store(false, Ordering::Release);
+        }
         if let Some(tx) = self.events.lock().unwrap().take() {
             let _ = tx.send(Event::Closed);
         }
@@ -336,11 +347,21 @@ fn failure(code: u32, message: &str, metadata: &[(String, Value)]) -> Response<O
     response
 }
 
+/// Values up to this size are copied behind their length prefix (one DATA
+/// frame); larger ones go out as they are, after a 5-byte frame.
+const COPY_BELOW: usize = 16 * 1024;
+
 fn success(data: Bytes, metadata: &[(String, Value)]) -> Response<Out> {
-    let frames = vec![
-        Frame::data(Bytes::from(grpc::frame(&data))),
-        Frame::trailers(status_trailers(0, "", metadata)),
-    ];
+    let mut frames = Vec::with_capacity(3);
+    if data.len() < COPY_BELOW {
+        frames.push(Frame::data(Bytes::from(grpc::frame(&data))));
+    } else {
+        let mut prefix = [0u8; 5];
+        prefix[1..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        frames.push(Frame::data(Bytes::copy_from_slice(&prefix)));
+        frames.push(Frame::data(data));
+    }
+    frames.push(Frame::trailers(status_trailers(0, "", metadata)));
     grpc_headers()
         .body(Either::Left(ChannelBody::ready(frames)))
         .unwrap()
@@ -485,16 +506,15 @@ async fn serve_call(
         return Ok(failure(UNAVAILABLE, "server is stopping", &[]));
     }
     let Some(&(method, streaming)) = shared.methods.get(req.uri().path()) else {
-        return Ok(proxy(&shared, req).await);
+        return Ok(Box::pin(proxy(&shared, req)).await);
     };
     let remaining = req
         .headers()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(grpc::parse_timeout);
-    let metadata = request_metadata(req.headers());
     let max = shared.limits.max_message;
-    let mut body = req.into_body();
+    let (parts, mut body) = req.into_parts();
     let payload = match read_message(&mut body, max).await {
         Ok(p) => p,
         Err(ReadError::TooLarge(len)) => {
@@ -513,59 +533,108 @@ async fn serve_call(
         Err(ReadError::Broken) => return Ok(failure(CANCELLED, "request body broken", &[])),
     };
     drop(body);
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    // Registered before the event goes out: Python may answer at once.
-    let (call, pending) = if streaming {
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        (Call::Stream(tx), Pending::Stream(rx))
-    } else {
-        let (tx, rx) = oneshot::channel();
-        (Call::Unary(tx), Pending::Unary(rx))
-    };
-    shared.calls.lock().unwrap().insert(id, call);
-    let guard = Guard {
-        id,
-        shared: shared.clone(),
-    };
-    let event = Event::Call {
-        id,
-        method,
-        payload,
-        metadata,
-        peer: peer.to_string(),
-        remaining,
-        identities: identities.clone(),
-    };
-    if !shared.emit(event) {
-        return Ok(failure(UNAVAILABLE, "server is stopping", &[]));
-    }
-    let rx = match pending {
-        Pending::Stream(rx) => {
-            let body = ChannelBody {
-                ready: Default::default(),
-                rx: Some(rx),
-                _guard: Some(guard),
-                done: false,
-            };
-            return Ok(grpc_headers().body(Either::Left(body)).unwrap());
-        }
-        Pending::Unary(rx) => rx,
-    };
-    let _guard = guard;
-    let reply = match remaining {
-        Some(secs) => {
-            match tokio::time::timeout(Duration::from_secs_f64(secs.min(1e9)), rx).await {
-                Ok(r) => r,
-                Err(_) => return Ok(failure(DEADLINE_EXCEEDED, "Deadline Exceeded", &[])),
+    if let Some((get, hits)) = &shared.hits {
+        let call = crate::hits::CallFacts::of(&parts.headers, &identities);
+        if method == *get {
+            if let Some((data, trailers)) = hits.answer(&payload, &call) {
+                return Ok(success(data, &trailers));
+            }
+        } else if hits.get_many.as_ref().is_some_and(|m| m.method == method) {
+            if let Some(data) = hits.answer_many(&payload, &call) {
+                return Ok(success(data, &[]));
             }
         }
-        None => rx.await,
+    }
+    let metadata = request_metadata(&parts.headers);
+    let call = ToPython {
+        method,
+        streaming,
+        payload,
+        metadata,
+        peer,
+        remaining,
+        identities,
     };
-    Ok(match reply {
-        Ok(Reply::Ok(data, trailers)) => success(data, &trailers),
-        Ok(Reply::Fail(code, message, trailers)) => failure(code, &message, &trailers),
-        Err(_) => failure(UNAVAILABLE, "server is stopping", &[]),
-    })
+    // Boxed: the hit path above keeps each stream's task small.
+    Ok(Box::pin(call.send(shared)).await)
+}
+
+/// A call Python answers: its event, and the wait for the answer.
+struct ToPython {
+    method: usize,
+    streaming: bool,
+    payload: Bytes,
+    metadata: Metadata,
+    peer: Arc<str>,
+    remaining: Option<f64>,
+    identities: Arc<[String]>,
+}
+
+impl ToPython {
+    async fn send(self, shared: Arc<Shared>) -> Response<Out> {
+        let ToPython {
+            method,
+            streaming,
+            payload,
+            metadata,
+            peer,
+            remaining,
+            identities,
+        } = self;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        // Registered before the event goes out: Python may answer at once.
+        let (call, pending) = if streaming {
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+            (Call::Stream(tx), Pending::Stream(rx))
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Call::Unary(tx), Pending::Unary(rx))
+        };
+        shared.calls.lock().unwrap().insert(id, call);
+        let guard = Guard {
+            id,
+            shared: shared.clone(),
+        };
+        let event = Event::Call {
+            id,
+            method,
+            payload,
+            metadata,
+            peer: peer.to_string(),
+            remaining,
+            identities: identities.clone(),
+        };
+        if !shared.emit(event) {
+            return failure(UNAVAILABLE, "server is stopping", &[]);
+        }
+        let rx = match pending {
+            Pending::Stream(rx) => {
+                let body = ChannelBody {
+                    ready: Default::default(),
+                    rx: Some(rx),
+                    _guard: Some(guard),
+                    done: false,
+                };
+                return grpc_headers().body(Either::Left(body)).unwrap();
+            }
+            Pending::Unary(rx) => rx,
+        };
+        let _guard = guard;
+        let reply = match remaining {
+            Some(secs) => {
+                match tokio::time::timeout(Duration::from_secs_f64(secs.min(1e9)), rx).await {
+                    Ok(r) => r,
+                    Err(_) => return failure(DEADLINE_EXCEEDED, "Deadline Exceeded", &[]),
+                }
+            }
+            None => rx.await,
+        };
+        match reply {
+            Ok(Reply::Ok(data, trailers)) => success(data, &trailers),
+            Ok(Reply::Fail(code, message, trailers)) => failure(code, &message, &trailers),
+            Err(_) => failure(UNAVAILABLE, "server is stopping", &[]),
+        }
+    }
 }
 
 /// Serves one connection (plain or TLS) until it ends or `stop` fires.

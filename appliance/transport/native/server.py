@@ -37,8 +37,9 @@ from grpc_reflection.v1alpha import reflection
 
 from ... import addr as addrs
 from ...cache import errors
+from ...cache.native_store import native_store
 from ...node.auth import Credentials
-from ...node.instance import told, told_all
+from ...node.instance import MAX_BATCH_KEYS, MESSAGE_SLACK, RESULT_OVERHEAD, told, told_all
 from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
 from ...tls import TlsFiles
@@ -493,16 +494,30 @@ class NativeTransport(BaseTransport):
         front.stream_end(call_id)  # closed by a stop: end the stream with OK
 
 
+# How often the engine's hit counters and samples reach the groups (and
+# the owner's hot keys reach the engine) when nothing reads them sooner.
+HITS_COLLECT_INTERVAL = 0.2
+
+
 class EngineTransport(NativeTransport):
     """Our engine (appliance_engine): limits enforced at the socket, TLS
     and mTLS in rustls (certificates read at start, as grpcio does; a
     reload restarts the worker). With mTLS each call's event carries the
-    client certificate's names, as grpcio's auth context does."""
+    client certificate's names, as grpcio's auth context does.
+
+    The groups keep their entries in the engine's stores, and a Get (or a
+    GetMany whose keys all hit) that hits is answered there without an
+    event (engine/src/hits.rs), a peer's forward too; its
+    counters reach the group when they are read (Group.collect) or every
+    HITS_COLLECT_INTERVAL. With [ops] rate_limit every call still comes
+    here, where the buckets are."""
 
     name = "engine"
 
     def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
         super().__init__(settings, peer_token=peer_token)
+        self.store = native_store() or self.store
+        self._collector: asyncio.Task | None = None
         tls = settings.tls
         self._client_tls: TlsFiles | None = None
         missing = engine_channel.usable()
@@ -530,7 +545,65 @@ class EngineTransport(NativeTransport):
             max_header_list_size=node.max_header_list_size,
             max_connections=node.max_connections,
             **self._tls_files(),
+            hits=(
+                GET,
+                node.max_group_bytes,
+                node.max_key_bytes,
+                [HOT],
+                (GET_MANY, MAX_BATCH_KEYS, node.max_value_bytes + MESSAGE_SLACK, RESULT_OVERHEAD),
+            ),
         )
+
+    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
+        port = await super().start(instance, host, port)
+        if self.limiter is not None:
+            log.info("hits are answered in Python: [ops] rate_limit charges every call there")
+            return port
+        front = self._front
+        tokens, identities = instance.auth.grants("read")
+        front.set_access(instance.reads_open, tokens, identities)
+        for name, group in instance.groups.items():
+            served = front.serve_group(name, group.main, group.hot, group.owned_hot.every)
+            group.collect = functools.partial(self._collect, group, served, {"hot": frozenset()})
+        self._collector = asyncio.get_running_loop().create_task(self._keep_collecting(instance))
+        return port
+
+    async def stop(self, grace: float | None) -> None:
+        if self._front is not None:
+            self._front.open_hits(False)
+        if self._collector is not None:
+            self._collector.cancel()
+        await super().stop(grace)
+
+    async def _keep_collecting(self, instance: NodeInstance) -> None:
+        front = self._front
+        told = None
+        while front is not None and not self._stopping:
+            # Hits wait for a ring, as NodeInstance.hit does (else: no ring yet).
+            front.open_hits(instance.peers.revision >= 0)
+            # Peers' forwards: checked by their proofs once we know the
+            # address we serve (NodeInstance.from_peer), else on the marker.
+            proofs = instance.auth.proofs
+            callee = (None, "", 0) if proofs is None else proofs.callee()
+            if callee is not None and callee != told:
+                front.set_peer_proofs(*callee)
+                told = callee
+            for group in instance.groups.values():
+                if group.collect is not None:
+                    group.collect()
+            await asyncio.sleep(HITS_COLLECT_INTERVAL)
+
+    @staticmethod
+    def _collect(group, served, pushed: dict) -> None:
+        """What the engine answered since the last call, into the group;
+        the owner's hot keys, when they changed, into the engine."""
+        gets, main_hits, hot_hits, forwarded, owned, seen = served.take()
+        if gets:
+            group.absorb(gets, main_hits, hot_hits, forwarded, owned, seen)
+        hot = group.owned_hot.hot
+        if hot != pushed["hot"]:
+            pushed["hot"] = frozenset(hot)
+            served.set_hot(list(hot))
 
     def _peer_channel(self, addr: str):
         """Forwards go out on the engine's client where it can dial as

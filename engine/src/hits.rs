@@ -1,0 +1,837 @@
+//! Hits answered in the engine: a GroupCache/Get whose key is in a group's
+//! main or hot store is served here, without the GIL. Everything else (a
+//! miss, a malformed or forwarded request, a credential this code cannot
+//! vouch for, a rate limit to charge) goes to Python as before: this path
+//! only ever answers what Python would have answered with the same bytes.
+//!
+//! What Python's lookup does beside reading the stores is kept too: the
+//! group's Get and hit counters, the owner's hot-key tracking (1 in
+//! `every` main hits, per key) and the promoter's view of hot-cache hits
+//! (per key); Python takes them with `take()` and folds them into its own.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use base64::engine::general_purpose::URL_SAFE;
+use base64::Engine as _;
+use bytes::Bytes;
+
+use crate::server::{Metadata, Value};
+use crate::store::{monotonic, Entry, Key, Store};
+
+/// Distinct keys counted between two takes; more are not counted.
+const SAMPLE_KEYS: usize = 4096;
+
+#[derive(Default)]
+struct Samples(HashMap<Key, u64>);
+
+impl Samples {
+    fn add(&mut self, key: &[u8]) {
+        if let Some(n) = self.0.get_mut(key) {
+            *n += 1;
+        } else if self.0.len() < SAMPLE_KEYS {
+            self.0.insert(Key::from(key), 1);
+        }
+    }
+}
+
+pub struct HitGroup {
+    pub main: Arc<Mutex<Store>>,
+    pub hot: Arc<Mutex<Store>>,
+    every: u64,
+    gets: AtomicU64,
+    main_hits: AtomicU64,
+    hot_hits: AtomicU64,
+    server_requests: AtomicU64,
+    tick: AtomicU64,
+    hot_keys: RwLock<HashSet<Key>>,
+    owned: Mutex<Samples>,
+    seen: Mutex<Samples>,
+}
+
+/// What `take()` hands Python: counters since the last take, and per key
+/// the sampled main hits (owned) and the hot-cache hits (seen).
+pub struct Taken {
+    pub gets: u64,
+    pub main_hits: u64,
+    pub hot_hits: u64,
+    pub server_requests: u64,
+    pub owned: Vec<(Key, u64)>,
+    pub seen: Vec<(Key, u64)>,
+}
+
+impl HitGroup {
+    pub fn new(main: Arc<Mutex<Store>>, hot: Arc<Mutex<Store>>, every: u64) -> HitGroup {
+        HitGroup {
+            main,
+            hot,
+            every: every.max(1),
+            gets: AtomicU64::new(0),
+            main_hits: AtomicU64::new(0),
+            hot_hits: AtomicU64::new(0),
+            server_requests: AtomicU64::new(0),
+            tick: AtomicU64::new(0),
+            hot_keys: RwLock::new(HashSet::new()),
+            owned: Mutex::new(Samples::default()),
+            seen: Mutex::new(Samples::default()),
+        }
+    }
+
+    /// A hit: (its entry, whether its owner (we) calls it hot).
+    fn lookup(&self, key: &[u8], now: f64, forwarded: bool) -> Option<(Entry, bool)> {
+        let main = self.main.lock().unwrap().get(key, now);
+        if let Some(entry) = main {
+            self.gets.fetch_add(1, Ordering::Relaxed);
+            if forwarded {
+                self.server_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            self.main_hits.fetch_add(1, Ordering::Relaxed);
+            if self.tick.fetch_add(1, Ordering::Relaxed) % self.every == self.every - 1 {
+                self.owned.lock().unwrap().add(key);
+            }
+            let hot = self.hot_keys.read().unwrap().contains(key);
+            return Some((entry, hot));
+        }
+        let entry = self.hot.lock().unwrap().get(key, now)?;
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        if forwarded {
+            self.server_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        self.hot_hits.fetch_add(1, Ordering::Relaxed);
+        self.seen.lock().unwrap().add(key);
+        Some((entry, false))
+    }
+
+    /// Every key's entry, in order, counted as lookup() counts each; None
+    /// (nothing counted) when any key misses.
+    fn lookup_many(&self, keys: &[&[u8]], now: f64) -> Option<Vec<Entry>> {
+        let mut found: Vec<Option<Entry>> = {
+            let mut main = self.main.lock().unwrap();
+            keys.iter().map(|k| main.get(k, now)).collect()
+        };
+        let from_main: Vec<bool> = found.iter().map(Option::is_some).collect();
+        if from_main.iter().any(|m| !m) {
+            let mut hot = self.hot.lock().unwrap();
+            for (slot, key) in found.iter_mut().zip(keys) {
+                if slot.is_none() {
+                    *slot = Some(hot.get(key, now)?);
+                }
+            }
+        }
+        let main_hits = from_main.iter().filter(|m| **m).count() as u64;
+        self.gets.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.main_hits.fetch_add(main_hits, Ordering::Relaxed);
+        self.hot_hits
+            .fetch_add(keys.len() as u64 - main_hits, Ordering::Relaxed);
+        let mut owned = self.owned.lock().unwrap();
+        let mut seen = self.seen.lock().unwrap();
+        for (key, main) in keys.iter().zip(&from_main) {
+            if !*main {
+                seen.add(key);
+            } else if self.tick.fetch_add(1, Ordering::Relaxed) % self.every == self.every - 1 {
+                owned.add(key);
+            }
+        }
+        found.into_iter().collect()
+    }
+
+    pub fn set_hot(&self, keys: HashSet<Key>) {
+        *self.hot_keys.write().unwrap() = keys;
+    }
+
+    pub fn take(&self) -> Taken {
+        let drain = |m: &Mutex<Samples>| -> Vec<(Key, u64)> {
+            std::mem::take(&mut m.lock().unwrap().0)
+                .into_iter()
+                .collect()
+        };
+        Taken {
+            gets: self.gets.swap(0, Ordering::Relaxed),
+            main_hits: self.main_hits.swap(0, Ordering::Relaxed),
+            hot_hits: self.hot_hits.swap(0, Ordering::Relaxed),
+            server_requests: self.server_requests.swap(0, Ordering::Relaxed),
+            owned: drain(&self.owned),
+            seen: drain(&self.seen),
+        }
+    }
+}
+
+/// Who may read without Python's help: anyone (reads open), or the holder
+/// of a bearer token (by SHA-256 digest) or certificate identity with the
+/// read scope. A credential not known here goes to Python, which answers it.
+#[derive(Default)]
+pub struct Access {
+    pub open: bool,
+    /// (digest, has the read scope) of every token Python knows.
+    pub tokens: Vec<([u8; 32], bool)>,
+    /// identity -> has the read scope, for every identity Python knows.
+    pub identities: HashMap<String, bool>,
+}
+
+impl Access {
+    /// `authorization`: the call's first such metadata value, if any.
+    fn allows(&self, authorization: Option<&str>, identities: &[String]) -> bool {
+        if self.open {
+            return true;
+        }
+        if let Some(auth) = authorization {
+            // Python decides anything but a well-formed bearer token.
+            let Some((scheme, token)) = auth.trim().split_once(' ') else {
+                return false;
+            };
+            let token = token.trim();
+            if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+                return false;
+            }
+            let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+            // Compared with every digest, in constant time, as Python does.
+            let mut found = None;
+            for (known, read) in &self.tokens {
+                let diff = known
+                    .iter()
+                    .zip(digest.as_ref())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+                if diff == 0 && found.is_none() {
+                    found = Some(*read);
+                }
+            }
+            return found == Some(true);
+        }
+        // The first identity Python knows decides, as in Python.
+        identities
+            .iter()
+            .find_map(|i| self.identities.get(i))
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
+/// A peer's proof checked as appliance/node/peer_proofs.py checks it, so
+/// that a peer's forwarded Get is answered here with our proof back.
+pub struct Proofs {
+    key: ring::hmac::Key,
+    /// The address we serve in the ring; proofs are made for it.
+    addr: String,
+    /// When we began listening (epoch ms): earlier proofs are refused.
+    since_ms: i64,
+}
+
+/// How far a proof's time may be from our clock (peer_proofs.WINDOW_S).
+const PROOF_WINDOW_S: f64 = 60.0;
+
+impl Proofs {
+    /// `key`: PeerProofs' HMAC key (SHA-256 of its context and the token).
+    pub fn new(key: &[u8], addr: String, since_ms: i64) -> Proofs {
+        Proofs {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+            addr,
+            since_ms,
+        }
+    }
+
+    fn mac(&self, text: &str) -> String {
+        let tag = ring::hmac::sign(&self.key, text.as_bytes());
+        URL_SAFE.encode(&tag.as_ref()[..24])
+    }
+
+    /// The nonce of a valid proof (what follows "GC-Proof "); None when
+    /// it is not one (Python then says why).
+    fn check<'a>(&self, proof: &'a str, now_s: f64) -> Option<&'a str> {
+        if proof.len() > 200 {
+            return None;
+        }
+        let mut parts = proof.trim().split('.');
+        let (ms, nonce, scope, mac) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some()
+            || ms.is_empty()
+            || !ms.bytes().all(|b| b.is_ascii_digit())
+            || !(scope == "r" || scope == "w")
+        {
+            return None;
+        }
+        let expected = self.mac(&format!("call|{}|{ms}|{nonce}|{scope}", self.addr));
+        let diff = expected.len() != mac.len()
+            || expected
+                .bytes()
+                .zip(mac.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                != 0;
+        let made: i64 = ms.parse().ok()?;
+        if diff || made < self.since_ms || (now_s - made as f64 / 1000.0).abs() > PROOF_WINDOW_S {
+            return None;
+        }
+        Some(nonce)
+    }
+
+    fn reply(&self, nonce: &str) -> (String, Value) {
+        (
+            "x-groupcache-proof".to_string(),
+            Value::Text(self.mac(&format!("reply|{nonce}"))),
+        )
+    }
+}
+
+fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// What the hit path reads off a call besides its message.
+pub struct CallFacts<'a> {
+    /// It carries x-groupcache-forwarded (a peer's forward).
+    pub forwarded: bool,
+    /// Its authorization metadata: Ok(None) when absent; Err when present
+    /// but not text (Python then decides).
+    pub authorization: Result<Option<&'a str>, ()>,
+    pub identities: &'a [String],
+}
+
+impl<'a> CallFacts<'a> {
+    pub fn of(headers: &'a http::HeaderMap, identities: &'a [String]) -> CallFacts<'a> {
+        CallFacts {
+            forwarded: headers.contains_key("x-groupcache-forwarded"),
+            authorization: match headers.get("authorization") {
+                None => Ok(None),
+                Some(v) => v.to_str().map(Some).map_err(|_| ()),
+            },
+            identities,
+        }
+    }
+}
+
+/// Cache/GetMany's method index and NodeInstance's limits on it.
+pub struct ManyLimits {
+    pub method: usize,
+    /// MAX_BATCH_KEYS: more is Python's error.
+    pub max_keys: usize,
+    /// max_reply: a reply that would be larger is Python's refusal.
+    pub max_reply: usize,
+    /// RESULT_OVERHEAD: what each key adds to the reply's size estimate.
+    pub per_key: usize,
+}
+
+pub struct Hits {
+    /// Python opens the path once the node has a ring, and closes it to stop.
+    pub open: AtomicBool,
+    pub groups: RwLock<HashMap<Box<[u8]>, Arc<HitGroup>>>,
+    pub access: RwLock<Access>,
+    pub max_group: usize,
+    pub max_key: usize,
+    pub hot_trailer: Metadata,
+    /// Cache/GetMany answered here too, when all its keys hit.
+    pub get_many: Option<ManyLimits>,
+    /// Forwards from peers: checked against the cluster token's proofs
+    /// (Some), taken on the marker alone (None; nodes with no cluster
+    /// token), or left to Python until Python says which (unset).
+    pub peers: RwLock<Option<Option<Proofs>>>,
+    /// Gets answered here, for the worker's metrics.
+    pub answered: AtomicU64,
+}
+
+impl Hits {
+    pub fn new(
+        max_group: usize,
+        max_key: usize,
+        hot_trailer: Metadata,
+        get_many: Option<ManyLimits>,
+    ) -> Hits {
+        Hits {
+            get_many,
+            open: AtomicBool::new(false),
+            groups: RwLock::new(HashMap::new()),
+            access: RwLock::new(Access::default()),
+            max_group,
+            max_key,
+            hot_trailer,
+            peers: RwLock::new(None),
+            answered: AtomicU64::new(0),
+        }
+    }
+
+    /// A GroupCache/Get answered here: (framed value, trailers); None:
+    /// Python serves it.
+    pub fn answer(
+        &self,
+        payload: &[u8],
+        call: &CallFacts<'_>,
+    ) -> Option<(Bytes, Cow<'_, Metadata>)> {
+        if !self.open.load(Ordering::Acquire) {
+            return None;
+        }
+        let authorization = call.authorization.ok()?;
+        // A peer's forward: served as the owner, with our proof back.
+        let mut proof = None;
+        if call.forwarded {
+            let peers = self.peers.read().unwrap();
+            match (peers.as_ref()?, authorization) {
+                (Some(proofs), Some(auth)) => {
+                    let (scheme, rest) = auth.trim().split_once(' ')?;
+                    if scheme != "GC-Proof" {
+                        return None;
+                    }
+                    let nonce = proofs.check(rest, epoch_seconds())?;
+                    proof = Some(proofs.reply(nonce));
+                }
+                (None, _) => {}
+                (Some(_), None) => return None,
+            }
+        }
+        let (group, key) = parse_get(payload)?;
+        if group.is_empty()
+            || key.is_empty()
+            || group.len() > self.max_group
+            || key.len() > self.max_key
+        {
+            return None;
+        }
+        // A valid proof reads (the cluster's reading); anything else is checked.
+        if proof.is_none()
+            && !self
+                .access
+                .read()
+                .unwrap()
+                .allows(authorization, call.identities)
+        {
+            return None;
+        }
+        let found = self.groups.read().unwrap().get(group).cloned()?;
+        let now = monotonic();
+        let (entry, hot) = found.lookup(key, now, call.forwarded)?;
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        static NONE: Metadata = Vec::new();
+        let trailers = if call.forwarded {
+            // As peer_trailers(): our proof, and the TTL the entry has left.
+            let mut t: Metadata = proof.into_iter().collect();
+            if entry.expires != 0.0 {
+                let ms = (((entry.expires - now).max(0.001) * 1000.0) as i64).max(1);
+                t.push(("x-groupcache-ttl-ms".into(), Value::Text(ms.to_string())));
+            }
+            Cow::Owned(t)
+        } else if hot {
+            Cow::Borrowed(&self.hot_trailer)
+        } else {
+            Cow::Borrowed(&NONE)
+        };
+        Some((entry.data, trailers))
+    }
+}
+
+impl Hits {
+    /// A Cache/GetMany whose keys all hit, encoded as
+    /// codec.encode_get_many_response encodes it; None: Python serves it
+    /// (a miss, a forward, an invalid key, a reply over the limit, ...).
+    pub fn answer_many(&self, payload: &[u8], call: &CallFacts<'_>) -> Option<Bytes> {
+        let limits = self.get_many.as_ref()?;
+        if !self.open.load(Ordering::Acquire) || call.forwarded {
+            return None;
+        }
+        let (group, keys) = parse_get_many(payload, limits.max_keys)?;
+        let valid = |k: &&[u8]| !k.is_empty() && k.len() <= self.max_key;
+        if group.is_empty()
+            || group.len() > self.max_group
+            || keys.is_empty()
+            || !keys.iter().all(valid)
+        {
+            return None;
+        }
+        if !self
+            .access
+            .read()
+            .unwrap()
+            .allows(call.authorization.ok()?, call.identities)
+        {
+            return None;
+        }
+        let found = self.groups.read().unwrap().get(group).cloned()?;
+        let now = monotonic();
+        // Checked before anything is counted: Python counts and refuses.
+        let size: usize = keys.iter().map(|k| k.len() + limits.per_key).sum::<usize>();
+        let entries = {
+            let main = found.main.lock().unwrap();
+            let hot = found.hot.lock().unwrap();
+            let mut total = size;
+            for key in &keys {
+                let held = main
+                    .peek_size(key, now)
+                    .or_else(|| hot.peek_size(key, now))?;
+                total += held;
+            }
+            if total > limits.max_reply {
+                return None;
+            }
+            drop((main, hot));
+            found.lookup_many(&keys, now)?
+        };
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        Some(encode_get_many(&keys, &entries, now))
+    }
+}
+
+/// A GetManyResponse of all hits, byte for byte as Python's codec writes it.
+pub fn encode_get_many(keys: &[&[u8]], entries: &[Entry], now: f64) -> Bytes {
+    let mut out = Vec::with_capacity(
+        keys.iter()
+            .zip(entries)
+            .map(|(k, e)| k.len() + e.data.len() + 24)
+            .sum(),
+    );
+    for (key, e) in keys.iter().zip(entries) {
+        let mut head = Vec::with_capacity(key.len() + 6);
+        if !key.is_empty() {
+            head.push(0x0a);
+            put_varint(&mut head, key.len() as u64);
+            head.extend_from_slice(key);
+        }
+        let mut ttl = Vec::new();
+        if e.expires != 0.0 {
+            ttl.push(0x29);
+            ttl.extend_from_slice(&(e.expires - now).max(0.001).to_le_bytes());
+        }
+        let data = &e.data[..];
+        out.push(0x0a);
+        if e.offset > 0 {
+            // Framed: data is `0x0a <length> value`; as field 2, `0x12` and the rest.
+            put_varint(&mut out, (head.len() + data.len() + ttl.len()) as u64);
+            out.extend_from_slice(&head);
+            out.push(0x12);
+            out.extend_from_slice(&data[1..]);
+        } else if !data.is_empty() {
+            let mut field = vec![0x12];
+            put_varint(&mut field, data.len() as u64);
+            put_varint(
+                &mut out,
+                (head.len() + field.len() + data.len() + ttl.len()) as u64,
+            );
+            out.extend_from_slice(&head);
+            out.extend_from_slice(&field);
+            out.extend_from_slice(data);
+        } else {
+            put_varint(&mut out, (head.len() + ttl.len()) as u64);
+            out.extend_from_slice(&head);
+        }
+        out.extend_from_slice(&ttl);
+    }
+    Bytes::from(out)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// (group, keys) of a GetManyRequest (`string group = 1; repeated string
+/// keys = 2;`), all valid UTF-8 and at most `max_keys` keys; None otherwise.
+pub fn parse_get_many(buf: &[u8], max_keys: usize) -> Option<(&[u8], Vec<&[u8]>)> {
+    let mut group: &[u8] = b"";
+    let mut keys = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let tag = varint(buf, &mut at)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        if field == 0 || ((field == 1 || field == 2) && wire != 2) {
+            return None;
+        }
+        match wire {
+            0 => {
+                varint(buf, &mut at)?;
+            }
+            1 | 5 => {
+                at = at.checked_add(if wire == 1 { 8 } else { 4 })?;
+                if at > buf.len() {
+                    return None;
+                }
+            }
+            2 => {
+                let len = usize::try_from(varint(buf, &mut at)?).ok()?;
+                let end = at.checked_add(len).filter(|&e| e <= buf.len())?;
+                let bytes = &buf[at..end];
+                at = end;
+                match field {
+                    1 => group = bytes,
+                    2 => {
+                        if keys.len() == max_keys {
+                            return None;
+                        }
+                        std::str::from_utf8(bytes).ok()?;
+                        keys.push(bytes);
+                    }
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+    }
+    std::str::from_utf8(group).ok()?;
+    Some((group, keys))
+}
+
+fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// (group, key) of a GetRequest (`string group = 1; string key = 2;`),
+/// both valid UTF-8; None when Python's parser would refuse it or might
+/// read it differently.
+pub fn parse_get(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mut group, mut key): (&[u8], &[u8]) = (b"", b"");
+    let mut at = 0;
+    while at < buf.len() {
+        let tag = varint(buf, &mut at)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        if field == 0 {
+            return None;
+        }
+        match wire {
+            0 => {
+                varint(buf, &mut at)?;
+            }
+            1 | 5 => {
+                at = at.checked_add(if wire == 1 { 8 } else { 4 })?;
+                if at > buf.len() {
+                    return None;
+                }
+            }
+            2 => {
+                let len = usize::try_from(varint(buf, &mut at)?).ok()?;
+                let end = at.checked_add(len).filter(|&e| e <= buf.len())?;
+                let bytes = &buf[at..end];
+                at = end;
+                match field {
+                    1 => group = bytes,
+                    2 => key = bytes,
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+        // A known field in another wire type: let Python judge it.
+        if (field == 1 || field == 2) && wire != 2 {
+            return None;
+        }
+    }
+    std::str::from_utf8(group).ok()?;
+    std::str::from_utf8(key).ok()?;
+    Some((group, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Policy;
+
+    fn request(group: &str, key: &str) -> Vec<u8> {
+        let mut out = vec![0x0a, group.len() as u8];
+        out.extend_from_slice(group.as_bytes());
+        out.extend_from_slice(&[0x12, key.len() as u8]);
+        out.extend_from_slice(key.as_bytes());
+        out
+    }
+
+    fn facts<'a>(headers: &'a http::HeaderMap, identities: &'a [String]) -> CallFacts<'a> {
+        CallFacts::of(headers, identities)
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn hits_with(group: &str, key: &str) -> (Hits, Arc<HitGroup>) {
+        let main = Arc::new(Mutex::new(Store::new(Policy::Lru, 1000)));
+        let hot = Arc::new(Mutex::new(Store::new(Policy::Lru, 100)));
+        main.lock()
+            .unwrap()
+            .set(key.as_bytes(), Bytes::from_static(b"framed"), 0.0, 0, 0.0);
+        let g = Arc::new(HitGroup::new(main, hot, 2));
+        let many = ManyLimits {
+            method: 1,
+            max_keys: 4,
+            max_reply: 200,
+            per_key: 24,
+        };
+        let hits = Hits::new(
+            64,
+            64,
+            vec![("x-groupcache-hot".into(), Value::Text("1".into()))],
+            Some(many),
+        );
+        hits.groups
+            .write()
+            .unwrap()
+            .insert(group.as_bytes().into(), g.clone());
+        hits.access.write().unwrap().open = true;
+        hits.open.store(true, Ordering::Release);
+        (hits, g)
+    }
+
+    #[test]
+    fn parses_what_protobuf_writes_and_refuses_the_rest() {
+        assert_eq!(parse_get(&request("g", "k")), Some((&b"g"[..], &b"k"[..])));
+        // Unknown fields are skipped; the last copy of a field wins.
+        let mut buf = vec![0x18, 0x05];
+        buf.extend(request("a", "b"));
+        buf.extend_from_slice(&[0x12, 0x01, b'c']);
+        assert_eq!(parse_get(&buf), Some((&b"a"[..], &b"c"[..])));
+        assert_eq!(parse_get(&[0x0a, 0x05, b'g']), None); // truncated
+        assert_eq!(parse_get(&[0x08, 0x01]), None); // group as a varint
+        assert_eq!(parse_get(&[0x0a, 0x01, 0xff]), None); // not UTF-8
+    }
+
+    #[test]
+    fn a_hit_is_answered_and_counted() {
+        let (hits, g) = hits_with("g", "k");
+        let none = http::HeaderMap::new();
+        let plain = facts(&none, &[]);
+        let (data, trailers) = hits.answer(&request("g", "k"), &plain).unwrap();
+        assert_eq!((&data[..], trailers.len()), (&b"framed"[..], 0));
+        hits.answer(&request("g", "k"), &plain).unwrap();
+        assert!(hits.answer(&request("g", "miss"), &plain).is_none());
+        assert!(hits.answer(&request("other", "k"), &plain).is_none());
+        let taken = g.take();
+        assert_eq!((taken.gets, taken.main_hits, taken.hot_hits), (2, 2, 0));
+        assert_eq!(taken.owned.len(), 1); // 1 in every=2 main hits sampled
+        g.set_hot([Key::from(&b"k"[..])].into_iter().collect());
+        let (_, trailers) = hits.answer(&request("g", "k"), &plain).unwrap();
+        assert_eq!(trailers.len(), 1);
+    }
+
+    #[test]
+    fn python_answers_forwards_closed_paths_and_unknown_credentials() {
+        let (hits, _) = hits_with("g", "k");
+        let get = request("g", "k");
+        let forwarded = headers(&[("x-groupcache-forwarded", "1")]);
+        assert!(hits.answer(&get, &facts(&forwarded, &[])).is_none());
+        {
+            let mut access = hits.access.write().unwrap();
+            access.open = false;
+            for (token, read) in [(&b"reader"[..], true), (&b"writer"[..], false)] {
+                let digest = ring::digest::digest(&ring::digest::SHA256, token);
+                access
+                    .tokens
+                    .push((digest.as_ref().try_into().unwrap(), read));
+            }
+            access.identities.insert("cn-reader".into(), true);
+            access.identities.insert("cn-writer".into(), false);
+        }
+        let with = |auth: &str| {
+            let h = headers(&[("authorization", auth)]);
+            hits.answer(&get, &facts(&h, &[])).is_some()
+        };
+        assert!(with("Bearer reader"));
+        assert!(with("bearer  reader "));
+        assert!(!with("Bearer writer"));
+        assert!(!with("Bearer nobody"));
+        assert!(!with("GC-Proof x"));
+        let mut opaque = http::HeaderMap::new();
+        opaque.insert(
+            "authorization",
+            http::HeaderValue::from_bytes(b"Bearer \xffreader").unwrap(),
+        );
+        assert!(hits.answer(&get, &facts(&opaque, &[])).is_none());
+        let none = http::HeaderMap::new();
+        assert!(hits.answer(&get, &facts(&none, &[])).is_none());
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let reader_second = names(&["x", "cn-reader"]);
+        assert!(hits.answer(&get, &facts(&none, &reader_second)).is_some());
+        let writer_first = names(&["cn-writer", "cn-reader"]);
+        assert!(hits.answer(&get, &facts(&none, &writer_first)).is_none());
+        hits.access.write().unwrap().open = true;
+        hits.open.store(false, Ordering::Release);
+        assert!(hits.answer(&get, &facts(&none, &[])).is_none());
+    }
+
+    #[test]
+    fn a_peer_proof_made_by_python_checks_here() {
+        // PeerProofs("tok", clock=1000.0), listening("127.0.0.1:7000", 999.0):
+        // its key, one proof it made, and its reply to that proof.
+        let key = (0..32)
+            .map(|i| {
+                u8::from_str_radix(
+                    &"2772731e197c1faf015a569e236c72243cc6f2de5140ce24f2a46b793e02c5fb"
+                        [2 * i..2 * i + 2],
+                    16,
+                )
+                .unwrap()
+            })
+            .collect::<Vec<u8>>();
+        let proof = "1000000.DdqniT5wvMBOfT8n.r.kaeWbhgLxHaTOCobaeIAuKo-VMK8NmXY";
+        let proofs = Proofs::new(&key, "127.0.0.1:7000".into(), 999_000);
+        assert_eq!(proofs.check(proof, 1000.0), Some("DdqniT5wvMBOfT8n"));
+        let (name, value) = proofs.reply("DdqniT5wvMBOfT8n");
+        assert_eq!(name, "x-groupcache-proof");
+        assert!(matches!(value, Value::Text(t) if t == "kytBwURNiUPkPsJGS1-5wudhZReYgecf"));
+        assert_eq!(proofs.check(proof, 1061.0), None); // outside the window
+        assert_eq!(proofs.check(&proof.replace(".r.", ".w."), 1000.0), None); // scope is signed
+        let elsewhere = Proofs::new(&key, "127.0.0.1:7001".into(), 999_000);
+        assert_eq!(elsewhere.check(proof, 1000.0), None); // made for another address
+        let later = Proofs::new(&key, "127.0.0.1:7000".into(), 1_000_001);
+        assert_eq!(later.check(proof, 1000.0), None); // made before we listened
+    }
+
+    #[test]
+    fn a_forward_is_served_with_our_proof_or_left_to_python() {
+        let (hits, g) = hits_with("g", "k");
+        let get = request("g", "k");
+        let marked = headers(&[("x-groupcache-forwarded", "1")]);
+        assert!(hits.answer(&get, &facts(&marked, &[])).is_none()); // Python has not said how yet
+        *hits.peers.write().unwrap() = Some(None); // no cluster token: the marker is enough
+        let (_, trailers) = hits.answer(&get, &facts(&marked, &[])).unwrap();
+        assert!(trailers.is_empty());
+        assert_eq!(g.take().server_requests, 1);
+        *hits.peers.write().unwrap() = Some(Some(Proofs::new(b"key", "a:1".into(), 0)));
+        assert!(hits.answer(&get, &facts(&marked, &[])).is_none()); // no proof: Python's
+        let bad = headers(&[
+            ("x-groupcache-forwarded", "1"),
+            ("authorization", "GC-Proof 1.n.r.wrong"),
+        ]);
+        assert!(hits.answer(&get, &facts(&bad, &[])).is_none());
+    }
+
+    #[test]
+    fn a_getmany_is_answered_only_when_every_key_hits_within_the_limits() {
+        let (hits, g) = hits_with("g", "k");
+        let many = |keys: &[&str]| {
+            let mut out = vec![0x0a, 1, b'g'];
+            for k in keys {
+                out.extend_from_slice(&[0x12, k.len() as u8]);
+                out.extend_from_slice(k.as_bytes());
+            }
+            out
+        };
+        let none = http::HeaderMap::new();
+        let plain = facts(&none, &[]);
+        let reply = hits.answer_many(&many(&["k", "k"]), &plain).unwrap();
+        // "framed" stored unframed (offset 0): field 2 with its own length.
+        let one = [&[0x0a, 11, 0x0a, 1, b'k', 0x12, 6][..], b"framed"].concat();
+        assert_eq!(&reply[..], [one.clone(), one].concat());
+        assert_eq!(g.take().gets, 2);
+        assert!(hits.answer_many(&many(&["k", "miss"]), &plain).is_none());
+        assert_eq!(g.take().gets, 0); // nothing counted: Python serves it
+        assert!(hits.answer_many(&many(&["k"; 5]), &plain).is_none()); // over max_keys
+        assert!(hits.answer_many(&many(&["k", ""]), &plain).is_none()); // an invalid key
+                                                                        // 4 x (1 + 24) + 4 x 6 = 124 bytes fits 200; a bigger entry does not.
+        g.main
+            .lock()
+            .unwrap()
+            .set(b"k", Bytes::from(vec![0; 60]), 0.0, 0, 0.0);
+        assert!(hits.answer_many(&many(&["k"; 4]), &plain).is_none());
+    }
+}
