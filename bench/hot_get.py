@@ -11,6 +11,9 @@ Servers, each in its own process, all answering the same GetRequest with a
 - native-echo:  pygrpc-native's low-level NativeGrpcFront echo, parsing each
                 GetRequest: the floor of the native backend;
 - engine:       our worker on our Rust engine (engine/), where it is built;
+- engine-tls:   the same with [tls] on (rustls; h2load over TLS 1.3, a
+                self-signed certificate), on the 100 B rows: a TLS Get
+                against the seed's plaintext one;
 - native:       our worker (appliance.node.Node) on the native backend;
 - grpcio:       our worker on the grpcio backend (what served before).
 
@@ -39,6 +42,8 @@ PAIRS = (  # (name, numerator, denominator)
     ("engine_vs_seed", "engine", "seed"),
     ("engine_vs_native", "engine", "native"),
     ("engine_vs_grpcio", "engine", "grpcio"),
+    ("engine_tls_vs_seed", "engine-tls", "seed"),
+    ("engine_tls_vs_engine", "engine-tls", "engine"),
     ("native_vs_seed", "native", "seed"),
     ("native_vs_grpcio", "native", "grpcio"),
     ("native_vs_native_echo", "native", "native-echo"),
@@ -78,12 +83,21 @@ def run(cfg) -> dict:
             procs.append(proc)
             servers[backend] = (port, proc)
             socks[backend] = sock
+        if engine_available() is None:
+            tls_dir = lib.self_signed(lib.OUT / "hot-tls")
+            proc, port, sock = lib.start_worker(
+                "hot-engine-tls", server="engine", prefix=prefix, extra=["--tls-dir", str(tls_dir)]
+            )
+            procs.append(proc)
+            servers["engine-tls"] = (port, proc)
+            socks["engine-tls"] = sock
         before = {b: lib.group_stats(s) for b, s in socks.items()}
         guess: dict = {}
         measured = {b: 0 for b in socks}
 
         def arm(name: str, key: str, size: int, conns: int, per_conn: int):
             port, proc = servers[name]
+            scheme = "https" if name.endswith("-tls") else "http"
             body = get_body(key)
             expect = lib.get_response_bytes(size)
             streams = conns * per_conn
@@ -102,6 +116,7 @@ def run(cfg) -> dict:
                         watch=[proc.pid],
                         prefix=prefix,
                         expect_data=expect,
+                        scheme=scheme,
                     )
                     g = probe["rps"]
                 n = int(min(400_000, max(100, g * seconds)))
@@ -118,6 +133,7 @@ def run(cfg) -> dict:
                         prefix=prefix,
                         timeout=seconds * 8 + 30,
                         expect_data=expect,
+                        scheme=scheme,
                     )
                 )
                 res["gets_per_cpu_s"] = res["succeeded"] / max(res["server_cpu_s"], 1e-9)
@@ -132,7 +148,7 @@ def run(cfg) -> dict:
         table = []
         for size, (conns, per_conn) in [(100, c) for c in CONCURRENCY] + [(z, SIZE_CONC) for z in SIZES]:
             streams = conns * per_conn
-            names = [n for n in servers if size == 100 or n != "seed"]
+            names = [n for n in servers if size == 100 or n not in ("seed", "engine-tls")]
             lib.log(f"hot Get: {size} B, {conns} x {per_conn} streams: {', '.join(names)}")
             key = SEED_KEY if size == 100 else value_key(size)
             runs = lib.interleave({n: arm(n, key, size, conns, per_conn) for n in names}, rounds)

@@ -374,6 +374,40 @@ GET_PATH = "/groupcachepb.GroupCache/Get"
 GET_MANY_PATH = "/appliance.cache.Cache/GetMany"
 
 
+def self_signed(directory: Path) -> Path:
+    """`directory` with cert.pem and key.pem: a self-signed ECDSA P-256
+    certificate for 127.0.0.1 (h2load does not verify it)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (directory / "key.pem").chmod(0o600)
+    return directory
+
+
 def grpc_body(message, name: str) -> Path:
     """The 5-byte gRPC frame (uncompressed flag + length) around a message, in a file."""
     data = message.SerializeToString()
@@ -450,6 +484,7 @@ def h2load(
     conns: int | None = None,
     prefix: list[str] = (),
     expect_data: int | None = None,
+    scheme: str = "http",
 ) -> dict:
     """One bounded h2load run (n requests, killed after `timeout` s).
 
@@ -461,7 +496,7 @@ def h2load(
     c, m = split_streams(streams) if conns is None else (conns, max(1, streams // conns))
     logfile = OUT / f"{name}.reqlog"
     logfile.unlink(missing_ok=True)  # h2load appends
-    cmd = [*prefix, *h2load_command(n, c, m, body, logfile, f"http://{HOST}:{port}{path}")]
+    cmd = [*prefix, *h2load_command(n, c, m, body, logfile, f"{scheme}://{HOST}:{port}{path}")]
     before = {pid: cpu_seconds(pid) for pid in watch}
     busy0 = box_busy_s()
     t0 = time.monotonic()

@@ -2,7 +2,7 @@
 
     servers.py worker --port P --admin SOCK --ready FILE [--server engine|native|grpcio]
                       [--peers A,B] [--mirror 0] [--delay-ms 50] [--cache-bytes 256MiB]
-                      [--forward stream|unary] [--peer-library engine|grpcio]
+                      [--forward stream|unary] [--peer-library engine|grpcio] [--tls-dir D]
         A real cache node: appliance.serving.Node with the product's
         services on the given server backend, one group "bench" whose
         Python loader returns N bytes for a key named "v<N>-<anything>"
@@ -113,10 +113,13 @@ async def worker(args) -> None:
     from appliance.serving import Node
 
     logs.setup("info", "bench-worker")  # as `appliance worker` does
+    tls_dir = Path(args.tls_dir).resolve()
+    tls = {"cert": str(tls_dir / "cert.pem"), "key": str(tls_dir / "key.pem")} if args.tls_dir else {}
     settings = Settings(
         node={"host": "127.0.0.1", "hot_cache_mirror": args.mirror, "peer_timeout": "5s", "server": args.server},
         groups={"bench": {"origin": "python:bench.servers:value_size", "cache_bytes": args.cache_bytes}},
         cluster={"embedded_etcd": False},
+        tls=tls,
     )
     delay = args.delay_ms / 1000.0
 
@@ -241,6 +244,7 @@ def main() -> None:
     w.add_argument("--mirror", type=float, default=0.1)
     w.add_argument("--delay-ms", type=float, default=0)
     w.add_argument("--cache-bytes", default="256MiB")
+    w.add_argument("--tls-dir", default="", help="serve TLS with cert.pem and key.pem from here (lib.self_signed)")
     w.add_argument("--timing", default="", help="file: SIGUSR1 writes the time totals of NodeInstance.hit there")
     w.add_argument("--server", default="native", choices=("engine", "native", "grpcio"))
     w.add_argument("--forward", default="", choices=("", "stream", "unary"), help="how forwards reach the owner")

@@ -525,11 +525,24 @@ fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
-/// (group, keys) of a GetManyRequest (`string group = 1; repeated string
-/// keys = 2;`), all valid UTF-8 and at most `max_keys` keys; None otherwise.
-pub fn parse_get_many(buf: &[u8], max_keys: usize) -> Option<(&[u8], Vec<&[u8]>)> {
-    let mut group: &[u8] = b"";
-    let mut keys = Vec::new();
+fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Calls `each(field, bytes)` for every length-delimited field of a
+/// message whose fields 1 and 2 are strings, skipping the other wire
+/// types; None for anything Python's parser would refuse or might read
+/// differently (a truncated field, field 1 or 2 in another wire type).
+fn each_field<'a>(buf: &'a [u8], mut each: impl FnMut(u64, &'a [u8]) -> Option<()>) -> Option<()> {
     let mut at = 0;
     while at < buf.len() {
         let tag = varint(buf, &mut at)?;
@@ -550,83 +563,51 @@ pub fn parse_get_many(buf: &[u8], max_keys: usize) -> Option<(&[u8], Vec<&[u8]>)
             2 => {
                 let len = usize::try_from(varint(buf, &mut at)?).ok()?;
                 let end = at.checked_add(len).filter(|&e| e <= buf.len())?;
-                let bytes = &buf[at..end];
+                each(field, &buf[at..end])?;
                 at = end;
-                match field {
-                    1 => group = bytes,
-                    2 => {
-                        if keys.len() == max_keys {
-                            return None;
-                        }
-                        std::str::from_utf8(bytes).ok()?;
-                        keys.push(bytes);
-                    }
-                    _ => {}
-                }
             }
             _ => return None,
         }
     }
-    std::str::from_utf8(group).ok()?;
-    Some((group, keys))
-}
-
-fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *buf.get(*at)?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
+    Some(())
 }
 
 /// (group, key) of a GetRequest (`string group = 1; string key = 2;`),
-/// both valid UTF-8; None when Python's parser would refuse it or might
-/// read it differently.
+/// both valid UTF-8 (the last copy of a field wins, as in protobuf).
 pub fn parse_get(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     let (mut group, mut key): (&[u8], &[u8]) = (b"", b"");
-    let mut at = 0;
-    while at < buf.len() {
-        let tag = varint(buf, &mut at)?;
-        let (field, wire) = (tag >> 3, tag & 7);
-        if field == 0 {
-            return None;
+    each_field(buf, |field, bytes| {
+        match field {
+            1 => group = bytes,
+            2 => key = bytes,
+            _ => {}
         }
-        match wire {
-            0 => {
-                varint(buf, &mut at)?;
-            }
-            1 | 5 => {
-                at = at.checked_add(if wire == 1 { 8 } else { 4 })?;
-                if at > buf.len() {
-                    return None;
-                }
-            }
-            2 => {
-                let len = usize::try_from(varint(buf, &mut at)?).ok()?;
-                let end = at.checked_add(len).filter(|&e| e <= buf.len())?;
-                let bytes = &buf[at..end];
-                at = end;
-                match field {
-                    1 => group = bytes,
-                    2 => key = bytes,
-                    _ => {}
-                }
-            }
-            _ => return None,
-        }
-        // A known field in another wire type: let Python judge it.
-        if (field == 1 || field == 2) && wire != 2 {
-            return None;
-        }
-    }
+        Some(())
+    })?;
     std::str::from_utf8(group).ok()?;
     std::str::from_utf8(key).ok()?;
     Some((group, key))
+}
+
+/// (group, keys) of a GetManyRequest (`string group = 1; repeated string
+/// keys = 2;`), all valid UTF-8 and at most `max_keys` keys.
+pub fn parse_get_many(buf: &[u8], max_keys: usize) -> Option<(&[u8], Vec<&[u8]>)> {
+    let mut group: &[u8] = b"";
+    let mut keys = Vec::new();
+    each_field(buf, |field, bytes| {
+        match field {
+            1 => group = bytes,
+            2 if keys.len() < max_keys => {
+                std::str::from_utf8(bytes).ok()?;
+                keys.push(bytes);
+            }
+            2 => return None,
+            _ => {}
+        }
+        Some(())
+    })?;
+    std::str::from_utf8(group).ok()?;
+    Some((group, keys))
 }
 
 #[cfg(test)]

@@ -572,18 +572,10 @@ struct ToPython {
 
 impl ToPython {
     async fn send(self, shared: Arc<Shared>) -> Response<Out> {
-        let ToPython {
-            method,
-            streaming,
-            payload,
-            metadata,
-            peer,
-            remaining,
-            identities,
-        } = self;
+        let remaining = self.remaining;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Registered before the event goes out: Python may answer at once.
-        let (call, pending) = if streaming {
+        let (call, pending) = if self.streaming {
             let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
             (Call::Stream(tx), Pending::Stream(rx))
         } else {
@@ -597,12 +589,12 @@ impl ToPython {
         };
         let event = Event::Call {
             id,
-            method,
-            payload,
-            metadata,
-            peer: peer.to_string(),
+            method: self.method,
+            payload: self.payload,
+            metadata: self.metadata,
+            peer: self.peer.to_string(),
             remaining,
-            identities: identities.clone(),
+            identities: self.identities,
         };
         if !shared.emit(event) {
             return failure(UNAVAILABLE, "server is stopping", &[]);
