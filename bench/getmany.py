@@ -102,7 +102,8 @@ def run(cfg) -> dict:
     from appliance.pb import cache_pb2
 
     mc, mport = lib.start_memcached()
-    worker, wport, sock = lib.start_worker("getmany-worker")
+    server = lib.default_server()  # the product's default: the engine answers all-hit batches in Rust
+    worker, wport, sock = lib.start_worker("getmany-worker", server=server)
     try:
         keysets = {n: [lib.value_key(100, f"gm{n}-{i}") for i in range(n)] for n in BATCHES}
         with grpc.insecure_channel(f"{lib.HOST}:{wport}") as ch:
@@ -218,6 +219,7 @@ def run(cfg) -> dict:
         )
         return {
             "rows": rows,
+            "server": server,
             "memcached": memc,
             "headline_batch": HEADLINE_BATCH,
             "ratio": head["ratio_vs_memcached"],

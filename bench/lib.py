@@ -153,6 +153,13 @@ def wait_file(path: Path, timeout: float = 20, proc: Proc | None = None) -> None
 # Bench servers -----------------------------------------------------------------
 
 
+def default_server() -> str:
+    """What `server = "auto"` serves with: the engine where it is built."""
+    from appliance.transport import engine_available
+
+    return "engine" if engine_available() is None else "grpcio"
+
+
 def start_worker(
     name: str,
     *,

@@ -40,14 +40,7 @@ CELLS = (("1.1", False), ("0.9", False), ("1.1", True))  # (s, uniform)
 ZIPFLOAD = Path(os.environ.get("SEEDGO_BIN", "/tmp/seedgo-bin")) / "zipfload"
 
 
-def _server() -> str:
-    """What `server = "auto"` serves with: the engine where it is built."""
-    from appliance.transport import engine_available
-
-    return "engine" if engine_available() is None else "grpcio"
-
-
-SERVER = _server()
+SERVER = lib.default_server()
 
 
 def zipfload(addrs: list[str], mode: str, s: str, uniform: bool, seconds: float, **kw) -> dict:
