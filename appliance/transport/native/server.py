@@ -577,20 +577,24 @@ class EngineTransport(NativeTransport):
 
     async def _keep_collecting(self, instance: NodeInstance) -> None:
         front = self._front
-        told = None
+        callee_told = None
         while front is not None and not self._stopping:
-            # Hits wait for a ring, as NodeInstance.hit does (else: no ring yet).
-            front.open_hits(instance.peers.revision >= 0)
-            # Peers' forwards: checked by their proofs once we know the
-            # address we serve (NodeInstance.from_peer), else on the marker.
-            proofs = instance.auth.proofs
-            callee = (None, "", 0) if proofs is None else proofs.callee()
-            if callee is not None and callee != told:
-                front.set_peer_proofs(*callee)
-                told = callee
-            for group in instance.groups.values():
-                if group.collect is not None:
-                    group.collect()
+            # A bug here must not stop the counters for good: log it, go on.
+            try:
+                # Hits wait for a ring, as NodeInstance.hit does (else: no ring yet).
+                front.open_hits(instance.peers.revision >= 0)
+                # Peers' forwards: checked by their proofs once we know the
+                # address we serve (NodeInstance.from_peer), else on the marker.
+                proofs = instance.auth.proofs
+                callee = (None, "", 0) if proofs is None else proofs.callee()
+                if callee is not None and callee != callee_told:
+                    front.set_peer_proofs(*callee)
+                    callee_told = callee
+                for group in instance.groups.values():
+                    if group.collect is not None:
+                        group.collect()
+            except Exception:
+                log.exception("collecting the engine's hits failed")
             await asyncio.sleep(HITS_COLLECT_INTERVAL)
 
     @staticmethod
