@@ -104,9 +104,9 @@ impl HitGroup {
         Some((entry, false))
     }
 
-    /// Every key's entry, in order, counted as lookup() counts each; None
-    /// (nothing counted) when any key misses.
-    fn lookup_many(&self, keys: &[&[u8]], now: f64) -> Option<Vec<Entry>> {
+    /// Every key's entry, in order, and whether it came from the main
+    /// cache; None when any key misses. Counts nothing (count_many does).
+    fn find_many(&self, keys: &[&[u8]], now: f64) -> Option<(Vec<Entry>, Vec<bool>)> {
         let mut found: Vec<Option<Entry>> = {
             let mut main = self.main.lock().unwrap();
             keys.iter().map(|k| main.get(k, now)).collect()
@@ -120,6 +120,11 @@ impl HitGroup {
                 }
             }
         }
+        Some((found.into_iter().collect::<Option<_>>()?, from_main))
+    }
+
+    /// Counts the hits find_many found, as lookup() counts each.
+    fn count_many(&self, keys: &[&[u8]], from_main: &[bool]) {
         let main_hits = from_main.iter().filter(|m| **m).count() as u64;
         self.gets.fetch_add(keys.len() as u64, Ordering::Relaxed);
         self.main_hits.fetch_add(main_hits, Ordering::Relaxed);
@@ -127,14 +132,13 @@ impl HitGroup {
             .fetch_add(keys.len() as u64 - main_hits, Ordering::Relaxed);
         let mut owned = self.owned.lock().unwrap();
         let mut seen = self.seen.lock().unwrap();
-        for (key, main) in keys.iter().zip(&from_main) {
+        for (key, main) in keys.iter().zip(from_main) {
             if !*main {
                 seen.add(key);
             } else if self.tick.fetch_add(1, Ordering::Relaxed) % self.every == self.every - 1 {
                 owned.add(key);
             }
         }
-        found.into_iter().collect()
     }
 
     pub fn set_hot(&self, keys: HashSet<Key>) {
@@ -380,11 +384,7 @@ impl Hits {
             }
         }
         let (group, key) = parse_get(payload)?;
-        if group.is_empty()
-            || key.is_empty()
-            || group.len() > self.max_group
-            || key.len() > self.max_key
-        {
+        if !self.valid_group(group) || !self.valid_key(key) {
             return None;
         }
         // A valid proof reads (the cluster's reading); anything else is checked.
@@ -417,9 +417,16 @@ impl Hits {
         };
         Some((entry.data, trailers))
     }
-}
 
-impl Hits {
+    /// NodeInstance.validate's rule: names present and within their limits.
+    fn valid_group(&self, group: &[u8]) -> bool {
+        !group.is_empty() && group.len() <= self.max_group
+    }
+
+    fn valid_key(&self, key: &[u8]) -> bool {
+        !key.is_empty() && key.len() <= self.max_key
+    }
+
     /// A Cache/GetMany whose keys all hit, encoded as
     /// codec.encode_get_many_response encodes it; None: Python serves it
     /// (a miss, a forward, an invalid key, a reply over the limit, ...).
@@ -429,12 +436,7 @@ impl Hits {
             return None;
         }
         let (group, keys) = parse_get_many(payload, limits.max_keys)?;
-        let valid = |k: &&[u8]| !k.is_empty() && k.len() <= self.max_key;
-        if group.is_empty()
-            || group.len() > self.max_group
-            || keys.is_empty()
-            || !keys.iter().all(valid)
-        {
+        if !self.valid_group(group) || keys.is_empty() || !keys.iter().all(|k| self.valid_key(k)) {
             return None;
         }
         if !self
@@ -447,24 +449,17 @@ impl Hits {
         }
         let found = self.groups.read().unwrap().get(group).cloned()?;
         let now = monotonic();
-        // Checked before anything is counted: Python counts and refuses.
-        let size: usize = keys.iter().map(|k| k.len() + limits.per_key).sum::<usize>();
-        let entries = {
-            let main = found.main.lock().unwrap();
-            let hot = found.hot.lock().unwrap();
-            let mut total = size;
-            for key in &keys {
-                let held = main
-                    .peek_size(key, now)
-                    .or_else(|| hot.peek_size(key, now))?;
-                total += held;
-            }
-            if total > limits.max_reply {
-                return None;
-            }
-            drop((main, hot));
-            found.lookup_many(&keys, now)?
-        };
+        let (entries, from_main) = found.find_many(&keys, now)?;
+        // Python's estimate of the reply; over the limit, Python counts and refuses it.
+        let size: usize = keys
+            .iter()
+            .zip(&entries)
+            .map(|(k, e)| k.len() + limits.per_key + e.data.len())
+            .sum();
+        if size > limits.max_reply {
+            return None;
+        }
+        found.count_many(&keys, &from_main);
         self.answered.fetch_add(1, Ordering::Relaxed);
         Some(encode_get_many(&keys, &entries, now))
     }

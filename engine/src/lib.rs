@@ -497,6 +497,19 @@ fn outcome_to_python<'py>(
     PyTuple::new(py, items)
 }
 
+/// A call's arguments as the client takes them.
+fn call_args(
+    payload: &[u8],
+    metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+    timeout: Option<f64>,
+) -> PyResult<(Bytes, Metadata, Option<Duration>)> {
+    Ok((
+        Bytes::copy_from_slice(payload),
+        metadata_from(metadata)?,
+        duration_of(timeout)?,
+    ))
+}
+
 fn duration_of(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
@@ -631,9 +644,7 @@ impl Channel {
                 "a blocking channel makes calls with call()",
             ));
         }
-        let metadata = metadata_from(metadata)?;
-        let timeout = duration_of(timeout)?;
-        let payload = Bytes::copy_from_slice(payload);
+        let (payload, metadata, timeout) = call_args(payload, metadata, timeout)?;
         let channel = self.inner.clone();
         let done = completions.inner.clone();
         client::runtime().spawn(async move {
@@ -658,9 +669,7 @@ impl Channel {
                 "only a blocking channel makes calls with call()",
             ));
         }
-        let metadata = metadata_from(metadata)?;
-        let timeout = duration_of(timeout)?;
-        let payload = Bytes::copy_from_slice(payload);
+        let (payload, metadata, timeout) = call_args(payload, metadata, timeout)?;
         let channel = self.inner.clone();
         let outcome = py.allow_threads(move || {
             client::blocking_runtime().block_on(channel.call(path, payload, metadata, timeout))

@@ -141,12 +141,6 @@ impl Store {
         Some(entry)
     }
 
-    /// The data length of `key`'s live entry, touching nothing.
-    pub fn peek_size(&self, key: &[u8], now: f64) -> Option<usize> {
-        let e = &self.slots.get(key)?.entry;
-        (e.expires == 0.0 || e.expires > now).then_some(e.data.len())
-    }
-
     /// Whether an entry of `size` bytes fits without evicting one.
     pub fn fits(&self, size: usize) -> bool {
         self.bytes + size <= self.max_bytes

@@ -12,24 +12,15 @@ import pytest
 
 from appliance.pb import cache_pb2, groupcache_pb2
 from appliance.serving import Node
-from appliance.transport import codec, engine_available
+from appliance.transport import codec
 from support import nodes as support_nodes
 from support.nodes import CountingOrigin, cluster
 
-pytestmark = pytest.mark.skipif(engine_available() is not None, reason=f"engine not built: {engine_available()}")
+# The conftest's `backend` fixture, on the engine only (it skips where the engine is not built).
+pytestmark = [pytest.mark.parametrize("backend", ["engine"], indirect=True), pytest.mark.usefixtures("backend")]
 
 DATA = {f"k{i}": f"v{i}".encode() for i in range(20)}
 GET = "/groupcachepb.GroupCache/Get"
-
-
-@pytest.fixture(autouse=True)
-def on_the_engine():
-    saved = support_nodes.BACKEND["server"]
-    support_nodes.BACKEND["server"] = "engine"
-    try:
-        yield
-    finally:
-        support_nodes.BACKEND["server"] = saved
 
 
 async def get(addr: str, key: str, metadata=(), group: str = "g"):
