@@ -177,7 +177,8 @@ class Store:
         done = 0
         while heap and heap[0][0] <= now and done < limit:
             expires, key = heapq.heappop(heap)
-            entry = self._data.get(key)
+            # Read past the policy: reclaiming is not a use (no LRU/LFU touch).
+            entry = cachetools.Cache.__getitem__(self._data, key) if key in self._data else None
             if entry is not None and entry.expires == expires:
                 self._discard(key, entry)
                 done += 1

@@ -189,11 +189,14 @@ impl Store {
             return false;
         }
         self.reclaim_expired(64, now);
-        // As cachetools: make room unless the key is held at least as large.
+        // As cachetools: make room for what the entry adds (all of it once
+        // the key itself is evicted).
         let maxsize = self.max_bytes.max(1);
-        let grows = self.slots.get(key).is_none_or(|s| s.entry.size < size);
-        if grows {
-            while self.bytes + size > maxsize && self.evict_one() {}
+        loop {
+            let held = self.slots.get(key).map_or(0, |s| s.entry.size);
+            if self.bytes - held + size <= maxsize || !self.evict_one() {
+                break;
+            }
         }
         let entry = Entry {
             data,
