@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # The Rust engine (engine/), built into the venv where cargo exists; the
 # build is cached in $(CARGO_TARGET_DIR) and skipped while the crate is unchanged.
-# Without cargo, nothing is built and grpcio (or pygrpc-native) serves.
+# Without cargo, nothing is built and grpcio serves.
 engine: $(STAMP)
 ifeq ($(CARGO),)
 	@echo "engine: no cargo on PATH; not built (the pure-Python path serves)"

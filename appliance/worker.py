@@ -101,8 +101,8 @@ async def serve(settings: Settings, index: int) -> int:
 
 
 def run(settings: Settings, index: int) -> int:
-    """serve() on a SharedLoop: the native backend's receiving thread answers
+    """serve() on a SharedLoop: the engine backend's receiving thread answers
     hits under the loop's lock instead of waking the loop for each batch."""
-    from .transport.native.loop import run as run_shared
+    from .transport.engine.loop import run as run_shared
 
     return run_shared(serve(settings, index))

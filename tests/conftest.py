@@ -17,7 +17,7 @@ pytest_plugins = ["support.required"]
 # The server backends of appliance.transport. A module that runs its tests
 # on each one says `pytestmark = pytest.mark.usefixtures("backend")`. The
 # engine is built by `make` where cargo exists; without it, it is skipped.
-BACKENDS = ("engine", "native", "grpcio")
+BACKENDS = ("engine", "grpcio")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -30,12 +30,6 @@ def backend(request):
         missing = engine_available()
         if missing:
             pytest.skip(f"the engine is not built here: {missing}")
-    if request.param == "native":
-        from appliance.transport import native_available
-
-        missing = native_available()
-        if missing:
-            pytest.fail(f"the native backend cannot run here: {missing}")
     saved = nodes.BACKEND["server"]
     nodes.BACKEND["server"] = request.param
     try:
@@ -46,9 +40,9 @@ def backend(request):
 
 def pytest_asyncio_loop_factories(config, item):
     """Async tests run on the loop `appliance worker` runs (SharedLoop), so
-    the native backend serves hits from its receiving thread as it does in
+    the engine backend serves events from its receiving thread as it does in
     production."""
-    from appliance.transport.native.loop import SharedLoop
+    from appliance.transport.engine.loop import SharedLoop
 
     return {"shared": SharedLoop}
 

@@ -2,7 +2,7 @@
 allow (`[node] server`). Part of the config's report (`config check`, the
 worker's first log line); appliance.transport builds the backend chosen.
 
-No RPC library is imported here: only whether the native fronts import.
+No RPC library is imported here: only whether the engine imports.
 """
 
 from __future__ import annotations
@@ -12,17 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .models import Settings
 
-BACKENDS = ("engine", "native", "grpcio")
-
-
-def native_available() -> str | None:
-    """None when the native backend can run here, else why not."""
-    try:
-        import pygrpc_native  # noqa: F401
-        from pygrpc_native import NativeGrpcFront  # noqa: F401
-    except Exception as exc:  # ImportError, or a wheel built for another platform
-        return f"pygrpc-native does not import ({type(exc).__name__}: {exc})"
-    return None
+BACKENDS = ("engine", "grpcio")
 
 
 def engine_available() -> str | None:
@@ -37,32 +27,13 @@ def engine_available() -> str | None:
 def choose(settings: Settings, requested: str | None = None) -> tuple[str, str]:
     """(backend, why) for these settings; `requested` overrides node.server."""
     want = requested or settings.node.server
-    tls = settings.tls.enabled
-    seed = settings.cluster.seed_interop
     if want == "grpcio":
         return "grpcio", "node.server = grpcio"
+    missing = engine_available()
     if want == "engine":
-        if seed:
-            raise ValueError("node.server = engine does not serve the seed's Go clients yet; use grpcio or auto")
-        missing = engine_available()
         if missing:
             raise RuntimeError(f"node.server = engine, but {missing}")
         return "engine", "node.server = engine"
-    if want == "native":
-        # Config validation refuses these; code that builds Settings may not.
-        if tls:
-            raise ValueError("node.server = native cannot serve TLS; use grpcio or auto")
-        if seed:
-            raise ValueError("node.server = native cannot serve the seed's Go clients; use grpcio or auto")
-        missing = native_available()
-        if missing:
-            raise RuntimeError(f"node.server = native, but {missing}")
-        return "native", "node.server = native"
-    if seed:
-        # grpc-go sends :authority "groupcache/<addr>" (the etcd:/// target's
-        # endpoint); the Rust http crate under the engine resets such a stream.
-        return "grpcio", "auto: cluster.seed_interop (the engine refuses the Go clients' :authority)"
-    missing = engine_available()
     if missing:
         return "grpcio", f"auto: {missing}"
-    return "engine", "auto: the engine is built" + (" (TLS in rustls)" if tls else "")
+    return "engine", "auto: the engine is built" + (" (TLS in rustls)" if settings.tls.enabled else "")

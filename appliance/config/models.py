@@ -101,6 +101,13 @@ def _lower(v: Any) -> Any:
     return v.strip().lower() if isinstance(v, str) else v
 
 
+def _server(v: Any) -> Any:
+    v = _lower(v)
+    if v == "native":
+        raise ValueError('"native" (pygrpc-native) was removed: the engine serves what it did; use "auto" or "engine"')
+    return v
+
+
 def _path(v: Any) -> Any:
     """Expand ``~``; the path must then be absolute (services do not share a cwd)."""
     if v is None or v == "":
@@ -168,8 +175,7 @@ class ClusterSettings(_Model):
     lease_ttl: int = Field(5, ge=1, le=3600)
     # This etcd also serves the seed's Go nodes (a mixed cluster): each worker
     # also keeps "clusters/<host:port>" (the peer list a Go node reads once,
-    # at start), and server = "auto" picks grpcio, since the Go clients'
-    # :authority ("groupcache/<addr>") is refused by pygrpc-native.
+    # at start).
     seed_interop: bool = False
     # Peers on other machines talk without TLS: the cluster token (sent with
     # every peer call) and every value cross the network in clear. Only for
@@ -259,7 +265,7 @@ class NodeSettings(_Model):
     runtime_dir: AbsPath | None = None
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
     # Which gRPC server library serves the data port (appliance.transport).
-    server: Annotated[Literal["auto", "engine", "native", "grpcio"], BeforeValidator(_lower)] = "auto"
+    server: Annotated[Literal["auto", "engine", "grpcio"], BeforeValidator(_server)] = "auto"
     # Limits the engine enforces at the socket (server = "engine").
     max_concurrent_streams: int = Field(1024, ge=1, le=2**31 - 1)
     max_header_list_size: ByteSize = Field(parse_bytes("16KiB"), ge=1024, le=2**31 - 1)
@@ -633,28 +639,11 @@ class Settings(BaseSettings):
                         f"{where} {peer} is the etcd client port ({member}); "
                         "pick another port" + ("" if self.etcd_clustered() else ", or 0 for a free one"),
                     )
-        if self.node.server == "native" and self.tls.enabled:
-            raise FieldError(
-                ("node", "server"),
-                'server = "native" cannot serve TLS (pygrpc-native has no TLS); use "grpcio" or "auto" with [tls]',
-            )
         if self.cluster.seed_interop and not seed_accepts(self.node.host):
             raise FieldError(
                 ("node", "host"),
                 f"cluster.seed_interop needs a host the seed's Go nodes accept (utils.ValidPerrAddr): "
                 f'"localhost" or a name whose first label has 4 characters, like "box1"; got {self.node.host!r}',
-            )
-        if self.node.server == "engine" and self.cluster.seed_interop:
-            raise FieldError(
-                ("node", "server"),
-                'server = "engine" does not serve the seed\'s Go nodes yet; '
-                'use "grpcio" or "auto" with cluster.seed_interop',
-            )
-        if self.node.server == "native" and self.cluster.seed_interop:
-            raise FieldError(
-                ("node", "server"),
-                'server = "native" cannot serve the seed\'s Go nodes (pygrpc-native refuses their :authority '
-                '"groupcache/<addr>"); use "grpcio" or "auto" with cluster.seed_interop',
             )
         if not self.tls.enabled and not c.plaintext_peers and not _is_loopback(self.node.host):
             raise FieldError(

@@ -86,6 +86,17 @@ class TokenBuckets:
         return len(self._buckets)
 
 
+def token_buckets(rate: float, burst: int) -> TokenBuckets:
+    """The engine's TokenBuckets where it is built (the same rule in Rust,
+    which its hit path charges too: one rate per client, whichever side
+    answers), else this module's."""
+    try:
+        from appliance_engine import TokenBuckets as EngineBuckets
+    except ImportError:
+        return TokenBuckets(rate, burst)
+    return EngineBuckets(rate, burst)
+
+
 def client_address(peer: str) -> str:
     """The IP address in a grpc peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678")."""
     kind, _, rest = peer.partition(":")
@@ -101,7 +112,7 @@ class TrustedPeers:
     def __init__(
         self, ring_nodes: Callable[[], tuple[Hashable, list[str]]], loop: asyncio.AbstractEventLoop | None = None
     ) -> None:
-        """`loop` resolves host names; a caller on another thread (the native
+        """`loop` resolves host names; a caller on another thread (the engine
         backend's receiving thread) may ask, the lookups still run there."""
         self._ring_nodes = ring_nodes  # () -> (ring version, ["host:port", ...])
         self._loop = loop

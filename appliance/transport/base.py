@@ -12,7 +12,7 @@ from ..cache.store import Store, StoreFactory
 from ..node.instance import MESSAGE_SLACK
 from ..node.peer_proofs import PeerProofs
 from ..node.peers import PeerClient, PeerFacts
-from ..node.ratelimit import RateLimiter, TokenBuckets, TrustedPeers
+from ..node.ratelimit import RateLimiter, TrustedPeers, token_buckets
 from . import wire
 from .health import Health
 from .methods import GET_SERVICE
@@ -91,4 +91,4 @@ class BaseTransport:
         if ops.rate_limit:
             peers = instance.peers
             trusted = TrustedPeers(lambda: (peers.version, list(peers.ring.nodes)), asyncio.get_running_loop())
-            self.limiter = RateLimiter(TokenBuckets(ops.rate_limit, ops.burst()), trusted)
+            self.limiter = RateLimiter(token_buckets(ops.rate_limit, ops.burst()), trusted)

@@ -463,7 +463,9 @@ class GrpcPeerClient:
         self, group: str, key: str, wait: float, *, unproven_ok: bool | None = None
     ) -> tuple[bytes, float]:
         if unproven_ok is None:
-            unproven_ok = self._accept_unproven and self.facts.plain_get_only
+            # Plain Gets are all a unary client makes, so any peer may be a
+            # Go node, as one that has no Peer/Forward stream is.
+            unproven_ok = self._accept_unproven and (self.facts.plain_get_only or not self._use_stream)
         encoded, call = await self._call(
             self._get, groupcache_pb2.GetRequest(group=group, key=key), wait, proven=True, unproven_ok=unproven_ok
         )

@@ -49,7 +49,7 @@ _BY_CODE = {
 
 class Failure(collections.namedtuple("Failure", ("code", "details", "trailing_metadata")), grpc.Status):
     """A status to end a call with: usable as grpc.Status (abort_with_status)
-    and by the native backend (code, message, trailers)."""
+    and by the engine backend (code, message, trailers)."""
 
 
 def code_of(exc: errors.CacheError) -> grpc.StatusCode:

@@ -18,6 +18,7 @@ use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine as _;
 use bytes::Bytes;
 
+use crate::ratelimit::Limit;
 use crate::server::{Metadata, Value};
 use crate::store::{monotonic, Entry, Key, Store};
 
@@ -79,10 +80,22 @@ impl HitGroup {
         }
     }
 
-    /// A hit: (its entry, whether its owner (we) calls it hot).
-    fn lookup(&self, key: &[u8], now: f64, forwarded: bool) -> Option<(Entry, bool)> {
-        let main = self.main.lock().unwrap().get(key, now);
-        if let Some(entry) = main {
+    /// A hit: (its entry, whether its owner (we) calls it hot); used and
+    /// counted only once `admit` says it may be answered.
+    fn lookup(
+        &self,
+        key: &[u8],
+        now: f64,
+        forwarded: bool,
+        admit: impl FnOnce() -> bool,
+    ) -> Option<(Entry, bool)> {
+        let mut main = self.main.lock().unwrap();
+        if let Some(entry) = main.find(key, now) {
+            if !admit() {
+                return None;
+            }
+            main.used(key);
+            drop(main);
             self.gets.fetch_add(1, Ordering::Relaxed);
             if forwarded {
                 self.server_requests.fetch_add(1, Ordering::Relaxed);
@@ -94,7 +107,14 @@ impl HitGroup {
             let hot = self.hot_keys.read().unwrap().contains(key);
             return Some((entry, hot));
         }
-        let entry = self.hot.lock().unwrap().get(key, now)?;
+        drop(main);
+        let mut hot = self.hot.lock().unwrap();
+        let entry = hot.find(key, now)?;
+        if !admit() {
+            return None;
+        }
+        hot.used(key);
+        drop(hot);
         self.gets.fetch_add(1, Ordering::Relaxed);
         if forwarded {
             self.server_requests.fetch_add(1, Ordering::Relaxed);
@@ -105,26 +125,39 @@ impl HitGroup {
     }
 
     /// Every key's entry, in order, and whether it came from the main
-    /// cache; None when any key misses. Counts nothing (count_many does).
+    /// cache; None when any key misses. Neither uses nor counts them
+    /// (use_many does).
     fn find_many(&self, keys: &[&[u8]], now: f64) -> Option<(Vec<Entry>, Vec<bool>)> {
         let mut found: Vec<Option<Entry>> = {
             let mut main = self.main.lock().unwrap();
-            keys.iter().map(|k| main.get(k, now)).collect()
+            keys.iter().map(|k| main.find(k, now)).collect()
         };
         let from_main: Vec<bool> = found.iter().map(Option::is_some).collect();
         if from_main.iter().any(|m| !m) {
             let mut hot = self.hot.lock().unwrap();
             for (slot, key) in found.iter_mut().zip(keys) {
                 if slot.is_none() {
-                    *slot = Some(hot.get(key, now)?);
+                    *slot = Some(hot.find(key, now)?);
                 }
             }
         }
         Some((found.into_iter().collect::<Option<_>>()?, from_main))
     }
 
-    /// Counts the hits find_many found, as lookup() counts each.
-    fn count_many(&self, keys: &[&[u8]], from_main: &[bool]) {
+    /// Uses and counts the hits find_many found, as lookup() does each.
+    fn use_many(&self, keys: &[&[u8]], from_main: &[bool]) {
+        {
+            let mut main = self.main.lock().unwrap();
+            for (key, _) in keys.iter().zip(from_main).filter(|(_, m)| **m) {
+                main.used(key);
+            }
+        }
+        if from_main.iter().any(|m| !m) {
+            let mut hot = self.hot.lock().unwrap();
+            for (key, _) in keys.iter().zip(from_main).filter(|(_, m)| !**m) {
+                hot.used(key);
+            }
+        }
         let main_hits = from_main.iter().filter(|m| **m).count() as u64;
         self.gets.fetch_add(keys.len() as u64, Ordering::Relaxed);
         self.main_hits.fetch_add(main_hits, Ordering::Relaxed);
@@ -291,10 +324,16 @@ pub struct CallFacts<'a> {
     /// but not text (Python then decides).
     pub authorization: Result<Option<&'a str>, ()>,
     pub identities: &'a [String],
+    /// The gRPC peer string ("ipv4:1.2.3.4:5678"): the rate limit's key.
+    pub peer: &'a str,
 }
 
 impl<'a> CallFacts<'a> {
-    pub fn of(headers: &'a http::HeaderMap, identities: &'a [String]) -> CallFacts<'a> {
+    pub fn of(
+        headers: &'a http::HeaderMap,
+        identities: &'a [String],
+        peer: &'a str,
+    ) -> CallFacts<'a> {
         CallFacts {
             forwarded: headers.contains_key("x-groupcache-forwarded"),
             authorization: match headers.get("authorization") {
@@ -302,6 +341,7 @@ impl<'a> CallFacts<'a> {
                 Some(v) => v.to_str().map(Some).map_err(|_| ()),
             },
             identities,
+            peer,
         }
     }
 }
@@ -333,6 +373,9 @@ pub struct Hits {
     pub peers: RwLock<Option<Option<Proofs>>>,
     /// Gets answered here, for the worker's metrics.
     pub answered: AtomicU64,
+    /// `[ops] rate_limit`: the buckets Python charges too (None: no limit).
+    /// A call the buckets refuse goes to Python, which refuses it.
+    pub limit: RwLock<Option<Limit>>,
 }
 
 impl Hits {
@@ -352,6 +395,7 @@ impl Hits {
             hot_trailer,
             peers: RwLock::new(None),
             answered: AtomicU64::new(0),
+            limit: RwLock::new(None),
         }
     }
 
@@ -399,7 +443,14 @@ impl Hits {
         }
         let found = self.groups.read().unwrap().get(group).cloned()?;
         let now = monotonic();
-        let (entry, hot) = found.lookup(key, now, call.forwarded)?;
+        let limit = self.limit.read().unwrap();
+        let admit = || {
+            limit
+                .as_ref()
+                .is_none_or(|l| l.admit(call.peer, call.forwarded, 1.0, now))
+        };
+        let (entry, hot) = found.lookup(key, now, call.forwarded, admit)?;
+        drop(limit);
         self.answered.fetch_add(1, Ordering::Relaxed);
         static NONE: Metadata = Vec::new();
         let trailers = if call.forwarded {
@@ -459,7 +510,14 @@ impl Hits {
         if size > limits.max_reply {
             return None;
         }
-        found.count_many(&keys, &from_main);
+        if let Some(limit) = self.limit.read().unwrap().as_ref() {
+            // codec.call_cost: one token per distinct key.
+            let cost = keys.iter().collect::<HashSet<_>>().len() as f64;
+            if !limit.admit(call.peer, false, cost, now) {
+                return None;
+            }
+        }
+        found.use_many(&keys, &from_main);
         self.answered.fetch_add(1, Ordering::Relaxed);
         Some(encode_get_many(&keys, &entries, now))
     }
@@ -619,7 +677,7 @@ mod tests {
     }
 
     fn facts<'a>(headers: &'a http::HeaderMap, identities: &'a [String]) -> CallFacts<'a> {
-        CallFacts::of(headers, identities)
+        CallFacts::of(headers, identities, "ipv4:127.0.0.1:1")
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {

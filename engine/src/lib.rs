@@ -3,7 +3,9 @@
 pub mod client;
 pub mod grpc;
 pub mod hits;
+pub mod py_ratelimit;
 pub mod py_store;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -219,6 +221,30 @@ impl Front {
         };
         let proofs = key.map(|k| hits::Proofs::new(&k, addr, since_ms));
         *hits.peers.write().unwrap() = Some(proofs);
+        Ok(())
+    }
+
+    /// `[ops] rate_limit` on the hit path: charge these buckets (the ones
+    /// Python charges), where forwards from the `trusted` addresses (the
+    /// ring's) are free; None: no limit.
+    #[pyo3(signature = (buckets, trusted=Vec::new()))]
+    fn set_limit(
+        &self,
+        buckets: Option<&py_ratelimit::PyTokenBuckets>,
+        trusted: Vec<String>,
+    ) -> PyResult<()> {
+        let Some(hits) = self.shared.hits() else {
+            return Err(PyRuntimeError::new_err("this front was made without hits"));
+        };
+        if buckets.is_some_and(|b| b.clock.is_some()) {
+            return Err(PyValueError::new_err(
+                "buckets on another clock than time.monotonic cannot be charged here",
+            ));
+        }
+        *hits.limit.write().unwrap() = buckets.map(|b| ratelimit::Limit {
+            buckets: b.inner.clone(),
+            trusted: trusted.into_iter().collect(),
+        });
         Ok(())
     }
 
@@ -704,6 +730,7 @@ fn appliance_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Completions>()?;
     m.add_class::<py_store::PyStore>()?;
     m.add_class::<py_store::PyHitGroup>()?;
+    m.add_class::<py_ratelimit::PyTokenBuckets>()?;
     m.add("EVENT_CALL", server::EVENT_CALL)?;
     m.add("EVENT_CANCEL", server::EVENT_CANCEL)?;
     m.add("STREAM_SENT", server::STREAM_SENT)?;

@@ -534,7 +534,7 @@ async fn serve_call(
     };
     drop(body);
     if let Some((get, hits)) = &shared.hits {
-        let call = crate::hits::CallFacts::of(&parts.headers, &identities);
+        let call = crate::hits::CallFacts::of(&parts.headers, &identities, &peer);
         if method == *get {
             if let Some((data, trailers)) = hits.answer(&payload, &call) {
                 return Ok(success(data, &trailers));

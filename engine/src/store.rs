@@ -128,17 +128,28 @@ impl Store {
         }
     }
 
-    /// The live entry of `key`; an expired one is dropped (and counted).
+    /// The live entry of `key`, a use of it; an expired one is dropped (and counted).
     pub fn get(&mut self, key: &[u8], now: f64) -> Option<Entry> {
+        let entry = self.find(key, now)?;
+        self.touch(key, false);
+        Some(entry)
+    }
+
+    /// As get(), but not yet a use: the hit path first asks whether it may
+    /// answer (the rate limit), then calls used().
+    pub fn find(&mut self, key: &[u8], now: f64) -> Option<Entry> {
         let slot = self.slots.get(key)?;
         if slot.entry.expires != 0.0 && slot.entry.expires <= now {
             self.discard(key);
             self.expirations += 1;
             return None;
         }
-        let entry = slot.entry.clone();
+        Some(slot.entry.clone())
+    }
+
+    /// A read of `key` found by find().
+    pub fn used(&mut self, key: &[u8]) {
         self.touch(key, false);
-        Some(entry)
     }
 
     /// Whether an entry of `size` bytes fits without evicting one.

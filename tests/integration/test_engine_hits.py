@@ -1,7 +1,8 @@
 """Hits answered inside the engine (engine/src/hits.rs), over real gRPC on
 loopback: the bytes and trailers Python would send, counted in the group's
-stats, and everything the hit path may not decide (a miss, a forward, an
-unknown credential, a rate limit) still answered by Python as before."""
+stats, the rate limit charged in the same buckets as Python's, and
+everything the hit path may not decide (a miss, an unknown credential, a
+refusal) still answered by Python as before."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from support.nodes import CountingOrigin, cluster
 # The conftest's `backend` fixture, on the engine only (it skips where the engine is not built).
 pytestmark = [pytest.mark.parametrize("backend", ["engine"], indirect=True), pytest.mark.usefixtures("backend")]
 
-DATA = {f"k{i}": f"v{i}".encode() for i in range(20)}
+# Enough keys that each of two nodes owns some, however the ring falls.
+DATA = {f"k{i}": f"v{i}".encode() for i in range(200)}
 GET = "/groupcachepb.GroupCache/Get"
 
 
@@ -127,24 +129,40 @@ async def test_closed_reads_answer_known_readers_in_the_engine_and_the_rest_in_p
         assert answered(node) == before + 1
 
 
-async def test_a_rate_limit_keeps_every_call_in_python():
-    """The buckets are Python's: with [ops] rate_limit the engine answers no
-    hit itself, so every Get is charged."""
+async def test_a_rate_limit_is_charged_alike_in_the_engine_and_in_python():
+    """With [ops] rate_limit the engine charges the buckets Python charges
+    (appliance_engine.TokenBuckets): each Get takes one token whichever side
+    answers it, hits in the engine until the burst is spent, then Python
+    refuses every call with RESOURCE_EXHAUSTED and a RetryInfo."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    from appliance.transport.status import DETAILS_KEY
+
+    burst = 30
     base = support_nodes.settings()
-    limited = base.model_copy(update={"ops": base.ops.model_copy(update={"rate_limit": 1.0, "rate_burst": 5})})
-    node = Node(limited, {"g": CountingOrigin(DATA)}, port=0)
+    ops = base.ops.model_copy(update={"rate_limit": 0.001, "rate_burst": burst})  # no refill in the test
+    node = Node(base.model_copy(update={"ops": ops}), {"g": CountingOrigin(DATA)}, port=0)
     await node.start()
     try:
         node.set_peers([node.addr], 1)
-        outcomes = []
-        for _ in range(20):
+        assert await get(node.addr, "k1") == (b"v1", ())  # a miss, charged in Python
+        await until_open(node)
+        spent = node.groups["g"].stats.gets  # every Get so far was served, and took one token
+        in_engine = answered(node)
+        served, refusal = 0, None
+        for _ in range(burst + 5):
             try:
-                outcomes.append((await get(node.addr, "k4"))[0])
+                assert (await get(node.addr, "k1"))[0] == b"v1"
+                served += 1
             except grpc.aio.AioRpcError as exc:
-                outcomes.append(exc.code())
-        assert outcomes[:5] == [b"v4"] * 5  # the burst
-        assert set(outcomes[5:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # then every hit is refused
-        assert answered(node) == 0
+                refusal = exc
+                break
+        assert served == burst - spent  # one bucket for both sides
+        assert answered(node) - in_engine == served  # ... and these hits were the engine's
+        assert refusal is not None and refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status = status_pb2.Status.FromString(dict(refusal.trailing_metadata())[DETAILS_KEY])
+        kinds = {d.type_url.rsplit("/", 1)[-1] for d in status.details}
+        assert error_details_pb2.RetryInfo.DESCRIPTOR.full_name in kinds, kinds
     finally:
         await node.stop(0)
 

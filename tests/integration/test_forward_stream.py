@@ -20,9 +20,9 @@ async def get(addr, key):
 
 
 async def test_each_backend_forwards_its_own_way_by_default():
-    """grpcio forwards over the Peer/Forward stream; native and engine with
-    unary Gets, which their owners serve natively (bench/forwarded.py
-    measures why); the engine makes them on its own client."""
+    """grpcio forwards over the Peer/Forward stream; the engine with unary
+    Gets, which their owners answer in Rust (bench/forwarded.py measures
+    why), made on its own client."""
     origin = CountingOrigin({f"k{i}": f"v{i}".encode() for i in range(100)})
     async with cluster(2, origin, hot_cache_mirror=0.0) as (a, b):
         remote = [k for k in origin.data if a.peers.owner(k) == b.addr][:5]

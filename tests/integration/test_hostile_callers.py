@@ -77,7 +77,7 @@ async def test_an_unread_forward_stream_holds_at_most_its_window():
                 await asyncio.sleep(0.02)
             held = gets()
             print(f"\n[unread Forward stream] {sent} sent, {held} worked on with a window of {window}")
-            # (the native backend's proxy to the stream service buffers some more)
+            # (the engine's proxy to the stream service buffers some more)
             assert window <= held <= 4 * window
             answers = [await call.read() for _ in range(sent)]
             await asyncio.wait_for(sending, 10)

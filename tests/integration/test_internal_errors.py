@@ -87,7 +87,7 @@ async def test_unexpected_exceptions_answer_internal_and_the_node_keeps_serving(
 
 
 async def test_a_bug_in_the_hit_path_answers_internal(monkeypatch):
-    # The native backend answers hits inline, outside any task: its own catch-all.
+    # The engine backend serves events inline, outside any task: its own catch-all.
     from appliance.node.instance import NodeInstance
 
     async with cluster(1, CountingOrigin({"k": b"v"})) as (node,):

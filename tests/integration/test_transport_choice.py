@@ -1,6 +1,5 @@
-"""Which server backend serves (appliance.transport.choose), and the one
-client that only grpcio serves: a `:authority` with a "/" in it, which is
-what the seed's Go clients send."""
+"""Which server backend serves (appliance.transport.choose), and a client
+that sends a `:authority` with a "/" in it, as the seed's Go clients do."""
 
 from __future__ import annotations
 
@@ -16,18 +15,16 @@ from appliance.transport import choose
 from support.nodes import CountingOrigin, cluster
 
 
-def test_auto_takes_the_engine_unless_seed_interop_and_native_only_when_named():
+def test_auto_takes_the_engine_where_it_is_built():
     from appliance.transport import engine_available
 
-    assert choose(Settings(cluster={"seed_interop": True}, node={"host": "localhost"}))[0] == "grpcio"
     assert choose(Settings(node={"server": "grpcio"}))[0] == "grpcio"
-    backend, why = choose(Settings(node={"server": "native"}))
-    assert (backend, why) == ("native", "node.server = native")
     missing = engine_available()
     if missing:  # no Rust here: the portable path, and why
         assert choose(Settings()) == ("grpcio", f"auto: {missing}")
         return
     assert choose(Settings()) == ("engine", "auto: the engine is built")
+    assert choose(Settings(cluster={"seed_interop": True}, node={"host": "localhost"}))[0] == "engine"
     assert choose(Settings(node={"server": "engine"})) == ("engine", "node.server = engine")
     # With TLS too: the engine serves it (rustls).
     base = Settings()
@@ -50,18 +47,11 @@ def test_without_the_engine_auto_serves_grpcio_and_says_why(tmp_path):
 @pytest.mark.parametrize(
     "toml, complaint",
     [
-        (
-            '[node]\nserver = "native"\nhost = "localhost"\n[cluster]\nseed_interop = true\n',
-            "cannot serve the seed's Go nodes",
-        ),
-        (
-            '[node]\nserver = "engine"\nhost = "localhost"\n[cluster]\nseed_interop = true\n',
-            "does not serve the seed's Go nodes yet",
-        ),
-        ('[node]\nserver = "fast"\n', 'one of "auto", "engine", "native", "grpcio"'),
+        ('[node]\nserver = "native"\n', '"native" (pygrpc-native) was removed'),
+        ('[node]\nserver = "fast"\n', 'one of "auto", "engine", "grpcio"'),
     ],
 )
-def test_config_check_refuses_what_native_cannot_serve(tmp_path, toml, complaint):
+def test_config_check_refuses_an_unknown_server(tmp_path, toml, complaint):
     path = tmp_path / "a.toml"
     path.write_text(toml)
     out = subprocess.run(
@@ -73,23 +63,25 @@ def test_config_check_refuses_what_native_cannot_serve(tmp_path, toml, complaint
 
 
 def test_config_check_says_which_server_runs(tmp_path):
+    from appliance.transport import engine_available
+
     path = tmp_path / "a.toml"
     path.write_text('[cluster]\nseed_interop = true\n[node]\nhost = "localhost"\n')
     out = subprocess.run(
         [sys.executable, "-m", "appliance", "config", "check", str(path)], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert "server: grpcio (auto: cluster.seed_interop" in out.stdout, out.stdout
+    built = engine_available() is None
+    want = "server: engine (auto: the engine is built)" if built else "server: grpcio (auto: appliance_engine"
+    assert want in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("server", ["engine", "native", "grpcio"])
-async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
-    """The reason for the seed_interop rule, as a reproducer: grpc-go dials
-    etcd:///groupcache/<addr> and sends `:authority: groupcache/<addr>`.
-    grpcio serves it; pygrpc-native 0.5 and our engine (the h2 crate's
-    authority check) reset the stream (PROTOCOL_ERROR,
-    seen by the client as INTERNAL). If this starts passing on native, the
-    rule in appliance.transport.choose can go."""
+@pytest.mark.parametrize("server", ["engine", "grpcio"])
+async def test_a_slash_in_the_authority_is_served(server):
+    """grpc-go dials etcd:///groupcache/<addr> and sends `:authority:
+    groupcache/<addr>`, which is not a URI authority. grpcio serves it; the
+    engine does too (its h2 is patched not to reset such a stream:
+    engine/vendor/README.vendor.md)."""
     from appliance.transport import engine_available
     from support import nodes
 
@@ -101,16 +93,10 @@ async def test_a_slash_in_the_authority_is_served_by_grpcio_only(server):
             assert node.backend == server
             options = [("grpc.default_authority", f"groupcache/{node.addr}")]
             async with grpc.aio.insecure_channel(node.addr, options=options) as ch:
-                call = groupcache_pb2_grpc.GroupCacheStub(ch).Get(
-                    groupcache_pb2.GetRequest(group="g", key="k"), timeout=5
-                )
-                if server == "grpcio":
-                    assert (await call).value == b"v"
-                else:
-                    with pytest.raises(grpc.aio.AioRpcError) as info:
-                        await call
-                    assert info.value.code() == grpc.StatusCode.INTERNAL
-                    assert "RST_STREAM" in info.value.details()
+                stub = groupcache_pb2_grpc.GroupCacheStub(ch)
+                for _ in range(2):  # a miss, then a hit
+                    reply = await stub.Get(groupcache_pb2.GetRequest(group="g", key="k"), timeout=5)
+                    assert reply.value == b"v"
     finally:
         nodes.BACKEND["server"] = "auto"
 

@@ -33,8 +33,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def make_settings(groups=("g",), *, ops=None, tls=None, **node) -> Settings:
     node.setdefault("host", "127.0.0.1")
-    # With TLS: pygrpc-native cannot serve it (then auto: the engine where built).
-    node.setdefault("server", "auto" if tls and BACKEND["server"] == "native" else BACKEND["server"])
+    node.setdefault("server", BACKEND["server"])
     return Settings(
         node=node,
         groups={name: {"origin": "python:tests.none:f", "cache_bytes": "1MiB"} for name in groups},

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.node.ratelimit import TokenBuckets, client_address
+from appliance.node.ratelimit import TokenBuckets as PythonBuckets
+from appliance.node.ratelimit import client_address
 
 
-def test_burst_then_refill_at_the_rate():
+def _engine_buckets():
+    try:
+        from appliance_engine import TokenBuckets
+    except ImportError:
+        pytest.skip("the engine is not built here")
+    return TokenBuckets
+
+
+# Python's buckets and the engine's (which its hit path charges): one rule.
+@pytest.fixture(params=["python", "engine"])
+def TokenBuckets(request):
+    return PythonBuckets if request.param == "python" else _engine_buckets()
+
+
+def test_burst_then_refill_at_the_rate(TokenBuckets):
     now = [0.0]
     b = TokenBuckets(10, 3, clock=lambda: now[0])
     assert [b.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
@@ -21,7 +36,7 @@ def test_burst_then_refill_at_the_rate():
     assert [b.take("a") for _ in range(4)].count(0.0) == 3
 
 
-def test_a_costly_call_goes_ahead_in_debt_and_the_next_waits_for_all_of_it():
+def test_a_costly_call_goes_ahead_in_debt_and_the_next_waits_for_all_of_it(TokenBuckets):
     now = [0.0]
     b = TokenBuckets(10, 3, clock=lambda: now[0])
     assert b.take("a", 23) == 0.0  # 3 in the bucket: goes ahead, 20 owed
@@ -31,7 +46,7 @@ def test_a_costly_call_goes_ahead_in_debt_and_the_next_waits_for_all_of_it():
     assert b.take("new", 50) == 0.0 and b.take("new") == pytest.approx(4.8)  # a first call in debt too
 
 
-def test_table_of_clients_stays_bounded():
+def test_table_of_clients_stays_bounded(TokenBuckets):
     now = [0.0]
     b = TokenBuckets(1, 2, clock=lambda: now[0], max_clients=100)
     for i in range(1000):

@@ -81,7 +81,7 @@ class Appliance:
         self.host = host
         self.etcd_endpoint = etcd_endpoint or f"127.0.0.1:{free_port()}"
         self.embedded_etcd = embedded_etcd
-        self.server = server  # node.server: auto | native | grpcio
+        self.server = server  # node.server: auto | engine | grpcio
         self.seed_interop = seed_interop
         self.etcd_private = etcd_private
         self.auth = auth

@@ -2,7 +2,7 @@
 groupcachepb.GroupCache/Get (the seed's), appliance.cache.Cache (GetMany,
 Set, Remove) and appliance.cache.Peer/Forward (node to node).
 
-The grpcio backend serves all of them; the native backend serves Peer/Forward
+The grpcio backend serves all of them; the engine backend serves Peer/Forward
 (a bidirectional stream) through these on its fallback server.
 """
 

@@ -1,7 +1,7 @@
 """appliance.cache.Peer/{Peek,Handoff} as grpc.aio handlers around a
 NodeInstance: what keeps the cache warm across membership changes. Both
-backends' servers register these methods (the native one serves them
-natively, with the same instance calls)."""
+backends' servers register these methods (the engine's serves them
+from its events, with the same instance calls)."""
 
 from __future__ import annotations
 

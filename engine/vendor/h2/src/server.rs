@@ -1701,14 +1701,14 @@ impl proto::Peer for Peer {
         // A request translated from HTTP/1 must not include the :authority
         // header
         if let Some(authority) = pseudo.authority {
-            let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
-                    "malformed headers: malformed authority ({:?}): {}",
-                    authority,
-                    why,
-                )
-            })?);
+            // groupcache-appliance: grpc-go sends its target's endpoint as
+            // :authority ("groupcache/127.0.0.1:8001" for etcd:///groupcache/...),
+            // which is not a URI authority. gRPC servers treat it as opaque;
+            // serve such a request without an authority instead of resetting it.
+            match uri::Authority::from_maybe_shared(authority.clone().into_inner()) {
+                Ok(parsed) => parts.authority = Some(parsed),
+                Err(why) => tracing::debug!("ignoring a malformed authority ({:?}): {}", authority, why),
+            }
         }
 
         // A :scheme is required, except CONNECT.

@@ -6,8 +6,8 @@ the lock therefore runs between two of the loop's steps: everything the
 loop's code touches is consistent and still, without being handed to the
 loop (no wakeup write, no callback, no hop).
 
-The native backend's receiving thread uses it to answer cache hits itself
-(appliance.transport.native.server). That thread never awaits or blocks
+The engine backend's receiving thread uses it to answer cache hits itself
+(appliance.transport.engine.server). That thread never awaits or blocks
 while holding the lock, and never touches asyncio objects under it; what
 needs the loop (a miss, a cancel) still goes through call_soon_threadsafe.
 """

@@ -1,20 +1,19 @@
-"""The native backends: a Rust front that hands each call to Python as an
-event. `native` is pygrpc-native's NativeGrpcFront; `engine` is ours
-(engine/, module appliance_engine), with the same event API.
+"""The engine backend: our Rust front (engine/, module appliance_engine:
+tokio, hyper/h2, rustls) and the Python that serves what it hands over.
 
-HTTP/2 and gRPC framing run in Rust threads outside the GIL and hand each
-call to Python as an event (id, method, request bytes, metadata, peer,
-deadline), in batches. One thread waits for batches and passes each to the
-event loop in one hop. There a hit is answered inside the batch loop:
-parse, look up, respond, with no coroutine and no context object per call.
-Misses, writes and health watches become tasks.
+HTTP/2, gRPC framing, TLS and the socket limits run in Rust threads outside
+the GIL. A hit (a Get, a GetMany whose keys all hit, a peer's forward) is
+answered there from the engine's stores (engine/src/hits.rs). Every other
+call comes to Python as an event (id, method, request bytes, metadata,
+peer, deadline), in batches. One thread waits for batches; on a SharedLoop
+it serves each under the loop's lock (parse, call the rules, respond, with
+no coroutine and no context object per call), and hands the loop only what
+must wait: misses, writes and health watches become tasks.
 
-Served natively: GroupCache/Get, Cache/{GetMany,Set,Remove}, Health/Check,
-Health/Watch and Peer/{Peek,Handoff}. The rest (Peer/Forward, a
-bidirectional stream, and reflection) goes to a grpc.aio server on a unix
+Served from events: GroupCache/Get, Cache/{GetMany,Set,Remove},
+Health/Check, Health/Watch and Peer/{Peek,Handoff}. The rest (Peer/Forward,
+a bidirectional stream, and reflection) goes to a grpc.aio server on a unix
 socket in a private directory, which the front proxies to.
-
-No TLS here: with [tls] the grpcio backend serves (appliance.transport.choose).
 """
 
 from __future__ import annotations
@@ -75,6 +74,9 @@ LIMITED = frozenset((GET, GET_MANY, SET, REMOVE, PEEK, HANDOFF))
 # Peer calls: free from ring members' addresses, charged from anyone else's.
 PEER_CALLS = frozenset((PEEK, HANDOFF))
 BATCH = 256
+# How often the engine's hit counters and samples reach the groups (and
+# the owner's hot keys reach the engine) when nothing reads them sooner.
+HITS_COLLECT_INTERVAL = 0.2
 # Event kinds and stream-send results; both fronts number them alike.
 EVENT_CANCEL = 1
 STREAM_FULL = 1
@@ -97,16 +99,40 @@ def _name_os_thread(name: bytes) -> None:
         pass
 
 
-class NativeTransport(BaseTransport):
-    name = "native"
-    # Peers run the same config, so an owner is native too: a unary Get is
-    # served natively there, while a Peer/Forward stream would go to its
-    # grpc.aio fallback (bench/forwarded.py measures both).
+class EngineTransport(BaseTransport):
+    """Limits enforced at the socket, TLS and mTLS in rustls (certificates
+    read at start, as grpcio does; a reload restarts the worker). With mTLS
+    each call's event carries the client certificate's names, as grpcio's
+    auth context does.
+
+    The groups keep their entries in the engine's stores, and a hit is
+    answered there without an event; its counters reach the group when
+    they are read (Group.collect) or every HITS_COLLECT_INTERVAL. With
+    [ops] rate_limit every call still comes here, where the buckets are."""
+
+    name = "engine"
+    # Peers run the same config, so an owner is on the engine too: a unary
+    # Get is answered in Rust there, while a Peer/Forward stream would go to
+    # its grpc.aio fallback (bench/forwarded.py measures both).
     forward = "unary"
 
     def __init__(self, settings: Settings, *, io_threads: int = 1, peer_token: str | None = None) -> None:
         super().__init__(settings, peer_token=peer_token)
         self.io_threads = io_threads
+        self.store = native_store() or self.store
+        self._collector: asyncio.Task | None = None
+        self._client_tls: TlsFiles | None = None
+        missing = engine_channel.usable()
+        if settings.tls.enabled:
+            if settings.tls.ca is None:
+                missing = "tls.ca is not set (the engine's client trusts no system roots)"
+            else:
+                self._client_tls = TlsFiles(settings.tls.ca, settings.tls.cert, settings.tls.key)
+        if missing:
+            log.info("forwards use grpc.aio: %s", missing)
+        # Which library peer clients call with (set before any exists, like
+        # `forward`; bench/forwarded.py compares the two).
+        self.peer_library = "grpcio" if missing else "engine"
         self._front: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task] = {}  # call id -> task of a call not answered inline
@@ -137,18 +163,31 @@ class NativeTransport(BaseTransport):
             await self._stop_fallback(0)
             raise
         self._front = front
-        self._pump = threading.Thread(target=self._receive, name="native-grpc-recv", daemon=True)
+        self._pump = threading.Thread(target=self._receive, name="engine-recv", daemon=True)
         self._pump.start()
+        self._serve_hits(instance, front)
         return front.bound_port
 
-    def _make_front(self, target: str) -> Any:
-        from pygrpc_native import NativeGrpcFront
-
-        return NativeGrpcFront(target, list(METHODS), io_threads=self.io_threads, call_details=True)
+    def _serve_hits(self, instance: NodeInstance, front: Any) -> None:
+        """Let the engine answer hits from the groups' stores (once a ring
+        exists), charging the rate limit's buckets as Python does."""
+        limiter = self.limiter
+        if limiter is not None:
+            try:
+                front.set_limit(limiter.buckets, sorted(limiter.trusted()))
+            except (TypeError, ValueError) as exc:  # Python's buckets (no engine's), or a test clock
+                log.info("hits are answered in Python: the engine cannot charge these buckets (%s)", exc)
+                return
+        tokens, identities = instance.auth.grants("read")
+        front.set_access(instance.reads_open, tokens, identities)
+        for name, group in instance.groups.items():
+            served = front.serve_group(name, group.main, group.hot, group.owned_hot.every)
+            group.collect = functools.partial(self._collect, group, served, {"hot": frozenset()})
+        self._collector = asyncio.get_running_loop().create_task(self._keep_collecting(instance))
 
     async def _start_fallback(self, instance: NodeInstance, front: Any) -> None:
         # mkdtemp makes the directory 0700: only this user reaches the socket.
-        self._fallback_dir = tempfile.mkdtemp(prefix="appliance-native-")
+        self._fallback_dir = tempfile.mkdtemp(prefix="appliance-engine-")
         path = os.path.join(self._fallback_dir, "fallback.sock")
         server = grpc.aio.server(options=self.message_options)
         self._peer_service = PeerService(instance, self.limiter)
@@ -163,6 +202,10 @@ class NativeTransport(BaseTransport):
         """As grpc.aio's stop: refuse new calls, give those in flight `grace`
         seconds, then cancel the rest; open streams end at once."""
         self._stopping = True
+        if self._front is not None:
+            self._front.open_hits(False)
+        if self._collector is not None:
+            self._collector.cancel()
         await self.health.close()  # ends every Health/Watch
         fallback = asyncio.ensure_future(self._stop_fallback(grace))
         tasks = list(self._tasks.values())
@@ -201,7 +244,7 @@ class NativeTransport(BaseTransport):
         joins the queue: no wakeup write per batch."""
         front, loop = self._front, self._loop
         assert front is not None and loop is not None
-        _name_os_thread(b"native-recv")
+        _name_os_thread(b"engine-recv")
         lock = lock_of(loop)
         batches = self._batches
         while (events := front.recv_batch_details(BATCH)) is not None:
@@ -493,45 +536,6 @@ class NativeTransport(BaseTransport):
                 return
         front.stream_end(call_id)  # closed by a stop: end the stream with OK
 
-
-# How often the engine's hit counters and samples reach the groups (and
-# the owner's hot keys reach the engine) when nothing reads them sooner.
-HITS_COLLECT_INTERVAL = 0.2
-
-
-class EngineTransport(NativeTransport):
-    """Our engine (appliance_engine): limits enforced at the socket, TLS
-    and mTLS in rustls (certificates read at start, as grpcio does; a
-    reload restarts the worker). With mTLS each call's event carries the
-    client certificate's names, as grpcio's auth context does.
-
-    The groups keep their entries in the engine's stores, and a Get (or a
-    GetMany whose keys all hit) that hits is answered there without an
-    event (engine/src/hits.rs), a peer's forward too; its
-    counters reach the group when they are read (Group.collect) or every
-    HITS_COLLECT_INTERVAL. With [ops] rate_limit every call still comes
-    here, where the buckets are."""
-
-    name = "engine"
-
-    def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
-        super().__init__(settings, peer_token=peer_token)
-        self.store = native_store() or self.store
-        self._collector: asyncio.Task | None = None
-        tls = settings.tls
-        self._client_tls: TlsFiles | None = None
-        missing = engine_channel.usable()
-        if tls.enabled:
-            if tls.ca is None:
-                missing = "tls.ca is not set (the engine's client trusts no system roots)"
-            else:
-                self._client_tls = TlsFiles(tls.ca, tls.cert, tls.key)
-        if missing:
-            log.info("forwards use grpc.aio: %s", missing)
-        # Which library peer clients call with (set before any exists, like
-        # `forward`; bench/forwarded.py compares the two).
-        self.peer_library = "grpcio" if missing else "engine"
-
     def _make_front(self, target: str) -> Any:
         from appliance_engine import Front
 
@@ -554,30 +558,11 @@ class EngineTransport(NativeTransport):
             ),
         )
 
-    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
-        port = await super().start(instance, host, port)
-        if self.limiter is not None:
-            log.info("hits are answered in Python: [ops] rate_limit charges every call there")
-            return port
-        front = self._front
-        tokens, identities = instance.auth.grants("read")
-        front.set_access(instance.reads_open, tokens, identities)
-        for name, group in instance.groups.items():
-            served = front.serve_group(name, group.main, group.hot, group.owned_hot.every)
-            group.collect = functools.partial(self._collect, group, served, {"hot": frozenset()})
-        self._collector = asyncio.get_running_loop().create_task(self._keep_collecting(instance))
-        return port
-
-    async def stop(self, grace: float | None) -> None:
-        if self._front is not None:
-            self._front.open_hits(False)
-        if self._collector is not None:
-            self._collector.cancel()
-        await super().stop(grace)
-
     async def _keep_collecting(self, instance: NodeInstance) -> None:
         front = self._front
         callee_told = None
+        limiter = self.limiter
+        trusted_told = None if limiter is None else set(limiter.trusted())
         while front is not None and not self._stopping:
             # A bug here must not stop the counters for good: log it, go on.
             try:
@@ -590,6 +575,10 @@ class EngineTransport(NativeTransport):
                 if callee is not None and callee != callee_told:
                     front.set_peer_proofs(*callee)
                     callee_told = callee
+                # The ring's addresses, whose forwards the limit lets through.
+                if limiter is not None and (trusted := limiter.trusted()) != trusted_told:
+                    front.set_limit(limiter.buckets, sorted(trusted))
+                    trusted_told = set(trusted)
                 for group in instance.groups.values():
                     if group.collect is not None:
                         group.collect()

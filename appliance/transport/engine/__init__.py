@@ -1,0 +1,1 @@
+"""The engine backend: the Rust front (appliance_engine) and the Python it hands calls to (server.py)."""

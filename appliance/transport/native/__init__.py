@@ -1,1 +1,0 @@
-"""The pygrpc-native backend (see server.py)."""
