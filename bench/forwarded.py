@@ -11,7 +11,6 @@ Setups (A and B on the same backend), labelled server/forward/client:
                         which B serves in the engine;
 - engine/unary/grpcio:  the same, A's call made by grpc.aio (what the
                         engine did before it had a client);
-- native/unary/grpcio:  pygrpc-native's default (grpc.aio client);
 - grpcio/stream/grpcio: the grpcio backend's default, the portable path:
                         A forwards over the Peer/Forward stream.
 
@@ -33,11 +32,10 @@ STREAMS = (1, 16)
 SETUPS = (
     ("engine", "unary", "engine"),
     ("engine", "unary", "grpcio"),
-    ("native", "unary", "grpcio"),
     ("grpcio", "stream", "grpcio"),
 )
 DEFAULT = "engine/unary/engine"  # what `auto` runs where Rust is built
-BEFORE = "grpcio/stream/grpcio"  # what forwarding was before the native backends
+BEFORE = "grpcio/stream/grpcio"  # what forwarding was before the engine (and where Rust is not built)
 
 
 def run(cfg) -> dict:

@@ -12,10 +12,6 @@ ratios (GetMany keys/s / memcached gets/s).
 
 from __future__ import annotations
 
-import re
-import subprocess
-import time
-
 import lib
 from lib import GET_MANY_PATH, h2load
 
@@ -32,66 +28,6 @@ def _available() -> bool:
     except ImportError:
         return False
     return hasattr(services, "CACHE_SERVICE")
-
-
-def memcaslap_binary() -> str:
-    import shutil
-
-    for name in ("memcaslap", "memaslap"):  # bookworm's libmemcached-tools ships memcaslap
-        found = shutil.which(name)
-        if found:
-            return found
-    raise SystemExit("memcaslap not found: install the Debian package libmemcached-tools (make -C bench deps)")
-
-
-def memcaslap(port: int, seconds: float, watch: list[int], division: int = 1) -> dict:
-    cfg = lib.OUT / "memcaslap.cfg"
-    # Gets only; keys 16 B, values 100 B. memcaslap first sets its window
-    # of keys (concurrency x 1k), then every get is a hit.
-    cfg.write_text("key\n16 16 1\nvalue\n100 100 1\ncmd\n0 0.0\n1 1.0\n")
-    secs = max(1, int(round(seconds)))
-    cmd = [
-        memcaslap_binary(),
-        "-s",
-        f"{lib.HOST}:{port}",
-        "-T",
-        "1",
-        "-c",
-        str(MEMCASLAP_CONCURRENCY),
-        "-w",
-        "1k",
-        "-t",
-        f"{secs}s",
-        "-F",
-        str(cfg),
-    ]
-    if division > 1:
-        cmd += ["-d", str(division)]  # multi-get of `division` keys per request
-    before = {pid: lib.cpu_seconds(pid) for pid in watch}
-    import os
-
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        out, _ = p.communicate(timeout=secs * 5 + 20)
-    except subprocess.TimeoutExpired:
-        os.kill(p.pid, 9)
-        out, _ = p.communicate()
-    text = out.decode(errors="replace")
-    (lib.OUT / "memcaslap.out").write_text(text)
-    server_cpu = sum(lib.cpu_seconds(pid) - before[pid] for pid in watch)
-    gets = int(re.search(r"cmd_get: (\d+)", text).group(1))
-    misses = int(re.search(r"get_misses: (\d+)", text).group(1))
-    run_time = float(re.search(r"Run time: ([\d.]+)s", text).group(1))
-    return {
-        "gets": gets,
-        "get_misses": misses,
-        "run_time_s": run_time,
-        "rps": gets / run_time,
-        "wall_s": time.monotonic() - t0,
-        "server_cpu_s": server_cpu,
-        "cpu_us_per_key": server_cpu / max(1, gets) * 1e6,
-    }
 
 
 def run(cfg) -> dict:
@@ -164,10 +100,12 @@ def run(cfg) -> dict:
             return go
 
         def memcached():
-            return memcaslap(mport, max(2.0, cfg.seconds), [mc.pid])
+            return lib.memcaslap(mport, max(2.0, cfg.seconds), [mc.pid], concurrency=MEMCASLAP_CONCURRENCY)
 
         def memcached_multiget():
-            return memcaslap(mport, max(2.0, cfg.seconds), [mc.pid], division=HEADLINE_BATCH)
+            return lib.memcaslap(
+                mport, max(2.0, cfg.seconds), [mc.pid], division=HEADLINE_BATCH, concurrency=MEMCASLAP_CONCURRENCY
+            )
 
         rows = []
         mc_runs: list[dict] = []

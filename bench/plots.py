@@ -9,18 +9,20 @@ from pathlib import Path
 from fmt import size_label
 from goals import CONVERGENCE_SLACK_S, GOALS
 
-LABELS = {
+LABELS = {  # the servers drawn, in legend order; anything else in a row is ignored
     "seed": "seed's Go server",
+    "memcached": "memcached (1 thread)",
     "echo": "bare grpc.aio echo",
-    "native-echo": "NativeGrpcFront echo",
-    "native": "worker, native backend",
+    "engine": "worker, engine backend",
+    "engine-tls": "worker, engine backend + TLS",
     "grpcio": "worker, grpcio backend",
 }
 STYLE = {
     "seed": ("D", "C2"),
+    "memcached": ("P", "C5"),
     "echo": ("o", "C0"),
-    "native-echo": ("^", "C4"),
-    "native": ("s", "C1"),
+    "engine": ("s", "C1"),
+    "engine-tls": ("^", "C4"),
     "grpcio": ("v", "C3"),
 }
 
@@ -31,12 +33,15 @@ def _size_streams(hot: dict) -> int:
 
 
 def _sides(a, b, xs, rows) -> None:
-    """Throughput on ``a``, Gets per server CPU-second on ``b``, per server."""
+    """Throughput on ``a``, Gets per server CPU-second on ``b``, per server
+    measured at two x values or more (memcached has no 1 MiB point)."""
     for name, (marker, color) in STYLE.items():
-        if not all(name in r["servers"] for r in rows):
+        pts = [(x, r["servers"][name]) for x, r in zip(xs, rows, strict=True) if name in r["servers"]]
+        if len(pts) < 2:
             continue
-        a.plot(xs, [r["servers"][name]["rps"] for r in rows], marker=marker, color=color, label=LABELS[name])
-        b.plot(xs, [r["servers"][name]["gets_per_cpu_s"] for r in rows], marker=marker, color=color, label=LABELS[name])
+        px = [x for x, _ in pts]
+        a.plot(px, [v["rps"] for _, v in pts], marker=marker, color=color, label=LABELS[name])
+        b.plot(px, [v["gets_per_cpu_s"] for _, v in pts], marker=marker, color=color, label=LABELS[name])
 
 
 def hot_get_concurrency(results: dict, plt):

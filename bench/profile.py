@@ -8,10 +8,14 @@ while h2load runs; the raw stacks are classified:
   write to the eventfd grpc uses to wake the loop, recv, getpid, ...);
 - grpc core: the leaf is inside grpc's Cython/C core (cygrpc);
 - protobuf: the leaf is in the upb message module;
+- the engine: the leaf is in the Rust engine's module (appliance_engine);
 - else by the innermost Python frame: product code (appliance/), grpc's
   Python layer (grpc/aio), the asyncio event loop, or other.
 "Product inclusive" counts every sample with an appliance/ frame anywhere
 on the stack, including the grpc and protobuf work the product calls.
+
+The workers serve on the default backend (lib.default_server(): the engine
+where it is built, else grpcio), recorded as `server`.
 
 Two targets: the hot-Get worker (100 B main-cache hits, 32 streams), and
 the forwarding node of the forwarded-Get bench (a non-owner with the hot
@@ -114,9 +118,9 @@ def classify(raw: Path) -> dict:
         py = [f for f in frames if _python_file(f)]
         inner = _python_file(py[-1]) if py else ""
         if "sched_yield" in leaf:
-            cat = "spin-wait for events (sched_yield, in pygrpc-native's receive)"
-        elif "pygrpc_native" in leaf:
-            cat = "pygrpc-native (Rust, on a Python thread)"
+            cat = "spin-wait (sched_yield)"
+        elif "appliance_engine" in leaf:
+            cat = "the engine (Rust, on a Python thread)"
         elif any(x in leaf for x in SYSCALLS):
             cat = "system calls (socket I/O, wakeups)"
         elif "cygrpc" in leaf:
@@ -153,8 +157,8 @@ def classify(raw: Path) -> dict:
 
 
 def _thread_of(frames: list[str]) -> str:
-    if any("_receive" in f and "native" in f for f in frames):
-        return "native receiving thread"
+    if any("_receive" in f and "transport/engine/" in f for f in frames):
+        return "engine receiving thread"
     if any("Thread._bootstrap" in f for f in frames):
         return "other Python thread (grpc poller, executor)"
     return "event loop thread"
@@ -325,7 +329,7 @@ def handler_time(sizes=(100, 1 << 20)) -> dict:
 
 
 def run(cfg) -> dict:
-    results = {}
+    results = {"server": lib.default_server()}  # what start_worker serves on
     results["handler_time"] = handler_time()
     echo, eport = lib.start_echo("profile-echo")
     try:
@@ -380,7 +384,7 @@ def run(cfg) -> dict:
         if results.get(name):
             lib.log(f"  {name}: {results[name]['total_per_get']:.1f} system calls per Get")
     for name, r in results.items():
-        if "categories" not in (r or {}):
+        if not isinstance(r, dict) or "categories" not in r:
             continue
         cats = ", ".join(f"{k} {v['share_of_busy']:.0%}" for k, v in r["categories"].items() if v["share_of_busy"])
         lib.log(f"  {name}: {cats}")

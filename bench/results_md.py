@@ -56,22 +56,41 @@ def _conditions(res: dict) -> str:
     )
 
 
-SERVER_LABELS = {
+SERVER_LABELS = {  # the servers hot_get runs, in table order; anything else in a row is ignored
     "seed": "seed (Go)",
+    "memcached": "memcached (1 thread)",
     "echo": "grpc.aio echo",
-    "native-echo": "native echo",
-    "native": "worker, native",
+    "engine": "worker, engine",
+    "engine-tls": "worker, engine + TLS",
     "grpcio": "worker, grpcio",
 }
+HOT_PAIRS = (
+    ("engine_vs_seed", "engine / seed"),
+    ("engine_vs_memcached", "engine / memcached"),
+    ("engine_vs_grpcio", "engine / grpcio worker"),
+    ("engine_tls_vs_seed", "engine + TLS / seed"),
+    ("engine_tls_vs_engine", "engine + TLS / engine"),
+    ("grpcio_vs_echo", "grpcio / grpc.aio echo"),
+)
 
 
 def section_hot(res) -> list[str]:
-    out = ["## 1. Hot Get: one worker vs the seed's Go server and the echo servers", ""]
+    out = ["## 1. Hot Get: one worker vs the seed's Go server, memcached and a bare echo server", ""]
     if msg := missing(res, "hot_get"):
         return out + [msg, ""]
     out += [_conditions(res), ""]
     if res.get("seed"):
         out += [f"_The seed's Go server was not measured: {res['seed']}._", ""]
+    mc = res.get("memcached")
+    if mc:
+        out += [
+            f"memcached: `-t {mc.get('threads', 1)}`, `-m {mc.get('memory_mb', '?')}`, `-I {mc.get('max_item', '?')}`, "
+            "under memcaslap (1 thread, gets only, one connection per request in flight, the same value size; a window "
+            f"of {num(mc.get('window_per_connection'))} keys per connection, set before its gets), measured at the "
+            "server after that preload: its own count of gets, its CPU from /proc. memcaslap gives no latency "
+            "percentiles.",
+            "",
+        ]
     names = [n for n in SERVER_LABELS if any(n in r["servers"] for r in res["rows"])]
     rows = []
     for r in res["rows"]:
@@ -86,10 +105,11 @@ def section_hot(res) -> list[str]:
                     SERVER_LABELS[n],
                     num(s["rps"]),
                     num(s["gets_per_cpu_s"]),
+                    num(s.get("cpu_us_per_req"), 1),
                     num(s["server_cores"], 2),
-                    num(s["p50_ms"], 3),
-                    num(s["p99_ms"], 3),
-                    pct(s["client_cpu_share"]),
+                    num(s.get("p50_ms"), 3),
+                    num(s.get("p99_ms"), 3),
+                    pct(s.get("client_cpu_share")),
                     num(s.get("other_cpu_cores"), 2),
                 ]
             )
@@ -101,29 +121,20 @@ def section_hot(res) -> list[str]:
                 "server",
                 "Gets/s (abs.)",
                 "Gets per server CPU-s (abs.)",
+                "server CPU µs per Get (abs.)",
                 "server cores",
                 "p50 ms",
                 "p99 ms",
-                "h2load CPU share",
+                "client CPU share",
                 "others",
             ],
             rows,
         ),
         "",
     ]
-    pairs = [
-        ("engine_vs_seed", "engine / seed"),
-        ("engine_vs_native", "engine / native"),
-        ("engine_vs_grpcio", "engine / grpcio worker"),
-        ("native_vs_seed", "native / seed"),
-        ("native_echo_vs_seed", "native echo / seed"),
-        ("native_vs_grpcio", "native / grpcio worker"),
-        ("native_vs_native_echo", "native / native echo"),
-        ("grpcio_vs_echo", "grpcio / grpc.aio echo"),
-    ]
     rows = []
     for r in res["rows"]:
-        for key, label in pairs:
+        for key, label in HOT_PAIRS:
             if key in r:
                 v = r[key]
                 rows.append(
@@ -133,7 +144,7 @@ def section_hot(res) -> list[str]:
                         label,
                         f"**{ratio(v['rps'])}**",
                         f"**{ratio(v['per_cpu'])}**",
-                        ratio(v["p50"]),
+                        ratio(v.get("p50")),
                     ]
                 )
     out += [
@@ -141,18 +152,36 @@ def section_hot(res) -> list[str]:
         "",
         table(["value", "streams", "pair", "Gets/s", "Gets per CPU-s", "p50"], rows),
         "",
+    ]
+    skipped = [r for r in res["rows"] if r.get("memcached_skipped")]
+    for r in skipped:
+        out += [f"memcached not measured at {size_label(r['size'])}, {r['streams']} streams: {r['memcached_skipped']}."]
+    if skipped:
+        out += [""]
+    out += [
         "![hot Get against concurrency](hot_get_concurrency.png)",
         "",
         "![hot Get against value size](hot_get_value_size.png)",
         "",
     ]
     for backend, c in (res.get("check") or {}).items():
+        if backend not in SERVER_LABELS:
+            continue
         out += [
             f"Check ({backend}): {num(c.get('main_hits'))} main-cache hits for {num(c.get('requests'))} Gets h2load "
             f"completed, {c.get('loads_during_runs')} loads during the runs (the first Get of each key).",
             "",
         ]
+    if mc and "gets" in mc:
+        out += [
+            f"Check (memcached): {num(mc['gets'])} gets measured, {num(mc.get('get_misses'))} misses, "
+            f"{num(mc.get('sets_during'))} sets while measured.",
+            "",
+        ]
     return out
+
+
+FORWARD_SERVERS = ("engine", "grpcio")
 
 
 def section_forwarded(res) -> list[str]:
@@ -171,6 +200,8 @@ def section_forwarded(res) -> list[str]:
     ]
     rows = []
     for label, setup in res["setups"].items():
+        if label.split("/")[0] not in FORWARD_SERVERS:
+            continue  # a backend the bench no longer runs (an older results.json)
         for r in setup["rows"]:
             rows.append(
                 [
@@ -696,7 +727,23 @@ def section_profile(res) -> list[str]:
     out = ["## Profile of the hot path", ""]
     if msg := missing(res, "profile"):
         return out + [msg, ""]
-    out += [_conditions(res), "", "py-spy samples by what the innermost frame is, parked threads left out:", ""]
+    if not res.get("server"):
+        # Profiles from before the bench recorded the backend were taken on the
+        # native backend (the default then), which the product no longer has.
+        return out + [
+            _conditions(res),
+            "",
+            "_This profile was taken before the bench recorded the workers' backend, on a backend the product no "
+            "longer has; re-run it (`python bench/run.py profile`)._",
+            "",
+        ]
+    backend = f"the {res['server']} backend"
+    out += [
+        _conditions(res),
+        "",
+        f"The workers served on {backend}. py-spy samples by what the innermost frame is, parked threads left out:",
+        "",
+    ]
     targets = [(k, res.get(k)) for k in ("hot_get_worker", "forwarding_node") if res.get(k)]
     cats = []
     for _, t in targets:
@@ -716,7 +763,7 @@ def section_profile(res) -> list[str]:
     if ht:
         out += [
             "Time inside the product's cache rules per hit (`NodeInstance.hit`, `servers.py --timing`), against "
-            "the worker's whole CPU per Get (native backend, 8 streams):",
+            f"the worker's whole CPU per Get ({backend}, 8 streams):",
             "",
             table(
                 ["value", "handler µs", "worker CPU µs per Get (abs.)", "handler share"],

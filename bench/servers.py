@@ -1,6 +1,6 @@
 """Server processes the benchmarks drive.
 
-    servers.py worker --port P --admin SOCK --ready FILE [--server engine|native|grpcio]
+    servers.py worker --port P --admin SOCK --ready FILE [--server auto|engine|grpcio]
                       [--peers A,B] [--mirror 0] [--delay-ms 50] [--cache-bytes 256MiB]
                       [--forward stream|unary] [--peer-library engine|grpcio] [--tls-dir D]
         A real cache node: appliance.serving.Node with the product's
@@ -17,14 +17,9 @@
         groupcachepb.GroupCache servicer, answering every Get with a
         prebuilt GetResponse of the value size the key names.
 
-    servers.py native-echo --port P --ready FILE
-        The native backend's floor: pygrpc-native's low-level
-        NativeGrpcFront, as its README serves it (answered in the thread that
-        receives each batch), parsing each GetRequest and answering from a
-        dict of encoded replies.
-
-The Python servers run on the default asyncio loop, like `appliance worker`,
-and write the --ready file once they serve.
+The worker runs on the loop `appliance worker` runs on (the engine's
+SharedLoop), the echo server on the default asyncio loop; both write the
+--ready file once they serve.
 
     servers.py pyclient --port P --key K [--n 2000] [--forwarded]
         Sequential Gets from a grpc.aio client made as a forwarding node
@@ -169,41 +164,6 @@ async def echo(args) -> None:
         await server.stop(0)
 
 
-def native_echo(args) -> None:
-    import threading
-
-    from pygrpc_native import EVENT_CALL, NativeGrpcFront
-
-    from appliance.pb import groupcache_pb2
-
-    responses: dict[str, bytes] = {}
-    parse = groupcache_pb2.GetRequest.FromString
-    front = NativeGrpcFront(f"127.0.0.1:{args.port}", [("/groupcachepb.GroupCache/Get", False)])
-    front.start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-    def serve() -> None:
-        while (events := front.recv_batch(256)) is not None:
-            for kind, call_id, _method, payload, _client in events:
-                if kind != EVENT_CALL:
-                    continue
-                key = parse(payload).key
-                response = responses.get(key)
-                if response is None:
-                    response = responses[key] = groupcache_pb2.GetResponse(
-                        value=b"v" * value_size(key)
-                    ).SerializeToString()
-                front.respond(call_id, response)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    Path(args.ready).write_text(str(os.getpid()))
-    stop.wait()
-    front.close()
-
-
 async def pyclient(args) -> None:
     """Sequential Gets from a grpc.aio client, made the way a forwarding node
     calls its peer (deadline, forwarded metadata, trailers read): prints the
@@ -246,26 +206,22 @@ def main() -> None:
     w.add_argument("--cache-bytes", default="256MiB")
     w.add_argument("--tls-dir", default="", help="serve TLS with cert.pem and key.pem from here (lib.self_signed)")
     w.add_argument("--timing", default="", help="file: SIGUSR1 writes the time totals of NodeInstance.hit there")
-    w.add_argument("--server", default="native", choices=("engine", "native", "grpcio"))
+    w.add_argument("--server", default="auto", choices=("auto", "engine", "grpcio"))
     w.add_argument("--forward", default="", choices=("", "stream", "unary"), help="how forwards reach the owner")
     w.add_argument(
         "--peer-library", default="", choices=("", "engine", "grpcio"), help="what the engine backend forwards with"
     )
-    for name in ("echo", "native-echo"):
-        e = sub.add_parser(name)
-        e.add_argument("--port", type=int, required=True)
-        e.add_argument("--ready", required=True)
+    e = sub.add_parser("echo")
+    e.add_argument("--port", type=int, required=True)
+    e.add_argument("--ready", required=True)
     c = sub.add_parser("pyclient")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--key", required=True)
     c.add_argument("--n", type=int, default=2000)
     c.add_argument("--forwarded", action="store_true")
     args = p.parse_args()
-    if args.cmd == "native-echo":
-        native_echo(args)
-        return
     if args.cmd == "worker":  # as `appliance worker` runs it (appliance.worker.run)
-        from appliance.transport.native.loop import run
+        from appliance.transport.engine.loop import run
 
         run(worker(args))
         return
