@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/*.proto)
 
 ENGINE_STAMP := $(VENV)/.engine
-ENGINE_SRC := engine/Cargo.toml engine/Cargo.lock engine/pyproject.toml $(wildcard engine/src/*.rs)
+ENGINE_SRC := engine/Cargo.toml engine/Cargo.lock engine/pyproject.toml $(wildcard engine/src/*.rs) \
+	$(shell find engine/vendor -type f -name '*.rs' -o -type f -name Cargo.toml 2>/dev/null)
 CARGO := $(shell command -v cargo 2>/dev/null)
 # Outside the checkout, so that every clone on this machine (CI's fresh ones
 # too) reuses one compiled tree instead of building tokio and rustls again.
