@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,6 +20,7 @@ import grpc
 from . import addr as addrs
 from . import tls as tlsmod
 from . import transport
+from .cache.group import Loader
 from .logs import event
 from .node.admin import AdminService
 from .node.auth import Authenticator
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from .node.http_api import HttpApi
 
 log = logging.getLogger(__name__)
-
-Loader = Callable[[str], Awaitable[bytes]]
 
 
 class Node:

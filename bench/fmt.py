@@ -33,3 +33,14 @@ def table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def missing(res: dict | None, name: str) -> str | None:
+    """The line a section shows instead of its figures, or None."""
+    if not res:
+        return f"_{name} has not been run yet (`python bench/run.py {name}`)._"
+    if "error" in res:
+        return f"_{name} failed in this run: `{res['error']}`_"
+    if "skipped" in res:
+        return f"_{name} skipped: {res['skipped']}_"
+    return None

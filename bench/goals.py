@@ -9,6 +9,7 @@ import operator
 import statistics
 from dataclasses import dataclass
 
+import worker_limits
 from fmt import num, pct, ratio, table
 
 
@@ -236,6 +237,10 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
         )
     rows += _skew_rows(results.get("skew") or {})
     rows += _client_rows(results.get("clients") or {})
+    rows += [
+        (label, target, measured, verdict(met))
+        for label, target, measured, met in worker_limits.goal_rows(results.get("worker_limits"))
+    ]
     sc = results.get("scaling") or {}
     if sc.get("rows") and len(sc["rows"]) > 1:
         last = sc["rows"][-1]

@@ -4,18 +4,9 @@ so far is in bench/README.md."""
 
 from __future__ import annotations
 
-from fmt import num, pct, ratio, size_label, table
+import worker_limits
+from fmt import missing, num, pct, ratio, size_label, table
 from goals import headline_table
-
-
-def missing(res: dict | None, name: str) -> str | None:
-    if not res:
-        return f"_{name} has not been run yet (`python bench/run.py {name}`)._"
-    if "error" in res:
-        return f"_{name} failed in this run: `{res['error']}`_"
-    if "skipped" in res:
-        return f"_{name} skipped: {res['skipped']}_"
-    return None
 
 
 def markdown(results: dict) -> str:
@@ -45,6 +36,7 @@ def markdown(results: dict) -> str:
     parts += section_warm(results.get("warm"))
     parts += section_skew(results.get("skew"))
     parts += section_clients(results.get("clients"))
+    parts += worker_limits.section(results.get("worker_limits"))
     parts += section_profile(results.get("profile"))
     return "\n".join(parts) + "\n"
 

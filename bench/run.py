@@ -32,6 +32,7 @@ BENCHES = (
     "scaling",
     "skew",
     "clients",
+    "worker_limits",
     "profile",
 )
 RESULTS = lib.OUT / "results.json"

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..cache import errors
-from ..cache.group import Framing, Group
+from ..cache.group import Framing, Group, Loader
 from ..cache.promoter import Promoter, RandomPromoter, RatePromoter
 from ..cache.store import Entry, Store, StoreFactory
 from ..logs import event
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[str], Awaitable[bytes]]
 MAX_BATCH_KEYS = 10_000
 # Room for the fixed fields around a key or value in one message (the
 # transports' message limit is max_value_bytes plus this).

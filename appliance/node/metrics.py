@@ -39,13 +39,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..cache.errors import InvalidRequest, KeyNotFound
+from ..cache.group import Loader
 from ..logs import event
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[str], Awaitable[bytes]]
 # Handoff counters: direction -> results (Stats fields handoff_<direction>_<result>[_bytes]).
 HANDOFF_RESULTS = (("out", ("accepted", "refused", "failed", "cut")), ("in", ("accepted", "refused")))
 # Origin loads span a cached-file read (~100 us) to a timed-out database (5 s+).

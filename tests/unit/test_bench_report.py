@@ -502,3 +502,30 @@ def test_rows_of_a_removed_backend_are_ignored(tmp_path):
     assert "reference for what a cache costs" not in text
     profile = text.split("## Profile of the hot path")[1]
     assert "on a backend the product no longer has; re-run it" in profile and "py-spy samples" not in profile
+
+
+def test_worker_limits_renders_its_section_and_judges_its_goals():
+    import worker_limits
+
+    def row(server, added, code="RESOURCE_EXHAUSTED", served=True):
+        return {
+            "server": server,
+            "idle_s": 10.0,
+            "idle_cores": 0.002,
+            "code": code,
+            "hwm_before_mib": 60.0,
+            "hwm_added_mib": added,
+            "served_after": served,
+        }
+
+    res = {"rows": [row("engine", 0.3), row("grpcio", 2.2)], "request_mib": 50}
+    text = "\n".join(worker_limits.section(res))
+    assert "| engine | 0.20% | RESOURCE_EXHAUSTED | 60.0 | **0.3** | yes |" in text
+    assert "peak added 0.14×" in text
+    assert [met for *_, met in worker_limits.goal_rows(res)] == [True, True]
+    res["rows"][0] = row("engine", 5.0)  # over the 4 MiB goal
+    assert [met for *_, met in worker_limits.goal_rows(res)] == [True, False]
+    res["rows"][0] = row("engine", 0.3, code="OK")  # taken whole, not refused
+    assert [met for *_, met in worker_limits.goal_rows(res)] == [True, False]
+    assert worker_limits.goal_rows({"rows": [row("grpcio", 2.2)]}) == []  # no engine here: no engine goals
+    assert "has not been run yet" in "\n".join(worker_limits.section(None))
