@@ -67,7 +67,7 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) -m appliance.pb.generate --check appliance/pb
 
-bench: $(STAMP)
+bench: $(STAMP) engine
 	$(MAKE) -C bench PY=$(abspath $(PY))
 
 clean:
