@@ -246,8 +246,11 @@ def syscalls_per_get(pid: int, port: int, body: Path, name: str, requests: int =
     if not shutil.which("strace"):
         return None
     out = lib.OUT / f"strace-{name}.txt"
+    # -p names one thread: every existing one is named (the engine's I/O
+    # thread does a worker's socket work); -f follows those started later.
+    threads = [arg for tid in sorted(os.listdir(f"/proc/{pid}/task")) for arg in ("-p", tid)]
     st = subprocess.Popen(
-        ["strace", "-c", "-f", "-p", str(pid), "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["strace", "-c", "-f", *threads, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         time.sleep(1.0)  # attached to every thread
@@ -275,6 +278,93 @@ def syscalls_per_get(pid: int, port: int, body: Path, name: str, requests: int =
         if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
             calls[f[-1]] = int(f[3]) / max(1, r["succeeded"])
     return {"per_get": dict(sorted(calls.items(), key=lambda kv: -kv[1])), "total_per_get": sum(calls.values())}
+
+
+# perf's DSOs, by what they are (the first that matches).
+PERF_DSOS = (
+    ("the kernel (system calls, TCP)", ("[kernel", "[vdso]")),
+    ("the engine (Rust: h2, hyper, tokio, hits)", ("appliance_engine",)),
+    ("libc", ("libc.so", "libc-")),
+    ("Python", ("python3", "libpython")),
+)
+
+
+def perf_profile(pid: int, port: int, body: Path, streams: int, rate_guess: float) -> dict:
+    """Where the hit path's time goes: `perf record` on every thread of the
+    worker while h2load drives hot Gets (py-spy cannot see the engine's
+    I/O thread, which answers them), shares by DSO and top symbols."""
+    import shutil
+
+    if not shutil.which("perf"):
+        return {"skipped": "no perf (linux-perf)"}
+    data = lib.OUT / "perf-worker.data"
+    n = int(rate_guess * (SECONDS + 3))
+    load: dict = {}
+
+    def drive():
+        load.update(
+            h2load(
+                port,
+                GET_PATH,
+                body,
+                n=n,
+                streams=streams,
+                name="perf-worker",
+                watch=[pid],
+                timeout=SECONDS * 6 + 30,
+                expect_data=lib.get_response_bytes(100),
+            )
+        )
+
+    t = threading.Thread(target=drive)
+    t.start()
+    time.sleep(0.5)
+    rec = subprocess.run(
+        ["perf", "record", "-F", "1999", "-p", str(pid), "-o", str(data), "--", "sleep", str(SECONDS)],
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 60,
+    )
+    t.join()
+    if rec.returncode != 0:
+        return {"skipped": f"perf record failed: {rec.stderr.strip().splitlines()[-1:]}"}
+
+    def report(sort: str) -> list[tuple[str, float]]:
+        out = subprocess.run(
+            [
+                "perf",
+                "report",
+                "-i",
+                str(data),
+                "--stdio",
+                "--no-children",
+                "--sort",
+                sort,
+                "-q",
+                "--percent-limit",
+                "0.3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        rows = []
+        for line in out.splitlines():
+            m = re.match(r"\s*([\d.]+)%\s+(.*\S)", line)
+            if m:
+                rows.append((m.group(2), float(m.group(1)) / 100))
+        return rows
+
+    by_dso: Counter = Counter()
+    for dso, share in report("dso"):
+        name = next((label for label, marks in PERF_DSOS if any(mk in dso for mk in marks)), "other")
+        by_dso[name] += share
+    return {
+        "by_dso": dict(by_dso.most_common()),
+        "by_thread": report("comm")[:6],
+        "top_symbols": [(re.sub(r"^\[[.k]\]\s+", "", sym), share) for sym, share in report("sym")[:12]],
+        "load": {k: load.get(k) for k in ("rps", "succeeded")},
+    }
 
 
 def handler_time(sizes=(100, 1 << 20)) -> dict:
@@ -348,6 +438,8 @@ def run(cfg) -> dict:
         results["hot_get_worker"] = profile_target(
             "worker", worker.pid, wport, body, 32, probe["rps"], svg=lib.OUT / "profile-worker.svg"
         )
+        lib.log("profile: hot Get worker under perf (the engine's I/O thread answers hits)")
+        results["hit_path_perf"] = perf_profile(worker.pid, wport, body, 32, probe["rps"])
         n = int(probe["rps"] * 3)
         results["hot_get_threads"] = thread_cpu(
             worker.pid,

@@ -737,6 +737,14 @@ def section_profile(res) -> list[str]:
         "",
     ]
     targets = [(k, res.get(k)) for k in ("hot_get_worker", "forwarding_node") if res.get(k)]
+    idle = [k for k, t in targets if not t.get("busy_samples")]
+    if idle:  # the engine answers hits on its own I/O thread: no Python thread is busy
+        out += [
+            f"py-spy saw no busy Python thread in the {', '.join(_target_label(k) for k in idle)}: its calls "
+            "never reach Python (the perf profile below shows where their time goes).",
+            "",
+        ]
+        targets = [(k, t) for k, t in targets if k not in idle]
     cats = []
     for _, t in targets:
         for c in t["categories"]:
@@ -769,6 +777,22 @@ def section_profile(res) -> list[str]:
                     for z, h in ht.items()
                 ],
             ),
+            "",
+        ]
+    hp = res.get("hit_path_perf")
+    if hp and "skipped" in hp:
+        out += [f"_The hit path's perf profile was skipped: {hp['skipped']}._", ""]
+    elif hp:
+        out += [
+            "Where a hit's time goes (`perf record` on every thread of the hot-Get worker, 100 B hits, 32 "
+            "streams; the engine's I/O thread answers them, which py-spy cannot see): share of all samples by "
+            "where the code lives",
+            "",
+            table(["code", "share"], [[name, pct(share)] for name, share in hp["by_dso"].items()]),
+            "",
+            "By thread: " + "; ".join(f"`{name}` {share:.1%}" for name, share in hp["by_thread"]),
+            "",
+            "Top symbols: " + "; ".join(f"`{sym}` {share:.1%}" for sym, share in hp["top_symbols"]),
             "",
         ]
     th = res.get("hot_get_threads")

@@ -368,6 +368,12 @@ def sample_results() -> dict:
             },
             syscalls_echo={"per_get": {"futex": 8.9, "write": 7.2}, "total_per_get": 36.7},
             syscalls_worker={"per_get": {"futex": 8.6, "write": 7.2}, "total_per_get": 36.3},
+            hit_path_perf={
+                "by_dso": {"the engine (Rust: h2, hyper, tokio, hits)": 0.64, "the kernel (system calls, TCP)": 0.24},
+                "by_thread": [["engine-io", 0.999]],
+                "top_symbols": [["h2::frame::headers::HeaderBlock::into_encoding", 0.034]],
+                "load": {"rps": 200000.0, "succeeded": 1000000},
+            },
         ),
     }
 
@@ -397,6 +403,8 @@ def test_render_writes_results_md_from_the_results_only(tmp_path, capsys):
     assert "grpc.aio's call costs 2.00× the engine's" in text
     assert f"| {ENGINE_VS_SEED}, Gets per server CPU-second | ≥ 2.5× |" in text
     assert "`engine-io` 0.66" in text and "The workers served on the engine backend." in text
+    assert "| the engine (Rust: h2, hyper, tokio, hits) | 64% |" in text
+    assert "Top symbols: `h2::frame::headers::HeaderBlock::into_encoding` 3.4%" in text
     assert "| Convergence (death / join / planned stop) | ≤ lease_ttl + 1 s = 3 s |" in text
     assert "| Handoff of 30,000 × 1 KiB: time added to a planned stop | ≤ 1 s |" in text
     assert "| 30,000 | after | **0.00%** (0) |" in text and "**0.36 s added**" in text
