@@ -198,41 +198,46 @@ def _short(frame: str) -> str:
     return re.sub(r"\(/[^)]*/(site-packages|lib/python3\.\d+)/", "(", frame)
 
 
+class _Load:
+    """h2load driving hot Gets at `pid` from a thread, for a sampler to
+    watch: started on entry (half a second to get going), joined on exit."""
+
+    def __init__(self, name: str, pid: int, port: int, body: Path, streams: int, rate_guess: float) -> None:
+        self.result: dict = {}
+        n = int(rate_guess * (SECONDS + 3))
+        kwargs = dict(n=n, streams=streams, name=name, watch=[pid], timeout=SECONDS * 6 + 30)
+        self._thread = threading.Thread(
+            target=lambda: self.result.update(
+                h2load(port, GET_PATH, body, expect_data=lib.get_response_bytes(100), **kwargs)
+            )
+        )
+
+    def __enter__(self) -> _Load:
+        self._thread.start()
+        time.sleep(0.5)
+        return self
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def __exit__(self, *exc) -> None:
+        self._thread.join()
+
+
 def profile_target(
     name: str, pid: int, port: int, body: Path, streams: int, rate_guess: float, svg: Path | None = None
 ) -> dict:
     raw = lib.OUT / f"profile-{name}.txt"
-    n = int(rate_guess * (SECONDS + 3))
-    load: dict = {}
-
-    def drive():
-        load.update(
-            h2load(
-                port,
-                GET_PATH,
-                body,
-                n=n,
-                streams=streams,
-                name=f"profile-{name}",
-                watch=[pid],
-                timeout=SECONDS * 6 + 30,
-                expect_data=lib.get_response_bytes(100),
-            )
-        )
-
-    t = threading.Thread(target=drive)
-    t.start()
-    time.sleep(0.5)
-    spy = record(pid, raw, "raw", True, SECONDS)
-    out, _ = spy.communicate(timeout=SECONDS * 5 + 30)
-    if svg is not None and t.is_alive():
-        spy2 = record(pid, svg, "flamegraph", False, 2)
-        spy2.communicate(timeout=60)
-    t.join()
+    with _Load(f"profile-{name}", pid, port, body, streams, rate_guess) as load:
+        spy = record(pid, raw, "raw", True, SECONDS)
+        out, _ = spy.communicate(timeout=SECONDS * 5 + 30)
+        if svg is not None and load.running():
+            spy2 = record(pid, svg, "flamegraph", False, 2)
+            spy2.communicate(timeout=60)
     if spy.returncode != 0:
         raise RuntimeError(f"py-spy failed: {out.decode(errors='replace')[-1000:]}")
     res = classify(raw)
-    res["load"] = {k: load.get(k) for k in ("rps", "p50_ms", "succeeded")}
+    res["load"] = {k: load.result.get(k) for k in ("rps", "p50_ms", "succeeded")}
     return res
 
 
@@ -298,34 +303,13 @@ def perf_profile(pid: int, port: int, body: Path, streams: int, rate_guess: floa
     if not shutil.which("perf"):
         return {"skipped": "no perf (linux-perf)"}
     data = lib.OUT / "perf-worker.data"
-    n = int(rate_guess * (SECONDS + 3))
-    load: dict = {}
-
-    def drive():
-        load.update(
-            h2load(
-                port,
-                GET_PATH,
-                body,
-                n=n,
-                streams=streams,
-                name="perf-worker",
-                watch=[pid],
-                timeout=SECONDS * 6 + 30,
-                expect_data=lib.get_response_bytes(100),
-            )
+    with _Load("perf-worker", pid, port, body, streams, rate_guess) as load:
+        rec = subprocess.run(
+            ["perf", "record", "-F", "1999", "-p", str(pid), "-o", str(data), "--", "sleep", str(SECONDS)],
+            capture_output=True,
+            text=True,
+            timeout=SECONDS + 60,
         )
-
-    t = threading.Thread(target=drive)
-    t.start()
-    time.sleep(0.5)
-    rec = subprocess.run(
-        ["perf", "record", "-F", "1999", "-p", str(pid), "-o", str(data), "--", "sleep", str(SECONDS)],
-        capture_output=True,
-        text=True,
-        timeout=SECONDS + 60,
-    )
-    t.join()
     if rec.returncode != 0:
         return {"skipped": f"perf record failed: {rec.stderr.strip().splitlines()[-1:]}"}
 
@@ -363,7 +347,7 @@ def perf_profile(pid: int, port: int, body: Path, streams: int, rate_guess: floa
         "by_dso": dict(by_dso.most_common()),
         "by_thread": report("comm")[:6],
         "top_symbols": [(re.sub(r"^\[[.k]\]\s+", "", sym), share) for sym, share in report("sym")[:12]],
-        "load": {k: load.get(k) for k in ("rps", "succeeded")},
+        "load": {k: load.result.get(k) for k in ("rps", "succeeded")},
     }
 
 

@@ -31,15 +31,6 @@ IDLE_GOAL = 0.01  # of a core
 ADDED_GOAL_MIB = 4.0
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _hwm_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -51,8 +42,9 @@ def _hwm_kib(pid: int) -> int:
 def _huge(port: int, pid: int) -> dict:
     import grpc
 
-    size = REQUEST_MIB * MiB
-    body = b"\x0a\x05bench\x12" + _varint(size) + b"k" * size
+    from appliance.pb import groupcache_pb2
+
+    body = groupcache_pb2.GetRequest(group="bench", key="k" * (REQUEST_MIB * MiB)).SerializeToString()
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     before = _hwm_kib(pid)
     with grpc.insecure_channel(f"{lib.HOST}:{port}", options=options) as channel:

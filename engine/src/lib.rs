@@ -55,8 +55,8 @@ type HitsArg<'py> = (
     Option<(usize, usize, usize, usize)>,
 );
 
-/// The front Python drives: the same event API as pygrpc-native's
-/// NativeGrpcFront, so one Python backend serves either.
+/// The front Python drives (appliance/transport/engine/server.py): hits
+/// answered here, every other call handed over as an event, answered by id.
 #[pyclass(module = "appliance_engine")]
 struct Front {
     shared: Arc<Shared>,
