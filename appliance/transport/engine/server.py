@@ -77,7 +77,7 @@ BATCH = 256
 # How often the engine's hit counters and samples reach the groups (and
 # the owner's hot keys reach the engine) when nothing reads them sooner.
 HITS_COLLECT_INTERVAL = 0.2
-# Event kinds and stream-send results; both fronts number them alike.
+# Event kinds and stream-send results, as the front numbers them.
 EVENT_CANCEL = 1
 STREAM_FULL = 1
 STREAM_CLOSED = 2
@@ -108,7 +108,8 @@ class EngineTransport(BaseTransport):
     The groups keep their entries in the engine's stores, and a hit is
     answered there without an event; its counters reach the group when
     they are read (Group.collect) or every HITS_COLLECT_INTERVAL. With
-    [ops] rate_limit every call still comes here, where the buckets are."""
+    [ops] rate_limit the engine charges the buckets Python charges
+    (appliance_engine.TokenBuckets); a call they refuse comes here."""
 
     name = "engine"
     # Peers run the same config, so an owner is on the engine too: a unary
