@@ -115,22 +115,22 @@ class BoxOps(threading.Thread):
         return {"stats_backlog": self.stats_dropped, "unsigned_requests": self.refused}
 
     def run(self) -> None:
-        client = None
-        backoff = etcd.Backoff()
+        clients: list = []  # the one client, made at the first attempt
+
+        def attempt(backoff: etcd.Backoff) -> None:
+            if not clients:
+                clients.append(self._connect())
+            self._serve(clients[0])
+            backoff.reset()
+
+        def failed(exc: Exception, wait: float) -> bool:
+            log.debug("box operations: etcd watch lost (%s: %s)", type(exc).__name__, exc)
+            return True
+
         try:
-            while not self._stopping.is_set():
-                try:
-                    if client is None:
-                        client = self._connect()
-                    self._serve(client)
-                    backoff.reset()
-                except Exception as exc:
-                    if self._stopping.is_set():
-                        break
-                    log.debug("box operations: etcd watch lost (%s: %s)", type(exc).__name__, exc)
-                    self._stopping.wait(backoff.next())
+            etcd.keep_trying(self._stopping, attempt, failed)
         finally:
-            if client is not None:
+            for client in clients:
                 try:
                     client.close()
                 except Exception:

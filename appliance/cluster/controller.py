@@ -73,46 +73,45 @@ class Controller:
     def run(self) -> None:
         # One client for the controller's life: the members it found failing
         # stay skipped (etcd.call), so a resync goes to another at once.
-        backoff = etcd.Backoff()
-        client = None
+
+        def attempt(backoff: etcd.Backoff) -> None:
+            if self.etcd_client is None:
+                self.etcd_client = self._connect()
+            self._sync(self.etcd_client)
+            backoff.reset()
+
         try:
-            while not self.stop_event.is_set():
-                try:
-                    if client is None:
-                        client = self.etcd_client = self._connect()
-                    self._sync(client)
-                    backoff.reset()
-                except Exception as exc:
-                    if self.stop_event.is_set():
-                        break
-                    self.etcd_ok = False
-                    if isinstance(exc, (grpc.RpcError, _ProbeFailed)) and client is not None:
-                        _skip_member(client)  # the watch's member went away under it, or cannot serve
-                    if isinstance(exc, _ProbeFailed):
-                        log.info("etcd member of the watch failed a read (%s); resyncing on another", exc)
-                    elif isinstance(exc, etcd.UNREACHABLE):
-                        # Every member failed the call: down, cut off, or without quorum.
-                        if not self._outage:
-                            log.warning(
-                                "etcd unreachable or without quorum (%s); workers keep serving the ring of revision %d",
-                                type(exc).__name__,
-                                self.revision,
-                            )
-                        self._outage = True
-                    else:
-                        log.warning(
-                            "etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, backoff.current
-                        )
-                    # Keep pushing the last ring: workers keep serving on it.
-                    self.push(everyone=True)
-                    self.stop_event.wait(backoff.next())
+            etcd.keep_trying(self.stop_event, attempt, self._lost)
         finally:
-            if client is not None:
+            if self.etcd_client is not None:
                 try:
-                    client.close()
+                    self.etcd_client.close()
                 except Exception:
                     pass
             self._close_clients()
+
+    def _lost(self, exc: Exception, wait: float) -> bool:
+        """The watch failed: say so (once per outage), and keep pushing the
+        last ring, on which the workers keep serving; then wait."""
+        self.etcd_ok = False
+        client = self.etcd_client
+        if isinstance(exc, (grpc.RpcError, _ProbeFailed)) and client is not None:
+            _skip_member(client)  # the watch's member went away under it, or cannot serve
+        if isinstance(exc, _ProbeFailed):
+            log.info("etcd member of the watch failed a read (%s); resyncing on another", exc)
+        elif isinstance(exc, etcd.UNREACHABLE):
+            # Every member failed the call: down, cut off, or without quorum.
+            if not self._outage:
+                log.warning(
+                    "etcd unreachable or without quorum (%s); workers keep serving the ring of revision %d",
+                    type(exc).__name__,
+                    self.revision,
+                )
+            self._outage = True
+        else:
+            log.warning("etcd watch lost (%s: %s); resyncing in %.1fs", type(exc).__name__, exc, wait)
+        self.push(everyone=True)
+        return True
 
     def _sync(self, client) -> None:
         members, revision = etcd.call(client, lambda c: etcd.read_members(c, self.service))

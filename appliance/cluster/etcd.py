@@ -108,6 +108,30 @@ class Backoff:
         return wait
 
 
+def keep_trying(
+    stop: threading.Event,
+    attempt: Callable[[Backoff], None],
+    failed: Callable[[Exception, float], bool],
+    *,
+    backoff: Backoff | None = None,
+) -> None:
+    """The loop of every etcd watcher or lease keeper on a thread: run
+    `attempt` over and over until `stop` is set. It calls backoff.reset()
+    once etcd has answered; when it raises, `failed(exc, wait)` says so
+    (logs, counts) and returns whether to wait `wait` seconds, the
+    backoff's next, before the next attempt (False: at once)."""
+    backoff = backoff or Backoff()
+    while not stop.is_set():
+        try:
+            attempt(backoff)
+        except Exception as exc:
+            if stop.is_set():
+                return
+            wait = backoff.next()
+            if failed(exc, wait):
+                stop.wait(wait)
+
+
 # A member that failed a call is skipped this long (python3-etcd3 marks it;
 # `call` revives them all when every one is marked, so one endpoint is
 # retried at once).

@@ -72,26 +72,25 @@ class Registration(threading.Thread):
         self._lease: Any = None
 
     def run(self) -> None:
-        backoff = etcd.Backoff()
-        while not self._stopping.is_set():
-            try:
-                if self._client is None:
-                    self._client = self._connect()
-                self._register()
-                backoff.reset()
-                self._keep_alive()
-            except LeaseGone as exc:
-                if self._stopping.is_set():
-                    break
-                self.registered.clear()
-                log.warning("registration %s lost (%s); registering again", self.key, exc)
-            except Exception as exc:  # no member answers: keep the client, its failover marks stay
-                if self._stopping.is_set():
-                    break
-                self.registered.clear()
-                wait = backoff.next()
-                log.warning("cannot register %s (%s); retrying in %.1fs", self.key, etcd.describe(exc), wait)
-                self._stopping.wait(wait)
+        etcd.keep_trying(self._stopping, self._hold, self._lost)
+
+    def _hold(self, backoff: etcd.Backoff) -> None:
+        """Register, then keep the lease alive; returns only by raising."""
+        if self._client is None:
+            self._client = self._connect()
+        self._register()
+        backoff.reset()
+        self._keep_alive()
+
+    def _lost(self, exc: Exception, wait: float) -> bool:
+        """Lost the lease: register again at once. No member answers: keep
+        the client (its failover marks stay) and try again after `wait`."""
+        self.registered.clear()
+        if isinstance(exc, LeaseGone):
+            log.warning("registration %s lost (%s); registering again", self.key, exc)
+            return False
+        log.warning("cannot register %s (%s); retrying in %.1fs", self.key, etcd.describe(exc), wait)
+        return True
 
     def _register(self) -> None:
         client = self._client
