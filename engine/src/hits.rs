@@ -89,39 +89,42 @@ impl HitGroup {
         forwarded: bool,
         admit: impl FnOnce() -> bool,
     ) -> Option<(Entry, bool)> {
-        let mut main = self.main.lock().unwrap();
-        if let Some(entry) = main.find(key, now) {
-            if !admit() {
+        let mut admit = Some(admit);
+        for (store, from_main) in [(&self.main, true), (&self.hot, false)] {
+            let mut store = store.lock().unwrap();
+            let Some(entry) = store.find(key, now) else {
+                continue;
+            };
+            // Taken once: a key found in main is not looked for in hot.
+            if !admit.take().is_some_and(|admit| admit()) {
                 return None;
             }
-            main.used(key);
-            drop(main);
-            self.gets.fetch_add(1, Ordering::Relaxed);
-            if forwarded {
-                self.server_requests.fetch_add(1, Ordering::Relaxed);
-            }
-            self.main_hits.fetch_add(1, Ordering::Relaxed);
-            if self.tick.fetch_add(1, Ordering::Relaxed) % self.every == self.every - 1 {
-                self.owned.lock().unwrap().add(key);
-            }
-            let hot = self.hot_keys.read().unwrap().contains(key);
+            store.used(key);
+            drop(store);
+            self.counted(key, from_main, forwarded);
+            let hot = from_main && self.hot_keys.read().unwrap().contains(key);
             return Some((entry, hot));
         }
-        drop(main);
-        let mut hot = self.hot.lock().unwrap();
-        let entry = hot.find(key, now)?;
-        if !admit() {
-            return None;
-        }
-        hot.used(key);
-        drop(hot);
+        None
+    }
+
+    /// One hit of `key` answered here, counted as Group.lookup counts it:
+    /// 1 in `every` main hits sampled for the owner's hot keys, every
+    /// hot-cache hit for the promoter.
+    fn counted(&self, key: &[u8], from_main: bool, forwarded: bool) {
         self.gets.fetch_add(1, Ordering::Relaxed);
         if forwarded {
             self.server_requests.fetch_add(1, Ordering::Relaxed);
         }
-        self.hot_hits.fetch_add(1, Ordering::Relaxed);
-        self.seen.lock().unwrap().add(key);
-        Some((entry, false))
+        if !from_main {
+            self.hot_hits.fetch_add(1, Ordering::Relaxed);
+            self.seen.lock().unwrap().add(key);
+            return;
+        }
+        self.main_hits.fetch_add(1, Ordering::Relaxed);
+        if self.tick.fetch_add(1, Ordering::Relaxed) % self.every == self.every - 1 {
+            self.owned.lock().unwrap().add(key);
+        }
     }
 
     /// Every key's entry, in order, and whether it came from the main
@@ -146,31 +149,16 @@ impl HitGroup {
 
     /// Uses and counts the hits find_many found, as lookup() does each.
     fn use_many(&self, keys: &[&[u8]], from_main: &[bool]) {
-        {
-            let mut main = self.main.lock().unwrap();
-            for (key, _) in keys.iter().zip(from_main).filter(|(_, m)| **m) {
-                main.used(key);
+        for (store, main) in [(&self.main, true), (&self.hot, false)] {
+            if from_main.contains(&main) {
+                let mut store = store.lock().unwrap();
+                for (key, _) in keys.iter().zip(from_main).filter(|(_, m)| **m == main) {
+                    store.used(key);
+                }
             }
         }
-        if from_main.iter().any(|m| !m) {
-            let mut hot = self.hot.lock().unwrap();
-            for (key, _) in keys.iter().zip(from_main).filter(|(_, m)| !**m) {
-                hot.used(key);
-            }
-        }
-        let main_hits = from_main.iter().filter(|m| **m).count() as u64;
-        self.gets.fetch_add(keys.len() as u64, Ordering::Relaxed);
-        self.main_hits.fetch_add(main_hits, Ordering::Relaxed);
-        self.hot_hits
-            .fetch_add(keys.len() as u64 - main_hits, Ordering::Relaxed);
-        let mut owned = self.owned.lock().unwrap();
-        let mut seen = self.seen.lock().unwrap();
         for (key, main) in keys.iter().zip(from_main) {
-            if !*main {
-                seen.add(key);
-            } else if self.tick.fetch_add(1, Ordering::Relaxed) % self.every == self.every - 1 {
-                owned.add(key);
-            }
+            self.counted(key, *main, false);
         }
     }
 

@@ -69,6 +69,15 @@ struct Front {
     stop: Arc<tokio::sync::Notify>,
 }
 
+impl Front {
+    /// The hit path, for the methods that configure it.
+    fn hits(&self) -> PyResult<&hits::Hits> {
+        self.shared
+            .hits()
+            .ok_or_else(|| PyRuntimeError::new_err("this front was made without hits"))
+    }
+}
+
 #[pymethods]
 impl Front {
     #[new]
@@ -164,9 +173,7 @@ impl Front {
         hot: &py_store::PyStore,
         every: u64,
     ) -> PyResult<py_store::PyHitGroup> {
-        let Some(hits) = self.shared.hits() else {
-            return Err(PyRuntimeError::new_err("this front was made without hits"));
-        };
+        let hits = self.hits()?;
         if main.clock.is_some() || hot.clock.is_some() {
             return Err(PyValueError::new_err(
                 "a store on another clock than time.monotonic cannot be served from",
@@ -193,9 +200,7 @@ impl Front {
         tokens: Vec<(Vec<u8>, bool)>,
         identities: Vec<(String, bool)>,
     ) -> PyResult<()> {
-        let Some(hits) = self.shared.hits() else {
-            return Err(PyRuntimeError::new_err("this front was made without hits"));
-        };
+        let hits = self.hits()?;
         let mut digests = Vec::with_capacity(tokens.len());
         for (digest, read) in tokens {
             let digest: [u8; 32] = digest
@@ -216,9 +221,7 @@ impl Front {
     /// PeerProofs' key, for `addr`, made no earlier than `since_ms`.
     #[pyo3(signature = (key, addr, since_ms))]
     fn set_peer_proofs(&self, key: Option<Vec<u8>>, addr: String, since_ms: i64) -> PyResult<()> {
-        let Some(hits) = self.shared.hits() else {
-            return Err(PyRuntimeError::new_err("this front was made without hits"));
-        };
+        let hits = self.hits()?;
         let proofs = key.map(|k| hits::Proofs::new(&k, addr, since_ms));
         *hits.peers.write().unwrap() = Some(proofs);
         Ok(())
@@ -233,9 +236,7 @@ impl Front {
         buckets: Option<&py_ratelimit::PyTokenBuckets>,
         trusted: Vec<String>,
     ) -> PyResult<()> {
-        let Some(hits) = self.shared.hits() else {
-            return Err(PyRuntimeError::new_err("this front was made without hits"));
-        };
+        let hits = self.hits()?;
         if buckets.is_some_and(|b| b.clock.is_some()) {
             return Err(PyValueError::new_err(
                 "buckets on another clock than time.monotonic cannot be charged here",
