@@ -19,8 +19,8 @@ from .cluster import etcd
 from .cluster.registry import Registration, call_timeout
 from .config import Settings
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
+from .node.serving import Node
 from .origins import build_origin
-from .serving import Node
 from .tokens import read_token
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,6 @@ async def serve(settings: Settings, index: int) -> int:
 def run(settings: Settings, index: int) -> int:
     """serve() on a SharedLoop: the engine backend's receiving thread answers
     hits under the loop's lock instead of waking the loop for each batch."""
-    from .transport.engine.loop import run as run_shared
+    from .fronts.grpc_engine.loop import run as run_shared
 
     return run_shared(serve(settings, index))

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 # On CI a skip is a failure (support/required.py).
 pytest_plugins = ["support.required"]
 
-# The server backends of appliance.transport. A module that runs its tests
+# The server backends of appliance.fronts. A module that runs its tests
 # on each one says `pytestmark = pytest.mark.usefixtures("backend")`. The
 # engine is built by `make` where cargo exists; without it, it is skipped.
 BACKENDS = ("engine", "grpcio")
@@ -25,7 +25,7 @@ def backend(request):
     from support import nodes
 
     if request.param == "engine":
-        from appliance.transport import engine_available
+        from appliance.fronts import engine_available
 
         missing = engine_available()
         if missing:
@@ -42,7 +42,7 @@ def pytest_asyncio_loop_factories(config, item):
     """Async tests run on the loop `appliance worker` runs (SharedLoop), so
     the engine backend serves events from its receiving thread as it does in
     production."""
-    from appliance.transport.engine.loop import SharedLoop
+    from appliance.fronts.grpc_engine.loop import SharedLoop
 
     return {"shared": SharedLoop}
 

@@ -83,7 +83,7 @@ class PeerPicker(Protocol):
 
 
 class PreviousOwners(Protocol):
-    """Who owned a key before the last ring changes (appliance.node.peers)."""
+    """Who owned a key before the last ring changes (appliance.rules.peers)."""
 
     def peek_candidates(self, key: str) -> Sequence[Peer]:
         """Live previous owners of key to ask, most recent first; [] when

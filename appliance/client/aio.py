@@ -16,8 +16,8 @@ import grpc
 import grpc.aio
 
 from ..pb import cache_pb2
-from ..transport.engine_channel import AioEngineChannel
-from ..transport.status import client_error
+from ..peering.engine_channel import AioEngineChannel
+from ..protocol.status import client_error
 from . import routing
 from .common import ClientBase
 from .follow import STOP

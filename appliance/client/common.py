@@ -8,10 +8,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..node.peer_proofs import READ, WRITE, PeerProofs
+from ..peering import engine_channel
+from ..peering.peer_client import PEER_CHANNEL_OPTIONS
+from ..rules.peer_proofs import READ, WRITE, PeerProofs
 from ..tls import files_of
-from ..transport import engine_channel
-from ..transport.peer_client import PEER_CHANNEL_OPTIONS
 from .follow import EtcdMembers, Follower
 from .routing import METHODS, REMOVE, SET, HotKeys, Method, Pool, Router, checked_str, deadline_of, peer_list
 

@@ -18,8 +18,8 @@ from ..cache import errors
 from ..cache.promoter import RatePromoter
 from ..cache.ring import HashRing
 from ..pb import cache_pb2, groupcache_pb2
-from ..transport.metadata import HOT
-from ..transport.status import error_of
+from ..protocol.metadata import HOT
+from ..protocol.status import error_of
 
 # The owner, then up to two other nodes: any node can serve any key.
 MAX_TRIES = 3

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 
 from ..pb import cache_pb2
-from ..transport.engine_channel import EngineChannel
-from ..transport.status import client_error
+from ..peering.engine_channel import EngineChannel
+from ..protocol.status import client_error
 from . import routing
 from .common import ClientBase
 from .follow import STOP

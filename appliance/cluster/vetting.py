@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from .. import tls as tlsmod
-from ..node.peer_proofs import PeerProofs
+from ..rules.peer_proofs import PeerProofs
 
 if TYPE_CHECKING:
     from ..config import TlsSettings

@@ -1,6 +1,6 @@
 """Which server backend serves: what is built here and what the settings
 allow (`[node] server`). Part of the config's report (`config check`, the
-worker's first log line); appliance.transport builds the backend chosen.
+worker's first log line); appliance.fronts builds the backend chosen.
 
 No RPC library is imported here: only whether the engine imports.
 """

@@ -264,7 +264,7 @@ class NodeSettings(_Model):
     state_dir: AbsPath | None = None
     runtime_dir: AbsPath | None = None
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
-    # Which gRPC server library serves the data port (appliance.transport).
+    # Which gRPC server library serves the data port (appliance.fronts).
     server: Annotated[Literal["auto", "engine", "grpcio"], BeforeValidator(_server)] = "auto"
     # Limits the engine enforces at the socket (server = "engine").
     max_concurrent_streams: int = Field(1024, ge=1, le=2**31 - 1)

@@ -1,2 +1,3 @@
-"""One cache node: the gRPC data service, the admin service and the peer
-clients, around the pure groups of appliance.cache."""
+"""One cache node, composed: its rules (appliance.rules) served by a front
+(appliance.fronts), its peers reached through appliance.peering, plus the
+admin service and the node's metrics (serving.py, metrics.py)."""

@@ -50,7 +50,7 @@ from ..cache.group import Loader
 from ..logs import event
 
 if TYPE_CHECKING:
-    from ..serving import Node
+    from .serving import Node
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from appliance.client import AsyncClient, Client
 from appliance.cluster import etcd
 from appliance.cluster.controller import Controller
 from appliance.config import Settings
-from appliance.transport import engine_channel
+from appliance.peering import engine_channel
 from support.etcd_server import EtcdServer
 from support.nodes import CountingOrigin, cluster
 from support.ports import free_port

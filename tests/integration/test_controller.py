@@ -103,7 +103,7 @@ async def test_a_member_joins_the_ring_only_once_its_address_proves_it_is_a_work
     whose key came before it listened joins once it does, in a later
     generation of the same etcd revision."""
     from appliance.cluster.vetting import HealthProver
-    from appliance.serving import Node
+    from appliance.node.serving import Node
     from support.nodes import settings
     from support.ports import free_port
 

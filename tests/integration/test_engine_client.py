@@ -11,13 +11,13 @@ import threading
 import grpc
 import pytest
 
-from appliance.transport import engine_channel
+from appliance.peering import engine_channel
 from support.ports import free_port
 
 if engine_channel.usable():
     pytest.skip(f"the engine's client is not built here: {engine_channel.usable()}", allow_module_level=True)
 
-from appliance.transport.engine_channel import AioEngineChannel, EngineChannel  # noqa: E402
+from appliance.peering.engine_channel import AioEngineChannel, EngineChannel  # noqa: E402
 
 ECHO = "/test.Echo/Echo"
 FAIL = "/test.Echo/Fail"

@@ -9,7 +9,7 @@ import threading
 import grpc
 import pytest
 
-from appliance.transport import engine_available
+from appliance.fronts import engine_available
 
 pytestmark = pytest.mark.skipif(engine_available() is not None, reason=f"engine not built: {engine_available()}")
 

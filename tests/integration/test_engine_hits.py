@@ -11,9 +11,9 @@ import asyncio
 import grpc
 import pytest
 
+from appliance.node.serving import Node
 from appliance.pb import cache_pb2, groupcache_pb2
-from appliance.serving import Node
-from appliance.transport import codec
+from appliance.protocol import codec
 from support import nodes as support_nodes
 from support.nodes import CountingOrigin, cluster
 
@@ -136,7 +136,7 @@ async def test_a_rate_limit_is_charged_alike_in_the_engine_and_in_python():
     refuses every call with RESOURCE_EXHAUSTED and a RetryInfo."""
     from google.rpc import error_details_pb2, status_pb2
 
-    from appliance.transport.status import DETAILS_KEY
+    from appliance.protocol.status import DETAILS_KEY
 
     burst = 30
     base = support_nodes.settings()

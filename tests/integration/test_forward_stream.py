@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from appliance.transport.engine_channel import AioEngineChannel
+from appliance.peering.engine_channel import AioEngineChannel
 from support.nodes import CountingOrigin, cluster, go_like_server
 from support.ports import free_port
 

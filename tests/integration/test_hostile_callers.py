@@ -11,9 +11,9 @@ import os
 import grpc
 import pytest
 
-from appliance.node.auth import bearer
 from appliance.pb import cache_pb2, groupcache_pb2, groupcache_pb2_grpc
-from appliance.transport.metadata import FORWARDED
+from appliance.protocol.metadata import FORWARDED
+from appliance.rules.auth import bearer
 from support.nodes import CountingOrigin, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")

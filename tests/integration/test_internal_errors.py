@@ -88,17 +88,17 @@ async def test_unexpected_exceptions_answer_internal_and_the_node_keeps_serving(
 
 async def test_a_bug_in_the_hit_path_answers_internal(monkeypatch):
     # The engine backend serves events inline, outside any task: its own catch-all.
-    from appliance.node.instance import NodeInstance
+    from appliance.rules.node_rules import NodeRules
 
     async with cluster(1, CountingOrigin({"k": b"v"})) as (node,):
-        real = NodeInstance.hit
+        real = NodeRules.hit
 
         def hit(self, group, key, forwarded=False, credentials=None):
             if key == "boom":
                 raise KeyError(key)
             return real(self, group, key, forwarded, credentials)
 
-        monkeypatch.setattr(NodeInstance, "hit", hit)
+        monkeypatch.setattr(NodeRules, "hit", hit)
         async with grpc.aio.insecure_channel(node.addr) as ch:
             get = groupcache_pb2_grpc.GroupCacheStub(ch).Get
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -110,7 +110,7 @@ async def test_a_bug_in_the_hit_path_answers_internal(monkeypatch):
 async def test_a_bug_while_building_the_reply_answers_internal(monkeypatch):
     # The reply is built after the node's rules ran: a bad answer from them
     # (here: what no handler expects) is a bug like any other.
-    from appliance.node.instance import Ack, Change, NodeInstance
+    from appliance.rules.node_rules import Ack, Change, NodeRules
 
     async with cluster(1, CountingOrigin({"k": b"v"})) as (node,):
 
@@ -123,10 +123,10 @@ async def test_a_bug_while_building_the_reply_answers_internal(monkeypatch):
         async def change(self, group, key, *args, **kwargs):
             return Change(node.addr, [Ack(node.addr, True, error=123)])  # not a str
 
-        monkeypatch.setattr(NodeInstance, "hit", hit)
-        monkeypatch.setattr(NodeInstance, "get_many", get_many)
-        monkeypatch.setattr(NodeInstance, "set", change)
-        monkeypatch.setattr(NodeInstance, "remove", change)
+        monkeypatch.setattr(NodeRules, "hit", hit)
+        monkeypatch.setattr(NodeRules, "get_many", get_many)
+        monkeypatch.setattr(NodeRules, "set", change)
+        monkeypatch.setattr(NodeRules, "remove", change)
         async with grpc.aio.insecure_channel(node.addr) as ch:
             get = groupcache_pb2_grpc.GroupCacheStub(ch).Get
             cache = cache_pb2_grpc.CacheStub(ch)

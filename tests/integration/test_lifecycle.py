@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from appliance.transport.peer_client import GrpcPeerClient as PeerClient
+from appliance.peering.peer_client import GrpcPeerClient as PeerClient
 from support.nodes import CountingOrigin, all_arrived, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends

@@ -10,8 +10,8 @@ from google.rpc import error_details_pb2
 
 from appliance.cache.errors import OriginError
 from appliance.cache.ring import HashRing
-from appliance.node.auth import bearer
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from appliance.rules.auth import bearer
 from support.nodes import CountingOrigin, all_arrived, client_gets, cluster
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test on both server backends
@@ -177,7 +177,7 @@ async def test_set_peers_on_admin_socket_ignores_stale_revisions(tmp_path):
 
 
 def test_admin_address_must_be_local():
-    from appliance.serving import Node
+    from appliance.node.serving import Node
     from support.nodes import settings
 
     with pytest.raises(ValueError, match="unix socket or a loopback"):

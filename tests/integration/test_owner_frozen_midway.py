@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import grpc
 
-from appliance.node.peers import PeerFacts
+from appliance.node.serving import Node
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from appliance.serving import Node
+from appliance.rules.peers import PeerFacts
 from support.fake_peers import FrozenPeer
 from support.nodes import CountingOrigin, settings
 

@@ -20,9 +20,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from appliance.node.peers import PeerFacts
+from appliance.node.serving import Node
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from appliance.serving import Node
+from appliance.rules.peers import PeerFacts
 from support.nodes import CountingOrigin, settings
 
 pytestmark = pytest.mark.usefixtures("backend")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.cache import errors
-from appliance.transport.peer_client import GrpcPeerClient, channel
+from appliance.peering.peer_client import GrpcPeerClient, channel
 from support.ports import free_port
 
 

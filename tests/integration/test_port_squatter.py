@@ -20,9 +20,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from appliance.node.peer_proofs import READ, WRITE
+from appliance.node.serving import Node
 from appliance.pb import cache_pb2, groupcache_pb2
-from appliance.serving import Node
+from appliance.rules.peer_proofs import READ, WRITE
 from support.nodes import CountingOrigin, cluster, settings
 
 pytestmark = pytest.mark.usefixtures("backend")

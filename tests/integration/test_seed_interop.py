@@ -200,7 +200,7 @@ def test_workers_serve_the_seed_on_the_engine(mixed):
     """With cluster.seed_interop too, server = "auto" picks the engine where
     it is built: it serves the Go clients' :authority "groupcache/<addr>"
     (tests/integration/test_transport_choice.py checks both backends)."""
-    from appliance.transport import engine_available
+    from appliance.fronts import engine_available
 
     want = "grpcio" if engine_available() else "engine"
     assert {mixed.app.admin_stats(i)["server"] for i in range(len(mixed.workers))} == {want}

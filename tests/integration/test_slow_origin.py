@@ -21,9 +21,9 @@ import contextlib
 import grpc
 import pytest
 
-from appliance.node.peers import PeerFacts
+from appliance.node.serving import Node
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from appliance.serving import Node
+from appliance.rules.peers import PeerFacts
 from support.fake_peers import FrozenPeer
 from support.nodes import CountingOrigin, settings
 

@@ -1,4 +1,4 @@
-"""Which server backend serves (appliance.transport.choose), and a client
+"""Which server backend serves (appliance.fronts.choose), and a client
 that sends a `:authority` with a "/" in it, as the seed's Go clients do."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import grpc
 import pytest
 
 from appliance.config import Settings
+from appliance.fronts import choose
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from appliance.transport import choose
 from support.nodes import CountingOrigin, cluster
 
 
 def test_auto_takes_the_engine_where_it_is_built():
-    from appliance.transport import engine_available
+    from appliance.fronts import engine_available
 
     assert choose(Settings(node={"server": "grpcio"}))[0] == "grpcio"
     missing = engine_available()
@@ -63,7 +63,7 @@ def test_config_check_refuses_an_unknown_server(tmp_path, toml, complaint):
 
 
 def test_config_check_says_which_server_runs(tmp_path):
-    from appliance.transport import engine_available
+    from appliance.fronts import engine_available
 
     path = tmp_path / "a.toml"
     path.write_text('[cluster]\nseed_interop = true\n[node]\nhost = "localhost"\n')
@@ -82,7 +82,7 @@ async def test_a_slash_in_the_authority_is_served(server):
     groupcache/<addr>`, which is not a URI authority. grpcio serves it; the
     engine does too (its h2 is patched not to reset such a stream:
     engine/vendor/README.vendor.md)."""
-    from appliance.transport import engine_available
+    from appliance.fronts import engine_available
     from support import nodes
 
     if server == "engine" and engine_available():

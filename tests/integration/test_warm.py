@@ -18,9 +18,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from appliance.node.serving import Node
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from appliance.serving import Node
-from appliance.transport.status import DETAILS_KEY
+from appliance.protocol.status import DETAILS_KEY
 from support.nodes import CountingOrigin, settings
 from support.ports import free_port
 

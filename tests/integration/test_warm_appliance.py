@@ -78,7 +78,7 @@ def pids(app: Appliance) -> dict[str, int]:
 @pytest.fixture(params=["engine", "grpcio"])
 def app(request, tmp_path):
     if request.param == "engine":
-        from appliance.transport import engine_available
+        from appliance.fronts import engine_available
 
         if engine_available():
             pytest.skip(f"the engine is not built here: {engine_available()}")

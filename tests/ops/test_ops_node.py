@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance import tls as tlsmod
 from appliance.cache.errors import OriginError
 from appliance.config import Settings
+from appliance.node.serving import Node
 from appliance.ops.box_metrics import BoxCollector, box_registry, serve_metrics
 from appliance.pb import admin_pb2, admin_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
-from appliance.serving import Node
 from support.nodes import BACKEND, CountingOrigin
 from support.ports import free_port
 
@@ -362,7 +362,7 @@ async def test_http_and_grpc_answer_a_node_without_a_ring_alike():
 
 def tls_settings(pki, server, **extra):
     if server == "engine":
-        from appliance.transport import engine_available
+        from appliance.fronts import engine_available
 
         if engine_available():
             pytest.skip(f"the engine is not built here: {engine_available()}")
@@ -407,7 +407,7 @@ async def test_clients_dial_mtls_on_either_call_library(pki, engine):
     the same refusal without a client certificate."""
     from appliance.cache.errors import PeerError
     from appliance.client import AsyncClient, Client
-    from appliance.transport import engine_channel
+    from appliance.peering import engine_channel
 
     if engine and engine_channel.usable():
         pytest.skip(f"the engine's client is not built here: {engine_channel.usable()}")

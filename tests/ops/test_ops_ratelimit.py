@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.node.ratelimit import TokenBuckets as PythonBuckets
-from appliance.node.ratelimit import client_address
+from appliance.rules.ratelimit import TokenBuckets as PythonBuckets
+from appliance.rules.ratelimit import client_address
 
 
 def _engine_buckets():

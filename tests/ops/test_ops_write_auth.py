@@ -16,8 +16,8 @@ from google.rpc import error_details_pb2, status_pb2
 from appliance import tls as tlsmod
 from appliance.cache import errors
 from appliance.client import AsyncClient
-from appliance.node.auth import Authenticator, Credentials
 from appliance.pb import cache_pb2, cache_pb2_grpc, groupcache_pb2, groupcache_pb2_grpc
+from appliance.rules.auth import Authenticator, Credentials
 from appliance.tokens import TokenFileError, read_token
 from support.nodes import CountingOrigin, cluster
 
@@ -163,7 +163,7 @@ async def test_reads_can_require_a_credential_too(creds, tmp_path):
 
 @pytest.mark.usefixtures("backend")
 async def test_http_reads_follow_the_same_rule(creds):
-    from appliance.serving import Node
+    from appliance.node.serving import Node
     from support.nodes import settings
 
     s = settings(auth={**creds["auth"], "reads": "authenticated"})
@@ -188,7 +188,7 @@ async def test_a_client_certificate_identity_can_carry_the_write_scope(pki, tmp_
     """With mTLS, [auth.credentials.X] tls_identity names a client
     certificate (its CN or a SAN); that certificate may then write."""
     if server == "engine":
-        from appliance.transport import engine_available
+        from appliance.fronts import engine_available
 
         if engine_available():
             pytest.skip(f"the engine is not built here: {engine_available()}")

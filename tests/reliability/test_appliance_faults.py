@@ -92,7 +92,7 @@ def whole_each_backend(request):
     """`whole`, on the default backend (the engine where built) and on grpcio,
     the portable one (planned stop and kill -9 are data-plane figures)."""
     from appliance.config import Settings
-    from appliance.transport import choose
+    from appliance.fronts import choose
 
     fixture = {"auto": "app", "grpcio": "grpcio_app"}[request.param]
     app = _whole(request.getfixturevalue(fixture))

@@ -54,7 +54,7 @@ BUDGET = 500
 
 
 class LocalPeer:
-    """The other group as a peer, with the contract of appliance.node.peers.PeerClient."""
+    """The other group as a peer, with the contract of appliance.rules.peers.PeerClient."""
 
     def __init__(self, machine: GroupMachine, target: int) -> None:
         self.machine = machine

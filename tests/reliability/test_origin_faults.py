@@ -18,10 +18,10 @@ import grpc
 import pytest
 
 from appliance.config import Settings
-from appliance.node.auth import bearer
 from appliance.origins import build_origin
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
-from appliance.transport.status import reason_of
+from appliance.protocol.status import reason_of
+from appliance.rules.auth import bearer
 from support.nodes import cluster, open_peer_streams
 from support.origin_server import SwitchableOrigin, http_value
 

@@ -76,7 +76,7 @@ def grpcio_app(tmp_path_factory):
 @pytest.fixture(params=["engine", "grpcio"])
 def app_each_backend(request):
     if request.param == "engine":
-        from appliance.transport import engine_available
+        from appliance.fronts import engine_available
 
         missing = engine_available()
         if missing:

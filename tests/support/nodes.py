@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from appliance.config import Settings
-from appliance.serving import Node
+from appliance.node.serving import Node
 
 
 class CountingOrigin:

@@ -50,7 +50,7 @@ async def get(calls, timeout=10.0):
 
 async def peer_client(addr, group, keys):
     from appliance.cache.errors import CacheError
-    from appliance.transport.peer_client import GrpcPeerClient as PeerClient
+    from appliance.peering.peer_client import GrpcPeerClient as PeerClient
 
     out = []
     for key in keys:

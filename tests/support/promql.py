@@ -30,8 +30,8 @@ def exported_series() -> set[str]:
     """Every series name a box endpoint serves, read from the code: a real
     worker's registry (one group) and the box collector's own families."""
     from appliance.config import Settings
+    from appliance.node.serving import Node
     from appliance.ops.box_metrics import BoxCollector
-    from appliance.serving import Node
 
     settings = Settings(
         node={"host": "127.0.0.1"},

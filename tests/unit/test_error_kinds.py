@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from appliance.cache import errors
-from appliance.node.http_api import STATUS
-from appliance.transport import status
+from appliance.fronts.http.api import STATUS
+from appliance.protocol import status
 
 EXPECTED = {
     errors.InvalidRequest: (grpc.StatusCode.INVALID_ARGUMENT, 400),

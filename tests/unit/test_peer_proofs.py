@@ -1,4 +1,4 @@
-"""Peer proofs (appliance.node.peer_proofs): what a callee accepts, and what
+"""Peer proofs (appliance.rules.peer_proofs): what a callee accepts, and what
 a caller takes as a reply. Pure: the clock is a list."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from appliance.cache import errors
-from appliance.node.auth import CLUSTER, Authenticator, Credentials
-from appliance.node.peer_proofs import READ, REPLY_KEY, SCHEME, WINDOW_S, WRITE, PeerProofs, ProofError
+from appliance.rules.auth import CLUSTER, Authenticator, Credentials
+from appliance.rules.peer_proofs import READ, REPLY_KEY, SCHEME, WINDOW_S, WRITE, PeerProofs, ProofError
 
 TOKEN = "unit-test-cluster-token-0123456789"
 ADDR = "127.0.0.1:7001"

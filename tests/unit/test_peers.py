@@ -1,9 +1,9 @@
 """The peer picker: ring swaps, client reuse, and what is learned per peer
-process (appliance.node.peers). Pure: clients are fakes."""
+process (appliance.rules.peers). Pure: clients are fakes."""
 
 import asyncio
 
-from appliance.node.peers import Peers
+from appliance.rules.peers import Peers
 from support.fake_peers import FakeClient
 
 
@@ -68,7 +68,7 @@ async def test_without_lease_information_clients_are_kept():
 
 
 def test_the_read_breaker_opens_on_a_silent_peer_and_closes_on_an_answer():
-    from appliance.node.peers import PeerFacts
+    from appliance.rules.peers import PeerFacts
 
     f = PeerFacts()
     assert f.read_allowed() and not f.probe_due(0.0)
@@ -103,7 +103,7 @@ def test_the_read_breaker_opens_on_a_silent_peer_and_closes_on_an_answer():
 def test_a_forwarder_knows_whether_it_heard_from_the_owner_since_a_read_was_sent():
     """GrpcPeerClient waits past half the caller's deadline only for an
     owner that answered something (a probe, another read) since then."""
-    from appliance.node.peers import PeerFacts
+    from appliance.rules.peers import PeerFacts
 
     f = PeerFacts()
     assert not f.heard_since(0.0)  # never heard

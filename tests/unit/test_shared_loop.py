@@ -1,10 +1,10 @@
-"""The SharedLoop (appliance.transport.engine.loop): another thread that
+"""The SharedLoop (appliance.fronts.grpc_engine.loop): another thread that
 takes its lock runs between two steps of the loop, never during one."""
 
 import asyncio
 import threading
 
-from appliance.transport.engine.loop import SharedLoop, lock_of
+from appliance.fronts.grpc_engine.loop import SharedLoop, lock_of
 
 
 async def test_tests_run_on_the_shared_loop():

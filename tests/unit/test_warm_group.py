@@ -1,6 +1,6 @@
 """The pure side of warm membership changes: tombstones, the group's
 handoff offers and peeks at previous owners (appliance.cache), and the
-previous-ring bookkeeping of Peers (appliance.node.peers). No I/O: peers
+previous-ring bookkeeping of Peers (appliance.rules.peers). No I/O: peers
 are in-memory groups, clocks are fake."""
 
 import asyncio
@@ -15,7 +15,7 @@ from appliance.cache.promoter import RandomPromoter
 from appliance.cache.ring import HashRing
 from appliance.cache.store import Store
 from appliance.cache.tombstones import Tombstones
-from appliance.node.peers import MAX_PEEKS, Peers
+from appliance.rules.peers import MAX_PEEKS, Peers
 from support.fake_peers import FakeClient
 
 

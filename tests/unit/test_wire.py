@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from appliance.cache.group import Group
 from appliance.pb import groupcache_pb2
-from appliance.transport import wire
+from appliance.protocol import framing as wire
 
 
 @given(st.binary(max_size=3000))
@@ -54,7 +54,8 @@ def test_encoded_get_many_reply_is_what_protobuf_writes():
     from appliance.cache import errors
     from appliance.cache.store import Entry
     from appliance.pb import cache_pb2
-    from appliance.transport import codec, wire
+    from appliance.protocol import codec
+    from appliance.protocol import framing as wire
 
     rng = random.Random(7)
     keys, results = [], []

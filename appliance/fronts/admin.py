@@ -10,7 +10,7 @@ import grpc
 from ..pb import admin_pb2, admin_pb2_grpc
 
 if TYPE_CHECKING:
-    from ..serving import Node
+    from ..node.serving import Node
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):

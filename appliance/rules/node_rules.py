@@ -1,6 +1,6 @@
 """The rules of one cache node, whatever server library serves it.
 
-Every backend in appliance.transport calls this one interface: validate,
+Every backend in appliance.fronts calls this one interface: validate,
 look up the group (GroupNotFound), get (with a synchronous `hit` for the
 fast path), get_many, set, remove, set_peers, stats; and between nodes,
 peek and receive_handoff (a stopping node's `handoff`). It knows nothing of
@@ -100,7 +100,7 @@ def told_all(results: list, shown: bool) -> list:
     return [told(r, False) if isinstance(r, errors.CacheError) else r for r in results]
 
 
-class NodeInstance:
+class NodeRules:
     def __init__(
         self,
         settings: Settings,

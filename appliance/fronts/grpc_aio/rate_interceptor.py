@@ -1,4 +1,4 @@
-"""The rate limit (appliance.node.ratelimit) as a grpc.aio interceptor."""
+"""The rate limit (appliance.rules.ratelimit) as a grpc.aio interceptor."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import grpc
 
-from ...node.ratelimit import RateLimiter, client_address
-from ..codec import call_cost
-from ..metadata import is_forwarded
-from ..status import rate_limited_failure
+from ...protocol.codec import call_cost
+from ...protocol.metadata import is_forwarded
+from ...protocol.status import rate_limited_failure
+from ...rules.ratelimit import RateLimiter, client_address
 
 LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/", "/appliance.cache.Peer/")
 # Peer calls: free from ring members' addresses, charged from anyone else's.

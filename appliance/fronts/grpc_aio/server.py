@@ -9,11 +9,11 @@ from grpc_reflection.v1alpha import reflection
 
 from ... import addr as addrs
 from ... import tls as tlsmod
-from ...node.auth import Credentials
+from ...protocol.methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
+from ...rules.auth import Credentials
 from ..base import BaseTransport
 from ..health import SERVICE as HEALTH_SERVICE
 from ..health import grpc_handlers as health_handlers
-from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
 from .rate_interceptor import RateLimitInterceptor
 from .services import DataServices, PeerService
 from .services import credentials as call_credentials
@@ -21,7 +21,7 @@ from .warm import WarmPeerService
 
 if TYPE_CHECKING:
     from ...config import Settings
-    from ...node.instance import NodeInstance
+    from ...rules.node_rules import NodeRules
 
 REFLECTED = (GET_SERVICE, CACHE_SERVICE, PEER_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
 
@@ -40,7 +40,7 @@ class GrpcAioTransport(BaseTransport):
         self._server: grpc.aio.Server | None = None
         self._peer_service: PeerService | None = None
 
-    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
+    async def start(self, instance: NodeRules, host: str, port: int) -> int:
         self._bind(instance)
         interceptors = None
         if self.limiter is not None:

@@ -1,4 +1,4 @@
-"""Our gRPC services as grpc.aio method handlers around a NodeInstance:
+"""Our gRPC services as grpc.aio method handlers around a NodeRules:
 groupcachepb.GroupCache/Get (the seed's), appliance.cache.Cache (GetMany,
 Set, Remove) and appliance.cache.Peer/Forward (node to node).
 
@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, NoReturn, Protocol
 import grpc
 
 from ...cache import errors
-from ...node.auth import Credentials
-from ...node.instance import told, told_all
-from ...node.ratelimit import RateLimiter, client_address
 from ...pb import cache_pb2, groupcache_pb2
-from .. import codec
-from ..metadata import HOT, is_forwarded, ttl_trailer
-from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
-from ..status import failure, internal_failure, rate_limited_failure
+from ...protocol import codec
+from ...protocol.metadata import HOT, is_forwarded, ttl_trailer
+from ...protocol.methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
+from ...protocol.status import failure, internal_failure, rate_limited_failure
+from ...rules.auth import Credentials
+from ...rules.node_rules import told, told_all
+from ...rules.ratelimit import RateLimiter, client_address
 
 if TYPE_CHECKING:
-    from ...node.instance import NodeInstance
+    from ...rules.node_rules import NodeRules
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _remaining(context) -> float | None:
     return context.time_remaining()
 
 
-def peer_trailers(instance: NodeInstance, creds: Credentials, entry) -> tuple[tuple[str, str], ...]:
+def peer_trailers(instance: NodeRules, creds: Credentials, entry) -> tuple[tuple[str, str], ...]:
     """A forwarded Get's trailers: our proof to the peer, the entry's TTL left."""
     trailers = instance.auth.reply_proof(creds)
     return trailers + ttl_trailer(instance.ttl_left(entry)) if entry.expires else trailers
@@ -69,7 +69,7 @@ def credentials(context) -> Credentials:
 class DataServices:
     """GroupCache/Get and the Cache service."""
 
-    def __init__(self, instance: NodeInstance) -> None:
+    def __init__(self, instance: NodeRules) -> None:
         self.instance = instance
 
     async def get(self, request: groupcache_pb2.GetRequest | None, context: ServicerContext):
@@ -196,7 +196,7 @@ class _ServerStream:
 class PeerService:
     """appliance.cache.Peer/Forward: a peer's Gets on one long-lived stream."""
 
-    def __init__(self, instance: NodeInstance, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, instance: NodeRules, limiter: RateLimiter | None = None) -> None:
         """`limiter`: each Get on a stream that is not a proven peer's takes
         a token, as a Get call would."""
         self.instance = instance

@@ -20,12 +20,12 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ..cache import errors
-from ..node.peer_proofs import READ, WRITE, PeerProofs
-from ..node.peers import PeerFacts
 from ..pb import cache_pb2, groupcache_pb2
-from . import wire
-from .metadata import FORWARDED, ttl_from_trailers
-from .status import error_of, from_rpc_error, owner_error
+from ..protocol import framing as wire
+from ..protocol.metadata import FORWARDED, ttl_from_trailers
+from ..protocol.status import error_of, from_rpc_error, owner_error
+from ..rules.peer_proofs import READ, WRITE, PeerProofs
+from ..rules.peers import PeerFacts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -164,7 +164,7 @@ class ForwardStream:
 
 
 class GrpcPeerClient:
-    """appliance.node.peers.PeerClient over one grpc.aio channel, or the
+    """appliance.rules.peers.PeerClient over one grpc.aio channel, or the
     engine's (engine_channel.AioEngineChannel: unary calls only).
 
     `forward` picks how Gets reach the owner: "stream" (Peer.Forward) or

@@ -1,6 +1,6 @@
 """How a node is served and how it reaches its peers, behind one seam.
 
-The cache logic (appliance.node.instance) does not know which gRPC server
+The cache logic (appliance.rules.node_rules) does not know which gRPC server
 library serves it. A backend implements `Transport` (base.py): start,
 stop(grace), new_client(addr) and the value framing. Three backends:
 
@@ -34,7 +34,7 @@ __all__ = ["BACKENDS", "Transport", "choose", "create", "engine_available"]
 def create(settings: Settings, backend: str, *, peer_token: str | None = None) -> Transport:
     """A backend; `peer_token` is what its peer clients present (the cluster's token)."""
     if backend == "engine":
-        from .engine.server import EngineTransport
+        from .grpc_engine.server import EngineTransport
 
         return EngineTransport(settings, peer_token=peer_token)
     if backend == "grpcio":

@@ -12,10 +12,10 @@ from google.protobuf.message import DecodeError, Message
 
 from ..cache import errors
 from ..cache.store import Entry
-from ..node.instance import Change, NodeInstance
 from ..pb import cache_pb2
+from ..rules.node_rules import Change, NodeRules
+from .framing import varint
 from .status import Failure, code_of
-from .wire import varint
 
 M = TypeVar("M", bound=Message)
 
@@ -44,7 +44,7 @@ def call_cost(request: Message | None) -> int:
 
 def get_many_response(keys: list[str], results: list[Entry | errors.CacheError]) -> cache_pb2.GetManyResponse:
     out = cache_pb2.GetManyResponse()
-    ttl_left = NodeInstance.ttl_left
+    ttl_left = NodeRules.ttl_left
     for key, r in zip(keys, results, strict=True):
         if isinstance(r, errors.CacheError):
             out.results.add(key=key, code=code_of(r).value[0], error=str(r) or r.reason)
@@ -113,7 +113,7 @@ def change_response(change: Change) -> cache_pb2.ChangeResponse:
 
 
 def forward_response(request_id: int, entry: Entry) -> cache_pb2.ForwardResponse:
-    return cache_pb2.ForwardResponse(id=request_id, response=entry.data, ttl=NodeInstance.ttl_left(entry))
+    return cache_pb2.ForwardResponse(id=request_id, response=entry.data, ttl=NodeRules.ttl_left(entry))
 
 
 def forward_error(request_id: int, exc: errors.CacheError) -> cache_pb2.ForwardResponse:
@@ -132,7 +132,7 @@ def forward_rate_limited(request_id: int, refusal: Failure) -> cache_pb2.Forward
 def peek_response(entry: Entry | None) -> bytes:
     if entry is None:
         return cache_pb2.PeekResponse(found=False).SerializeToString()
-    return cache_pb2.PeekResponse(found=True, response=entry.data, ttl=NodeInstance.ttl_left(entry)).SerializeToString()
+    return cache_pb2.PeekResponse(found=True, response=entry.data, ttl=NodeRules.ttl_left(entry)).SerializeToString()
 
 
 def handoff_entries(request: cache_pb2.HandoffRequest) -> list[tuple[str, bytes, float]]:

@@ -17,21 +17,21 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from . import addr as addrs
-from . import tls as tlsmod
-from . import transport
-from .cache.group import Loader
-from .logs import event
-from .node.admin import AdminService
-from .node.auth import Authenticator
-from .node.instance import HandoffReport, NodeInstance
-from .node.metrics import NodeMetrics
-from .node.peers import Peers
-from .pb import admin_pb2_grpc
+from .. import addr as addrs
+from .. import fronts as transport
+from .. import tls as tlsmod
+from ..cache.group import Loader
+from ..fronts.admin import AdminService
+from ..logs import event
+from ..pb import admin_pb2_grpc
+from ..rules.auth import Authenticator
+from ..rules.node_rules import HandoffReport, NodeRules
+from ..rules.peers import Peers
+from .metrics import NodeMetrics
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .node.http_api import HttpApi
+    from ..config import Settings
+    from ..fronts.http.api import HttpApi
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Node:
             peek_window=ns.peek_window,
             departed_grace=ns.handoff_timeout + 1.0,
         )
-        self.instance = NodeInstance(
+        self.instance = NodeRules(
             settings,
             loaders,
             self.peers,
@@ -146,7 +146,7 @@ class Node:
         )
 
     async def _start_http(self, port: int) -> None:
-        from .node.http_api import HttpApi
+        from ..fronts.http.api import HttpApi
 
         api = HttpApi(
             self,

@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..cache import errors
-from .auth import Credentials
-from .instance import told
+from ...cache import errors
+from ...rules.auth import Credentials
+from ...rules.node_rules import told
 
 if TYPE_CHECKING:
     import ssl
 
-    from ..serving import Node
-    from .ratelimit import RateLimiter
+    from ...node.serving import Node
+    from ...rules.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

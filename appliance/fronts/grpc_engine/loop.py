@@ -7,7 +7,7 @@ loop's code touches is consistent and still, without being handed to the
 loop (no wakeup write, no callback, no hop).
 
 The engine backend's receiving thread uses it to answer cache hits itself
-(appliance.transport.engine.server). That thread never awaits or blocks
+(appliance.fronts.grpc_engine.server). That thread never awaits or blocks
 while holding the lock, and never touches asyncio objects under it; what
 needs the loop (a miss, a cancel) still goes through call_soon_threadsafe.
 """

@@ -1,5 +1,5 @@
 """appliance.cache.Peer/{Peek,Handoff} as grpc.aio handlers around a
-NodeInstance: what keeps the cache warm across membership changes. Both
+NodeRules: what keeps the cache warm across membership changes. Both
 backends' servers register these methods (the engine's serves them
 from its events, with the same instance calls)."""
 
@@ -11,21 +11,21 @@ from typing import TYPE_CHECKING
 import grpc
 
 from ...cache import errors
-from ...node.ratelimit import client_address
 from ...pb import cache_pb2
-from .. import codec
-from ..methods import PEER_SERVICE
-from ..status import failure, internal_failure
+from ...protocol import codec
+from ...protocol.methods import PEER_SERVICE
+from ...protocol.status import failure, internal_failure
+from ...rules.ratelimit import client_address
 from .services import ServicerContext, credentials
 
 if TYPE_CHECKING:
-    from ...node.instance import NodeInstance
+    from ...rules.node_rules import NodeRules
 
 log = logging.getLogger(__name__)
 
 
 class WarmPeerService:
-    def __init__(self, instance: NodeInstance) -> None:
+    def __init__(self, instance: NodeRules) -> None:
         self.instance = instance
 
     async def peek(self, request: cache_pb2.PeekRequest | None, context: ServicerContext):

@@ -37,24 +37,26 @@ from grpc_reflection.v1alpha import reflection
 from ... import addr as addrs
 from ...cache import errors
 from ...cache.native_store import native_store
-from ...node.auth import Credentials
-from ...node.instance import MAX_BATCH_KEYS, MESSAGE_SLACK, RESULT_OVERHEAD, told, told_all
-from ...node.ratelimit import client_address
 from ...pb import cache_pb2, groupcache_pb2
+from ...peering import engine_channel
+from ...peering.engine_channel import AioEngineChannel
+from ...protocol import codec
+from ...protocol.metadata import FORWARDED, HOT
+from ...protocol.methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
+from ...protocol.status import Failure, failure, internal_failure, rate_limited_failure
+from ...rules.auth import Credentials
+from ...rules.node_rules import MAX_BATCH_KEYS, MESSAGE_SLACK, RESULT_OVERHEAD, told, told_all
+from ...rules.ratelimit import client_address
 from ...tls import TlsFiles
-from .. import codec, engine_channel, health
+from .. import health
 from ..base import BaseTransport
-from ..engine_channel import AioEngineChannel
 from ..grpc_aio.server import REFLECTED, add_services
 from ..grpc_aio.services import PeerService, peer_trailers
-from ..metadata import FORWARDED, HOT
-from ..methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
-from ..status import Failure, failure, internal_failure, rate_limited_failure
 from .loop import lock_of
 
 if TYPE_CHECKING:
     from ...config import Settings
-    from ...node.instance import NodeInstance
+    from ...rules.node_rules import NodeRules
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ class EngineTransport(BaseTransport):
 
     # Lifecycle -----------------------------------------------------------------
 
-    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
+    async def start(self, instance: NodeRules, host: str, port: int) -> int:
         self._bind(instance)
         self._loop = asyncio.get_running_loop()
         self._unary_handlers = self._make_unary_handlers()
@@ -169,7 +171,7 @@ class EngineTransport(BaseTransport):
         self._serve_hits(instance, front)
         return front.bound_port
 
-    def _serve_hits(self, instance: NodeInstance, front: Any) -> None:
+    def _serve_hits(self, instance: NodeRules, front: Any) -> None:
         """Let the engine answer hits from the groups' stores (once a ring
         exists), charging the rate limit's buckets as Python does."""
         limiter = self.limiter
@@ -186,7 +188,7 @@ class EngineTransport(BaseTransport):
             group.collect = functools.partial(self._collect, group, served, {"hot": frozenset()})
         self._collector = asyncio.get_running_loop().create_task(self._keep_collecting(instance))
 
-    async def _start_fallback(self, instance: NodeInstance, front: Any) -> None:
+    async def _start_fallback(self, instance: NodeRules, front: Any) -> None:
         # mkdtemp makes the directory 0700: only this user reaches the socket.
         self._fallback_dir = tempfile.mkdtemp(prefix="appliance-engine-")
         path = os.path.join(self._fallback_dir, "fallback.sock")
@@ -481,7 +483,7 @@ class EngineTransport(BaseTransport):
     # Peer/{Peek,Handoff}: synchronous on the instance, answered where received --
 
     def _peer_call(
-        self, instance: NodeInstance, call_id: int, method: int, payload: bytes, peer: str | None, creds: Credentials
+        self, instance: NodeRules, call_id: int, method: int, payload: bytes, peer: str | None, creds: Credentials
     ) -> None:
         if method == PEEK:
             peek = _parse_peek(payload)
@@ -559,7 +561,7 @@ class EngineTransport(BaseTransport):
             ),
         )
 
-    async def _keep_collecting(self, instance: NodeInstance) -> None:
+    async def _keep_collecting(self, instance: NodeRules) -> None:
         front = self._front
         callee_told = None
         limiter = self.limiter
@@ -567,10 +569,10 @@ class EngineTransport(BaseTransport):
         while front is not None and not self._stopping:
             # A bug here must not stop the counters for good: log it, go on.
             try:
-                # Hits wait for a ring, as NodeInstance.hit does (else: no ring yet).
+                # Hits wait for a ring, as NodeRules.hit does (else: no ring yet).
                 front.open_hits(instance.peers.revision >= 0)
                 # Peers' forwards: checked by their proofs once we know the
-                # address we serve (NodeInstance.from_peer), else on the marker.
+                # address we serve (NodeRules.from_peer), else on the marker.
                 proofs = instance.auth.proofs
                 callee = (None, "", 0) if proofs is None else proofs.callee()
                 if callee is not None and callee != callee_told:

@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING, Protocol
 from .. import tls as tlsmod
 from ..cache.group import Framing
 from ..cache.store import Store, StoreFactory
-from ..node.instance import MESSAGE_SLACK
-from ..node.peer_proofs import PeerProofs
-from ..node.peers import PeerClient, PeerFacts
-from ..node.ratelimit import RateLimiter, TrustedPeers, token_buckets
-from . import wire
+from ..peering.peer_client import PEER_CHANNEL_OPTIONS, GrpcPeerClient, channel
+from ..protocol import framing as wire
+from ..protocol.methods import GET_SERVICE
+from ..rules.node_rules import MESSAGE_SLACK
+from ..rules.peer_proofs import PeerProofs
+from ..rules.peers import PeerClient, PeerFacts
+from ..rules.ratelimit import RateLimiter, TrustedPeers, token_buckets
 from .health import Health
-from .methods import GET_SERVICE
-from .peer_client import PEER_CHANNEL_OPTIONS, GrpcPeerClient, channel
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..node.instance import NodeInstance
+    from ..rules.node_rules import NodeRules
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Transport(Protocol):
 
     def new_client(self, addr: str, facts: PeerFacts) -> PeerClient: ...
 
-    async def start(self, instance: NodeInstance, host: str, port: int) -> int:
+    async def start(self, instance: NodeRules, host: str, port: int) -> int:
         """Serve `instance` on host:port (0: a free port); the port bound."""
         ...
 
@@ -67,7 +67,7 @@ class BaseTransport:
         self._credentials = tlsmod.channel_credentials(settings.tls)
         self.health = Health((GET_SERVICE,))
         self.limiter: RateLimiter | None = None
-        self.instance: NodeInstance | None = None
+        self.instance: NodeRules | None = None
 
     def new_client(self, addr: str, facts: PeerFacts) -> PeerClient:
         return GrpcPeerClient(
@@ -84,7 +84,7 @@ class BaseTransport:
         """The channel a peer client calls through: grpc.aio's here."""
         return channel(addr, options=self._channel_options, credentials=self._credentials)
 
-    def _bind(self, instance: NodeInstance) -> None:
+    def _bind(self, instance: NodeRules) -> None:
         self.instance = instance
         instance.on_serving_change = self.health.set
         ops = self.settings.ops

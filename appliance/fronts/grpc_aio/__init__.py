@@ -1,0 +1,1 @@
+"""The gRPC front on grpcio (a grpc.aio server): the portable path."""

@@ -1,0 +1,1 @@
+"""The HTTP front: a read-only API (api.py) on aiohttp."""

@@ -1,1 +1,0 @@
-"""The engine backend: the Rust front (appliance_engine) and the Python it hands calls to (server.py)."""

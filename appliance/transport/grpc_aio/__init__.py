@@ -1,1 +1,0 @@
-"""The grpcio backend (grpc.aio server), and the peer client both backends use."""
