@@ -1,4 +1,5 @@
-"""The rate limit (appliance.rules.ratelimit) as a grpc.aio interceptor."""
+"""The rate limit (appliance.rules.ratelimit) as a grpc.aio interceptor on
+every call of the table (fronts/calls.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ from ...protocol.codec import call_cost
 from ...protocol.metadata import is_forwarded
 from ...protocol.status import rate_limited_failure
 from ...rules.ratelimit import RateLimiter, client_address
-
-LIMITED_SERVICES = ("/groupcachepb.GroupCache/", "/appliance.cache.Cache/", "/appliance.cache.Peer/")
-# Peer calls: free from ring members' addresses, charged from anyone else's.
-PEER_SERVICE = "/appliance.cache.Peer/"
+from ..calls import BY_PATH
 
 
 class RateLimitInterceptor(grpc.aio.ServerInterceptor):
@@ -28,10 +26,12 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_SERVICES):
+        call = BY_PATH.get(method)
+        if handler is None or call is None:
             return handler
         metadata = handler_call_details.invocation_metadata
-        forwarded = (is_forwarded(metadata) or method.startswith(PEER_SERVICE)) and self._is_peer(metadata)
+        # A peer call goes free from a ring member as a forward does.
+        forwarded = (is_forwarded(metadata) or call.peer_call) and self._is_peer(metadata)
         key = (method, forwarded)
         wrapped = self._wrapped.get(key)
         if wrapped is None or wrapped.request_deserializer is not handler.request_deserializer:

@@ -15,9 +15,8 @@ from ..base import BaseTransport
 from ..health import SERVICE as HEALTH_SERVICE
 from ..health import grpc_handlers as health_handlers
 from .rate_interceptor import RateLimitInterceptor
-from .services import DataServices, PeerService
+from .services import PeerService, unary_handlers
 from .services import credentials as call_credentials
-from .warm import WarmPeerService
 
 if TYPE_CHECKING:
     from ...config import Settings
@@ -49,10 +48,9 @@ class GrpcAioTransport(BaseTransport):
             ]
         server = grpc.aio.server(options=self.message_options, interceptors=interceptors)
         self._peer_service = PeerService(instance, self.limiter)
-        add_services(server, DataServices(instance).handlers())
-        peer = self._peer_service.handlers()
-        peer[PEER_SERVICE].update(WarmPeerService(instance).handlers())
-        add_services(server, peer)
+        services = unary_handlers(instance)
+        services[PEER_SERVICE].update(self._peer_service.handlers()[PEER_SERVICE])
+        add_services(server, services)
         prove = lambda context: instance.auth.reply_proof(call_credentials(context))  # noqa: E731
         add_services(server, {HEALTH_SERVICE: health_handlers(self.health, prove)})
         reflection.enable_server_reflection(REFLECTED, server)

@@ -1,8 +1,8 @@
-"""Our gRPC services as grpc.aio method handlers around a NodeRules:
-groupcachepb.GroupCache/Get (the seed's), appliance.cache.Cache (GetMany,
-Set, Remove) and appliance.cache.Peer/Forward (node to node).
+"""Our gRPC services as grpc.aio method handlers around a NodeRules: every
+call of the table (fronts/calls.py: Get, GetMany, Set, Remove, Peek,
+Handoff) and appliance.cache.Peer/Forward, a peer's Gets on one stream.
 
-The grpcio backend serves all of them; the engine backend serves Peer/Forward
+The grpcio front serves all of them; the engine front serves Peer/Forward
 (a bidirectional stream) through these on its fallback server.
 """
 
@@ -11,26 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import NoReturn, Protocol
 
 import grpc
 
 from ...cache import errors
-from ...pb import cache_pb2, groupcache_pb2
+from ...pb import cache_pb2
 from ...protocol import codec
-from ...protocol.metadata import HOT, is_forwarded, ttl_trailer
-from ...protocol.methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
-from ...protocol.status import failure, internal_failure, rate_limited_failure
+from ...protocol.metadata import is_forwarded
+from ...protocol.methods import PEER_SERVICE
+from ...protocol.status import Failure, failure, rate_limited_failure
 from ...rules.auth import Credentials
-from ...rules.node_rules import told, told_all
+from ...rules.node_rules import NodeRules
 from ...rules.ratelimit import RateLimiter, client_address
-
-if TYPE_CHECKING:
-    from ...rules.node_rules import NodeRules
+from .. import calls
+from ..calls import CallContext
 
 log = logging.getLogger(__name__)
-
-_MALFORMED = errors.InvalidRequest("malformed request")
 
 
 class ServicerContext(Protocol):
@@ -45,16 +42,6 @@ class ServicerContext(Protocol):
     def peer(self) -> str: ...
 
 
-def _remaining(context) -> float | None:
-    return context.time_remaining()
-
-
-def peer_trailers(instance: NodeRules, creds: Credentials, entry) -> tuple[tuple[str, str], ...]:
-    """A forwarded Get's trailers: our proof to the peer, the entry's TTL left."""
-    trailers = instance.auth.reply_proof(creds)
-    return trailers + ttl_trailer(instance.ttl_left(entry)) if entry.expires else trailers
-
-
 def credentials(context) -> Credentials:
     """The call's bearer token and, with mTLS, its certificate's names."""
     auth = context.auth_context() or {}
@@ -66,113 +53,38 @@ def credentials(context) -> Credentials:
     return Credentials.from_metadata(context.invocation_metadata(), identities)
 
 
-class DataServices:
-    """GroupCache/Get and the Cache service."""
+def call_context(rules: NodeRules, context: ServicerContext) -> CallContext:
+    creds = credentials(context)
+    return CallContext(
+        creds,
+        rules.from_peer(is_forwarded(context.invocation_metadata()), creds),
+        context.time_remaining(),
+        client_address(context.peer() or ""),
+    )
 
-    def __init__(self, instance: NodeRules) -> None:
-        self.instance = instance
 
-    async def get(self, request: groupcache_pb2.GetRequest | None, context: ServicerContext):
+def unary_handlers(rules: NodeRules) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
+    """Every call of the table (calls.METHODS), by service and name."""
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for method in calls.METHODS:
+        # No response serializer: every reply is already bytes.
+        handler = grpc.unary_unary_rpc_method_handler(_handler(rules, method), request_deserializer=method.parse)
+        services.setdefault(method.service, {})[method.name] = handler
+    return services
+
+
+def _handler(rules: NodeRules, method: calls.Method):
+    async def handle(request, context: ServicerContext) -> bytes:
         if request is None:
-            await context.abort_with_status(failure(errors.InvalidRequest("malformed GetRequest")))
-        group, key = request.group, request.key
-        instance = self.instance
-        creds = credentials(context)
-        forwarded = instance.from_peer(is_forwarded(context.invocation_metadata()), creds)
-        # The reply is built inside the try too: a bug there would reach
-        # grpc's own catch-all, UNKNOWN with the exception's message.
-        try:
-            entry = instance.hit(group, key, forwarded, None if instance.reads_open else creds)
-            if entry is None:
-                entry = await instance.fill(group, key, forwarded=forwarded, timeout=_remaining(context))
-            if forwarded:
-                context.set_trailing_metadata(peer_trailers(instance, creds, entry))
-            elif instance.hot_owned(group, key):
-                context.set_trailing_metadata((HOT,))
-            return entry.data  # already an encoded GetResponse (wire.py)
-        except errors.CacheError as exc:
-            status = failure(told(exc, instance.shows_cause(creds)), group, key)
-        except Exception as exc:  # a bug: answer INTERNAL and keep serving
-            log.exception("Get %s/%r failed", group, key[:64])
-            status = internal_failure(exc)
-        await context.abort_with_status(status)
+            await context.abort_with_status(method.malformed())
+        outcome = await calls.answer(method, rules, request, call_context(rules, context))
+        if isinstance(outcome, Failure):
+            await context.abort_with_status(outcome)
+        if outcome.trailers:
+            context.set_trailing_metadata(outcome.trailers)
+        return outcome.data
 
-    async def get_many(self, request: cache_pb2.GetManyRequest | None, context: ServicerContext):
-        if request is None:
-            await context.abort_with_status(failure(_MALFORMED))
-        keys = list(request.keys)
-        creds = credentials(context)
-        try:
-            forwarded = self.instance.from_peer(is_forwarded(context.invocation_metadata()), creds)
-            results = await self.instance.get_many(
-                request.group, keys, forwarded=forwarded, timeout=_remaining(context), credentials=creds
-            )
-            if forwarded:
-                context.set_trailing_metadata(self.instance.auth.reply_proof(creds))
-            return codec.encode_get_many_response(keys, told_all(results, self.instance.shows_cause(creds)))
-        except errors.CacheError as exc:
-            status = failure(told(exc, self.instance.shows_cause(creds)), request.group)
-        except Exception as exc:
-            log.exception("GetMany %s failed", request.group)
-            status = internal_failure(exc)
-        await context.abort_with_status(status)
-
-    async def set(self, request: cache_pb2.SetRequest | None, context: ServicerContext):
-        if request is None:
-            await context.abort_with_status(failure(_MALFORMED))
-        try:
-            change = await self.instance.set(
-                request.group,
-                request.key,
-                request.value,
-                request.ttl,
-                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context)),
-                timeout=_remaining(context),
-                credentials=credentials(context),
-            )
-            return codec.change_response(change)
-        except errors.CacheError as exc:
-            status = failure(exc, request.group, request.key)
-        except Exception as exc:
-            log.exception("Set %s/%r failed", request.group, request.key[:64])
-            status = internal_failure(exc)
-        await context.abort_with_status(status)
-
-    async def remove(self, request: cache_pb2.RemoveRequest | None, context: ServicerContext):
-        if request is None:
-            await context.abort_with_status(failure(_MALFORMED))
-        try:
-            change = await self.instance.remove(
-                request.group,
-                request.key,
-                forwarded=self.instance.from_peer(is_forwarded(context.invocation_metadata()), credentials(context)),
-                timeout=_remaining(context),
-                credentials=credentials(context),
-            )
-            return codec.change_response(change)
-        except errors.CacheError as exc:
-            status = failure(exc, request.group, request.key)
-        except Exception as exc:
-            log.exception("Remove %s/%r failed", request.group, request.key[:64])
-            status = internal_failure(exc)
-        await context.abort_with_status(status)
-
-    def handlers(self) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
-        def unary(fn, request_type, response_type=None):
-            return grpc.unary_unary_rpc_method_handler(
-                fn,
-                request_deserializer=codec.parser(request_type),
-                response_serializer=response_type.SerializeToString if response_type else None,
-            )
-
-        return {
-            GET_SERVICE: {"Get": unary(self.get, groupcache_pb2.GetRequest)},
-            CACHE_SERVICE: {
-                "GetMany": unary(self.get_many, cache_pb2.GetManyRequest),  # encoded by messages
-                "Set": unary(self.set, cache_pb2.SetRequest, cache_pb2.ChangeResponse),
-                "Remove": unary(self.remove, cache_pb2.RemoveRequest, cache_pb2.ChangeResponse),
-            },
-        }
+    return handle
 
 
 class _ServerStream:

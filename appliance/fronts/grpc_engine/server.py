@@ -30,28 +30,26 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from ... import addr as addrs
 from ...cache import errors
 from ...cache.native_store import native_store
-from ...pb import cache_pb2, groupcache_pb2
 from ...peering import engine_channel
 from ...peering.engine_channel import AioEngineChannel
 from ...protocol import codec
 from ...protocol.metadata import FORWARDED, HOT
-from ...protocol.methods import CACHE_SERVICE, GET_SERVICE, PEER_SERVICE
 from ...protocol.status import Failure, failure, internal_failure, rate_limited_failure
 from ...rules.auth import Credentials
-from ...rules.node_rules import MAX_BATCH_KEYS, MESSAGE_SLACK, RESULT_OVERHEAD, told, told_all
+from ...rules.node_rules import MAX_BATCH_KEYS, MESSAGE_SLACK, RESULT_OVERHEAD
 from ...rules.ratelimit import client_address
 from ...tls import TlsFiles
-from .. import health
+from .. import calls, health
 from ..base import BaseTransport
+from ..calls import CallContext, Reply
 from ..grpc_aio.server import REFLECTED, add_services
-from ..grpc_aio.services import PeerService, peer_trailers
+from ..grpc_aio.services import PeerService
 from .loop import lock_of
 
 if TYPE_CHECKING:
@@ -60,21 +58,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Method ids are indexes into this list (the front numbers them in order).
-METHODS = (
-    (f"/{GET_SERVICE}/Get", False),
-    (f"/{CACHE_SERVICE}/GetMany", False),
-    (f"/{CACHE_SERVICE}/Set", False),
-    (f"/{CACHE_SERVICE}/Remove", False),
+# Method ids are indexes into this list (the front numbers them in order):
+# the calls of the table, then health.
+CALLS = calls.METHODS
+METHODS = tuple((m.path, False) for m in CALLS) + (
     (f"/{health.SERVICE}/Check", False),
     (f"/{health.SERVICE}/Watch", True),
-    (f"/{PEER_SERVICE}/Peek", False),
-    (f"/{PEER_SERVICE}/Handoff", False),
 )
-GET, GET_MANY, SET, REMOVE, HEALTH_CHECK, HEALTH_WATCH, PEEK, HANDOFF = range(len(METHODS))
-LIMITED = frozenset((GET, GET_MANY, SET, REMOVE, PEEK, HANDOFF))
-# Peer calls: free from ring members' addresses, charged from anyone else's.
-PEER_CALLS = frozenset((PEEK, HANDOFF))
+GET, GET_MANY = CALLS.index(calls.GET), CALLS.index(calls.GET_MANY)
+HEALTH_CHECK, HEALTH_WATCH = len(CALLS), len(CALLS) + 1
 BATCH = 256
 # How often the engine's hit counters and samples reach the groups (and
 # the owner's hot keys reach the engine) when nothing reads them sooner.
@@ -85,10 +77,6 @@ STREAM_FULL = 1
 STREAM_CLOSED = 2
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-_parse_get = groupcache_pb2.GetRequest.FromString
-_parse_peek = codec.parser(cache_pb2.PeekRequest)
-_parse_get_many = codec.parser(cache_pb2.GetManyRequest)
-_parse_handoff = codec.parser(cache_pb2.HandoffRequest)
 
 
 def _name_os_thread(name: bytes) -> None:
@@ -144,7 +132,6 @@ class EngineTransport(BaseTransport):
         self._fallback_dir: str | None = None
         self._peer_service: PeerService | None = None
         self._pump: threading.Thread | None = None
-        self._unary_handlers: dict[int, tuple] = {}
         self._batches: collections.deque = collections.deque()  # received, not yet handled
         self._scheduled = False  # a _drain is queued on the loop
 
@@ -153,7 +140,6 @@ class EngineTransport(BaseTransport):
     async def start(self, instance: NodeRules, host: str, port: int) -> int:
         self._bind(instance)
         self._loop = asyncio.get_running_loop()
-        self._unary_handlers = self._make_unary_handlers()
         try:
             front = self._make_front(addrs.join(host, port))
         except OSError as exc:
@@ -320,65 +306,31 @@ class EngineTransport(BaseTransport):
                     )
                     continue
                 metadata, peer, remaining = details
-                forwarded = FORWARDED in metadata and instance.from_peer(True, Credentials.from_metadata(metadata))
-                if limiter is not None and method in LIMITED:
-                    client = client_address(peer or "")
-                    cost = codec.call_cost(_parse_get_many(payload)) if method == GET_MANY else 1
-                    peer_call = method in PEER_CALLS and instance.from_peer(True, Credentials.from_metadata(metadata))
-                    wait = limiter.admit(client, forwarded=forwarded or peer_call, cost=cost)
+                if method >= len(CALLS):
+                    self._health(front, call_id, method, payload, metadata, spawn)
+                    continue
+                call = CALLS[method]
+                request = call.parse(payload)
+                creds = Credentials.from_metadata(metadata, names or ())
+                forwarded = FORWARDED in metadata and instance.from_peer(True, creds)
+                client = client_address(peer or "")
+                if limiter is not None:  # charged before anything else, a malformed call too
+                    free = forwarded or (call.peer_call and instance.from_peer(True, creds))
+                    wait = limiter.admit(client, forwarded=free, cost=codec.call_cost(request))
                     if wait:
                         buckets = limiter.buckets
                         self._fail(call_id, rate_limited_failure(wait, client, buckets.rate, buckets.burst))
                         continue
-                if method == GET:
-                    # The fast path: a hit costs no task, no context, no copy.
-                    try:
-                        request = _parse_get(payload)
-                    except DecodeError:
-                        self._fail(call_id, failure(errors.InvalidRequest("malformed GetRequest")))
-                        continue
-                    group, key = request.group, request.key
-                    try:
-                        entry = instance.hit(
-                            group,
-                            key,
-                            forwarded,
-                            None if instance.reads_open else Credentials.from_metadata(metadata, names or ()),
-                        )
-                    except errors.CacheError as exc:
-                        self._fail(call_id, failure(exc, group, key))
-                        continue
-                    except Exception as exc:  # a bug: answer INTERNAL and keep serving
-                        log.exception("Get %s/%r failed", group, key[:64])
-                        self._fail(call_id, internal_failure(exc))
-                        continue
-                    if entry is None:
-                        creds = Credentials.from_metadata(metadata, names or ())
-                        spawn(call_id, self._fill(call_id, group, key, forwarded, remaining, creds))
-                    elif forwarded:
-                        trailers = peer_trailers(instance, Credentials.from_metadata(metadata), entry)
-                        front.respond(call_id, entry.data, None, list(trailers))
-                    elif instance.hot_owned(group, key):
-                        front.respond(call_id, entry.data, None, [HOT])
-                    else:
-                        front.respond(call_id, entry.data)
-                elif method == HEALTH_CHECK:
-                    self._health_check(
-                        front, call_id, payload, instance.auth.reply_proof(Credentials.from_metadata(metadata))
-                    )
-                elif method == HEALTH_WATCH:
-                    watch = codec.parser(health_pb2.HealthCheckRequest)(payload)
-                    if watch is None:
-                        self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
-                    else:
-                        spawn(call_id, self._health_watch(call_id, watch.service))
-                elif method == PEEK or method == HANDOFF:
-                    creds = Credentials.from_metadata(metadata, names or ())
-                    self._peer_call(instance, call_id, method, payload, peer, creds)
+                if request is None:
+                    self._fail(call_id, call.malformed())
+                    continue
+                ctx = CallContext(creds, forwarded, remaining, client)
+                # A hit, a peek, a handoff: answered here, no task, no copy.
+                outcome = calls.answer_now(call, instance, request, ctx)
+                if outcome is None:
+                    spawn(call_id, self._later(call_id, call, request, ctx))
                 else:
-                    handle = self._unary_handlers[method]
-                    creds = Credentials.from_metadata(metadata, names or ())
-                    spawn(call_id, self._unary(call_id, handle, payload, forwarded, remaining, creds))
+                    self._send(call_id, outcome)
             except Exception as exc:  # a bug: answer INTERNAL and keep serving
                 log.exception("call to %s failed", METHODS[method][0] if 0 <= method < len(METHODS) else method)
                 self._fail(call_id, internal_failure(exc))
@@ -405,114 +357,29 @@ class EngineTransport(BaseTransport):
         elif self._front is not None:
             self._front.respond(call_id, data, None, trailers)
 
-    async def _fill(
-        self, call_id: int, group: str, key: str, forwarded: bool, remaining: float | None, creds: Credentials
-    ) -> None:
-        instance = self.instance
-        assert instance is not None  # bound in start()
-        try:
-            entry = await instance.fill(group, key, forwarded=forwarded, timeout=remaining)
-        except errors.CacheError as exc:
-            shown = instance.shows_cause(creds)
-            self._fail(call_id, failure(told(exc, shown), group, key))
-            return
-        except Exception as exc:
-            log.exception("Get %s/%r failed", group, key[:64])
-            self._fail(call_id, internal_failure(exc))
-            return
-        self._respond(call_id, entry.data, list(peer_trailers(instance, creds, entry)) if forwarded else None)
-
-    # The Cache service: parse, run against the instance, encode ---------------
-
-    def _make_unary_handlers(self) -> dict[int, tuple]:
-        instance = self.instance
-        assert instance is not None  # start() binds it first
-
-        async def get_many(request: cache_pb2.GetManyRequest, forwarded: bool, timeout, creds: Credentials):
-            keys = list(request.keys)
-            results = await instance.get_many(
-                request.group, keys, forwarded=forwarded, timeout=timeout, credentials=creds
-            )
-            return codec.encode_get_many_response(keys, told_all(results, instance.shows_cause(creds)))
-
-        async def set_(request: cache_pb2.SetRequest, forwarded: bool, timeout, creds: Credentials):
-            change = await instance.set(
-                request.group,
-                request.key,
-                request.value,
-                request.ttl,
-                forwarded=forwarded,
-                timeout=timeout,
-                credentials=creds,
-            )
-            return codec.change_response(change)
-
-        async def remove(request: cache_pb2.RemoveRequest, forwarded: bool, timeout, creds: Credentials):
-            change = await instance.remove(
-                request.group, request.key, forwarded=forwarded, timeout=timeout, credentials=creds
-            )
-            return codec.change_response(change)
-
-        return {
-            GET_MANY: ("GetMany", codec.parser(cache_pb2.GetManyRequest), get_many),
-            SET: ("Set", codec.parser(cache_pb2.SetRequest), set_),
-            REMOVE: ("Remove", codec.parser(cache_pb2.RemoveRequest), remove),
-        }
-
-    async def _unary(
-        self, call_id: int, handle, payload: bytes, forwarded: bool, remaining: float | None, creds: Credentials
-    ) -> None:
-        name, parse, run = handle
-        request = parse(payload)
-        if request is None:
-            self._fail(call_id, failure(errors.InvalidRequest("malformed request")))
-            return
-        group, key = request.group, getattr(request, "key", "")
-        try:
-            reply = await run(request, forwarded, remaining, creds)
-            assert self.instance is not None  # bound in start()
-            proof = list(self.instance.auth.reply_proof(creds)) if forwarded else None
-            self._respond(call_id, reply if isinstance(reply, bytes) else reply.SerializeToString(), proof or None)
-        except errors.CacheError as exc:
-            assert self.instance is not None  # bound in start()
-            self._fail(call_id, failure(told(exc, self.instance.shows_cause(creds)), group, key))
-        except Exception as exc:
-            log.exception("%s %s/%r failed", name, group, key[:64])
-            self._fail(call_id, internal_failure(exc))
-
-    # Peer/{Peek,Handoff}: synchronous on the instance, answered where received --
-
-    def _peer_call(
-        self, instance: NodeRules, call_id: int, method: int, payload: bytes, peer: str | None, creds: Credentials
-    ) -> None:
-        if method == PEEK:
-            peek = _parse_peek(payload)
-            if peek is None:
-                self._fail(call_id, failure(errors.InvalidRequest("malformed PeekRequest")))
-                return
-            try:
-                reply = codec.peek_response(instance.peek(peek.group, peek.key, creds))
-            except errors.CacheError as exc:
-                self._fail(call_id, failure(exc, peek.group, peek.key))
-                return
-            self._respond(call_id, reply, list(instance.auth.reply_proof(creds)) or None)
-            return
+    def _send(self, call_id: int, outcome: Reply | Failure) -> None:
+        if isinstance(outcome, Failure):
+            self._fail(call_id, outcome)
         else:
-            handoff = _parse_handoff(payload)
-            if handoff is None:
-                self._fail(call_id, failure(errors.InvalidRequest("malformed HandoffRequest")))
-                return
-            try:
-                accepted, refused = instance.receive_handoff(
-                    handoff.source, client_address(peer or ""), handoff.group, codec.handoff_entries(handoff), creds
-                )
-            except errors.CacheError as exc:
-                self._fail(call_id, failure(exc, handoff.group))
-                return
-            reply = codec.handoff_response(accepted, refused)
-        self._respond(call_id, reply)
+            self._respond(call_id, outcome.data, list(outcome.trailers) or None)
+
+    async def _later(self, call_id: int, call: calls.Method, request: Any, ctx: CallContext) -> None:
+        assert self.instance is not None  # bound in start()
+        self._send(call_id, await calls.answer_later(call, self.instance, request, ctx))
 
     # Health ----------------------------------------------------------------------
+
+    def _health(self, front: Any, call_id: int, method: int, payload: bytes, metadata, spawn) -> None:
+        if method == HEALTH_CHECK:
+            assert self.instance is not None  # bound in start()
+            proof = self.instance.auth.reply_proof(Credentials.from_metadata(metadata))
+            self._health_check(front, call_id, payload, proof)
+            return
+        watch = codec.parser(health_pb2.HealthCheckRequest)(payload)
+        if watch is None:
+            self._fail(call_id, failure(errors.InvalidRequest("malformed HealthCheckRequest")))
+        else:
+            spawn(call_id, self._health_watch(call_id, watch.service))
 
     def _health_check(self, front: Any, call_id: int, payload: bytes, proof: tuple = ()) -> None:
         request = codec.parser(health_pb2.HealthCheckRequest)(payload)

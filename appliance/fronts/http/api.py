@@ -1,9 +1,9 @@
 """HTTP read API of one worker: `GET /groups/{group}/keys/{key}`.
 
 Each worker serves it on `ops.http_base_port + i` (its own event loop, next
-to its gRPC server) and calls the node's `instance.get(group, key)` itself: the same
-validation, singleflight, ring routing and counters as a gRPC Get, with no
-extra hop. A per-box endpoint in the controller was the alternative; the
+to its gRPC server) and runs the Get of the calls table (fronts/calls.py)
+itself: the same validation, singleflight, ring routing and counters as a
+gRPC Get, with no extra hop. A per-box endpoint in the controller was the alternative; the
 controller is synchronous and owns no groups, so every request would cost a
 thread and a gRPC call to a worker, and one process would carry all of the
 box's HTTP traffic. Per worker, HTTP scales with the workers, and a load
@@ -40,6 +40,8 @@ from aiohttp import web
 from ...cache import errors
 from ...rules.auth import Credentials
 from ...rules.node_rules import told
+from .. import calls
+from ..calls import CallContext
 
 if TYPE_CHECKING:
     import ssl
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The HTTP status of each error kind (cache/errors.py); transport/status.py
+# The HTTP status of each error kind (cache/errors.py); protocol/status.py
 # maps the same kinds to gRPC codes. A node without a ring yet (NotServing)
 # or draining answers 503 as gRPC answers UNAVAILABLE.
 STATUS = {
@@ -215,8 +217,9 @@ class HttpApi:
         key = request.match_info["key"]
         instance = self.node.instance
         credentials = Credentials(request.headers.get("Authorization"))
+        ctx = CallContext(credentials, False, None, request.remote or "")
         try:
-            entry = await instance.get(group_name, key, credentials=None if instance.reads_open else credentials)
+            entry = await calls.run(calls.GET, instance, calls.Key(group_name, key), ctx)
         except errors.CacheError as exc:
             status = STATUS[exc.kind]
             if isinstance(exc, errors.KeyNotFound):
