@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 from .. import tls as tlsmod
 from ..cache.group import Framing
 from ..cache.store import Store, StoreFactory
+from ..peering.breaker import Breaker
 from ..peering.peer_client import PEER_CHANNEL_OPTIONS, GrpcPeerClient, channel
 from ..protocol import framing as wire
 from ..protocol.methods import GET_SERVICE
@@ -70,15 +71,15 @@ class BaseTransport:
         self.instance: NodeRules | None = None
 
     def new_client(self, addr: str, facts: PeerFacts) -> PeerClient:
-        return GrpcPeerClient(
+        calls = GrpcPeerClient(
             addr,
             self._peer_channel(addr),
-            max_wait=self.settings.node.peer_timeout,
             forward=self.forward,
             facts=facts,
             proofs=self._proofs,
             accept_unproven_plain_get=self.settings.cluster.seed_interop,
         )
+        return Breaker(calls, facts, max_wait=self.settings.node.peer_timeout)
 
     def _peer_channel(self, addr: str):
         """The channel a peer client calls through: grpc.aio's here."""

@@ -1,7 +1,8 @@
-"""A node's client for one peer, over one grpc.aio channel or the engine's.
+"""A node's calls to one peer, over one grpc.aio channel or the engine's.
 
-Every server backend uses it: the engine's transport on the engine's own
-client (transport/engine_channel.py), the others on grpc.aio. Gets go to the
+Every front uses it: the engine's on the engine's own client
+(engine_channel.py), the others on grpc.aio. A node holds it behind a
+Breaker (breaker.py), which decides how long each call may take. Gets go to the
 owner over one long-lived `appliance.cache.Peer/Forward` stream (a message
 on an open stream costs a fraction of a unary call in grpc.aio), or as
 unary calls; a peer without our services (a seed Go node) gets the seed's
@@ -13,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -28,28 +29,11 @@ from ..rules.peer_proofs import READ, WRITE, PeerProofs
 from ..rules.peers import PeerFacts
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _METADATA = (FORWARDED,)
 # A stream that ends with one of these before any answer may be a peer
 # without Peer/Forward (INTERNAL: see ForwardStream.unanswered_code).
 _NO_STREAM_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
-# A health check is answered by the peer's server, not its origin: a peer
-# that is up answers one in milliseconds even while its loads are slow.
-PROBE_S = 1.0
-# A read the owner has not answered this soon (or within half its first
-# wait) starts a health probe, unless the owner answered something since
-# the read was sent: by the half-deadline point the forwarder then knows
-# whether the owner's server is alive (slow origin: keep waiting) or silent
-# (frozen, cut off: load locally, as before).
-ALIVE_AFTER_S = 0.1
-# What a forwarder waiting out a live owner leaves of the caller's deadline
-# (at most this share of it): the reply still has to travel back.
-PATIENCE_MARGIN_S = 0.1
-PATIENCE_MARGIN_SHARE = 0.05
-# While waiting out a live owner, it is asked again this often (a probe
-# takes up to PROBE_S): one that froze after its last answer is left then.
-REPROBE_S = PROBE_S * 1.5
 # A peer that comes back must be reachable at once. grpc shares subchannels
 # between channels to one address, so without a local pool the channel made
 # for a peer that rejoins the ring inherits the old one's reconnect backoff
@@ -164,8 +148,8 @@ class ForwardStream:
 
 
 class GrpcPeerClient:
-    """appliance.rules.peers.PeerClient over one grpc.aio channel, or the
-    engine's (engine_channel.AioEngineChannel: unary calls only).
+    """breaker.PeerCalls over one grpc.aio channel, or the engine's
+    (engine_channel.AioEngineChannel: unary calls only).
 
     `forward` picks how Gets reach the owner: "stream" (Peer.Forward) or
     "unary" (GroupCache/Get marked as forwarded)."""
@@ -175,8 +159,6 @@ class GrpcPeerClient:
         addr: str,
         channel: grpc.aio.Channel,
         *,
-        max_wait: float,
-        share: float = 0.5,
         forward: str = "stream",
         proofs: PeerProofs | None = None,
         accept_unproven_plain_get: bool = False,
@@ -190,8 +172,6 @@ class GrpcPeerClient:
         self.facts = facts if facts is not None else PeerFacts()
         self._use_stream = forward == "stream"
         self.channel = channel
-        self._max_wait = max_wait
-        self._share = share
         self._proofs = proofs
         self._accept_unproven = accept_unproven_plain_get
         # Made at the first streamed Get: the engine's channel has unary calls only.
@@ -232,72 +212,21 @@ class GrpcPeerClient:
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
-        self._probe: asyncio.Future | None = None
 
-    def _wait(self, timeout: float | None) -> float:
-        # Leave part of the caller's time for a local load if the owner fails.
-        return self._max_wait if timeout is None else min(self._max_wait, timeout * self._share)
-
-    def _patience(self, timeout: float | None, first: float, wait: float) -> float:
-        """How long a read may wait for an owner whose server is alive, from
-        when it is sent: the caller's deadline less a margin, at most the
-        peer timeout (never less than `wait`, what is left of `first` after
-        _admit)."""
-        if timeout is None:
-            return wait
-        spent = first - wait  # waiting on a probe in _admit
-        margin = min(PATIENCE_MARGIN_S, timeout * PATIENCE_MARGIN_SHARE)
-        return max(wait, min(self._max_wait, timeout - margin) - spent)
-
-    async def _patiently(
-        self, fetch: Callable[[float], Awaitable[T]], started: float, wait: float, patience: float
-    ) -> T:
-        """fetch(patience)'s answer. At `wait` without one, the read goes on
-        only if the owner's server answered anything since `started` (a
-        probe started after ALIVE_AFTER_S asks): an owner that is alive and
-        loading the key is waited for up to `patience`, so the cluster
-        loads it once; a silent one (frozen, cut off, not connected) is
-        left at `wait`, and the caller loads locally in the time left."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(fetch(patience))
-        span = wait
+    async def answers(self, wait: float) -> bool:
+        """Whether the peer's server answers a health check within `wait`
+        (any status but UNAVAILABLE and DEADLINE_EXCEEDED is an answer)."""
         try:
-            if patience > wait:
-                await asyncio.wait([task], timeout=min(ALIVE_AFTER_S, wait / 2))
-                if not task.done() and not self.facts.heard_since(started) and not self.facts.probing:
-                    if self.facts.read_allowed() and self._connected():
-                        self._start_probe()
-            await asyncio.wait([task], timeout=max(0.0, started + wait - loop.time()))
-            if not task.done() and patience > wait and self.facts.heard_since(started):
-                span = patience  # alive: its answer is worth the wait, while it stays alive
-                await self._while_alive(task, started + patience)
-            if not task.done():
-                raise errors.PeerError(f"{self.addr}: no answer within {span:.3f}s")
-            result = task.result()
-        except errors.CacheError as exc:
-            self._settle(started, span, exc)
+            await self._health(health_pb2.HealthCheckRequest(), timeout=wait)
+            return True
+        except grpc.aio.AioRpcError as err:
+            return err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        except asyncio.CancelledError:
             raise
-        finally:
-            if not task.done():
-                task.cancel()
-        self._settle(started, span, None)
-        return result
+        except Exception:  # the channel closed under us
+            return False
 
-    async def _while_alive(self, task: asyncio.Future, until: float) -> None:
-        """Wait for `task` until `until` (the loop's clock), asking the owner
-        again about every REPROBE_S: an owner that stops answering (frozen
-        after its last answer) is left at once, so the caller loads the key
-        locally in the time that is left."""
-        loop = asyncio.get_running_loop()
-        while not task.done() and (left := until - loop.time()) > 0:
-            asked = loop.time()
-            if not self.facts.probing and self.facts.read_allowed() and self._connected():
-                self._start_probe()
-            await asyncio.wait([task], timeout=min(left, REPROBE_S))
-            if not task.done() and loop.time() < until and not self.facts.heard_since(asked):
-                return  # silent since we asked: no longer worth waiting for
-
-    def _connected(self) -> bool:
+    def connected(self) -> bool:
         try:
             return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
         except Exception:  # closed under us by a ring change (grpc.aio.UsageError)
@@ -338,76 +267,12 @@ class GrpcPeerClient:
         """Whether Gets go over Peer/Forward (not to a peer known to lack it)."""
         return self._use_stream and not self.facts.plain_get_only
 
-    async def _admit(self, wait: float) -> tuple[float, float]:
-        """(now on the loop's clock, what is left of the read's `wait`);
-        PeerError at once while the breaker is open (PeerFacts): the caller
-        loads locally without waiting, and a probe in the background finds
-        out when the peer answers again."""
-        facts, probe = self.facts, self._probe
-        if facts.probing and probe is not None and not probe.done():
-            # A read just went unanswered and a probe is asking: its answer
-            # decides this read, not another timeout. The wait counts.
-            before = asyncio.get_running_loop().time()
-            await asyncio.wait([probe], timeout=min(PROBE_S, wait))
-            wait -= asyncio.get_running_loop().time() - before
-            if not probe.done() and wait <= 0.01:
-                raise errors.PeerError(f"{self.addr}: no answer yet to a probe, and this read's time is up")
-        now = asyncio.get_running_loop().time()
-        if facts.read_allowed():
-            return now, wait
-        if facts.probe_due(now):
-            self._start_probe()
-        raise errors.PeerError(f"{self.addr}: not answering (asked again in the background)")
-
-    def _start_probe(self) -> None:
-        self.facts.probing = True
-        self._probe = asyncio.ensure_future(self._run_probe())
-
-    async def _run_probe(self) -> None:
-        facts = self.facts
-        try:
-            await self._health(health_pb2.HealthCheckRequest(), timeout=min(self._max_wait, PROBE_S))
-            answered = True
-        except grpc.aio.AioRpcError as err:  # any status but no answer is an answer
-            answered = err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        except asyncio.CancelledError:
-            facts.probing = False
-            raise
-        except Exception:  # the channel closed under us
-            answered = False
-        was_open = not facts.read_allowed()
-        facts.probed(asyncio.get_running_loop().time(), answered)
-        if was_open and answered:
-            log.info("%s answers again: forwarding to it", self.addr)
-        elif not was_open and not answered:
-            log.warning("%s does not answer: loading its keys locally until it does", self.addr)
-
-    def _settle(self, started: float, wait: float, error: errors.CacheError | None) -> None:
-        """Tell the breaker how a read went: answered (any owner answer), or
-        unanswered (timed out, or the channel is not connected)."""
-        now = asyncio.get_running_loop().time()
-        if error is None or not isinstance(error, errors.PeerError):
-            self.facts.read_answered(now)
-            return
-        connected = self._connected()
-        if connected and now - started < 0.9 * wait:
-            return  # an answer of sorts (a reset stream, a refused call): not silence
-        was_open = not self.facts.read_allowed()
-        if self.facts.read_unanswered(now, connected):
-            self._start_probe()
-        elif not was_open and not self.facts.read_allowed():
-            log.warning("%s is not connected: loading its keys locally until it answers", self.addr)
-
-    async def get(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float]:
-        first = self._wait(timeout)
-        started, wait = await self._admit(first)
-        return await self._patiently(
-            lambda budget: self._get_any(group, key, budget), started, wait, self._patience(timeout, first, wait)
-        )
-
-    async def _get_any(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
+    async def get(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
         if not self.streaming:
             return await self._get_unary(group, key, wait)
+        return await self._get_streamed(group, key, wait)
+
+    async def _get_streamed(self, group: str, key: str, wait: float) -> tuple[bytes, float]:
         stream = self._stream
         if stream is None or stream.broken is not None:
             if stream is not None:
@@ -475,16 +340,9 @@ class GrpcPeerClient:
         except Exception as exc:  # undecodable: treat the owner as failed
             raise errors.PeerError(f"{self.addr}: bad GetResponse: {exc}") from None
 
-    async def get_many(self, group: str, keys: list[str], timeout: float | None) -> dict:
-        first = self._wait(timeout)
-        started, wait = await self._admit(first)
+    async def get_many(self, group: str, keys: list[str], wait: float) -> dict:
         request = cache_pb2.GetManyRequest(group=group, keys=keys)
-        response, _ = await self._patiently(
-            lambda budget: self._call(self._get_many, request, budget, proven=True),
-            started,
-            wait,
-            self._patience(timeout, first, wait),
-        )
+        response, _ = await self._call(self._get_many, request, wait, proven=True)
         out: dict[str, tuple[bytes, float] | errors.CacheError] = {}
         for r in response.results:
             out[r.key] = (r.value, r.ttl) if r.code == 0 else error_of(r.code, r.error)
@@ -492,20 +350,13 @@ class GrpcPeerClient:
             out[key] = errors.PeerError(f"{self.addr} did not answer for {key!r}")
         return out
 
-    async def set(self, group: str, key: str, value: bytes, ttl: float, timeout: float | None) -> None:
-        await self._call(
-            self._set,
-            cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl),
-            self._wait(timeout),
-            scope=WRITE,
-        )
+    async def set(self, group: str, key: str, value: bytes, ttl: float, wait: float) -> None:
+        await self._call(self._set, cache_pb2.SetRequest(group=group, key=key, value=value, ttl=ttl), wait, scope=WRITE)
 
-    async def remove(self, group: str, key: str, timeout: float | None) -> None:
-        await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), self._wait(timeout), scope=WRITE)
+    async def remove(self, group: str, key: str, wait: float) -> None:
+        await self._call(self._remove, cache_pb2.RemoveRequest(group=group, key=key), wait, scope=WRITE)
 
-    async def peek(self, group: str, key: str, timeout: float | None) -> tuple[bytes, float] | None:
-        # The caller's own short deadline, not a share of it: a peek has no fallback to leave time for.
-        wait = timeout if timeout is not None else self._max_wait
+    async def peek(self, group: str, key: str, wait: float) -> tuple[bytes, float] | None:
         response, _ = await self._call(self._peek, cache_pb2.PeekRequest(group=group, key=key), wait, proven=True)
         if not response.found:
             return None
@@ -515,19 +366,16 @@ class GrpcPeerClient:
             raise errors.PeerError(f"{self.addr}: bad PeekResponse: {exc}") from None
 
     async def handoff(
-        self, source: str, group: str, entries: list[tuple[str, bytes, float]], timeout: float | None
+        self, source: str, group: str, entries: list[tuple[str, bytes, float]], wait: float
     ) -> tuple[int, int]:
         request = cache_pb2.HandoffRequest(source=source, group=group)
         add = request.entries.add
         for key, value, ttl in entries:
             add(key=key, value=value, ttl=ttl)
-        wait = timeout if timeout is not None else self._max_wait
         response, _ = await self._call(self._handoff, request, wait, scope=WRITE)
         return response.accepted, response.refused
 
     async def close(self, grace: float | None = None) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
         if self._stream is not None:
             self._stream.close()
         await self.channel.close(grace)

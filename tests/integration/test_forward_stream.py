@@ -27,7 +27,7 @@ async def test_each_backend_forwards_its_own_way_by_default():
     async with cluster(2, origin, hot_cache_mirror=0.0) as (a, b):
         remote = [k for k in origin.data if a.peers.owner(k) == b.addr][:5]
         assert await asyncio.gather(*(get(a.addr, k) for k in remote)) == [origin.data[k] for k in remote]
-        client = a.peers.client(b.addr)
+        client = a.peers.client(b.addr).calls
         assert client.streaming is (a.backend == "grpcio")
         assert (client._stream is not None) is (a.backend == "grpcio")
         assert isinstance(client.channel, AioEngineChannel) is (a.backend == "engine")
@@ -40,7 +40,7 @@ async def test_forwarded_gets_share_one_stream_and_keep_statuses():
         remote = [k for k in origin.data if a.peers.owner(k) == b.addr]
         values = await asyncio.gather(*(get(a.addr, k) for k in remote))
         assert values == [origin.data[k] for k in remote]
-        client = a.peers.client(b.addr)
+        client = a.peers.client(b.addr).calls
         stream = client._stream
         assert stream is not None and stream.broken is None and client.streaming
         assert a.groups["g"].stats.peer_loads == len(remote)
@@ -62,7 +62,7 @@ async def test_graceful_stop_is_not_held_by_open_peer_streams():
     async with cluster(2, origin, forward="stream") as (a, b):
         remote = next(k for k in origin.data if a.peers.owner(k) == b.addr)
         await get(a.addr, remote)
-        assert a.peers.client(b.addr)._stream.broken is None
+        assert a.peers.client(b.addr).calls._stream.broken is None
         # b has an idle stream from a open; its stop must not wait 30 s for it.
         await asyncio.wait_for(b.stop(grace=30), 10)
         other = next(k for k in origin.data if a.peers.owner(k) == b.addr and k != remote)
@@ -81,7 +81,7 @@ async def test_peer_without_the_stream_service_gets_plain_gets():
             for k in keys:
                 assert await get(a.addr, k) == b"from-go:" + k.encode()
             assert served == keys
-            assert a.peers.client(go).streaming is False
+            assert a.peers.client(go).calls.streaming is False
             assert a.groups["g"].stats.peer_errors == 0
     finally:
         await server.stop(0)
@@ -104,11 +104,11 @@ async def test_peer_without_the_stream_service_is_recognised_on_every_fresh_stre
                 served.clear()
                 values = await asyncio.gather(*(get(a.addr, k) for k in keys[:3]))  # together, on the first stream
                 assert values == [b"from-go:" + k.encode() for k in keys[:3]]
-                assert a.peers.client(go).streaming is False
+                assert a.peers.client(go).calls.streaming is False
                 assert await get(a.addr, keys[3]) == b"from-go:" + keys[3].encode()
                 a.set_peers([a.addr], 3)  # the Go node leaves ...
                 a.set_peers([a.addr, go], 4)  # ... and rejoins: a new client, told already
-                assert a.peers.client(go).streaming is False
+                assert a.peers.client(go).calls.streaming is False
                 for k in keys[4:]:
                     assert await get(a.addr, k) == b"from-go:" + k.encode()
                 assert sorted(served) == sorted(keys)
@@ -129,7 +129,7 @@ async def test_peer_that_is_down_is_not_taken_for_one_without_the_stream():
         keys = [k for k in origin.data if a.peers.owner(k) == dead][:2]
         for k in keys:
             assert await get(a.addr, k) == b"local"
-        assert a.peers.client(dead).streaming is True
+        assert a.peers.client(dead).calls.streaming is True
         assert a.groups["g"].stats.peer_errors == 2
         assert origin.calls == keys
 

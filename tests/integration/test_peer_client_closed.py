@@ -8,15 +8,18 @@ from __future__ import annotations
 import pytest
 
 from appliance.cache import errors
+from appliance.peering.breaker import Breaker
 from appliance.peering.peer_client import GrpcPeerClient, channel
+from appliance.rules.peers import PeerFacts
 from support.ports import free_port
 
 
 @pytest.mark.parametrize("forward", ["stream", "unary"])
 async def test_a_read_on_a_closed_channel_is_a_peer_error(forward):
     addr = f"127.0.0.1:{free_port()}"
-    client = GrpcPeerClient(addr, channel(addr, options=[], credentials=None), max_wait=1.0, forward=forward)
-    await client.channel.close()
+    calls = GrpcPeerClient(addr, channel(addr, options=[], credentials=None), forward=forward)
+    client = Breaker(calls, PeerFacts(), max_wait=1.0)
+    await calls.channel.close()
     for read in (
         lambda: client.get("g", "k", 2.0),
         lambda: client.get_many("g", ["k"], 2.0),

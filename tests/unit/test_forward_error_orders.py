@@ -110,17 +110,17 @@ async def test_each_observed_error_order_ends_in_plain_gets(order):
     try:
         async with cluster(1, origin, forward="stream") as (a,):
             a.set_peers([a.addr, go], 2)
-            forward = a.peers.client(go)._forward = ReplayedForward(ORDERS[order])
+            forward = a.peers.client(go).calls._forward = ReplayedForward(ORDERS[order])
             keys = [k for k in (f"k{i}" for i in range(400)) if a.peers.owner(k) == go][:6]
             values = await asyncio.gather(*(get(a.addr, k) for k in keys[:3]))  # together, on the first stream
             assert values == [b"from-go:" + k.encode() for k in keys[:3]]
-            assert a.peers.client(go).streaming is False
+            assert a.peers.client(go).calls.streaming is False
             streams = forward.calls
             assert await get(a.addr, keys[3]) == b"from-go:" + keys[3].encode()
             assert forward.calls == streams  # no new stream
             a.set_peers([a.addr], 3)  # the Go node leaves ...
             a.set_peers([a.addr, go], 4)  # ... and rejoins: a new client
-            rejoined = a.peers.client(go)
+            rejoined = a.peers.client(go).calls
             rejoined._forward = ReplayedForward(ORDERS[order])
             assert rejoined.streaming is False
             for k in keys[4:]:
