@@ -207,44 +207,59 @@ class Follower:
         self._install(etcd.peers_of(members), revision)
 
     def steps(self, post: Callable[[int, object], None]) -> Generator[Step, Done, None]:
-        """The follow loop; `post(watch, item)` must queue an item for the
-        driver's Wait, from any thread."""
+        """The follow loop, etcd.retrying's; `post(watch, item)` must queue
+        an item for the driver's Wait, from any thread."""
         # Capped at poll_interval: with no watch, a re-read that often.
         backoff = etcd.Backoff(cap=self.members.poll_interval)
+        loop = etcd.retrying(functools.partial(self._follow, post), self._lost, backoff)
+        done: Done | None = None
         while True:
-            try:
-                if self._client is None:
-                    self.reset(*(yield Call(self.open)).result())
-                self._watch += 1
-                (yield Call(self.watch, self._revision + 1, functools.partial(post, self._watch))).result()
-                while True:
-                    item = (yield Wait(self.members.poll_interval)).result()
-                    if item is None:  # quiet for a while: make sure with a re-read
-                        self.reset(*(yield Call(self.reread)).result())
-                    else:
-                        watch, response = item
-                        if watch != self._watch:
-                            continue  # from a watch given up already
-                        if isinstance(response, BaseException):
-                            raise response
-                        self.reset(*etcd.apply_events(self._state, self._revision, response))
-                    self._working(backoff)
-            except Exception as exc:
-                # Once per outage, not once per retry.
-                level = logging.WARNING if self._healthy else logging.DEBUG
-                self._healthy = False
-                log.log(
-                    level,
-                    "ring watch on %s lost (%s: %s); reading it again every %.1fs at most until it is back",
-                    self.members,
-                    type(exc).__name__,
-                    exc,
-                    self.members.poll_interval,
-                )
-                (yield Call(self.release)).result()
-                until = time.monotonic() + backoff.next()
+            step = loop.send(done)
+            if isinstance(step, etcd.Pause):
+                until = time.monotonic() + step.seconds
                 while (left := until - time.monotonic()) > 0:
                     yield Wait(left)  # a given-up watch may still post: dropped
+                done = None
+            else:
+                done = yield step
+
+    def _follow(self, post: Callable[[int, object], None], backoff: etcd.Backoff) -> Generator[Step, Done, None]:
+        """One attempt: read, then watch from the revision read, until the
+        watch ends; the connection is released when it fails."""
+        try:
+            if self._client is None:
+                self.reset(*(yield Call(self.open)).result())
+            self._watch += 1
+            (yield Call(self.watch, self._revision + 1, functools.partial(post, self._watch))).result()
+            while True:
+                item = (yield Wait(self.members.poll_interval)).result()
+                if item is None:  # quiet for a while: make sure with a re-read
+                    self.reset(*(yield Call(self.reread)).result())
+                else:
+                    watch, response = item
+                    if watch != self._watch:
+                        continue  # from a watch given up already
+                    if isinstance(response, BaseException):
+                        raise response
+                    self.reset(*etcd.apply_events(self._state, self._revision, response))
+                self._working(backoff)
+        except Exception:
+            (yield Call(self.release)).result()
+            raise
+
+    def _lost(self, exc: Exception, wait: float) -> bool:
+        # Once per outage, not once per retry.
+        level = logging.WARNING if self._healthy else logging.DEBUG
+        self._healthy = False
+        log.log(
+            level,
+            "ring watch on %s lost (%s: %s); reading it again every %.1fs at most until it is back",
+            self.members,
+            type(exc).__name__,
+            exc,
+            self.members.poll_interval,
+        )
+        return True
 
     def _working(self, backoff: etcd.Backoff) -> None:
         """The watch proved itself (an event, or a re-read while quiet): the

@@ -18,7 +18,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+S = TypeVar("S")  # a step of a driver of `retrying`
 
 # The prefix the seed's Go nodes read their peer list from (bare host:port
 # values), once, at start: main.go's services.GetPeers("clusters").
@@ -108,6 +109,33 @@ class Backoff:
         return wait
 
 
+class Pause(NamedTuple):
+    """Between two attempts of `retrying`: wait this long (0: go on at once)."""
+
+    seconds: float
+
+
+def retrying(
+    attempt: Callable[[Backoff], Generator[S, Any, None]],
+    failed: Callable[[Exception, float], bool],
+    backoff: Backoff,
+) -> Generator[S | Pause, Any, None]:
+    """The one loop of every etcd watcher or lease keeper, as steps its
+    driver runs (a thread: keep_trying; the client's ring follower: its
+    sync and async drivers). `attempt` runs over and over, its own steps
+    passed through; it calls backoff.reset() once etcd has answered. When
+    it raises, `failed(exc, wait)` says so (logs, counts) and returns
+    whether to pause `wait` seconds, the backoff's next."""
+    while True:
+        try:
+            yield from attempt(backoff)
+        except Exception as exc:
+            wait = backoff.next()
+            yield Pause(wait if failed(exc, wait) else 0.0)
+        else:
+            yield Pause(0.0)
+
+
 def keep_trying(
     stop: threading.Event,
     attempt: Callable[[Backoff], None],
@@ -115,21 +143,21 @@ def keep_trying(
     *,
     backoff: Backoff | None = None,
 ) -> None:
-    """The loop of every etcd watcher or lease keeper on a thread: run
-    `attempt` over and over until `stop` is set. It calls backoff.reset()
-    once etcd has answered; when it raises, `failed(exc, wait)` says so
-    (logs, counts) and returns whether to wait `wait` seconds, the
-    backoff's next, before the next attempt (False: at once)."""
-    backoff = backoff or Backoff()
-    while not stop.is_set():
-        try:
-            attempt(backoff)
-        except Exception as exc:
-            if stop.is_set():
-                return
-            wait = backoff.next()
-            if failed(exc, wait):
-                stop.wait(wait)
+    """`retrying` on a thread: `attempt` blocks, and runs until `stop` is set
+    (a failure once it is set is not reported)."""
+
+    def blocking(backoff: Backoff) -> Generator[Pause, Any, None]:
+        attempt(backoff)
+        yield from ()
+
+    def reported(exc: Exception, wait: float) -> bool:
+        return not stop.is_set() and failed(exc, wait)
+
+    for pause in retrying(blocking, reported, backoff or Backoff()):
+        if stop.is_set():
+            return
+        if pause.seconds:
+            stop.wait(pause.seconds)
 
 
 # A member that failed a call is skipped this long (python3-etcd3 marks it;
