@@ -24,7 +24,7 @@ from typing import Any
 from . import addr as addrs
 from . import host
 from .cluster import membership
-from .config import NodeSettings, Settings, dirs
+from .config import Layout, NodeSettings, Settings, dirs, report
 from .supervision import conf, rpc
 from .supervision.private_files import private_dir, write_private
 from .tokens import ensure_token_file
@@ -65,15 +65,16 @@ def check_ports(settings: Settings) -> list[str]:
     """Ports this box must bind; a list of clashes with running processes."""
     import socket
 
+    layout = Layout(settings)
     wanted = [(settings.node.host, p) for p in settings.node.ports]
-    wanted += [(settings.node.host, p) for p in settings.http_ports() or ()]
+    wanted += [(settings.node.host, p) for p in layout.http_ports() or ()]
     metrics = settings.ops.metrics_endpoint()
     if metrics is not None:
         wanted.append(metrics)
-    if settings.cluster.embedded_etcd and not settings.private_etcd():
-        wanted.append(addrs.split(settings.etcd_member_endpoint()))
-        if settings.etcd_peer_port():
-            wanted.append((addrs.split(settings.etcd_member_endpoint())[0], settings.etcd_peer_port()))
+    if settings.cluster.embedded_etcd and not layout.private_etcd():
+        wanted.append(addrs.split(layout.etcd_member_endpoint()))
+        if layout.etcd_peer_port():
+            wanted.append((addrs.split(layout.etcd_member_endpoint())[0], layout.etcd_peer_port()))
     clashes = []
     for where, port in wanted:
         family = socket.AF_INET6 if ":" in where else socket.AF_INET
@@ -114,7 +115,7 @@ def _wait_in_ring(settings: Settings, index: int, timeout: float, others: Sequen
         try:
             # A new channel each try: the worker is restarting, and a channel
             # that failed to connect would wait out grpc's reconnect backoff.
-            with AdminClient(settings.admin_socket(waiting[0]), timeout=1) as admin:
+            with AdminClient(Layout(settings).admin_socket(waiting[0]), timeout=1) as admin:
                 stats = admin.stats()
             if addr in stats["peers"]:
                 waiting.pop(0)
@@ -136,7 +137,7 @@ class Appliance:
         self._wake = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
         self.supervisor: Any = None
-        self.conf_path = settings.runtime_path() / "supervisord.conf"
+        self.conf_path = Layout(settings).runtime_path() / "supervisord.conf"
         self._etcd_peer_port: int | None = None
         self._auth: tuple[str, str] | None = None
         self._cluster_state = "new"
@@ -146,10 +147,10 @@ class Appliance:
         self._wake.set()
 
     def write_conf(self) -> None:
-        s = self.settings
-        if s.cluster.embedded_etcd and not s.private_etcd() and self._etcd_peer_port is None:
-            etcd_host = addrs.split(s.etcd_member_endpoint())[0]
-            self._etcd_peer_port = s.etcd_peer_port() or conf.free_port(etcd_host)
+        s, layout = self.settings, Layout(self.settings)
+        if s.cluster.embedded_etcd and not layout.private_etcd() and self._etcd_peer_port is None:
+            etcd_host = addrs.split(layout.etcd_member_endpoint())[0]
+            self._etcd_peer_port = layout.etcd_peer_port() or conf.free_port(etcd_host)
         if self._auth is None:
             self._auth = conf.new_supervisor_auth(self.settings)
         text = conf.render(
@@ -162,22 +163,21 @@ class Appliance:
         write_private(self.conf_path, text)
 
     def run(self) -> int:
-        s = self.settings
+        s, layout = self.settings, Layout(self.settings)
         # Whatever the appliance makes is its own: sockets, etcd's data, the token.
         os.umask(0o077)
-        for path in (s.runtime_path(), s.state_path(), s.runtime_path() / dirs.ETCD_DIR):
+        for path in (layout.runtime_path(), layout.state_path(), layout.runtime_path() / dirs.ETCD_DIR):
             private_dir(path)
-        if s.auth.token_file is None and ensure_token_file(s.token_path()):
+        if s.auth.token_file is None and ensure_token_file(layout.token_path()):
             log.info(
                 "made the box's token %s (peers and the CLI present it; copy it to every box of a cluster)",
-                s.token_path(),
+                layout.token_path(),
             )
-        for warning in (s.etcd_warning(), s.token_warning()):
-            if warning:
-                log.warning("%s", warning)
+        for warning in report.warnings(s):
+            log.warning("%s", warning)
         if host.is_root():
             log.warning("running as root: `appliance systemd install` runs it as a service user instead")
-        if s.etcd_clustered():
+        if layout.etcd_clustered():
             self._cluster_state = membership.join_state(s)
         self.write_conf()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -189,7 +189,7 @@ class Appliance:
         # directory is imported (`-m` would put it first on sys.path).
         self.proc = proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "supervisor.supervisord", "-n", "-c", str(self.conf_path)],
-            cwd=s.runtime_path(),
+            cwd=layout.runtime_path(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import SYSTEM_CONFIG
+from .config import SYSTEM_CONFIG, Layout
 from .systemd import DEFAULT_USER
 
 if TYPE_CHECKING:
@@ -42,10 +42,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
     from .box_run import Appliance, check_ports
     from .config import load_settings
+    from .config.checks import secret_problems
 
     settings, path = _settings(args)
     logs.setup(settings.node.log_level, "run")
-    problems = settings.secret_problems()
+    problems = secret_problems(settings)
     if problems:
         raise UsageError("; ".join(problems))
     clashes = check_ports(settings)
@@ -124,7 +125,7 @@ def _write_error(args: argparse.Namespace, exc: Exception) -> UsageError:
     if isinstance(exc, errors.Unauthenticated):
         settings, _ = _settings(args)
         text += (
-            f" (the CLI presents the box's token, {settings.token_path()}, when this user may read it:"
+            f" (the CLI presents the box's token, {Layout(settings).token_path()}, when this user may read it:"
             " run it as root or as the service user)"
         )
     return UsageError(text)
@@ -176,7 +177,8 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
 
 def _local_workers(settings: Settings) -> list[tuple[int, str, Path]]:
-    return [(i, settings.node.address(i), settings.admin_socket(i)) for i in range(settings.node.workers)]
+    layout = Layout(settings)
+    return [(i, settings.node.address(i), layout.admin_socket(i)) for i in range(settings.node.workers)]
 
 
 STATS_COLUMNS = (
@@ -210,7 +212,7 @@ def _box_token(settings: Settings, what: str) -> str:
     from .tokens import TokenFileError, read_token
 
     try:
-        return read_token(settings.token_path())
+        return read_token(Layout(settings).token_path())
     except TokenFileError as exc:
         raise UsageError(
             f"{what} is signed with the cluster token, which this user cannot read ({exc}): "
@@ -326,7 +328,7 @@ def _stop_remote_node(settings: Settings, addr: str) -> int:
 
 def _etcd_cluster(args: argparse.Namespace):
     settings, _ = _settings(args)
-    if not settings.etcd_clustered():
+    if not Layout(settings).etcd_clustered():
         raise UsageError(
             "`appliance etcd` manages an embedded etcd cluster: this config has "
             + ("one endpoint" if settings.cluster.embedded_etcd else "an external etcd (manage it with etcdctl)")

@@ -17,7 +17,7 @@ import socket
 
 from .cluster import etcd
 from .cluster.registry import Registration, call_timeout
-from .config import Settings
+from .config import Layout, Settings
 from .node.metrics import LogThrottle, NodeMetrics, instrument_loader
 from .node.serving import Node
 from .origins import build_origin
@@ -27,14 +27,14 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings, index: int) -> int:
-    ns = settings.node
-    runtime = settings.runtime_path()
+    ns, layout = settings.node, Layout(settings)
+    runtime = layout.runtime_path()
     runtime.mkdir(parents=True, exist_ok=True)
-    sock = settings.admin_socket(index)
+    sock = layout.admin_socket(index)
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()  # left by a killed predecessor
     origins = {
-        name: build_origin(name, group, state_dir=settings.state_path(), max_value_bytes=ns.max_value_bytes)
+        name: build_origin(name, group, state_dir=layout.state_path(), max_value_bytes=ns.max_value_bytes)
         for name, group in settings.groups.items()
     }
     # Origin latency, origin errors and slow loads are observed here, around
@@ -45,7 +45,7 @@ async def serve(settings: Settings, index: int) -> int:
         name: instrument_loader(name, o.load, metrics, slow_load=settings.ops.slow_load, throttle=throttle)
         for name, o in origins.items()
     }
-    http_ports = settings.http_ports()
+    http_ports = layout.http_ports()
     node = Node(
         settings,
         loaders,
@@ -53,7 +53,7 @@ async def serve(settings: Settings, index: int) -> int:
         admin_address=f"unix:{sock}",
         http_port=http_ports[index] if http_ports else None,
         metrics=metrics,
-        token=read_token(settings.token_path()),  # `appliance run` made it
+        token=read_token(layout.token_path()),  # `appliance run` made it
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,10 +31,11 @@ def settings_kwargs(settings: Settings) -> dict:
     box's own token where this user may read it (root, the service user),
     which each call proves to the node it goes to and never sends."""
     from .. import tls
+    from ..config import Layout
     from ..tokens import TokenFileError, read_token
 
     try:
-        token = read_token(settings.token_path())
+        token = read_token(Layout(settings).token_path())
     except TokenFileError:
         token = None  # not this user's to read: reads still work, writes are refused
     return {
@@ -153,9 +154,12 @@ class ClientBase:
         """A client of the cluster `settings` describe: its ring from etcd
         (followed unless `follow` is False; `poll_interval` seconds between
         checks of a quiet watch), its TLS and limits from the config."""
+        from ..config import Layout
+
         defaults = {"replicas": settings.node.replicas, "scheme": settings.node.ring_hash, **settings_kwargs(settings)}
+        layout = Layout(settings)
         discover = EtcdMembers(
-            settings.cluster, poll_interval=poll_interval, socket=settings.etcd_socket(), tls=settings.etcd_tls()
+            settings.cluster, poll_interval=poll_interval, socket=layout.etcd_socket(), tls=layout.etcd_tls()
         )
         return cls(discover=discover, follow=follow, **{**defaults, **kwargs})
 

@@ -52,8 +52,8 @@ class EtcdMembers:
         socket: Path | None = None,
         tls: tuple[Path | None, Path | None, Path | None] | None = None,
     ) -> None:
-        """`socket`: the private embedded etcd's (Settings.etcd_socket());
-        `tls`: (ca, cert, key) where not the cluster's (Settings.etcd_tls())."""
+        """`socket`: the private embedded etcd's (Layout.etcd_socket());
+        `tls`: (ca, cert, key) where not the cluster's (Layout.etcd_tls())."""
         if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or not poll_interval > 0:
             raise ValueError(f"poll_interval must be a number of seconds > 0, got {poll_interval!r}")
         self.cluster = cluster

@@ -218,11 +218,12 @@ class BoxOps(threading.Thread):
 
     def _answer_stats(self, client, nonce: str) -> None:
         from ..admin_client import AdminClient
+        from ..config import Layout
 
         workers: dict[str, dict] = {}
         for addr, index in self._mine.items():
             try:
-                with AdminClient(self.settings.admin_socket(index), timeout=2) as admin:
+                with AdminClient(Layout(self.settings).admin_socket(index), timeout=2) as admin:
                     workers[addr] = admin.stats()
             except Exception as exc:
                 workers[addr] = {"error": type(exc).__name__}

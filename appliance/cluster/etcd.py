@@ -27,6 +27,7 @@ import grpc
 from etcd3.client import Endpoint
 
 from .. import addr as addrs
+from ..config import Layout
 
 if TYPE_CHECKING:
     from ..config import ClusterSettings, Settings
@@ -249,8 +250,9 @@ def _mark_failed(client: etcd3.MultiEndpointEtcd3Client) -> None:
 
 def connect_to(settings: Settings, *, timeout: float = 2.0) -> etcd3.MultiEndpointEtcd3Client:
     """A client of the etcd `settings` describe: the private socket, or the
-    endpoints (over TLS where Settings.etcd_tls says so)."""
-    return connect(settings.cluster, socket=settings.etcd_socket(), tls=settings.etcd_tls(), timeout=timeout)
+    endpoints (over TLS where Layout.etcd_tls says so)."""
+    layout = Layout(settings)
+    return connect(settings.cluster, socket=layout.etcd_socket(), tls=layout.etcd_tls(), timeout=timeout)
 
 
 def connect(
@@ -261,7 +263,7 @@ def connect(
     timeout: float = 2.0,
 ) -> etcd3.MultiEndpointEtcd3Client:
     """A client for the configured endpoints, failing over between them; or,
-    with `socket` (Settings.etcd_socket(): the private embedded etcd), for
+    with `socket` (Layout.etcd_socket(): the private embedded etcd), for
     that unix socket alone. `tls`: (ca, cert, key), else the cluster's."""
     if socket is not None:
         # Endpoint dials "host:port": the socket file is named "<name>:<port>"

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import addr as addrs
+from ..config import Layout
 from . import etcd
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def _client(settings: Settings, endpoints: list[str] | None = None, timeout: flo
     cluster = settings.cluster
     if endpoints is not None:
         cluster = cluster.model_copy(update={"etcd": endpoints})
-    return etcd.connect(cluster, tls=settings.etcd_tls(), timeout=timeout)
+    return etcd.connect(cluster, tls=Layout(settings).etcd_tls(), timeout=timeout)
 
 
 def members(settings: Settings, endpoints: list[str] | None = None, timeout: float = 2.0) -> list[Any]:
@@ -49,11 +50,12 @@ def members(settings: Settings, endpoints: list[str] | None = None, timeout: flo
 
 def join_state(settings: Settings) -> str:
     """--initial-cluster-state for this box's member: "new" or "existing"."""
-    data = settings.state_path() / "etcd" / "member"
+    layout = Layout(settings)
+    data = layout.state_path() / "etcd" / "member"
     if data.exists():
         return "new"  # etcd reads its membership from its data; the flag is ignored
     host = settings.node.host
-    mine = settings.etcd_peer_url(host)
+    mine = layout.etcd_peer_url(host)
     others = [e for e in settings.cluster.etcd if addrs.split(e)[0] != host]
     try:
         found = members(settings, others, timeout=1.5)
@@ -79,7 +81,7 @@ def join_state(settings: Settings) -> str:
 def add_member(settings: Settings, host: str, wait: float = 15.0) -> Any:
     """Add the member of the box `host` (not started yet) to the cluster,
     waiting up to `wait` seconds for the cluster to accept a member."""
-    url = settings.etcd_peer_url(host)
+    url = Layout(settings).etcd_peer_url(host)
     if any(url in list(m.peer_urls) for m in members(settings)):
         raise MembershipError(f"{url} is already a member")
     # Its own endpoint cannot answer yet (it is added before it starts).
@@ -103,8 +105,8 @@ def add_member(settings: Settings, host: str, wait: float = 15.0) -> Any:
 
 def remove_member(settings: Settings, host: str) -> Any:
     """Remove the member of the box `host` (by its peer URL or name)."""
-    url = settings.etcd_peer_url(host)
-    found = [m for m in members(settings) if url in list(m.peer_urls) or m.name == settings.etcd_member_name(host)]
+    url = Layout(settings).etcd_peer_url(host)
+    found = [m for m in members(settings) if url in list(m.peer_urls) or m.name == Layout.etcd_member_name(host)]
     if not found:
         raise MembershipError(f"no member has the peer URL {url}")
     client = _client(settings)

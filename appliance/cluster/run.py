@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from ..config import Settings
+from ..config import Layout, Settings
 from ..ops.box_metrics import serve_box_metrics
 from ..tokens import TokenFileError, read_token
 from . import etcd
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def run_controller(settings: Settings) -> int:
     """Run until a signal; returns the exit status (0)."""
     try:
-        token: str | None = read_token(settings.token_path())  # `appliance run` made it
+        token: str | None = read_token(Layout(settings).token_path())  # `appliance run` made it
     except TokenFileError as exc:
         log.warning(
             "cluster-wide requests are refused and etcd members join unproven: cannot read the cluster token (%s)",
@@ -37,7 +37,7 @@ def run_controller(settings: Settings) -> int:
     controller = Controller(
         lambda: etcd.connect_to(settings, timeout=1.0),  # a stuck member fails the probe within a second
         settings.cluster.service,
-        settings.admin_sockets,
+        Layout(settings).admin_sockets,
         prover=prover,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):

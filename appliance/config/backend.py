@@ -1,6 +1,7 @@
 """Which server backend serves: what is built here and what the settings
-allow (`[node] server`). Part of the config's report (`config check`, the
-worker's first log line); appliance.fronts builds the backend chosen.
+allow (`[node] server`). The config's report says it (``report.server_choice``:
+`config check`, the worker's first log line); appliance.fronts builds the
+backend chosen.
 
 No RPC library is imported here: only whether the engine imports.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .models import Settings
+    from .schema import Settings
 
 BACKENDS = ("engine", "grpcio")
 

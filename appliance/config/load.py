@@ -25,9 +25,11 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from ..cache.ring import HashRing, balance_warning
-from .models import Settings, resolve_dirs
+from . import report
+from .checks import secret_problems
+from .layout import resolve_dirs
 from .problems import CONFIG_ENV, ConfigError, SchemaView, env_decode_errors, toml_error, validation_errors
+from .schema import Settings
 
 __all__ = [
     "DEFAULT_CONFIG_RESOURCE",
@@ -110,19 +112,12 @@ def check_file(path: str | os.PathLike[str] | None) -> str:
     """Validate a config file; return ``"OK: <summary>"`` (and a line per
     note) or raise ``ConfigError``."""
     settings = load_settings(path)
-    problems = settings.secret_problems()
+    problems = secret_problems(settings)
     if problems:
         label = str(path) if path is not None else "the built-in config"
         raise ConfigError([f"{label}: {p}" for p in problems], Path(path) if path is not None else None)
-    notes = settings.notes()
-    ns = settings.node
-    ring = HashRing(ns.addresses(), ns.replicas, ns.ring_hash)
-    shares = ring.shares()
-    notes.append("ring shares: " + ", ".join(f"{a} {v:.1%}" for a, v in shares.items()))
-    warning = balance_warning(shares, ns.replicas)
-    if warning:
-        notes.append(warning)
-    return "\n".join([f"OK: {settings.summary()}", *(f"note: {n}" for n in notes)])
+    notes = report.notes(settings)
+    return "\n".join([f"OK: {report.summary(settings)}", *(f"note: {n}" for n in notes)])
 
 
 @functools.cache

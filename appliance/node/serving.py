@@ -53,7 +53,7 @@ class Node:
         `metrics` is the registry the loaders already report to (worker.py
         wraps them), else a new one; `server` overrides node.server;
         `token` is the cluster's own token (peers present it to each other
-        and it may write; worker.py reads it from Settings.token_path())."""
+        and it may write; worker.py reads it from Layout.token_path())."""
         ns = settings.node
         self.settings = settings
         self.host = ns.host

@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .. import addr as addrs
 from ..admin_client import AdminClient
-from ..config import dirs
+from ..config import Layout, dirs
 from ..logs import event
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ def serve_box_metrics(
         scrapes_refused[0] += 1
 
     collector = BoxCollector(
-        settings.admin_sockets, fallback_label=fallback, controller=controller, refusals=all_refusals
+        Layout(settings).admin_sockets, fallback_label=fallback, controller=controller, refusals=all_refusals
     )
     tls = settings.tls if ops.metrics_tls and settings.tls.enabled else None
     try:

@@ -3,7 +3,7 @@
 Credentials are bearer tokens (sent as `authorization: Bearer <token>`
 metadata, or the same HTTP header) and, with mTLS, client certificate
 identities (subject CN or a subject alternative name). The box's own token
-(`Settings.token_path()`, made by `appliance run`) may read and write; the
+(`Layout.token_path()`, made by `appliance run`) may read and write; the
 CLI sends it, and peers prove it to each other without sending it
 (`GC-Proof`, peer_proofs.py).
 

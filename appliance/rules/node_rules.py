@@ -29,8 +29,7 @@ from .peers import PeerClient, Peers
 from .ratelimit import TrustedPeers
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from ..config.models import NodeSettings
+    from ..config import NodeSettings, Settings
 
 log = logging.getLogger(__name__)
 

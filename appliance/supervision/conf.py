@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import addr as addrs
 from .. import host
-from ..config import Settings, dirs
+from ..config import Layout, Settings, dirs
 from . import rpc
 from .private_files import write_private
 
@@ -28,11 +28,11 @@ def worker_name(index: int) -> str:
 
 
 def supervisor_socket(settings: Settings) -> Path:
-    return settings.runtime_path() / "supervisor.sock"
+    return Layout(settings).runtime_path() / "supervisor.sock"
 
 
 def _auth_path(settings: Settings) -> Path:
-    return settings.runtime_path() / "supervisor.auth"
+    return Layout(settings).runtime_path() / "supervisor.auth"
 
 
 def new_supervisor_auth(settings: Settings) -> tuple[str, str]:
@@ -104,7 +104,7 @@ def render(
 ) -> str:
     """The supervisord config; `auth` guards its socket (new_supervisor_auth);
     `cluster_state` is the embedded etcd member's --initial-cluster-state."""
-    runtime = settings.runtime_path()
+    runtime = Layout(settings).runtime_path()
     ns, cluster = settings.node, settings.cluster
     sock = supervisor_socket(settings)
     username, password = auth
@@ -176,22 +176,22 @@ def etcd_flags(settings: Settings, *, etcd_peer_port: int | None = None, cluster
     users. One box over TCP: etcd[0]. A cluster: this box's member (its
     endpoint's host is node.host), every endpoint's host in the initial
     cluster, TLS from [tls] for clients and peers when it is on."""
-    c = settings.cluster
-    state = settings.state_path()
+    c, layout = settings.cluster, Layout(settings)
+    state = layout.state_path()
     flags: dict[str, str] = {"--data-dir": str(state / "etcd"), "--log-level": "warn"}
-    if settings.private_etcd():
+    if layout.private_etcd():
         client_url = f"unix://{dirs.ETCD_CLIENT_SOCKET}"
         peer = f"unix://{dirs.ETCD_PEER_SOCKET}"
         flags.update({"--name": "appliance", "--initial-cluster": f"appliance={peer}"})
-    elif settings.etcd_clustered():
-        host, port = addrs.split(settings.etcd_member_endpoint())
+    elif layout.etcd_clustered():
+        host, port = addrs.split(layout.etcd_member_endpoint())
         tls = settings.tls
         client_url = _url("https" if tls.enabled else "http", host, port)
-        peer = settings.etcd_peer_url(host)
-        members = ",".join(f"{settings.etcd_member_name(h)}={settings.etcd_peer_url(h)}" for h, _ in c.endpoints())
+        peer = layout.etcd_peer_url(host)
+        members = ",".join(f"{layout.etcd_member_name(h)}={layout.etcd_peer_url(h)}" for h, _ in c.endpoints())
         flags.update(
             {
-                "--name": settings.etcd_member_name(host),
+                "--name": layout.etcd_member_name(host),
                 "--initial-cluster": members,
                 "--initial-cluster-state": cluster_state,
                 "--initial-cluster-token": f"appliance-{c.service}",
@@ -215,7 +215,7 @@ def etcd_flags(settings: Settings, *, etcd_peer_port: int | None = None, cluster
                     flags["--client-cert-auth"] = "true"
     else:
         host, port = addrs.split(c.etcd[0])
-        port_peer = etcd_peer_port or settings.etcd_peer_port() or free_port(host)
+        port_peer = etcd_peer_port or layout.etcd_peer_port() or free_port(host)
         client_url = _url("http", host, port)
         peer = _url("http", host, port_peer)
         flags.update({"--name": "appliance", "--initial-cluster": f"appliance={peer}"})
@@ -237,7 +237,7 @@ def worker_program(settings: Settings, config: Path | None, index: int) -> str:
         _appliance("worker", "--index", str(index), config=config),
         priority=WORKER_PRIORITY,
         stop_grace=settings.node.stop_grace,
-        directory=settings.runtime_path(),
+        directory=Layout(settings).runtime_path(),
         # Exit 0 is a planned stop (stop-node): it stays stopped.
         extra="autorestart=unexpected\nexitcodes=0\n",
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import Layout
 from appliance.origins.demo import DEMO_ROWS
 from support.appliance import BIN, Appliance
 
@@ -113,11 +114,11 @@ def box():
 
 
 def test_another_user_cannot_join_the_ring_or_write(box, tmp_path):
-    settings = box.settings()
+    layout = Layout(box.settings())
     etcd_pid = box.process_info()["etcd"]["pid"]
     listeners = tcp_listeners(etcd_pid)
     # Every TCP port the etcd process listens on (none, by default), and its unix socket.
-    endpoints = [f"127.0.0.1:{port}" for _, port in listeners] + [f"unix://{settings.etcd_socket()}"]
+    endpoints = [f"127.0.0.1:{port}" for _, port in listeners] + [f"unix://{layout.etcd_socket()}"]
     plan = {
         "etcdctl": etcdctl(),
         "etcd_endpoints": endpoints,
@@ -126,9 +127,9 @@ def test_another_user_cannot_join_the_ring_or_write(box, tmp_path):
         "group": "scores",
         "key": "张三",
         "reader_token": box.tokens["reader"],
-        "admin_socket": str(settings.admin_socket(0)),
-        "token_file": str(settings.token_path()),
-        "etcd_socket": str(settings.etcd_socket()),
+        "admin_socket": str(layout.admin_socket(0)),
+        "token_file": str(layout.token_path()),
+        "etcd_socket": str(layout.etcd_socket()),
     }
     # The control: the very command the other user runs works as root, so
     # its failure there is a refusal, not a broken command or endpoint.
@@ -175,16 +176,16 @@ def test_another_user_cannot_join_the_ring_or_write(box, tmp_path):
     # Nothing of any token in what the other user saw.
     text = out.stdout + out.stderr
     assert all(t not in text for t in box.tokens.values() if t != box.tokens["reader"])
-    assert Path(settings.token_path()).read_text().strip() not in text
+    assert Path(layout.token_path()).read_text().strip() not in text
 
 
 def test_files_are_private_and_supervisord_is_quiet(box):
-    settings = box.settings()
-    runtime = settings.runtime_path()
+    layout = Layout(box.settings())
+    runtime = layout.runtime_path()
     assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
-    assert stat.S_IMODE(settings.state_path().stat().st_mode) == 0o700
-    assert stat.S_IMODE(settings.admin_socket(0).stat().st_mode) == 0o600
-    assert stat.S_IMODE(settings.token_path().stat().st_mode) == 0o600
+    assert stat.S_IMODE(layout.state_path().stat().st_mode) == 0o700
+    assert stat.S_IMODE(layout.admin_socket(0).stat().st_mode) == 0o600
+    assert stat.S_IMODE(layout.token_path().stat().st_mode) == 0o600
     assert stat.S_IMODE((runtime / "supervisor.auth").stat().st_mode) == 0o600
     log = box.log.read_text(errors="replace")
     assert "CRIT" not in log, [line for line in log.splitlines() if "CRIT" in line]
@@ -211,6 +212,6 @@ def test_root_cli_writes_and_tokens_stay_out_of_logs(box):
     )
     assert check.returncode == 0, check.stderr
     logs = box.log.read_text(errors="replace") + check.stdout.decode() + check.stderr.decode()
-    tokens = [*box.tokens.values(), box.settings().token_path().read_text().strip()]
+    tokens = [*box.tokens.values(), Layout(box.settings()).token_path().read_text().strip()]
     assert all(t not in logs for t in tokens)
     assert "writes authenticated" in check.stdout.decode()

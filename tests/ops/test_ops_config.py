@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance import host
-from appliance.config import ConfigError, OpsSettings, TlsSettings, load_settings
+from appliance.config import ConfigError, Layout, OpsSettings, TlsSettings, load_settings, report
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "appliance" / "defaults" / "appliance.example.toml"
@@ -41,15 +41,15 @@ def error(path) -> str:
 def test_defaults_and_env_override(tmp_path, monkeypatch):
     s = load_settings(write(tmp_path, ""))
     assert s.ops.metrics_addr == "127.0.0.1:9101" and s.ops.metrics_endpoint() == ("127.0.0.1", 9101)
-    assert s.ops.http_base_port == 0 and s.http_ports() is None
+    assert s.ops.http_base_port == 0 and Layout(s).http_ports() is None
     assert s.ops.slow_load == 1.0 and s.ops.rate_limit == 0 and not s.tls.enabled
     monkeypatch.setenv("APPLIANCE_OPS__METRICS_ADDR", "")
     monkeypatch.setenv("APPLIANCE_OPS__HTTP_BASE_PORT", "8080")
     monkeypatch.setenv("APPLIANCE_OPS__RATE_LIMIT", "2.5")
     s = load_settings(write(tmp_path, ""))
-    assert s.ops.metrics_endpoint() is None and list(s.http_ports()) == [8080, 8081, 8082]
+    assert s.ops.metrics_endpoint() is None and list(Layout(s).http_ports()) == [8080, 8081, 8082]
     assert s.ops.burst() == 3
-    assert "HTTP API on 127.0.0.1:8080-8082" in s.summary() and "rate limit 2.5/s (burst 3)" in s.summary()
+    assert "HTTP API on 127.0.0.1:8080-8082" in report.summary(s) and "rate limit 2.5/s (burst 3)" in report.summary(s)
 
 
 def test_example_documents_every_ops_and_tls_key():
@@ -142,7 +142,7 @@ def test_tls_settings_are_checked(tmp_path, pki):
     ok = load_settings(
         write(tmp_path, f"[tls]\ncert = '{pki.cert}'\nkey = '{pki.key}'\nca = '{pki.ca}'\nclient_auth = true\n")
     )
-    assert ok.tls.enabled and ok.tls.client_auth and "mTLS" in ok.summary()
+    assert ok.tls.enabled and ok.tls.client_auth and "mTLS" in report.summary(ok)
     cases = [
         (f"[tls]\ncert = '{pki.cert}'\n", "tls.key: expected tls.cert and tls.key together"),
         (

@@ -23,7 +23,7 @@ import pytest
 
 from appliance.cluster import etcd
 from appliance.cluster.registry import Registration
-from appliance.config import Settings
+from appliance.config import Layout, Settings, report
 from appliance.supervision.conf import etcd_binary
 from support.appliance import wait_for
 from support.ports import free_port
@@ -217,7 +217,7 @@ def test_an_embedded_etcd_cluster_with_tls_takes_only_clients_with_a_certificate
     procs = []
     try:
         for s in boxes:
-            assert s.etcd_clustered() and s.etcd_warning() is None
+            assert Layout(s).etcd_clustered() and report.etcd_warning(s) is None
             procs.append(
                 subprocess.Popen(
                     [etcd_binary(), *etcd_flags(s)],

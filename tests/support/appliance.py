@@ -16,7 +16,7 @@ from pathlib import Path
 
 from appliance import addr as addrs
 from appliance.admin_client import AdminClient
-from appliance.config import dirs
+from appliance.config import Layout, dirs
 
 from .ports import free_port, free_range
 
@@ -179,7 +179,7 @@ server = "{self.server}"
         from appliance.cluster import etcd as etcd_mod
 
         settings = self.settings()
-        return etcd_mod.connect(settings.cluster, socket=settings.etcd_socket())
+        return etcd_mod.connect(settings.cluster, socket=Layout(settings).etcd_socket())
 
     def registered(self) -> dict[str, dict]:
         client = self.etcd()

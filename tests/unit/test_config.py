@@ -16,6 +16,7 @@ from appliance.config import (
     ClusterSettings,
     ConfigError,
     GroupSettings,
+    Layout,
     NodeSettings,
     Settings,
     check_file,
@@ -24,6 +25,7 @@ from appliance.config import (
     find_config,
     join_hostport,
     load_settings,
+    report,
     resolve_dirs,
     split_hostport,
 )
@@ -138,7 +140,7 @@ def test_valid_file_loads(tmp_path):
     # directories are resolved on load
     assert s.node.state_dir == Path("/srv/state")
     assert s.node.runtime_dir == Path(os.environ["XDG_RUNTIME_DIR"]) / "appliance"
-    assert s.expand_origin("scores") == "sqlite:////srv/state/scores.db"
+    assert Layout(s).expand_origin("scores") == "sqlite:////srv/state/scores.db"
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -161,7 +163,7 @@ def test_shipped_files_load(path):
     assert g.origin == "sqlite:///{state_dir}/scores.db"
     assert g.query == "SELECT score FROM students WHERE name = :key"
     assert g.demo_seed is True and g.cache_bytes == 64 * 1024**2 and g.policy == "lru"
-    assert s.expand_origin("scores") == f"sqlite:///{s.node.state_dir}/scores.db"
+    assert Layout(s).expand_origin("scores") == f"sqlite:///{s.node.state_dir}/scores.db"
 
 
 def test_builtin_default_used_for_none():
@@ -553,11 +555,11 @@ def test_resolve_dirs(monkeypatch, tmp_path):
     assert r.node.state_dir == tmp_path / "state"
     assert r.node.runtime_dir == Path(os.environ["XDG_RUNTIME_DIR"]) / "appliance"
     assert s.node.state_dir is None  # the original is untouched
-    assert r.expand_origin("f") == f"file://{tmp_path}/state/files"
-    assert s.state_path() == tmp_path / "state"
+    assert Layout(r).expand_origin("f") == f"file://{tmp_path}/state/files"
+    assert Layout(s).state_path() == tmp_path / "state"
     explicit = Settings(node={"state_dir": "/srv/s", "runtime_dir": "/srv/r"})
     assert resolve_dirs(explicit).node.state_dir == Path("/srv/s")
-    assert explicit.runtime_path() == Path("/srv/r")
+    assert Layout(explicit).runtime_path() == Path("/srv/r")
 
 
 def test_hostport_helpers():
@@ -620,8 +622,9 @@ def test_a_box_of_an_embedded_etcd_cluster_runs_the_member_of_its_host(tmp_path)
     s = load_settings(
         write(tmp_path, f'[cluster]\netcd = {BOXES}\nplaintext_peers = true\n[node]\nhost = "10.0.0.2"\n')
     )
-    assert s.etcd_clustered() and not s.private_etcd()
-    assert s.etcd_member_endpoint() == "10.0.0.2:2379" and s.etcd_peer_port() == 2380
+    layout = Layout(s)
+    assert layout.etcd_clustered() and not layout.private_etcd()
+    assert layout.etcd_member_endpoint() == "10.0.0.2:2379" and layout.etcd_peer_port() == 2380
     flags = dict(f.split("=", 1) for f in etcd_flags(s, cluster_state="existing"))
     assert flags["--name"] == "appliance-10.0.0.2"
     assert flags["--initial-cluster"] == (
@@ -661,11 +664,11 @@ def test_an_embedded_etcd_cluster_with_tls_uses_the_box_certificate_and_says_wha
     assert flags["--listen-client-urls"] == "https://10.0.0.3:2379"
     assert flags["--peer-client-cert-auth"] == "true" and "--client-cert-auth" not in flags
     assert flags["--peer-trusted-ca-file"] == f"{tmp_path}/ca.pem"
-    assert open_.etcd_tls() == (tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node-key.pem")
-    assert "tls.client_auth is off" in open_.etcd_warning()
+    assert Layout(open_).etcd_tls() == (tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node-key.pem")
+    assert "tls.client_auth is off" in report.etcd_warning(open_)
     closed = load_settings(write(tmp_path, base + tls + "client_auth = true\n", "m.toml"))
     assert dict(f.split("=", 1) for f in etcd_flags(closed))["--client-cert-auth"] == "true"
-    assert closed.etcd_warning() is None
+    assert report.etcd_warning(closed) is None
 
 
 @pytest.mark.parametrize(

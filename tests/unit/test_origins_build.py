@@ -42,13 +42,13 @@ async def test_dispatch(tmp_path):
 
 
 async def test_build_uses_the_expansion_settings_report(tmp_path):
-    # Production (build_origin) and Settings.expand_origin expand {state_dir} alike.
-    from appliance.config import Settings
+    # Production (build_origin) and Layout.expand_origin expand {state_dir} alike.
+    from appliance.config import Layout, Settings
 
     (tmp_path / "files").mkdir()
     s = Settings(node={"state_dir": str(tmp_path)}, groups={"f": {"origin": "file:///{state_dir}/files"}})
-    assert s.expand_origin("f") == f"file://{tmp_path}/files"
-    o = build_origin("f", s.groups["f"], state_dir=s.state_path(), max_value_bytes=10)
+    assert Layout(s).expand_origin("f") == f"file://{tmp_path}/files"
+    o = build_origin("f", s.groups["f"], state_dir=Layout(s).state_path(), max_value_bytes=10)
     try:
         assert o.inner.root == tmp_path / "files"
     finally:

@@ -1,10 +1,17 @@
-"""The settings models (design contract 4) and their cross-checks.
+"""The settings schema (design contract 4): the tables, their fields and the validation parsing does.
 
 ``Settings`` holds ``ClusterSettings``, ``NodeSettings``, ``GroupSettings``
-(one per group), ``OpsSettings`` and ``TlsSettings``. ``Settings(...)`` with
-keyword arguments builds one from code (environment variables still apply,
-keyword arguments win; no file is read). ``appliance.config.load`` reads the
-TOML file.
+(one per group), ``OpsSettings``, ``TlsSettings`` and ``AuthSettings``.
+``Settings(...)`` with keyword arguments builds one from code (environment
+variables still apply, keyword arguments win; no file is read).
+``appliance.config.load`` reads the TOML file.
+
+Each table validates its own keys; what only the tables together can break
+(a port used twice, the etcd topology, TLS off loopback) is ``checks``,
+Settings' last validator. A table keeps the small values derived from it
+alone (``NodeSettings.ports``, ``TlsSettings.enabled``); what the settings
+imply across tables (ports, endpoints, paths) is ``layout``, and what
+``config check`` says of them is ``report``.
 
 Validators say what they expected in their messages; ``FieldError`` lets
 one point at a key below the model it checks.
@@ -36,15 +43,12 @@ from pydantic_settings import (
 )
 
 from ..addr import HOSTNAME
-from ..addr import is_loopback as _is_loopback
 from ..addr import join as join_hostport
 from ..addr import split as split_hostport
 from ..origins import grammar
 from ..quoting import show
-from ..tokens import TokenFileError, read_token
-from ..units import ByteSize, Duration, format_bytes, format_duration, parse_bytes, parse_duration
-from . import dirs
-from .backend import choose
+from ..units import ByteSize, Duration, parse_bytes, parse_duration
+from . import checks
 from .problems import ENV_DELIMITER, ENV_PREFIX, FieldError
 
 __all__ = [
@@ -56,45 +60,11 @@ __all__ = [
     "OpsSettings",
     "Settings",
     "TlsSettings",
-    "resolve_dirs",
 ]
 
 # A stopping worker drains (drain_timeout), then gives calls in flight
 # peer_timeout; this is what its process may take beyond the two.
 STOP_MARGIN = 5.0
-# What an etcd others can write gives them (appended to etcd_warning).
-ETCD_EXPOSES = (
-    "; a member key whose address does not prove the cluster token stays out of the ring "
-    "(groupcache_controller_unproven_members) and never receives the token, but such a client can delete "
-    "workers' keys (taking them out of the ring), and Clients that follow etcd dial any address a key names"
-)
-SEED_ETCD_EXPOSES = (
-    "; with seed_interop a member joins unproven (the seed's Go nodes cannot prove the cluster token), so a "
-    "fake member owns a share of the keys and may answer forwards with values of its choosing; it never "
-    "receives the token"
-)
-
-
-# --------------------------------------------------------------------------
-# host:port helpers
-
-
-def _is_wildcard(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
-
-
-def _may_share_ports(a: str, b: str) -> bool:
-    """Whether sockets bound on hosts a and b would compete for the same ports."""
-    if a.lower() == b.lower() or _is_wildcard(a) or _is_wildcard(b):
-        return True
-    return _is_loopback(a) and _is_loopback(b)
-
-
-# --------------------------------------------------------------------------
-# models
 
 
 def _lower(v: Any) -> Any:
@@ -134,13 +104,6 @@ def _etcd_list(v: Any) -> Any:
                 raise ValueError(f'expected a JSON list like ["127.0.0.1:2379"], got {show(v)}') from None
         return [p.strip() for p in s.split(",") if p.strip()]
     return v
-
-
-def seed_accepts(host: str) -> bool:
-    """Whether the seed's Go nodes accept host:port as a node address: its
-    utils.ValidPerrAddr wants "localhost" or a first label of 4 characters."""
-    first = host.split(".", 1)[0]
-    return ":" not in host and (first == "localhost" or len(first) == 4)
 
 
 class _Model(BaseModel):
@@ -592,333 +555,5 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
-        limit = self.node.max_group_bytes
-        for name in self.groups:
-            n = len(name.encode())
-            if n > limit:
-                raise FieldError(
-                    ("groups", name),
-                    f"expected a group name of at most node.max_group_bytes = {limit} bytes, got {n} bytes",
-                )
-        ports = self.node.ports
-        c = self.cluster
-        if c.embedded_etcd and len(c.etcd) > 1:
-            hosts = [h for h, _ in c.endpoints()]
-            if len(set(hosts)) != len(hosts):
-                raise FieldError(
-                    ("cluster", "etcd"), "expected one endpoint per box (hosts differ) for an embedded etcd cluster"
-                )
-            if self.node.host not in hosts:
-                raise FieldError(
-                    ("node", "host"),
-                    f"with several cluster.etcd endpoints and embedded_etcd, each box runs the member whose "
-                    f"endpoint host is its node.host; node.host {self.node.host!r} is none of "
-                    f"{', '.join(c.etcd)}",
-                )
-        if c.embedded_etcd:
-            member = self.etcd_member_endpoint()
-            ehost, eport = split_hostport(member)
-            if eport in ports and _may_share_ports(ehost, self.node.host):
-                raise FieldError(
-                    ("node", "base_port"),
-                    f"worker ports {ports[0]}-{ports[-1]} clash with the embedded etcd's client port {eport} "
-                    f"({member}); move base_port or the etcd endpoint",
-                )
-            peer = self.etcd_peer_port()  # 2380 for a cluster unless set
-            if peer:
-                where = "etcd_peer_port" if c.etcd_peer_port else "the etcd cluster's peer port (etcd_peer_port = 0)"
-                if peer in ports and _may_share_ports(ehost, self.node.host):
-                    raise FieldError(
-                        ("cluster", "etcd_peer_port"),
-                        f"{where} {peer} clashes with the worker ports {ports[0]}-{ports[-1]}; "
-                        "pick another port" + ("" if self.etcd_clustered() else ", or 0 for a free one"),
-                    )
-                if peer == eport:
-                    raise FieldError(
-                        ("cluster", "etcd_peer_port"),
-                        f"{where} {peer} is the etcd client port ({member}); "
-                        "pick another port" + ("" if self.etcd_clustered() else ", or 0 for a free one"),
-                    )
-        if self.cluster.seed_interop and not seed_accepts(self.node.host):
-            raise FieldError(
-                ("node", "host"),
-                f"cluster.seed_interop needs a host the seed's Go nodes accept (utils.ValidPerrAddr): "
-                f'"localhost" or a name whose first label has 4 characters, like "box1"; got {self.node.host!r}',
-            )
-        if not self.tls.enabled and not c.plaintext_peers and not _is_loopback(self.node.host):
-            raise FieldError(
-                ("node", "host"),
-                f"node.host {self.node.host!r} is reachable from other machines and [tls] is off: peers would send "
-                "the cluster token (with every call) and every value in clear; set [tls] cert, key and ca, or, on "
-                "a network you trust, [cluster] plaintext_peers = true",
-            )
-        for name, cred in self.auth.credentials.items():
-            if cred.tls_identity is not None and not self.tls.client_auth:
-                raise FieldError(
-                    ("auth", "credentials", name, "tls_identity"),
-                    "a tls_identity is checked only with mTLS: set [tls] client_auth = true (and tls.ca)",
-                )
-        self._ops_port_checks()
+        checks.cross_checks(self)
         return self
-
-    def _ops_port_checks(self) -> None:
-        """The HTTP API and metrics ports against each other, the workers and etcd."""
-        n, o, c = self.node, self.ops, self.cluster
-        http = self.http_ports()
-        if http is not None and http[-1] > 65535:
-            raise FieldError(
-                ("ops", "http_base_port"),
-                f"expected HTTP ports within 1..65535, but {n.workers} workers from http_base_port "
-                f"{o.http_base_port} need ports up to {http[-1]}; lower http_base_port",
-            )
-        # (key, description, host, ports), checked pairwise.
-        used: list[tuple[tuple[str, ...], str, str, range]] = [
-            (("node", "base_port"), f"worker ports {_span(n.ports)}", n.host, n.ports)
-        ]
-        if c.embedded_etcd:
-            ehost, eport = split_hostport(self.etcd_member_endpoint())
-            used.append(
-                (("cluster", "etcd"), f"the embedded etcd's client port {eport}", ehost, range(eport, eport + 1))
-            )
-            if c.etcd_peer_port:
-                p = c.etcd_peer_port
-                used.append((("cluster", "etcd_peer_port"), f"etcd_peer_port {p}", ehost, range(p, p + 1)))
-        if http is not None:
-            used.append((("ops", "http_base_port"), f"HTTP ports {_span(http)}", n.host, http))
-        metrics = o.metrics_endpoint()
-        if metrics is not None:
-            mhost, mport = metrics
-            used.append((("ops", "metrics_addr"), f"the metrics port {mport}", mhost, range(mport, mport + 1)))
-        for i, (_, what_a, host_a, ports_a) in enumerate(used):
-            for key, what_b, host_b, ports_b in used[i + 1 :]:
-                if key[0] != "ops":
-                    continue  # worker/etcd clashes are reported above
-                if set(ports_a) & set(ports_b) and _may_share_ports(host_a, host_b):
-                    verb = "clash" if what_b.startswith("HTTP ports") else "clashes"
-                    raise FieldError(key, f"{what_b} {verb} with {what_a}; pick ports that do not overlap")
-
-    def http_ports(self) -> range | None:
-        """Worker i serves the HTTP read API on ``http_ports()[i]``; None when off."""
-        base = self.ops.http_base_port
-        return range(base, base + self.node.workers) if base else None
-
-    # ---- derived values -------------------------------------------------
-
-    def state_path(self) -> Path:
-        """node.state_dir, or the default (see ``dirs.default_state_dir``)."""
-        return self.node.state_dir or dirs.default_state_dir()
-
-    def runtime_path(self) -> Path:
-        """node.runtime_dir, or the default (see ``dirs.default_runtime_dir``)."""
-        return self.node.runtime_dir or dirs.default_runtime_dir()
-
-    def etcd_clustered(self) -> bool:
-        """Whether this box runs one member of a cluster of embedded etcds
-        (several endpoints, one per box)."""
-        return self.cluster.embedded_etcd and len(self.cluster.etcd) > 1
-
-    def etcd_member_endpoint(self) -> str:
-        """The client endpoint this box's embedded etcd serves: the one whose
-        host is node.host in a cluster, else etcd[0]."""
-        c = self.cluster
-        if self.etcd_clustered():
-            return next(e for e in c.etcd if split_hostport(e)[0] == self.node.host)
-        return c.etcd[0]
-
-    def etcd_peer_port(self) -> int:
-        """The members' peer port: etcd_peer_port, or 2380 for a cluster (0
-        for one box: a free port at each start)."""
-        return self.cluster.etcd_peer_port or (2380 if self.etcd_clustered() else 0)
-
-    def etcd_member_name(self, host: str) -> str:
-        """The etcd member name of the box whose node.host is `host`."""
-        return f"appliance-{host}"
-
-    def etcd_peer_url(self, host: str) -> str:
-        """The peer URL of the member on `host` (https when the cluster uses TLS)."""
-        scheme = "https" if self.etcd_clustered() and self.tls.enabled else "http"
-        return f"{scheme}://{join_hostport(host, self.etcd_peer_port())}"
-
-    def etcd_tls(self) -> tuple[Path | None, Path | None, Path | None] | None:
-        """(ca, cert, key) to talk to etcd over TLS, or None: the cluster's
-        own etcd_ca/etcd_cert/etcd_key, else, for an embedded cluster with
-        [tls], the box's [tls] files (its members serve TLS with them)."""
-        c = self.cluster
-        if c.etcd_ca or c.etcd_cert:
-            return c.etcd_ca, c.etcd_cert, c.etcd_key
-        if self.etcd_clustered() and self.tls.enabled:
-            return self.tls.ca, self.tls.cert, self.tls.key
-        return None
-
-    def private_etcd(self) -> bool:
-        """Whether the embedded etcd serves this box alone: then it listens on
-        unix sockets in the runtime directory (0700) and on no TCP port, so
-        no other local user can join the ring. The seed's Go nodes need TCP."""
-        c = self.cluster
-        return c.embedded_etcd and c.etcd_private and len(c.etcd) == 1 and not c.seed_interop
-
-    def etcd_socket(self) -> Path | None:
-        """The embedded etcd's client socket when it is private, else None."""
-        return self.runtime_path() / dirs.ETCD_DIR / dirs.ETCD_CLIENT_SOCKET if self.private_etcd() else None
-
-    def secret_problems(self) -> list[str]:
-        """What is wrong with the token files, one line each (checked by
-        `config check` and `appliance run`, which read them; loading the
-        config does not, so users without access to them can still load it)."""
-        out = []
-        files = [(f"auth.credentials.{n}.token_file", c.token_file) for n, c in self.auth.credentials.items()]
-        if self.auth.token_file is not None:
-            files.append(("auth.token_file", self.auth.token_file))
-        for key, path in files:
-            if path is None:
-                continue
-            try:
-                read_token(path)
-            except TokenFileError as exc:
-                out.append(f"{key}: {exc}")
-        return out
-
-    def token_path(self) -> Path:
-        """auth.token_file, or the one `appliance run` makes in the state dir."""
-        return self.auth.token_file or self.state_path() / dirs.TOKEN_FILE
-
-    def admin_socket(self, index: int) -> Path:
-        """Unix socket of worker ``index``'s admin service."""
-        return self.runtime_path() / dirs.admin_socket_name(index)
-
-    def admin_sockets(self) -> list[str]:
-        """The admin sockets present in the runtime dir now (workers that run, or ran)."""
-        return sorted(str(p) for p in self.runtime_path().glob(dirs.admin_socket_glob()))
-
-    def expand_origin(self, group: str | GroupSettings) -> str:
-        """The group's origin with ``{state_dir}`` replaced by the state
-        directory (what ``build_origin`` loads from); ``{key}`` is left for
-        each load."""
-        g = self.groups[group] if isinstance(group, str) else group
-        return grammar.expand(g.origin, self.state_path())
-
-    def notes(self) -> list[str]:
-        """Lines for `appliance config check` beyond the summary: what the
-        settings do not show by themselves."""
-        out = [w for w in (self.etcd_warning(), self.token_warning()) if w]
-        if self.auth.writes == "open":
-            out.append("writes are open: any client that reaches a data port can Set and Remove values")
-        if self.cluster.seed_interop or (self.node.host == "localhost"):
-            out.append(
-                "mixed cluster with the seed's Go nodes: every member named localhost:P or with a 4-character "
-                'first label, ring_hash = "seed" and replicas = 50 on both sides, etcd without auth or TLS, '
-                "cluster.seed_interop = true, and Go nodes restarted after each membership change "
-                "(they read clusters/ once, at start)"
-                + ("" if self.cluster.seed_interop else "; seed_interop is off here")
-            )
-        return out
-
-    def token_warning(self) -> str | None:
-        """What a box-made cluster token means when there are several boxes
-        (logged at start and printed by `config check`)."""
-        if self.auth.token_file is not None:
-            return None
-        if self.etcd_clustered():
-            return (
-                "each box makes its own cluster token: set [auth] token_file to the same 0600 file on every box, "
-                "or the boxes keep each other's workers out of the ring (they cannot prove the token to each other)"
-            )
-        if not self.cluster.embedded_etcd:
-            return "if several boxes share this etcd, set [auth] token_file to the same 0600 file on every box"
-        return None
-
-    def etcd_warning(self) -> str | None:
-        """What an etcd anyone can write means, if this one is such (logged at
-        start and printed by `config check`): the line says what it exposes."""
-        warning = self._open_etcd()
-        if not warning:
-            return None
-        return f"{warning}{SEED_ETCD_EXPOSES if self.cluster.seed_interop else ETCD_EXPOSES}"
-
-    def _open_etcd(self) -> str | None:
-        c = self.cluster
-        if self.private_etcd():
-            return None
-        if self.etcd_clustered():
-            if c.etcd_user is not None or (self.tls.enabled and self.tls.ca and self.tls.client_auth):
-                return None
-            if self.tls.enabled:
-                return (
-                    "the embedded etcd cluster takes clients without a certificate (tls.client_auth is off): "
-                    "any etcd client that reaches it can write the ring's member keys"
-                )
-            return (
-                "the embedded etcd cluster serves TCP without TLS or auth: "
-                "any etcd client can write the ring's member keys"
-            )
-        if c.embedded_etcd:
-            where = (
-                "the embedded etcd listens on TCP (for the seed's Go nodes)"
-                if c.seed_interop
-                else ("the embedded etcd listens on TCP (etcd_private = false) without auth")
-            )
-            if c.etcd_user is None and c.etcd_cert is None:
-                return f"{where}: any etcd client can write the ring's member keys"
-            return None
-        if c.etcd_user is None and c.etcd_cert is None:
-            return "the external etcd is used without TLS or auth: any etcd client can write the ring's member keys"
-        return None
-
-    def summary(self) -> str:
-        """One line for humans (used by ``check_file``)."""
-        n = self.node
-        ports = n.ports
-        port_text = f"{ports[0]}" if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"
-        workers = f"{n.workers} worker{'s' if n.workers != 1 else ''} on {join_hostport(n.host, port_text)}"
-        if self.private_etcd():
-            etcd = "etcd embedded, private (a unix socket in the runtime directory)"
-        elif self.etcd_clustered():
-            etcd = (
-                f"etcd cluster of {len(self.cluster.etcd)} embedded members ({', '.join(self.cluster.etcd)}; "
-                f"this box's: {self.etcd_member_endpoint()}, peer port {self.etcd_peer_port()}"
-                + (", TLS" if self.etcd_tls() else "")
-                + ")"
-            )
-        else:
-            etcd = f"etcd {', '.join(self.cluster.etcd)}" + (" (embedded)" if self.cluster.embedded_etcd else "")
-        if self.groups:
-            parts = []
-            for name, g in self.groups.items():
-                extra = f", ttl {format_duration(g.ttl)}" if g.ttl else ""
-                parts.append(f"{name} ({format_bytes(g.cache_bytes)} {g.policy}{extra}, {g.kind} origin)")
-            groups = ", ".join(parts)
-        else:
-            groups = "none"
-        ops = []
-        if self.ops.metrics_addr:
-            ops.append(f"metrics on {self.ops.metrics_addr}")
-        http = self.http_ports()
-        if http is not None:
-            ops.append(f"HTTP API on {join_hostport(n.host, _span(http))}")
-        if self.tls.enabled:
-            ops.append("mTLS" if self.tls.client_auth else "TLS")
-        if self.ops.rate_limit:
-            ops.append(f"rate limit {self.ops.rate_limit:g}/s (burst {self.ops.burst()}) per client")
-        a = self.auth
-        creds = ", ".join(f"{name} [{', '.join(c.scopes)}]" for name, c in a.credentials.items())
-        ops.append(f"writes {a.writes}, reads {a.reads}" + (f" (credentials: {creds})" if creds else ""))
-        extra = "; " + ", ".join(ops) if ops else ""
-        return f"{workers}, {etcd}, groups: {groups}{extra}; server: {self.server_choice()}"
-
-    def server_choice(self) -> str:
-        """Which server backend the workers will run, and why."""
-        try:
-            backend, why = choose(self)
-        except (RuntimeError, ValueError) as exc:
-            return f"none ({exc})"
-        return f"{backend} ({why})"
-
-
-def _span(ports: range) -> str:
-    return f"{ports[0]}" if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"
-
-
-def resolve_dirs(settings: Settings) -> Settings:
-    """A copy with node.state_dir and node.runtime_dir filled in. Creates nothing."""
-    node = settings.node.model_copy(update={"state_dir": settings.state_path(), "runtime_dir": settings.runtime_path()})
-    return settings.model_copy(update={"node": node})
