@@ -25,7 +25,12 @@ import subprocess
 import sys
 import time
 
-import lib
+from fmt import conditions, missing, num, ratio, table
+from goals import GOALS
+from memcached import start_memcached
+from processes import HOST, ROOT, Proc, free_port, log, need, wait_port
+from rounds import interleave, median
+from workers import get_once, start_worker, value_key
 
 SIZE = 100
 MAX_READS = 200_000
@@ -92,7 +97,7 @@ async def _timed_async(read, seconds: float, inflight: int) -> dict:
 
 def cell(kind: str, port: int, key: str, seconds: float, inflight: int) -> dict:
     """One cell, in this process."""
-    addr = f"{lib.HOST}:{port}"
+    addr = f"{HOST}:{port}"
     if kind in ("sync-engine", "sync-grpc"):
         from appliance.client import Client
 
@@ -102,13 +107,13 @@ def cell(kind: str, port: int, key: str, seconds: float, inflight: int) -> dict:
     if kind == "redis":
         import redis
 
-        r = redis.Redis(host=lib.HOST, port=port)
+        r = redis.Redis(host=HOST, port=port)
         assert len(r.get(key)) == SIZE
         return _timed(lambda: r.get(key), seconds)
     if kind == "memcache":
         from pymemcache.client.base import Client as Memcache
 
-        m = Memcache((lib.HOST, port), no_delay=True)
+        m = Memcache((HOST, port), no_delay=True)
         assert len(m.get(key)) == SIZE
         return _timed(lambda: m.get(key), seconds)
     return asyncio.run(_cell_async(kind, addr, port, key, seconds, inflight))
@@ -118,7 +123,7 @@ async def _cell_async(kind: str, addr: str, port: int, key: str, seconds: float,
     if kind == "redis-async":
         import redis.asyncio
 
-        r = redis.asyncio.Redis(host=lib.HOST, port=port, max_connections=inflight)
+        r = redis.asyncio.Redis(host=HOST, port=port, max_connections=inflight)
         try:
             assert len(await r.get(key)) == SIZE
             return await _timed_async(lambda: r.get(key), seconds, inflight)
@@ -131,17 +136,17 @@ async def _cell_async(kind: str, addr: str, port: int, key: str, seconds: float,
         return await _timed_async(lambda: c.get("bench", key), seconds, inflight)
 
 
-def _start_redis() -> tuple[lib.Proc, int]:
-    port = lib.free_port()
-    cmd = [lib.need("redis-server", "redis-server"), "--bind", lib.HOST, "--port", str(port)]
-    proc = lib.Proc([*cmd, "--save", "", "--appendonly", "no", "--io-threads", "1"], "redis")
-    lib.wait_port(port, 20, proc)
+def _start_redis() -> tuple[Proc, int]:
+    port = free_port()
+    cmd = [need("redis-server", "redis-server"), "--bind", HOST, "--port", str(port)]
+    proc = Proc([*cmd, "--save", "", "--appendonly", "no", "--io-threads", "1"], "redis")
+    wait_port(port, 20, proc)
     return proc, port
 
 
 def _run_cell(kind: str, port: int, key: str, seconds: float, inflight: int) -> dict:
     cmd = [sys.executable, __file__, "cell", kind, str(port), key, str(seconds), str(inflight)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 4 + 60, cwd=lib.ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 4 + 60, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"cell {kind} failed: {out.stderr.strip()[-2000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -154,31 +159,31 @@ def run(cfg) -> dict:
     import pymemcache.client.base
     import redis
 
-    worker, wport, _ = lib.start_worker("clients-worker", server="engine", mirror=0.0)
+    worker, wport, _ = start_worker("clients-worker", server="engine", mirror=0.0)
     rproc, rport = _start_redis()
-    mproc, mport = lib.start_memcached()
+    mproc, mport = start_memcached()
     try:
-        key = lib.value_key(SIZE, "app")
-        value = lib.get_once(wport, key)  # the worker holds it from now on
+        key = value_key(SIZE, "app")
+        value = get_once(wport, key)  # the worker holds it from now on
         assert len(value) == SIZE
-        redis.Redis(host=lib.HOST, port=rport).set(key, value)
-        pymemcache.client.base.Client((lib.HOST, mport)).set(key, value)
+        redis.Redis(host=HOST, port=rport).set(key, value)
+        pymemcache.client.base.Client((HOST, mport)).set(key, value)
         ports = {"redis": rport, "redis-async": rport, "memcache": mport}
         seconds = max(0.5, cfg.seconds)
         arms = {
             name: (lambda kind=kind, n=n: _run_cell(kind, ports.get(kind, wport), key, seconds, n))
             for name, kind, n in CELLS
         }
-        runs = lib.interleave(arms, cfg.rounds)
+        runs = interleave(arms, cfg.rounds)
         cells = {}
         for name, _, _ in CELLS:
             rs = runs[name]
             cells[name] = {
-                "cpu_us_per_read": lib.median([r["cpu_us_per_read"] for r in rs]),
-                "reads_per_s": lib.median([r["reads_per_s"] for r in rs]),
+                "cpu_us_per_read": median([r["cpu_us_per_read"] for r in rs]),
+                "reads_per_s": median([r["reads_per_s"] for r in rs]),
                 "cpu_us_all": [round(r["cpu_us_per_read"], 1) for r in rs],
             }
-            lib.log(
+            log(
                 f"  {name}: {cells[name]['cpu_us_per_read']:.1f} us of application CPU per read, "
                 f"{cells[name]['reads_per_s']:.0f} reads/s"
             )
@@ -216,6 +221,63 @@ def main() -> int:
     args = p.parse_args()
     print(json.dumps(cell(args.kind, args.port, args.key, args.seconds, args.inflight)))
     return 0
+
+
+def section(res: dict | None) -> list[str]:
+    out = ["## 10. What an application pays per cached read", ""]
+    if msg := missing(res, "clients"):
+        return out + [msg, ""]
+    out += [
+        conditions(res),
+        "",
+        "One engine worker holds a hot 100 B key; redis-server and memcached (1 thread) hold the same value. "
+        "Each cell is a fresh process reading it, sequentially or with N reads in flight on one event loop; "
+        "application CPU is that process's (all its threads). Medians of the rounds.",
+        "",
+    ]
+    rows = []
+    for name in res["cells_order"]:
+        c = res["cells"][name]
+        rows.append([name, num(c["cpu_us_per_read"], 1), num(c["reads_per_s"])])
+    out += [table(["reader", "application CPU µs per read (abs.)", "reads/s (abs.)"], rows), ""]
+    r = res["ratios"]
+    out += [
+        f"Engine's client vs grpc's: `Client.get` {ratio(r['client_engine_vs_grpc']['cpu'])} the CPU per read, "
+        f"{ratio(r['client_engine_vs_grpc']['rps'])} the reads/s; `AsyncClient.get` with 16 in flight "
+        f"{ratio(r['async16_engine_vs_grpc']['cpu'])} the CPU, {ratio(r['async16_engine_vs_grpc']['rps'])} the "
+        f"reads/s. `AsyncClient.get`, 1 in flight, vs redis.asyncio: {ratio(r['async1_vs_redis']['cpu'])} the CPU.",
+        "",
+    ]
+    return out
+
+
+def goal_rows(cl: dict) -> list[tuple[str, str, str, bool]]:
+    if not cl.get("ratios"):
+        return []
+    rows = []
+    for goal, ratio_key, label, a, b in (
+        ("client_vs_redis", "client_vs_redis", "Client.get vs redis-py", "client/engine", "redis-py"),
+        ("client_vs_pymemcache", "client_vs_pymemcache", "Client.get vs pymemcache", "client/engine", "pymemcache"),
+        (
+            "async16_vs_redis",
+            "async16_vs_redis",
+            "AsyncClient.get vs redis.asyncio, 16 in flight",
+            "async/engine 16",
+            "redis.asyncio 16",
+        ),
+    ):
+        g, v = GOALS[goal], cl["ratios"][ratio_key]["cpu"]
+        cells = cl["cells"]
+        rows.append(
+            (
+                f"{label}: application CPU per cached read",
+                g.target(),
+                f"{ratio(v)} ({num(cells[a]['cpu_us_per_read'])} vs {num(cells[b]['cpu_us_per_read'])} µs; "
+                f"reads/s {ratio(cl['ratios'][ratio_key]['rps'])})",
+                g.met(v),
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import lib
+from fmt import conditions, missing, num, table
+from goals import CONVERGENCE_SLACK_S, convergence_goal
+from processes import OUT, PY, ROOT, log
 
 LEASE_TTL = 2
 POLL = 0.01
@@ -89,10 +92,10 @@ class RingPoller:
 
 
 def one_size(n: int) -> dict:
-    sys.path.insert(0, str(lib.ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from support.appliance import Appliance
 
-    root = lib.OUT / f"convergence-{n}"
+    root = OUT / f"convergence-{n}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     app = Appliance(root, workers=n, lease_ttl=LEASE_TTL, drain="3s")
@@ -120,8 +123,8 @@ def one_size(n: int) -> dict:
         r = poller.wait(others_idx, others, t0)
         res["death_s"] = r["seconds"]
         res["death_minus_ttl_s"] = r["seconds"] - LEASE_TTL
-        lib.log(f"  N={n}: death -> ring without it in {r['seconds']:.2f}s (lease_ttl {LEASE_TTL}s)")
-        lib.wait_for_state(sup, name, ("STOPPED", "EXITED"), 15)
+        log(f"  N={n}: death -> ring without it in {r['seconds']:.2f}s (lease_ttl {LEASE_TTL}s)")
+        wait_for_state(sup, name, ("STOPPED", "EXITED"), 15)
 
         # Join -------------------------------------------------------------
         def up(i, s, now, marks):
@@ -133,7 +136,7 @@ def one_size(n: int) -> dict:
         r = poller.wait(all_idx, addrs, t0, extra=up)
         res["join_s"] = r["seconds"]
         res["join_process_up_s"] = r["marks"].get("up")
-        lib.log(
+        log(
             f"  N={n}: join -> full ring in {r['seconds']:.2f}s (process answering after "
             f"{r['marks'].get('up', float('nan')):.2f}s)"
         )
@@ -145,7 +148,7 @@ def one_size(n: int) -> dict:
 
         t0 = time.monotonic()
         cli = subprocess.Popen(
-            [str(lib.Path(lib.PY).parent / "appliance"), "stop-node", addrs[victim], "--config", str(app.config)],
+            [str(Path(PY).parent / "appliance"), "stop-node", addrs[victim], "--config", str(app.config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
@@ -162,7 +165,7 @@ def one_size(n: int) -> dict:
         res["stop_from_drain_s"] = None if drain is None else r["seconds"] - drain
         res["stop_cli_exit"] = cli.returncode
         res["stop_cli_output"] = out.decode(errors="replace").strip()[-300:]
-        lib.log(
+        log(
             f"  N={n}: planned stop -> ring without it in {r['seconds']:.2f}s from the command"
             + ("" if drain is None else f", {r['seconds'] - drain:.2f}s from the worker draining")
         )
@@ -170,6 +173,16 @@ def one_size(n: int) -> dict:
         poller.close()
         app.cleanup()
     return res
+
+
+def wait_for_state(supervisor, name: str, states: tuple[str, ...], timeout: float) -> str:
+    """supervisord's state of `name` once it is one of `states`, or when `timeout` s have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = supervisor.getProcessInfo(name)["statename"]
+        if state in states or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
 
 
 def _wait_stop(poller, others_idx, victim, others, t0, draining) -> dict:
@@ -194,6 +207,91 @@ def run(cfg) -> dict:
     sizes = [int(x) for x in str(cfg.convergence_workers).split(",") if x]
     rows = []
     for n in sizes:
-        lib.log(f"convergence: N = {n} workers (real appliance, lease_ttl {LEASE_TTL}s)")
+        log(f"convergence: N = {n} workers (real appliance, lease_ttl {LEASE_TTL}s)")
         rows.append(one_size(n))
     return {"rows": rows, "lease_ttl": LEASE_TTL}
+
+
+def section(res: dict | None) -> list[str]:
+    out = ["## 6. Convergence", ""]
+    if msg := missing(res, "convergence"):
+        return out + [msg, ""]
+    out += [
+        conditions(res),
+        "",
+        f"The real appliance (supervisord, embedded etcd, controller, N workers), lease_ttl = {res['lease_ttl']} s. "
+        "Seconds until every live worker holds the same new ring (absolute; polled every 10 ms):",
+        "",
+    ]
+    rows = []
+    for r in res["rows"]:
+        rows.append(
+            [
+                r["workers"],
+                num(r["start_s"], 2),
+                f"**{num(r['death_s'], 2)}**",
+                num(r["death_minus_ttl_s"], 2),
+                f"**{num(r['join_s'], 2)}**",
+                num(r.get("join_process_up_s"), 2),
+                f"**{num(r['stop_s'], 2)}**",
+                r.get("stop_cli_exit"),
+            ]
+        )
+    out += [
+        table(
+            [
+                "N workers",
+                "appliance start s",
+                "death s",
+                "death − lease_ttl s",
+                "join s",
+                "(new worker answering after s)",
+                "planned stop s (from running stop-node)",
+                "stop-node exit",
+            ],
+            rows,
+        ),
+        "",
+        "![convergence](convergence.png)",
+        "",
+    ]
+    return out
+
+
+def plot(cv: dict, plt):
+    if not cv.get("rows"):
+        return None
+    fig, a = plt.subplots(figsize=(6, 4))
+    ns = [r["workers"] for r in cv["rows"]]
+    w = 0.25
+    kinds = (("death_s", "death (kill -9)"), ("join_s", "join"), ("stop_s", "planned stop (stop-node)"))
+    for k, (key, label) in enumerate(kinds):
+        a.bar([i + (k - 1) * w for i in range(len(ns))], [r.get(key) or 0 for r in cv["rows"]], w, label=label)
+    bound = cv["lease_ttl"] + CONVERGENCE_SLACK_S
+    a.axhline(cv["lease_ttl"], color="k", ls="--", alpha=0.5, label=f"lease_ttl ({cv['lease_ttl']} s)")
+    a.axhline(bound, color="r", ls=":", alpha=0.5, label=f"lease_ttl + {CONVERGENCE_SLACK_S:g} s (design bound)")
+    a.set_xticks(range(len(ns)), [f"N = {n}" for n in ns])
+    a.set(ylabel="seconds until every live worker holds the new ring", title="Ring convergence (real appliance)")
+    a.set_ylim(0, bound + 1)
+    a.legend(fontsize=7, ncol=2, loc="upper right")
+    return fig
+
+
+FIGURES = {"convergence.png": plot}
+
+
+def goal_rows(cv: dict) -> list[tuple[str, str, str, bool]]:
+    if not cv.get("rows"):
+        return []
+    g = convergence_goal(cv["lease_ttl"])
+    worst = max(max(r["death_s"], r["join_s"], r["stop_s"]) for r in cv["rows"])
+    return [
+        (
+            "Convergence (death / join / planned stop)",
+            f"≤ lease_ttl + {CONVERGENCE_SLACK_S:g} s = {g.threshold:g} s",
+            "; ".join(
+                f"N={r['workers']}: {r['death_s']:.2f} / {r['join_s']:.2f} / {r['stop_s']:.2f} s" for r in cv["rows"]
+            ),
+            g.met(worst),
+        )
+    ]

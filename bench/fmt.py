@@ -44,3 +44,11 @@ def missing(res: dict | None, name: str) -> str | None:
     if "skipped" in res:
         return f"_{name} skipped: {res['skipped']}_"
     return None
+
+
+def conditions(res: dict) -> str:
+    """The line under a section's title: when it ran, and how busy the box was."""
+    return (
+        f"_Run {res.get('when', '?')}, {res.get('elapsed_s', '?')} s; load average before "
+        f"{res.get('loadavg_before', '?')}, other processes on {res.get('other_cores_before', '?')} cores._"
+    )

@@ -25,8 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from fmt import conditions, missing, num, ratio, size_label, table
+from goals import GOALS
+
 SIZES = (100, 1024)
-CACHE_BYTES = "64MiB"  # the goal on the result is in goals.py
+CACHE_BYTES = "64MiB"
 
 
 def rss() -> int:
@@ -96,17 +99,19 @@ def fill(value_size: int, cache_bytes: int, store: str) -> dict:
 
 
 def run(cfg) -> dict:
-    import lib
+    # Here, not at the top: the fill process (main) imports no more than it needs.
+    from processes import PY, Proc, log
+
     from appliance.units import parse_bytes
 
     cache_bytes = parse_bytes(CACHE_BYTES)
     rows = []
     for store in ("product", "dict"):
         for size in SIZES:
-            lib.log(f"memory: {store} store, {size} B values, fill to {CACHE_BYTES}")
-            proc = lib.Proc(
+            log(f"memory: {store} store, {size} B values, fill to {CACHE_BYTES}")
+            proc = Proc(
                 [
-                    lib.PY,
+                    PY,
                     __file__,
                     "fill",
                     "--value-size",
@@ -123,7 +128,7 @@ def run(cfg) -> dict:
             finally:
                 proc.kill()
             res = json.loads(proc.log_path.read_text().strip().splitlines()[-1])
-            lib.log(
+            log(
                 f"  {res['items']} entries, RSS +{res['rss_growth_bytes'] / 2**20:.1f} MiB for "
                 f"{res['counted_bytes'] / 2**20:.1f} MiB counted: x{res['rss_over_counted']:.2f} "
                 f"({res['overhead_per_entry']:.0f} B per entry beyond key+value)"
@@ -140,6 +145,112 @@ def main() -> None:
     p.add_argument("--store", choices=["product", "dict"], default="product")
     a = p.parse_args()
     print(json.dumps(fill(a.value_size, a.cache_bytes, a.store)), flush=True)
+
+
+def section(res: dict | None) -> list[str]:
+    out = ["## 5. Memory", ""]
+    if msg := missing(res, "memory"):
+        return out + [msg, ""]
+    out += [
+        conditions(res),
+        "",
+        f"A fresh process per row fills a group to cache_bytes = {size_label(res['cache_bytes'])} with 11-byte "
+        "keys. `product` is the product's Group/Store; `plain dict` keeps the same keys and values in one "
+        "dict (the floor for one Python bytes object per value).",
+        "",
+    ]
+    rows = []
+    for r in res["rows"]:
+        rows.append(
+            [
+                "product" if r["store"] == "product" else "plain dict",
+                size_label(r["value_size"]),
+                num(r["items"]),
+                num(r["counted_bytes"] / 2**20, 1),
+                num(r["rss_growth_bytes"] / 2**20, 1),
+                f"**{ratio(r['rss_over_counted'])}**",
+                num(r["overhead_per_entry"]),
+            ]
+        )
+    out += [
+        table(
+            [
+                "store",
+                "value",
+                "entries",
+                "counted MiB",
+                "RSS growth MiB",
+                "RSS / counted",
+                "bytes per entry beyond key + value",
+            ],
+            rows,
+        ),
+        "",
+        "![memory](memory.png)",
+        "",
+    ]
+    prod = {r["value_size"]: r for r in res["rows"] if r["store"] == "product"}
+    if 100 in prod and prod[100].get("sizeof"):
+        sz = prod[100]["sizeof"]
+        fields = ", ".join(sz.get("entry_fields", ["value", "expires", "size"]))
+        size_int = prod.get(1024, {}).get("sizeof", {}).get("size_int", 28)
+        rows = [
+            ["the key, a `str` (11 characters)", sz["key_str"]],
+            ["the value, a `bytes` (100 bytes)", sz["value_bytes_object"]],
+            [f"an `Entry` namedtuple ({fields})", sz["entry_namedtuple"]],
+            ["the size, an `int` (only over 256, e.g. at 1 KiB)", size_int],
+        ]
+        out += [
+            f"Objects per entry at 100 B (sys.getsizeof, bytes; the entry costs {num(prod[100]['overhead_per_entry'])} "
+            "beyond key + value in all):",
+            "",
+            table(["object", "bytes"], rows),
+            "",
+        ]
+    return out
+
+
+def plot(mem: dict, plt):
+    if not mem.get("rows"):
+        return None
+    goal = GOALS["memory_1k"].threshold
+    fig, a = plt.subplots(figsize=(6, 4))
+    labels, vals, colors = [], [], []
+    for r in mem["rows"]:
+        labels.append(f"{'product' if r['store'] == 'product' else 'plain dict'}\n{size_label(r['value_size'])}")
+        vals.append(r["rss_over_counted"])
+        colors.append("C0" if r["store"] == "product" else "C7")
+    a.bar(range(len(vals)), vals, color=colors)
+    for i, v in enumerate(vals):
+        a.text(i, v, f"{v:.2f}×", ha="center", va="bottom")
+    a.axhline(goal, color="r", ls="--", label=f"goal at 1 KiB: ≤ {goal:g}×")
+    a.set_xticks(range(len(vals)), labels)
+    a.set(ylabel="RSS growth / counted bytes", title=f"Memory: group filled to {size_label(mem['cache_bytes'])}")
+    a.legend(fontsize=8)
+    return fig
+
+
+FIGURES = {"memory.png": plot}
+
+
+def goal_rows(mem: dict) -> list[tuple[str, str, str, bool]]:
+    prod = {r["value_size"]: r for r in mem.get("rows", []) if r["store"] == "product"}
+    if 1024 not in prod:
+        return []
+    g = GOALS["memory_1k"]
+    return [
+        (
+            "Memory: RSS growth / counted bytes at 1 KiB",
+            g.target(),
+            ratio(prod[1024]["rss_over_counted"])
+            + (
+                f" (100 B: {ratio(prod[100]['rss_over_counted'])}, {num(prod[100]['overhead_per_entry'])} B/entry)"
+                if 100 in prod
+                else ""
+            ),
+            g.met(prod[1024]["rss_over_counted"]),
+        )
+    ]
 
 
 if __name__ == "__main__":

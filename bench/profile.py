@@ -14,7 +14,7 @@ while h2load runs; the raw stacks are classified:
 "Product inclusive" counts every sample with an appliance/ frame anywhere
 on the stack, including the grpc and protobuf work the product calls.
 
-The workers serve on the default backend (lib.default_server(): the engine
+The workers serve on the default backend (workers.default_server(): the engine
 where it is built, else grpcio), recorded as `server`.
 
 Two targets: the hot-Get worker (100 B main-cache hits, 32 streams), and
@@ -32,8 +32,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import lib
-from lib import GET_PATH, get_body, get_once, h2load
+from fmt import conditions, missing, num, pct, size_label, table
+from h2load import GET_PATH, get_body, get_response_bytes, h2load
+from processes import OUT, PY, cpu_seconds_of, log, wait_file
+from rounds import per_request_cpu
+from workers import default_server, get_once, owned_key, start_echo, start_ring, start_worker, value_key
 
 SECONDS = 4
 RATE = 200
@@ -76,7 +79,7 @@ PRODUCT = re.compile(r"\((?:[^()]*/)?appliance/[^()]*\)")
 
 
 def py_spy() -> str:
-    return str(Path(lib.PY).parent / "py-spy")
+    return str(Path(PY).parent / "py-spy")
 
 
 def record(pid: int, out: Path, fmt: str, native: bool, seconds: float) -> subprocess.Popen:
@@ -174,7 +177,7 @@ def thread_cpu(pid: int, run) -> dict:
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
-                out[(tid, name)] = lib.cpu_seconds_of(f"/proc/{pid}/task/{tid}/stat")
+                out[(tid, name)] = cpu_seconds_of(f"/proc/{pid}/task/{tid}/stat")
             except OSError:
                 pass
         return out
@@ -208,7 +211,7 @@ class _Load:
         kwargs = dict(n=n, streams=streams, name=name, watch=[pid], timeout=SECONDS * 6 + 30)
         self._thread = threading.Thread(
             target=lambda: self.result.update(
-                h2load(port, GET_PATH, body, expect_data=lib.get_response_bytes(100), **kwargs)
+                h2load(port, GET_PATH, body, expect_data=get_response_bytes(100), **kwargs)
             )
         )
 
@@ -227,7 +230,7 @@ class _Load:
 def profile_target(
     name: str, pid: int, port: int, body: Path, streams: int, rate_guess: float, svg: Path | None = None
 ) -> dict:
-    raw = lib.OUT / f"profile-{name}.txt"
+    raw = OUT / f"profile-{name}.txt"
     with _Load(f"profile-{name}", pid, port, body, streams, rate_guess) as load:
         spy = record(pid, raw, "raw", True, SECONDS)
         out, _ = spy.communicate(timeout=SECONDS * 5 + 30)
@@ -250,7 +253,7 @@ def syscalls_per_get(pid: int, port: int, body: Path, name: str, requests: int =
 
     if not shutil.which("strace"):
         return None
-    out = lib.OUT / f"strace-{name}.txt"
+    out = OUT / f"strace-{name}.txt"
     # -p names one thread: every existing one is named (the engine's I/O
     # thread does a worker's socket work); -f follows those started later.
     threads = [arg for tid in sorted(os.listdir(f"/proc/{pid}/task")) for arg in ("-p", tid)]
@@ -267,7 +270,7 @@ def syscalls_per_get(pid: int, port: int, body: Path, name: str, requests: int =
             streams=32,
             name=f"strace-{name}",
             timeout=120,
-            expect_data=lib.get_response_bytes(100),
+            expect_data=get_response_bytes(100),
         )
         time.sleep(0.2)
     finally:
@@ -302,7 +305,7 @@ def perf_profile(pid: int, port: int, body: Path, streams: int, rate_guess: floa
 
     if not shutil.which("perf"):
         return {"skipped": "no perf (linux-perf)"}
-    data = lib.OUT / "perf-worker.data"
+    data = OUT / "perf-worker.data"
     with _Load("perf-worker", pid, port, body, streams, rate_guess) as load:
         rec = subprocess.run(
             ["perf", "record", "-F", "1999", "-p", str(pid), "-o", str(data), "--", "sleep", str(SECONDS)],
@@ -359,25 +362,25 @@ def handler_time(sizes=(100, 1 << 20)) -> dict:
     import os
     import signal
 
-    timing = lib.OUT / "profile-timing.json"
-    worker, port, _ = lib.start_worker("profile-timed", extra=["--timing", str(timing)])
+    timing = OUT / "profile-timing.json"
+    worker, port, _ = start_worker("profile-timed", extra=["--timing", str(timing)])
 
     def snapshot() -> dict:
         timing.unlink(missing_ok=True)
         os.kill(worker.pid, signal.SIGUSR1)
-        lib.wait_file(timing, 10, worker)
+        wait_file(timing, 10, worker)
         time.sleep(0.05)
         return json.loads(timing.read_text())
 
     out = {}
     try:
         for size in sizes:
-            key = lib.value_key(size)
+            key = value_key(size)
             get_once(port, key)
             body = get_body(key)
             h2load(port, GET_PATH, body, n=200, streams=8, name="profile-timed-warm")
             a = snapshot()
-            r = lib.per_request_cpu(
+            r = per_request_cpu(
                 h2load(
                     port,
                     GET_PATH,
@@ -387,7 +390,7 @@ def handler_time(sizes=(100, 1 << 20)) -> dict:
                     name=f"profile-timed-{size}",
                     watch=[worker.pid],
                     timeout=120,
-                    expect_data=lib.get_response_bytes(size),
+                    expect_data=get_response_bytes(size),
                 )
             )
             b = snapshot()
@@ -403,26 +406,26 @@ def handler_time(sizes=(100, 1 << 20)) -> dict:
 
 
 def run(cfg) -> dict:
-    results = {"server": lib.default_server()}  # what start_worker serves on
+    results = {"server": default_server()}  # what start_worker serves on
     results["handler_time"] = handler_time()
-    echo, eport = lib.start_echo("profile-echo")
+    echo, eport = start_echo("profile-echo")
     try:
-        get_once(eport, lib.value_key(100))
-        results["syscalls_echo"] = syscalls_per_get(echo.pid, eport, get_body(lib.value_key(100)), "echo")
+        get_once(eport, value_key(100))
+        results["syscalls_echo"] = syscalls_per_get(echo.pid, eport, get_body(value_key(100)), "echo")
     finally:
         echo.kill()
-    worker, wport, sock = lib.start_worker("profile-worker")
+    worker, wport, sock = start_worker("profile-worker")
     try:
-        key = lib.value_key(100)
+        key = value_key(100)
         get_once(wport, key)
         body = get_body(key)
         results["syscalls_worker"] = syscalls_per_get(worker.pid, wport, body, "worker")
         probe = h2load(wport, GET_PATH, body, n=3000, streams=32, name="profile-probe")
-        lib.log("profile: hot Get worker (100 B hits, 32 streams)")
+        log("profile: hot Get worker (100 B hits, 32 streams)")
         results["hot_get_worker"] = profile_target(
-            "worker", worker.pid, wport, body, 32, probe["rps"], svg=lib.OUT / "profile-worker.svg"
+            "worker", worker.pid, wport, body, 32, probe["rps"], svg=OUT / "profile-worker.svg"
         )
-        lib.log("profile: hot Get worker under perf (the engine's I/O thread answers hits)")
+        log("profile: hot Get worker under perf (the engine's I/O thread answers hits)")
         results["hit_path_perf"] = perf_profile(worker.pid, wport, body, 32, probe["rps"])
         n = int(probe["rps"] * 3)
         results["hot_get_threads"] = thread_cpu(
@@ -435,33 +438,156 @@ def run(cfg) -> dict:
                 streams=32,
                 name="profile-threads",
                 timeout=60,
-                expect_data=lib.get_response_bytes(100),
+                expect_data=get_response_bytes(100),
             ),
         )
     finally:
         worker.kill()
-    (a, aport, asock, aaddr), (b, bport, bsock, baddr) = lib.start_ring(["profile-fwd-a", "profile-fwd-b"], mirror=0.0)
+    (a, aport, asock, aaddr), (b, bport, bsock, baddr) = start_ring(["profile-fwd-a", "profile-fwd-b"], mirror=0.0)
     try:
-        key = lib.owned_key(baddr, [aaddr, baddr], 100, "prof")
+        key = owned_key(baddr, [aaddr, baddr], 100, "prof")
         get_once(aport, key)
         body = get_body(key)
         probe = h2load(aport, GET_PATH, body, n=1000, streams=1, name="profile-probe")
-        lib.log("profile: forwarding node (non-owner, hot cache off, 1 stream)")
+        log("profile: forwarding node (non-owner, hot cache off, 1 stream)")
         results["forwarding_node"] = profile_target("forwarder", a.pid, aport, body, 1, probe["rps"])
     finally:
         a.kill()
         b.kill()
     for size, h in results["handler_time"].items():
-        lib.log(
+        log(
             f"  {size} B hit: product handler {h['handler_us']:.1f} µs of {h['cpu_us_per_get']:.0f} µs "
             "worker CPU per Get"
         )
     for name in ("syscalls_echo", "syscalls_worker"):
         if results.get(name):
-            lib.log(f"  {name}: {results[name]['total_per_get']:.1f} system calls per Get")
+            log(f"  {name}: {results[name]['total_per_get']:.1f} system calls per Get")
     for name, r in results.items():
         if not isinstance(r, dict) or "categories" not in r:
             continue
         cats = ", ".join(f"{k} {v['share_of_busy']:.0%}" for k, v in r["categories"].items() if v["share_of_busy"])
-        lib.log(f"  {name}: {cats}")
+        log(f"  {name}: {cats}")
     return results
+
+
+def section(res: dict | None) -> list[str]:
+    out = ["## Profile of the hot path", ""]
+    if msg := missing(res, "profile"):
+        return out + [msg, ""]
+    if not res.get("server"):
+        # Profiles from before the bench recorded the backend were taken on the
+        # native backend (the default then), which the product no longer has.
+        return out + [
+            conditions(res),
+            "",
+            "_This profile was taken before the bench recorded the workers' backend, on a backend the product no "
+            "longer has; re-run it (`python bench/run.py profile`)._",
+            "",
+        ]
+    backend = f"the {res['server']} backend"
+    out += [
+        conditions(res),
+        "",
+        f"The workers served on {backend}. py-spy samples by what the innermost frame is, parked threads left out:",
+        "",
+    ]
+    targets = [(k, res.get(k)) for k in ("hot_get_worker", "forwarding_node") if res.get(k)]
+    idle = [k for k, t in targets if not t.get("busy_samples")]
+    if idle:  # the engine answers hits on its own I/O thread: no Python thread is busy
+        out += [
+            f"py-spy saw no busy Python thread in the {', '.join(_target_label(k) for k in idle)}: its calls "
+            "never reach Python (the perf profile below shows where their time goes).",
+            "",
+        ]
+        targets = [(k, t) for k, t in targets if k not in idle]
+    cats = []
+    for _, t in targets:
+        for c in t["categories"]:
+            if c not in cats and not c.startswith("waiting"):
+                cats.append(c)
+    if targets:
+        rows = []
+        for c in cats:
+            rows.append([c] + [pct((t["categories"].get(c) or {}).get("share_of_busy") or 0) for _, t in targets])
+        rows.append(
+            ["*under a product frame (inclusive)*"] + [pct(t.get("product_inclusive_share")) for _, t in targets]
+        )
+        rows.append(["*busy samples*"] + [num(t["busy_samples"]) for _, t in targets])
+        out += [table(["share of busy samples", *(_target_label(k) for k, _ in targets)], rows), ""]
+    ht = res.get("handler_time")
+    if ht:
+        out += [
+            "Time inside the product's cache rules per hit (`NodeInstance.hit`, `servers.py --timing`), against "
+            f"the worker's whole CPU per Get ({backend}, 8 streams):",
+            "",
+            table(
+                ["value", "handler µs", "worker CPU µs per Get (abs.)", "handler share"],
+                [
+                    [
+                        size_label(int(z)),
+                        num(h["handler_us"], 1),
+                        num(h["cpu_us_per_get"]),
+                        pct(h["handler_us"] / h["cpu_us_per_get"]),
+                    ]
+                    for z, h in ht.items()
+                ],
+            ),
+            "",
+        ]
+    hp = res.get("hit_path_perf")
+    if hp and "skipped" in hp:
+        out += [f"_The hit path's perf profile was skipped: {hp['skipped']}._", ""]
+    elif hp:
+        out += [
+            "Where a hit's time goes (`perf record` on every thread of the hot-Get worker, 100 B hits, 32 "
+            "streams; the engine's I/O thread answers them, which py-spy cannot see): share of all samples by "
+            "where the code lives",
+            "",
+            table(["code", "share"], [[name, pct(share)] for name, share in hp["by_dso"].items()]),
+            "",
+            "By thread: " + "; ".join(f"`{name}` {share:.1%}" for name, share in hp["by_thread"]),
+            "",
+            "Top symbols: " + "; ".join(f"`{sym}` {share:.1%}" for sym, share in hp["top_symbols"]),
+            "",
+        ]
+    th = res.get("hot_get_threads")
+    if th:
+        out += [
+            "CPU by thread of the hot-Get worker (cores, /proc/PID/task; 100 B hits, 32 streams): "
+            + "; ".join(f"`{name}` {num(c, 2)}" for name, c in th["cores_by_thread"].items()),
+            "",
+        ]
+    se, sw = res.get("syscalls_echo"), res.get("syscalls_worker")
+    if se and sw:
+        names = [n for n in sw["per_get"] if sw["per_get"][n] >= 0.05 or se["per_get"].get(n, 0) >= 0.05]
+        out += [
+            "System calls per Get (strace -c over 3,000 Gets at 32 streams; counts only):",
+            "",
+            table(
+                ["", *names, "total"],
+                [
+                    ["echo", *(num(se["per_get"].get(n, 0), 1) for n in names), f"**{num(se['total_per_get'], 1)}**"],
+                    ["worker", *(num(sw["per_get"].get(n, 0), 1) for n in names), f"**{num(sw['total_per_get'], 1)}**"],
+                ],
+            ),
+            "",
+        ]
+    for k, t in targets:
+        out += [
+            f"Top leaves, {_target_label(k)}: "
+            + "; ".join(f"`{name}` {share:.1%}" for name, share in t["top_leaves"][:8]),
+            "",
+        ]
+        if t["top_product_frames"]:
+            out += [
+                f"Top product frames, {_target_label(k)}: "
+                + "; ".join(f"`{name}` {share:.1%}" for name, share in t["top_product_frames"][:6]),
+                "",
+            ]
+    return out
+
+
+def _target_label(key: str) -> str:
+    return {"hot_get_worker": "hot-Get worker (100 B hits)", "forwarding_node": "forwarding node (1 stream)"}.get(
+        key, key
+    )

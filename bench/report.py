@@ -1,7 +1,8 @@
 """Render bench/results.md and the PNG plots from bench/out/results.json.
 
+benches.py     the benchmarks, each a module with its section, figures and goal rows
 goals.py       the thresholds, the Goals table and its verdicts
-plots.py       one function per figure
+plots.py       draws and saves each benchmark's figures
 results_md.py  the markdown: this run's numbers only (prose: README.md)
 """
 
@@ -11,11 +12,8 @@ from pathlib import Path
 
 import plots
 from goals import headline_table
+from processes import BENCH, log
 from results_md import markdown
-
-import lib
-
-BENCH = lib.BENCH
 
 
 def render(results: dict, out_dir: Path = BENCH) -> None:
@@ -23,9 +21,9 @@ def render(results: dict, out_dir: Path = BENCH) -> None:
     and print the Goals table."""
     made = plots.save_all(results, out_dir)
     if made is None:
-        lib.log("matplotlib is not installed: no plots (make -C bench deps)")
+        log("matplotlib is not installed: no plots (make -C bench deps)")
     target = out_dir / "results.md"
     target.write_text(markdown(results))
-    lib.log(f"wrote {target}" + (f" and {', '.join(made)}" if made else ""))
+    log(f"wrote {target}" + (f" and {', '.join(made)}" if made else ""))
     print()
     print(headline_table(results))

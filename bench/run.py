@@ -19,23 +19,10 @@ import sys
 import time
 import traceback
 
-import lib
+from benches import BENCHES
+from processes import OUT, kill_all, loadavg, log, need, quiet_box
 
-BENCHES = (
-    "hot_get",
-    "forwarded",
-    "getmany",
-    "storm",
-    "memory",
-    "convergence",
-    "warm",
-    "scaling",
-    "skew",
-    "clients",
-    "worker_limits",
-    "profile",
-)
-RESULTS = lib.OUT / "results.json"
+RESULTS = OUT / "results.json"
 
 
 def main() -> int:
@@ -58,17 +45,17 @@ def main() -> int:
     unknown = [b for b in cfg.benches if b not in BENCHES]
     if unknown:
         p.error(f"unknown bench {', '.join(unknown)}; expected any of {', '.join(BENCHES)}")
-    lib.OUT.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     failed = []
     if not cfg.report:
-        lib.need("h2load", "nghttp2-client")
+        need("h2load", "nghttp2-client")
         results["machine"] = machine()
         for name in cfg.benches or BENCHES:
             t0 = time.monotonic()
-            others = lib.quiet_box(cfg.quiet_wait)
-            lib.log(f"=== {name} (load average {lib.loadavg()}; others use {others:.2f} cores)")
-            load_before = lib.loadavg()
+            others = quiet_box(cfg.quiet_wait)
+            log(f"=== {name} (load average {loadavg()}; others use {others:.2f} cores)")
+            load_before = loadavg()
             try:
                 res = importlib.import_module(name).run(cfg)
             except Exception as exc:
@@ -76,19 +63,19 @@ def main() -> int:
                 res = {"error": f"{type(exc).__name__}: {exc}"}
                 failed.append(name)
             finally:
-                lib.kill_all()
+                kill_all()
             res["elapsed_s"] = round(time.monotonic() - t0, 1)
             res["loadavg_before"] = load_before
             res["other_cores_before"] = round(others, 2)
             res["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
             results[name] = res
             RESULTS.write_text(json.dumps(results, indent=1, default=str))
-            lib.log(f"=== {name} done in {res['elapsed_s']}s")
+            log(f"=== {name} done in {res['elapsed_s']}s")
     import report
 
     report.render(results)
     if failed:
-        lib.log(f"failed: {', '.join(failed)}")
+        log(f"failed: {', '.join(failed)}")
         return 1
     return 0
 

@@ -204,7 +204,7 @@ def main() -> None:
     w.add_argument("--mirror", type=float, default=0.1)
     w.add_argument("--delay-ms", type=float, default=0)
     w.add_argument("--cache-bytes", default="256MiB")
-    w.add_argument("--tls-dir", default="", help="serve TLS with cert.pem and key.pem from here (lib.self_signed)")
+    w.add_argument("--tls-dir", default="", help="serve TLS with cert.pem and key.pem from here (certs.self_signed)")
     w.add_argument("--timing", default="", help="file: SIGUSR1 writes the time totals of NodeInstance.hit there")
     w.add_argument("--server", default="auto", choices=("auto", "engine", "grpcio"))
     w.add_argument("--forward", default="", choices=("", "stream", "unary"), help="how forwards reach the owner")

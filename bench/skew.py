@@ -32,7 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-import lib
+from fmt import conditions, missing, num, pct, ratio, table
+from goals import GOALS, Goal
+from processes import log
+from workers import default_server, group_stats, start_ring
 
 KEYS = 100_000
 CONC = 64
@@ -40,7 +43,7 @@ CELLS = (("1.1", False), ("0.9", False), ("1.1", True))  # (s, uniform)
 ZIPFLOAD = Path(os.environ.get("SEEDGO_BIN", "/tmp/seedgo-bin")) / "zipfload"
 
 
-SERVER = lib.default_server()
+SERVER = default_server()
 
 
 def zipfload(addrs: list[str], mode: str, s: str, uniform: bool, seconds: float, **kw) -> dict:
@@ -57,7 +60,7 @@ def zipfload(addrs: list[str], mode: str, s: str, uniform: bool, seconds: float,
 
 
 def cell(mode: str, s: str, uniform: bool, seconds: float) -> dict:
-    nodes = lib.start_ring([f"skew-{i}" for i in range(3)], cache_bytes="16MiB", server=SERVER)
+    nodes = start_ring([f"skew-{i}" for i in range(3)], cache_bytes="16MiB", server=SERVER)
     procs = [n[0] for n in nodes]
     socks = [n[2] for n in nodes]
     addrs = [n[3] for n in nodes]
@@ -65,12 +68,12 @@ def cell(mode: str, s: str, uniform: bool, seconds: float) -> dict:
         # Unmeasured first: a cell reports the steady state, not the cold
         # misses every cell starts with (they are the cold-start figure's).
         zipfload(addrs, mode, s, uniform, seconds)
-        base = [lib.group_stats(x) for x in socks]
+        base = [group_stats(x) for x in socks]
         cpu0 = [p.cpu() for p in procs]
         load = zipfload(addrs, mode, s, uniform, seconds)
         cpu = [p.cpu() - c for p, c in zip(procs, cpu0, strict=True)]
         stats = [
-            {k: v - b.get(k, 0) for k, v in lib.group_stats(x).items() if isinstance(v, int | float)}
+            {k: v - b.get(k, 0) for k, v in group_stats(x).items() if isinstance(v, int | float)}
             for x, b in zip(socks, base, strict=True)
         ]
     finally:
@@ -94,12 +97,12 @@ def cell(mode: str, s: str, uniform: bool, seconds: float) -> dict:
 
 def cold_start(seconds: float) -> dict:
     """A 1 s origin, 2 s client deadlines: origin loads vs distinct keys requested."""
-    nodes = lib.start_ring([f"skew-cold-{i}" for i in range(3)], cache_bytes="16MiB", server=SERVER)
+    nodes = start_ring([f"skew-cold-{i}" for i in range(3)], cache_bytes="16MiB", server=SERVER)
     try:
         load = zipfload(
             [n[3] for n in nodes], "rr", "1.1", False, seconds, keys=1000, prefix="v100-d1000-k", timeout="2s"
         )
-        stats = [lib.group_stats(n[2]) for n in nodes]
+        stats = [group_stats(n[2]) for n in nodes]
     finally:
         for n in nodes:
             n[0].kill()
@@ -164,7 +167,7 @@ def spread(seconds: float, max_gets: int = 40_000) -> dict:
     learning which keys are hot."""
     from appliance.client import Client
 
-    nodes = lib.start_ring([f"skew-spread-{i}" for i in range(SPREAD_WORKERS)], cache_bytes="16MiB", server=SERVER)
+    nodes = start_ring([f"skew-spread-{i}" for i in range(SPREAD_WORKERS)], cache_bytes="16MiB", server=SERVER)
     addrs = [n[3] for n in nodes]
     socks = [n[2] for n in nodes]
     cdf = zipf_cdf(KEYS, 1.1)
@@ -173,9 +176,9 @@ def spread(seconds: float, max_gets: int = 40_000) -> dict:
         for arm, hot in (("owner", False), ("spread", True)):
             with Client(addrs, spread_hot=hot) as client:
                 _drive(client, cdf, max_gets // SPREAD_THREADS // 2, time.monotonic() + seconds / 2, seed=1)
-                before = [lib.group_stats(x) for x in socks]
+                before = [group_stats(x) for x in socks]
                 counts = _drive(client, cdf, max_gets // SPREAD_THREADS, time.monotonic() + seconds, seed=2)
-                after = [lib.group_stats(x) for x in socks]
+                after = [group_stats(x) for x in socks]
             served = [a["gets"] - b["gets"] for a, b in zip(after, before, strict=True)]
             forwarded_in = [a["server_requests"] - b["server_requests"] for a, b in zip(after, before, strict=True)]
             hot_hits = sum(a["hot_hits"] - b["hot_hits"] for a, b in zip(after, before, strict=True))
@@ -285,33 +288,33 @@ def run(cfg) -> dict:
     for s, uniform in CELLS:
         pair = {}
         for mode in ("owner", "rr"):
-            lib.log(f"skew: {mode} s={'uniform' if uniform else s}, {seconds:.0f} s")
+            log(f"skew: {mode} s={'uniform' if uniform else s}, {seconds:.0f} s")
             pair[mode] = cell(mode, s, uniform, seconds)
             c = pair[mode]
-            lib.log(
+            log(
                 f"  {c['gets']} Gets, {c['cpu_us_per_get']:.0f} us CPU/Get, forwarded {c['forwarded_share']:.1%}, "
                 f"hot hits {c['hot_hit_share']:.1%}, busiest/mean {c['busiest_over_mean']:.2f}"
             )
         ratio = pair["rr"]["cpu_us_per_get"] / pair["owner"]["cpu_us_per_get"]
-        lib.log(f"  round robin / owner-routed CPU per Get: {ratio:.2f}x")
+        log(f"  round robin / owner-routed CPU per Get: {ratio:.2f}x")
         rows.append({"s": pair["rr"]["s"], "rr_over_owner_cpu": ratio, **pair})
-    lib.log("skew: cold start, 1 s origin, 2 s deadlines")
+    log("skew: cold start, 1 s origin, 2 s deadlines")
     cold = cold_start(max(3.0, seconds))
-    lib.log(
+    log(
         f"  origin loads {cold['origin_loads']}, distinct keys {cold['distinct_keys']}, "
         f"duplicate loads {cold['duplicates']}, client errors {cold['client_errors']}"
     )
-    lib.log(f"skew: spread, {SPREAD_WORKERS} workers, Client x {SPREAD_THREADS} threads, Zipf 1.1")
+    log(f"skew: spread, {SPREAD_WORKERS} workers, Client x {SPREAD_THREADS} threads, Zipf 1.1")
     spreading = spread(seconds * 1.5)
     for arm in ("owner", "spread"):
         a = spreading[arm]
-        lib.log(
+        log(
             f"  {arm}: {a['client_gets']} Gets ({a['errors']} failed), busiest/mean {a['busiest_over_mean']:.2f}, "
             f"forwards {a['forwards_received']}, hot hits {a['hot_hits']}"
         )
-    lib.log("skew: hot cache vs oracle, Zipf 0.9, data 10x the hot budget (simulated clock)")
+    log("skew: hot cache vs oracle, Zipf 0.9, data 10x the hot budget (simulated clock)")
     hot = oracle()
-    lib.log(
+    log(
         f"  rate promotion {hot['rate']['hit_share']:.1%} vs oracle {hot['rate']['oracle_share']:.1%} "
         f"({hot['rate_over_oracle']:.2f}); random 0.1: {hot['random_over_oracle']:.2f}; "
         f"peak hot bytes {hot['rate']['peak_hot_bytes']} of {hot['hot_budget_bytes']}"
@@ -326,3 +329,164 @@ def run(cfg) -> dict:
         "conc": CONC,
         "server": SERVER,
     }
+
+
+def section(res: dict | None) -> list[str]:
+    out = ["## 9. Skewed load: round robin vs owner-routed, spreading, hot-cache admission", ""]
+    if msg := missing(res, "skew"):
+        return out + [msg, ""]
+    out += [
+        conditions(res),
+        "",
+        f"zipfload (grpc-go, the seed's proto), {res['conc']} callers, Zipf keys over {res['keys']:,} keys, "
+        f"{res['workers']} workers on the {res.get('server', '?')} server, fresh workers per cell, "
+        "measured after one unmeasured run of the same load (the steady state; cold misses are the "
+        "cold-start figure's). "
+        "CPU is the workers' (from /proc); Gets, forwards and hot hits from their stats.",
+        "",
+    ]
+    rows = []
+    for r in res["rows"]:
+        for mode in ("owner", "rr"):
+            c = r[mode]
+            rows.append(
+                [
+                    r["s"],
+                    "owner-routed" if mode == "owner" else "round robin",
+                    num(c["gets"]),
+                    num(c["cpu_us_per_get"]),
+                    pct(c["forwarded_share"]),
+                    pct(c["hot_hit_share"]),
+                    ratio(c["busiest_over_mean"]),
+                    f"**{ratio(r['rr_over_owner_cpu'])}**" if mode == "rr" else "",
+                ]
+            )
+    out += [
+        table(
+            [
+                "Zipf s",
+                "clients",
+                "Gets",
+                "worker CPU µs/Get (abs.)",
+                "forwarded",
+                "hot hits",
+                "busiest/mean",
+                "rr / owner CPU",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    if sp := res.get("spread"):
+        out += [
+            f"Ring-aware `Client`, {sp['threads']} threads, Zipf {sp['s']}, {sp['workers']} workers: Gets each "
+            "worker answered (clients' and forwards), measured after the same client made half as many Gets "
+            "unmeasured (its steady state).",
+            "",
+            table(
+                [
+                    "hot-key spreading",
+                    "client Gets",
+                    "failed",
+                    "busiest / mean",
+                    "forwards received",
+                    "hot hits",
+                    "Gets per worker",
+                ],
+                [
+                    [
+                        arm,
+                        num(sp[key]["client_gets"]),
+                        sp[key]["errors"],
+                        f"**{ratio(sp[key]['busiest_over_mean'])}**",
+                        num(sp[key]["forwards_received"]),
+                        num(sp[key]["hot_hits"]),
+                        ", ".join(str(x) for x in sp[key]["served_per_worker"]),
+                    ]
+                    for arm, key in (("off", "owner"), ("on", "spread"))
+                ],
+            ),
+            "",
+        ]
+    if c := res.get("cold_start"):
+        out += [
+            f"Cold start, 1 s origin, 2 s deadlines, round robin: **{c['origin_loads']}** origin loads for "
+            f"{c['distinct_keys']} distinct keys ({c['duplicates']} duplicates), {c['client_errors']} failed Gets.",
+            "",
+        ]
+    if o := res.get("oracle"):
+        out += [
+            f"Hot cache of one non-owner, Zipf {o['s']} over {o['keys']:,} keys ({num(o['data_bytes'])} B, 10× the "
+            f"hot budget of {num(o['hot_budget_bytes'])} B; the oracle holds the {num(o['oracle_keys'])} hottest), "
+            f"{num(o['gets_per_s'])} Gets/s of simulated time, {num(o['warm_gets'])} Gets to warm up, then "
+            f"{num(o['measured_gets'])} measured:",
+            "",
+            table(
+                ["admission", "hit share", "oracle", "over the oracle", "peak hot bytes"],
+                [
+                    [
+                        name,
+                        f"{o[key]['hit_share']:.1%}",
+                        f"{o[key]['oracle_share']:.1%}",
+                        f"**{ratio(o[f'{key}_over_oracle'])}**",
+                        num(o[key]["peak_hot_bytes"]),
+                    ]
+                    for name, key in (("by rate (default)", "rate"), ("random 0.1", "random"))
+                ],
+            ),
+            "",
+        ]
+    return out
+
+
+def goal_rows(sk: dict) -> list[tuple[str, str, str, bool]]:
+    rows = []
+    if sk.get("rows"):
+        g = GOALS["skew_rr_over_owner"]
+        head = next((r for r in sk["rows"] if r["s"] == "1.1"), sk["rows"][0])
+        rows.append(
+            (
+                f"Skew: round-robin / owner-routed CPU per Get, Zipf {head['s']}, {sk['workers']} workers",
+                g.target(),
+                f"{ratio(head['rr_over_owner_cpu'])} (others: "
+                + ", ".join(f"s={r['s']}: {ratio(r['rr_over_owner_cpu'])}" for r in sk["rows"] if r is not head)
+                + ")",
+                g.met(head["rr_over_owner_cpu"]),
+            )
+        )
+    if sk.get("spread"):
+        g = GOALS["skew_busiest_over_mean"]
+        sp = sk["spread"]
+        rows.append(
+            (
+                f"Skew: busiest worker's Gets / mean, {sp['workers']} workers, ring-aware Client, Zipf {sp['s']}",
+                g.target(),
+                f"{ratio(sp['spread']['busiest_over_mean'])} "
+                f"(without spreading: {ratio(sp['owner']['busiest_over_mean'])})",
+                g.met(sp["spread"]["busiest_over_mean"]),
+            )
+        )
+    if sk.get("cold_start"):
+        c = sk["cold_start"]
+        g = Goal("=", c["distinct_keys"], "")
+        rows.append(
+            (
+                "Skew: cold start, 1 s origin, 2 s deadlines: origin loads / distinct keys",
+                "origin loads = distinct keys",
+                f"{c['origin_loads']} / {c['distinct_keys']} ({c['client_errors']} failed Gets)",
+                g.met(c["origin_loads"]),
+            )
+        )
+    if sk.get("oracle"):
+        g = GOALS["skew_hot_vs_oracle"]
+        o = sk["oracle"]
+        rows.append(
+            (
+                f"Skew: hot-cache hit share / an oracle's, Zipf {o['s']}, data 10× the hot budget",
+                g.target(),
+                f"{ratio(o['rate_over_oracle'])} ({o['rate']['hit_share']:.1%} vs {o['rate']['oracle_share']:.1%}; "
+                f"random admission: {ratio(o['random_over_oracle'])})",
+                g.met(o["rate_over_oracle"]),
+            )
+        )
+    return rows

@@ -21,7 +21,12 @@ import signal
 import subprocess
 import time
 
-import lib
+from fmt import conditions, missing, num, ratio, table
+from goals import Goal
+from h2load import GET_PATH, get_body, get_response_bytes, h2load_command, parse_h2load
+from processes import HOST, OUT, log, need
+from rounds import median
+from workers import get_once, group_stats, start_ring
 
 GETS = 1000
 KEYS = 10
@@ -30,7 +35,7 @@ DELAYS_MS = (10, 50, 200)
 
 def storm(ports: list[int], keys: list[str], name: str) -> dict:
     per_key = GETS // len(keys)
-    fifo = lib.OUT / f"{name}.go"
+    fifo = OUT / f"{name}.go"
     fifo.unlink(missing_ok=True)
     os.mkfifo(fifo)
     # Held open read-write, so the readers' opens never block and a reader
@@ -39,13 +44,13 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
     procs, logs, outs = [], [], []
     try:
         for i, key in enumerate(keys):
-            body = lib.get_body(key)
-            log = lib.OUT / f"{name}-{i}.reqlog"
-            log.unlink(missing_ok=True)
-            logs.append(log)
-            url = f"http://{lib.HOST}:{ports[i % len(ports)]}{lib.GET_PATH}"
-            cmd = lib.h2load_command(per_key, 2, per_key // 2, body, log, url)
-            outs.append(lib.OUT / f"{name}-{i}.out")
+            body = get_body(key)
+            reqlog = OUT / f"{name}-{i}.reqlog"
+            reqlog.unlink(missing_ok=True)
+            logs.append(reqlog)
+            url = f"http://{HOST}:{ports[i % len(ports)]}{GET_PATH}"
+            cmd = h2load_command(per_key, 2, per_key // 2, body, reqlog, url)
+            outs.append(OUT / f"{name}-{i}.out")
             # Each waits for its line on the FIFO (sh reads a pipe one byte at a time).
             shell = f"read go < {shlex.quote(str(fifo))}; exec {shlex.join(cmd)} > {shlex.quote(str(outs[-1]))}"
             procs.append(
@@ -70,9 +75,9 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
         os.close(gate)
         fifo.unlink(missing_ok=True)
     starts, lat, failed = [], [], 0
-    for log in logs:
+    for reqlog in logs:
         try:
-            lines = log.read_text().splitlines()
+            lines = reqlog.read_text().splitlines()
         except OSError:
             continue
         for line in lines:
@@ -89,11 +94,11 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
     short = 0
     for out, _log in zip(outs, logs, strict=True):
         try:
-            res = lib.parse_h2load(out.read_text())
+            res = parse_h2load(out.read_text())
         except OSError:
             continue
         if res.get("succeeded"):
-            short += max(0, round(res["succeeded"] - res.get("data_bytes", 0) / lib.get_response_bytes(100)))
+            short += max(0, round(res["succeeded"] - res.get("data_bytes", 0) / get_response_bytes(100)))
     failed += short
     lat.sort()
     n = len(lat)
@@ -110,26 +115,26 @@ def storm(ports: list[int], keys: list[str], name: str) -> dict:
 
 
 def run(cfg) -> dict:
-    lib.need("h2load", "nghttp2-client")
-    nodes = lib.start_ring(["storm-0", "storm-1", "storm-2"])
+    need("h2load", "nghttp2-client")
+    nodes = start_ring(["storm-0", "storm-1", "storm-2"])
     ports = [port for _, port, _, _ in nodes]
     socks = [sock for _, _, sock, _ in nodes]
     try:
         # Connections and code paths warm: one Get through every worker.
         for port in ports:
-            lib.get_once(port, "v100-warm")
+            get_once(port, "v100-warm")
         rows = []
         for delay in DELAYS_MS:
-            lib.log(
+            log(
                 f"miss storm: {GETS} Gets of {KEYS} cold keys over 3 workers, origin delay {delay} ms "
                 f"({cfg.rounds} storms)"
             )
             rounds = []
             for r in range(cfg.rounds):
                 keys = [f"v100-d{delay}-storm{r}k{i}" for i in range(KEYS)]
-                before = [lib.group_stats(s) for s in socks]
+                before = [group_stats(s) for s in socks]
                 miss = storm(ports, keys, f"storm-miss-{delay}")
-                after = [lib.group_stats(s) for s in socks]
+                after = [group_stats(s) for s in socks]
                 hit = storm(ports, keys, f"storm-hit-{delay}")
                 rounds.append(
                     {
@@ -147,7 +152,7 @@ def run(cfg) -> dict:
                         "hit": hit,
                     }
                 )
-            med = lambda f, rounds=rounds: lib.median([f(x) for x in rounds])  # noqa: E731
+            med = lambda f, rounds=rounds: median([f(x) for x in rounds])  # noqa: E731
             row = {
                 "delay_ms": delay,
                 "origin_loads": [x["origin_loads"] for x in rounds],
@@ -161,7 +166,7 @@ def run(cfg) -> dict:
             }
             row["p99_over_delay"] = row["miss_p99_ms"] / delay
             row["p99_minus_delay_ms"] = row["miss_p99_ms"] - delay
-            lib.log(
+            log(
                 f"  origin loads {row['origin_loads']}; miss p50 {row['miss_p50_ms']:.1f} p99 "
                 f"{row['miss_p99_ms']:.1f} ms (x{row['p99_over_delay']:.2f} the delay, start spread "
                 f"{row['start_spread_ms']:.1f} ms); hit storm p99 {row['hit_p99_ms']:.1f} ms; failed {row['failed']}"
@@ -171,3 +176,100 @@ def run(cfg) -> dict:
     finally:
         for proc, *_ in nodes:
             proc.kill()
+
+
+def section(res: dict | None) -> list[str]:
+    out = ["## 4. Miss storm", ""]
+    if msg := missing(res, "storm"):
+        return out + [msg, ""]
+    out += [
+        conditions(res),
+        "",
+        f"{res['gets']} concurrent Gets of {res['keys']} cold keys over {res['workers']} workers, then the "
+        "same Gets on the warm keys. Medians of the storms.",
+        "",
+    ]
+    rows = []
+    for r in res["rows"]:
+        rows.append(
+            [
+                r["delay_ms"],
+                r["origin_loads"],
+                r["failed"],
+                num(r["miss_p50_ms"], 1),
+                f"**{num(r['miss_p99_ms'], 1)}**",
+                ratio(r["p99_over_delay"]),
+                num(r["p99_minus_delay_ms"], 1),
+                num(r["hit_p99_ms"], 1),
+                num(r["start_spread_ms"], 1),
+            ]
+        )
+    out += [
+        table(
+            [
+                "origin delay ms",
+                "origin loads per storm",
+                "failed Gets",
+                "miss p50 ms (abs.)",
+                "miss p99 ms (abs.)",
+                "p99 / delay",
+                "p99 − delay ms",
+                "warm-storm p99 ms (abs.)",
+                "start spread ms",
+            ],
+            rows,
+        ),
+        "",
+        "![miss storm](storm.png)",
+        "",
+    ]
+    return out
+
+
+def plot(st: dict, plt):
+    if not st.get("rows"):
+        return None
+    fig, a = plt.subplots(figsize=(6, 4))
+    d = [r["delay_ms"] for r in st["rows"]]
+    a.plot(d, [r["miss_p99_ms"] for r in st["rows"]], "s-", label="miss storm p99")
+    a.plot(d, [r["miss_p50_ms"] for r in st["rows"]], "o-", alpha=0.6, label="miss storm p50")
+    a.plot(d, [r["hit_p99_ms"] for r in st["rows"]], "^:", label="hit storm p99 (same 1,000 Gets, warm)")
+    a.plot(d, d, "k--", alpha=0.5, label="origin delay")
+    a.set(
+        xscale="log",
+        xlabel="origin delay, ms",
+        ylabel="latency, ms",
+        title=f"Miss storm: {st['gets']} Gets of {st['keys']} cold keys, {st['workers']} workers",
+    )
+    a.set_xticks(d, [str(x) for x in d])
+    a.set_ylim(bottom=0)
+    a.legend(fontsize=8)
+    return fig
+
+
+FIGURES = {"storm.png": plot}
+
+
+def goal_rows(st: dict) -> list[tuple[str, str, str, bool | None]]:
+    if not st.get("rows"):
+        return []
+    g = Goal("=", st["keys"], "")  # one origin load per key
+    loads = [x for r in st["rows"] for x in r["origin_loads"]]
+    return [
+        (
+            f"Miss storm: origin loads for {st['gets']} Gets of {st['keys']} cold keys",
+            g.target(),
+            ", ".join(f"{r['origin_loads']}" for r in st["rows"]) + " (per storm)",
+            g.met(*loads),
+        ),
+        (
+            "Miss storm p99 vs origin delay",
+            "report",
+            "; ".join(
+                f"{r['delay_ms']} ms: p99 {num(r['miss_p99_ms'], 0)} ms ({ratio(r['p99_over_delay'])}; "
+                f"warm floor {num(r['hit_p99_ms'], 0)} ms)"
+                for r in st["rows"]
+            ),
+            None,
+        ),
+    ]

@@ -1,8 +1,5 @@
 """Benchmark: one worker at rest, and under one huge request, on each backend.
 
-This module owns its run, its section of results.md and its goal rows
-(results_md.py and goals.py call `section` and `goal_rows`).
-
 - idle: a worker that has a ring and has served (a few Gets, so every
   thread and timer is up), then nothing for IDLE_S seconds: its CPU
   (utime + stime, /proc/PID/stat) over that time, as a share of a core.
@@ -21,8 +18,8 @@ from __future__ import annotations
 import time
 
 from fmt import missing, num, pct, ratio, table
-
-import lib
+from processes import HOST, log
+from workers import default_server, get_once, start_worker, value_key
 
 IDLE_S = 10.0
 REQUEST_MIB = 50
@@ -47,31 +44,31 @@ def _huge(port: int, pid: int) -> dict:
     body = groupcache_pb2.GetRequest(group="bench", key="k" * (REQUEST_MIB * MiB)).SerializeToString()
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     before = _hwm_kib(pid)
-    with grpc.insecure_channel(f"{lib.HOST}:{port}", options=options) as channel:
+    with grpc.insecure_channel(f"{HOST}:{port}", options=options) as channel:
         try:
             channel.unary_unary("/groupcachepb.GroupCache/Get")(body, timeout=60)
             code = "OK"
         except grpc.RpcError as exc:
             code = exc.code().name
     added = (_hwm_kib(pid) - before) / 1024
-    served_after = lib.get_once(port, lib.value_key(100, "after")) == b"v" * 100
+    served_after = get_once(port, value_key(100, "after")) == b"v" * 100
     return {"code": code, "hwm_before_mib": before / 1024, "hwm_added_mib": added, "served_after": served_after}
 
 
 def run(cfg) -> dict:
     rows = []
     for server in ("engine", "grpcio"):
-        if server == "engine" and lib.default_server() != "engine":
+        if server == "engine" and default_server() != "engine":
             continue  # not built here: the grpcio row alone
-        proc, port, _ = lib.start_worker(f"limits-{server}", server=server)
+        proc, port, _ = start_worker(f"limits-{server}", server=server)
         try:
             for _ in range(20):  # warm: a miss, then hits (the engine's hit path opens with the ring)
-                lib.get_once(port, lib.value_key(100, "warm"))
-            lib.log(f"worker_limits: {server} idle for {IDLE_S:g} s")
+                get_once(port, value_key(100, "warm"))
+            log(f"worker_limits: {server} idle for {IDLE_S:g} s")
             cpu0, t0 = proc.cpu(), time.monotonic()
             time.sleep(IDLE_S)  # the measurement itself: a worker left alone for this long
             idle_cores = (proc.cpu() - cpu0) / (time.monotonic() - t0)
-            lib.log(f"worker_limits: {server}, one {REQUEST_MIB} MiB request")
+            log(f"worker_limits: {server}, one {REQUEST_MIB} MiB request")
             huge = _huge(port, proc.pid)
         finally:
             proc.kill()
@@ -127,7 +124,7 @@ def section(res: dict | None) -> list[str]:
 
 
 def goal_rows(res: dict | None) -> list[tuple[str, str, str, bool]]:
-    """(goal, target, measured, met) for goals.headline."""
+    """(goal, target, measured, met) for the Goals table (goals.headline)."""
     engine = _row(res or {}, "engine")
     if engine is None:
         return []
