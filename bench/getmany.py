@@ -28,8 +28,8 @@ MEMCASLAP_CONCURRENCY = 16
 
 def _available() -> bool:
     try:
+        from appliance.fronts.grpc_aio import services
         from appliance.pb import cache_pb2  # noqa: F401
-        from appliance.transport.grpc_aio import services
     except ImportError:
         return False
     return hasattr(services, "CACHE_SERVICE")

@@ -8,7 +8,7 @@ Servers, each in its own process, all answering the same GetRequest with a
                 source by ../shared/seedgo/build.sh; it logs a line per Get
                 to a file, as it does;
 - echo:         a bare grpc.aio server with the same generated servicer;
-- engine:       our worker (appliance.serving.Node) on our Rust engine
+- engine:       our worker (appliance.node.serving.Node) on our Rust engine
                 (engine/), where it is built: hits are answered in Rust;
 - engine-tls:   the same with [tls] on (rustls; h2load over TLS 1.3, a
                 self-signed certificate), on the 100 B rows: a TLS Get
@@ -50,7 +50,7 @@ from rounds import interleave, median, per_request_cpu, summarize
 from seed import Netns, netns_unavailable, start_seed
 from workers import group_stats, start_echo, start_worker, value_key
 
-from appliance.transport import engine_available
+from appliance.fronts import engine_available
 
 # (connections, streams per connection): 1, 8 and the 8 x 16 = 128.
 CONCURRENCY = ((1, 1), (4, 2), (8, 16))

@@ -52,7 +52,7 @@ def fill(value_size: int, cache_bytes: int, store: str) -> dict:
     n = cache_bytes // per
     kwargs = {}
     if "framing" in inspect.signature(Group).parameters:  # values kept in wire form, as a Node keeps them
-        from appliance.transport import wire
+        from appliance.protocol import framing as wire
 
         kwargs["framing"] = wire.FRAMING
     group = Group("bench", loader, cache_bytes=cache_bytes, policy="lru", **kwargs) if store == "product" else None

@@ -160,7 +160,7 @@ def classify(raw: Path) -> dict:
 
 
 def _thread_of(frames: list[str]) -> str:
-    if any("_receive" in f and "transport/engine/" in f for f in frames):
+    if any("_receive" in f and "fronts/grpc_engine/" in f for f in frames):
         return "engine receiving thread"
     if any("Thread._bootstrap" in f for f in frames):
         return "other Python thread (grpc poller, executor)"
@@ -517,7 +517,7 @@ def section(res: dict | None) -> list[str]:
     ht = res.get("handler_time")
     if ht:
         out += [
-            "Time inside the product's cache rules per hit (`NodeInstance.hit`, `servers.py --timing`), against "
+            "Time inside the product's cache rules per hit (`NodeRules.hit`, `servers.py --timing`), against "
             f"the worker's whole CPU per Get ({backend}, 8 streams):",
             "",
             table(

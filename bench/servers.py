@@ -3,7 +3,7 @@
     servers.py worker --port P --admin SOCK --ready FILE [--server auto|engine|grpcio]
                       [--peers A,B] [--mirror 0] [--delay-ms 50] [--cache-bytes 256MiB]
                       [--forward stream|unary] [--peer-library engine|grpcio] [--tls-dir D]
-        A real cache node: appliance.serving.Node with the product's
+        A real cache node: appliance.node.serving.Node with the product's
         services on the given server backend, one group "bench" whose
         Python loader returns N bytes for a key named "v<N>-<anything>"
         (100 bytes for any other key) after --delay-ms, or after <ms> for a
@@ -73,20 +73,20 @@ async def _until_signalled() -> None:
 
 def time_hits(path: str) -> None:
     """Count the wall time spent in the product's cache rules for each hit
-    (NodeInstance.hit: validate, look the group up, look the key up, count);
+    (NodeRules.hit: validate, look the group up, look the key up, count);
     SIGUSR1 writes the totals to `path` as JSON. A hit never suspends, so
     its wall time is its CPU time: this splits one Get into the product's
     part and the server library's."""
     import json
     import time
 
-    from appliance.node.instance import NodeInstance
+    from appliance.rules.node_rules import NodeRules
 
     acc = {"handler_calls": 0, "handler_ns": 0}
-    hit = NodeInstance.hit
+    hit = NodeRules.hit
     clock = time.perf_counter_ns
 
-    def timed_hit(self, *args, **kwargs):  # NodeInstance.hit's own signature, whatever it is
+    def timed_hit(self, *args, **kwargs):  # NodeRules.hit's own signature, whatever it is
         t = clock()
         try:
             return hit(self, *args, **kwargs)
@@ -94,7 +94,7 @@ def time_hits(path: str) -> None:
             acc["handler_ns"] += clock() - t
             acc["handler_calls"] += 1
 
-    NodeInstance.hit = timed_hit
+    NodeRules.hit = timed_hit
 
     def dump(*_):
         Path(path).write_text(json.dumps(acc))
@@ -105,7 +105,7 @@ def time_hits(path: str) -> None:
 async def worker(args) -> None:
     from appliance import logs
     from appliance.config import Settings
-    from appliance.serving import Node
+    from appliance.node.serving import Node
 
     logs.setup("info", "bench-worker")  # as `appliance worker` does
     tls_dir = Path(args.tls_dir).resolve()
@@ -205,7 +205,7 @@ def main() -> None:
     w.add_argument("--delay-ms", type=float, default=0)
     w.add_argument("--cache-bytes", default="256MiB")
     w.add_argument("--tls-dir", default="", help="serve TLS with cert.pem and key.pem from here (certs.self_signed)")
-    w.add_argument("--timing", default="", help="file: SIGUSR1 writes the time totals of NodeInstance.hit there")
+    w.add_argument("--timing", default="", help="file: SIGUSR1 writes the time totals of NodeRules.hit there")
     w.add_argument("--server", default="auto", choices=("auto", "engine", "grpcio"))
     w.add_argument("--forward", default="", choices=("", "stream", "unary"), help="how forwards reach the owner")
     w.add_argument(
@@ -221,7 +221,7 @@ def main() -> None:
     c.add_argument("--forwarded", action="store_true")
     args = p.parse_args()
     if args.cmd == "worker":  # as `appliance worker` runs it (appliance.worker.run)
-        from appliance.transport.engine.loop import run
+        from appliance.fronts.grpc_engine.loop import run
 
         run(worker(args))
         return

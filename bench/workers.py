@@ -11,7 +11,7 @@ from processes import BENCH, HOST, OUT, PY, Proc, free_port, wait_file
 
 def default_server() -> str:
     """What `server = "auto"` serves with: the engine where it is built."""
-    from appliance.transport import engine_available
+    from appliance.fronts import engine_available
 
     return "engine" if engine_available() is None else "grpcio"
 
@@ -30,7 +30,7 @@ def start_worker(
     forward: str = "",
     peer_library: str = "",
 ) -> tuple[Proc, int, Path]:
-    """A real cache node (appliance.serving.Node) in its own process, on
+    """A real cache node (appliance.node.serving.Node) in its own process, on
     the given server backend (engine | grpcio; default: `default_server()`)."""
     port = port or free_port()
     server = server or default_server()
