@@ -1,3 +1,5 @@
+"""`python -m appliance`: the CLI (appliance.cli)."""
+
 from .cli import main
 
 raise SystemExit(main())

@@ -1,8 +1,8 @@
 """Errors of the cache core.
 
 Each error has a `kind`, the one thing every front needs to answer it: gRPC
-maps a kind to a status code (transport/status.py), HTTP to a status
-(node/http_api.py). A subclass inherits its parent's kind, so a new error is
+maps a kind to a status code (protocol/status.py), HTTP to a status
+(fronts/http/api.py). A subclass inherits its parent's kind, so a new error is
 answered right by every front without an entry in any table.
 """
 

@@ -48,7 +48,7 @@ def settings_kwargs(settings: Settings) -> dict:
 
 class ClientBase:
     _grpc: Any  # the module channels come from: grpc or grpc.aio
-    _engine_channel: Any  # its engine counterpart (transport/engine_channel.py)
+    _engine_channel: Any  # its engine counterpart (peering/engine_channel.py)
 
     def __init__(
         self,

@@ -46,6 +46,17 @@ class Transport(Protocol):
         ...
 
 
+class SideFront(Protocol):
+    """A front served beside the gRPC one, on a port of its own (the HTTP
+    API): node/serving.py's SIDE_FRONTS makes, starts and stops them."""
+
+    name: str  # for the logs
+    port: int  # the port asked for until start(), then the port bound
+
+    async def start(self) -> int: ...
+    async def stop(self) -> None: ...
+
+
 class BaseTransport:
     name = "?"
     framing: Framing = wire.FRAMING

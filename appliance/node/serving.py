@@ -1,5 +1,7 @@
-"""A cache node: its rules (instance.py) served by a transport, plus the
-admin service on a unix socket and the optional HTTP read API.
+"""A cache node composed: its rules (rules.NodeRules) served by the gRPC
+front its settings choose, the side fronts (the optional HTTP read API),
+the admin service on a unix socket, and its peers (rules.Peers, holding
+peering's clients).
 
 Everything a node needs comes in through its constructor (settings and
 loaders); there is no process-wide registry, so one process can run several
@@ -12,16 +14,17 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import grpc
 
 from .. import addr as addrs
-from .. import fronts as transport
-from .. import tls as tlsmod
+from .. import fronts
 from ..cache.group import Loader
+from ..fronts import SideFront
 from ..fronts.admin import AdminService
+from ..fronts.http import http_front
 from ..logs import event
 from ..pb import admin_pb2_grpc
 from ..rules.auth import Authenticator
@@ -31,9 +34,13 @@ from .metrics import NodeMetrics
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..fronts.http.api import HttpApi
 
 log = logging.getLogger(__name__)
+
+# The fronts served beside the gRPC one, each on a port of its own: one
+# factory per protocol, which returns None where the node does not serve it.
+# A new protocol front is one line here.
+SIDE_FRONTS: tuple[Callable[[Node], SideFront | None], ...] = (http_front,)
 
 
 class Node:
@@ -61,8 +68,8 @@ class Node:
         self.admin_address = admin_address
         if admin_address is not None:
             _check_admin_address(admin_address)
-        self.backend, self.backend_reason = transport.choose(settings, server)
-        self.transport = transport.create(settings, self.backend, peer_token=token)
+        self.backend, self.backend_reason = fronts.choose(settings, server)
+        self.transport = fronts.create(settings, self.backend, peer_token=token)
         self.peers = Peers(
             self.transport.new_client,
             replicas=ns.replicas,
@@ -73,17 +80,18 @@ class Node:
             departed_grace=ns.handoff_timeout + 1.0,
         )
         self.instance = NodeRules(
-            settings,
+            ns,
+            settings.groups,
             loaders,
             self.peers,
             framing=self.transport.framing,
             store=self.transport.store,
-            auth=Authenticator.from_settings(settings, token),
+            auth=Authenticator.from_settings(settings.auth, token),
         )
         self.groups = self.instance.groups
         self.validate = self.instance.validate
         self.http_port = http_port
-        self.http_api: HttpApi | None = None
+        self.side_fronts: list[SideFront] = []
         self.stop_requested = asyncio.Event()
         self.stop_drain_timeout: float | None = None
         self._admin: grpc.aio.Server | None = None
@@ -131,8 +139,9 @@ class Node:
                 # Its directory (the runtime dir, 0700) already keeps others
                 # out; the socket itself is the owner's alone as well.
                 os.chmod(self.admin_address.removeprefix("unix:"), 0o600)
-        if self.http_port is not None:
-            await self._start_http(self.http_port)
+        for make in SIDE_FRONTS:
+            if (front := make(self)) is not None:
+                await self._start_side(front)
         event(
             log,
             logging.INFO,
@@ -145,30 +154,26 @@ class Node:
             http=addrs.join(self.host, self.http_api.port) if self.http_api else "off",
         )
 
-    async def _start_http(self, port: int) -> None:
-        from ..fronts.http.api import HttpApi
-
-        api = HttpApi(
-            self,
-            self.host,
-            port,
-            ssl_context=tlsmod.server_ssl_context(self.settings.tls),
-            limiter=self.transport.limiter,
-            on_refused=self.metrics.refused.labels("http_connections").inc,
-        )
+    async def _start_side(self, front: SideFront) -> None:
         try:
-            await api.start()
+            await front.start()
         except OSError as exc:
-            # The HTTP API is optional: a taken port must not take the
+            # A side front is optional: a taken port must not take the
             # gRPC node (and its share of the ring) down with it.
-            event(log, logging.ERROR, "HTTP API not started", addr=addrs.join(self.host, port), cause=str(exc))
+            addr = addrs.join(self.host, front.port)
+            event(log, logging.ERROR, f"{front.name} not started", addr=addr, cause=str(exc))
             return
-        self.http_api = api
+        self.side_fronts.append(front)
+
+    @property
+    def http_api(self) -> SideFront | None:
+        return next((f for f in self.side_fronts if f.name == "HTTP API"), None)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving; calls in flight get `grace` seconds to finish."""
-        if self.http_api is not None:
-            await self.http_api.stop()
+        for front in reversed(self.side_fronts):
+            await front.stop()
+        self.side_fronts.clear()
         await self.transport.stop(grace)
         if self._admin is not None:
             await self._admin.stop(0)

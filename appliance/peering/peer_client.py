@@ -177,7 +177,7 @@ class GrpcPeerClient:
         # Made at the first streamed Get: the engine's channel has unary calls only.
         self._forward: Any = None
         self._stream: ForwardStream | None = None
-        # The reply stays encoded: it is what we cache and send on (wire.py).
+        # The reply stays encoded: it is what we cache and send on (protocol/framing.py).
         self._get = channel.unary_unary(
             "/groupcachepb.GroupCache/Get",
             request_serializer=groupcache_pb2.GetRequest.SerializeToString,

@@ -67,7 +67,7 @@ def _varint(n: int) -> bytes:
 def encode_get_many_response(keys: list[str], results: list[Entry | errors.CacheError]) -> bytes:
     """get_many_response(...).SerializeToString(), byte for byte, without
     building a message per key (tests/unit/test_wire.py checks the
-    equality). A stored value is already `0x0a <length> value` (wire.py);
+    equality). A stored value is already `0x0a <length> value` (framing.py);
     as a KeyResult's field 2 it is `0x12 <length> value`: the same bytes but
     the first, so it goes into the reply as a view, with no length to work
     out and one copy (the join)."""

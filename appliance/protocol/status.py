@@ -19,7 +19,7 @@ from ..cache import errors
 DOMAIN = "groupcache-appliance"
 DETAILS_KEY = "grpc-status-details-bin"
 
-# The status of each error kind (cache/errors.py); node/http_api.py maps the
+# The status of each error kind (cache/errors.py); fronts/http/api.py maps the
 # same kinds to HTTP statuses.
 CODES: dict[str, grpc.StatusCode] = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,

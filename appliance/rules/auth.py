@@ -29,7 +29,7 @@ from .peer_proofs import SCHEME as PROOF_SCHEME
 from .peer_proofs import WRITE, PeerProofs, ProofError
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from ..config import AuthSettings
 
 CLUSTER = "cluster"  # the principal of the box's own token
 
@@ -92,8 +92,8 @@ class Authenticator:
         self._cluster_reading = Principal(CLUSTER, frozenset({"read"}))
 
     @classmethod
-    def from_settings(cls, settings: Settings, cluster_token: str | None) -> Authenticator:
-        a = settings.auth
+    def from_settings(cls, a: AuthSettings, cluster_token: str | None) -> Authenticator:
+        """From the [auth] table and the cluster's own token."""
         tokens: list[tuple[str, str, Iterable[str]]] = (
             [(CLUSTER, cluster_token, ("read", "write"))] if cluster_token else []
         )

@@ -1,11 +1,11 @@
 """The rules of one cache node, whatever server library serves it.
 
-Every backend in appliance.fronts calls this one interface: validate,
+Every front in appliance.fronts calls this one interface: validate,
 look up the group (GroupNotFound), get (with a synchronous `hit` for the
 fast path), get_many, set, remove, set_peers, stats; and between nodes,
 peek and receive_handoff (a stopping node's `handoff`). It knows nothing of
 gRPC: failures are appliance.cache.errors, answers are Entries and Change
-records, and the transport maps both to its wire.
+records, and each front maps both to its wire.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .peers import PeerClient, Peers
 from .ratelimit import TrustedPeers
 
 if TYPE_CHECKING:
-    from ..config import NodeSettings, Settings
+    from ..config import GroupSettings, NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def told_all(results: list, shown: bool) -> list:
 class NodeRules:
     def __init__(
         self,
-        settings: Settings,
+        ns: NodeSettings,
+        groups: Mapping[str, GroupSettings],
         loaders: Mapping[str, Loader],
         peers: Peers,
         *,
@@ -110,15 +111,14 @@ class NodeRules:
         auth: Authenticator | None = None,
         store: StoreFactory = Store,
     ) -> None:
-        """`auth` decides who may read and write (default: [auth] with no
-        credentials known, i.e. only what is open)."""
-        ns = settings.node
-        missing = set(settings.groups) - set(loaders)
+        """`ns` and `groups`: the [node] and [groups] tables; `auth` decides
+        who may read and write (default: nothing known, only what is open)."""
+        missing = set(groups) - set(loaders)
         if missing:
             raise ValueError(f"no loader for group(s): {', '.join(sorted(missing))}")
-        self.settings = settings
+        self.node_settings = ns
         self.peers = peers
-        self.auth = auth if auth is not None else Authenticator.from_settings(settings, None)
+        self.auth = auth if auth is not None else Authenticator(writes_open=False, reads_open=True)
         # Read by the transports' fast path: no credentials to look at when reads are open.
         self.reads_open = self.auth.reads_open
         self.max_key = ns.max_key_bytes
@@ -143,7 +143,7 @@ class NodeRules:
                 tombstone_window=ns.fence_window,
                 store=store,
             )
-            for name, spec in settings.groups.items()
+            for name, spec in groups.items()
         }
         # IP addresses of the ring's members (and of those that just left it).
         self._trusted = TrustedPeers(lambda: (peers.version, sorted(peers.members())))
@@ -188,7 +188,7 @@ class NodeRules:
     ) -> Entry | None:
         """The cached entry, or None on a miss (then `fill`). Never suspends,
         so a server can answer hits without a coroutine per call. With reads
-        open (`reads_open`), a transport need not gather `credentials`."""
+        open (`reads_open`), a front need not gather `credentials`."""
         if not self.reads_open:
             self.authorize("read", "Get", credentials or NONE)
         self.validate(group_name, key)
@@ -441,7 +441,7 @@ class NodeRules:
         """Send the main caches, most valuable first, to the keys' owners in
         the ring without us: at most handoff_bytes, within `timeout` seconds.
         Never raises for a peer's failure; one log line says what went."""
-        ns = self.settings.node
+        ns = self.node_settings
         loop = asyncio.get_running_loop()
         started = loop.time()
         report = self.last_handoff = HandoffReport()

@@ -55,7 +55,7 @@ type HitsArg<'py> = (
     Option<(usize, usize, usize, usize)>,
 );
 
-/// The front Python drives (appliance/transport/engine/server.py): hits
+/// The front Python drives (appliance/fronts/grpc_engine/server.py): hits
 /// answered here, every other call handed over as an event, answered by id.
 #[pyclass(module = "appliance_engine")]
 struct Front {

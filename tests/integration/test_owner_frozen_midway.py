@@ -3,7 +3,7 @@ live owner loading the key, then freezes: the forwarder asks again while it
 waits, leaves the owner once it stops answering, and loads the key itself
 within the client's deadline (peer failure is not client failure).
 
-The waiting is the peer client's (transport/peer_client.py), the same on
+The waiting is the peer client's (peering/breaker.py), the same on
 every server backend: one run, on the default one.
 """
 

@@ -1,6 +1,6 @@
 """Every cache error answers alike on every front: one kind per error
-(cache/errors.py), mapped to a gRPC code (transport/status.py) and an HTTP
-status (node/http_api.py). The expected answers are written out here, so a
+(cache/errors.py), mapped to a gRPC code (protocol/status.py) and an HTTP
+status (fronts/http/api.py). The expected answers are written out here, so a
 new error, or a kind that moves, fails until it is listed."""
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class PeerService:
         # Answers not yet taken by the caller hold their values: past the
         # window, no more requests are read (the caller's sends then wait on
         # HTTP/2 flow control), so an unread stream costs a bounded memory.
-        window = asyncio.Semaphore(self.instance.settings.node.forward_window)
+        window = asyncio.Semaphore(self.instance.node_settings.forward_window)
         limiter = None if peer else self.limiter
         client = client_address(context.peer() or "")
 

@@ -1,4 +1,4 @@
-"""The engine backend: our Rust front (engine/, module appliance_engine:
+"""The gRPC front on the engine: our Rust front (engine/, module appliance_engine:
 tokio, hyper/h2, rustls) and the Python that serves what it hands over.
 
 HTTP/2, gRPC framing, TLS and the socket limits run in Rust threads outside
@@ -10,8 +10,8 @@ it serves each under the loop's lock (parse, call the rules, respond, with
 no coroutine and no context object per call), and hands the loop only what
 must wait: misses, writes and health watches become tasks.
 
-Served from events: GroupCache/Get, Cache/{GetMany,Set,Remove},
-Health/Check, Health/Watch and Peer/{Peek,Handoff}. The rest (Peer/Forward,
+Served from events: every call of the table (fronts/calls.py: Get,
+GetMany, Set, Remove, Peek, Handoff), Health/Check and Health/Watch. The rest (Peer/Forward,
 a bidirectional stream, and reflection) goes to a grpc.aio server on a unix
 socket in a private directory, which the front proxies to.
 """

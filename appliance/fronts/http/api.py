@@ -150,6 +150,8 @@ class _CappedSite(web.BaseSite):
 
 
 class HttpApi:
+    name = "HTTP API"
+
     def __init__(
         self,
         node: Node,
