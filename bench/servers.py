@@ -129,9 +129,9 @@ async def worker(args) -> None:
         time_hits(args.timing)
     node = Node(settings, {"bench": load}, port=args.port, admin_address=f"unix:{args.admin}")
     if args.forward:
-        node.transport.forward = args.forward  # the experiment knob: before any client exists
+        node.transport.peer_clients.forward = args.forward  # the experiment knob: before any client exists
     if args.peer_library:
-        node.transport.peer_library = args.peer_library  # engine's client or grpc.aio, likewise
+        node.transport.peer_clients.library = args.peer_library  # engine's client or grpc.aio, likewise
     await node.start()
     node.set_peers(args.peers.split(",") if args.peers else [node.addr], 1)
     Path(args.ready).write_text(str(os.getpid()))

@@ -2,7 +2,7 @@
 the calls of one table (calls.py) against the rules (appliance.rules).
 
 The gRPC front is one of two backends behind `Transport` (base.py: start,
-stop(grace), new_client(addr) and the value framing):
+stop(grace), the value framing and the peer clients it picks the library of):
 
 - `engine` (grpc_engine/; the Rust crate in engine/, module
   appliance_engine): our front on tokio, hyper/h2 and rustls. Hits are

@@ -1,4 +1,5 @@
-"""What both backends share: limits, peer clients, health, the rate limit."""
+"""What both gRPC backends share: limits, health, the rate limit, and the
+maker of the node's peer clients (peering.clients) they choose the library of."""
 
 from __future__ import annotations
 
@@ -6,16 +7,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from .. import tls as tlsmod
 from ..cache.group import Framing
 from ..cache.store import Store, StoreFactory
-from ..peering.breaker import Breaker
-from ..peering.peer_client import PEER_CHANNEL_OPTIONS, GrpcPeerClient, channel
+from ..peering.clients import PeerClients, message_options
 from ..protocol import framing as wire
 from ..protocol.methods import GET_SERVICE
 from ..rules.node_rules import MESSAGE_SLACK
-from ..rules.peer_proofs import PeerProofs
-from ..rules.peers import PeerClient, PeerFacts
 from ..rules.ratelimit import RateLimiter, TrustedPeers, token_buckets
 from .health import Health
 
@@ -35,7 +32,7 @@ class Transport(Protocol):
     health: Health
     limiter: RateLimiter | None
 
-    def new_client(self, addr: str, facts: PeerFacts) -> PeerClient: ...
+    peer_clients: PeerClients  # rules.Peers' new_client
 
     async def start(self, instance: NodeRules, host: str, port: int) -> int:
         """Serve `instance` on host:port (0: a free port); the port bound."""
@@ -62,39 +59,18 @@ class BaseTransport:
     framing: Framing = wire.FRAMING
     # What the groups keep their entries in (the engine's own: its server reads it).
     store: StoreFactory = Store
-    # How a forwarded Get reaches an owner (GrpcPeerClient's `forward`).
+    # How a forwarded Get reaches an owner (PeerClients' `forward`).
     forward = "stream"
 
     def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
         """`peer_token`: the cluster's token, proven on every call to a peer."""
-        ns = settings.node
         self.settings = settings
-        self._proofs = PeerProofs(peer_token) if peer_token else None
-        self.message_limit = ns.max_value_bytes + MESSAGE_SLACK
-        self.message_options = [
-            ("grpc.max_receive_message_length", self.message_limit),
-            ("grpc.max_send_message_length", self.message_limit),
-        ]
-        self._channel_options = PEER_CHANNEL_OPTIONS + self.message_options + tlsmod.channel_options(settings.tls)
-        self._credentials = tlsmod.channel_credentials(settings.tls)
+        self.message_limit = settings.node.max_value_bytes + MESSAGE_SLACK
+        self.message_options = message_options(settings)
+        self.peer_clients = PeerClients(settings, peer_token=peer_token, forward=self.forward)
         self.health = Health((GET_SERVICE,))
         self.limiter: RateLimiter | None = None
         self.instance: NodeRules | None = None
-
-    def new_client(self, addr: str, facts: PeerFacts) -> PeerClient:
-        calls = GrpcPeerClient(
-            addr,
-            self._peer_channel(addr),
-            forward=self.forward,
-            facts=facts,
-            proofs=self._proofs,
-            accept_unproven_plain_get=self.settings.cluster.seed_interop,
-        )
-        return Breaker(calls, facts, max_wait=self.settings.node.peer_timeout)
-
-    def _peer_channel(self, addr: str):
-        """The channel a peer client calls through: grpc.aio's here."""
-        return channel(addr, options=self._channel_options, credentials=self._credentials)
 
     def _bind(self, instance: NodeRules) -> None:
         self.instance = instance

@@ -71,7 +71,7 @@ class Node:
         self.backend, self.backend_reason = fronts.choose(settings, server)
         self.transport = fronts.create(settings, self.backend, peer_token=token)
         self.peers = Peers(
-            self.transport.new_client,
+            self.transport.peer_clients,
             replicas=ns.replicas,
             scheme=ns.ring_hash,
             close_grace=ns.peer_timeout,

@@ -1,6 +1,6 @@
 """The peer picker: the ring names a key's owner, a client per peer reaches it.
 
-Clients come from the front's `new_client(addr)` (appliance.peering), so this module knows
+Clients come from `new_client(addr, facts)` (appliance.peering's PeerClients), so this module knows
 no RPC library. A peer that re-registers under a new etcd lease is a new
 process: its client is replaced, so nothing learned about the old one
 (say, that it lacked our services) outlives it.

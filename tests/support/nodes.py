@@ -65,7 +65,7 @@ async def cluster(
             admin = f"unix:{admin_dir}/n{i}.sock" if admin_dir else None
             nodes.append(Node(s, {g: loader for g in groups}, port=0, admin_address=admin, token=token))
             if forward is not None:
-                nodes[-1].transport.forward = forward  # before any peer client exists
+                nodes[-1].transport.peer_clients.forward = forward  # before any peer client exists
             await nodes[-1].start()
         peers = [x.addr for x in nodes]
         for x in nodes:

@@ -36,15 +36,12 @@ from grpc_reflection.v1alpha import reflection
 from ... import addr as addrs
 from ...cache import errors
 from ...cache.native_store import native_store
-from ...peering import engine_channel
-from ...peering.engine_channel import AioEngineChannel
 from ...protocol import codec
 from ...protocol.metadata import FORWARDED, HOT
 from ...protocol.status import Failure, failure, internal_failure, rate_limited_failure
 from ...rules.auth import Credentials
 from ...rules.node_rules import MAX_BATCH_KEYS, MESSAGE_SLACK, RESULT_OVERHEAD
 from ...rules.ratelimit import client_address
-from ...tls import TlsFiles
 from .. import calls, health
 from ..base import BaseTransport
 from ..calls import CallContext, Reply
@@ -112,18 +109,9 @@ class EngineTransport(BaseTransport):
         self.io_threads = io_threads
         self.store = native_store() or self.store
         self._collector: asyncio.Task | None = None
-        self._client_tls: TlsFiles | None = None
-        missing = engine_channel.usable()
-        if settings.tls.enabled:
-            if settings.tls.ca is None:
-                missing = "tls.ca is not set (the engine's client trusts no system roots)"
-            else:
-                self._client_tls = TlsFiles(settings.tls.ca, settings.tls.cert, settings.tls.key)
-        if missing:
-            log.info("forwards use grpc.aio: %s", missing)
-        # Which library peer clients call with (set before any exists, like
-        # `forward`; bench/forwarded.py compares the two).
-        self.peer_library = "grpcio" if missing else "engine"
+        # Forwards go out on the engine's client where it can dial as
+        # grpc.aio would (TLS needs `tls.ca`: rustls trusts no system roots).
+        self.peer_clients.engine_usable()
         self._front: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task] = {}  # call id -> task of a call not answered inline
@@ -467,17 +455,6 @@ class EngineTransport(BaseTransport):
         if hot != pushed["hot"]:
             pushed["hot"] = frozenset(hot)
             served.set_hot(list(hot))
-
-    def _peer_channel(self, addr: str):
-        """Forwards go out on the engine's client where it can dial as
-        grpc.aio would (TLS needs `tls.ca`: rustls trusts no system roots).
-        It makes unary calls only: forwarding over the Peer/Forward stream
-        (`forward = "stream"`) stays on grpc.aio."""
-        if self.peer_library == "engine" and self.forward == "unary":
-            return AioEngineChannel(
-                addr, max_message=self.message_limit, tls=self._client_tls, server_name=self.settings.tls.server_name
-            )
-        return super()._peer_channel(addr)
 
     def socket_refusals(self) -> dict[str, int]:
         """What the engine refused before any call reached Python."""
