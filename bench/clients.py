@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from fmt import conditions, missing, num, ratio, table
+from fmt import num, opening, ratio, table
 from goals import GOALS
 from memcached import start_memcached
 from processes import HOST, ROOT, Proc, free_port, log, need, wait_port
@@ -224,12 +224,10 @@ def main() -> int:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 10. What an application pays per cached read", ""]
-    if msg := missing(res, "clients"):
-        return out + [msg, ""]
+    out, ran = opening("## 10. What an application pays per cached read", res, "clients")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         "One engine worker holds a hot 100 B key; redis-server and memcached (1 thread) hold the same value. "
         "Each cell is a fresh process reading it, sequentially or with N reads in flight on one event loop; "
         "application CPU is that process's (all its threads). Medians of the rounds.",

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmt import conditions, missing, num, table
+from fmt import num, opening, table
 from goals import CONVERGENCE_SLACK_S, convergence_goal
 from processes import OUT, PY, ROOT, log
 
@@ -213,12 +213,10 @@ def run(cfg) -> dict:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 6. Convergence", ""]
-    if msg := missing(res, "convergence"):
-        return out + [msg, ""]
+    out, ran = opening("## 6. Convergence", res, "convergence")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         f"The real appliance (supervisord, embedded etcd, controller, N workers), lease_ttl = {res['lease_ttl']} s. "
         "Seconds until every live worker holds the same new ring (absolute; polled every 10 ms):",
         "",

@@ -46,6 +46,15 @@ def missing(res: dict | None, name: str) -> str | None:
     return None
 
 
+def opening(title: str, res: dict | None, name: str) -> tuple[list[str], bool]:
+    """A section's first lines: its title, then when it ran (`conditions`),
+    or why it has no figures; the bool says whether it ran."""
+    if msg := missing(res, name):
+        return [title, "", msg, ""], False
+    assert res is not None  # missing() says so otherwise
+    return [title, "", conditions(res), ""], True
+
+
 def conditions(res: dict) -> str:
     """The line under a section's title: when it ran, and how busy the box was."""
     return (

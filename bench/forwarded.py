@@ -25,7 +25,7 @@ concurrent Gets of the one hot key into fewer calls to B;
 
 from __future__ import annotations
 
-from fmt import conditions, missing, num, pct, ratio, table
+from fmt import num, opening, pct, ratio, table
 from goals import GOALS
 from h2load import GET_PATH, get_body, get_response_bytes, h2load
 from processes import HOST, free_port, log
@@ -180,12 +180,10 @@ FORWARD_SERVERS = ("engine", "grpcio")
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 2. Forwarded Get vs local hit", ""]
-    if msg := missing(res, "forwarded"):
-        return out + [msg, ""]
+    out, ran = opening("## 2. Forwarded Get vs local hit", res, "forwarded")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         "Two workers on one backend, `hot_cache_mirror = 0`. Local: the key sent to its owner. Forwarded: the same "
         "key sent to the other worker, which calls the owner. Cost = forwarded / local. Setups are "
         "server/forward/client: the client is the library the forwarder calls the owner with (the engine's own, "

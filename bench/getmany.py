@@ -12,7 +12,7 @@ ratios (GetMany keys/s / memcached gets/s).
 
 from __future__ import annotations
 
-from fmt import conditions, missing, num, pct, ratio, table
+from fmt import num, opening, pct, ratio, table
 from goals import GOALS
 from h2load import GET_MANY_PATH, grpc_body, h2load
 from memcached import memcaslap, start_memcached
@@ -177,13 +177,11 @@ def run(cfg) -> dict:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 3. GetMany batching vs memcached", ""]
-    if msg := missing(res, "getmany"):
-        return out + [msg, ""]
+    out, ran = opening("## 3. GetMany batching vs memcached", res, "getmany")
+    if not ran:
+        return out
     mc = res["memcached"]
     out += [
-        conditions(res),
-        "",
         f"memcached (1 thread) under memcaslap (1 thread, 16 connections, gets only, 100 B values, all hits): "
         f"**{num(mc['gets_per_s'])} gets/s** (absolute; rounds {mc['gets_per_s_all']}, {mc['get_misses']} misses), "
         f"{num(mc['cpu_us_per_key'], 2)} µs of memcached CPU per get. Its own multi-get of "

@@ -41,7 +41,7 @@ is warmed first, so every worker Get is a main-cache hit.
 from __future__ import annotations
 
 from certs import self_signed
-from fmt import conditions, missing, num, pct, ratio, size_label, table
+from fmt import num, opening, pct, ratio, size_label, table
 from goals import GOALS
 from h2load import GET_PATH, get_body, get_response_bytes, h2load
 from memcached import MEMCASLAP_WINDOW, memcaslap_steady, start_memcached
@@ -295,10 +295,11 @@ PAIR_LABELS = (  # the ratio table's rows, in its order
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 1. Hot Get: one worker vs the seed's Go server, memcached and a bare echo server", ""]
-    if msg := missing(res, "hot_get"):
-        return out + [msg, ""]
-    out += [conditions(res), ""]
+    out, ran = opening(
+        "## 1. Hot Get: one worker vs the seed's Go server, memcached and a bare echo server", res, "hot_get"
+    )
+    if not ran:
+        return out
     if res.get("seed"):
         out += [f"_The seed's Go server was not measured: {res['seed']}._", ""]
     mc = res.get("memcached")

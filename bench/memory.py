@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from fmt import conditions, missing, num, ratio, size_label, table
+from fmt import num, opening, ratio, size_label, table
 from goals import GOALS
 
 SIZES = (100, 1024)
@@ -148,12 +148,10 @@ def main() -> None:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 5. Memory", ""]
-    if msg := missing(res, "memory"):
-        return out + [msg, ""]
+    out, ran = opening("## 5. Memory", res, "memory")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         f"A fresh process per row fills a group to cache_bytes = {size_label(res['cache_bytes'])} with 11-byte "
         "keys. `product` is the product's Group/Store; `plain dict` keeps the same keys and values in one "
         "dict (the floor for one Python bytes object per value).",

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from fmt import conditions, missing, num, pct, size_label, table
+from fmt import num, opening, pct, size_label, table
 from h2load import GET_PATH, get_body, get_response_bytes, h2load
 from processes import OUT, PY, cpu_seconds_of, log, wait_file
 from rounds import per_request_cpu
@@ -471,23 +471,19 @@ def run(cfg) -> dict:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## Profile of the hot path", ""]
-    if msg := missing(res, "profile"):
-        return out + [msg, ""]
+    out, ran = opening("## Profile of the hot path", res, "profile")
+    if not ran:
+        return out
     if not res.get("server"):
         # Profiles from before the bench recorded the backend were taken on the
         # native backend (the default then), which the product no longer has.
         return out + [
-            conditions(res),
-            "",
             "_This profile was taken before the bench recorded the workers' backend, on a backend the product no "
             "longer has; re-run it (`python bench/run.py profile`)._",
             "",
         ]
     backend = f"the {res['server']} backend"
     out += [
-        conditions(res),
-        "",
         f"The workers served on {backend}. py-spy samples by what the innermost frame is, parked threads left out:",
         "",
     ]

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-from fmt import conditions, missing, num, pct, ratio, table
+from fmt import num, opening, pct, ratio, table
 from h2load import GET_PATH, get_body, get_response_bytes, h2load
 from processes import box_busy_s, log
 from rounds import interleave, median
@@ -137,12 +137,10 @@ def run(cfg) -> dict:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 7. Scaling", ""]
-    if msg := missing(res, "scaling"):
-        return out + [msg, ""]
+    out, ran = opening("## 7. Scaling", res, "scaling")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         f"One h2load process (1 thread, {res['streams_per_worker']} streams) per worker, each worker sent a key it "
         "owns; runs for the different N alternate.",
         "",

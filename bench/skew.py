@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from fmt import conditions, missing, num, pct, ratio, table
+from fmt import num, opening, pct, ratio, table
 from goals import GOALS, Goal
 from processes import log
 from workers import default_server, group_stats, start_ring
@@ -332,12 +332,10 @@ def run(cfg) -> dict:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 9. Skewed load: round robin vs owner-routed, spreading, hot-cache admission", ""]
-    if msg := missing(res, "skew"):
-        return out + [msg, ""]
+    out, ran = opening("## 9. Skewed load: round robin vs owner-routed, spreading, hot-cache admission", res, "skew")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         f"zipfload (grpc-go, the seed's proto), {res['conc']} callers, Zipf keys over {res['keys']:,} keys, "
         f"{res['workers']} workers on the {res.get('server', '?')} server, fresh workers per cell, "
         "measured after one unmeasured run of the same load (the steady state; cold misses are the "

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 
-from fmt import conditions, missing, num, ratio, table
+from fmt import num, opening, ratio, table
 from goals import Goal
 from h2load import GET_PATH, get_body, get_response_bytes, h2load_command, parse_h2load
 from processes import HOST, OUT, log, need
@@ -179,12 +179,10 @@ def run(cfg) -> dict:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 4. Miss storm", ""]
-    if msg := missing(res, "storm"):
-        return out + [msg, ""]
+    out, ran = opening("## 4. Miss storm", res, "storm")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         f"{res['gets']} concurrent Gets of {res['keys']} cold keys over {res['workers']} workers, then the "
         "same Gets on the warm keys. Medians of the storms.",
         "",

@@ -47,7 +47,7 @@ import threading
 import time
 from datetime import datetime
 
-from fmt import conditions, missing, pct, table
+from fmt import opening, pct, table
 from goals import GOALS
 from processes import OUT, ROOT, log
 
@@ -451,12 +451,10 @@ def run(cfg) -> dict:
 
 
 def section(res: dict | None) -> list[str]:
-    out = ["## 8. Warm membership changes", ""]
-    if msg := missing(res, "warm"):
-        return out + [msg, ""]
+    out, ran = opening("## 8. Warm membership changes", res, "warm")
+    if not ran:
+        return out
     out += [
-        conditions(res),
-        "",
         f"The real appliance, 3 workers, lease_ttl = {res['lease_ttl']} s, values of {res['value']} B; origin loads "
         "counted exactly (one line per load), as a share of the warm keys, from the change's start to the end of one "
         "full read after it; a reader thread runs during each change. Before: `handoff_bytes = 0`, "
