@@ -64,7 +64,7 @@ async def serve(settings: Settings, index: int) -> int:
     # could only load their misses from the origin (not peek at the nodes
     # that held our keys meanwhile). The controller pushes to a new socket
     # within a fraction of a second; without one we register anyway.
-    if not await node.instance.wait_for_ring(float(settings.cluster.lease_ttl)):
+    if not await node.rules.wait_for_ring(float(settings.cluster.lease_ttl)):
         log.warning("%s: no ring from the controller yet; registering anyway", node.addr)
     registration = Registration(
         lambda: etcd.connect_to(settings, timeout=call_timeout(settings.cluster.lease_ttl)),

@@ -34,8 +34,8 @@ class Transport(Protocol):
 
     peer_clients: PeerClients  # rules.Peers' new_client
 
-    async def start(self, instance: NodeRules, host: str, port: int) -> int:
-        """Serve `instance` on host:port (0: a free port); the port bound."""
+    async def start(self, rules: NodeRules, host: str, port: int) -> int:
+        """Serve `rules` on host:port (0: a free port); the port bound."""
         ...
 
     async def stop(self, grace: float | None) -> None:
@@ -70,13 +70,13 @@ class BaseTransport:
         self.peer_clients = PeerClients(settings, peer_token=peer_token, forward=self.forward)
         self.health = Health((GET_SERVICE,))
         self.limiter: RateLimiter | None = None
-        self.instance: NodeRules | None = None
+        self.rules: NodeRules | None = None
 
-    def _bind(self, instance: NodeRules) -> None:
-        self.instance = instance
-        instance.on_serving_change = self.health.set
+    def _bind(self, rules: NodeRules) -> None:
+        self.rules = rules
+        rules.on_serving_change = self.health.set
         ops = self.settings.ops
         if ops.rate_limit:
-            peers = instance.peers
+            peers = rules.peers
             trusted = TrustedPeers(lambda: (peers.version, list(peers.ring.nodes)), asyncio.get_running_loop())
             self.limiter = RateLimiter(token_buckets(ops.rate_limit, ops.burst()), trusted)

@@ -216,7 +216,7 @@ class _NodeCollector:
             for name, count in refusals().items():
                 socket.add_metric([name], count)
             yield socket
-        last = self.node.instance.last_handoff
+        last = self.node.rules.last_handoff
         yield GaugeMetricFamily(
             "groupcache_handoff_seconds",
             "Duration of this worker's last handoff (0: none yet).",

@@ -79,7 +79,7 @@ class Node:
             peek_window=ns.peek_window,
             departed_grace=ns.handoff_timeout + 1.0,
         )
-        self.instance = NodeRules(
+        self.rules = NodeRules(
             ns,
             settings.groups,
             loaders,
@@ -88,8 +88,8 @@ class Node:
             store=self.transport.store,
             auth=Authenticator.from_settings(settings.auth, token),
         )
-        self.groups = self.instance.groups
-        self.validate = self.instance.validate
+        self.groups = self.rules.groups
+        self.validate = self.rules.validate
         self.http_port = http_port
         self.side_fronts: list[SideFront] = []
         self.stop_requested = asyncio.Event()
@@ -104,11 +104,11 @@ class Node:
 
     @property
     def draining(self) -> bool:
-        return self.instance.draining
+        return self.rules.draining
 
     @property
     def serving(self) -> bool:
-        return self.instance.serving
+        return self.rules.serving
 
     # Lifecycle -----------------------------------------------------------------
 
@@ -116,15 +116,15 @@ class Node:
         # Peer proofs count from just before the bind: what a squatter on
         # this port caught before then is refused (peer_proofs.py).
         since = time.time()
-        proofs = self.instance.auth.proofs
+        proofs = self.rules.auth.proofs
         if proofs is not None and self.port:
             proofs.listening(addrs.join(self.host, self.port), since)
-        self.port = await self.transport.start(self.instance, self.host, self.port)
+        self.port = await self.transport.start(self.rules, self.host, self.port)
         self.peers.self_addr = addrs.join(self.host, self.port)
         if proofs is not None:
             proofs.listening(self.peers.self_addr, since)
         refused = self.metrics.refused
-        self.instance.on_refused = lambda limit: refused.labels(limit).inc()
+        self.rules.on_refused = lambda limit: refused.labels(limit).inc()
         limiter = self.transport.limiter
         if limiter is not None:
             for protocol in ("grpc", "http"):
@@ -184,7 +184,7 @@ class Node:
     def set_peers(
         self, peers: list[str], revision: int, leases: Mapping[str, int] | None = None, generation: int = 0
     ) -> bool:
-        return self.instance.set_peers(peers, revision, leases, generation)
+        return self.rules.set_peers(peers, revision, leases, generation)
 
     def request_stop(self, drain_timeout: float | None = None) -> None:
         """Ask the process that owns this node to stop it gracefully."""
@@ -194,15 +194,15 @@ class Node:
     async def drain(self, timeout: float) -> bool:
         """Report NOT_SERVING and wait until a ring without us arrives
         (True), or `timeout` seconds (False)."""
-        return await self.instance.drain(timeout)
+        return await self.rules.drain(timeout)
 
     async def handoff(self, timeout: float) -> HandoffReport:
         """Hand the main caches to the keys' owners in the ring without us
         (after drain), within `timeout` seconds."""
-        return await self.instance.handoff(timeout)
+        return await self.rules.handoff(timeout)
 
     def stats(self) -> dict:
-        return {**self.instance.stats(), "server": self.backend}
+        return {**self.rules.stats(), "server": self.backend}
 
 
 def _tls_mode(tls) -> str:

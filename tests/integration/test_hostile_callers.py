@@ -96,7 +96,7 @@ async def test_a_getmany_reply_is_sized_in_bytes_not_characters():
     wide = [f"{i:04d}" + "\U0001f511" * 58 for i in range(400)]  # 4 + 232 bytes
     narrow = [f"{i:04d}" + "k" * 58 for i in range(400)]
     async with cluster(1, CountingOrigin(), max_value_bytes="1KiB") as (node,):
-        results = await node.instance.get_many("g", narrow)
+        results = await node.rules.get_many("g", narrow)
         assert all(isinstance(r, errors.KeyNotFound) for r in results)
         with pytest.raises(errors.TooLarge, match="bytes"):
-            await node.instance.get_many("g", wide)
+            await node.rules.get_many("g", wide)

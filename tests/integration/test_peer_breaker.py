@@ -131,10 +131,10 @@ async def test_a_read_while_the_probe_asks_waits_for_its_answer(monkeypatch):
     probe: it is not sent to the peer to wait a whole peer timeout too."""
     async with beside_a_silent_peer(monkeypatch, 2) as (node, peer, origin, data, keys):
         facts = node.peers.pick(keys[0]).facts
-        assert (await node.instance.get("g", keys[0], timeout=5)).value == data[keys[0]]
+        assert (await node.rules.get("g", keys[0], timeout=5)).value == data[keys[0]]
         sent = peer.calls.count("Get")
         assert sent == 1 and facts.probing  # unanswered: a probe asks now
-        assert (await node.instance.get("g", keys[1], timeout=5)).value == data[keys[1]]
+        assert (await node.rules.get("g", keys[1], timeout=5)).value == data[keys[1]]
         assert peer.calls.count("Get") == sent  # not sent: loaded here
         assert origin.calls == keys
         await until(lambda: not facts.read_allowed(), 5)  # the probe got no answer: open
@@ -154,13 +154,13 @@ async def test_a_slow_owner_keeps_its_keys():
         keys = [k for k in data if asker.peers.owner(k) == owner.addr][:4]
         facts = asker.peers.pick(keys[0]).facts
         for key in keys[:3]:
-            entry = await asker.instance.get("g", key, timeout=5)
+            entry = await asker.rules.get("g", key, timeout=5)
             assert entry.value == data[key]  # the owner was too slow: loaded here
             await until(lambda: not facts.probing, 5)  # its health probe was answered
             assert facts.read_allowed()
         assert slow.calls == keys[:3]  # every one was asked of the owner first
         slow.gate.set()
-        assert (await asker.instance.get("g", keys[3], timeout=5)).value == data[keys[3]]
+        assert (await asker.rules.get("g", keys[3], timeout=5)).value == data[keys[3]]
         assert slow.calls[-1] == keys[3] and asker.groups["g"].stats.peer_loads == 1
     finally:
         await asyncio.gather(owner.stop(0), asker.stop(0), return_exceptions=True)

@@ -107,7 +107,7 @@ async def test_a_squatter_on_a_stopped_workers_port_catches_no_token_and_plants_
         try:
             # B is still in A's ring: A forwards B's keys to the squatter (a
             # batch first, while A has no reason yet not to ask it).
-            many = await a.instance.get_many("g", batched)
+            many = await a.rules.get_many("g", batched)
             assert [e.value for e in many] == [f"value:{k}".encode() for k in batched]
             for key in forwarded:
                 assert (await a.groups["g"].get(key)).value == f"value:{key}".encode()
@@ -146,7 +146,7 @@ async def test_a_replayed_proof_is_refused_by_every_other_worker():
     """A proof is for one address: caught anywhere, it opens nothing elsewhere."""
     origin = CountingOrigin()
     async with cluster(3, origin, auth=AUTH, token=TOKEN) as (a, b, c):
-        authorization, _ = a.instance.auth.proofs.make(b.addr, WRITE)  # as A would call B
+        authorization, _ = a.rules.auth.proofs.make(b.addr, WRITE)  # as A would call B
         request = cache_pb2.SetRequest(group="g", key="k", value=b"x").SerializeToString()
         async with grpc.aio.insecure_channel(b.addr) as to_b, grpc.aio.insecure_channel(c.addr) as to_c:
             await to_b.unary_unary("/appliance.cache.Cache/Set")(
@@ -166,7 +166,7 @@ async def test_a_reads_proof_never_writes_and_another_name_of_the_port_is_refuse
     user could bind beside the worker's 127.0.0.1:P, opens nothing there."""
     origin = CountingOrigin()
     async with cluster(2, origin, auth=AUTH, token=TOKEN) as (a, b):
-        proofs = a.instance.auth.proofs
+        proofs = a.rules.auth.proofs
         set_request = cache_pb2.SetRequest(group="g", key="k", value=b"x").SerializeToString()
         handoff = cache_pb2.HandoffRequest(source=a.addr, group="g")
         handoff.entries.add(key="k", value=b"planted", ttl=0)

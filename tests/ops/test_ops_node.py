@@ -609,7 +609,7 @@ async def test_with_a_cluster_token_only_a_proven_peer_goes_free_from_the_rings_
     async with nodes(1, CountingOrigin({"k": b"v"}), ops=ops, token=token) as (node,):
 
         def proven():
-            return (*forwarded, ("authorization", node.instance.auth.proofs.make(node.addr)[0]))
+            return (*forwarded, ("authorization", node.rules.auth.proofs.make(node.addr)[0]))
 
         async with grpc.aio.insecure_channel(node.addr) as ch:
             peek = cache_pb2_grpc.PeerStub(ch).Peek
@@ -662,7 +662,7 @@ async def test_no_log_line_per_request_at_info(caplog):
 
 
 async def test_stats_json_and_metrics_report_the_same_counts():
-    """`appliance stats --json` (the instance's stats) and /metrics read the
+    """`appliance stats --json` (the node rules' stats) and /metrics read the
     same counters: after traffic of every kind (hits, misses, loads on the
     owner, forwards, a missing key, a failing origin), every counter of one
     equals its series in the other, and none is zero."""
@@ -683,7 +683,7 @@ async def test_stats_json_and_metrics_report_the_same_counts():
             with pytest.raises(grpc.aio.AioRpcError):
                 await get(a.addr, "g", key)
         for node in (a, b):
-            stats = json.loads(json.dumps(node.instance.stats()))["groups"]["g"]
+            stats = json.loads(json.dumps(node.rules.stats()))["groups"]["g"]
             m = samples(node.metrics.exposition())
             series = {
                 "gets": value(m, "groupcache_gets_total", group="g"),
@@ -703,7 +703,7 @@ async def test_stats_json_and_metrics_report_the_same_counts():
                 "cache_bytes": value(m, "groupcache_cache_limit_bytes", group="g"),
             }
             assert {k: stats[k] for k in series} == series
-        both = [json.loads(json.dumps(n.instance.stats()))["groups"]["g"] for n in (a, b)]
+        both = [json.loads(json.dumps(n.rules.stats()))["groups"]["g"] for n in (a, b)]
         # The traffic reached every counter compared above, on some node.
         for k in ("gets", "main_hits", "loads", "loads_deduped", "peer_loads", "server_requests", "local_loads"):
             assert sum(st[k] for st in both) > 0, k

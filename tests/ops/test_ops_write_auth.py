@@ -126,7 +126,7 @@ async def test_handoff_needs_the_cluster_token_and_a_planned_stop_presents_it(cr
             await peer.Peek(cache_pb2.PeekRequest(group="g", key="k1"), timeout=5)
         # A planned stop hands off with the cluster token: its keys arrive.
         for key in data:
-            await a.instance.get("g", key, timeout=5)
+            await a.rules.get("g", key, timeout=5)
         leaving = c
         mine = [k for k in data if leaving.groups["g"].main.get(k) is not None]
         assert mine

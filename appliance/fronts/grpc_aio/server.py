@@ -39,19 +39,19 @@ class GrpcAioTransport(BaseTransport):
         self._server: grpc.aio.Server | None = None
         self._peer_service: PeerService | None = None
 
-    async def start(self, instance: NodeRules, host: str, port: int) -> int:
-        self._bind(instance)
+    async def start(self, rules: NodeRules, host: str, port: int) -> int:
+        self._bind(rules)
         interceptors = None
         if self.limiter is not None:
             interceptors = [
-                RateLimitInterceptor(self.limiter, lambda md: instance.from_peer(True, Credentials.from_metadata(md)))
+                RateLimitInterceptor(self.limiter, lambda md: rules.from_peer(True, Credentials.from_metadata(md)))
             ]
         server = grpc.aio.server(options=self.message_options, interceptors=interceptors)
-        self._peer_service = PeerService(instance, self.limiter)
-        services = unary_handlers(instance)
+        self._peer_service = PeerService(rules, self.limiter)
+        services = unary_handlers(rules)
         services[PEER_SERVICE].update(self._peer_service.handlers()[PEER_SERVICE])
         add_services(server, services)
-        prove = lambda context: instance.auth.reply_proof(call_credentials(context))  # noqa: E731
+        prove = lambda context: rules.auth.reply_proof(call_credentials(context))  # noqa: E731
         add_services(server, {HEALTH_SERVICE: health_handlers(self.health, prove)})
         reflection.enable_server_reflection(REFLECTED, server)
         credentials = tlsmod.server_credentials(self.settings.tls)

@@ -108,25 +108,25 @@ class _ServerStream:
 class PeerService:
     """appliance.cache.Peer/Forward: a peer's Gets on one long-lived stream."""
 
-    def __init__(self, instance: NodeRules, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, rules: NodeRules, limiter: RateLimiter | None = None) -> None:
         """`limiter`: each Get on a stream that is not a proven peer's takes
         a token, as a Get call would."""
-        self.instance = instance
+        self.rules = rules
         self.limiter = limiter
         self._streams: set[_ServerStream] = set()
 
     async def forward(self, requests, context):
         creds = None
-        if not self.instance.reads_open:
+        if not self.rules.reads_open:
             creds = credentials(context)  # the stream's, for each Get on it
             try:
-                self.instance.authorize("read", "Forward", creds)
+                self.rules.authorize("read", "Forward", creds)
             except errors.CacheError as exc:
                 await context.abort_with_status(failure(exc))
         # A peer's stream proves the cluster token; anyone else's marker is ignored.
         stream_creds = creds if creds is not None else credentials(context)
-        peer = self.instance.from_peer(True, stream_creds)
-        proof = self.instance.auth.reply_proof(stream_creds)
+        peer = self.rules.from_peer(True, stream_creds)
+        proof = self.rules.auth.reply_proof(stream_creds)
         if proof:  # before any answer: the peer takes none without it
             await context.send_initial_metadata(proof)
         stream = _ServerStream()
@@ -134,7 +134,7 @@ class PeerService:
         # Answers not yet taken by the caller hold their values: past the
         # window, no more requests are read (the caller's sends then wait on
         # HTTP/2 flow control), so an unread stream costs a bounded memory.
-        window = asyncio.Semaphore(self.instance.node_settings.forward_window)
+        window = asyncio.Semaphore(self.rules.node_settings.forward_window)
         limiter = None if peer else self.limiter
         client = client_address(context.peer() or "")
 
@@ -178,7 +178,7 @@ class PeerService:
         self, request: cache_pb2.ForwardRequest, creds: Credentials | None, peer: bool
     ) -> cache_pb2.ForwardResponse:
         try:
-            entry = await self.instance.get(
+            entry = await self.rules.get(
                 request.group, request.key, forwarded=peer, timeout=request.timeout or None, credentials=creds
             )
         except errors.CacheError as exc:

@@ -125,15 +125,15 @@ class EngineTransport(BaseTransport):
 
     # Lifecycle -----------------------------------------------------------------
 
-    async def start(self, instance: NodeRules, host: str, port: int) -> int:
-        self._bind(instance)
+    async def start(self, rules: NodeRules, host: str, port: int) -> int:
+        self._bind(rules)
         self._loop = asyncio.get_running_loop()
         try:
             front = self._make_front(addrs.join(host, port))
         except OSError as exc:
             raise RuntimeError(f"Failed to bind to address {addrs.join(host, port)}: {exc}") from exc
         try:
-            await self._start_fallback(instance, front)
+            await self._start_fallback(rules, front)
             front.start()
         except BaseException:
             front.close()
@@ -142,10 +142,10 @@ class EngineTransport(BaseTransport):
         self._front = front
         self._pump = threading.Thread(target=self._receive, name="engine-recv", daemon=True)
         self._pump.start()
-        self._serve_hits(instance, front)
+        self._serve_hits(rules, front)
         return front.bound_port
 
-    def _serve_hits(self, instance: NodeRules, front: Any) -> None:
+    def _serve_hits(self, rules: NodeRules, front: Any) -> None:
         """Let the engine answer hits from the groups' stores (once a ring
         exists), charging the rate limit's buckets as Python does."""
         limiter = self.limiter
@@ -155,19 +155,19 @@ class EngineTransport(BaseTransport):
             except (TypeError, ValueError) as exc:  # Python's buckets (no engine's), or a test clock
                 log.info("hits are answered in Python: the engine cannot charge these buckets (%s)", exc)
                 return
-        tokens, identities = instance.auth.grants("read")
-        front.set_access(instance.reads_open, tokens, identities)
-        for name, group in instance.groups.items():
+        tokens, identities = rules.auth.grants("read")
+        front.set_access(rules.reads_open, tokens, identities)
+        for name, group in rules.groups.items():
             served = front.serve_group(name, group.main, group.hot, group.owned_hot.every)
             group.collect = functools.partial(self._collect, group, served, {"hot": frozenset()})
-        self._collector = asyncio.get_running_loop().create_task(self._keep_collecting(instance))
+        self._collector = asyncio.get_running_loop().create_task(self._keep_collecting(rules))
 
-    async def _start_fallback(self, instance: NodeRules, front: Any) -> None:
+    async def _start_fallback(self, rules: NodeRules, front: Any) -> None:
         # mkdtemp makes the directory 0700: only this user reaches the socket.
         self._fallback_dir = tempfile.mkdtemp(prefix="appliance-engine-")
         path = os.path.join(self._fallback_dir, "fallback.sock")
         server = grpc.aio.server(options=self.message_options)
-        self._peer_service = PeerService(instance, self.limiter)
+        self._peer_service = PeerService(rules, self.limiter)
         add_services(server, self._peer_service.handlers())
         reflection.enable_server_reflection(REFLECTED, server)
         server.add_insecure_port(f"unix:{path}")
@@ -270,8 +270,8 @@ class EngineTransport(BaseTransport):
         front = self._front
         if front is None:
             return
-        instance = self.instance
-        assert instance is not None  # bound in start(), before the front takes calls
+        rules = self.rules
+        assert rules is not None  # bound in start(), before the front takes calls
         limiter = self.limiter
         limit = self.message_limit
         spawn = self._spawn if later is None else (lambda call_id, coro: later.append((call_id, coro)))
@@ -300,10 +300,10 @@ class EngineTransport(BaseTransport):
                 call = CALLS[method]
                 request = call.parse(payload)
                 creds = Credentials.from_metadata(metadata, names or ())
-                forwarded = FORWARDED in metadata and instance.from_peer(True, creds)
+                forwarded = FORWARDED in metadata and rules.from_peer(True, creds)
                 client = client_address(peer or "")
                 if limiter is not None:  # charged before anything else, a malformed call too
-                    free = forwarded or (call.peer_call and instance.from_peer(True, creds))
+                    free = forwarded or (call.peer_call and rules.from_peer(True, creds))
                     wait = limiter.admit(client, forwarded=free, cost=codec.call_cost(request))
                     if wait:
                         buckets = limiter.buckets
@@ -314,7 +314,7 @@ class EngineTransport(BaseTransport):
                     continue
                 ctx = CallContext(creds, forwarded, remaining, client)
                 # A hit, a peek, a handoff: answered here, no task, no copy.
-                outcome = calls.answer_now(call, instance, request, ctx)
+                outcome = calls.answer_now(call, rules, request, ctx)
                 if outcome is None:
                     spawn(call_id, self._later(call_id, call, request, ctx))
                 else:
@@ -352,15 +352,15 @@ class EngineTransport(BaseTransport):
             self._respond(call_id, outcome.data, list(outcome.trailers) or None)
 
     async def _later(self, call_id: int, call: calls.Method, request: Any, ctx: CallContext) -> None:
-        assert self.instance is not None  # bound in start()
-        self._send(call_id, await calls.answer_later(call, self.instance, request, ctx))
+        assert self.rules is not None  # bound in start()
+        self._send(call_id, await calls.answer_later(call, self.rules, request, ctx))
 
     # Health ----------------------------------------------------------------------
 
     def _health(self, front: Any, call_id: int, method: int, payload: bytes, metadata, spawn) -> None:
         if method == HEALTH_CHECK:
-            assert self.instance is not None  # bound in start()
-            proof = self.instance.auth.reply_proof(Credentials.from_metadata(metadata))
+            assert self.rules is not None  # bound in start()
+            proof = self.rules.auth.reply_proof(Credentials.from_metadata(metadata))
             self._health_check(front, call_id, payload, proof)
             return
         watch = codec.parser(health_pb2.HealthCheckRequest)(payload)
@@ -416,7 +416,7 @@ class EngineTransport(BaseTransport):
             ),
         )
 
-    async def _keep_collecting(self, instance: NodeRules) -> None:
+    async def _keep_collecting(self, rules: NodeRules) -> None:
         front = self._front
         callee_told = None
         limiter = self.limiter
@@ -425,10 +425,10 @@ class EngineTransport(BaseTransport):
             # A bug here must not stop the counters for good: log it, go on.
             try:
                 # Hits wait for a ring, as NodeRules.hit does (else: no ring yet).
-                front.open_hits(instance.peers.revision >= 0)
+                front.open_hits(rules.peers.revision >= 0)
                 # Peers' forwards: checked by their proofs once we know the
                 # address we serve (NodeRules.from_peer), else on the marker.
-                proofs = instance.auth.proofs
+                proofs = rules.auth.proofs
                 callee = (None, "", 0) if proofs is None else proofs.callee()
                 if callee is not None and callee != callee_told:
                     front.set_peer_proofs(*callee)
@@ -437,7 +437,7 @@ class EngineTransport(BaseTransport):
                 if limiter is not None and (trusted := limiter.trusted()) != trusted_told:
                     front.set_limit(limiter.buckets, sorted(trusted))
                     trusted_told = set(trusted)
-                for group in instance.groups.values():
+                for group in rules.groups.values():
                     if group.collect is not None:
                         group.collect()
             except Exception:

@@ -217,17 +217,17 @@ class HttpApi:
                 return _text(429, f"rate limit exceeded; retry in {wait:.3f}s", {"Retry-After": str(math.ceil(wait))})
         group_name = request.match_info["group"]
         key = request.match_info["key"]
-        instance = self.node.instance
+        rules = self.node.rules
         credentials = Credentials(request.headers.get("Authorization"))
         ctx = CallContext(credentials, False, None, request.remote or "")
         try:
-            entry = await calls.run(calls.GET, instance, calls.Key(group_name, key), ctx)
+            entry = await calls.run(calls.GET, rules, calls.Key(group_name, key), ctx)
         except errors.CacheError as exc:
             status = STATUS[exc.kind]
             if isinstance(exc, errors.KeyNotFound):
                 reason = f"key {key!r} not found in group {group_name!r}"
             else:
-                exc = told(exc, instance.shows_cause(credentials))
+                exc = told(exc, rules.shows_cause(credentials))
                 reason = str(exc) or exc.reason
             return _text(status, reason)
         except Exception as exc:  # a bug: answer 500 and keep serving
