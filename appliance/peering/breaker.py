@@ -158,16 +158,30 @@ class Breaker:
         loads it once; a silent one (frozen, cut off, not connected) is
         left at `wait`, and the caller loads locally in the time left."""
         loop = asyncio.get_running_loop()
+        if patience <= wait:
+            # Nothing to wait out past `wait`: the fetch runs inline, without
+            # a task of its own (a forward's cost at many streams).
+            try:
+                async with asyncio.timeout(max(0.0, started + wait - loop.time())):
+                    result = await fetch(patience)
+            except TimeoutError:
+                error = errors.PeerError(f"{self.addr}: no answer within {wait:.3f}s")
+                self._settle(started, wait, error)
+                raise error from None
+            except errors.CacheError as exc:
+                self._settle(started, wait, exc)
+                raise
+            self._settle(started, wait, None)
+            return result
         task = asyncio.ensure_future(fetch(patience))
         span = wait
         try:
-            if patience > wait:
-                await asyncio.wait([task], timeout=min(ALIVE_AFTER_S, wait / 2))
-                if not task.done() and not self.facts.heard_since(started) and not self.facts.probing:
-                    if self.facts.read_allowed() and self.calls.connected():
-                        self._start_probe()
+            await asyncio.wait([task], timeout=min(ALIVE_AFTER_S, wait / 2))
+            if not task.done() and not self.facts.heard_since(started) and not self.facts.probing:
+                if self.facts.read_allowed() and self.calls.connected():
+                    self._start_probe()
             await asyncio.wait([task], timeout=max(0.0, started + wait - loop.time()))
-            if not task.done() and patience > wait and self.facts.heard_since(started):
+            if not task.done() and self.facts.heard_since(started):
                 span = patience  # alive: its answer is worth the wait, while it stays alive
                 await self._while_alive(task, started + patience)
             if not task.done():
