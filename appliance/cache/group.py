@@ -219,13 +219,23 @@ class Group:
         server_requests: int = 0,
         owned: Sequence[tuple[str, int]] = (),
         seen: Sequence[tuple[str, int]] = (),
+        forward_gets: int = 0,
+        fetches: int = 0,
+        peer_loads: int = 0,
     ) -> None:
-        """Hits a server answered from the stores without lookup(): counted
+        """Gets a server answered without lookup(): hits from the stores
         (`server_requests`: those a peer forwarded), with `owned` (key,
         counted main hits: 1 in owned_hot.every) for the owner's hot keys,
-        and `seen` (key, hot-cache hits) for the promoter."""
+        and `seen` (key, hot-cache hits and forwarded misses) for the
+        promoter; and misses it forwards to their owners itself
+        (`forward_gets`, counted as lookup() counts a miss, as they arrive;
+        less those it handed back), in `fetches` calls (counted as
+        _route_load counts one), `peer_loads` of which brought a value."""
         stats = self._stats
-        stats.gets += gets
+        stats.gets += gets + forward_gets
+        stats.loads += forward_gets
+        stats.loads_deduped += fetches
+        stats.peer_loads += peer_loads
         stats.main_hits += main_hits
         stats.hot_hits += hot_hits
         stats.server_requests += server_requests

@@ -88,6 +88,10 @@ class HashRing:
             idx = 0  # past the last virtual node: wrap to the first
         return self._owners[idx]
 
+    def points(self) -> list[tuple[int, str]]:
+        """(hash, node) of every point, in ring order: what owner() searches."""
+        return list(zip(self._hashes, self._owners, strict=True))
+
     def shares(self) -> dict[str, float]:
         """Each node's share of the key space (the crc32 range it owns)."""
         out = dict.fromkeys(self._nodes, 0.0)

@@ -70,7 +70,10 @@ class Breaker:
     Reads take `share` of the caller's time (at most `max_wait`), leaving
     the rest for a local load if the owner fails."""
 
-    def __init__(self, calls: PeerCalls, facts: PeerFacts, *, max_wait: float, share: float = 0.5) -> None:
+    # The part of a caller's time a read may take (the rest: a local load).
+    SHARE = 0.5
+
+    def __init__(self, calls: PeerCalls, facts: PeerFacts, *, max_wait: float, share: float = SHARE) -> None:
         self.calls = calls
         self.addr = calls.addr
         self.facts = facts

@@ -149,6 +149,8 @@ class NodeRules:
         self._trusted = TrustedPeers(lambda: (peers.version, sorted(peers.members())))
         self.last_handoff: HandoffReport | None = None
         self.draining = False
+        # Called (synchronously) once a new ring is installed.
+        self.on_ring_change: Callable[[], None] | None = None
         # Called (from the loop) whenever `serving` may have changed.
         self.on_serving_change: Callable[[bool], Awaitable[None]] | None = None
         self._ring_changed: asyncio.Condition | None = None
@@ -557,6 +559,8 @@ class NodeRules:
             member=str(self.addr in self.peers.ring).lower(),
         )
         self._trusted()  # resolve members' host names now, before a handoff needs them
+        if self.on_ring_change is not None:
+            self.on_ring_change()
         # Called from sync code: the follow-up runs as a task we keep a
         # reference to (the loop holds tasks only weakly).
         task = asyncio.ensure_future(self._after_ring_change())

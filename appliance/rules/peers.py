@@ -172,6 +172,10 @@ class Peers:
     def clients(self) -> list[PeerClient]:
         return list(self._clients.values())
 
+    def facts(self, addr: str) -> PeerFacts | None:
+        """What this node knows of the peer at addr (its breaker included)."""
+        return self._facts.get(addr)
+
     def lease(self, addr: str) -> int | None:
         """The etcd lease of addr's registration, where the ring said."""
         return self._leases.get(addr)

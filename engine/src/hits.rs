@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use base64::engine::general_purpose::URL_SAFE;
@@ -50,6 +50,24 @@ pub struct HitGroup {
     hot_keys: RwLock<HashSet<Key>>,
     owned: Mutex<Samples>,
     seen: Mutex<Samples>,
+    /// How the engine may forward this group's misses (None: it does not).
+    pub forwarding: RwLock<Option<GroupForwarding>>,
+    /// Gets a forward from here took on (less those handed to Python), the
+    /// calls to owners they took, and those of the calls that brought a value.
+    forward_gets: AtomicI64,
+    fetches: AtomicU64,
+    peer_loads: AtomicU64,
+}
+
+/// What the engine needs of a group's rules to forward its misses.
+#[derive(Clone, Copy)]
+pub struct GroupForwarding {
+    /// A value fetched from its owner gets a hot copy: never (0), while
+    /// the hot cache has room (1, RatePromoter's rule with room).
+    pub promote: u8,
+    /// The group's ttl (0: none) and its one budget over both stores.
+    pub ttl: f64,
+    pub cache_bytes: usize,
 }
 
 /// What `take()` hands Python: counters since the last take, and per key
@@ -61,6 +79,11 @@ pub struct Taken {
     pub server_requests: u64,
     pub owned: Vec<(Key, u64)>,
     pub seen: Vec<(Key, u64)>,
+    /// Gets forwards from here took on (less those handed to Python), the
+    /// calls they took, and those of the calls that brought a value.
+    pub forward_gets: i64,
+    pub fetches: u64,
+    pub peer_loads: u64,
 }
 
 impl HitGroup {
@@ -77,7 +100,86 @@ impl HitGroup {
             hot_keys: RwLock::new(HashSet::new()),
             owned: Mutex::new(Samples::default()),
             seen: Mutex::new(Samples::default()),
+            forwarding: RwLock::new(None),
+            forward_gets: AtomicI64::new(0),
+            fetches: AtomicU64::new(0),
+            peer_loads: AtomicU64::new(0),
         }
+    }
+
+    /// A Get a forward from here took on: counted as it arrives, as
+    /// Group.lookup counts a miss (a load), until Python takes it over
+    /// (`handed_over`: Python's lookup counts it then).
+    pub fn forwarding(&self) {
+        self.forward_gets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn handed_over(&self) {
+        self.forward_gets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A Get answered by a forward made here: the promoter sees it, and the
+    /// call that fetched it (`leader`) counts as _route_load counts one.
+    /// With the group's rule and room, the value gets a hot copy, unless
+    /// the hot store lost an entry since `removals` (a Remove or Set may
+    /// have raced the fetch) or the main cache holds the key (handed to us).
+    pub fn forwarded(
+        &self,
+        key: &[u8],
+        leader: bool,
+        answer: &crate::forward::Answer,
+        removals: u64,
+    ) {
+        self.seen.lock().unwrap().add(key);
+        if !leader {
+            return;
+        }
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        if answer.missing.is_some() {
+            return;
+        }
+        self.peer_loads.fetch_add(1, Ordering::Relaxed);
+        let Some(rule) = *self.forwarding.read().unwrap() else {
+            return;
+        };
+        let Some(offset) = crate::forward::value_offset(&answer.data) else {
+            return;
+        };
+        if rule.promote != 1 {
+            return;
+        }
+        let now = monotonic();
+        // As Group._carried_expiry: never later than the owner's, nor than our ttl.
+        let own = if rule.ttl > 0.0 { now + rule.ttl } else { 0.0 };
+        let expires = match answer.ttl_ms {
+            Some(ms) if ms > 0 => {
+                let carried = now + ms as f64 / 1000.0;
+                if own > 0.0 {
+                    own.min(carried)
+                } else {
+                    carried
+                }
+            }
+            _ => own,
+        };
+        let size = key.len() + answer.data.len() - offset;
+        let mut main = self.main.lock().unwrap();
+        let mut hot = self.hot.lock().unwrap();
+        // Only where Python's _populate would trim nothing: the same outcome.
+        if hot.removals != removals
+            || main.find(key, now).is_some()
+            || !hot.fits(size)
+            || main.bytes() + hot.bytes() + size > rule.cache_bytes
+        {
+            return;
+        }
+        drop(main);
+        hot.set(key, answer.data.clone(), expires, offset, now);
+    }
+
+    /// The hot store's removals so far (see `forwarded`).
+    pub fn removals(&self) -> u64 {
+        self.hot.lock().unwrap().removals
     }
 
     /// A hit: (its entry, whether its owner (we) calls it hot); used and
@@ -179,6 +281,9 @@ impl HitGroup {
             server_requests: self.server_requests.swap(0, Ordering::Relaxed),
             owned: drain(&self.owned),
             seen: drain(&self.seen),
+            forward_gets: self.forward_gets.swap(0, Ordering::Relaxed),
+            fetches: self.fetches.swap(0, Ordering::Relaxed),
+            peer_loads: self.peer_loads.swap(0, Ordering::Relaxed),
         }
     }
 }
@@ -290,6 +395,29 @@ impl Proofs {
         Some(nonce)
     }
 
+    /// (authorization value, nonce) for a call to the worker at `target`
+    /// that may do `scope`, as PeerProofs.make makes it; None if the
+    /// system gives no random bytes.
+    pub fn make(&self, target: &str, scope: &str) -> Option<(String, String)> {
+        use ring::rand::SecureRandom;
+        let mut raw = [0u8; 12];
+        ring::rand::SystemRandom::new().fill(&mut raw).ok()?;
+        let nonce = URL_SAFE.encode(raw);
+        let ms = (epoch_seconds() * 1000.0) as i64;
+        let mac = self.mac(&format!("call|{target}|{ms}|{nonce}|{scope}"));
+        Some((format!("GC-Proof {ms}.{nonce}.{scope}.{mac}"), nonce))
+    }
+
+    /// Whether reply metadata carries the callee's proof for `nonce`.
+    pub fn replied(&self, nonce: &str, trailers: &Metadata) -> bool {
+        let expected = self.mac(&format!("reply|{nonce}"));
+        trailers.iter().any(|(k, v)| {
+            k == "x-groupcache-proof"
+                && matches!(v, Value::Text(t) if t.len() == expected.len()
+                    && t.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
+        })
+    }
+
     fn reply(&self, nonce: &str) -> (String, Value) {
         (
             "x-groupcache-proof".to_string(),
@@ -302,6 +430,14 @@ fn epoch_seconds() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A Get to forward from here (Hits::forward_plan).
+pub struct ForwardPlan {
+    group: Arc<HitGroup>,
+    names: (Box<[u8]>, Box<[u8]>),
+    route: crate::forward::Route,
+    proofs: Option<Arc<Proofs>>,
 }
 
 /// What the hit path reads off a call besides its message.
@@ -358,7 +494,9 @@ pub struct Hits {
     /// Forwards from peers: checked against the cluster token's proofs
     /// (Some), taken on the marker alone (None; nodes with no cluster
     /// token), or left to Python until Python says which (unset).
-    pub peers: RwLock<Option<Option<Proofs>>>,
+    pub peers: RwLock<Option<Option<Arc<Proofs>>>>,
+    /// Misses of keys another member owns, forwarded from here.
+    pub forwarder: crate::forward::Forwarder,
     /// Gets answered here, for the worker's metrics.
     pub answered: AtomicU64,
     /// `[ops] rate_limit`: the buckets Python charges too (None: no limit).
@@ -382,6 +520,7 @@ impl Hits {
             max_key,
             hot_trailer,
             peers: RwLock::new(None),
+            forwarder: Default::default(),
             answered: AtomicU64::new(0),
             limit: RwLock::new(None),
         }
@@ -457,7 +596,90 @@ impl Hits {
         Some((entry.data, trailers))
     }
 
-    /// NodeInstance.validate's rule: names present and within their limits.
+    /// Where a Get `answer` left to Python may instead be forwarded from
+    /// here: a client's Get (not a peer's forward) that the path would
+    /// have answered had the key been held, of a group whose rules Python
+    /// pushed, with no rate limit, for a key another member owns whose
+    /// breaker is closed. None: Python serves it.
+    pub fn forward_plan(
+        &self,
+        payload: &[u8],
+        call: &CallFacts<'_>,
+        call_remaining: Option<f64>,
+    ) -> Option<ForwardPlan> {
+        if !self.open.load(Ordering::Acquire)
+            || call.forwarded
+            || self.limit.read().unwrap().is_some()
+        {
+            return None;
+        }
+        let proofs = self.peers.read().unwrap().clone()?;
+        let (group, key) = parse_get(payload)?;
+        if !self.valid_group(group) || !self.valid_key(key) {
+            return None;
+        }
+        if !self.may_read(call)? {
+            return None;
+        }
+        let found = self.groups.read().unwrap().get(group).cloned()?;
+        found.forwarding.read().unwrap().as_ref()?;
+        let route = self.forwarder.route(key, call_remaining)?;
+        Some(ForwardPlan {
+            group: found,
+            names: (group.into(), key.into()),
+            route,
+            proofs,
+        })
+    }
+
+    /// The owner's reply to a planned forward (its value, or its NOT_FOUND
+    /// as (message, details)), counted in its group; None: Python serves
+    /// the call (it failed, or was not proven).
+    pub async fn forward(
+        &self,
+        plan: ForwardPlan,
+        payload: Bytes,
+        remaining: Option<f64>,
+    ) -> Option<Result<Bytes, (String, Metadata)>> {
+        let removals = plan.group.removals();
+        plan.group.forwarding();
+        let (group, key) = &plan.names;
+        let (answer, leader) = self
+            .forwarder
+            .forward(
+                plan.route,
+                group,
+                key,
+                payload,
+                remaining,
+                plan.proofs.as_deref(),
+            )
+            .await;
+        let Some(answer) = answer else {
+            plan.group.handed_over();
+            return None;
+        };
+        self.forwarder.answered.fetch_add(1, Ordering::Relaxed);
+        plan.group.forwarded(key, leader, &answer, removals);
+        Some(match answer.missing {
+            Some(missing) => Err(missing),
+            None => Ok(answer.data),
+        })
+    }
+
+    /// Whether the call's credential may read here (None: its authorization
+    /// is not text; Python answers it).
+    fn may_read(&self, call: &CallFacts<'_>) -> Option<bool> {
+        let authorization = call.authorization.ok()?;
+        Some(
+            self.access
+                .read()
+                .unwrap()
+                .allows(authorization, call.identities),
+        )
+    }
+
+    /// NodeRules.validate's rule: names present and within their limits.
     fn valid_group(&self, group: &[u8]) -> bool {
         !group.is_empty() && group.len() <= self.max_group
     }
@@ -478,12 +700,7 @@ impl Hits {
         if !self.valid_group(group) || keys.is_empty() || !keys.iter().all(|k| self.valid_key(k)) {
             return None;
         }
-        if !self
-            .access
-            .read()
-            .unwrap()
-            .allows(call.authorization.ok()?, call.identities)
-        {
+        if !self.may_read(call)? {
             return None;
         }
         let found = self.groups.read().unwrap().get(group).cloned()?;
@@ -818,7 +1035,7 @@ mod tests {
         let (_, trailers) = hits.answer(&get, &facts(&marked, &[])).unwrap();
         assert!(trailers.is_empty());
         assert_eq!(g.take().server_requests, 1);
-        *hits.peers.write().unwrap() = Some(Some(Proofs::new(b"key", "a:1".into(), 0)));
+        *hits.peers.write().unwrap() = Some(Some(Arc::new(Proofs::new(b"key", "a:1".into(), 0))));
         assert!(hits.answer(&get, &facts(&marked, &[])).is_none()); // no proof: Python's
         let bad = headers(&[
             ("x-groupcache-forwarded", "1"),

@@ -1,6 +1,7 @@
 //! appliance_engine: the appliance's native gRPC front (issue 19).
 
 pub mod client;
+pub mod forward;
 pub mod grpc;
 pub mod hits;
 pub mod py_ratelimit;
@@ -222,7 +223,7 @@ impl Front {
     #[pyo3(signature = (key, addr, since_ms))]
     fn set_peer_proofs(&self, key: Option<Vec<u8>>, addr: String, since_ms: i64) -> PyResult<()> {
         let hits = self.hits()?;
-        let proofs = key.map(|k| hits::Proofs::new(&k, addr, since_ms));
+        let proofs = key.map(|k| Arc::new(hits::Proofs::new(&k, addr, since_ms)));
         *hits.peers.write().unwrap() = Some(proofs);
         Ok(())
     }
@@ -254,6 +255,68 @@ impl Front {
         if let Some(hits) = self.shared.hits() {
             hits.open.store(open, Ordering::Release);
         }
+    }
+
+    /// Forward misses of keys other members own from here, on the
+    /// engine's client (forward.rs): the ring's (hash, peer index) points
+    /// over `addrs`, our own index, whose breaker is closed, the peer
+    /// timeout and the share of a caller's time a forward takes. `addrs`
+    /// None: Python forwards every miss.
+    #[pyo3(signature = (points, addrs, me, allowed, peer_timeout, share))]
+    fn set_forwarding(
+        &self,
+        points: Vec<(u32, u16)>,
+        addrs: Option<Vec<String>>,
+        me: Option<u16>,
+        allowed: Vec<bool>,
+        peer_timeout: f64,
+        share: f64,
+    ) -> PyResult<()> {
+        let hits = self.hits()?;
+        match addrs {
+            None => hits.forwarder.off(),
+            Some(addrs) => hits.forwarder.configure(
+                points,
+                addrs,
+                me,
+                allowed,
+                peer_timeout,
+                share,
+                self.shared.limits.max_message,
+            ),
+        }
+        Ok(())
+    }
+
+    /// Group `name`'s rules for forwarding its misses from here: hot copies
+    /// never (`promote` 0) or while the hot cache has room (1), its ttl and
+    /// budget; `promote` None: its misses go to Python.
+    #[pyo3(signature = (name, promote, ttl, cache_bytes))]
+    fn forward_group(
+        &self,
+        name: &str,
+        promote: Option<u8>,
+        ttl: f64,
+        cache_bytes: usize,
+    ) -> PyResult<()> {
+        let hits = self.hits()?;
+        let groups = hits.groups.read().unwrap();
+        let group = groups
+            .get(name.as_bytes())
+            .ok_or_else(|| PyValueError::new_err(format!("group {name:?} is not served")))?;
+        *group.forwarding.write().unwrap() = promote.map(|promote| hits::GroupForwarding {
+            promote,
+            ttl,
+            cache_bytes,
+        });
+        Ok(())
+    }
+
+    /// Gets answered by forwards the engine made itself.
+    fn forwards_answered(&self) -> u64 {
+        self.shared
+            .hits()
+            .map_or(0, |h| h.forwarder.answered.load(Ordering::Relaxed))
     }
 
     /// Gets the engine answered itself since the front was made.

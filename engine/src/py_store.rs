@@ -243,7 +243,9 @@ pub struct PyHitGroup {
 #[pymethods]
 impl PyHitGroup {
     /// (gets, main hits, hot hits, gets forwarded by peers, [(key, sampled
-    /// main hits)], [(key, hot hits)]) since the last take.
+    /// main hits)], [(key, hot hits and misses forwarded from here)], gets
+    /// answered by forwards made here, the calls to owners they took, those
+    /// of the calls that brought a value) since the last take.
     #[allow(clippy::type_complexity)]
     fn take<'py>(
         &self,
@@ -255,6 +257,9 @@ impl PyHitGroup {
         u64,
         Vec<(Bound<'py, PyAny>, u64)>,
         Vec<(Bound<'py, PyAny>, u64)>,
+        i64,
+        u64,
+        u64,
     )> {
         let taken = self.inner.take();
         let keyed = |items: Vec<(Key, u64)>| -> PyResult<Vec<(Bound<'py, PyAny>, u64)>> {
@@ -270,6 +275,9 @@ impl PyHitGroup {
             taken.server_requests,
             keyed(taken.owned)?,
             keyed(taken.seen)?,
+            taken.forward_gets,
+            taken.fetches,
+            taken.peer_loads,
         ))
     }
 

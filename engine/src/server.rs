@@ -22,7 +22,8 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::grpc;
 use crate::grpc::{
-    CANCELLED, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, UNIMPLEMENTED,
+    CANCELLED, DEADLINE_EXCEEDED, INTERNAL, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE,
+    UNIMPLEMENTED,
 };
 
 pub const EVENT_CALL: i32 = 0;
@@ -87,7 +88,7 @@ pub struct Shared {
     fallback: Mutex<Option<String>>,
     proxy: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Incoming>>>,
     closed: AtomicBool,
-    limits: Limits,
+    pub limits: Limits,
     /// GroupCache/Get's method index and the hits answered without Python.
     hits: Option<(usize, crate::hits::Hits)>,
     /// Refusals at the socket, for the worker's metrics: requests over the
@@ -513,7 +514,7 @@ async fn serve_call(
     let Some(&(method, streaming)) = shared.methods.get(req.uri().path()) else {
         return Ok(Box::pin(proxy(&shared, req)).await);
     };
-    let remaining = req
+    let mut remaining = req
         .headers()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -543,6 +544,21 @@ async fn serve_call(
         if method == *get {
             if let Some((data, trailers)) = hits.answer(&payload, &call) {
                 return Ok(success(data, &trailers));
+            }
+            if let Some(plan) = hits.forward_plan(&payload, &call, remaining) {
+                let started = std::time::Instant::now();
+                // Boxed, as the call to Python below: the hit path's task stays small.
+                match Box::pin(hits.forward(plan, payload.clone(), remaining)).await {
+                    Some(Ok(data)) => return Ok(success(data, &[])),
+                    Some(Err((message, details))) => {
+                        return Ok(failure(NOT_FOUND, &message, &details))
+                    }
+                    // Python gets what is left of the caller's time.
+                    None => {
+                        remaining =
+                            remaining.map(|r| (r - started.elapsed().as_secs_f64()).max(0.0))
+                    }
+                }
             }
         } else if hits.get_many.as_ref().is_some_and(|m| m.method == method) {
             if let Some(data) = hits.answer_many(&payload, &call) {

@@ -69,6 +69,9 @@ pub struct Store {
     bytes: usize,
     pub evictions: u64,
     pub expirations: u64,
+    /// remove() and clear() calls so far: a fetch that began before one
+    /// may hold a value older than what the caller removed.
+    pub removals: u64,
 }
 
 impl Store {
@@ -83,6 +86,7 @@ impl Store {
             bytes: 0,
             evictions: 0,
             expirations: 0,
+            removals: 0,
         }
     }
 
@@ -253,6 +257,7 @@ impl Store {
     }
 
     pub fn remove(&mut self, key: &[u8]) -> bool {
+        self.removals += 1;
         self.discard(key).is_some()
     }
 
@@ -267,6 +272,7 @@ impl Store {
     }
 
     pub fn clear(&mut self) {
+        self.removals += 1;
         self.slots.clear();
         self.order.clear();
         self.expiry.clear();

@@ -3,7 +3,10 @@ tokio, hyper/h2, rustls) and the Python that serves what it hands over.
 
 HTTP/2, gRPC framing, TLS and the socket limits run in Rust threads outside
 the GIL. A hit (a Get, a GetMany whose keys all hit, a peer's forward) is
-answered there from the engine's stores (engine/src/hits.rs). Every other
+answered there from the engine's stores (engine/src/hits.rs), and a client's
+Get for a key another member owns is forwarded from there where the rules
+allow (engine/src/forward.rs; `_push_forwarding` tells it the ring and the
+breakers). Every other
 call comes to Python as an event (id, method, request bytes, metadata,
 peer, deadline), in batches. One thread waits for batches; on a SharedLoop
 it serves each under the loop's lock (parse, call the rules, respond, with
@@ -36,6 +39,8 @@ from grpc_reflection.v1alpha import reflection
 from ... import addr as addrs
 from ...cache import errors
 from ...cache.native_store import native_store
+from ...cache.promoter import Promoter, RandomPromoter, RatePromoter
+from ...peering.breaker import Breaker
 from ...protocol import codec
 from ...protocol.metadata import FORWARDED, HOT
 from ...protocol.status import Failure, failure, internal_failure, rate_limited_failure
@@ -74,6 +79,18 @@ STREAM_FULL = 1
 STREAM_CLOSED = 2
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _hot_copies(promoter: Promoter) -> int | None:
+    """How the engine may keep hot copies of what it forwards, as the
+    group's promoter would: never (0), while the hot cache has room (1:
+    RatePromoter admits a key asked for lately, and a forwarded one was);
+    None: only Python may decide (its misses go to Python)."""
+    if isinstance(promoter, RatePromoter):
+        return 1
+    if isinstance(promoter, RandomPromoter) and promoter.probability == 0:
+        return 0
+    return None
 
 
 def _name_os_thread(name: bytes) -> None:
@@ -116,6 +133,7 @@ class EngineTransport(BaseTransport):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task] = {}  # call id -> task of a call not answered inline
         self._stopping = False
+        self._forwarding_told: tuple | None = None
         self._fallback: grpc.aio.Server | None = None
         self._fallback_dir: str | None = None
         self._peer_service: PeerService | None = None
@@ -157,10 +175,49 @@ class EngineTransport(BaseTransport):
                 return
         tokens, identities = rules.auth.grants("read")
         front.set_access(rules.reads_open, tokens, identities)
+        forwards = self._forwards_here()
         for name, group in rules.groups.items():
             served = front.serve_group(name, group.main, group.hot, group.owned_hot.every)
             group.collect = functools.partial(self._collect, group, served, {"hot": frozenset()})
+            if forwards:
+                front.forward_group(name, _hot_copies(group.promoter), group.ttl, group.cache_bytes)
+        if forwards:
+            rules.on_ring_change = functools.partial(self._push_forwarding, rules)
         self._collector = asyncio.get_running_loop().create_task(self._keep_collecting(rules))
+
+    def _forwards_here(self) -> bool:
+        """Whether the engine forwards misses itself: where the node's peer
+        clients would make the same call (unary Gets on the engine's
+        client), in plaintext, to nodes of our own (no seed_interop)."""
+        settings, clients = self.settings, self.peer_clients
+        return (
+            clients.library == "engine"
+            and clients.forward == "unary"
+            and not settings.tls.enabled
+            and not settings.cluster.seed_interop
+        )
+
+    def _push_forwarding(self, rules: NodeRules) -> None:
+        """Tell the engine the ring and which peers' breakers are closed,
+        when either changed (none before there is a ring). Peeks at previous
+        owners are the owner's, on its own miss: forwards need none."""
+        front, peers = self._front, rules.peers
+        if front is None:
+            return
+        ring = peers.ring
+        nodes = list(ring.nodes)
+        allowed = [bool((facts := peers.facts(n)) is not None and facts.read_allowed()) for n in nodes]
+        state = None if peers.revision < 0 else (peers.version, tuple(allowed))
+        if state == self._forwarding_told:
+            return
+        self._forwarding_told = state
+        if state is None:
+            front.set_forwarding([], None, None, [], 0.0, 0.0)
+            return
+        index = {n: i for i, n in enumerate(nodes)}
+        points = [(h, index[n]) for h, n in ring.points()]
+        me = index.get(peers.self_addr)
+        front.set_forwarding(points, nodes, me, allowed, float(self.settings.node.peer_timeout), Breaker.SHARE)
 
     async def _start_fallback(self, rules: NodeRules, front: Any) -> None:
         # mkdtemp makes the directory 0700: only this user reaches the socket.
@@ -440,6 +497,8 @@ class EngineTransport(BaseTransport):
                 for group in rules.groups.values():
                     if group.collect is not None:
                         group.collect()
+                if rules.on_ring_change is not None:  # the breakers move too
+                    rules.on_ring_change()
             except Exception:
                 log.exception("collecting the engine's hits failed")
             await asyncio.sleep(HITS_COLLECT_INTERVAL)
@@ -448,9 +507,9 @@ class EngineTransport(BaseTransport):
     def _collect(group, served, pushed: dict) -> None:
         """What the engine answered since the last call, into the group;
         the owner's hot keys, when they changed, into the engine."""
-        gets, main_hits, hot_hits, forwarded, owned, seen = served.take()
-        if gets:
-            group.absorb(gets, main_hits, hot_hits, forwarded, owned, seen)
+        gets, main_hits, hot_hits, forwarded, owned, seen, forward_gets, fetches, peer_loads = served.take()
+        if gets or forward_gets or seen or fetches:
+            group.absorb(gets, main_hits, hot_hits, forwarded, owned, seen, forward_gets, fetches, peer_loads)
         hot = group.owned_hot.hot
         if hot != pushed["hot"]:
             pushed["hot"] = frozenset(hot)

@@ -1,0 +1,149 @@
+"""Forwards made by the engine itself (engine/src/forward.rs, issue 20),
+over real gRPC on loopback: a Get for a key another member owns goes from
+the engine to the owner without Python, proven both ways with the cluster
+token, counted in the group as Python counts a forward, and joined with
+concurrent Gets of the same key; whatever the engine may not decide (an
+owner that does not answer) goes to Python, which answers as before."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from appliance.pb import groupcache_pb2
+from support.nodes import CountingOrigin, cluster
+
+# The conftest's `backend` fixture, on the engine only (it skips where the engine is not built).
+pytestmark = [pytest.mark.parametrize("backend", ["engine"], indirect=True), pytest.mark.usefixtures("backend")]
+
+DATA = {f"k{i}": f"v{i}".encode() for i in range(200)}
+TOKEN = "a-cluster-token-for-the-tests-0123456789"
+
+
+# Long enough that Python would not wait out a live owner past its first
+# wait (Breaker's patience, which stays Python's): the engine may forward.
+LONG = 30.0
+
+
+async def get(addr: str, key: str, timeout: float = LONG) -> bytes:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        call = channel.unary_unary(
+            "/groupcachepb.GroupCache/Get",
+            request_serializer=groupcache_pb2.GetRequest.SerializeToString,
+            response_deserializer=groupcache_pb2.GetResponse.FromString,
+        )
+        return (await call(groupcache_pb2.GetRequest(group="g", key=key), timeout=timeout)).value
+
+
+def forwards(node) -> int:
+    return node.transport._front.forwards_answered()
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def told_the_ring(a, b) -> None:
+    """Until a's engine holds the ring (pushed at the ring change) and has
+    made a forward: a key of b's read through a is then the engine's."""
+    # Each a key of its own: one Python fetched may have a hot copy since.
+    keys = iter([k for k in DATA if a.peers.owner(k) == b.addr][:40])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while forwards(a) == 0:  # the hit path opens at the first collect after the ring
+        assert loop.time() < deadline, "the engine never forwarded"
+        await get(a.addr, next(keys))
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "proofs"])
+async def test_a_miss_of_a_peer_s_key_is_forwarded_by_the_engine_and_counted(token):
+    origin = CountingOrigin(DATA)
+    async with cluster(2, origin, token=token, hot_cache_mirror=0.0, peek_window=0.0) as (a, b):
+        await told_the_ring(a, b)
+        theirs = [k for k in DATA if a.peers.owner(k) == b.addr][-20:]
+        a.groups["g"].collect()
+        stats = a.groups["g"].stats
+        before = (forwards(a), stats.gets, stats.loads, stats.peer_loads, stats.local_loads, len(origin.calls))
+        assert [await get(a.addr, k) for k in theirs] == [DATA[k] for k in theirs]
+        a.groups["g"].collect()
+        after = (forwards(a), stats.gets, stats.loads, stats.peer_loads, stats.local_loads, len(origin.calls))
+        n = len(theirs)
+        # Each by the engine; counted as Python counts a forward; loaded once, by b.
+        assert [y - x for x, y in zip(before, after, strict=True)] == [n, n, n, n, 0, n]
+        assert b.groups["g"].stats.server_requests >= n
+
+
+async def test_concurrent_gets_of_one_key_take_one_call_to_its_owner():
+    origin = CountingOrigin(DATA, delay=0.3)
+    async with cluster(2, origin, hot_cache_mirror=0.0, peek_window=0.0) as (a, b):
+        await told_the_ring(a, b)
+        key = next(k for k in reversed(DATA) if a.peers.owner(k) == b.addr)
+        a.groups["g"].collect()
+        stats = a.groups["g"].stats
+        gets, peer_loads, made = stats.gets, stats.peer_loads, forwards(a)
+        values = await asyncio.gather(*(get(a.addr, key) for _ in range(8)))
+        assert values == [DATA[key]] * 8
+        a.groups["g"].collect()
+        assert (stats.gets - gets, stats.peer_loads - peer_loads, forwards(a) - made) == (8, 1, 8)
+        assert origin.calls.count(key) == 1
+
+
+async def test_a_forwarded_value_gets_a_hot_copy_while_the_hot_cache_has_room():
+    origin = CountingOrigin(DATA)
+    async with cluster(2, origin, hot_cache_mirror=0.1, peek_window=0.0) as (a, b):
+        await told_the_ring(a, b)
+        key = next(k for k in reversed(DATA) if a.peers.owner(k) == b.addr)
+        made = forwards(a)
+        assert await get(a.addr, key) == DATA[key]
+        assert forwards(a) == made + 1
+        assert a.groups["g"].hot.get(key) is not None  # kept by the engine
+        assert await get(a.addr, key) == DATA[key]
+        assert forwards(a) == made + 1  # the second Get was a hit
+
+
+async def test_an_owner_that_is_gone_leaves_the_get_to_python_which_loads_it():
+    origin = CountingOrigin(DATA)
+    async with cluster(2, origin, hot_cache_mirror=0.0, peek_window=0.0) as (a, b):
+        await told_the_ring(a, b)
+        theirs = [k for k in DATA if a.peers.owner(k) == b.addr][-3:]
+        await b.stop(grace=0)
+        made = forwards(a)
+        for k in theirs:
+            assert await get(a.addr, k) == DATA[k]  # loaded by a (b is down)
+        assert forwards(a) == made
+        a.groups["g"].collect()
+        assert a.groups["g"].stats.peer_errors >= 1
+
+
+async def test_forwards_are_made_here_with_the_default_peek_window_too():
+    """Peeks at previous owners are the owner's, on its own miss: a
+    non-owner's forward needs none, so the window does not hold it back."""
+    origin = CountingOrigin(DATA)
+    async with cluster(2, origin, hot_cache_mirror=0.0) as (a, b):
+        assert a.settings.node.peek_window > 0
+        await told_the_ring(a, b)
+        theirs = [k for k in DATA if a.peers.owner(k) == b.addr][-5:]
+        made = forwards(a)
+        assert [await get(a.addr, k) for k in theirs] == [DATA[k] for k in theirs]
+        assert forwards(a) == made + 5
+
+
+async def test_a_short_deadline_leaves_the_forward_to_python_s_patience():
+    """Under a deadline shorter than twice the peer timeout, Python waits
+    out a live owner past its first wait, with probes (Breaker): the engine
+    leaves such Gets to it."""
+    origin = CountingOrigin(DATA)
+    async with cluster(2, origin, hot_cache_mirror=0.0, peek_window=0.0, peer_timeout="5s") as (a, b):
+        await told_the_ring(a, b)
+        theirs = [k for k in DATA if a.peers.owner(k) == b.addr][-5:]
+        made = forwards(a)
+        assert [await get(a.addr, k, timeout=9.0) for k in theirs] == [DATA[k] for k in theirs]
+        assert forwards(a) == made
+        assert [await get(a.addr, k, timeout=10.0) for k in theirs] == [DATA[k] for k in theirs]
+        assert forwards(a) == made + 5
