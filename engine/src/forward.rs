@@ -208,9 +208,9 @@ impl Forwarder {
     }
 
     /// The owner's answer to a forwarded Get of `payload` (the caller's
-    /// GetRequest, sent on as it came); None: Python serves the call.
-    /// Concurrent forwards of one key share one call.
-    /// (the answer, whether this call fetched it rather than joined another).
+    /// GetRequest, sent on as it came; None: Python serves the call), and
+    /// whether this call fetched it rather than joined another: concurrent
+    /// forwards of one key share one call.
     pub async fn forward(
         &self,
         route: Route,
@@ -288,11 +288,9 @@ impl Forwarder {
                 Some(Duration::from_secs_f64(wait.max(0.001))),
             )
             .await;
-        let proven = match (proofs, &nonce) {
-            (Some(p), Some(n)) => p.replied(n, &outcome.trailers),
-            _ => true,
-        };
-        if outcome.code == crate::grpc::NOT_FOUND && proven {
+        // An owner proves its values; its errors carry no proof, and are
+        // taken as the peer client takes them (status.from_rpc_error).
+        if outcome.code == crate::grpc::NOT_FOUND {
             let details = outcome
                 .trailers
                 .into_iter()
@@ -304,15 +302,18 @@ impl Forwarder {
                 missing: Some((outcome.message, details)),
             });
         }
+        let proven = match (proofs, &nonce) {
+            (Some(p), Some(n)) => p.replied(n, &outcome.trailers),
+            _ => true,
+        };
+        let silent = outcome.code == crate::grpc::UNAVAILABLE
+            || outcome.code == crate::grpc::DEADLINE_EXCEEDED;
+        if silent || (outcome.code == crate::grpc::OK && !proven) {
+            // Python's breaker (or its refusal of the value) decides from here.
+            peer.held_until
+                .store((monotonic() + HOLD_S).to_bits(), Ordering::Relaxed);
+        }
         if outcome.code != crate::grpc::OK || !proven {
-            if outcome.code == crate::grpc::UNAVAILABLE
-                || outcome.code == crate::grpc::DEADLINE_EXCEEDED
-                || !proven
-            {
-                // Silent or unproven: Python's breaker decides from here.
-                peer.held_until
-                    .store((monotonic() + HOLD_S).to_bits(), Ordering::Relaxed);
-            }
             return None;
         }
         let ttl_ms = outcome.trailers.iter().find_map(|(k, v)| match v {

@@ -77,6 +77,15 @@ async def test_a_miss_of_a_peer_s_key_is_forwarded_by_the_engine_and_counted(tok
         # Each by the engine; counted as Python counts a forward; loaded once, by b.
         assert [y - x for x, y in zip(before, after, strict=True)] == [n, n, n, n, 0, n]
         assert b.groups["g"].stats.server_requests >= n
+        # The owner's NOT_FOUND comes back as such, from the engine, and holds nothing back.
+        missing = [k for k in (f"m{i}" for i in range(400)) if a.peers.owner(k) == b.addr][:3]
+        for k in missing:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await get(a.addr, k)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert forwards(a) == after[0] + len(missing)
+        assert await get(a.addr, theirs[0]) == DATA[theirs[0]]
+        assert forwards(a) == after[0] + len(missing) + 1
 
 
 async def test_concurrent_gets_of_one_key_take_one_call_to_its_owner():
