@@ -432,6 +432,15 @@ fn epoch_seconds() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// A Get the hit path may decide (Hits::admitted).
+struct Admitted<'p> {
+    group: &'p [u8],
+    key: &'p [u8],
+    found: Arc<HitGroup>,
+    /// Our proof back to a peer's forward.
+    proof: Option<(String, Value)>,
+}
+
 /// A Get to forward from here (Hits::forward_plan).
 pub struct ForwardPlan {
     group: Arc<HitGroup>,
@@ -526,13 +535,10 @@ impl Hits {
         }
     }
 
-    /// A GroupCache/Get answered here: (framed value, trailers); None:
-    /// Python serves it.
-    pub fn answer(
-        &self,
-        payload: &[u8],
-        call: &CallFacts<'_>,
-    ) -> Option<(Bytes, Cow<'_, Metadata>)> {
+    /// A GroupCache/Get the engine may decide: the path is open, its names
+    /// are valid, its caller may read (a peer's forward by its proof), and
+    /// its group is served here. None: Python serves it.
+    fn admitted<'p>(&self, payload: &'p [u8], call: &CallFacts<'_>) -> Option<Admitted<'p>> {
         if !self.open.load(Ordering::Acquire) {
             return None;
         }
@@ -569,6 +575,24 @@ impl Hits {
             return None;
         }
         let found = self.groups.read().unwrap().get(group).cloned()?;
+        Some(Admitted {
+            key,
+            group,
+            found,
+            proof,
+        })
+    }
+
+    /// A GroupCache/Get answered here: (framed value, trailers); None:
+    /// Python serves it.
+    pub fn answer(
+        &self,
+        payload: &[u8],
+        call: &CallFacts<'_>,
+    ) -> Option<(Bytes, Cow<'_, Metadata>)> {
+        let Admitted {
+            key, found, proof, ..
+        } = self.admitted(payload, call)?;
         let now = monotonic();
         let limit = self.limit.read().unwrap();
         let admit = || {
@@ -607,21 +631,13 @@ impl Hits {
         call: &CallFacts<'_>,
         call_remaining: Option<f64>,
     ) -> Option<ForwardPlan> {
-        if !self.open.load(Ordering::Acquire)
-            || call.forwarded
-            || self.limit.read().unwrap().is_some()
-        {
+        if call.forwarded || self.limit.read().unwrap().is_some() {
             return None;
         }
         let proofs = self.peers.read().unwrap().clone()?;
-        let (group, key) = parse_get(payload)?;
-        if !self.valid_group(group) || !self.valid_key(key) {
-            return None;
-        }
-        if !self.may_read(call)? {
-            return None;
-        }
-        let found = self.groups.read().unwrap().get(group).cloned()?;
+        let Admitted {
+            group, key, found, ..
+        } = self.admitted(payload, call)?;
         found.forwarding.read().unwrap().as_ref()?;
         let route = self.forwarder.route(key, call_remaining)?;
         Some(ForwardPlan {
