@@ -12,7 +12,7 @@ from ..cache.store import Store, StoreFactory
 from ..peering.clients import PeerClients, message_options
 from ..protocol import framing as wire
 from ..protocol.methods import GET_SERVICE
-from ..rules.node_rules import MESSAGE_SLACK
+from ..rules.node_rules import message_limit
 from ..rules.ratelimit import RateLimiter, TrustedPeers, token_buckets
 from .health import Health
 
@@ -65,7 +65,7 @@ class BaseTransport:
     def __init__(self, settings: Settings, *, peer_token: str | None = None) -> None:
         """`peer_token`: the cluster's token, proven on every call to a peer."""
         self.settings = settings
-        self.message_limit = settings.node.max_value_bytes + MESSAGE_SLACK
+        self.message_limit = message_limit(settings.node)
         self.message_options = message_options(settings)
         self.peer_clients = PeerClients(settings, peer_token=peer_token, forward=self.forward)
         self.health = Health((GET_SERVICE,))

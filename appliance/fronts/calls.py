@@ -117,10 +117,8 @@ async def answer_later(method: Method, rules: NodeRules, request: Any, ctx: Call
 
 async def answer(method: Method, rules: NodeRules, request: Any, ctx: CallContext) -> Reply | Failure:
     """The reply, waiting if the call must."""
-    try:
-        return method.encode(rules, request, ctx, await run(method, rules, request, ctx))
-    except Exception as exc:
-        return refusal(method, rules, request, ctx, exc)
+    now = answer_now(method, rules, request, ctx)
+    return now if now is not None else await answer_later(method, rules, request, ctx)
 
 
 def refusal(method: Method, rules: NodeRules, request: Any, ctx: CallContext, exc: Exception) -> Failure:

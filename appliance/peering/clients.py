@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .. import tls as tlsmod
-from ..rules.node_rules import MESSAGE_SLACK
+from ..rules.node_rules import message_limit
 from ..rules.peer_proofs import PeerProofs
 from ..rules.peers import PeerClient, PeerFacts
 from . import engine_channel
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def message_options(settings: Settings) -> list[tuple[str, int]]:
     """grpc's message limits for a node: the largest value and a margin."""
-    limit = settings.node.max_value_bytes + MESSAGE_SLACK
+    limit = message_limit(settings.node)
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
 
 
@@ -43,7 +43,7 @@ class PeerClients:
         self.forward = forward
         self.library = library
         self._proofs = PeerProofs(peer_token) if peer_token else None
-        self._limit = settings.node.max_value_bytes + MESSAGE_SLACK
+        self._limit = message_limit(settings.node)
         self._options = PEER_CHANNEL_OPTIONS + message_options(settings) + tlsmod.channel_options(settings.tls)
         self._credentials = tlsmod.channel_credentials(settings.tls)
         self._engine_tls: tlsmod.TlsFiles | None = None

@@ -46,6 +46,11 @@ HANDOFF_CALL_BYTES = 1 << 20
 _ENTRY_OVERHEAD = 32
 
 
+def message_limit(ns: NodeSettings) -> int:
+    """The largest message a node sends or takes: a value and the slack."""
+    return ns.max_value_bytes + MESSAGE_SLACK
+
+
 @dataclasses.dataclass
 class Ack:
     """What one peer said about a change (Set or Remove)."""
@@ -124,7 +129,7 @@ class NodeRules:
         self.max_key = ns.max_key_bytes
         self.max_group = ns.max_group_bytes
         self.max_value = ns.max_value_bytes
-        self.max_reply = ns.max_value_bytes + MESSAGE_SLACK
+        self.max_reply = message_limit(ns)
         # Called with a limit's name when a call is refused by it (a metric).
         self.on_refused: Callable[[str], None] | None = None
         self.groups: dict[str, Group] = {

@@ -45,7 +45,7 @@ from ...protocol import codec
 from ...protocol.metadata import FORWARDED, HOT
 from ...protocol.status import Failure, failure, internal_failure, rate_limited_failure
 from ...rules.auth import Credentials
-from ...rules.node_rules import MAX_BATCH_KEYS, MESSAGE_SLACK, RESULT_OVERHEAD
+from ...rules.node_rules import MAX_BATCH_KEYS, RESULT_OVERHEAD
 from ...rules.ratelimit import client_address
 from .. import calls, health
 from ..base import BaseTransport
@@ -469,7 +469,7 @@ class EngineTransport(BaseTransport):
                 node.max_group_bytes,
                 node.max_key_bytes,
                 [HOT],
-                (GET_MANY, MAX_BATCH_KEYS, node.max_value_bytes + MESSAGE_SLACK, RESULT_OVERHEAD),
+                (GET_MANY, MAX_BATCH_KEYS, self.message_limit, RESULT_OVERHEAD),
             ),
         )
 
