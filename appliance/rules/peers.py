@@ -88,6 +88,12 @@ class PeerFacts:
         else:
             self._open(now)
 
+    def silenced(self, now: float) -> None:
+        """A read the engine forwarded got no answer, and the peer's server
+        no health check, by the read's first wait (engine/src/forward.rs
+        probes as Breaker does): open, as a probe without an answer opens."""
+        self._open(now)
+
     def read_answered(self, now: float | None = None) -> None:
         """Any answer closes the breaker; `now`: when it came (heard_at)."""
         self.down_for, self.down_until = 0.0, 0.0

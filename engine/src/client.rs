@@ -46,7 +46,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn fail(code: u32, message: impl Into<String>) -> Self {
+    pub(crate) fn fail(code: u32, message: impl Into<String>) -> Self {
         Outcome {
             code,
             message: message.into(),

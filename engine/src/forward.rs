@@ -5,9 +5,14 @@
 //! each group's hot-copy rule (`Front.set_forwarding`, `serve_group`).
 //! Anything but an answer the owner proved goes to Python as the miss it is,
 //! so the breaker, peeks, local loads and fallbacks keep their one code.
+//! A caller's deadline is waited out as Python's Breaker waits it out
+//! (`patiently`: its first wait, a health probe, patience while the owner's
+//! server answers); an owner silent through all that is reported to Python
+//! (`take_silenced`), whose breaker then opens.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -66,14 +71,86 @@ pub fn crc32(data: &[u8]) -> u32 {
     })
 }
 
-pub struct Peer {
-    pub addr: String,
+/// What the engine keeps of one peer across Python's pushes: its
+/// connection and what its forwards taught.
+pub struct Link {
     channel: Arc<client::Channel>,
-    /// Its breaker is closed in Python.
-    allowed: bool,
     /// Monotonic seconds (as bits) until which a peer that failed a forward
     /// here is left to Python, whose breaker then decides.
     held_until: AtomicU64,
+    /// When its server last answered anything here (monotonic seconds, as
+    /// bits): PeerFacts.heard_at, for the forwards made here.
+    heard_at: AtomicU64,
+    /// A health probe is asking it.
+    probing: AtomicBool,
+}
+
+impl Link {
+    fn new(channel: Arc<client::Channel>) -> Link {
+        Link {
+            channel,
+            held_until: AtomicU64::new(0),
+            heard_at: AtomicU64::new(0), // 0.0: never (the clock is positive)
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    fn hold(&self) {
+        self.held_until
+            .store((monotonic() + HOLD_S).to_bits(), Ordering::Relaxed);
+    }
+
+    fn held(&self) -> bool {
+        f64::from_bits(self.held_until.load(Ordering::Relaxed)) > monotonic()
+    }
+
+    fn heard(&self) {
+        // Non-negative f64s order as their bits do.
+        self.heard_at
+            .fetch_max(monotonic().to_bits(), Ordering::Relaxed);
+    }
+
+    fn heard_since(&self, when: f64) -> bool {
+        f64::from_bits(self.heard_at.load(Ordering::Relaxed)) >= when
+    }
+
+    /// Asks the peer's server for a health check in the background, unless
+    /// one is asking (Breaker._start_probe): any answer but UNAVAILABLE
+    /// and DEADLINE_EXCEEDED is a sign of life (GrpcPeerClient.answers).
+    fn probe(self: &Arc<Self>, wait: f64) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let link = self.clone();
+        tokio::spawn(async move {
+            let outcome = link
+                .channel
+                .clone()
+                .call(
+                    "/grpc.health.v1.Health/Check".to_string(),
+                    Bytes::new(),
+                    Vec::new(),
+                    Some(Duration::from_secs_f64(wait)),
+                )
+                .await;
+            if !silent(outcome.code) {
+                link.heard();
+            }
+            link.probing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// No answer from the peer's server: it is down, cut off or frozen.
+fn silent(code: u32) -> bool {
+    code == crate::grpc::UNAVAILABLE || code == crate::grpc::DEADLINE_EXCEEDED
+}
+
+pub struct Peer {
+    pub addr: String,
+    link: Arc<Link>,
+    /// Its breaker is closed in Python.
+    allowed: bool,
 }
 
 /// What Python last pushed.
@@ -90,6 +167,12 @@ pub struct Forwarding {
 /// How long a peer that failed a forward is left to Python (the breaker's
 /// first open period).
 const HOLD_S: f64 = 1.0;
+// Breaker's constants (peering/breaker.py), for the same waits.
+const PROBE_S: f64 = 1.0;
+const ALIVE_AFTER_S: f64 = 0.1;
+const PATIENCE_MARGIN_S: f64 = 0.1;
+const PATIENCE_MARGIN_SHARE: f64 = 0.05;
+const REPROBE_S: f64 = PROBE_S * 1.5;
 
 /// A forward's reply, as the owner sent it.
 #[derive(Clone)]
@@ -110,8 +193,12 @@ type Flights = Mutex<HashMap<(Box<[u8]>, Box<[u8]>), Flight>>;
 pub struct Forwarder {
     config: RwLock<Option<Arc<Forwarding>>>,
     /// Kept across pushes, so a ring change keeps the peers' connections.
-    channels: Mutex<HashMap<String, Arc<client::Channel>>>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
     flights: Flights,
+    /// Peers a forward found silent (no answer, no sign of life by its
+    /// first wait), not yet taken by Python.
+    silenced: Mutex<Vec<String>>,
+    any_silenced: AtomicBool,
     /// Gets answered by a forward made here, for the worker's metrics.
     pub answered: AtomicU64,
 }
@@ -136,40 +223,31 @@ impl Forwarder {
         share: f64,
         max_message: usize,
     ) {
-        let mut channels = self.channels.lock().unwrap();
-        channels.retain(|addr, channel| {
+        let mut links = self.links.lock().unwrap();
+        links.retain(|addr, link| {
             let keep = addrs.contains(addr);
             if !keep {
-                channel.close();
+                link.channel.close();
             }
             keep
         });
-        let old = self.config.read().unwrap().clone();
         let peers = addrs
             .iter()
             .enumerate()
-            .map(|(i, addr)| {
-                let channel = channels
+            .map(|(i, addr)| Peer {
+                addr: addr.clone(),
+                link: links
                     .entry(addr.clone())
                     .or_insert_with(|| {
-                        Arc::new(client::Channel::new(
+                        Arc::new(Link::new(Arc::new(client::Channel::new(
                             addr.clone(),
                             addr.clone(),
                             None,
                             max_message,
-                        ))
+                        ))))
                     })
-                    .clone();
-                let held = old
-                    .as_ref()
-                    .and_then(|o| o.peers.iter().find(|p| &p.addr == addr))
-                    .map_or(0, |p| p.held_until.load(Ordering::Relaxed));
-                Peer {
-                    addr: addr.clone(),
-                    channel,
-                    allowed: allowed.get(i).copied().unwrap_or(false),
-                    held_until: AtomicU64::new(held),
-                }
+                    .clone(),
+                allowed: allowed.get(i).copied().unwrap_or(false),
             })
             .collect();
         *self.config.write().unwrap() = Some(Arc::new(Forwarding {
@@ -187,24 +265,28 @@ impl Forwarder {
     }
 
     /// The peer to forward `key` to, where the engine may: None when we own
-    /// it, its owner's breaker is open (or it failed here lately), no ring
-    /// was pushed, or the caller's time (`remaining`) is short enough that
-    /// Python would wait out a live owner past its first wait (Breaker's
-    /// patience, with its probes, is Python's alone).
-    pub fn route(&self, key: &[u8], remaining: Option<f64>) -> Option<Route> {
+    /// it, its owner's breaker is open (or it failed here lately), or no
+    /// ring was pushed.
+    pub fn route(&self, key: &[u8]) -> Option<Route> {
         let config = self.config.read().unwrap().clone()?;
-        if remaining.is_some_and(|r| r * config.share < config.peer_timeout) {
-            return None;
-        }
         let peer = config.ring.owner(key)?;
         if Some(peer) == config.me {
             return None;
         }
         let p = config.peers.get(peer as usize)?;
-        if !p.allowed || f64::from_bits(p.held_until.load(Ordering::Relaxed)) > monotonic() {
+        if !p.allowed || p.link.held() {
             return None;
         }
         Some(Route { config, peer })
+    }
+
+    /// The peers forwards found silent since the last call (Python opens
+    /// their breakers). Cheap when there are none: Python asks per batch.
+    pub fn take_silenced(&self) -> Vec<String> {
+        if !self.any_silenced.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.silenced.lock().unwrap())
     }
 
     /// The owner's answer to a forwarded Get of `payload` (the caller's
@@ -262,10 +344,7 @@ impl Forwarder {
     ) -> Option<Answer> {
         let config = &route.config;
         let peer = &config.peers[route.peer as usize];
-        // As Breaker._wait: part of the caller's time, at most the peer timeout.
-        let wait = remaining.map_or(config.peer_timeout, |r| {
-            (r * config.share).min(config.peer_timeout)
-        });
+        let (first, patience) = waits(config.peer_timeout, config.share, remaining);
         let mut metadata: Metadata = vec![(
             "x-groupcache-forwarded".to_string(),
             Value::Text("1".to_string()),
@@ -278,16 +357,26 @@ impl Forwarder {
             }
             None => None,
         };
-        let outcome = peer
-            .channel
-            .clone()
-            .call(
-                "/groupcachepb.GroupCache/Get".to_string(),
-                payload,
-                metadata,
-                Some(Duration::from_secs_f64(wait.max(0.001))),
-            )
-            .await;
+        let started = monotonic();
+        let call = peer.link.channel.clone().call(
+            "/groupcachepb.GroupCache/Get".to_string(),
+            payload,
+            metadata,
+            Some(Duration::from_secs_f64(patience.max(0.001))),
+        );
+        let probe_wait = config.peer_timeout.min(PROBE_S);
+        let Some(outcome) = patiently(&peer.link, call, started, first, patience, probe_wait).await
+        else {
+            // No answer and no sign of life by the first wait: Python's
+            // breaker opens, and this caller loads locally.
+            peer.link.hold();
+            self.silenced.lock().unwrap().push(peer.addr.clone());
+            self.any_silenced.store(true, Ordering::Release);
+            return None;
+        };
+        if !silent(outcome.code) {
+            peer.link.heard();
+        }
         // An owner proves its values; its errors carry no proof, and are
         // taken as the peer client takes them (status.from_rpc_error).
         if outcome.code == crate::grpc::NOT_FOUND {
@@ -306,12 +395,9 @@ impl Forwarder {
             (Some(p), Some(n)) => p.replied(n, &outcome.trailers),
             _ => true,
         };
-        let silent = outcome.code == crate::grpc::UNAVAILABLE
-            || outcome.code == crate::grpc::DEADLINE_EXCEEDED;
-        if silent || (outcome.code == crate::grpc::OK && !proven) {
+        if silent(outcome.code) || (outcome.code == crate::grpc::OK && !proven) {
             // Python's breaker (or its refusal of the value) decides from here.
-            peer.held_until
-                .store((monotonic() + HOLD_S).to_bits(), Ordering::Relaxed);
+            peer.link.hold();
         }
         if outcome.code != crate::grpc::OK || !proven {
             return None;
@@ -325,6 +411,64 @@ impl Forwarder {
             ttl_ms,
             missing: None,
         })
+    }
+}
+
+/// Breaker._wait and Breaker._patience: (how long a forward waits for an
+/// owner, how long it waits for one whose server is alive), in seconds,
+/// for a caller with `remaining` seconds (None: no deadline).
+fn waits(peer_timeout: f64, share: f64, remaining: Option<f64>) -> (f64, f64) {
+    match remaining {
+        None => (peer_timeout, peer_timeout),
+        Some(r) => {
+            let first = (r * share).min(peer_timeout);
+            let margin = PATIENCE_MARGIN_S.min(r * PATIENCE_MARGIN_SHARE);
+            (first, first.max(peer_timeout.min(r - margin)))
+        }
+    }
+}
+
+/// Breaker._patiently: the call's outcome, or None when the owner's server
+/// was silent. The call ends by `patience` on its own deadline. Past
+/// `first` it is waited for only while the owner answers anything (a
+/// health probe, started at ALIVE_AFTER_S unless the owner answered since
+/// the call was sent, asks, and asks again every REPROBE_S).
+async fn patiently(
+    link: &Arc<Link>,
+    call: impl Future<Output = client::Outcome>,
+    started: f64,
+    first: f64,
+    patience: f64,
+    probe_wait: f64,
+) -> Option<client::Outcome> {
+    if patience <= first {
+        return Some(call.await); // nothing to wait out past `first`
+    }
+    tokio::pin!(call);
+    let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
+    if let Ok(outcome) = tokio::time::timeout(secs(ALIVE_AFTER_S.min(first / 2.0)), &mut call).await
+    {
+        return Some(outcome);
+    }
+    if !link.heard_since(started) {
+        link.probe(probe_wait);
+    }
+    let left = started + first - monotonic();
+    if let Ok(outcome) = tokio::time::timeout(secs(left), &mut call).await {
+        return Some(outcome);
+    }
+    if !link.heard_since(started) {
+        return None;
+    }
+    // Alive: worth the wait while it stays so.
+    loop {
+        let asked = monotonic();
+        link.probe(probe_wait);
+        match tokio::time::timeout(secs(REPROBE_S), &mut call).await {
+            Ok(outcome) => return Some(outcome),
+            Err(_) if !link.heard_since(asked) => return None,
+            Err(_) => {}
+        }
     }
 }
 
@@ -415,34 +559,95 @@ mod tests {
     #[test]
     fn only_keys_of_other_members_with_a_closed_breaker_are_routed_here() {
         let f = Forwarder::default();
-        assert!(f.route(b"k", None).is_none(), "no ring pushed");
+        assert!(f.route(b"k").is_none(), "no ring pushed");
         let addrs = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
         // We are member 0; `points` place every key on one member.
         let push = |points: Vec<(u32, u16)>, allowed: Vec<bool>| {
             f.configure(points, addrs.clone(), Some(0), allowed, 1.0, 0.5, 1 << 20)
         };
         push(vec![(1, 1), (2, 1)], vec![false, true]);
-        assert_eq!(f.route(b"k", None).map(|r| r.peer), Some(1));
-        assert!(
-            f.route(b"k", Some(1.0)).is_none(),
-            "a deadline Python's patience covers"
-        );
-        assert!(f.route(b"k", Some(2.0)).is_some());
+        assert_eq!(f.route(b"k").map(|r| r.peer), Some(1));
         push(vec![(1, 0)], vec![false, true]);
-        assert!(f.route(b"k", None).is_none(), "our own key");
+        assert!(f.route(b"k").is_none(), "our own key");
         push(vec![(1, 1)], vec![true, false]);
-        assert!(f.route(b"k", None).is_none(), "its breaker is open");
+        assert!(f.route(b"k").is_none(), "its breaker is open");
         push(vec![(1, 1)], vec![false, true]);
         let config = f.config.read().unwrap().clone().unwrap();
-        config.peers[1]
-            .held_until
-            .store((monotonic() + 60.0).to_bits(), Ordering::Relaxed);
-        assert!(f.route(b"k", None).is_none(), "it failed a forward lately");
+        config.peers[1].link.hold();
+        assert!(f.route(b"k").is_none(), "it failed a forward lately");
         // A push keeps what was learned of a peer, and its connection.
         push(vec![(1, 1)], vec![false, true]);
-        assert!(f.route(b"k", None).is_none());
+        assert!(f.route(b"k").is_none());
         f.off();
-        assert!(f.route(b"k", None).is_none());
+        assert!(f.route(b"k").is_none());
+    }
+
+    #[test]
+    fn waits_are_the_breaker_s() {
+        // Breaker._wait and _patience (peer timeout 5 s, share 0.5).
+        assert_eq!(waits(5.0, 0.5, None), (5.0, 5.0));
+        assert_eq!(waits(5.0, 0.5, Some(2.0)), (1.0, 1.9));
+        assert_eq!(waits(5.0, 0.5, Some(30.0)), (5.0, 5.0));
+        let (first, patience) = waits(5.0, 0.5, Some(1.0));
+        assert_eq!(first, 0.5);
+        assert!((patience - 0.95).abs() < 1e-9);
+        assert_eq!(waits(1.0, 0.5, Some(0.0)), (0.0, 0.0));
+    }
+
+    /// A link to a port nothing listens on: its probes are never answered.
+    fn deaf_link() -> Arc<Link> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        Arc::new(Link::new(Arc::new(client::Channel::new(
+            addr.clone(),
+            addr,
+            None,
+            1 << 20,
+        ))))
+    }
+
+    fn answered() -> client::Outcome {
+        client::Outcome::fail(crate::grpc::OK, "")
+    }
+
+    #[tokio::test]
+    async fn a_silent_owner_is_left_at_the_first_wait_a_live_one_waited_for() {
+        let link = deaf_link();
+        // Silent: nothing heard, the probe fails: left at `first`.
+        let t = std::time::Instant::now();
+        let never = std::future::pending::<client::Outcome>();
+        assert!(patiently(&link, never, monotonic(), 0.3, 2.0, 0.1)
+            .await
+            .is_none());
+        let took = t.elapsed().as_secs_f64();
+        assert!((0.29..1.0).contains(&took), "{took}");
+        // Alive: heard from after the call was sent, so waited past `first`.
+        let late = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            answered()
+        };
+        let started = monotonic();
+        link.heard();
+        let outcome = patiently(&link, late, started, 0.2, 2.0, 0.1).await;
+        assert_eq!(outcome.map(|o| o.code), Some(crate::grpc::OK));
+        // No patience past `first`: the call alone decides.
+        let quick = async { answered() };
+        assert!(patiently(&link, quick, monotonic(), 1.0, 1.0, 0.1)
+            .await
+            .is_some());
+    }
+
+    #[test]
+    fn silenced_peers_are_taken_once() {
+        let f = Forwarder::default();
+        assert!(f.take_silenced().is_empty());
+        f.silenced.lock().unwrap().push("127.0.0.1:1".into());
+        f.any_silenced.store(true, Ordering::Release);
+        assert_eq!(f.take_silenced(), vec!["127.0.0.1:1".to_string()]);
+        assert!(f.take_silenced().is_empty());
     }
 
     #[test]

@@ -625,12 +625,7 @@ impl Hits {
     /// have answered had the key been held, of a group whose rules Python
     /// pushed, with no rate limit, for a key another member owns whose
     /// breaker is closed. None: Python serves it.
-    pub fn forward_plan(
-        &self,
-        payload: &[u8],
-        call: &CallFacts<'_>,
-        call_remaining: Option<f64>,
-    ) -> Option<ForwardPlan> {
+    pub fn forward_plan(&self, payload: &[u8], call: &CallFacts<'_>) -> Option<ForwardPlan> {
         if call.forwarded || self.limit.read().unwrap().is_some() {
             return None;
         }
@@ -639,7 +634,7 @@ impl Hits {
             group, key, found, ..
         } = self.admitted(payload, call)?;
         found.forwarding.read().unwrap().as_ref()?;
-        let route = self.forwarder.route(key, call_remaining)?;
+        let route = self.forwarder.route(key)?;
         Some(ForwardPlan {
             group: found,
             names: (group.into(), key.into()),

@@ -319,6 +319,15 @@ impl Front {
             .map_or(0, |h| h.forwarder.answered.load(Ordering::Relaxed))
     }
 
+    /// Peers the engine's forwards found silent since the last call (no
+    /// answer, and no sign of life by a forward's first wait): Python
+    /// opens their breakers before it serves the calls handed over.
+    fn forwards_silenced(&self) -> Vec<String> {
+        self.shared
+            .hits()
+            .map_or_else(Vec::new, |h| h.forwarder.take_silenced())
+    }
+
     /// Gets the engine answered itself since the front was made.
     fn hits_answered(&self) -> u64 {
         self.shared

@@ -545,7 +545,7 @@ async fn serve_call(
             if let Some((data, trailers)) = hits.answer(&payload, &call) {
                 return Ok(success(data, &trailers));
             }
-            if let Some(plan) = hits.forward_plan(&payload, &call, remaining) {
+            if let Some(plan) = hits.forward_plan(&payload, &call) {
                 let started = std::time::Instant::now();
                 // Boxed, as the call to Python below: the hit path's task stays small.
                 match Box::pin(hits.forward(plan, payload.clone(), remaining)).await {

@@ -12,8 +12,11 @@ import asyncio
 import grpc
 import pytest
 
+from appliance.node.serving import Node
 from appliance.pb import groupcache_pb2
-from support.nodes import CountingOrigin, cluster
+from appliance.rules.peers import PeerFacts
+from support.fake_peers import FrozenPeer
+from support.nodes import CountingOrigin, cluster, engine_serving, settings
 
 # The conftest's `backend` fixture, on the engine only (it skips where the engine is not built).
 pytestmark = [pytest.mark.parametrize("backend", ["engine"], indirect=True), pytest.mark.usefixtures("backend")]
@@ -22,8 +25,6 @@ DATA = {f"k{i}": f"v{i}".encode() for i in range(200)}
 TOKEN = "a-cluster-token-for-the-tests-0123456789"
 
 
-# Long enough that Python would not wait out a live owner past its first
-# wait (Breaker's patience, which stays Python's): the engine may forward.
 LONG = 30.0
 
 
@@ -143,16 +144,44 @@ async def test_forwards_are_made_here_with_the_default_peek_window_too():
         assert forwards(a) == made + 5
 
 
-async def test_a_short_deadline_leaves_the_forward_to_python_s_patience():
-    """Under a deadline shorter than twice the peer timeout, Python waits
-    out a live owner past its first wait, with probes (Breaker): the engine
-    leaves such Gets to it."""
+async def test_a_live_owner_is_waited_for_past_the_first_wait_within_the_caller_s_deadline():
+    """A caller's 2 s deadline (first wait 1 s, patience 1.9 s): the owner's
+    1.5 s load is waited out by the engine, because its server answers the
+    health probe, so the key is loaded once, by its owner."""
     origin = CountingOrigin(DATA)
     async with cluster(2, origin, hot_cache_mirror=0.0, peek_window=0.0, peer_timeout="5s") as (a, b):
         await told_the_ring(a, b)
-        theirs = [k for k in DATA if a.peers.owner(k) == b.addr][-5:]
-        made = forwards(a)
-        assert [await get(a.addr, k, timeout=9.0) for k in theirs] == [DATA[k] for k in theirs]
-        assert forwards(a) == made
-        assert [await get(a.addr, k, timeout=10.0) for k in theirs] == [DATA[k] for k in theirs]
-        assert forwards(a) == made + 5
+        key = [k for k in DATA if a.peers.owner(k) == b.addr][-1]
+        made, loads = forwards(a), len(origin.calls)
+        origin.delay = 1.5
+        assert await get(a.addr, key, timeout=2.0) == DATA[key]
+        assert forwards(a) == made + 1  # the engine's forward answered it
+        assert origin.calls[loads:] == [key]  # once, by b
+        assert a.peers.facts(b.addr).read_allowed()
+
+
+async def test_a_silent_owner_is_left_at_the_first_wait_and_its_breaker_opens(monkeypatch):
+    """An owner that takes the call and answers nothing, not even a health
+    probe: the engine leaves it at the first wait (1 s of a 2 s deadline)
+    and tells Python, whose breaker opens, so the key is loaded here, in
+    time, without asking the owner again."""
+    monkeypatch.setattr(PeerFacts, "DOWN_MIN_S", 60.0)  # no background probe closes it again
+    peer = FrozenPeer()
+    await peer.server.start()
+    origin = CountingOrigin(DATA)
+    node = Node(settings(hot_cache_mirror=0.0, peek_window=0.0, peer_timeout="5s"), {"g": origin}, port=0)
+    try:
+        await node.start()
+        node.set_peers([node.addr, peer.addr], 1)
+        await engine_serving(node)
+        key = next(k for k in DATA if node.peers.owner(k) == peer.addr)
+        assert node.peers.facts(peer.addr).read_allowed()
+        assert await get(node.addr, key, timeout=2.0) == DATA[key]
+        assert key in origin.calls  # loaded here
+        assert peer.calls.count("/groupcachepb.GroupCache/Get") == 1, peer.calls  # asked once, by the engine
+        assert "/grpc.health.v1.Health/Check" in peer.calls  # the engine's probe
+        assert not node.peers.facts(peer.addr).read_allowed()
+        assert forwards(node) == 0
+    finally:
+        await node.stop(0)
+        await peer.server.stop(0)

@@ -3,22 +3,25 @@ live owner loading the key, then freezes: the forwarder asks again while it
 waits, leaves the owner once it stops answering, and loads the key itself
 within the client's deadline (peer failure is not client failure).
 
-The waiting is the peer client's (peering/breaker.py), the same on
-every server backend: one run, on the default one.
+The waiting is the peer client's (peering/breaker.py) on grpcio, and
+the engine's own forward (engine/src/forward.rs) on the engine: both run.
 """
 
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from appliance.node.serving import Node
 from appliance.pb import groupcache_pb2, groupcache_pb2_grpc
 from appliance.rules.peers import PeerFacts
 from support.fake_peers import FrozenPeer
-from support.nodes import CountingOrigin, settings
+from support.nodes import CountingOrigin, engine_serving, settings
 
 DEADLINE = 8.0  # half: 4 s; waiting out a live owner: up to 7.9 s
 ORIGIN_S = 1.0  # a local load after 7.9 s would miss the deadline
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 async def test_an_owner_that_freezes_while_waited_for_is_left_in_time(monkeypatch):
@@ -32,6 +35,7 @@ async def test_an_owner_that_freezes_while_waited_for_is_left_in_time(monkeypatc
         await node.start()
         node.set_peers([node.addr, peer.addr], 1)
         key = next(k for k in data if node.peers.owner(k) == peer.addr)
+        await engine_serving(node)
         # A client's Get with its deadline: left once the owner went silent,
         # not at the end of the wait, the local load (1 s) fits in it.
         async with grpc.aio.insecure_channel(node.addr) as channel:

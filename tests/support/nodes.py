@@ -92,6 +92,16 @@ async def open_peer_streams(nodes, group: str) -> None:
                 pass
 
 
+async def engine_serving(node, timeout: float = 5.0) -> None:
+    """Until the node's engine answers hits and forwards itself (it opens
+    at its first collect after the ring); at once on grpcio."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not getattr(node.transport, "hits_open", True):
+        assert loop.time() < deadline, "the engine never opened its hit path"
+        await asyncio.sleep(0.01)
+
+
 def client_gets(nodes, group: str = "g") -> int:
     """Gets the nodes received from clients (forwards between them excluded),
     counted as each arrives, before any waits on a load."""

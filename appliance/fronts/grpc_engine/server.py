@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,8 @@ class EngineTransport(BaseTransport):
         self._tasks: dict[int, asyncio.Task] = {}  # call id -> task of a call not answered inline
         self._stopping = False
         self._forwarding_told: tuple | None = None
+        self._forwards = False  # the engine forwards misses itself
+        self.hits_open = False  # the engine answers hits (and forwards) once there is a ring
         self._fallback: grpc.aio.Server | None = None
         self._fallback_dir: str | None = None
         self._peer_service: PeerService | None = None
@@ -175,7 +178,7 @@ class EngineTransport(BaseTransport):
                 return
         tokens, identities = rules.auth.grants("read")
         front.set_access(rules.reads_open, tokens, identities)
-        forwards = self._forwards_here()
+        forwards = self._forwards = self._forwards_here()
         for name, group in rules.groups.items():
             served = front.serve_group(name, group.main, group.hot, group.owned_hot.every)
             group.collect = functools.partial(self._collect, group, served, {"hot": frozenset()})
@@ -218,6 +221,14 @@ class EngineTransport(BaseTransport):
         points = [(h, index[n]) for h, n in ring.points()]
         me = index.get(peers.self_addr)
         front.set_forwarding(points, nodes, me, allowed, float(self.settings.node.peer_timeout), Breaker.SHARE)
+
+    def _silenced(self, rules: NodeRules, addrs: list[str]) -> None:
+        now = time.monotonic()
+        for addr in addrs:
+            facts = rules.peers.facts(addr)
+            if facts is not None and facts.read_allowed():
+                facts.silenced(now)
+                log.warning("%s does not answer: loading its keys locally until it does", addr)
 
     async def _start_fallback(self, rules: NodeRules, front: Any) -> None:
         # mkdtemp makes the directory 0700: only this user reaches the socket.
@@ -329,6 +340,9 @@ class EngineTransport(BaseTransport):
             return
         rules = self.rules
         assert rules is not None  # bound in start(), before the front takes calls
+        if self._forwards and (silenced := front.forwards_silenced()):
+            # Before the calls those forwards handed over: they load locally.
+            self._silenced(rules, silenced)
         limiter = self.limiter
         limit = self.message_limit
         spawn = self._spawn if later is None else (lambda call_id, coro: later.append((call_id, coro)))
@@ -482,7 +496,8 @@ class EngineTransport(BaseTransport):
             # A bug here must not stop the counters for good: log it, go on.
             try:
                 # Hits wait for a ring, as NodeRules.hit does (else: no ring yet).
-                front.open_hits(rules.peers.revision >= 0)
+                self.hits_open = rules.peers.revision >= 0
+                front.open_hits(self.hits_open)
                 # Peers' forwards: checked by their proofs once we know the
                 # address we serve (NodeRules.from_peer), else on the marker.
                 proofs = rules.auth.proofs
