@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 
 import grpc
 import grpc.aio
 
 from ..pb import cache_pb2
-from ..peering.engine_channel import AioEngineChannel
+from ..peering.engine_channel import AioEngineChannel, failure
 from ..protocol.status import client_error
 from . import routing
 from .common import ClientBase
 from .follow import STOP
+from .routing import GET, GET_VALUE
 
 log = logging.getLogger("appliance.client")
 
@@ -109,9 +111,29 @@ class AsyncClient(ClientBase):
 
     async def get(self, group: str, key: str, *, timeout: float | None = None) -> bytes:
         """As Client.get."""
+        if self.engine and type(group) is str and type(key) is str:
+            deadline = self._deadline(timeout)
+            await self._ready()
+            return await self._get_value(group, key, deadline)
         op, deadline = routing.get_op(group, key), self._deadline(timeout)
         await self._ready()
         return await self._routed(op, deadline)
+
+    async def _get_value(self, group: str, key: str, deadline: float) -> bytes:
+        """As Client._get_value: a first try with no message objects."""
+        router = self._router
+        peer = router.first_get(group, key)
+        if peer is None:  # no ring, or this Get listens for a hint (first_get took its turn)
+            return await self._routed(routing.get_op(group, key), deadline, listen=router.hot is not None)
+        got = await self._pool.methods(peer)[GET_VALUE](
+            group, key, self._metadata_for(peer, GET), deadline - time.monotonic()
+        )
+        if got[0] == 0:
+            return got[2]
+        tries = router.attempts(key, deadline)
+        if tries.after(peer, client_error(failure(got))):
+            await self._refresh_quietly()
+        return await self._routed(routing.get_op(group, key), deadline, tries)
 
     async def get_many(self, group: str, keys: Iterable[str], *, timeout: float | None = None) -> dict[str, bytes]:
         """As Client.get_many; the calls to the owners run concurrently."""
@@ -141,11 +163,15 @@ class AsyncClient(ClientBase):
         await self._ready()
         return await self._routed(op, deadline)
 
-    async def _routed(self, op: routing.Op, deadline: float):
+    async def _routed(
+        self, op: routing.Op, deadline: float, tries: routing.Attempts | None = None, listen: bool | None = None
+    ):
         router = self._router
-        tries = router.plan(op, deadline)
-        # A Get's trailers may carry its owner's hot-key hint.
-        listen = router.listens(op)
+        # As Client._routed.
+        if listen is None:
+            listen = tries is None and router.listens(op)
+        if tries is None:
+            tries = router.plan(op, deadline)
         for peer, left in tries:
             try:
                 call = self._pool.methods(peer)[op.method.path](

@@ -13,7 +13,7 @@ from ..peering.peer_client import PEER_CHANNEL_OPTIONS
 from ..rules.peer_proofs import READ, WRITE, PeerProofs
 from ..tls import files_of
 from .follow import EtcdMembers, Follower
-from .routing import METHODS, REMOVE, SET, HotKeys, Method, Pool, Router, checked_str, deadline_of, peer_list
+from .routing import GET_VALUE, METHODS, REMOVE, SET, HotKeys, Method, Pool, Router, checked_str, deadline_of, peer_list
 
 if TYPE_CHECKING:
     import grpc
@@ -226,4 +226,6 @@ class ClientBase:
             )
             for m in METHODS
         }
+        if hasattr(channel, "get_value"):  # the engine's blocking channel
+            methods[GET_VALUE] = channel.get_value
         return channel, methods

@@ -34,6 +34,11 @@ class Method:
     response: type[Message]
 
 
+# A Pool's methods entry on the engine's channels: get_value(group, key,
+# metadata, timeout) -> the value (bytes) or the failed outcome (code,
+# message, reply, trailers); on the asyncio channel a future of the
+# outcome, with the value as its reply.
+GET_VALUE = "value of a Get"
 GET = Method("/groupcachepb.GroupCache/Get", groupcache_pb2.GetRequest, groupcache_pb2.GetResponse)
 GET_MANY = Method("/appliance.cache.Cache/GetMany", cache_pb2.GetManyRequest, cache_pb2.GetManyResponse)
 SET = Method("/appliance.cache.Cache/Set", cache_pb2.SetRequest, cache_pb2.ChangeResponse)
@@ -167,6 +172,19 @@ class Router:
         owner says it on every reply while the key stays hot)."""
         return self.hot is not None and op.method is GET and next(self._listen_turn) % LISTEN_EVERY == 0
 
+    def first_get(self, group: str, key: str) -> str | None:
+        """Where a Get's first try goes when its trailers need no reading
+        (a hot key's next node in turn, else its owner), counting the read
+        as plan() does; None: it takes plan() (no ring, or this Get listens
+        for a hot-key hint)."""
+        ring, hot = self.ring, self.hot
+        if hot is None:
+            return ring.owner(key)
+        if next(self._listen_turn) % LISTEN_EVERY == 0:
+            return None
+        first = hot.first_try(ring, f"{group}\0{key}")
+        return first if first in ring else ring.owner(key)
+
     def heard(self, op: Op, trailing: Iterable[tuple[str, Any]] | None) -> None:
         """A Get's reply metadata: note the owner's hot-key hint."""
         if self.hot is None or op.method is not GET or not trailing:
@@ -286,6 +304,12 @@ class Attempts:
                 return
             self._tried.add(peer)
             yield peer, left
+
+    def after(self, peer: str, error: errors.CacheError) -> bool:
+        """As failed(), for a first try made without these tries (Router.first_get)."""
+        self._tried.add(peer)
+        self._first = None
+        return self.failed(error)
 
     def failed(self, error: errors.CacheError) -> bool:
         """After a failed try: raises what the owner answered on purpose

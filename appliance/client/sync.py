@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
 from ..pb import cache_pb2
-from ..peering.engine_channel import EngineChannel
+from ..peering.engine_channel import EngineChannel, failure
 from ..protocol.status import client_error
 from . import routing
 from .common import ClientBase
 from .follow import STOP
+from .routing import GET, GET_VALUE
 
 log = logging.getLogger("appliance.client")
 
@@ -70,7 +72,27 @@ class Client(ClientBase):
     def get(self, group: str, key: str, *, timeout: float | None = None) -> bytes:
         """The value; raises KeyNotFound, GroupNotFound, InvalidRequest,
         OriginError, or PeerError when no node could answer in time."""
+        if self.engine and type(group) is str and type(key) is str:
+            return self._get_value(group, key, self._deadline(timeout))
         return self._routed(routing.get_op(group, key), self._deadline(timeout))
+
+    def _get_value(self, group: str, key: str, deadline: float) -> bytes:
+        """A Get on the engine's client whose first try builds no message
+        object: Rust encodes the request and takes the value. A failed try
+        goes on as _routed() would go on after it."""
+        router = self._router
+        peer = router.first_get(group, key)
+        if peer is None:  # no ring, or this Get listens for a hint (first_get took its turn)
+            return self._routed(routing.get_op(group, key), deadline, listen=router.hot is not None)
+        got = self._pool.methods(peer)[GET_VALUE](
+            group, key, self._metadata_for(peer, GET), deadline - time.monotonic()
+        )
+        if type(got) is bytes:
+            return got
+        tries = router.attempts(key, deadline)
+        if tries.after(peer, client_error(failure(got))):
+            self._refresh_quietly()
+        return self._routed(routing.get_op(group, key), deadline, tries)
 
     def get_many(self, group: str, keys: Iterable[str], *, timeout: float | None = None) -> dict[str, bytes]:
         """{key: value} of the keys that exist. Keys go to their owners in one
@@ -89,11 +111,16 @@ class Client(ClientBase):
         """Drop key everywhere; the ChangeResponse lists each peer's answer."""
         return self._routed(routing.remove_op(group, key), self._deadline(timeout))
 
-    def _routed(self, op: routing.Op, deadline: float):
+    def _routed(
+        self, op: routing.Op, deadline: float, tries: routing.Attempts | None = None, listen: bool | None = None
+    ):
         router = self._router
-        tries = router.plan(op, deadline)
-        # A Get's trailers may carry its owner's hot-key hint.
-        listen = router.listens(op)
+        # A Get's trailers may carry its owner's hot-key hint (`listen` None:
+        # the router's turn; never after a first try made without `tries`).
+        if listen is None:
+            listen = tries is None and router.listens(op)
+        if tries is None:
+            tries = router.plan(op, deadline)
         for peer, left in tries:
             try:
                 method: Any = self._pool.methods(peer)[op.method.path]  # a grpc UnaryUnaryMultiCallable

@@ -118,6 +118,9 @@ class EngineChannel:
         """`server_name`: the name the node's certificate must carry (default: the host dialled)."""
         self.target = target
         self._native = _native(target, blocking=True, max_message=max_message, tls=tls, server_name=server_name)
+        # A Get with no message objects: (group, key, metadata, timeout) ->
+        # the value (bytes), or the failed outcome (code, message, reply, trailers).
+        self.get_value = self._native.get
 
     def unary_unary(self, path: str, request_serializer=None, response_deserializer=None, **_) -> _Unary:
         return _Unary(self._native, path, request_serializer or _identity, response_deserializer or _identity)
@@ -185,6 +188,14 @@ class AioEngineChannel:
         return _AioUnary(self, path, request_serializer or _identity, response_deserializer or _identity)
 
     def _start(self, path: str, payload: bytes, metadata, timeout: float | None) -> asyncio.Future:
+        return self._begin(self._native.start, path, payload, metadata, timeout)
+
+    def get_value(self, group: str, key: str, metadata, timeout: float | None) -> asyncio.Future:
+        """A Get with no message objects: a future of its outcome (code,
+        message, the value, trailers)."""
+        return self._begin(self._native.start_get, group, key, metadata, timeout)
+
+    def _begin(self, start: Callable, *args) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         if self._closed:  # as grpc.aio's closed channel: no call starts
             future = loop.create_future()
@@ -196,7 +207,7 @@ class AioEngineChannel:
         future = loop.create_future()
         self._pending[token] = future
         try:
-            self._native.start(self._done, token, path, payload, metadata, timeout)
+            start(self._done, token, *args)
         except BaseException:
             del self._pending[token]
             raise

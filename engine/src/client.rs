@@ -481,9 +481,84 @@ impl Completions {
     }
 }
 
+/// GroupCache/Get, the call `Channel.get` makes for Python's clients.
+pub const GET_PATH: &str = "/groupcachepb.GroupCache/Get";
+
+/// A GetRequest (`string group = 1; string key = 2;`), as protobuf
+/// serializes it (an empty field is left out).
+pub fn get_request(group: &str, key: &str) -> Bytes {
+    let mut out = Vec::with_capacity(group.len() + key.len() + 12);
+    for (tag, field) in [(0x0a, group), (0x12, key)] {
+        if !field.is_empty() {
+            out.push(tag);
+            crate::hits::put_varint(&mut out, field.len() as u64);
+            out.extend_from_slice(field.as_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+/// A GetResponse's value (`bytes value = 1;`: the last copy wins, other
+/// fields are skipped, none is empty); None where protobuf's parser
+/// would refuse the message.
+pub fn get_response_value(buf: &[u8]) -> Option<&[u8]> {
+    let (mut value, mut at): (&[u8], usize) = (b"", 0);
+    while at < buf.len() {
+        let tag = crate::hits::varint(buf, &mut at)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        if field == 0 || (field == 1 && wire != 2) {
+            return None;
+        }
+        match wire {
+            0 => {
+                crate::hits::varint(buf, &mut at)?;
+            }
+            1 | 5 => {
+                at = at
+                    .checked_add(if wire == 1 { 8 } else { 4 })
+                    .filter(|&e| e <= buf.len())?;
+            }
+            2 => {
+                let len = usize::try_from(crate::hits::varint(buf, &mut at)?).ok()?;
+                let end = at.checked_add(len).filter(|&e| e <= buf.len())?;
+                if field == 1 {
+                    value = &buf[at..end];
+                }
+                at = end;
+            }
+            _ => return None,
+        }
+    }
+    Some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn get_messages_are_protobuf_s() {
+        // groupcache_pb2.GetRequest(group="g", key="k1").SerializeToString()
+        assert_eq!(&get_request("g", "k1")[..], b"\x0a\x01g\x12\x02k1");
+        assert_eq!(&get_request("", "k")[..], b"\x12\x01k");
+        assert_eq!(get_response_value(b"\x0a\x03abc"), Some(&b"abc"[..]));
+        assert_eq!(get_response_value(b""), Some(&b""[..]));
+        // An unknown double field (a seed node's minute_qps) is skipped.
+        let mut with_qps = b"\x0a\x01v\x11".to_vec();
+        with_qps.extend_from_slice(&[0; 8]);
+        assert_eq!(get_response_value(&with_qps), Some(&b"v"[..]));
+        assert_eq!(get_response_value(b"\x0a\x05ab"), None, "truncated");
+        assert_eq!(
+            get_response_value(b"\x08\x01"),
+            Some(&b""[..]),
+            "a varint field skipped"
+        );
+        assert_eq!(
+            get_response_value(b"\x0d\x01"),
+            None,
+            "field 1 as a fixed32"
+        );
+    }
 
     #[test]
     fn http_statuses_map_as_grpc_does() {

@@ -786,7 +786,7 @@ pub fn encode_get_many(keys: &[&[u8]], entries: &[Entry], now: f64) -> Bytes {
     Bytes::from(out)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8 & 0x7f) | 0x80);
         n >>= 7;
@@ -794,7 +794,7 @@ fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
-fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+pub(crate) fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
         let byte = *buf.get(*at)?;

@@ -596,6 +596,21 @@ fn outcome_to_python<'py>(
     PyTuple::new(py, items)
 }
 
+/// A Get's outcome with the reply's value as its payload (INTERNAL for a
+/// reply that is no GetResponse, as grpc fails to deserialize one).
+fn value_of_get(mut outcome: client::Outcome) -> client::Outcome {
+    if outcome.code != grpc::OK {
+        return outcome;
+    }
+    match client::get_response_value(&outcome.payload) {
+        Some(value) => {
+            outcome.payload = outcome.payload.slice_ref(value);
+            outcome
+        }
+        None => client::Outcome::fail(grpc::INTERNAL, "malformed GetResponse"),
+    }
+}
+
 /// A call's arguments as the client takes them.
 fn call_args(
     payload: &[u8],
@@ -753,6 +768,37 @@ impl Channel {
         Ok(())
     }
 
+    /// Starts a GroupCache/Get (as start() does); its outcome carries the
+    /// reply's value, not the reply: Python builds no message objects.
+    #[pyo3(signature = (completions, token, group, key, metadata=None, timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn start_get(
+        &self,
+        completions: &Completions,
+        token: u64,
+        group: &str,
+        key: &str,
+        metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        if self.blocking {
+            return Err(PyRuntimeError::new_err(
+                "a blocking channel makes calls with get()",
+            ));
+        }
+        let payload = client::get_request(group, key);
+        let (metadata, timeout) = (metadata_from(metadata)?, duration_of(timeout)?);
+        let channel = self.inner.clone();
+        let done = completions.inner.clone();
+        client::runtime().spawn(async move {
+            let outcome = channel
+                .call(client::GET_PATH.to_string(), payload, metadata, timeout)
+                .await;
+            done.push(token, value_of_get(outcome));
+        });
+        Ok(())
+    }
+
     /// One call, blocking this thread (not the GIL) until it ends.
     #[pyo3(signature = (path, payload, metadata=None, timeout=None))]
     fn call<'py>(
@@ -774,6 +820,42 @@ impl Channel {
             client::blocking_runtime().block_on(channel.call(path, payload, metadata, timeout))
         });
         outcome_to_python(py, outcome)
+    }
+
+    /// A GroupCache/Get, blocking as call() does: the value (bytes) when
+    /// it is answered, else the outcome as call() returns it. The request
+    /// is encoded and the value taken here: the client's hot path builds
+    /// no message objects in Python.
+    #[pyo3(signature = (group, key, metadata=None, timeout=None))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        group: &str,
+        key: &str,
+        metadata: Option<Vec<(String, Bound<'_, PyAny>)>>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if !self.blocking {
+            return Err(PyRuntimeError::new_err(
+                "only a blocking channel makes calls with get()",
+            ));
+        }
+        let payload = client::get_request(group, key);
+        let (metadata, timeout) = (metadata_from(metadata)?, duration_of(timeout)?);
+        let channel = self.inner.clone();
+        let outcome = py.allow_threads(move || {
+            client::blocking_runtime().block_on(channel.call(
+                client::GET_PATH.to_string(),
+                payload,
+                metadata,
+                timeout,
+            ))
+        });
+        let outcome = value_of_get(outcome);
+        if outcome.code == grpc::OK {
+            return Ok(PyBytes::new(py, &outcome.payload).into_any());
+        }
+        Ok(outcome_to_python(py, outcome)?.into_any())
     }
 
     /// The connection's state, numbered as grpc.ChannelConnectivity's

@@ -134,6 +134,28 @@ def test_hot_key_spreading_off_and_retries_still_reach_other_nodes():
     assert sorted(tries) == sorted(PEERS)  # the spread first try, then the others
 
 
+def test_a_get_s_first_try_without_message_objects_routes_as_plan_does():
+    """Router.first_get (the engine client's Get): the owner, or a hot key's
+    next node; None on the turn that listens for a hint; a failed first try
+    goes on with the other nodes (Attempts.after)."""
+    r = routing.Router(50, "seed")
+    assert r.first_get("g", "k") is None  # no ring
+    r.install(PEERS)
+    assert [r.first_get("g", "k") for _ in range(20)] == [r.ring.owner("k")] * 20
+    clock = _Clock()
+    r = routing.Router(50, "seed", routing.HotKeys(threshold=4, half_life=1.0, clock=clock))
+    r.install(PEERS)
+    firsts = [r.first_get("g", "hot") for _ in range(8 * routing.LISTEN_EVERY)]
+    assert firsts.count(None) == 8  # the listening turns
+    assert set(firsts[-16:]) - {None} == set(PEERS)  # hot: spread over every node
+    owner = r.ring.owner("k")
+    tries = r.attempts("k", time.monotonic() + 5)
+    assert tries.after(owner, errors.PeerError("down"))  # refresh after the first failure
+    assert owner not in [p for p, _ in tries] and len(PEERS) > 1
+    with pytest.raises(errors.KeyNotFound):
+        r.attempts("k", time.monotonic() + 5).after(owner, errors.KeyNotFound("no"))
+
+
 def test_an_owners_hot_key_hint_spreads_a_key_this_client_reads_rarely():
     clock = _Clock()
     hot = routing.HotKeys(threshold=float("inf"), hint_s=2.0, clock=clock)  # its own reads never make a key hot
