@@ -549,7 +549,7 @@ mod tests {
         assert_eq!(get_response_value(&with_qps), Some(&b"v"[..]));
         assert_eq!(get_response_value(b"\x0a\x05ab"), None, "truncated");
         assert_eq!(
-            get_response_value(b"\x08\x01"),
+            get_response_value(b"\x18\x01"),
             Some(&b""[..]),
             "a varint field skipped"
         );
