@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::client;
 use crate::hits::Proofs;
@@ -83,6 +83,9 @@ pub struct Link {
     heard_at: AtomicU64,
     /// A health probe is asking it.
     probing: AtomicBool,
+    /// Forwards to it that arrived while another was about to be sent
+    /// (None: no forward is gathering a batch).
+    batch: Mutex<Option<Vec<Waiting>>>,
 }
 
 impl Link {
@@ -92,6 +95,7 @@ impl Link {
             held_until: AtomicU64::new(0),
             heard_at: AtomicU64::new(0), // 0.0: never (the clock is positive)
             probing: AtomicBool::new(false),
+            batch: Mutex::new(None),
         }
     }
 
@@ -180,9 +184,141 @@ pub struct Answer {
     pub data: Bytes,
     /// x-groupcache-ttl-ms: the owner's entry's TTL left (None: none).
     pub ttl_ms: Option<i64>,
-    /// The owner's NOT_FOUND (no such key or group): its message and
-    /// status details, passed on as Python passes on an owner's answer.
-    pub missing: Option<(String, Metadata)>,
+    /// The owner's answer that the key has no value (its origin says it
+    /// does not exist, or failed), passed on as Python passes it on.
+    pub refused: Option<Refusal>,
+}
+
+/// An owner's error answer about a key, as it sent it.
+#[derive(Clone)]
+pub struct Refusal {
+    pub code: u32,
+    pub message: String,
+    /// grpc-status-details-bin: a google.rpc.Status with our ErrorInfo.
+    pub details: Metadata,
+    /// ORIGIN_ERROR: its message holds the origin's words, told only to a
+    /// caller with a read credential (node_rules.told).
+    pub origin: bool,
+}
+
+impl Refusal {
+    /// As node_rules.told for a caller not told the cause: the message
+    /// ORIGIN_UNTOLD, in the status and in its details alike.
+    pub fn untold(mut self) -> Refusal {
+        if self.origin {
+            self.message = ORIGIN_UNTOLD.to_string();
+            for (_, value) in self.details.iter_mut() {
+                if let Value::Binary(status) = value {
+                    *status = with_message(status, ORIGIN_UNTOLD);
+                }
+            }
+        }
+        self
+    }
+}
+
+/// node_rules.ORIGIN_UNTOLD.
+const ORIGIN_UNTOLD: &str =
+    "the origin failed; the worker's log has the cause (a caller with a read credential is told it)";
+
+/// The ErrorInfo reasons of an owner's answers the engine passes on, with
+/// their status codes (protocol/status.owner_error; a missing group is not
+/// an answer about the key: Python loads it locally).
+const PASSED_ON: [(&str, u32); 2] = [
+    ("KEY_NOT_FOUND", crate::grpc::NOT_FOUND),
+    ("ORIGIN_ERROR", crate::grpc::UNAVAILABLE),
+];
+
+/// The ErrorInfo reason in a reply's grpc-status-details-bin (a
+/// google.rpc.Status: details = 3, each an Any: type_url = 1, value = 2;
+/// ErrorInfo: reason = 1).
+fn reason_of(trailers: &Metadata) -> Option<String> {
+    let status = trailers.iter().find_map(|(k, v)| match v {
+        Value::Binary(b) if k == "grpc-status-details-bin" => Some(b),
+        _ => None,
+    })?;
+    let fields = |buf: &[u8]| -> Option<Vec<(u64, Vec<u8>)>> {
+        let (mut out, mut at) = (Vec::new(), 0);
+        while at < buf.len() {
+            if let (n, Field::Bytes(b)) = next_field(buf, &mut at)? {
+                out.push((n, b.to_vec()));
+            }
+        }
+        Some(out)
+    };
+    for (_, any) in fields(status)?.into_iter().filter(|(n, _)| *n == 3) {
+        let any = fields(&any)?;
+        let is_info = any.iter().any(|(n, url)| {
+            *n == 1 && url.as_slice() == b"type.googleapis.com/google.rpc.ErrorInfo"
+        });
+        let Some((_, info)) = any.into_iter().find(|(n, _)| *n == 2).filter(|_| is_info) else {
+            continue;
+        };
+        let reason = fields(&info)?.into_iter().find(|(n, _)| *n == 1)?.1;
+        return String::from_utf8(reason).ok();
+    }
+    None
+}
+
+/// A google.rpc.Status with its message (field 2) replaced where it was.
+fn with_message(status: &[u8], message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(status.len() + message.len());
+    let (mut at, mut put) = (0, false);
+    while at < status.len() {
+        let start = at;
+        match next_field(status, &mut at) {
+            Some((2, _)) if put => {}
+            Some((n, _)) if n == 2 || (n > 2 && !put) => {
+                out.push(0x12);
+                crate::hits::put_varint(&mut out, message.len() as u64);
+                out.extend_from_slice(message.as_bytes());
+                put = true;
+                if n > 2 {
+                    out.extend_from_slice(&status[start..at]);
+                }
+            }
+            Some(_) => out.extend_from_slice(&status[start..at]),
+            None => return status.to_vec(), // not a Status: left as it is
+        }
+    }
+    if !put {
+        out.push(0x12);
+        crate::hits::put_varint(&mut out, message.len() as u64);
+        out.extend_from_slice(message.as_bytes());
+    }
+    out
+}
+
+/// Peers a forward found silent (no answer, no sign of life by its first
+/// wait), not yet taken by Python.
+#[derive(Default)]
+struct Silenced {
+    addrs: Mutex<Vec<String>>,
+    any: AtomicBool,
+}
+
+impl Silenced {
+    fn report(&self, addr: &str) {
+        self.addrs.lock().unwrap().push(addr.to_string());
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Vec<String> {
+        if !self.any.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.addrs.lock().unwrap())
+    }
+}
+
+/// A forward that joined another's batch: it goes in that forward's
+/// GetMany (a Get when it is alone), and its answer comes back on `tx`.
+struct Waiting {
+    group: Box<[u8]>,
+    key: Box<[u8]>,
+    payload: Bytes,
+    remaining: Option<f64>,
+    tx: oneshot::Sender<Option<Answer>>,
 }
 
 type Flight = watch::Receiver<Option<Option<Answer>>>;
@@ -195,10 +331,7 @@ pub struct Forwarder {
     /// Kept across pushes, so a ring change keeps the peers' connections.
     links: Mutex<HashMap<String, Arc<Link>>>,
     flights: Flights,
-    /// Peers a forward found silent (no answer, no sign of life by its
-    /// first wait), not yet taken by Python.
-    silenced: Mutex<Vec<String>>,
-    any_silenced: AtomicBool,
+    silenced: Arc<Silenced>,
     /// Gets answered by a forward made here, for the worker's metrics.
     pub answered: AtomicU64,
 }
@@ -283,10 +416,7 @@ impl Forwarder {
     /// The peers forwards found silent since the last call (Python opens
     /// their breakers). Cheap when there are none: Python asks per batch.
     pub fn take_silenced(&self) -> Vec<String> {
-        if !self.any_silenced.swap(false, Ordering::AcqRel) {
-            return Vec::new();
-        }
-        std::mem::take(&mut *self.silenced.lock().unwrap())
+        self.silenced.take()
     }
 
     /// The owner's answer to a forwarded Get of `payload` (the caller's
@@ -300,7 +430,7 @@ impl Forwarder {
         key: &[u8],
         payload: Bytes,
         remaining: Option<f64>,
-        proofs: Option<&Proofs>,
+        proofs: Option<Arc<Proofs>>,
     ) -> (Option<Answer>, bool) {
         let flight_key = (Box::<[u8]>::from(group), Box::<[u8]>::from(key));
         let (tx, joined) = {
@@ -330,88 +460,335 @@ impl Forwarder {
             key: flight_key,
             tx: tx.expect("a leader has the sender"),
         };
-        let outcome = self.call(&route, payload, remaining, proofs).await;
+        let outcome = self
+            .fetch(route, group, key, payload, remaining, proofs)
+            .await;
         leader.tx.send_replace(Some(outcome.clone()));
         (outcome, true)
     }
 
-    async fn call(
+    /// A leader's fetch. Forwards to one owner that arrive together are
+    /// batched: the first yields once, so those already received on any
+    /// I/O thread join it, then sends its own Get and theirs as one
+    /// GetMany per group (a Get when one joined).
+    async fn fetch(
         &self,
-        route: &Route,
+        route: Route,
+        group: &[u8],
+        key: &[u8],
         payload: Bytes,
         remaining: Option<f64>,
-        proofs: Option<&Proofs>,
+        proofs: Option<Arc<Proofs>>,
     ) -> Option<Answer> {
-        let config = &route.config;
-        let peer = &config.peers[route.peer as usize];
-        let (first, patience) = waits(config.peer_timeout, config.share, remaining);
-        let mut metadata: Metadata = vec![(
-            "x-groupcache-forwarded".to_string(),
-            Value::Text("1".to_string()),
-        )];
-        let nonce = match proofs {
-            Some(p) => {
-                let (authorization, nonce) = p.make(&peer.addr, "r")?;
-                metadata.push(("authorization".to_string(), Value::Text(authorization)));
-                Some(nonce)
+        let link = route.config.peers[route.peer as usize].link.clone();
+        let (opened, payload) = {
+            let mut slot = link.batch.lock().unwrap();
+            match slot.as_mut() {
+                Some(waiting) if waiting.len() < MAX_BATCH => {
+                    let (tx, rx) = oneshot::channel();
+                    waiting.push(Waiting {
+                        group: group.into(),
+                        key: key.into(),
+                        payload,
+                        remaining,
+                        tx,
+                    });
+                    (Err(rx), Bytes::new())
+                }
+                Some(_) => (Ok(false), payload), // full: this one goes alone
+                None => {
+                    *slot = Some(Vec::new());
+                    (Ok(true), payload)
+                }
             }
-            None => None,
         };
-        let started = monotonic();
-        let call = peer.link.channel.clone().call(
-            "/groupcachepb.GroupCache/Get".to_string(),
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(rx) => return rx.await.unwrap_or(None), // dropped unanswered: Python serves
+        };
+        if opened {
+            tokio::task::yield_now().await;
+            let joined = link.batch.lock().unwrap().take().unwrap_or_default();
+            let mut by_group: HashMap<Box<[u8]>, Vec<Waiting>> = HashMap::new();
+            for w in joined {
+                by_group.entry(w.group.clone()).or_default().push(w);
+            }
+            for (group, waiting) in by_group {
+                let (config, peer) = (route.config.clone(), route.peer);
+                let (silenced, proofs) = (self.silenced.clone(), proofs.clone());
+                tokio::spawn(send_batch(config, peer, silenced, group, waiting, proofs));
+            }
+        }
+        let outcome = exchange(
+            &route.config,
+            route.peer,
+            &self.silenced,
+            GET_PATH,
             payload,
-            metadata,
-            Some(Duration::from_secs_f64(patience.max(0.001))),
-        );
-        let probe_wait = config.peer_timeout.min(PROBE_S);
-        let Some(outcome) = patiently(&peer.link, call, started, first, patience, probe_wait).await
-        else {
-            // No answer and no sign of life by the first wait: Python's
-            // breaker opens, and this caller loads locally.
-            peer.link.hold();
-            self.silenced.lock().unwrap().push(peer.addr.clone());
-            self.any_silenced.store(true, Ordering::Release);
-            return None;
-        };
-        if !silent(outcome.code) {
-            peer.link.heard();
-        }
-        // An owner proves its values; its errors carry no proof, and are
-        // taken as the peer client takes them (status.from_rpc_error).
-        if outcome.code == crate::grpc::NOT_FOUND {
-            let details = outcome
-                .trailers
-                .into_iter()
-                .filter(|(k, _)| k == "grpc-status-details-bin")
-                .collect();
-            return Some(Answer {
-                data: Bytes::new(),
-                ttl_ms: None,
-                missing: Some((outcome.message, details)),
-            });
-        }
-        let proven = match (proofs, &nonce) {
-            (Some(p), Some(n)) => p.replied(n, &outcome.trailers),
-            _ => true,
-        };
-        if silent(outcome.code) || (outcome.code == crate::grpc::OK && !proven) {
-            // Python's breaker (or its refusal of the value) decides from here.
-            peer.link.hold();
-        }
-        if outcome.code != crate::grpc::OK || !proven {
-            return None;
-        }
-        let ttl_ms = outcome.trailers.iter().find_map(|(k, v)| match v {
-            Value::Text(t) if k == "x-groupcache-ttl-ms" => t.parse::<i64>().ok(),
-            _ => None,
-        });
-        Some(Answer {
-            data: outcome.payload,
-            ttl_ms,
-            missing: None,
-        })
+            remaining,
+            proofs.as_deref(),
+        )
+        .await?;
+        Some(get_answer(outcome))
     }
+}
+
+/// How many forwards one batch takes: a GetMany of at most this many keys.
+const MAX_BATCH: usize = 64;
+const GET_PATH: &str = "/groupcachepb.GroupCache/Get";
+const GET_MANY_PATH: &str = "/appliance.cache.Cache/GetMany";
+
+/// Sends forwards that joined a batch: one Get alone, else one GetMany,
+/// whose deadline is the most urgent one's. Each gets its key's answer;
+/// any failure or a key's error goes to Python, per forward.
+async fn send_batch(
+    config: Arc<Forwarding>,
+    peer: u16,
+    silenced: Arc<Silenced>,
+    group: Box<[u8]>,
+    mut waiting: Vec<Waiting>,
+    proofs: Option<Arc<Proofs>>,
+) {
+    let remaining = waiting
+        .iter()
+        .map(|w| w.remaining)
+        .reduce(|a, b| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, None) | (None, a) => a,
+        })
+        .flatten();
+    if waiting.len() == 1 {
+        let w = waiting.pop().expect("one");
+        let outcome = exchange(
+            &config,
+            peer,
+            &silenced,
+            GET_PATH,
+            w.payload,
+            remaining,
+            proofs.as_deref(),
+        )
+        .await;
+        let _ = w.tx.send(outcome.map(get_answer));
+        return;
+    }
+    let keys: Vec<&[u8]> = waiting.iter().map(|w| &w.key[..]).collect();
+    let payload = get_many_request(&group, &keys);
+    let outcome = exchange(
+        &config,
+        peer,
+        &silenced,
+        GET_MANY_PATH,
+        payload,
+        remaining,
+        proofs.as_deref(),
+    )
+    .await;
+    let mut answers = outcome
+        .filter(|o| o.code == crate::grpc::OK)
+        .and_then(|o| many_answers(&o.payload, &keys))
+        .unwrap_or_default()
+        .into_iter();
+    for w in waiting {
+        let _ = w.tx.send(answers.next().flatten());
+    }
+}
+
+/// One call to a peer as the peer client makes it: the forwarded marker and
+/// our proof, waited out as Breaker waits (`patiently`). Some: the owner's
+/// proven reply, or its NOT_FOUND (an owner's errors carry no proof, and
+/// are taken as the peer client takes them, status.from_rpc_error). None:
+/// Python decides; a silent owner is reported to it, and one that failed
+/// is left to it for HOLD_S.
+async fn exchange(
+    config: &Forwarding,
+    peer: u16,
+    silenced: &Silenced,
+    path: &str,
+    payload: Bytes,
+    remaining: Option<f64>,
+    proofs: Option<&Proofs>,
+) -> Option<client::Outcome> {
+    let peer = &config.peers[peer as usize];
+    let (first, patience) = waits(config.peer_timeout, config.share, remaining);
+    let mut metadata: Metadata = vec![(
+        "x-groupcache-forwarded".to_string(),
+        Value::Text("1".to_string()),
+    )];
+    let nonce = match proofs {
+        Some(p) => {
+            let (authorization, nonce) = p.make(&peer.addr, "r")?;
+            metadata.push(("authorization".to_string(), Value::Text(authorization)));
+            Some(nonce)
+        }
+        None => None,
+    };
+    let started = monotonic();
+    let call = peer.link.channel.clone().call(
+        path.to_string(),
+        payload,
+        metadata,
+        Some(Duration::from_secs_f64(patience.max(0.001))),
+    );
+    let probe_wait = config.peer_timeout.min(PROBE_S);
+    let Some(outcome) = patiently(&peer.link, call, started, first, patience, probe_wait).await
+    else {
+        // No answer and no sign of life by the first wait: Python's
+        // breaker opens, and this caller loads locally.
+        peer.link.hold();
+        silenced.report(&peer.addr);
+        return None;
+    };
+    // An owner's answer about the key (its errors carry no proof, and are
+    // taken as the peer client takes them, status.from_rpc_error).
+    let reason = (outcome.code != crate::grpc::OK)
+        .then(|| reason_of(&outcome.trailers))
+        .flatten();
+    if !silent(outcome.code) || reason.is_some() {
+        peer.link.heard();
+    }
+    if PASSED_ON
+        .iter()
+        .any(|(r, code)| reason.as_deref() == Some(r) && outcome.code == *code)
+    {
+        return Some(outcome);
+    }
+    if outcome.code != crate::grpc::OK {
+        // Any other error: Python's peer client decides (a missing group
+        // loads locally), and the breaker with it.
+        peer.link.hold();
+        return None;
+    }
+    let proven = match (proofs, &nonce) {
+        (Some(p), Some(n)) => p.replied(n, &outcome.trailers),
+        _ => true,
+    };
+    if !proven {
+        // Python's refusal of the value decides from here.
+        peer.link.hold();
+    }
+    proven.then_some(outcome)
+}
+
+/// A Get's answer from the owner's outcome: OK, or an error it passes on.
+fn get_answer(outcome: client::Outcome) -> Answer {
+    if outcome.code != crate::grpc::OK {
+        let details = outcome
+            .trailers
+            .into_iter()
+            .filter(|(k, _)| k == "grpc-status-details-bin")
+            .collect();
+        return Answer {
+            data: Bytes::new(),
+            ttl_ms: None,
+            refused: Some(Refusal {
+                code: outcome.code,
+                message: outcome.message,
+                details,
+                origin: outcome.code == crate::grpc::UNAVAILABLE,
+            }),
+        };
+    }
+    let ttl_ms = outcome.trailers.iter().find_map(|(k, v)| match v {
+        Value::Text(t) if k == "x-groupcache-ttl-ms" => t.parse::<i64>().ok(),
+        _ => None,
+    });
+    Answer {
+        data: outcome.payload,
+        ttl_ms,
+        refused: None,
+    }
+}
+
+/// A GetManyRequest (`string group = 1; repeated string keys = 2;`).
+fn get_many_request(group: &[u8], keys: &[&[u8]]) -> Bytes {
+    let mut out =
+        Vec::with_capacity(group.len() + keys.iter().map(|k| k.len() + 3).sum::<usize>() + 3);
+    for (tag, field) in std::iter::once((0x0a, group)).chain(keys.iter().map(|k| (0x12, *k))) {
+        out.push(tag);
+        crate::hits::put_varint(&mut out, field.len() as u64);
+        out.extend_from_slice(field);
+    }
+    Bytes::from(out)
+}
+
+/// Each requested key's answer from a GetManyResponse (one KeyResult per
+/// key, in request order: key = 1, value = 2, code = 3, ttl = 5 seconds
+/// left, 0 none): a value as a Get's reply; None for a key the owner
+/// answered with an error (Python asks it again). None for all when the
+/// reply does not hold exactly the keys asked, in order.
+fn many_answers(reply: &[u8], keys: &[&[u8]]) -> Option<Vec<Option<Answer>>> {
+    let mut answers = Vec::with_capacity(keys.len());
+    let mut at = 0;
+    while at < reply.len() {
+        let (field, item) = next_field(reply, &mut at)?;
+        let Field::Bytes(result) = item else { continue };
+        if field != 1 {
+            continue;
+        }
+        let (mut key, mut value, mut code, mut ttl): (&[u8], &[u8], u64, f64) = (b"", b"", 0, 0.0);
+        let mut i = 0;
+        while i < result.len() {
+            match next_field(result, &mut i)? {
+                (1, Field::Bytes(b)) => key = b,
+                (2, Field::Bytes(b)) => value = b,
+                (3, Field::Varint(n)) => code = n,
+                (4, Field::Bytes(_)) => {} // the error's text: Python's ask gets it again
+                (5, Field::Fixed64(bits)) => ttl = f64::from_bits(bits),
+                (1..=5, _) => return None, // a known field in another wire type
+                _ => {}
+            }
+        }
+        if keys.get(answers.len()) != Some(&key) {
+            return None;
+        }
+        answers.push((code == 0).then(|| {
+            let mut data = Vec::with_capacity(value.len() + 6);
+            data.push(0x0a);
+            crate::hits::put_varint(&mut data, value.len() as u64);
+            data.extend_from_slice(value);
+            Answer {
+                data: Bytes::from(data),
+                ttl_ms: (ttl > 0.0).then(|| ((ttl * 1000.0) as i64).max(1)),
+                refused: None,
+            }
+        }));
+    }
+    (answers.len() == keys.len()).then_some(answers)
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Fixed32,
+    Bytes(&'a [u8]),
+}
+
+/// The protobuf field at `at` (its number and value), moving past it.
+fn next_field<'a>(buf: &'a [u8], at: &mut usize) -> Option<(u64, Field<'a>)> {
+    let tag = crate::hits::varint(buf, at)?;
+    let field = match tag & 7 {
+        0 => Field::Varint(crate::hits::varint(buf, at)?),
+        1 => {
+            let bytes = buf.get(*at..*at + 8)?;
+            *at += 8;
+            Field::Fixed64(u64::from_le_bytes(bytes.try_into().ok()?))
+        }
+        5 => {
+            buf.get(*at..*at + 4)?;
+            *at += 4;
+            Field::Fixed32
+        }
+        2 => {
+            let len = usize::try_from(crate::hits::varint(buf, at)?).ok()?;
+            let end = at.checked_add(len).filter(|&e| e <= buf.len())?;
+            let bytes = &buf[*at..end];
+            *at = end;
+            Field::Bytes(bytes)
+        }
+        _ => return None,
+    };
+    (tag >> 3 != 0).then_some((tag >> 3, field))
 }
 
 /// Breaker._wait and Breaker._patience: (how long a forward waits for an
@@ -644,10 +1021,60 @@ mod tests {
     fn silenced_peers_are_taken_once() {
         let f = Forwarder::default();
         assert!(f.take_silenced().is_empty());
-        f.silenced.lock().unwrap().push("127.0.0.1:1".into());
-        f.any_silenced.store(true, Ordering::Release);
+        f.silenced.report("127.0.0.1:1");
         assert_eq!(f.take_silenced(), vec!["127.0.0.1:1".to_string()]);
         assert!(f.take_silenced().is_empty());
+    }
+
+    #[test]
+    fn an_owner_s_origin_failure_is_passed_on_told_as_python_tells_it() {
+        // protocol.status.failure(OriginError("HTTP 500: database on fire"), "g", "k")
+        let told = b"\x08\x0e\x12\x1aHTTP 500: database on fire\x1af\x0a(type.googleapis.com/google.rpc.ErrorInfo\x12:\x0a\x0cORIGIN_ERROR\x12\x14groupcache-appliance\x1a\x0a\x0a\x05group\x12\x01g\x1a\x08\x0a\x03key\x12\x01k";
+        // the same for OriginError(ORIGIN_UNTOLD)
+        let untold = b"\x08\x0e\x12^the origin failed; the worker's log has the cause (a caller with a read credential is told it)\x1af\x0a(type.googleapis.com/google.rpc.ErrorInfo\x12:\x0a\x0cORIGIN_ERROR\x12\x14groupcache-appliance\x1a\x0a\x0a\x05group\x12\x01g\x1a\x08\x0a\x03key\x12\x01k";
+        let trailers: Metadata = vec![(
+            "grpc-status-details-bin".to_string(),
+            Value::Binary(told.to_vec()),
+        )];
+        assert_eq!(reason_of(&trailers).as_deref(), Some("ORIGIN_ERROR"));
+        assert_eq!(reason_of(&Vec::new()), None);
+        assert_eq!(with_message(told, ORIGIN_UNTOLD), untold.to_vec());
+        let refusal = Refusal {
+            code: crate::grpc::UNAVAILABLE,
+            message: "HTTP 500: database on fire".into(),
+            details: trailers,
+            origin: true,
+        }
+        .untold();
+        assert_eq!(refusal.message, ORIGIN_UNTOLD);
+        assert!(matches!(&refusal.details[0].1, Value::Binary(b) if b == &untold.to_vec()));
+    }
+
+    #[test]
+    fn a_batch_is_a_getmany_and_its_reply_each_key_s_answer() {
+        // cache_pb2.GetManyRequest(group="g", keys=["a", "bc"]).SerializeToString()
+        assert_eq!(
+            &get_many_request(b"g", &[b"a", b"bc"])[..],
+            b"\x0a\x01g\x12\x01a\x12\x02bc"
+        );
+        // GetManyResponse(results=[KeyResult(key="a", value=b"v", ttl=1.5),
+        //   KeyResult(key="bc", code=5, error="no")]).SerializeToString()
+        let mut a = b"\x0a\x01a\x12\x01v\x29".to_vec();
+        a.extend_from_slice(&1.5f64.to_le_bytes());
+        let bc = b"\x0a\x02bc\x18\x05\x22\x02no".to_vec();
+        let mut reply = vec![0x0a, a.len() as u8];
+        reply.extend_from_slice(&a);
+        reply.extend_from_slice(&[0x0a, bc.len() as u8]);
+        reply.extend_from_slice(&bc);
+        let answers = many_answers(&reply, &[b"a", b"bc"]).unwrap();
+        let first = answers[0].as_ref().unwrap();
+        assert_eq!(&first.data[..], b"\x0a\x01v"); // a GetResponse, as the owner's Get sends it
+        assert_eq!(first.ttl_ms, Some(1500));
+        assert!(answers[1].is_none(), "a key's error: Python asks again");
+        // Not the keys asked, in order: nothing is taken from it.
+        assert!(many_answers(&reply, &[b"bc", b"a"]).is_none());
+        assert!(many_answers(&reply, &[b"a", b"bc", b"d"]).is_none());
+        assert!(many_answers(&reply[..reply.len() - 1], &[b"a", b"bc"]).is_none());
     }
 
     #[test]

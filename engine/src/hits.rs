@@ -135,7 +135,7 @@ impl HitGroup {
             return;
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        if answer.missing.is_some() {
+        if answer.refused.is_some() {
             return;
         }
         self.peer_loads.fetch_add(1, Ordering::Relaxed);
@@ -250,7 +250,7 @@ impl HitGroup {
     }
 
     /// Uses and counts the hits find_many found, as lookup() does each.
-    fn use_many(&self, keys: &[&[u8]], from_main: &[bool]) {
+    fn use_many(&self, keys: &[&[u8]], from_main: &[bool], forwarded: bool) {
         for (store, main) in [(&self.main, true), (&self.hot, false)] {
             if from_main.contains(&main) {
                 let mut store = store.lock().unwrap();
@@ -260,7 +260,7 @@ impl HitGroup {
             }
         }
         for (key, main) in keys.iter().zip(from_main) {
-            self.counted(key, *main, false);
+            self.counted(key, *main, forwarded);
         }
     }
 
@@ -303,9 +303,12 @@ pub struct Access {
 impl Access {
     /// `authorization`: the call's first such metadata value, if any.
     fn allows(&self, authorization: Option<&str>, identities: &[String]) -> bool {
-        if self.open {
-            return true;
-        }
+        self.open || self.credentialed(authorization, identities)
+    }
+
+    /// Whether the call presents a credential with the read scope (open
+    /// reads aside: node_rules.shows_cause).
+    fn credentialed(&self, authorization: Option<&str>, identities: &[String]) -> bool {
         if let Some(auth) = authorization {
             // Python decides anything but a well-formed bearer token.
             let Some((scheme, token)) = auth.trim().split_once(' ') else {
@@ -447,6 +450,8 @@ pub struct ForwardPlan {
     names: (Box<[u8]>, Box<[u8]>),
     route: crate::forward::Route,
     proofs: Option<Arc<Proofs>>,
+    /// The caller is told an origin failure's cause (a read credential).
+    shows_cause: bool,
 }
 
 /// What the hit path reads off a call besides its message.
@@ -544,22 +549,11 @@ impl Hits {
         }
         let authorization = call.authorization.ok()?;
         // A peer's forward: served as the owner, with our proof back.
-        let mut proof = None;
-        if call.forwarded {
-            let peers = self.peers.read().unwrap();
-            match (peers.as_ref()?, authorization) {
-                (Some(proofs), Some(auth)) => {
-                    let (scheme, rest) = auth.trim().split_once(' ')?;
-                    if scheme != "GC-Proof" {
-                        return None;
-                    }
-                    let nonce = proofs.check(rest, epoch_seconds())?;
-                    proof = Some(proofs.reply(nonce));
-                }
-                (None, _) => {}
-                (Some(_), None) => return None,
-            }
-        }
+        let proof = if call.forwarded {
+            self.peer_proof(authorization)?
+        } else {
+            None
+        };
         let (group, key) = parse_get(payload)?;
         if !self.valid_group(group) || !self.valid_key(key) {
             return None;
@@ -581,6 +575,25 @@ impl Hits {
             found,
             proof,
         })
+    }
+
+    /// A peer's forward checked by its proof: Some(our proof back), or
+    /// Some(None) where the cluster has no token; None: Python decides (no
+    /// proof, a bad one, or no peers told yet).
+    fn peer_proof(&self, authorization: Option<&str>) -> Option<Option<(String, Value)>> {
+        let peers = self.peers.read().unwrap();
+        match (peers.as_ref()?, authorization) {
+            (Some(proofs), Some(auth)) => {
+                let (scheme, rest) = auth.trim().split_once(' ')?;
+                if scheme != "GC-Proof" {
+                    return None;
+                }
+                let nonce = proofs.check(rest, epoch_seconds())?;
+                Some(Some(proofs.reply(nonce)))
+            }
+            (None, _) => Some(None),
+            (Some(_), None) => None,
+        }
     }
 
     /// A GroupCache/Get answered here: (framed value, trailers); None:
@@ -635,11 +648,17 @@ impl Hits {
         } = self.admitted(payload, call)?;
         found.forwarding.read().unwrap().as_ref()?;
         let route = self.forwarder.route(key)?;
+        let shows_cause = self
+            .access
+            .read()
+            .unwrap()
+            .credentialed(call.authorization.ok().flatten(), call.identities);
         Some(ForwardPlan {
             group: found,
             names: (group.into(), key.into()),
             route,
             proofs,
+            shows_cause,
         })
     }
 
@@ -651,20 +670,13 @@ impl Hits {
         plan: ForwardPlan,
         payload: Bytes,
         remaining: Option<f64>,
-    ) -> Option<Result<Bytes, (String, Metadata)>> {
+    ) -> Option<Result<Bytes, crate::forward::Refusal>> {
         let removals = plan.group.removals();
         plan.group.forwarding();
         let (group, key) = &plan.names;
         let (answer, leader) = self
             .forwarder
-            .forward(
-                plan.route,
-                group,
-                key,
-                payload,
-                remaining,
-                plan.proofs.as_deref(),
-            )
+            .forward(plan.route, group, key, payload, remaining, plan.proofs)
             .await;
         let Some(answer) = answer else {
             plan.group.handed_over();
@@ -672,8 +684,9 @@ impl Hits {
         };
         self.forwarder.answered.fetch_add(1, Ordering::Relaxed);
         plan.group.forwarded(key, leader, &answer, removals);
-        Some(match answer.missing {
-            Some(missing) => Err(missing),
+        Some(match answer.refused {
+            Some(refusal) if plan.shows_cause => Err(refusal),
+            Some(refusal) => Err(refusal.untold()),
             None => Ok(answer.data),
         })
     }
@@ -700,18 +713,24 @@ impl Hits {
     }
 
     /// A Cache/GetMany whose keys all hit, encoded as
-    /// codec.encode_get_many_response encodes it; None: Python serves it
-    /// (a miss, a forward, an invalid key, a reply over the limit, ...).
-    pub fn answer_many(&self, payload: &[u8], call: &CallFacts<'_>) -> Option<Bytes> {
+    /// codec.encode_get_many_response encodes it, and its trailers (our
+    /// proof to a peer's forward, the batches forward.rs sends); None:
+    /// Python serves it (a miss, an invalid key, a reply over the limit, ...).
+    pub fn answer_many(&self, payload: &[u8], call: &CallFacts<'_>) -> Option<(Bytes, Metadata)> {
         let limits = self.get_many.as_ref()?;
-        if !self.open.load(Ordering::Acquire) || call.forwarded {
+        if !self.open.load(Ordering::Acquire) {
             return None;
         }
+        let proof = if call.forwarded {
+            self.peer_proof(call.authorization.ok()?)?
+        } else {
+            None
+        };
         let (group, keys) = parse_get_many(payload, limits.max_keys)?;
         if !self.valid_group(group) || keys.is_empty() || !keys.iter().all(|k| self.valid_key(k)) {
             return None;
         }
-        if !self.may_read(call)? {
+        if proof.is_none() && !self.may_read(call)? {
             return None;
         }
         let found = self.groups.read().unwrap().get(group).cloned()?;
@@ -729,13 +748,16 @@ impl Hits {
         if let Some(limit) = self.limit.read().unwrap().as_ref() {
             // codec.call_cost: one token per distinct key.
             let cost = keys.iter().collect::<HashSet<_>>().len() as f64;
-            if !limit.admit(call.peer, false, cost, now) {
+            if !limit.admit(call.peer, call.forwarded, cost, now) {
                 return None;
             }
         }
-        found.use_many(&keys, &from_main);
+        found.use_many(&keys, &from_main, call.forwarded);
         self.answered.fetch_add(1, Ordering::Relaxed);
-        Some(encode_get_many(&keys, &entries, now))
+        Some((
+            encode_get_many(&keys, &entries, now),
+            proof.into_iter().collect(),
+        ))
     }
 }
 
@@ -1068,7 +1090,8 @@ mod tests {
         };
         let none = http::HeaderMap::new();
         let plain = facts(&none, &[]);
-        let reply = hits.answer_many(&many(&["k", "k"]), &plain).unwrap();
+        let (reply, trailers) = hits.answer_many(&many(&["k", "k"]), &plain).unwrap();
+        assert!(trailers.is_empty());
         // "framed" stored unframed (offset 0): field 2 with its own length.
         let one = [&[0x0a, 11, 0x0a, 1, b'k', 0x12, 6][..], b"framed"].concat();
         assert_eq!(&reply[..], [one.clone(), one].concat());
@@ -1083,5 +1106,29 @@ mod tests {
             .unwrap()
             .set(b"k", Bytes::from(vec![0; 60]), 0.0, 0, 0.0);
         assert!(hits.answer_many(&many(&["k"; 4]), &plain).is_none());
+    }
+
+    #[test]
+    fn a_forwarded_getmany_is_served_as_a_forwarded_get_is() {
+        let (hits, g) = hits_with("g", "k");
+        let many = [&[0x0a, 1, b'g'][..], &[0x12, 1, b'k', 0x12, 1, b'k']].concat();
+        let marked = headers(&[("x-groupcache-forwarded", "1")]);
+        assert!(hits.answer_many(&many, &facts(&marked, &[])).is_none()); // peers not told yet
+        *hits.peers.write().unwrap() = Some(None);
+        let (_, trailers) = hits.answer_many(&many, &facts(&marked, &[])).unwrap();
+        assert!(trailers.is_empty());
+        let counted = g.take();
+        assert_eq!((counted.gets, counted.server_requests), (2, 2)); // as lookup(key, forwarded)
+        *hits.peers.write().unwrap() = Some(Some(Arc::new(Proofs::new(b"key", "a:1".into(), 0))));
+        assert!(hits.answer_many(&many, &facts(&marked, &[])).is_none()); // no proof: Python's
+        let proofs = Proofs::new(b"key", "a:1".into(), 0);
+        let (authorization, _) = proofs.make("a:1", "r").unwrap();
+        let proven = headers(&[
+            ("x-groupcache-forwarded", "1"),
+            ("authorization", authorization.as_str()),
+        ]);
+        let (_, trailers) = hits.answer_many(&many, &facts(&proven, &[])).unwrap();
+        assert_eq!(trailers.len(), 1);
+        assert_eq!(trailers[0].0, "x-groupcache-proof");
     }
 }

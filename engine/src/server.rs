@@ -22,8 +22,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::grpc;
 use crate::grpc::{
-    CANCELLED, DEADLINE_EXCEEDED, INTERNAL, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE,
-    UNIMPLEMENTED,
+    CANCELLED, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, UNIMPLEMENTED,
 };
 
 pub const EVENT_CALL: i32 = 0;
@@ -550,8 +549,8 @@ async fn serve_call(
                 // Boxed, as the call to Python below: the hit path's task stays small.
                 match Box::pin(hits.forward(plan, payload.clone(), remaining)).await {
                     Some(Ok(data)) => return Ok(success(data, &[])),
-                    Some(Err((message, details))) => {
-                        return Ok(failure(NOT_FOUND, &message, &details))
+                    Some(Err(refused)) => {
+                        return Ok(failure(refused.code, &refused.message, &refused.details))
                     }
                     // Python gets what is left of the caller's time.
                     None => {
@@ -561,8 +560,8 @@ async fn serve_call(
                 }
             }
         } else if hits.get_many.as_ref().is_some_and(|m| m.method == method) {
-            if let Some(data) = hits.answer_many(&payload, &call) {
-                return Ok(success(data, &[]));
+            if let Some((data, trailers)) = hits.answer_many(&payload, &call) {
+                return Ok(success(data, &trailers));
             }
         }
     }

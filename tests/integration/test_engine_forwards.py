@@ -185,3 +185,112 @@ async def test_a_silent_owner_is_left_at_the_first_wait_and_its_breaker_opens(mo
     finally:
         await node.stop(0)
         await peer.server.stop(0)
+
+
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "proofs"])
+async def test_forwards_that_arrive_together_go_to_their_owner_batched(token):
+    """Concurrent Gets of distinct keys one owner holds, sent to another
+    node on one connection: its engine sends those that arrive together as
+    one GetMany (proven both ways), and each caller gets its own value."""
+    origin = CountingOrigin(DATA)
+    async with cluster(2, origin, token=token, hot_cache_mirror=0.0, peek_window=0.0) as (a, b):
+        await told_the_ring(a, b)
+        theirs = [k for k in DATA if a.peers.owner(k) == b.addr]
+        b_front = b.transport._front
+        async with grpc.aio.insecure_channel(a.addr) as channel:
+            call = channel.unary_unary(
+                "/groupcachepb.GroupCache/Get",
+                request_serializer=groupcache_pb2.GetRequest.SerializeToString,
+                response_deserializer=groupcache_pb2.GetResponse.FromString,
+            )
+
+            async def read(key: str) -> bytes:
+                return (await call(groupcache_pb2.GetRequest(group="g", key=key), timeout=LONG)).value
+
+            calls = []
+            for round_keys in [theirs[i : i + 16] for i in range(0, 80, 16)]:
+                for k in round_keys:  # held by b, so each forward is one hit there
+                    await get(b.addr, k)
+                made, answered = forwards(a), b_front.hits_answered()
+                assert await asyncio.gather(*(read(k) for k in round_keys)) == [DATA[k] for k in round_keys]
+                assert forwards(a) - made == len(round_keys)  # every one answered by the engine's forwards
+                calls.append(b_front.hits_answered() - answered)
+        assert min(calls) < 16, calls  # fewer calls reached b than Gets: batched
+        assert len(origin.calls) == len(set(origin.calls))  # nothing loaded twice
+        assert a.groups["g"].stats.local_loads == 0
+
+
+async def test_an_owner_s_error_answers_are_passed_on_as_python_passes_them(monkeypatch):
+    """The engine passes on what the owner answered about the key, once:
+    its origin's failure (the cause only to a caller with a read
+    credential, as node_rules.told) and a missing key. A missing group at
+    the owner is no answer about the key: Python loads it locally."""
+    from appliance.cache import errors as cache_errors
+    from appliance.protocol.status import failure, reason_of
+    from appliance.rules.auth import bearer
+    from appliance.rules.node_rules import ORIGIN_UNTOLD
+
+    asked: list[str] = []
+    answers = {
+        "fire": cache_errors.OriginError("HTTP 500: database on fire"),
+        "gone": cache_errors.KeyNotFound("not in the origin"),
+        "nogroup": cache_errors.GroupNotFound("group 'g' not found"),
+    }
+
+    async def owner_get(request: bytes, context):
+        key = groupcache_pb2.GetRequest.FromString(request).key
+        asked.append(key)
+        f = failure(answers[key.rstrip("0123456789")], "g", key)
+        await context.abort(f.code, f.details, f.trailing_metadata)
+
+    owner = grpc.aio.server()
+    owner.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "groupcachepb.GroupCache", {"Get": grpc.unary_unary_rpc_method_handler(owner_get)}
+            ),
+        )
+    )
+    owner_addr = f"127.0.0.1:{owner.add_insecure_port('127.0.0.1:0')}"
+    await owner.start()
+    origin = CountingOrigin({f"nogroup{i}": b"local" for i in range(100)})
+    node = Node(settings(hot_cache_mirror=0.0, peek_window=0.0), {"g": origin}, port=0, token=TOKEN)
+    try:
+        await node.start()
+        node.set_peers([node.addr, owner_addr], 1)
+        await engine_serving(node)
+        # Each kind's key: one the fake owner owns on this ring.
+        fire, gone, nogroup = (
+            next(f"{kind}{i}" for i in range(100) if node.peers.owner(f"{kind}{i}") == owner_addr) for kind in answers
+        )
+
+        async def read(key: str, metadata=()) -> grpc.aio.AioRpcError:
+            async with grpc.aio.insecure_channel(node.addr) as channel:
+                call = channel.unary_unary("/groupcachepb.GroupCache/Get")
+                request = groupcache_pb2.GetRequest(group="g", key=key).SerializeToString()
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(request, timeout=LONG, metadata=metadata)
+                return err.value
+
+        told = await read(fire, metadata=bearer(TOKEN))  # the cluster's token reads
+        assert told.code() == grpc.StatusCode.UNAVAILABLE and "database on fire" in told.details()
+        untold = await read(fire)
+        assert untold.code() == grpc.StatusCode.UNAVAILABLE and untold.details() == ORIGIN_UNTOLD
+        assert reason_of(untold.trailing_metadata()) == "ORIGIN_ERROR"
+        assert "database" not in str(untold.trailing_metadata())
+        missing = await read(gone)
+        assert missing.code() == grpc.StatusCode.NOT_FOUND and reason_of(missing.trailing_metadata()) == "KEY_NOT_FOUND"
+        assert asked == [fire, fire, gone]  # each asked once, by the engine
+        assert forwards(node) == 3 and origin.calls == []
+        # A missing group at the owner: loaded here, by Python.
+        async with grpc.aio.insecure_channel(node.addr) as channel:
+            assert (
+                await channel.unary_unary("/groupcachepb.GroupCache/Get")(
+                    groupcache_pb2.GetRequest(group="g", key=nogroup).SerializeToString(), timeout=LONG
+                )
+                == groupcache_pb2.GetResponse(value=b"local").SerializeToString()
+            )
+        assert origin.calls == [nogroup] and forwards(node) == 3
+    finally:
+        await node.stop(0)
+        await owner.stop(0)
