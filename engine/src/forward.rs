@@ -507,8 +507,11 @@ impl Forwarder {
             Err(rx) => return rx.await.unwrap_or(None), // dropped unanswered: Python serves
         };
         if opened {
+            // Closes the batch however this ends: a caller gone during the
+            // yield leaves no batch open (its forwards then go to Python).
+            let gathering = Gathering(&link);
             tokio::task::yield_now().await;
-            let joined = link.batch.lock().unwrap().take().unwrap_or_default();
+            let joined = gathering.close();
             let mut by_group: HashMap<Box<[u8]>, Vec<Waiting>> = HashMap::new();
             for w in joined {
                 by_group.entry(w.group.clone()).or_default().push(w);
@@ -849,6 +852,22 @@ async fn patiently(
     }
 }
 
+/// A batch being gathered on a link, closed when taken or dropped.
+struct Gathering<'a>(&'a Link);
+
+impl Gathering<'_> {
+    fn close(self) -> Vec<Waiting> {
+        self.0.batch.lock().unwrap().take().unwrap_or_default()
+    }
+}
+
+impl Drop for Gathering<'_> {
+    fn drop(&mut self) {
+        // Unsent forwards' senders drop with it: they go to Python.
+        self.0.batch.lock().unwrap().take();
+    }
+}
+
 /// The call that fetches for its flight: its entry leaves the map when it
 /// ends, answered or dropped (its followers then see the channel close).
 struct Leader<'a> {
@@ -1015,6 +1034,30 @@ mod tests {
         assert!(patiently(&link, quick, monotonic(), 1.0, 1.0, 0.1)
             .await
             .is_some());
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_gatherer_went_away_hands_its_forwards_to_python() {
+        let link = deaf_link();
+        let (tx, rx) = oneshot::channel();
+        let gathering = Gathering(&link);
+        *link.batch.lock().unwrap() = Some(vec![Waiting {
+            group: b"g"[..].into(),
+            key: b"k"[..].into(),
+            payload: Bytes::new(),
+            remaining: None,
+            tx,
+        }]);
+        drop(gathering); // its caller went away during the yield
+        assert!(link.batch.lock().unwrap().is_none(), "no batch left open");
+        assert!(
+            rx.await.is_err(),
+            "the joined forward is told: Python serves it"
+        );
+        let gathering = Gathering(&link);
+        *link.batch.lock().unwrap() = Some(Vec::new());
+        assert!(gathering.close().is_empty());
+        assert!(link.batch.lock().unwrap().is_none());
     }
 
     #[test]
