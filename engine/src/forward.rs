@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::client;
-use crate::hits::Proofs;
+use crate::hits::{Proofs, CACHED_ONLY};
 use crate::server::{Metadata, Value};
 use crate::store::monotonic;
 
@@ -530,6 +530,7 @@ impl Forwarder {
             payload,
             remaining,
             proofs.as_deref(),
+            false,
         )
         .await?;
         Some(get_answer(outcome))
@@ -541,9 +542,11 @@ const MAX_BATCH: usize = 64;
 const GET_PATH: &str = "/groupcachepb.GroupCache/Get";
 const GET_MANY_PATH: &str = "/appliance.cache.Cache/GetMany";
 
-/// Sends forwards that joined a batch: one Get alone, else one GetMany,
-/// whose deadline is the most urgent one's. Each gets its key's answer;
-/// any failure or a key's error goes to Python, per forward.
+/// Sends forwards that joined a batch: one Get alone, else one GetMany of
+/// what the owner holds (CACHED_ONLY: it loads nothing, so no forward
+/// waits on another's origin), whose deadline is the most urgent one's.
+/// Each held key's value goes to its forward; a key not held goes alone
+/// as a Get; a failed call goes to Python, per forward.
 async fn send_batch(
     config: Arc<Forwarding>,
     peer: u16,
@@ -552,6 +555,10 @@ async fn send_batch(
     mut waiting: Vec<Waiting>,
     proofs: Option<Arc<Proofs>>,
 ) {
+    if waiting.len() == 1 {
+        let w = waiting.pop().expect("one");
+        return send_alone(config, peer, silenced, w, 0.0, proofs).await;
+    }
     let remaining = waiting
         .iter()
         .map(|w| w.remaining)
@@ -560,21 +567,7 @@ async fn send_batch(
             (a, None) | (None, a) => a,
         })
         .flatten();
-    if waiting.len() == 1 {
-        let w = waiting.pop().expect("one");
-        let outcome = exchange(
-            &config,
-            peer,
-            &silenced,
-            GET_PATH,
-            w.payload,
-            remaining,
-            proofs.as_deref(),
-        )
-        .await;
-        let _ = w.tx.send(outcome.map(get_answer));
-        return;
-    }
+    let started = monotonic();
     let keys: Vec<&[u8]> = waiting.iter().map(|w| &w.key[..]).collect();
     let payload = get_many_request(&group, &keys);
     let outcome = exchange(
@@ -585,16 +578,52 @@ async fn send_batch(
         payload,
         remaining,
         proofs.as_deref(),
+        true,
     )
     .await;
-    let mut answers = outcome
+    let answers = outcome
         .filter(|o| o.code == crate::grpc::OK)
-        .and_then(|o| many_answers(&o.payload, &keys))
-        .unwrap_or_default()
-        .into_iter();
-    for w in waiting {
-        let _ = w.tx.send(answers.next().flatten());
+        .and_then(|o| many_answers(&o.payload, &keys));
+    let Some(answers) = answers else {
+        return; // the senders drop: each forward goes to Python
+    };
+    let spent = monotonic() - started;
+    for (w, answer) in waiting.into_iter().zip(answers) {
+        match answer {
+            Some(answer) => {
+                let _ = w.tx.send(Some(answer));
+            }
+            None => {
+                let (config, silenced, proofs) = (config.clone(), silenced.clone(), proofs.clone());
+                tokio::spawn(send_alone(config, peer, silenced, w, spent, proofs));
+            }
+        }
     }
+}
+
+/// One forward of a batch sent as a Get of its own, `spent` seconds of its
+/// time gone.
+async fn send_alone(
+    config: Arc<Forwarding>,
+    peer: u16,
+    silenced: Arc<Silenced>,
+    w: Waiting,
+    spent: f64,
+    proofs: Option<Arc<Proofs>>,
+) {
+    let remaining = w.remaining.map(|r| (r - spent).max(0.0));
+    let outcome = exchange(
+        &config,
+        peer,
+        &silenced,
+        GET_PATH,
+        w.payload,
+        remaining,
+        proofs.as_deref(),
+        false,
+    )
+    .await;
+    let _ = w.tx.send(outcome.map(get_answer));
 }
 
 /// One call to a peer as the peer client makes it: the forwarded marker and
@@ -603,6 +632,7 @@ async fn send_batch(
 /// are taken as the peer client takes them, status.from_rpc_error). None:
 /// Python decides; a silent owner is reported to it, and one that failed
 /// is left to it for HOLD_S.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     config: &Forwarding,
     peer: u16,
@@ -611,6 +641,7 @@ async fn exchange(
     payload: Bytes,
     remaining: Option<f64>,
     proofs: Option<&Proofs>,
+    cached_only: bool,
 ) -> Option<client::Outcome> {
     let peer = &config.peers[peer as usize];
     let (first, patience) = waits(config.peer_timeout, config.share, remaining);
@@ -618,6 +649,9 @@ async fn exchange(
         "x-groupcache-forwarded".to_string(),
         Value::Text("1".to_string()),
     )];
+    if cached_only {
+        metadata.push((CACHED_ONLY.to_string(), Value::Text("1".to_string())));
+    }
     let nonce = match proofs {
         Some(p) => {
             let (authorization, nonce) = p.make(&peer.addr, "r")?;
@@ -717,9 +751,9 @@ fn get_many_request(group: &[u8], keys: &[&[u8]]) -> Bytes {
 
 /// Each requested key's answer from a GetManyResponse (one KeyResult per
 /// key, in request order: key = 1, value = 2, code = 3, ttl = 5 seconds
-/// left, 0 none): a value as a Get's reply; None for a key the owner
-/// answered with an error (Python asks it again). None for all when the
-/// reply does not hold exactly the keys asked, in order.
+/// left, 0 none): a value as a Get's reply; None for a key the owner did
+/// not answer with one (NOT_CACHED, or an error: it is asked alone). None
+/// for all when the reply does not hold exactly the keys asked, in order.
 fn many_answers(reply: &[u8], keys: &[&[u8]]) -> Option<Vec<Option<Answer>>> {
     let mut answers = Vec::with_capacity(keys.len());
     let mut at = 0;

@@ -249,6 +249,25 @@ impl HitGroup {
         Some((found.into_iter().collect::<Option<_>>()?, from_main))
     }
 
+    /// Each key's entry if either cache holds it, and whether it came from
+    /// the main cache (false for a miss). Neither uses nor counts them.
+    fn find_each(&self, keys: &[&[u8]], now: f64) -> (Vec<Option<Entry>>, Vec<bool>) {
+        let mut found: Vec<Option<Entry>> = {
+            let mut main = self.main.lock().unwrap();
+            keys.iter().map(|k| main.find(k, now)).collect()
+        };
+        let from_main: Vec<bool> = found.iter().map(Option::is_some).collect();
+        if from_main.iter().any(|m| !m) {
+            let mut hot = self.hot.lock().unwrap();
+            for (slot, key) in found.iter_mut().zip(keys) {
+                if slot.is_none() {
+                    *slot = hot.find(key, now);
+                }
+            }
+        }
+        (found, from_main)
+    }
+
     /// Uses and counts the hits find_many found, as lookup() does each.
     fn use_many(&self, keys: &[&[u8]], from_main: &[bool], forwarded: bool) {
         for (store, main) in [(&self.main, true), (&self.hot, false)] {
@@ -454,10 +473,20 @@ pub struct ForwardPlan {
     shows_cause: bool,
 }
 
+/// The metadata of a peer's GetMany of forwards batched together
+/// (forward.rs): answer the keys held, and NOT_CACHED for the others,
+/// never loading, so no forward in it waits on another's origin.
+pub const CACHED_ONLY: &str = "x-groupcache-cached-only";
+/// The code of a key a CACHED_ONLY GetMany found in no cache
+/// (FAILED_PRECONDITION): its forward is then sent alone.
+pub const NOT_CACHED: u64 = 9;
+
 /// What the hit path reads off a call besides its message.
 pub struct CallFacts<'a> {
     /// It carries x-groupcache-forwarded (a peer's forward).
     pub forwarded: bool,
+    /// A peer's batch of forwards asks only for what is cached (CACHED_ONLY).
+    pub cached_only: bool,
     /// Its authorization metadata: Ok(None) when absent; Err when present
     /// but not text (Python then decides).
     pub authorization: Result<Option<&'a str>, ()>,
@@ -474,6 +503,7 @@ impl<'a> CallFacts<'a> {
     ) -> CallFacts<'a> {
         CallFacts {
             forwarded: headers.contains_key("x-groupcache-forwarded"),
+            cached_only: headers.contains_key(CACHED_ONLY),
             authorization: match headers.get("authorization") {
                 None => Ok(None),
                 Some(v) => v.to_str().map(Some).map_err(|_| ()),
@@ -735,12 +765,18 @@ impl Hits {
         }
         let found = self.groups.read().unwrap().get(group).cloned()?;
         let now = monotonic();
-        let (entries, from_main) = found.find_many(&keys, now)?;
+        // A peer's batch takes what is held; anything else all hits or goes to Python.
+        let (entries, from_main) = if call.cached_only && call.forwarded {
+            found.find_each(&keys, now)
+        } else {
+            let (entries, from_main) = found.find_many(&keys, now)?;
+            (entries.into_iter().map(Some).collect(), from_main)
+        };
         // Python's estimate of the reply; over the limit, Python counts and refuses it.
         let size: usize = keys
             .iter()
             .zip(&entries)
-            .map(|(k, e)| k.len() + limits.per_key + e.data.len())
+            .map(|(k, e)| k.len() + limits.per_key + e.as_ref().map_or(0, |e| e.data.len()))
             .sum();
         if size > limits.max_reply {
             return None;
@@ -748,11 +784,25 @@ impl Hits {
         if let Some(limit) = self.limit.read().unwrap().as_ref() {
             // codec.call_cost: one token per distinct key.
             let cost = keys.iter().collect::<HashSet<_>>().len() as f64;
+            // (A batch's misses are charged again when they come alone:
+            // free for ring members, who alone send batches.)
             if !limit.admit(call.peer, call.forwarded, cost, now) {
                 return None;
             }
         }
-        found.use_many(&keys, &from_main, call.forwarded);
+        let held: Vec<&[u8]> = keys
+            .iter()
+            .zip(&entries)
+            .filter(|(_, e)| e.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        let held_main: Vec<bool> = from_main
+            .iter()
+            .zip(&entries)
+            .filter(|(_, e)| e.is_some())
+            .map(|(m, _)| *m)
+            .collect();
+        found.use_many(&held, &held_main, call.forwarded);
         self.answered.fetch_add(1, Ordering::Relaxed);
         Some((
             encode_get_many(&keys, &entries, now),
@@ -761,12 +811,13 @@ impl Hits {
     }
 }
 
-/// A GetManyResponse of all hits, byte for byte as Python's codec writes it.
-pub fn encode_get_many(keys: &[&[u8]], entries: &[Entry], now: f64) -> Bytes {
+/// A GetManyResponse, byte for byte as Python's codec writes it for hits;
+/// a key with no entry is NOT_CACHED (a CACHED_ONLY batch's miss).
+pub fn encode_get_many(keys: &[&[u8]], entries: &[Option<Entry>], now: f64) -> Bytes {
     let mut out = Vec::with_capacity(
         keys.iter()
             .zip(entries)
-            .map(|(k, e)| k.len() + e.data.len() + 24)
+            .map(|(k, e)| k.len() + e.as_ref().map_or(0, |e| e.data.len()) + 24)
             .sum(),
     );
     for (key, e) in keys.iter().zip(entries) {
@@ -776,6 +827,14 @@ pub fn encode_get_many(keys: &[&[u8]], entries: &[Entry], now: f64) -> Bytes {
             put_varint(&mut head, key.len() as u64);
             head.extend_from_slice(key);
         }
+        let Some(e) = e else {
+            head.push(0x18); // code = 3
+            put_varint(&mut head, NOT_CACHED);
+            out.push(0x0a);
+            put_varint(&mut out, head.len() as u64);
+            out.extend_from_slice(&head);
+            continue;
+        };
         let mut ttl = Vec::new();
         if e.expires != 0.0 {
             ttl.push(0x29);
@@ -1130,5 +1189,22 @@ mod tests {
         let (_, trailers) = hits.answer_many(&many, &facts(&proven, &[])).unwrap();
         assert_eq!(trailers.len(), 1);
         assert_eq!(trailers[0].0, "x-groupcache-proof");
+        g.take();
+        // A peer's batch (CACHED_ONLY): what is held, NOT_CACHED for the rest, nothing loaded.
+        let with_miss = [&[0x0a, 1, b'g'][..], &[0x12, 1, b'k', 0x12, 1, b'm']].concat();
+        let (authorization, _) = proofs.make("a:1", "r").unwrap();
+        let batch = headers(&[
+            ("x-groupcache-forwarded", "1"),
+            (CACHED_ONLY, "1"),
+            ("authorization", authorization.as_str()),
+        ]);
+        let (reply, _) = hits.answer_many(&with_miss, &facts(&batch, &[])).unwrap();
+        let miss = [0x0a, 5, 0x0a, 1, b'm', 0x18, NOT_CACHED as u8];
+        assert!(reply.ends_with(&miss), "{reply:?}");
+        let counted = g.take();
+        assert_eq!((counted.gets, counted.server_requests), (1, 1)); // the miss comes again alone
+                                                                     // Without the peer's marker the header means nothing: a miss is Python's.
+        let plain = headers(&[(CACHED_ONLY, "1")]);
+        assert!(hits.answer_many(&with_miss, &facts(&plain, &[])).is_none());
     }
 }

@@ -294,3 +294,46 @@ async def test_an_owner_s_error_answers_are_passed_on_as_python_passes_them(monk
     finally:
         await node.stop(0)
         await owner.stop(0)
+
+
+async def test_a_batched_forward_never_waits_on_another_s_origin():
+    """A batch asks its owner only for what it holds (x-groupcache-cached-
+    only): a cold key batched with held ones goes on alone, so the held
+    keys are answered while its origin is still loading, and it is loaded
+    once."""
+    origin = CountingOrigin(DATA)
+    async with cluster(2, origin, token=TOKEN, hot_cache_mirror=0.0, peek_window=0.0) as (a, b):
+        await told_the_ring(a, b)
+        theirs = [k for k in DATA if a.peers.owner(k) == b.addr]
+        held, cold = theirs[:45], theirs[-3:]
+        for k in held:
+            await get(b.addr, k)
+        b_front = b.transport._front
+        batched = 0
+        async with grpc.aio.insecure_channel(a.addr) as channel:
+            call = channel.unary_unary(
+                "/groupcachepb.GroupCache/Get",
+                request_serializer=groupcache_pb2.GetRequest.SerializeToString,
+                response_deserializer=groupcache_pb2.GetResponse.FromString,
+            )
+
+            async def read(key: str) -> bytes:
+                return (await call(groupcache_pb2.GetRequest(group="g", key=key), timeout=LONG)).value
+
+            for i, key in enumerate(cold):
+                hot = held[i * 15 : (i + 1) * 15]
+                origin.gate = asyncio.Event()  # the cold key's load waits for it
+                answered = b_front.hits_answered()
+                # Sent together on one connection: the cold key among the held ones.
+                hot_reads = [asyncio.ensure_future(read(hot[0]))]
+                cold_read = asyncio.ensure_future(read(key))
+                hot_reads += [asyncio.ensure_future(read(k)) for k in hot[1:]]
+                # Every held key is answered while the cold one still loads.
+                assert await asyncio.wait_for(asyncio.gather(*hot_reads), 5) == [DATA[k] for k in hot]
+                await until(lambda: key in origin.calls)
+                assert not cold_read.done()
+                batched += b_front.hits_answered() - answered < len(hot)  # some went in a GetMany
+                origin.gate.set()
+                assert await asyncio.wait_for(cold_read, 10) == DATA[key]
+        assert batched, "no round batched its forwards"
+        assert sorted(origin.calls[-len(cold) :]) == sorted(cold) and len(set(origin.calls)) == len(origin.calls)
