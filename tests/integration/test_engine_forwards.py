@@ -330,7 +330,7 @@ async def test_a_batched_forward_never_waits_on_another_s_origin():
                 hot_reads += [asyncio.ensure_future(read(k)) for k in hot[1:]]
                 # Every held key is answered while the cold one still loads.
                 assert await asyncio.wait_for(asyncio.gather(*hot_reads), 5) == [DATA[k] for k in hot]
-                await until(lambda: key in origin.calls)
+                await until(lambda key=key: key in origin.calls)
                 assert not cold_read.done()
                 batched += b_front.hits_answered() - answered < len(hot)  # some went in a GetMany
                 origin.gate.set()
