@@ -126,7 +126,7 @@ class AsyncClient(ClientBase):
         if peer is None:  # no ring, or this Get listens for a hint (first_get took its turn)
             return await self._routed(routing.get_op(group, key), deadline, listen=router.hot is not None)
         got = await self._pool.methods(peer)[GET_VALUE](
-            group, key, self._metadata_for(peer, GET), deadline - time.monotonic()
+            group, key, self._metadata_for(peer, GET), max(0.0, deadline - time.monotonic())
         )
         if got[0] == 0:
             return got[2]

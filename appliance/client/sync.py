@@ -85,7 +85,7 @@ class Client(ClientBase):
         if peer is None:  # no ring, or this Get listens for a hint (first_get took its turn)
             return self._routed(routing.get_op(group, key), deadline, listen=router.hot is not None)
         got = self._pool.methods(peer)[GET_VALUE](
-            group, key, self._metadata_for(peer, GET), deadline - time.monotonic()
+            group, key, self._metadata_for(peer, GET), max(0.0, deadline - time.monotonic())
         )
         if type(got) is bytes:
             return got

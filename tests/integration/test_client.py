@@ -231,6 +231,9 @@ async def test_timeout_bounds_the_call_and_its_retries(kind):
                 await c.get("g", "k1", timeout=0.5)
             # Not three tries of 0.5 s each: one deadline for all of them.
             assert time.monotonic() - started < 1.4
+            # A deadline over before the first try is a PeerError too, not a bad argument.
+            with pytest.raises(errors.PeerError):
+                await c.get("g", "k1", timeout=1e-9)
         finally:
             origin.gate.set()
             await c.close()
