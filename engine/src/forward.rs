@@ -3,12 +3,14 @@
 //! the thread that received it, without Python, where Python's rules allow
 //! it. Python pushes the ring, which peers its breaker lets through, and
 //! each group's hot-copy rule (`Front.set_forwarding`, `serve_group`).
-//! Anything but an answer the owner proved goes to Python as the miss it is,
-//! so the breaker, peeks, local loads and fallbacks keep their one code.
+//! Anything but a value the owner proved, or its answer about the key (a
+//! missing key, its origin's failure), goes to Python as the miss it is, so
+//! the breaker, peeks, local loads and fallbacks keep their one code.
 //! A caller's deadline is waited out as Python's Breaker waits it out
 //! (`patiently`: its first wait, a health probe, patience while the owner's
 //! server answers); an owner silent through all that is reported to Python
-//! (`take_silenced`), whose breaker then opens.
+//! (`take_silenced`), whose breaker then opens. Forwards to one owner that
+//! arrive together go as one GetMany of what it holds (`fetch`, `send_batch`).
 
 use std::collections::HashMap;
 use std::future::Future;
