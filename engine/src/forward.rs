@@ -583,9 +583,11 @@ async fn send_batch(
         true,
     )
     .await;
-    let answers = outcome
-        .filter(|o| o.code == crate::grpc::OK)
-        .and_then(|o| many_answers(&o.payload, &keys));
+    let answers = match outcome {
+        Some(o) if o.code == crate::grpc::OK => many_answers(&o.payload, &keys),
+        Some(_) => Some(vec![None; keys.len()]), // refused as a batch: each goes alone
+        None => None,
+    };
     let Some(answers) = answers else {
         return; // the senders drop: each forward goes to Python
     };
@@ -630,10 +632,11 @@ async fn send_alone(
 
 /// One call to a peer as the peer client makes it: the forwarded marker and
 /// our proof, waited out as Breaker waits (`patiently`). Some: the owner's
-/// proven reply, or its NOT_FOUND (an owner's errors carry no proof, and
-/// are taken as the peer client takes them, status.from_rpc_error). None:
-/// Python decides; a silent owner is reported to it, and one that failed
-/// is left to it for HOLD_S.
+/// proven reply, or its answer about the key (PASSED_ON: an owner's errors
+/// carry no proof, and are taken as the peer client takes them,
+/// status.from_rpc_error), or for a batch (`cached_only`) any answer of its
+/// server. None: Python decides; a silent owner is reported to it, and one
+/// that failed is left to it for HOLD_S.
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     config: &Forwarding,
@@ -693,6 +696,9 @@ async fn exchange(
         return Some(outcome);
     }
     if outcome.code != crate::grpc::OK {
+        if cached_only && !silent(outcome.code) {
+            return Some(outcome); // a batch refused (its reply too large, ...): each goes alone
+        }
         // Any other error: Python's peer client decides (a missing group
         // loads locally), and the breaker with it.
         peer.link.hold();

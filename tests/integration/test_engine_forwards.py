@@ -337,3 +337,42 @@ async def test_a_batched_forward_never_waits_on_another_s_origin():
                 assert await asyncio.wait_for(cold_read, 10) == DATA[key]
         assert batched, "no round batched its forwards"
         assert sorted(origin.calls[-len(cold) :]) == sorted(cold) and len(set(origin.calls)) == len(origin.calls)
+
+
+async def test_a_batch_its_owner_refuses_whole_goes_alone_and_holds_nothing_back():
+    """A batch whose reply would pass the owner's message limit is refused
+    as a whole (RESOURCE_EXHAUSTED): each of its forwards then goes alone,
+    and the owner is not left to Python for it."""
+    big = {f"b{i}": bytes([65 + i % 26]) * 12_000 for i in range(200)}  # 12 KB each; the limit: 16 KiB + 64 KiB
+    origin = CountingOrigin(big)
+    async with cluster(2, origin, hot_cache_mirror=0.0, peek_window=0.0, max_value_bytes="16KiB") as (a, b):
+        theirs = [k for k in big if a.peers.owner(k) == b.addr]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while forwards(a) == 0:  # the engine forwards once it holds the ring
+            assert loop.time() < deadline, "the engine never forwarded"
+            await get(a.addr, theirs.pop())
+            await asyncio.sleep(0.02)
+        refused = 0
+        async with grpc.aio.insecure_channel(a.addr, options=[("grpc.max_receive_message_length", 1 << 20)]) as ch:
+            call = ch.unary_unary(
+                "/groupcachepb.GroupCache/Get",
+                request_serializer=groupcache_pb2.GetRequest.SerializeToString,
+                response_deserializer=groupcache_pb2.GetResponse.FromString,
+            )
+            for i in range(len(theirs) // 12):  # until a batch was refused: whether one forms is timing
+                if refused:
+                    break
+                keys = theirs[i * 12 : (i + 1) * 12]
+                for k in keys:  # held by b
+                    await get(b.addr, k)
+                b.groups["g"].collect()
+                before_b, made = b.groups["g"].stats.server_requests, forwards(a)
+                replies = await asyncio.gather(
+                    *(call(groupcache_pb2.GetRequest(group="g", key=k), timeout=LONG) for k in keys)
+                )
+                assert [r.value for r in replies] == [big[k] for k in keys]
+                assert forwards(a) - made == len(keys)  # every one by the engine, none left to Python
+                b.groups["g"].collect()
+                refused += b.groups["g"].stats.server_requests - before_b > len(keys)  # a batch came first
+        assert refused, "no batch was refused: the test did not test it"
