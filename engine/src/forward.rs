@@ -262,32 +262,25 @@ fn reason_of(trailers: &Metadata) -> Option<String> {
     None
 }
 
-/// A google.rpc.Status with its message (field 2) replaced where it was.
+/// A google.rpc.Status with its message (field 2) replaced.
 fn with_message(status: &[u8], message: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(status.len() + message.len());
-    let (mut at, mut put) = (0, false);
+    // Fields in number order, as protobuf writes them: the code, the new
+    // message, then the details.
+    let (mut out, mut after) = (Vec::with_capacity(status.len() + message.len()), Vec::new());
+    let mut at = 0;
     while at < status.len() {
         let start = at;
         match next_field(status, &mut at) {
-            Some((2, _)) if put => {}
-            Some((n, _)) if n == 2 || (n > 2 && !put) => {
-                out.push(0x12);
-                crate::hits::put_varint(&mut out, message.len() as u64);
-                out.extend_from_slice(message.as_bytes());
-                put = true;
-                if n > 2 {
-                    out.extend_from_slice(&status[start..at]);
-                }
-            }
-            Some(_) => out.extend_from_slice(&status[start..at]),
+            Some((2, _)) => {}
+            Some((n, _)) if n < 2 => out.extend_from_slice(&status[start..at]),
+            Some(_) => after.extend_from_slice(&status[start..at]),
             None => return status.to_vec(), // not a Status: left as it is
         }
     }
-    if !put {
-        out.push(0x12);
-        crate::hits::put_varint(&mut out, message.len() as u64);
-        out.extend_from_slice(message.as_bytes());
-    }
+    out.push(0x12);
+    crate::hits::put_varint(&mut out, message.len() as u64);
+    out.extend_from_slice(message.as_bytes());
+    out.extend_from_slice(&after);
     out
 }
 
@@ -561,14 +554,8 @@ async fn send_batch(
         let w = waiting.pop().expect("one");
         return send_alone(config, peer, silenced, w, 0.0, proofs).await;
     }
-    let remaining = waiting
-        .iter()
-        .map(|w| w.remaining)
-        .reduce(|a, b| match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, None) | (None, a) => a,
-        })
-        .flatten();
+    // The most urgent deadline (None: no forward in it has one).
+    let remaining = waiting.iter().filter_map(|w| w.remaining).reduce(f64::min);
     let started = monotonic();
     let keys: Vec<&[u8]> = waiting.iter().map(|w| &w.key[..]).collect();
     let payload = get_many_request(&group, &keys);

@@ -233,19 +233,7 @@ impl HitGroup {
     /// cache; None when any key misses. Neither uses nor counts them
     /// (use_many does).
     fn find_many(&self, keys: &[&[u8]], now: f64) -> Option<(Vec<Entry>, Vec<bool>)> {
-        let mut found: Vec<Option<Entry>> = {
-            let mut main = self.main.lock().unwrap();
-            keys.iter().map(|k| main.find(k, now)).collect()
-        };
-        let from_main: Vec<bool> = found.iter().map(Option::is_some).collect();
-        if from_main.iter().any(|m| !m) {
-            let mut hot = self.hot.lock().unwrap();
-            for (slot, key) in found.iter_mut().zip(keys) {
-                if slot.is_none() {
-                    *slot = Some(hot.find(key, now)?);
-                }
-            }
-        }
+        let (found, from_main) = self.find_each(keys, now);
         Some((found.into_iter().collect::<Option<_>>()?, from_main))
     }
 

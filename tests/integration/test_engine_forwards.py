@@ -28,14 +28,23 @@ TOKEN = "a-cluster-token-for-the-tests-0123456789"
 LONG = 30.0
 
 
+def reader(channel, timeout: float = LONG):
+    """read(key) -> group g's value, on `channel`: concurrent reads share its connection."""
+    call = channel.unary_unary(
+        "/groupcachepb.GroupCache/Get",
+        request_serializer=groupcache_pb2.GetRequest.SerializeToString,
+        response_deserializer=groupcache_pb2.GetResponse.FromString,
+    )
+
+    async def read(key: str) -> bytes:
+        return (await call(groupcache_pb2.GetRequest(group="g", key=key), timeout=timeout)).value
+
+    return read
+
+
 async def get(addr: str, key: str, timeout: float = LONG) -> bytes:
     async with grpc.aio.insecure_channel(addr) as channel:
-        call = channel.unary_unary(
-            "/groupcachepb.GroupCache/Get",
-            request_serializer=groupcache_pb2.GetRequest.SerializeToString,
-            response_deserializer=groupcache_pb2.GetResponse.FromString,
-        )
-        return (await call(groupcache_pb2.GetRequest(group="g", key=key), timeout=timeout)).value
+        return await reader(channel, timeout)(key)
 
 
 def forwards(node) -> int:
@@ -49,11 +58,11 @@ async def until(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def told_the_ring(a, b) -> None:
+async def told_the_ring(a, b, data=DATA) -> None:
     """Until a's engine holds the ring (pushed at the ring change) and has
-    made a forward: a key of b's read through a is then the engine's."""
+    made a forward: a key of b's (in `data`) read through a is then the engine's."""
     # Each a key of its own: one Python fetched may have a hot copy since.
-    keys = iter([k for k in DATA if a.peers.owner(k) == b.addr][:40])
+    keys = iter([k for k in data if a.peers.owner(k) == b.addr][:40])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
     while forwards(a) == 0:  # the hit path opens at the first collect after the ring
@@ -198,14 +207,7 @@ async def test_forwards_that_arrive_together_go_to_their_owner_batched(token):
         theirs = [k for k in DATA if a.peers.owner(k) == b.addr]
         b_front = b.transport._front
         async with grpc.aio.insecure_channel(a.addr) as channel:
-            call = channel.unary_unary(
-                "/groupcachepb.GroupCache/Get",
-                request_serializer=groupcache_pb2.GetRequest.SerializeToString,
-                response_deserializer=groupcache_pb2.GetResponse.FromString,
-            )
-
-            async def read(key: str) -> bytes:
-                return (await call(groupcache_pb2.GetRequest(group="g", key=key), timeout=LONG)).value
+            read = reader(channel)
 
             calls = []
             for round_keys in [theirs[i : i + 16] for i in range(0, 80, 16)]:
@@ -311,14 +313,7 @@ async def test_a_batched_forward_never_waits_on_another_s_origin():
         b_front = b.transport._front
         batched = 0
         async with grpc.aio.insecure_channel(a.addr) as channel:
-            call = channel.unary_unary(
-                "/groupcachepb.GroupCache/Get",
-                request_serializer=groupcache_pb2.GetRequest.SerializeToString,
-                response_deserializer=groupcache_pb2.GetResponse.FromString,
-            )
-
-            async def read(key: str) -> bytes:
-                return (await call(groupcache_pb2.GetRequest(group="g", key=key), timeout=LONG)).value
+            read = reader(channel)
 
             for i, key in enumerate(cold):
                 hot = held[i * 15 : (i + 1) * 15]
@@ -346,20 +341,11 @@ async def test_a_batch_its_owner_refuses_whole_goes_alone_and_holds_nothing_back
     big = {f"b{i}": bytes([65 + i % 26]) * 12_000 for i in range(200)}  # 12 KB each; the limit: 16 KiB + 64 KiB
     origin = CountingOrigin(big)
     async with cluster(2, origin, hot_cache_mirror=0.0, peek_window=0.0, max_value_bytes="16KiB") as (a, b):
+        await told_the_ring(a, b, big)
         theirs = [k for k in big if a.peers.owner(k) == b.addr]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while forwards(a) == 0:  # the engine forwards once it holds the ring
-            assert loop.time() < deadline, "the engine never forwarded"
-            await get(a.addr, theirs.pop())
-            await asyncio.sleep(0.02)
         refused = 0
         async with grpc.aio.insecure_channel(a.addr, options=[("grpc.max_receive_message_length", 1 << 20)]) as ch:
-            call = ch.unary_unary(
-                "/groupcachepb.GroupCache/Get",
-                request_serializer=groupcache_pb2.GetRequest.SerializeToString,
-                response_deserializer=groupcache_pb2.GetResponse.FromString,
-            )
+            read = reader(ch)
             for i in range(len(theirs) // 12):  # until a batch was refused: whether one forms is timing
                 if refused:
                     break
@@ -368,10 +354,7 @@ async def test_a_batch_its_owner_refuses_whole_goes_alone_and_holds_nothing_back
                     await get(b.addr, k)
                 b.groups["g"].collect()
                 before_b, made = b.groups["g"].stats.server_requests, forwards(a)
-                replies = await asyncio.gather(
-                    *(call(groupcache_pb2.GetRequest(group="g", key=k), timeout=LONG) for k in keys)
-                )
-                assert [r.value for r in replies] == [big[k] for k in keys]
+                assert await asyncio.gather(*(read(k) for k in keys)) == [big[k] for k in keys]
                 assert forwards(a) - made == len(keys)  # every one by the engine, none left to Python
                 b.groups["g"].collect()
                 refused += b.groups["g"].stats.server_requests - before_b > len(keys)  # a batch came first
