@@ -11,6 +11,10 @@ import random
 import socket
 
 _LOW = 10000
+# Every port handed out in this process: a port free now may belong to a
+# server of this run that is stopped for a moment (an appliance's worker
+# between stop-node and its restart), so it is never handed out twice.
+_GIVEN: set[int] = set()
 
 
 def _ephemeral_start() -> int:
@@ -39,7 +43,9 @@ def free_range(n: int, host: str = "127.0.0.1", tries: int = 200) -> int:
         top = 60000  # no room below the ephemeral range: take the old risk
     for _ in range(tries):
         base = rng.randrange(_LOW, top - n)
-        if all(_bindable(host, base + i) for i in range(n)):
+        ports = range(base, base + n)
+        if _GIVEN.isdisjoint(ports) and all(_bindable(host, p) for p in ports):
+            _GIVEN.update(ports)
             return base
     raise RuntimeError(f"no {n} consecutive free ports found")
 
